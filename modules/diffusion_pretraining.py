@@ -1,0 +1,91 @@
+"""Training the embedded diffusion models: unconditional, and class-conditional with label dropout for CFG."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DConditionModel
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from plugguide.modules.export import save_atomically
+from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
+
+
+class DiffusionPretraining(L.LightningModule):
+    """Denoising score matching (Ho et al., 2020): minimise ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2.
+
+    A `UNet2DModel` gives the unconditional model. A `UNet2DConditionModel` with
+    `num_class_embeds = num_classes + 1` gives the class-conditional one: labels are replaced by the
+    null class (the last index) with probability `label_dropout`, so one network learns eps(x, c) and
+    eps(x, null) for classifier-free guidance. EMA weights come from Lightning's `EMAWeightAveraging`
+    callback (configs/pretrain/); `export` writes a diffusers pipeline directory.
+
+    Args:
+        unet: the denoiser.
+        noise_scheduler: the forward process (betas, T), saved with the model.
+        optimizer: optimiser factory.
+        num_classes: number of real classes for a class-conditional UNet; None for unconditional.
+        label_dropout: probability of training a sample on the null class.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        noise_scheduler: DDPMScheduler,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        num_classes: int | None = None,
+        label_dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.conditional = isinstance(unet, UNet2DConditionModel)
+        if self.conditional:
+            if num_classes is None or unet.config.num_class_embeds != num_classes + 1:
+                raise ValueError(
+                    f"A class-conditional UNet needs `unet.num_class_embeds` = `num_classes` + 1 (the null class); "
+                    f"got num_class_embeds={unet.config.num_class_embeds}, num_classes={num_classes}."
+                )
+        elif num_classes is not None:
+            raise ValueError(f"`num_classes`={num_classes} is only for a UNet2DConditionModel, but the UNet is {type(unet).__name__}.")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"Expected `label_dropout` to be in [0, 1), but got {label_dropout}.")
+        self.save_hyperparameters(ignore=["unet", "noise_scheduler", "optimizer"])
+        self.unet = unet
+        self.noise_scheduler = noise_scheduler
+        self.optimizer = optimizer
+
+    def _step(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
+        images = batch["image"]
+        noise = torch.randn(images.shape, generator=generator, device=images.device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator, device=images.device)
+        noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
+        if self.conditional:
+            labels = batch["label"]
+            if stage == "train":
+                dropped = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout
+                labels = torch.where(dropped, torch.full_like(labels, self.hparams.num_classes), labels)
+            prediction = self.unet(noisy, timesteps, None, class_labels=labels).sample
+        else:
+            prediction = self.unet(noisy, timesteps).sample
+        loss = F.mse_loss(prediction, noise)
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Fixed noise and timesteps, so validation losses of different epochs compare.
+        self._step(batch, "val", torch.Generator(batch["image"].device).manual_seed(batch_idx))
+
+    def configure_optimizers(self):
+        return self.optimizer(self.unet.parameters())
+
+    def sampling_pipeline(self) -> GuidedDiffusionPipeline:
+        """The current model with a DDIM sampler, for sample grids."""
+        return GuidedDiffusionPipeline(self.unet, DDIMScheduler.from_config(self.noise_scheduler.config))
+
+    def export(self, directory: str) -> None:
+        """Writes a diffusers pipeline directory (unet/, scheduler/), the layout of hub DDPM models."""
+        save_atomically(directory, DDPMPipeline(unet=self.unet, scheduler=self.noise_scheduler).save_pretrained)

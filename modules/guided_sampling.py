@@ -1,0 +1,77 @@
+"""The sampling job: a frozen diffusion model, a sampler and an optional guidance, run by `lightning predict`."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from plugguide.metrics import GenerationMetrics
+from plugguide.modules.classifier import load_classifier
+from plugguide.modules.diffusion_model import load_scheduler, load_unet
+from plugguide.pipelines.guidance.base import Guidance
+from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
+
+
+def sample_batch(pipeline: GuidedDiffusionPipeline, batch: dict, **call_kwargs) -> torch.Tensor:
+    """Samples one image per (label, seed) of `batch`, in [-1, 1]; each sample's noise depends on its seed only."""
+    device = pipeline.unet.device
+    generators = [torch.Generator(device).manual_seed(int(seed)) for seed in batch["seed"]]
+    output = pipeline(class_labels=batch["label"], generator=generators, output_type="pt", **call_kwargs)
+    return output.images * 2 - 1
+
+
+class GuidedSampling(L.LightningModule):
+    """Samples a frozen diffusion model, unguided, with CFG, or with a `Guidance`, and scores the samples.
+
+    Args:
+        diffusion_model: diffusers pipeline directory or hub id (`assets/digits/ddpm-uncond`, `google/ddpm-cifar10-32`).
+        scheduler: diffusers scheduler class used as sampler (`DDIMScheduler`, `DDPMScheduler`, `DPMSolverMultistepScheduler`, ...).
+        num_inference_steps: sampler steps.
+        guidance: a `Guidance` (naive classifier, predicted-x0 classifier, PPAP experts, calibrated), or None.
+        guidance_scale: classifier-guidance scale s.
+        cfg_scale: classifier-free guidance weight w (class-conditional models).
+        evaluator_path: independent classifier that scores the samples (guided accuracy, confidence, IS).
+    """
+
+    def __init__(
+        self,
+        diffusion_model: str = "assets/digits/ddpm-uncond",
+        scheduler: str = "DDIMScheduler",
+        num_inference_steps: int = 50,
+        guidance: Guidance | None = None,
+        guidance_scale: float = 0.0,
+        cfg_scale: float = 0.0,
+        evaluator_path: str | None = "assets/digits/evaluator",
+    ) -> None:
+        super().__init__()
+        if num_inference_steps < 1:
+            raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
+        self.save_hyperparameters(ignore=["guidance"])
+        self.pipeline = GuidedDiffusionPipeline(load_unet(diffusion_model), load_scheduler(diffusion_model, scheduler), guidance)
+        self.pipeline.unet.requires_grad_(False).eval()
+        self.unet = self.pipeline.unet  # registered, so Lightning moves it to the device
+        self.guidance = guidance
+        self.metrics = None
+        if evaluator_path:
+            evaluator = load_classifier(evaluator_path, "evaluator_path")
+            self.metrics = GenerationMetrics(evaluator, evaluator.num_classes)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        self.pipeline.set_progress_bar_config(disable=True)
+        images = sample_batch(
+            self.pipeline,
+            batch,
+            num_inference_steps=self.hparams.num_inference_steps,
+            guidance_scale=self.hparams.guidance_scale,
+            cfg_scale=self.hparams.cfg_scale,
+        )
+        if self.metrics is not None:
+            self.metrics.update_generated(images, batch["label"])
+        return {"images": images.cpu(), "labels": batch["label"].cpu()}
+
+    def on_predict_epoch_end(self) -> None:
+        if self.metrics is not None:
+            results = self.metrics.compute()
+            rank_zero_info("Sample metrics (evaluator): " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+            self.metrics.reset()

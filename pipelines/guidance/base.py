@@ -1,0 +1,60 @@
+"""The guidance interface every method implements: a gradient of a log-likelihood, and where it was taken."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+from torch import nn
+
+GuidanceInput = Literal["x_t", "x0_hat"]
+
+
+class Guidance(nn.Module, ABC):
+    """Gradient of a guidance log-likelihood `log p(y | input(x_t, t))` for classifier guidance.
+
+    A method implements `log_likelihood` on its input, which is either the noisy sample `x_t` or the
+    predicted clean image `x0_hat` (`input`); the pipeline decides how a scheduler applies the gradient
+    (METHODS.md: mean shift for ancestral DDPM, eps shift for the rest), the same way for every method.
+
+    Args:
+        input: `"x_t"` or `"x0_hat"`, the tensor the log-likelihood is differentiated against.
+        clip_gradient: if set, gradients are clipped to this L2 norm per sample; non-finite gradients
+            then become zero instead of raising.
+    """
+
+    def __init__(self, input: GuidanceInput = "x_t", clip_gradient: float | None = None) -> None:
+        super().__init__()
+        if input not in ("x_t", "x0_hat"):
+            raise ValueError(f"Expected `input` to be 'x_t' or 'x0_hat', but got {input!r}.")
+        if clip_gradient is not None and clip_gradient <= 0:
+            raise ValueError(f"Expected `clip_gradient` to be positive or None, but got {clip_gradient}.")
+        self.input = input
+        self.clip_gradient = clip_gradient
+
+    @abstractmethod
+    def log_likelihood(self, inputs: torch.Tensor, timesteps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-sample log p(target | inputs) at `timesteps`, shape (B,)."""
+
+    def scale_multiplier(self, timestep: int, step_variance: float, num_train_timesteps: int) -> float:
+        """Extra factor on the guidance scale at this step; 1 for methods without a schedule."""
+        return 1.0
+
+    def gradient(self, x_t: torch.Tensor, timesteps: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """d/d(input) of the summed log-likelihood, with a clear error if it is not finite."""
+        inputs = (x_t if self.input == "x_t" else x0_hat).detach().requires_grad_(True)
+        with torch.enable_grad(), torch.inference_mode(False):
+            log_likelihood = self.log_likelihood(inputs, timesteps, targets).sum()
+            (grad,) = torch.autograd.grad(log_likelihood, inputs)
+        finite = torch.isfinite(grad)
+        if self.clip_gradient is not None:
+            grad = torch.where(finite, grad, torch.zeros_like(grad))
+            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
+            return grad * (self.clip_gradient / norm).clamp(max=1.0)
+        if not bool(finite.all()):
+            raise FloatingPointError(
+                f"{type(self).__name__} produced a non-finite guidance gradient at timestep {int(timesteps.flatten()[0])}; "
+                "set `clip_gradient` to clip it (non-finite values become zero) or lower the guidance scale."
+            )
+        return grad
