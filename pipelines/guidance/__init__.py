@@ -1,7 +1,8 @@
 """Guidance methods, one per file, on the small `Guidance` base class."""
 
 from plugguide.pipelines.guidance.base import Guidance
+from plugguide.pipelines.guidance.classifier import ClassifierGuidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
 from plugguide.pipelines.guidance.predicted_x0_classifier import PredictedCleanImageGuidance
 
-__all__ = ["Guidance", "NaiveClassifierGuidance", "PredictedCleanImageGuidance"]
+__all__ = ["ClassifierGuidance", "Guidance", "NaiveClassifierGuidance", "PredictedCleanImageGuidance"]

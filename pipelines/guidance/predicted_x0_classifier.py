@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
+from plugguide.pipelines.guidance.classifier import ClassifierGuidance
 
 
-class PredictedCleanImageGuidance(NaiveClassifierGuidance):
-    """grad log softmax(f(x0_hat))_y with x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped, detached.
+class PredictedCleanImageGuidance(ClassifierGuidance):
+    """grad log softmax(f(x0_hat))_y, x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped, detached from the UNet.
 
     PPAP's "gradients on x0" row (Table 1): the classifier sees an image closer to its training data.
+    The gradient with respect to x0_hat is applied as the guidance gradient (METHODS.md, section 2).
 
     Args:
         classifier: a classifier returning logits (or the path of a saved `TimmClassifier`), kept frozen.
