@@ -3,6 +3,7 @@
 from plugguide.datamodules.digits import DigitsDataModule
 from plugguide.datamodules.image_folder import ImageDataModule
 from plugguide.datamodules.class_labels import ClassLabelDataModule
+from plugguide.datamodules.synthesized import SynthesizedImageDataModule
 
 
-__all__ = ["ClassLabelDataModule", "DigitsDataModule", "ImageDataModule"]
+__all__ = ["SynthesizedImageDataModule", "ClassLabelDataModule", "DigitsDataModule", "ImageDataModule"]

@@ -4,6 +4,8 @@ from plugguide.modules.classifier import TimmClassifier, load_classifier
 from plugguide.modules.classifier_pretraining import ClassifierPretraining
 from plugguide.modules.diffusion_pretraining import DiffusionPretraining
 from plugguide.modules.guided_sampling import GuidedSampling
+from plugguide.modules.expert_distillation import ExpertDistillation
+from plugguide.modules.multi_expert_classifier import MultiExpertClassifier
 
 
-__all__ = ["GuidedSampling", "ClassifierPretraining", "DiffusionPretraining", "TimmClassifier", "load_classifier"]
+__all__ = ["ExpertDistillation", "MultiExpertClassifier", "GuidedSampling", "ClassifierPretraining", "DiffusionPretraining", "TimmClassifier", "load_classifier"]

@@ -57,4 +57,4 @@ def load_classifier(path: str, setting: str = "classifier_path") -> TimmClassifi
             f"`{setting}`={path!r} is not a saved classifier: expected a directory with config.json and "
             "model.safetensors written by `TimmClassifier.save_pretrained` (the embedded ones are under assets/digits/)."
         )
-    return TimmClassifier.from_pretrained(path)
+    return TimmClassifier.from_pretrained(path, strict=True)

@@ -3,6 +3,7 @@
 from plugguide.pipelines.guidance.base import Guidance
 from plugguide.pipelines.guidance.classifier import ClassifierGuidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
+from plugguide.pipelines.guidance.ppap_experts import ExpertGuidance
 from plugguide.pipelines.guidance.predicted_x0_classifier import PredictedCleanImageGuidance
 
-__all__ = ["ClassifierGuidance", "Guidance", "NaiveClassifierGuidance", "PredictedCleanImageGuidance"]
+__all__ = ["ExpertGuidance", "ClassifierGuidance", "Guidance", "NaiveClassifierGuidance", "PredictedCleanImageGuidance"]

@@ -1,0 +1,195 @@
+"""PPAP expert distillation: noise-range experts learn the off-the-shelf classifier's clean-image predictions."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+
+from plugguide.metrics import GenerationMetrics
+from plugguide.modules.classifier import load_classifier
+from plugguide.modules.diffusion_model import load_scheduler, load_unet
+from plugguide.modules.export import save_atomically
+from plugguide.modules.guided_sampling import sample_batch
+from plugguide.modules.multi_expert_classifier import Finetune, MultiExpertClassifier
+from plugguide.pipelines.guidance.ppap_experts import ExpertGuidance
+from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
+
+
+class ExpertDistillation(L.LightningModule):
+    """Data-free knowledge transfer to N noise-range experts (PPAP, Go et al., 2023, Sec. 4).
+
+    For a clean image x0~ and expert n, with t ~ U[b_n, b_{n+1}) and x_t = sqrt(abar_t) x0~ + sqrt(1 - abar_t) eps:
+        L_n = KL( softmax(f(x0~) / tau) || softmax(f_n(x_t)) ),
+    f the frozen off-the-shelf classifier (teacher), tau its temperature. With `supervision="labels"`
+    the target is the real label instead (cross-entropy), the paper's supervised rows.
+
+    Experts are trained in one run, round-robin: step k trains expert k mod N. Every expert gets exactly
+    1/N of the steps, all of them improve together (so sample grids during `fit` are meaningful), and the
+    schedule is a function of the step alone, so a resumed run trains the same expert at the same step.
+    The authors train experts one after another; with equal steps per expert the two are equivalent
+    up to the optimiser state, which AdamW keeps per parameter, and experts share no trainable parameter.
+
+    `lightning test` evaluates guided generation: for every real test image it samples one image guided
+    by the experts toward that image's label and reports guided accuracy, FID and IS from the
+    independent evaluator.
+
+    Args:
+        teacher_path: the off-the-shelf classifier (`TimmClassifier` directory); also the experts' backbone.
+        diffusion_model: the frozen diffusion model whose noise schedule the experts learn (and which samples at test).
+        num_experts: N (1 = the paper's single noise-aware classifier).
+        finetune: "lora" (PPAP: LoRA + per-expert norms and head) or "full" (one full copy per expert).
+        lora_rank: LoRA rank.
+        lora_alpha: LoRA alpha.
+        target_modules: LoRA targets (default per model family, see `MultiExpertClassifier`).
+        supervision: "teacher" (data-free KL to the teacher) or "labels" (real labels, cross-entropy).
+        temperature: tau of the teacher's softmax.
+        optimizer: optimiser factory (AdamW in the paper).
+        sampler: diffusers scheduler for sample grids and tests.
+        num_inference_steps: sampler steps for grids and tests.
+        guidance_scale: guidance scale for grids and tests.
+        evaluator_path: independent classifier scoring test samples.
+    """
+
+    def __init__(
+        self,
+        teacher_path: str = "assets/digits/classifier-resnet",
+        diffusion_model: str = "assets/digits/ddpm-uncond",
+        num_experts: int = 5,
+        finetune: Finetune = "lora",
+        lora_rank: int = 16,
+        lora_alpha: float = 8.0,
+        target_modules: str | list[str] | None = None,
+        supervision: Literal["teacher", "labels"] = "teacher",
+        temperature: float = 0.25,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        sampler: str = "DDPMScheduler",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 10.0,
+        evaluator_path: str | None = "assets/digits/evaluator",
+    ) -> None:
+        super().__init__()
+        if supervision not in ("teacher", "labels"):
+            raise ValueError(f"Expected `supervision` to be 'teacher' or 'labels', but got {supervision!r}.")
+        if temperature <= 0:
+            raise ValueError(f"Expected `temperature` to be > 0, but got {temperature}.")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer = optimizer
+        self.noise_scheduler = DDPMScheduler.from_config(load_scheduler(diffusion_model, "DDPMScheduler", "diffusion_model").config)
+        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        self.teacher = load_classifier(teacher_path, "teacher_path").eval().requires_grad_(False)
+        self.experts = MultiExpertClassifier(
+            load_classifier(teacher_path, "teacher_path"),
+            num_experts=num_experts,
+            num_train_timesteps=num_train_timesteps,
+            finetune=finetune,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            target_modules=target_modules,
+        )
+        self.unet = load_unet(diffusion_model, "diffusion_model").eval().requires_grad_(False)
+        self.sampler = load_scheduler(diffusion_model, sampler, "sampler")
+        if self.unet.config.in_channels != self.teacher.in_chans:
+            raise ValueError(
+                f"The diffusion model makes {self.unet.config.in_channels}-channel images but the classifier "
+                f"`teacher_path`={teacher_path!r} takes {self.teacher.in_chans} channels."
+            )
+        self.metrics = None
+        if evaluator_path:
+            evaluator = load_classifier(evaluator_path, "evaluator_path")
+            self.metrics = GenerationMetrics(evaluator, evaluator.num_classes)
+        report = self.experts.parameter_report()
+        rank_zero_info(
+            f"{num_experts} {finetune} experts: {report['trainable_total']:,} trainable parameters "
+            f"({report['trainable_percent_of_backbone']:.1f}% of the {report['backbone_parameters']:,}-parameter backbone)"
+        )
+
+    def train(self, mode: bool = True) -> "ExpertDistillation":
+        super().train(mode)
+        self.teacher.eval()  # frozen models keep their BatchNorm statistics
+        self.unet.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        if self.logger is not None:
+            self.logger.log_metrics({f"params/{k}": float(v) for k, v in self.experts.parameter_report().items()}, 0)
+
+    def noised(self, images: torch.Tensor, expert: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t for t ~ U[b_n, b_{n+1}), expert n's range."""
+        low, high = int(self.experts.boundaries[expert]), int(self.experts.boundaries[expert + 1])
+        timesteps = torch.randint(low, high, (images.shape[0],), generator=generator, device=images.device)
+        noise = torch.randn(images.shape, generator=generator, device=images.device)
+        return self.noise_scheduler.add_noise(images, noise, timesteps), timesteps
+
+    def target(self, batch: dict) -> torch.Tensor:
+        """Teacher probabilities softmax(f(x0~) / tau), from the cache when the data module stored logits."""
+        logits = batch.get("teacher_logits")
+        if logits is None:
+            with torch.no_grad():
+                logits = self.teacher(batch["image"])
+        return F.softmax(logits / self.hparams.temperature, dim=-1)
+
+    def _step(self, batch: dict, stage: str, expert: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        x_t, timesteps = self.noised(batch["image"], expert, generator)
+        logits = self.experts(x_t, timesteps)
+        if self.hparams.supervision == "teacher":
+            target = self.target(batch)
+            loss = F.kl_div(F.log_softmax(logits, dim=-1), target, reduction="batchmean")
+            reference = target.argmax(-1)
+        else:
+            reference = batch["label"]
+            loss = F.cross_entropy(logits, reference)
+        agreement = (logits.argmax(-1) == reference).float().mean()
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step, prog_bar=on_step)
+        self.log(f"{stage}/expert_{expert}/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.log(f"{stage}/expert_{expert}/agreement", agreement, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", self.global_step % self.experts.num_experts)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Real labelled images, every expert on its own noise range, fixed noise: accuracy vs the true label.
+        generator = torch.Generator(batch["image"].device).manual_seed(batch_idx)
+        for expert in range(self.experts.num_experts):
+            x_t, timesteps = self.noised(batch["image"], expert, generator)
+            accuracy = (self.experts(x_t, timesteps).argmax(-1) == batch["label"]).float().mean()
+            self.log(f"val/expert_{expert}/accuracy", accuracy, on_epoch=True, sync_dist=True)
+
+    def guidance(self) -> ExpertGuidance:
+        """The current experts as a guidance (for callbacks: grids, calibration curves)."""
+        return ExpertGuidance(self.experts)
+
+    def sampling_pipeline(self) -> GuidedDiffusionPipeline:
+        return GuidedDiffusionPipeline(self.unet, self.sampler, self.guidance())
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        if self.metrics is None:
+            raise ValueError("`lightning test` scores guided samples with the evaluator: set `evaluator_path`.")
+        pipeline = self.sampling_pipeline()
+        pipeline.set_progress_bar_config(disable=True)
+        labels = batch["label"]
+        seeds = torch.arange(len(labels)) + batch_idx * 100_003
+        images = sample_batch(pipeline, {"label": labels, "seed": seeds}, num_inference_steps=self.hparams.num_inference_steps, guidance_scale=self.hparams.guidance_scale)
+        self.metrics.update_real(batch["image"])
+        self.metrics.update_generated(images, labels)
+
+    def on_test_epoch_end(self) -> None:
+        results = self.metrics.compute()
+        self.log_dict({f"test/{k}": v for k, v in results.items()}, sync_dist=True)
+        self.metrics.reset()
+
+    def configure_optimizers(self):
+        # All experts' parameters: peft marks only the active adapter trainable, and inactive experts get
+        # no gradient in a step, which AdamW skips (no update, no weight decay).
+        return self.optimizer([p for n in range(self.experts.num_experts) for p in self.experts.expert_parameters(n)])
+
+    def export(self, directory: str) -> None:
+        """Saves the experts (peft adapters or full copies) with their timestep ranges, loadable without Lightning."""
+        self.experts.save_pretrained(directory)

@@ -1,0 +1,239 @@
+"""N noise-range experts made from one off-the-shelf classifier (PPAP, Go et al., 2023)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from typing import Literal
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from plugguide.modules.classifier import TimmClassifier
+from plugguide.modules.export import save_atomically
+
+Finetune = Literal["lora", "full"]
+
+# LoRA targets of the authors' code (riiid/PPAP): ResNet stem conv and conv1/conv2 of every block
+# (not conv3, not the downsample convs); ViT/DeiT attention qkv and proj.
+DEFAULT_LORA_TARGETS = {
+    "ResNet": r"model\.(conv1|layer\d+\.\d+\.conv[12])",
+    "VisionTransformer": r"model\.blocks\.\d+\.attn\.(qkv|proj)",
+}
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def expert_boundaries(num_experts: int, num_train_timesteps: int) -> list[int]:
+    """[n T / N for n in 0..N]: expert n covers timesteps [n T / N, (n + 1) T / N)."""
+    if not 1 <= num_experts <= num_train_timesteps:
+        raise ValueError(f"Expected `num_experts` to be between 1 and T={num_train_timesteps}, but got {num_experts}.")
+    return [round(n * num_train_timesteps / num_experts) for n in range(num_experts + 1)]
+
+
+def check_boundaries(boundaries: list[int], num_train_timesteps: int) -> list[int]:
+    """Validates custom expert ranges: strictly increasing from 0 to T, so they cover [0, T) exactly once."""
+    if len(boundaries) < 2 or boundaries[0] != 0 or boundaries[-1] != num_train_timesteps or any(b <= a for a, b in zip(boundaries, boundaries[1:])):
+        raise ValueError(
+            f"`timestep_boundaries`={boundaries} must rise strictly from 0 to T={num_train_timesteps}, so that the "
+            "expert ranges [b_n, b_{n+1}) cover [0, T) without gaps or overlaps."
+        )
+    return list(boundaries)
+
+
+class MultiExpertClassifier(nn.Module):
+    """One frozen off-the-shelf classifier and N experts, expert n guiding timesteps [b_n, b_{n+1}).
+
+    PPAP's parameter-efficient experts (`finetune="lora"`): per expert a peft LoRA adapter on the chosen
+    weights (with its own LoRA bias), and its own copy of every normalisation layer (BatchNorm affine
+    weights *and running statistics*, which noise shifts) and of the classifier head. Switching experts
+    switches these small parameter sets (peft `set_adapter`); the backbone is never reloaded or changed.
+    `finetune="full"` gives the paper's "multi-experts" rows instead: N full copies, all trainable.
+
+    Args:
+        backbone: the off-the-shelf classifier (frozen).
+        num_experts: N; experts split [0, T) into equal ranges unless `timestep_boundaries` is given.
+        num_train_timesteps: T of the diffusion model.
+        finetune: "lora" (parameter-efficient, PPAP) or "full" (one full copy per expert).
+        lora_rank: LoRA rank r.
+        lora_alpha: LoRA alpha (scaling alpha / r).
+        target_modules: regex or list of module names for LoRA; defaults per model family
+            (ResNet: stem conv + conv1/conv2 of each block; ViT/DeiT: attn.qkv and attn.proj).
+        timestep_boundaries: custom ranges b_0=0 < b_1 < ... < b_N=T.
+    """
+
+    def __init__(
+        self,
+        backbone: TimmClassifier,
+        num_experts: int = 5,
+        num_train_timesteps: int = 1000,
+        finetune: Finetune = "lora",
+        lora_rank: int = 16,
+        lora_alpha: float = 8.0,
+        target_modules: str | list[str] | None = None,
+        timestep_boundaries: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if finetune not in ("lora", "full"):
+            raise ValueError(f"Expected `finetune` to be 'lora' or 'full', but got {finetune!r}.")
+        if lora_rank < 1:
+            raise ValueError(f"Expected `lora_rank` to be >= 1, but got {lora_rank}.")
+        if timestep_boundaries is None:
+            boundaries = expert_boundaries(num_experts, num_train_timesteps)
+        else:
+            boundaries = check_boundaries(timestep_boundaries, num_train_timesteps)
+            num_experts = len(boundaries) - 1
+        self.num_experts = num_experts
+        self.num_classes = backbone.num_classes
+        self.finetune = finetune
+        self.backbone_parameters = sum(p.numel() for p in backbone.parameters())
+        self.backbone_config = dict(backbone._hub_mixin_config)
+        self.register_buffer("boundaries", torch.tensor(boundaries), persistent=False)
+        self.config = dict(
+            num_experts=num_experts, num_train_timesteps=num_train_timesteps, finetune=finetune, lora_rank=lora_rank,
+            lora_alpha=lora_alpha, target_modules=target_modules, timestep_boundaries=boundaries,
+        )
+        backbone.requires_grad_(False)
+        if finetune == "full":
+            self.experts = nn.ModuleList(copy.deepcopy(backbone).requires_grad_(True) for _ in range(num_experts))
+        else:
+            lora_config = LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_alpha,
+                target_modules=self.lora_targets(backbone, target_modules),
+                modules_to_save=self.per_expert_modules(backbone),
+                lora_bias=True,
+            )
+            self.peft_model = get_peft_model(backbone, lora_config, adapter_name=self.expert_name(0))
+            for n in range(1, num_experts):
+                self.peft_model.add_adapter(self.expert_name(n), lora_config)
+        self.active_expert = -1
+        self.set_expert(0)
+
+    @staticmethod
+    def expert_name(n: int) -> str:
+        return f"expert_{n}"
+
+    @staticmethod
+    def lora_targets(backbone: TimmClassifier, target_modules: str | list[str] | None) -> str | list[str]:
+        """The LoRA targets: given, or the default of the backbone's family; checked to match something."""
+        names = [name for name, module in backbone.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+        if target_modules is None:
+            family = type(backbone.model).__name__
+            if family not in DEFAULT_LORA_TARGETS:
+                raise ValueError(
+                    f"No default LoRA `target_modules` for a {family}; set them (a regex or a list of names). "
+                    f"Candidates: {names[:12]}{' ...' if len(names) > 12 else ''}"
+                )
+            target_modules = DEFAULT_LORA_TARGETS[family]
+        if isinstance(target_modules, str):
+            matched = [name for name in names if re.fullmatch(target_modules, name)]
+        else:
+            matched = [name for name in names if any(name == t or name.endswith("." + t) for t in target_modules)]
+        if not matched:
+            raise ValueError(
+                f"LoRA `target_modules`={target_modules!r} matches no Conv2d/Linear layer of the classifier. "
+                f"Candidates: {names[:12]}{' ...' if len(names) > 12 else ''}"
+            )
+        return target_modules
+
+    @staticmethod
+    def per_expert_modules(backbone: TimmClassifier) -> list[str]:
+        """Modules each expert owns a full copy of: every normalisation layer and the classifier head."""
+        head = backbone.model.get_classifier()
+        return [name for name, module in backbone.named_modules() if isinstance(module, NORM_TYPES) or (module is head and name)]
+
+    def set_expert(self, n: int) -> None:
+        """Makes expert n the one that runs (and, when training, the one whose parameters train)."""
+        if not 0 <= n < self.num_experts:
+            raise ValueError(f"Expected an expert index in [0, {self.num_experts}), but got {n}.")
+        if n != self.active_expert and self.finetune == "lora":
+            self.peft_model.set_adapter(self.expert_name(n))
+        self.active_expert = n
+
+    def expert_index(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The expert whose range [b_n, b_{n+1}) holds each timestep."""
+        return torch.bucketize(timesteps.to(self.boundaries.device), self.boundaries[1:], right=True).clamp(max=self.num_experts - 1)
+
+    def expert_module(self, n: int) -> nn.Module:
+        self.set_expert(n)
+        return self.experts[n] if self.finetune == "full" else self.peft_model
+
+    def forward(self, images: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Logits, each sample classified by the expert of its timestep (one expert runs per distinct range)."""
+        timesteps = timesteps.expand(images.shape[0]) if timesteps.dim() == 0 else timesteps
+        index = self.expert_index(timesteps)
+        experts = index.unique().tolist()
+        if len(experts) == 1:
+            return self.expert_module(experts[0])(images)
+        logits = images.new_empty(images.shape[0], self.num_classes)
+        for n in experts:
+            mask = index == n
+            logits[mask] = self.expert_module(n)(images[mask])
+        return logits
+
+    def expert_parameters(self, n: int) -> list[nn.Parameter]:
+        """The parameters that expert n trains."""
+        if self.finetune == "full":
+            return list(self.experts[n].parameters())
+        name = self.expert_name(n)
+        return [p for key, p in self.peft_model.named_parameters() if f".{name}." in key or key.endswith(f".{name}")]
+
+    def parameter_report(self) -> dict[str, float]:
+        """Trainable parameters, absolute and as % of the backbone, as the PPAP paper reports them."""
+        per_expert = sum(p.numel() for p in self.expert_parameters(0))
+        total = per_expert * self.num_experts
+        return {
+            "backbone_parameters": self.backbone_parameters,
+            "trainable_per_expert": per_expert,
+            "trainable_total": total,
+            "trainable_percent_of_backbone": 100.0 * total / self.backbone_parameters,
+        }
+
+    def save_pretrained(self, directory: str) -> None:
+        """experts.json (ranges, settings), backbone/ (TimmClassifier) and one peft adapter directory per expert."""
+
+        def save(tmp: str) -> None:
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, "experts.json"), "w") as file:
+                json.dump(self.config, file, indent=2)
+            if self.finetune == "full":
+                for n, expert in enumerate(self.experts):
+                    expert.save_pretrained(os.path.join(tmp, self.expert_name(n)))
+                self.experts[0].save_pretrained(os.path.join(tmp, "backbone"))
+            else:
+                self.peft_model.save_pretrained(tmp, selected_adapters=[self.expert_name(n) for n in range(self.num_experts)])
+                self.frozen_backbone().save_pretrained(os.path.join(tmp, "backbone"))
+
+        save_atomically(directory, save)
+
+    def frozen_backbone(self) -> TimmClassifier:
+        """A clean copy of the off-the-shelf classifier, without adapters (peft wraps layers in place)."""
+        state = {}
+        for key, value in self.peft_model.get_base_model().state_dict().items():
+            if "lora_" in key or ".modules_to_save." in key:
+                continue
+            state[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
+        backbone = TimmClassifier(**self.backbone_config)
+        backbone.load_state_dict(state)
+        return backbone
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "MultiExpertClassifier":
+        """Loads experts saved by `save_pretrained`, without Lightning."""
+        config_path = os.path.join(directory, "experts.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"`experts_path`={directory!r} holds no experts.json; expected a directory written by MultiExpertClassifier.save_pretrained.")
+        with open(config_path) as file:
+            config = json.load(file)
+        experts = cls(TimmClassifier.from_pretrained(os.path.join(directory, "backbone"), strict=True), **config)
+        if config["finetune"] == "full":
+            for n in range(experts.num_experts):
+                experts.experts[n].load_state_dict(TimmClassifier.from_pretrained(os.path.join(directory, cls.expert_name(n)), strict=True).state_dict())
+        else:
+            for n in range(experts.num_experts):
+                experts.peft_model.load_adapter(os.path.join(directory, cls.expert_name(n)), adapter_name=cls.expert_name(n))
+        experts.set_expert(0)
+        return experts.eval()

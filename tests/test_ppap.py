@@ -1,0 +1,151 @@
+"""PPAP: experts switch, BatchNorm statistics are per expert, the KL falls, guidance steers, saving round-trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from plugguide.modules import ExpertDistillation, MultiExpertClassifier, TimmClassifier
+from plugguide.modules.multi_expert_classifier import expert_boundaries
+from plugguide.pipelines import GuidedDiffusionPipeline
+from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance
+from tests.conftest import TINY_DEIT, TINY_RESNET, tiny_scheduler, tiny_unet
+
+
+def perturb(experts: MultiExpertClassifier, n: int, scale: float = 0.1) -> None:
+    with torch.no_grad():
+        for parameter in experts.expert_parameters(n):
+            parameter.add_(scale * torch.randn_like(parameter))
+
+
+def test_boundaries_split_the_timesteps_evenly():
+    assert expert_boundaries(5, 1000) == [0, 200, 400, 600, 800, 1000]
+    experts = MultiExpertClassifier(TimmClassifier(**TINY_RESNET), num_experts=5)
+    assert experts.expert_index(torch.tensor([0, 199, 200, 599, 600, 999])).tolist() == [0, 0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("spec", [TINY_RESNET, TINY_DEIT], ids=["resnet", "deit"])
+def test_lora_experts_start_as_the_backbone_and_switch_without_touching_it(spec):
+    torch.manual_seed(0)
+    backbone = TimmClassifier(**spec).eval()
+    images = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        reference = backbone(images)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    experts = MultiExpertClassifier(backbone, num_experts=3, lora_rank=4).eval()
+    early, late = torch.full((4,), 10), torch.full((4,), 900)
+    torch.testing.assert_close(experts(images, early), reference)  # LoRA B = 0 at init: an exact no-op
+    perturb(experts, 2)
+    assert not torch.allclose(experts(images, late), experts(images, early))  # different experts, different outputs
+    torch.testing.assert_close(experts(images, early), reference)  # expert 0 untouched by expert 2's change
+    assert all(torch.equal(before[k], v) for k, v in experts.frozen_backbone().state_dict().items())
+
+
+def test_batchnorm_running_statistics_are_per_expert():
+    torch.manual_seed(0)
+    experts = MultiExpertClassifier(TimmClassifier(**TINY_RESNET), num_experts=2, lora_rank=4).train()
+    experts(torch.randn(8, 1, 16, 16) * 5 + 3, torch.full((8,), 900))  # a train-mode pass of expert 1 only
+    stats = {k: v for k, v in experts.state_dict().items() if k.endswith("model.bn1.modules_to_save.expert_0.running_mean") or k.endswith("model.bn1.modules_to_save.expert_1.running_mean") or k.endswith("model.bn1.original_module.running_mean")}
+    values = {k.split("bn1.")[1].split(".running")[0]: v for k, v in stats.items()}
+    assert torch.all(values["original_module"] == 0) and torch.all(values["modules_to_save.expert_0"] == 0)
+    assert values["modules_to_save.expert_1"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_experts_round_trip_through_save_pretrained(tmp_path, finetune):
+    torch.manual_seed(0)
+    experts = MultiExpertClassifier(TimmClassifier(**TINY_RESNET), num_experts=3, finetune=finetune, lora_rank=4).eval()
+    for n in range(3):
+        perturb(experts, n)
+    images, timesteps = torch.randn(6, 1, 16, 16), torch.tensor([0, 100, 400, 500, 800, 999])
+    expected = experts(images, timesteps)
+    experts.save_pretrained(str(tmp_path / "experts"))
+    loaded = MultiExpertClassifier.from_pretrained(str(tmp_path / "experts"))
+    torch.testing.assert_close(loaded(images, timesteps), expected)
+
+
+def test_parameter_report_counts_lora_norms_and_head():
+    backbone = TimmClassifier(**TINY_RESNET)
+    total = sum(p.numel() for p in backbone.parameters())
+    report = MultiExpertClassifier(backbone, num_experts=5, lora_rank=4).parameter_report()
+    assert report["backbone_parameters"] == total
+    assert 0 < report["trainable_per_expert"] < total and report["trainable_total"] == 5 * report["trainable_per_expert"]
+    full = MultiExpertClassifier(TimmClassifier(**TINY_RESNET), num_experts=5, finetune="full").parameter_report()
+    assert full["trainable_percent_of_backbone"] == pytest.approx(500.0)
+
+
+def test_distillation_loss_falls_and_only_experts_change(tiny_assets):
+    torch.manual_seed(0)
+    module = ExpertDistillation(
+        teacher_path=tiny_assets["classifier-resnet"], diffusion_model=tiny_assets["ddpm-uncond"], num_experts=2, lora_rank=4,
+        evaluator_path=None, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+    )
+    module.train()
+    teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    backbone_before = {k: v.clone() for k, v in module.experts.frozen_backbone().state_dict().items()}
+    optimizer = module.configure_optimizers()
+    batch = {"image": torch.rand(32, 1, 16, 16) * 2 - 1}
+    losses = []
+    for step in range(30):
+        x_t, t = module.noised(batch["image"], 0, torch.Generator().manual_seed(step % 3))
+        loss = torch.nn.functional.kl_div(torch.log_softmax(module.experts(x_t, t), -1), module.target(batch), reduction="batchmean")
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in module.experts.expert_parameters(1))  # the inactive expert gets no gradient
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.experts.expert_parameters(0))
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert all(torch.equal(teacher_before[k], v) for k, v in module.teacher.state_dict().items())
+    assert all(torch.equal(backbone_before[k], v) for k, v in module.experts.frozen_backbone().state_dict().items())
+
+
+@pytest.mark.parametrize("scheduler_class", [DDPMScheduler, DDIMScheduler], ids=["ddpm", "ddim"])
+def test_guided_sampling_runs_and_guidance_changes_the_samples(scheduler_class, tiny_classifier):
+    pipeline = GuidedDiffusionPipeline(tiny_unet(), scheduler_class.from_config(tiny_scheduler().config), NaiveClassifierGuidance(tiny_classifier))
+    pipeline.set_progress_bar_config(disable=True)
+    run = lambda scale: pipeline(class_labels=[1, 2], num_inference_steps=3, guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    unguided, guided = run(0.0), run(50.0)
+    assert unguided.shape == (2, 1, 16, 16) and torch.all((0 <= guided) & (guided <= 1))
+    assert not torch.allclose(unguided, guided)
+
+
+def test_guidance_moves_a_judge_toward_the_target():
+    """With a strong 'expert' the guided sample is read as the target by that classifier far more often."""
+    torch.manual_seed(0)
+    judge = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10))
+    judge.num_classes = 10
+    pipeline = GuidedDiffusionPipeline(tiny_unet(), DDPMScheduler.from_config(tiny_scheduler().config), NaiveClassifierGuidance(judge))
+    pipeline.set_progress_bar_config(disable=True)
+    targets = torch.arange(10).repeat(2)
+    hits = {}
+    for scale in (0.0, 20.0):
+        images = pipeline(class_labels=targets, num_inference_steps=10, guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        hits[scale] = (judge(images * 2 - 1).argmax(-1) == targets).float().mean().item()
+    assert hits[20.0] >= 0.8 and hits[20.0] > hits[0.0] + 0.5
+
+
+def test_expert_guidance_routes_each_step_to_its_expert():
+    torch.manual_seed(0)
+    experts = MultiExpertClassifier(TimmClassifier(**TINY_RESNET), num_experts=2, lora_rank=4)
+    perturb(experts, 1, 0.5)
+    guidance = ExpertGuidance(experts)
+    images, targets = torch.randn(2, 1, 16, 16), torch.tensor([3, 3])
+    early = guidance.gradient(images, torch.tensor([10, 10]), images, targets)
+    late = guidance.gradient(images, torch.tensor([900, 900]), images, targets)
+    assert early.abs().sum() > 0 and not torch.allclose(early, late)
+
+
+def test_non_finite_gradients_name_the_timestep():
+    class Broken(torch.nn.Module):
+        num_classes = 10
+
+        def forward(self, x):
+            return x.flatten(1)[:, :10] * float("nan")
+
+    guidance = NaiveClassifierGuidance(Broken())
+    with pytest.raises(FloatingPointError, match="timestep 321"):
+        guidance.gradient(torch.randn(1, 1, 16, 16), torch.tensor([321]), torch.randn(1, 1, 16, 16), torch.tensor([0]))
+    clipped = NaiveClassifierGuidance(Broken(), clip_gradient=1.0).gradient(torch.randn(1, 1, 16, 16), torch.tensor([321]), torch.randn(1, 1, 16, 16), torch.tensor([0]))
+    assert torch.all(clipped == 0)
