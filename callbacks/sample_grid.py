@@ -18,13 +18,13 @@ class GuidedSampleGrid(L.Callback):
     Args:
         num_per_class: columns of the grid.
         num_classes: rows of the grid.
-        num_inference_steps: sampler steps.
-        guidance_scale: classifier-guidance scale passed to the pipeline.
+        num_inference_steps: sampler steps; default: the module's `num_inference_steps` hyper-parameter, else 50.
+        guidance_scale: classifier-guidance scale; default: the module's `guidance_scale`, else 0.
         cfg_scale: classifier-free guidance weight (class-conditional UNets).
         every_n_epochs: sample after every n-th validation epoch; the last grid is always drawn at fit end.
         seed: seed of the grid's noise.
-        evaluator_path: optional independent classifier; its agreement with the target rows is logged
-            as `<tag>/guided_accuracy`.
+        evaluator_path: independent classifier whose agreement with the target rows is logged as
+            `<tag>/guided_accuracy`; default: the module's `evaluator_path`, if any.
         tag: TensorBoard tag.
     """
 
@@ -32,8 +32,8 @@ class GuidedSampleGrid(L.Callback):
         self,
         num_per_class: int = 8,
         num_classes: int = 10,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 0.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         cfg_scale: float = 0.0,
         every_n_epochs: int = 1,
         seed: int = 0,
@@ -53,8 +53,15 @@ class GuidedSampleGrid(L.Callback):
         self.tag = tag
         self._evaluator = None
 
-    def labels(self, pipeline) -> torch.Tensor | None:
-        targeted = pipeline.guidance is not None and self.guidance_scale > 0 or pipeline.is_class_conditional and self.cfg_scale > 0
+    @staticmethod
+    def setting(value, pl_module: L.LightningModule, name: str, default):
+        """The callback's own value, else the module's hyper-parameter of the same name, else `default`."""
+        if value is not None:
+            return value
+        return pl_module.hparams.get(name, default)
+
+    def labels(self, pipeline, guidance_scale: float) -> torch.Tensor | None:
+        targeted = pipeline.guidance is not None and guidance_scale > 0 or pipeline.is_class_conditional and self.cfg_scale > 0
         if not targeted:
             return None
         return torch.arange(self.num_classes).repeat_interleave(self.num_per_class)
@@ -65,14 +72,16 @@ class GuidedSampleGrid(L.Callback):
         pl_module.eval()
         pipeline = pl_module.sampling_pipeline()
         pipeline.set_progress_bar_config(disable=True)
-        labels = self.labels(pipeline)
+        guidance_scale = self.setting(self.guidance_scale, pl_module, "guidance_scale", 0.0)
+        evaluator_path = self.setting(self.evaluator_path, pl_module, "evaluator_path", None)
+        labels = self.labels(pipeline, guidance_scale)
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
         with torch.no_grad():
             output = pipeline(
                 class_labels=labels,
                 batch_size=self.num_classes * self.num_per_class,
-                num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale,
+                num_inference_steps=self.setting(self.num_inference_steps, pl_module, "num_inference_steps", 50),
+                guidance_scale=guidance_scale,
                 cfg_scale=self.cfg_scale,
                 generator=generator,
                 output_type="pt",
@@ -82,11 +91,11 @@ class GuidedSampleGrid(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
             experiment.add_image(self.tag, grid, step)
-        if self.evaluator_path and labels is not None:
+        if evaluator_path and labels is not None:
             from plugguide.modules.classifier import load_classifier
 
             if self._evaluator is None:
-                self._evaluator = load_classifier(self.evaluator_path, "evaluator_path").eval()
+                self._evaluator = load_classifier(evaluator_path, "evaluator_path").eval()
             self._evaluator.to(pl_module.device)
             with torch.no_grad():
                 predicted = self._evaluator(output.images * 2 - 1).argmax(-1).cpu()

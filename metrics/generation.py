@@ -42,8 +42,8 @@ class GenerationMetrics(nn.Module):
         evaluator = evaluator.eval().requires_grad_(False)
         self.evaluator = evaluator
         self.accuracy = MulticlassAccuracy(num_classes, average="micro")
-        self.fid = FrechetInceptionDistance(feature=EvaluatorFeatures(evaluator), reset_real_features=False, normalize=True)
-        self.inception = InceptionScore(feature=evaluator, splits=1, normalize=True)
+        self.fid = FrechetInceptionDistance(feature=EvaluatorFeatures(evaluator), reset_real_features=False)
+        self.inception = InceptionScore(feature=evaluator, splits=1)
         self.confidence = MeanMetric()
 
     def train(self, mode: bool = True) -> "GenerationMetrics":

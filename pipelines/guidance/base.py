@@ -43,9 +43,11 @@ class Guidance(nn.Module, ABC):
 
     def gradient(self, x_t: torch.Tensor, timesteps: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """d/d(input) of the summed log-likelihood, with a clear error if it is not finite."""
-        inputs = (x_t if self.input == "x_t" else x0_hat).detach().requires_grad_(True)
-        with torch.enable_grad(), torch.inference_mode(False):
-            log_likelihood = self.log_likelihood(inputs, timesteps, targets).sum()
+        # Samplers often run under inference mode (Lightning's test/predict loops): leave it and clone,
+        # since inference tensors cannot take part in autograd.
+        with torch.inference_mode(False), torch.enable_grad():
+            inputs = (x_t if self.input == "x_t" else x0_hat).detach().clone().requires_grad_(True)
+            log_likelihood = self.log_likelihood(inputs, timesteps.clone(), targets.clone()).sum()
             (grad,) = torch.autograd.grad(log_likelihood, inputs)
         finite = torch.isfinite(grad)
         if self.clip_gradient is not None:
