@@ -151,6 +151,12 @@ class MultiExpertClassifier(nn.Module):
             raise ValueError(f"Expected an expert index in [0, {self.num_experts}), but got {n}.")
         if n != self.active_expert and self.finetune == "lora":
             self.peft_model.set_adapter(self.expert_name(n))
+            # peft freezes inactive adapters; keep every expert trainable instead, so that DDP (which
+            # registers the parameters that require grad when it wraps the model) syncs all of them.
+            # An inactive expert is simply not in the graph and gets no gradient.
+            for key, parameter in self.peft_model.named_parameters():
+                if "lora_" in key or ".modules_to_save." in key:
+                    parameter.requires_grad_(True)
         self.active_expert = n
 
     def expert_index(self, timesteps: torch.Tensor) -> torch.Tensor:

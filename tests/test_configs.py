@@ -1,0 +1,37 @@
+"""Every YAML under configs/ parses and instantiates (hub configs, which need network, are validated only)."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+from lightning.pytorch.cli import LightningCLI
+
+from plugguide.cli import main
+from tests.conftest import assets_available
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+LOCAL = [c for c in CONFIGS if not c.startswith(os.path.join("configs", "hub"))]
+HUB = [c for c in CONFIGS if c.startswith(os.path.join("configs", "hub"))]
+
+
+def test_there_are_configs():
+    assert "configs/ppap.yaml" in CONFIGS and "configs/sample.yaml" in CONFIGS and len(LOCAL) >= 7
+
+
+@pytest.mark.skipif(not assets_available(), reason="assets/digits/ not trained yet")
+@pytest.mark.parametrize("config", LOCAL)
+def test_local_config_instantiates(config, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["-c", config, "--trainer.logger=false"], save_config_callback=None)
+    assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
+
+
+@pytest.mark.parametrize("config", HUB)
+def test_hub_config_validates(config, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", config, "--print_config"])
+    assert exit_info.value.code == 0
