@@ -6,6 +6,7 @@ import os
 
 import timm
 import torch
+import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
@@ -15,43 +16,74 @@ class TimmClassifier(nn.Module, PyTorchModelHubMixin):
 
     The embedded digits classifiers and a hub ImageNet model go through the same class: the config
     stores the timm name and keyword arguments, so loading rebuilds the exact architecture.
+    Inputs are always images in [-1, 1], the diffusion models' range. The digits classifiers are trained
+    on exactly that; a hub model (`normalize_input=True`) maps them to the mean, std and input size of its
+    timm pretrained config itself, so guidance gradients flow through the normalisation and resizing.
 
     Args:
-        model_name: a timm model name (`timm.list_models()`), e.g. `resnet18` or `deit_tiny_patch16_224`.
-        num_classes: classes of the head.
+        model_name: a timm model name (`timm.list_models()`), e.g. `resnet18`, or `hf-hub:<repo>`.
+        num_classes: classes of the head; None keeps the pretrained model's own head.
         in_chans: input channels (1 for the digits).
         pretrained: load timm's own pretrained weights (needs network access).
         model_kwargs: extra keyword arguments for `timm.create_model` (widths, depths, image size, ...).
+        normalize_input: map [-1, 1] inputs to the timm pretrained config's mean/std and input size.
+        input_size: the side inputs are resized to when `normalize_input`; default: the pretrained config's.
     """
 
     def __init__(
         self,
         model_name: str,
-        num_classes: int = 10,
+        num_classes: int | None = 10,
         in_chans: int = 1,
         pretrained: bool = False,
         model_kwargs: dict | None = None,
+        normalize_input: bool = False,
+        input_size: int | None = None,
     ) -> None:
         super().__init__()
-        if not timm.is_model(model_name):
-            raise ValueError(f"Unknown timm model `model_name`={model_name!r}; allowed: any name in `timm.list_models()`.")
-        if num_classes < 2:
+        if not (timm.is_model(model_name) or model_name.startswith("hf-hub:")):
+            raise ValueError(f"Unknown timm model `model_name`={model_name!r}; allowed: any name in `timm.list_models()` or 'hf-hub:<repo>'.")
+        if num_classes is not None and num_classes < 2:
             raise ValueError(f"Expected `num_classes` to be at least 2, but got {num_classes}.")
-        self.num_classes = num_classes
+        head = {} if num_classes is None else {"num_classes": num_classes}
+        self.model = timm.create_model(model_name, pretrained=pretrained, in_chans=in_chans, **head, **(model_kwargs or {}))
+        self.num_classes = self.model.num_classes
         self.in_chans = in_chans
-        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
         self.num_features = self.model.num_features
+        self.input_size = None
+        if normalize_input:
+            config = timm.data.resolve_data_config(model=self.model)
+            self.register_buffer("input_mean", torch.tensor(config["mean"][:in_chans]).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("input_std", torch.tensor(config["std"][:in_chans]).view(1, -1, 1, 1), persistent=False)
+            self.input_size = (input_size, input_size) if input_size else tuple(config["input_size"][1:])
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] images to what the timm model expects (identity for the digits classifiers)."""
+        if self.input_size is None:
+            return images
+        if tuple(images.shape[-2:]) != self.input_size:
+            images = F.interpolate(images, size=self.input_size, mode="bilinear", align_corners=False)
+        return ((images + 1) / 2 - self.input_mean) / self.input_std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        return self.model(self.preprocess(images))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate (pre-logits) features, the ones FID is computed on."""
-        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+        return self.model.forward_head(self.model.forward_features(self.preprocess(images)), pre_logits=True)
 
 
 def load_classifier(path: str, setting: str = "classifier_path") -> TimmClassifier:
-    """Loads a `TimmClassifier` saved with `save_pretrained`, naming `setting` if the path is wrong."""
+    """Loads a `TimmClassifier` saved with `save_pretrained`, or a pretrained timm hub model (`hf-hub:<repo>`, `timm:<name>`).
+
+    Hub models keep their own head and take [-1, 1] images like every other classifier here (`normalize_input`).
+    """
+    if path.startswith(("hf-hub:", "timm:")):
+        name = path.removeprefix("timm:")
+        try:
+            return TimmClassifier(name, num_classes=None, in_chans=3, pretrained=True, normalize_input=True)
+        except Exception as error:  # noqa: BLE001 - re-raised with the setting named
+            raise OSError(f"`{setting}`={path!r} could not be loaded from the hub (network access needed): {error}") from error
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(
             f"`{setting}`={path!r} is not a saved classifier: expected a directory with config.json and "

@@ -13,11 +13,12 @@ from plugguide.cli import main
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def run(command: str, config: str, overrides: dict, tmp_path, *extra: str) -> None:
-    """`lightning <command> -c configs/<config> -c overrides.yaml`, run in `tmp_path`."""
+def run(command: str, configs: str | list[str], overrides: dict, tmp_path, *extra: str) -> None:
+    """`lightning <command> -c configs/<config> [-c ...] -c overrides.yaml`, run in `tmp_path`."""
     override_file = tmp_path / f"overrides-{command}.yaml"
     override_file.write_text(yaml.safe_dump(overrides))
-    main([command, "-c", os.path.join(CONFIGS, config), "-c", str(override_file), *extra])
+    layers = [arg for config in ([configs] if isinstance(configs, str) else configs) for arg in ("-c", os.path.join(CONFIGS, config))]
+    main([command, *layers, "-c", str(override_file), *extra])
 
 
 def ppap_overrides(assets: dict) -> dict:

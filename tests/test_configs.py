@@ -6,6 +6,7 @@ import glob
 import os
 
 import pytest
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from plugguide.cli import main
@@ -17,6 +18,16 @@ LOCAL = [c for c in CONFIGS if not c.startswith(os.path.join("configs", "hub"))]
 HUB = [c for c in CONFIGS if c.startswith(os.path.join("configs", "hub"))]
 
 
+def with_base(config: str) -> list[str]:
+    """`-c` arguments for a config; a stage overlay (no `model.class_path`) goes on top of its sibling base.yaml."""
+    with open(os.path.join(ROOT, config)) as file:
+        model = (yaml.safe_load(file) or {}).get("model") or {}
+    base = os.path.join(os.path.dirname(config), "base.yaml")
+    if "class_path" not in model and os.path.isfile(os.path.join(ROOT, base)):
+        return ["-c", base, "-c", config]
+    return ["-c", config]
+
+
 def test_there_are_configs():
     assert "configs/ppap.yaml" in CONFIGS and "configs/sample.yaml" in CONFIGS and len(LOCAL) >= 7
 
@@ -25,7 +36,7 @@ def test_there_are_configs():
 @pytest.mark.parametrize("config", LOCAL)
 def test_local_config_instantiates(config, monkeypatch):
     monkeypatch.chdir(ROOT)
-    cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["-c", config, "--trainer.logger=false"], save_config_callback=None)
+    cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=[*with_base(config), "--trainer.logger=false"], save_config_callback=None)
     assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
 
 
@@ -33,5 +44,5 @@ def test_local_config_instantiates(config, monkeypatch):
 def test_hub_config_validates(config, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", config, "--print_config"])
+        main(["fit", *with_base(config), "--print_config"])
     assert exit_info.value.code == 0
