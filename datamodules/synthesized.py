@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from plugguide.datamodules.image_folder import ImageDataModule
+from plugguide.datamodules.resumable_loader import ResumableDataLoader
 from plugguide.modules.classifier import load_classifier
 from plugguide.modules.diffusion_model import load_scheduler, load_unet
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
@@ -97,13 +98,29 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         for name, value in (("num_images", num_images), ("num_inference_steps", num_inference_steps), ("generation_batch_size", generation_batch_size), ("shard_size", shard_size), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"Expected `{name}` to be >= 1, but got {value}.")
-        self.save_hyperparameters(ignore=["labelled_data"])
+        if batch_size > num_images:
+            raise ValueError(f"Expected `batch_size` to be at most `num_images`={num_images} (incomplete batches are dropped), but got {batch_size}.")
+        if os.path.exists(cache_dir) and not (os.path.isdir(cache_dir) and os.access(cache_dir, os.R_OK | os.W_OK | os.X_OK)):
+            raise ValueError(f"Expected `cache_dir` to be a readable and writable directory (or a path to create), but got {cache_dir!r}.")
+        # Not merged into the logger's hparams: they share names with the module's sampling settings
+        # (`num_inference_steps`, `diffusion_model`) with other values; the CLI's config.yaml records them.
+        self.save_hyperparameters(ignore=["labelled_data"], logger=False)
         self.labelled_data = labelled_data
         self.dataset: datasets.Dataset | None = None
         # Fail before any long work if a path or the sampler is wrong.
         self.unet = load_unet(diffusion_model, "diffusion_model")
         self.scheduler = load_scheduler(diffusion_model, scheduler, "scheduler")
         self.teacher = load_classifier(teacher_path, "teacher_path") if teacher_path else None
+        size, channels = self.unet.config.sample_size, self.unet.config.in_channels
+        if self.teacher is not None and self.teacher.in_chans != channels:
+            raise ValueError(f"The diffusion model makes {channels}-channel images but the classifier `teacher_path`={teacher_path!r} takes {self.teacher.in_chans} channels.")
+        labelled = getattr(labelled_data, "hparams", {})
+        for name, expected in (("image_size", size), ("channels", channels)):
+            if name in labelled and labelled[name] != expected:
+                raise ValueError(
+                    f"Expected `labelled_data.{name}` to match the diffusion model's {name}={expected} (the experts see both), "
+                    f"but got {labelled[name]}."
+                )
 
     @property
     def num_shards(self) -> int:
@@ -195,7 +212,10 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         """All shards, checked; a shard that is missing or damaged is an error, never silently read."""
         damaged = [shard for shard in range(self.num_shards) if not self.shard_is_complete(shard)]
         if damaged:
-            raise RuntimeError(f"Synthesized cache {self.cache_path} has missing or damaged shards {damaged}; rerun to regenerate them.")
+            raise RuntimeError(
+                f"Synthesized cache {self.cache_path} (under `cache_dir`={self.hparams.cache_dir!r}) has missing or damaged shards {damaged}; "
+                "rerun to regenerate them."
+            )
         shards = [datasets.load_from_disk(self.shard_path(shard)) for shard in range(self.num_shards)]
         return datasets.concatenate_datasets(shards).with_format("torch")
 
@@ -214,7 +234,14 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         self.unet.to("cpu")
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True, num_workers=self.hparams.num_workers)
+        # Rank r reads its own 1/W of each epoch's seeded permutation; the loader resumes mid-epoch.
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if self.hparams.batch_size * world_size > self.hparams.num_images:
+            raise ValueError(
+                f"Expected `batch_size` x processes to be at most `num_images`={self.hparams.num_images}, but got "
+                f"{self.hparams.batch_size} x {world_size}: a rank would get no complete batch."
+            )
+        return ResumableDataLoader(self.dataset, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True, num_workers=self.hparams.num_workers)
 
     def _labelled(self, split: str) -> DataLoader:
         if self.labelled_data is None:

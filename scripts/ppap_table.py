@@ -62,7 +62,8 @@ def train_row(directory: str, teacher: str, num_experts: int, finetune: str, sup
     if supervision == "labels":
         data = {"class_path": "plugguide.datamodules.DigitsDataModule", "init_args": {"batch_size": 128}}
     else:
-        data = {"init_args": {"teacher_path": teacher, "num_images": num_images}}
+        # Teacher logits are computed on the fly, so both teacher families share one cached image set.
+        data = {"init_args": {"teacher_path": None, "num_images": num_images}}
     overrides = {
         "trainer": {
             "max_steps": steps, "check_val_every_n_epoch": 1000, "enable_progress_bar": False, "default_root_dir": directory,
@@ -89,13 +90,33 @@ def evaluate(pipeline: GuidedDiffusionPipeline, scale: float, labels: torch.Tens
     return metrics.compute() | {"seconds_per_image": (time.perf_counter() - started) / len(labels)}
 
 
+def write_table(rows: list, unguided: dict, args, sampler: str, num_samples: int, num_real: int) -> None:
+    """Prints the table and writes it to `<out>/table.md` (called after every row, so partial runs keep theirs)."""
+    lines = [
+        f"Sampler: {sampler} (ancestral, mean shift), {num_samples} samples ({args.samples_per_class} per class), seeds 0..{num_samples - 1}, "
+        f"scored by the evaluator (assets/digits/evaluator). FID on evaluator features vs the {num_real} real test digits.\n",
+        "| teacher | method | trainable params (% of backbone) | supervision | best scale | guided accuracy | FID | IS |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| - | unguided | - | - | - | {unguided.get('guided_accuracy', float('nan')):.3f} | {unguided['fid']:.2f} | {unguided['inception_score']:.2f} |",
+    ]
+    for family, name, params, supervision, best, sweep in rows:
+        r = sweep[best]
+        lines.append(f"| {family} | {name} | {params} | {supervision} | {float(best):g} | {r['guided_accuracy']:.3f} | {r['fid']:.2f} | {r['inception_score']:.2f} |")
+    lines += ["\nSweep (guided accuracy / FID at each scale):\n", "| teacher | method | " + " | ".join(f"s={s:g}" for s in args.scales) + " |", "|---|---|" + "---|" * len(args.scales)]
+    for family, name, _, _, _, sweep in rows:
+        lines.append(f"| {family} | {name} | " + " | ".join(f"{sweep[str(s)]['guided_accuracy']:.2f} / {sweep[str(s)]['fid']:.1f}" for s in args.scales) + " |")
+    with open(os.path.join(args.out, "table.md"), "w") as file:
+        file.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=["resnet", "deit"], choices=sorted(TEACHERS))
     parser.add_argument("--samples-per-class", type=int, default=20)
     parser.add_argument("--steps", type=int, default=50, help="DDPM (ancestral) sampler steps")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 10.0, 30.0])
-    parser.add_argument("--train-steps", type=int, default=1500)
+    parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 10.0, 30.0])
+    parser.add_argument("--train-steps", type=int, default=1000)
     parser.add_argument("--curves", action="store_true", help="also the number-of-experts curve and PE vs full at 500 / 4000 images (first family)")
     parser.add_argument("--out", default="runs/ppap_table")
     args = parser.parse_args()
@@ -142,20 +163,9 @@ def main() -> None:
             sweep = score(f"{family}/{name}", guidance, args.scales)
             best = max(sweep, key=lambda s: sweep[s]["guided_accuracy"])
             rows.append((family, name, params, supervision, best, sweep))
+            write_table(rows, unguided, args, sampler, len(labels), len(real))
 
-    print(f"Sampler: {sampler} (ancestral, mean shift), {len(labels)} samples ({args.samples_per_class} per class), seeds 0..{len(labels) - 1}, "
-          f"scored by the evaluator (assets/digits/evaluator). FID on evaluator features vs the {len(real)} real test digits.\n")
-    print("| teacher | method | trainable params (% of backbone) | supervision | best scale | guided accuracy | FID | IS |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| - | unguided | - | - | - | {unguided.get('guided_accuracy', float('nan')):.3f} | {unguided['fid']:.2f} | {unguided['inception_score']:.2f} |")
-    for family, name, params, supervision, best, sweep in rows:
-        r = sweep[best]
-        print(f"| {family} | {name} | {params} | {supervision} | {float(best):g} | {r['guided_accuracy']:.3f} | {r['fid']:.2f} | {r['inception_score']:.2f} |")
-    print("\nSweep (guided accuracy / FID at each scale):\n")
-    print("| teacher | method | " + " | ".join(f"s={s:g}" for s in args.scales) + " |")
-    print("|---|---|" + "---|" * len(args.scales))
-    for family, name, _, _, _, sweep in rows:
-        print(f"| {family} | {name} | " + " | ".join(f"{sweep[str(s)]['guided_accuracy']:.2f} / {sweep[str(s)]['fid']:.1f}" for s in args.scales) + " |")
+    write_table(rows, unguided, args, sampler, len(labels), len(real))
 
     figure, axes = plt.subplots(1, len(args.families), figsize=(6 * len(args.families), 4), squeeze=False)
     for axis, family in zip(axes[0], args.families):
