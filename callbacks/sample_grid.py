@@ -12,8 +12,10 @@ class GuidedSampleGrid(L.Callback):
     """Samples a grid with the module's `sampling_pipeline()` and logs it to TensorBoard.
 
     The noise comes from a generator seeded with `seed` at every call, so grids of different epochs
-    (and of a resumed run) start from the same noise and differ only by the model. Rows are classes
-    when the pipeline is guided or class-conditional, otherwise plain samples.
+    start from the same noise and differ only by the model. The seed is saved in the checkpoint and
+    restored on `--ckpt_path` resume, so a resumed run continues the same series even if the config's
+    seed changed. Rows are classes when the pipeline is guided or class-conditional, otherwise plain
+    samples. Drawn on global rank 0 only.
 
     Args:
         num_per_class: columns of the grid.
@@ -42,6 +44,12 @@ class GuidedSampleGrid(L.Callback):
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"Expected `every_n_epochs` to be >= 1, but got {every_n_epochs}.")
+        if guidance_scale is not None and guidance_scale < 0:
+            raise ValueError(f"Expected `guidance_scale` to be >= 0 or None, but got {guidance_scale}.")
+        if cfg_scale < 0:
+            raise ValueError(f"Expected `cfg_scale` to be >= 0, but got {cfg_scale}.")
+        if num_per_class < 1 or num_classes < 1:
+            raise ValueError(f"Expected `num_per_class` and `num_classes` to be >= 1, but got {num_per_class} and {num_classes}.")
         self.num_per_class = num_per_class
         self.num_classes = num_classes
         self.num_inference_steps = num_inference_steps
@@ -52,6 +60,25 @@ class GuidedSampleGrid(L.Callback):
         self.evaluator_path = evaluator_path
         self.tag = tag
         self._evaluator = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(tag=self.tag)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.seed = state_dict["seed"]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Fail before training, not at the first grid, when the rows ask for classes the guidance lacks.
+        guidance = getattr(pl_module, "guidance", None)
+        if callable(guidance) and not isinstance(guidance, torch.nn.Module):
+            guidance = guidance()  # ExpertDistillation.guidance() builds it from the current experts
+        classes = getattr(guidance, "num_classes", None)
+        if isinstance(classes, int) and self.num_classes > classes:
+            raise ValueError(f"Expected `num_classes` (grid rows) to be at most the guidance classifier's {classes} classes, but got {self.num_classes}.")
 
     @staticmethod
     def setting(value, pl_module: L.LightningModule, name: str, default):

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from plugguide.datamodules.resumable_loader import ResumableDataLoader
+
 SPLITS = ("train", "val", "test")
 
 
@@ -134,17 +136,26 @@ class ImageDataModule(L.LightningDataModule):
         return {"image": self.to_tensor(batch["image"]), "label": torch.as_tensor(batch["label"], dtype=torch.int64)}
 
     def setup(self, stage: str | None = None) -> None:
-        for split in self.load_splits().values():
-            split.set_transform(self._batch_transform)
+        # `datasets` fingerprints the transform by pickling it, bound instance included; detached, the
+        # instance does not drag the trainer and its model along (seconds per setup, on every rank).
+        trainer, self.trainer = self.trainer, None
+        try:
+            for split in self.load_splits().values():
+                split.set_transform(self._batch_transform)
+        finally:
+            self.trainer = trainer
 
     def dataloader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.load_splits()[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            drop_last=shuffle and len(self.load_splits()[split]) > self.hparams.batch_size,
-        )
+        if shuffle:
+            # Seeded per-epoch permutation, sharded per rank, resumable mid-epoch (datamodules/resumable_loader.py).
+            dataset = self.load_splits()[split]
+            return ResumableDataLoader(
+                dataset,
+                batch_size=self.hparams.batch_size,
+                num_workers=self.hparams.num_workers,
+                drop_last=len(dataset) > self.hparams.batch_size,
+            )
+        return DataLoader(self.load_splits()[split], batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", shuffle=True)

@@ -6,6 +6,10 @@ from plugguide.modules.diffusion_pretraining import DiffusionPretraining
 from plugguide.modules.guided_sampling import GuidedSampling
 from plugguide.modules.expert_distillation import ExpertDistillation
 from plugguide.modules.multi_expert_classifier import MultiExpertClassifier
+from plugguide.modules.calibration_evaluation import CalibrationEvaluation
+from plugguide.modules.guides import FullGuide, TinyGuide, load_guide
+from plugguide.modules.guide_distillation import GuideDistillation
+from plugguide.modules.progressive_halving import ProgressiveHalving
 
 
-__all__ = ["ExpertDistillation", "MultiExpertClassifier", "GuidedSampling", "ClassifierPretraining", "DiffusionPretraining", "TimmClassifier", "load_classifier"]
+__all__ = ["FullGuide", "GuideDistillation", "ProgressiveHalving", "TinyGuide", "load_guide", "CalibrationEvaluation", "ExpertDistillation", "MultiExpertClassifier", "GuidedSampling", "ClassifierPretraining", "DiffusionPretraining", "TimmClassifier", "load_classifier"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 
 import timm
@@ -56,6 +58,12 @@ class TimmClassifier(nn.Module, PyTorchModelHubMixin):
             self.register_buffer("input_mean", torch.tensor(config["mean"][:in_chans]).view(1, -1, 1, 1), persistent=False)
             self.register_buffer("input_std", torch.tensor(config["std"][:in_chans]).view(1, -1, 1, 1), persistent=False)
             self.input_size = (input_size, input_size) if input_size else tuple(config["input_size"][1:])
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> "TimmClassifier":
+        # huggingface_hub prints "Loading weights from local directory" on every local load.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return super().from_pretrained(*args, **kwargs)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images to what the timm model expects (identity for the digits classifiers)."""

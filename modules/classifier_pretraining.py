@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
+from plugguide.datamodules.resumable_loader import step_generator
 from plugguide.modules.classifier import TimmClassifier
 from plugguide.modules.export import save_atomically
 
@@ -39,6 +40,8 @@ class ClassifierPretraining(L.LightningModule):
         noise_std: maximum std of Gaussian noise added per image (drawn uniformly in [0, noise_std]).
         max_shift: maximum translation in pixels.
         label_smoothing: cross-entropy label smoothing.
+        seed: seed of the augmentation (with the step and the rank), so that a resumed run augments as an
+            uninterrupted one would.
     """
 
     def __init__(
@@ -48,26 +51,36 @@ class ClassifierPretraining(L.LightningModule):
         noise_std: float = 0.0,
         max_shift: int = 0,
         label_smoothing: float = 0.0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if noise_std < 0:
             raise ValueError(f"Expected `noise_std` to be >= 0, but got {noise_std}.")
+        if max_shift < 0:
+            raise ValueError(f"Expected `max_shift` to be >= 0, but got {max_shift}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"Expected `label_smoothing` to be in [0, 1), but got {label_smoothing}.")
+        if seed < 0:
+            raise ValueError(f"Expected `seed` to be >= 0, but got {seed}.")
         self.save_hyperparameters(ignore=["classifier", "optimizer"])
         self.classifier = classifier
         self.optimizer = optimizer
         # Keyed "<stage>_acc": a ModuleDict key "train" would shadow nn.Module.train.
         self.accuracy = torch.nn.ModuleDict({f"{stage}_acc": MulticlassAccuracy(classifier.num_classes) for stage in ("train", "val", "test")})
 
-    def augment(self, images: torch.Tensor) -> torch.Tensor:
+    def augment(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.hparams.max_shift > 0:
-            images = random_translate(images, self.hparams.max_shift)
+            images = random_translate(images, self.hparams.max_shift, generator)
         if self.hparams.noise_std > 0:
-            std = torch.rand(images.shape[0], 1, 1, 1, device=images.device) * self.hparams.noise_std
-            images = images + std * torch.randn_like(images)
+            std = torch.rand(images.shape[0], 1, 1, 1, generator=generator, device=images.device) * self.hparams.noise_std
+            images = images + std * torch.randn(images.shape, generator=generator, device=images.device)
         return images
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
-        images = self.augment(batch["image"]) if stage == "train" else batch["image"]
+        if stage == "train":
+            images = self.augment(batch["image"], step_generator(self.hparams.seed, self.global_step, self.global_rank, batch["image"].device))
+        else:
+            images = batch["image"]
         logits = self.classifier(images)
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
         accuracy = self.accuracy[f"{stage}_acc"]

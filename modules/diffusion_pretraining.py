@@ -9,6 +9,8 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DConditio
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from plugguide.datamodules.resumable_loader import step_generator
+from plugguide.modules.diffusion_model import load_unet
 from plugguide.modules.export import save_atomically
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
 
@@ -28,6 +30,10 @@ class DiffusionPretraining(L.LightningModule):
         optimizer: optimiser factory.
         num_classes: number of real classes for a class-conditional UNet; None for unconditional.
         label_dropout: probability of training a sample on the null class.
+        pretrained_path: diffusers pipeline directory whose UNet weights initialise `unet` (fine-tuning); the
+            architectures must match.
+        seed: seed of the training steps' noise, timesteps and label dropout (with the step and the rank), so
+            that a resumed run draws exactly what an uninterrupted one would.
     """
 
     def __init__(
@@ -37,6 +43,8 @@ class DiffusionPretraining(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         num_classes: int | None = None,
         label_dropout: float = 0.1,
+        pretrained_path: str | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.conditional = isinstance(unet, UNet2DConditionModel)
@@ -50,7 +58,11 @@ class DiffusionPretraining(L.LightningModule):
             raise ValueError(f"`num_classes`={num_classes} is only for a UNet2DConditionModel, but the UNet is {type(unet).__name__}.")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"Expected `label_dropout` to be in [0, 1), but got {label_dropout}.")
+        if seed < 0:
+            raise ValueError(f"Expected `seed` to be >= 0, but got {seed}.")
         self.save_hyperparameters(ignore=["unet", "noise_scheduler", "optimizer"])
+        if pretrained_path is not None:
+            unet.load_state_dict(load_unet(pretrained_path, "pretrained_path").state_dict())
         self.unet = unet
         self.noise_scheduler = noise_scheduler
         self.optimizer = optimizer
@@ -63,7 +75,7 @@ class DiffusionPretraining(L.LightningModule):
         if self.conditional:
             labels = batch["label"]
             if stage == "train":
-                dropped = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout
+                dropped = torch.rand(labels.shape, generator=generator, device=labels.device) < self.hparams.label_dropout
                 labels = torch.where(dropped, torch.full_like(labels, self.hparams.num_classes), labels)
             prediction = self.unet(noisy, timesteps, None, class_labels=labels).sample
         else:
@@ -73,7 +85,7 @@ class DiffusionPretraining(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train", step_generator(self.hparams.seed, self.global_step, self.global_rank, batch["image"].device))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Fixed noise and timesteps, so validation losses of different epochs compare.

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from plugguide.datamodules.resumable_loader import step_generator
 from plugguide.metrics import GenerationMetrics
 from plugguide.modules.classifier import load_classifier
 from plugguide.modules.diffusion_model import load_scheduler, load_unet
@@ -19,6 +21,22 @@ from plugguide.modules.guided_sampling import sample_batch
 from plugguide.modules.multi_expert_classifier import Finetune, MultiExpertClassifier
 from plugguide.pipelines.guidance.ppap_experts import ExpertGuidance
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
+
+
+def check_image_size(classifier: torch.nn.Module, image_size: int, setting: str, path: str) -> None:
+    """Fails early if `classifier` cannot take the diffusion model's `image_size` images (e.g. a ViT built for another size)."""
+    probe = torch.zeros(1, classifier.in_chans, image_size, image_size)
+    was_training = classifier.training
+    try:
+        with torch.no_grad():
+            classifier.eval()(probe)
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise ValueError(
+            f"The diffusion model makes {image_size}x{image_size} images but the classifier `{setting}`={path!r} "
+            f"cannot classify them ({error}); use a classifier built for that size."
+        ) from error
+    finally:
+        classifier.train(was_training)
 
 
 class ExpertDistillation(L.LightningModule):
@@ -34,6 +52,13 @@ class ExpertDistillation(L.LightningModule):
     schedule is a function of the step alone, so a resumed run trains the same expert at the same step.
     The authors train experts one after another; with equal steps per expert the two are equivalent
     up to the optimiser state, which AdamW keeps per parameter, and experts share no trainable parameter.
+    A step's t and noise come from a generator seeded by (`seed`, step, rank), so a run resumed
+    mid-epoch draws exactly what an uninterrupted one would.
+
+    Under DDP the experts that do not train in a step get no gradient, which plain DDP rejects; `setup`
+    turns on `find_unused_parameters` for a `DDPStrategy` (`--trainer.strategy=ddp` just works, and
+    `ddp_find_unused_parameters_true` is the same). Parameters unused on every rank keep `grad=None`,
+    so AdamW leaves the inactive experts untouched, as on one device.
 
     `lightning test` evaluates guided generation: for every real test image it samples one image guided
     by the experts toward that image's label and reports guided accuracy, FID and IS from the
@@ -54,6 +79,7 @@ class ExpertDistillation(L.LightningModule):
         num_inference_steps: sampler steps for grids and tests.
         guidance_scale: guidance scale for grids and tests.
         evaluator_path: independent classifier scoring test samples.
+        seed: seed of the training steps' timesteps and noise (with the step and the rank).
     """
 
     def __init__(
@@ -72,12 +98,19 @@ class ExpertDistillation(L.LightningModule):
         num_inference_steps: int = 50,
         guidance_scale: float = 10.0,
         evaluator_path: str | None = "assets/digits/evaluator",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if supervision not in ("teacher", "labels"):
             raise ValueError(f"Expected `supervision` to be 'teacher' or 'labels', but got {supervision!r}.")
         if temperature <= 0:
             raise ValueError(f"Expected `temperature` to be > 0, but got {temperature}.")
+        if guidance_scale < 0:
+            raise ValueError(f"Expected `guidance_scale` to be >= 0, but got {guidance_scale}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
+        if seed < 0:
+            raise ValueError(f"Expected `seed` to be >= 0, but got {seed}.")
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer = optimizer
         self.noise_scheduler = DDPMScheduler.from_config(load_scheduler(diffusion_model, "DDPMScheduler", "diffusion_model").config)
@@ -99,9 +132,15 @@ class ExpertDistillation(L.LightningModule):
                 f"The diffusion model makes {self.unet.config.in_channels}-channel images but the classifier "
                 f"`teacher_path`={teacher_path!r} takes {self.teacher.in_chans} channels."
             )
+        check_image_size(self.teacher, self.unet.config.sample_size, "teacher_path", teacher_path)
         self.metrics = None
         if evaluator_path:
             evaluator = load_classifier(evaluator_path, "evaluator_path")
+            if evaluator.num_classes != self.teacher.num_classes or evaluator.in_chans != self.teacher.in_chans:
+                raise ValueError(
+                    f"`evaluator_path`={evaluator_path!r} scores {evaluator.num_classes} classes of {evaluator.in_chans}-channel images, "
+                    f"but the experts guide toward {self.teacher.num_classes} classes of {self.teacher.in_chans}-channel images; they must match."
+                )
             self.metrics = GenerationMetrics(evaluator, evaluator.num_classes)
         report = self.experts.parameter_report()
         rank_zero_info(
@@ -114,6 +153,13 @@ class ExpertDistillation(L.LightningModule):
         self.teacher.eval()  # frozen models keep their BatchNorm statistics
         self.unet.eval()
         return self
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy) and self.experts.num_experts > 1 and not strategy._ddp_kwargs.get("find_unused_parameters"):
+            # Set before the strategy wraps the module in DistributedDataParallel (after this hook).
+            strategy._ddp_kwargs["find_unused_parameters"] = True
+            rank_zero_info("ExpertDistillation trains one expert per step: DDP runs with find_unused_parameters=True.")
 
     def on_fit_start(self) -> None:
         if self.logger is not None:
@@ -152,7 +198,8 @@ class ExpertDistillation(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", self.global_step % self.experts.num_experts)
+        generator = step_generator(self.hparams.seed, self.global_step, self.global_rank, batch["image"].device)
+        return self._step(batch, "train", self.global_step % self.experts.num_experts, generator)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Real labelled images, every expert on its own noise range, fixed noise: accuracy vs the true label.
@@ -164,7 +211,16 @@ class ExpertDistillation(L.LightningModule):
 
     def guidance(self) -> ExpertGuidance:
         """The current experts as a guidance (for callbacks: grids, calibration curves)."""
-        return ExpertGuidance(self.experts)
+        trainable = [p for p in self.experts.parameters() if p.requires_grad]
+        modes = [(module, module.training) for module in self.experts.modules()]
+        guidance = ExpertGuidance(self.experts)
+        # The guidance freezes its classifier and puts it in eval mode; these experts keep training (and
+        # DDP keeps syncing them), so building a guidance must leave them as they were.
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+        for module, training in modes:
+            module.training = training
+        return guidance
 
     def sampling_pipeline(self) -> GuidedDiffusionPipeline:
         return GuidedDiffusionPipeline(self.unet, self.sampler, self.guidance())

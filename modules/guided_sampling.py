@@ -47,6 +47,10 @@ class GuidedSampling(L.LightningModule):
         super().__init__()
         if num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
+        # Checked here, not at the first batch: a negative scale would push samples away from the target.
+        for name, value in (("guidance_scale", guidance_scale), ("cfg_scale", cfg_scale)):
+            if value < 0:
+                raise ValueError(f"Expected `{name}` to be >= 0, but got {value}.")
         self.save_hyperparameters(ignore=["guidance"])
         self.pipeline = GuidedDiffusionPipeline(load_unet(diffusion_model), load_scheduler(diffusion_model, scheduler), guidance)
         self.pipeline.unet.requires_grad_(False).eval()

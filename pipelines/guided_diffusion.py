@@ -45,40 +45,99 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
 
     Class-conditional UNets (`UNet2DConditionModel` with `num_class_embeds` = classes + 1, the last index
     being the null class) use classifier-free guidance `eps = (1 + w) eps(c) - w eps(null)` when
-    `cfg_scale` w > 0.
+    `cfg_scale` w > 0. With `cfg_guidance="normalized"` classifier guidance joins CFG as in the DiT setting
+    of Ma et al. (2023, Algorithm 3): the classifier's eps direction `g = -sqrt(1 - abar_t) * grad` is
+    rescaled to the norm of the CFG difference `d = eps(c) - eps(null)` and added to it,
+    `eps = eps(null) + (1 + w) * (d + s * g * ||d|| / ||g||)` (per sample; the schedule multiplies s).
+
+    Latent diffusion (Stable Diffusion, DiT-style): with a `vae` (diffusers `AutoencoderKL`) the UNet works on
+    latents; the pixel-space classifier sees `vae.decode(x0_hat / scaling_factor)` (or the decoded x_t),
+    clipped to [-1, 1], and its gradient flows back through the decoder to the latent (Ma et al., 2023,
+    section 5.3: the decoder is part of the classifier). Outputs are decoded images.
 
     Args:
-        unet: `UNet2DModel` (unconditional) or class-conditional `UNet2DConditionModel`.
+        unet: `UNet2DModel` (unconditional), class-conditional `UNet2DConditionModel`, or a class-conditional
+            DiT (`DiTTransformer2DModel`, null class `num_embeds_ada_norm`).
         scheduler: a variance-preserving diffusers scheduler (see `SUPPORTED_SCHEDULERS`).
         guidance: a `Guidance`, or None for unguided / CFG-only sampling.
+        vae: an `AutoencoderKL` for latent UNets, or None for pixel-space UNets.
+        cfg_guidance: how classifier guidance combines with CFG: `"shift"` (the usual mean / eps shift on
+            the CFG noise) or `"normalized"` (the DiT rule above; needs `cfg_scale` > 0).
     """
 
-    def __init__(self, unet, scheduler, guidance: Guidance | None = None) -> None:
+    def __init__(self, unet, scheduler, guidance: Guidance | None = None, vae=None, cfg_guidance: str = "shift") -> None:
         super().__init__()
         if getattr(scheduler, "init_noise_sigma", 1.0) != 1.0:
             raise ValueError(f"`scheduler` {type(scheduler).__name__} works in sigma space; use a variance-preserving one (DDPM, DDIM, DPM-Solver, UniPC).")
+        if cfg_guidance not in ("shift", "normalized"):
+            raise ValueError(f"Expected `cfg_guidance` to be 'shift' or 'normalized', but got {cfg_guidance!r}.")
         self.register_modules(unet=unet, scheduler=scheduler)
+        if vae is not None:
+            self.register_modules(vae=vae)
+        else:
+            self.vae = None
         self.guidance = guidance
+        self.cfg_guidance = cfg_guidance
 
     @property
     def is_class_conditional(self) -> bool:
-        return isinstance(self.unet, UNet2DConditionModel) and self.unet.config.num_class_embeds is not None
+        if isinstance(self.unet, UNet2DConditionModel):
+            return self.unet.config.num_class_embeds is not None
+        return getattr(self.unet.config, "num_embeds_ada_norm", None) is not None  # DiT: class-conditional transformer
 
-    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, cfg_scale: float) -> torch.Tensor:
-        """eps_theta(x_t, t[, c]), with classifier-free guidance when `cfg_scale` > 0."""
+    @property
+    def null_class(self) -> int:
+        """Index of the null (unconditional) class: the last embedding of a UNet, index `num_embeds_ada_norm` of a DiT."""
+        if isinstance(self.unet, UNet2DConditionModel):
+            return self.unet.config.num_class_embeds - 1
+        return self.unet.config.num_embeds_ada_norm
+
+    def _conditional_noise(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.unet, UNet2DConditionModel):
+            return self.unet(x, timesteps, None, class_labels=labels).sample
+        return self.unet(x, timestep=timesteps, class_labels=labels).sample
+
+    def predict_noise(
+        self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, cfg_scale: float, return_parts: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """eps_theta(x_t, t[, c]), with classifier-free guidance when `cfg_scale` > 0.
+
+        With `return_parts` and `cfg_scale` > 0, returns (eps(null), eps(c) - eps(null)) instead.
+        """
         timesteps = t.expand(x.shape[0])
+        channels = x.shape[1]  # learned-variance UNets put the variance in the second half
         if not self.is_class_conditional:
             eps = self.unet(x, timesteps).sample
         else:
-            null = torch.full_like(timesteps, self.unet.config.num_class_embeds - 1)
+            null = torch.full_like(timesteps, self.null_class)
             labels = null if class_labels is None else torch.where(class_labels >= 0, class_labels, null)
             if cfg_scale > 0:
-                both = self.unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]), None, class_labels=torch.cat([labels, null])).sample
-                cond, uncond = both.chunk(2)
+                both = self._conditional_noise(torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([labels, null]))
+                cond, uncond = both[:, :channels].chunk(2)
+                if return_parts:
+                    return uncond, cond - uncond
                 eps = (1 + cfg_scale) * cond - cfg_scale * uncond
             else:
-                eps = self.unet(x, timesteps, None, class_labels=labels).sample
-        return eps[:, : x.shape[1]]  # learned-variance UNets put the variance in the second half
+                eps = self._conditional_noise(x, timesteps, labels)
+        return eps[:, :channels]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (unclipped) of latents through the VAE decoder; the identity without a VAE."""
+        if self.vae is None:
+            return latents
+        return self.vae.decode(latents / getattr(self.vae.config, "scaling_factor", 1.0)).sample
+
+    def guidance_gradient(self, x: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The guidance gradient w.r.t. x_t's space; through the VAE decoder for latent UNets (a vector-Jacobian product)."""
+        timesteps = t.expand(x.shape[0])
+        if self.vae is None:
+            return self.guidance.gradient(x, timesteps, x0_hat, labels)
+        with torch.inference_mode(False), torch.enable_grad():
+            latent = (x if self.guidance.input == "x_t" else x0_hat).detach().clone().requires_grad_(True)
+            pixels = self.decode(latent).clamp(-1, 1)
+            pixel_grad = self.guidance.gradient(pixels, timesteps, pixels, labels)
+            (grad,) = torch.autograd.grad(pixels, latent, pixel_grad)
+        return grad
 
     @torch.no_grad()
     def __call__(
@@ -111,6 +170,8 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"Expected `cfg_scale` to be >= 0, but got {cfg_scale}.")
         if cfg_scale > 0 and not self.is_class_conditional:
             raise ValueError(f"`cfg_scale`={cfg_scale} needs a class-conditional UNet2DConditionModel, but the UNet is {type(self.unet).__name__}.")
+        if self.cfg_guidance == "normalized" and guidance_scale > 0 and cfg_scale <= 0:
+            raise ValueError(f"`cfg_guidance`='normalized' adds the classifier gradient to the CFG difference and needs `cfg_scale` > 0, but got {cfg_scale}.")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"Expected `output_type` to be 'pil', 'np' or 'pt', but got {output_type!r}.")
         device = self.unet.device
@@ -136,16 +197,28 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         ancestral = isinstance(self.scheduler, DDPMScheduler)
         alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
         num_train = self.scheduler.config.num_train_timesteps
+        normalized = guided and self.cfg_guidance == "normalized"
         for t in self.progress_bar(self.scheduler.timesteps):
-            eps = self.predict_noise(self.scheduler.scale_model_input(x, t), t, labels, cfg_scale)
+            model_input = self.scheduler.scale_model_input(x, t)
+            if normalized:
+                uncond, difference = self.predict_noise(model_input, t, labels, cfg_scale, return_parts=True)
+                eps = uncond + (1 + cfg_scale) * difference
+            else:
+                eps = self.predict_noise(model_input, t, labels, cfg_scale)
             shift = None
             if guided:
                 abar = alphas_cumprod[t]
-                x0_hat = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
-                grad = self.guidance.gradient(x, t.expand(x.shape[0]), x0_hat, labels)
+                x0_hat = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+                if self.vae is None:
+                    x0_hat = x0_hat.clamp(-1, 1)  # latents have no fixed range; their decoded pixels are clipped
+                grad = self.guidance_gradient(x, t, x0_hat, labels)
                 variance = step_variance(self.scheduler, int(t))
                 scale = guidance_scale * self.guidance.scale_multiplier(int(t), variance, num_train)
-                if ancestral:
+                if normalized:
+                    direction = -(1 - abar).sqrt() * grad
+                    ratio = difference.flatten(1).norm(dim=1) / direction.flatten(1).norm(dim=1).clamp_min(1e-12)
+                    eps = uncond + (1 + cfg_scale) * (difference + scale * ratio.view(-1, *[1] * (x.dim() - 1)) * direction)
+                elif ancestral:
                     shift = scale * variance * grad
                 else:
                     eps = eps - scale * (1 - abar).sqrt() * grad
@@ -153,6 +226,8 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             if shift is not None:
                 x = x + shift
 
+        if self.vae is not None:
+            x = self.decode(x)
         images = (x / 2 + 0.5).clamp(0, 1)
         if output_type == "np":
             images = images.permute(0, 2, 3, 1).float().cpu().numpy()

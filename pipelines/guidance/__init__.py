@@ -5,5 +5,7 @@ from plugguide.pipelines.guidance.classifier import ClassifierGuidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
 from plugguide.pipelines.guidance.ppap_experts import ExpertGuidance
 from plugguide.pipelines.guidance.predicted_x0_classifier import PredictedCleanImageGuidance
+from plugguide.pipelines.guidance.calibrated import CalibratedGuidance, replace_relu_with_softplus
 
-__all__ = ["ExpertGuidance", "ClassifierGuidance", "Guidance", "NaiveClassifierGuidance", "PredictedCleanImageGuidance"]
+
+__all__ = ["CalibratedGuidance", "replace_relu_with_softplus", "ExpertGuidance", "ClassifierGuidance", "Guidance", "NaiveClassifierGuidance", "PredictedCleanImageGuidance"]

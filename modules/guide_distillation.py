@@ -1,0 +1,201 @@
+"""Stage 1 of plug-and-play distillation: a guide model learns classifier-free guidance for a frozen UNet."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from lightning.pytorch.cli import OptimizerCallable
+
+from plugguide.modules.diffusion_model import load_scheduler, load_unet
+from plugguide.modules.export import save_atomically
+from plugguide.modules.guides import Guide, GuideFactory, predict_guided_noise
+from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
+from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
+
+
+class FrozenUNetGuideTraining(L.LightningModule):
+    """What guide distillation and progressive halving share: a frozen conditional UNet (+ VAE, text encoder), one trained guide.
+
+    Batches are `{"image": (B, C, H, W) in [-1, 1], "label": (B,)}` for class-conditional UNets (null class
+    = the last class-embedding index) or `{"image", "caption": list[str]}` for text-conditional ones (null
+    condition = the empty prompt). With `vae` set, training runs on `vae.encode(image) * scaling_factor`.
+    Subclasses set `self.guide` and implement `_loss(batch, generator)`.
+
+    Args:
+        diffusion_model: diffusers pipeline directory or hub id with `unet/` and `scheduler/`.
+        optimizer: optimiser factory, applied to the guide's parameters only.
+        guidance_range: (low, high) of the guidance number g, drawn uniformly per example.
+        num_inference_steps: the sampling steps the trained guide is meant for; names its export `<kind>/steps-<n>`.
+        vae: sub-folder of `diffusion_model` holding an `AutoencoderKL` (latent models), or None.
+        text_encoder: sub-folder holding a CLIP text model (text-conditional UNets), or None.
+        tokenizer: sub-folder holding its tokenizer.
+    """
+
+    def __init__(
+        self,
+        diffusion_model: str = "assets/digits/ddpm-cond",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        guidance_range: tuple[float, float] = (2.0, 9.0),
+        num_inference_steps: int = 32,
+        vae: str | None = None,
+        text_encoder: str | None = None,
+        tokenizer: str | None = "tokenizer",
+    ) -> None:
+        super().__init__()
+        low, high = guidance_range
+        if not 0 <= low <= high:
+            raise ValueError(f"Expected `guidance_range` to be (low, high) with 0 <= low <= high, but got {guidance_range}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
+        self.optimizer = optimizer
+        self.num_inference_steps = num_inference_steps
+        self.unet = load_unet(diffusion_model).requires_grad_(False).eval()
+        if type(self.unet).__name__ != "UNet2DConditionModel":
+            raise ValueError(f"`diffusion_model`={diffusion_model!r} holds a {type(self.unet).__name__}; guides need a conditional UNet2DConditionModel.")
+        self.noise_scheduler = load_scheduler(diffusion_model, "DDPMScheduler", "diffusion_model")
+        self.vae = self.text_encoder = self.tokenizer = None
+        if vae is not None:
+            from diffusers import AutoencoderKL
+
+            self.vae = AutoencoderKL.from_pretrained(diffusion_model, subfolder=vae).requires_grad_(False).eval()
+        if text_encoder is not None:
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            self.text_encoder = CLIPTextModel.from_pretrained(diffusion_model, subfolder=text_encoder).requires_grad_(False).eval()
+            self.tokenizer = CLIPTokenizer.from_pretrained(diffusion_model, subfolder=tokenizer)
+        if (self.unet.class_embedding is None) != (self.text_encoder is not None):
+            raise ValueError(
+                f"`diffusion_model`={diffusion_model!r}: a class-conditional UNet needs `text_encoder`=None and a text-conditional one a "
+                f"`text_encoder` sub-folder, but got text_encoder={text_encoder!r}."
+            )
+        self.guide: Guide | None = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in (self.unet, self.vae, self.text_encoder, getattr(self, "teacher", None)):
+            if frozen is not None:
+                frozen.eval()  # frozen networks never switch to training behaviour (dropout)
+        return self
+
+    # -- conditions -----------------------------------------------------------------------------
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def encode_batch(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict, dict]:
+        """(x0 in the UNet's space, condition kwargs, null-condition kwargs) of a batch."""
+        images = batch["image"]
+        if self.vae is not None:
+            images = self.vae.encode(images).latent_dist.sample(generator) * self.vae.config.scaling_factor
+        if self.text_encoder is None:
+            labels = batch["label"]
+            null = torch.full_like(labels, self.unet.config.num_class_embeds - 1)
+            return images, {"class_labels": labels}, {"class_labels": null}
+        text = self.encode_text(batch["caption"])
+        empty = self.encode_text([""]).expand_as(text)
+        return images, {"encoder_hidden_states": text}, {"encoder_hidden_states": empty}
+
+    def sample_guidance(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        low, high = self.hparams.guidance_range
+        return low + (high - low) * torch.rand(batch_size, generator=generator, device=self.device)
+
+    def guided_noise(self, guide: Guide, z_t: torch.Tensor, t: torch.Tensor, g: torch.Tensor, condition: dict) -> torch.Tensor:
+        return predict_guided_noise(self.unet, guide, z_t, t, g, condition.get("class_labels"), condition.get("encoder_hidden_states"))
+
+    # -- Lightning --------------------------------------------------------------------------------
+    def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _step(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
+        loss = self._loss(batch, generator)
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=batch["image"].shape[0])
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Fixed noise, timesteps and g, so validation losses of different epochs compare.
+        self._step(batch, "val", torch.Generator(self.device).manual_seed(batch_idx))
+
+    def configure_optimizers(self):
+        return self.optimizer(self.guide.parameters())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Only the guide trains; the frozen UNet (and SD's VAE / text encoder) are reloaded from their path.
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("guide.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {**{k: v for k, v in self.state_dict().items() if not k.startswith("guide.")}, **checkpoint["state_dict"]}
+
+    # -- sampling and export ----------------------------------------------------------------------
+    def sampler(self) -> DDIMScheduler:
+        return DDIMScheduler.from_config(self.noise_scheduler.config)
+
+    def sampling_pipeline(self) -> GuideDistilledPipeline:
+        """The frozen UNet steered by the current guide, one pass per DDIM step."""
+        return GuideDistilledPipeline(self.unet, self.guide, self.sampler(), self.vae, self.text_encoder, self.tokenizer)
+
+    def cfg_pipeline(self) -> GuidedDiffusionPipeline:
+        """The same frozen UNet with two-pass classifier-free guidance, for side-by-side grids."""
+        return GuidedDiffusionPipeline(self.unet, self.sampler())
+
+    def export(self, directory: str) -> None:
+        """Writes the guide (config.json + model.safetensors) to `<directory>/<tiny|full>/steps-<num_inference_steps>`."""
+        name = type(self.guide).__name__.removesuffix("Guide").lower()
+        save_atomically(os.path.join(directory, name, f"steps-{self.num_inference_steps}"), self.guide.save_pretrained)
+
+
+class GuideDistillation(FrozenUNetGuideTraining):
+    """CFG distillation into a guide model, "Plug-and-Play Diffusion Distillation" (Hsiao et al., CVPR 2024), Eq. 4.
+
+    The UNet stays frozen; only the guide G trains, on
+    `|| eps'(z_t, c; G(g, z_t, t, c)) - [(1 + g) eps(z_t, c) - g eps(z_t, null)] ||^2`
+    with g ~ U[guidance_range], t ~ U{0..T-1}, and `z_t = alpha_t x + sigma_t eps` from real training
+    images (latents for Stable Diffusion). One guide serves every g.
+
+    Args:
+        guide: the guide to train, given without its UNet (`plugguide.modules.guides.TinyGuide` or `FullGuide`).
+        diffusion_model: diffusers pipeline directory or hub id of the frozen conditional UNet.
+        optimizer: optimiser factory for the guide's parameters.
+        guidance_range: (low, high) of g; the paper uses (2, 9).
+        num_inference_steps: steps the distilled guide is exported for (the first halving teacher).
+        vae: latent models: sub-folder of the `AutoencoderKL`.
+        text_encoder: text-conditional models: sub-folder of the CLIP text model.
+        tokenizer: its tokenizer's sub-folder.
+    """
+
+    def __init__(
+        self,
+        guide: GuideFactory,
+        diffusion_model: str = "assets/digits/ddpm-cond",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        guidance_range: tuple[float, float] = (2.0, 9.0),
+        num_inference_steps: int = 32,
+        vae: str | None = None,
+        text_encoder: str | None = None,
+        tokenizer: str | None = "tokenizer",
+    ) -> None:
+        super().__init__(diffusion_model, optimizer, guidance_range, num_inference_steps, vae, text_encoder, tokenizer)
+        self.save_hyperparameters(ignore=["guide", "optimizer"])
+        self.guide = guide(self.unet)
+
+    def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
+        x0, condition, null = self.encode_batch(batch, generator)
+        batch_size = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=self.device)
+        g = self.sample_guidance(batch_size, generator)
+        z_t = self.noise_scheduler.add_noise(x0, noise, t)
+        with torch.no_grad():
+            both = {k: torch.cat([condition[k], null[k]]) for k in condition}
+            eps_c, eps_null = self.guided_noise(None, torch.cat([z_t, z_t]), torch.cat([t, t]), None, both).chunk(2)
+            shape = (-1,) + (1,) * (x0.ndim - 1)
+            target = (1 + g.view(shape)) * eps_c - g.view(shape) * eps_null
+        prediction = self.guided_noise(self.guide, z_t, t, g, condition)
+        return F.mse_loss(prediction, target)

@@ -1,0 +1,138 @@
+"""Stage 2 of plug-and-play distillation: progressive halving of a guide's sampling steps (Salimans & Ho, 2022)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from plugguide.modules.guide_distillation import FrozenUNetGuideTraining
+from plugguide.modules.guides import load_guide
+
+LOSS_WEIGHTINGS = ("snr_truncation", "x", "eps")
+
+
+def ddim_step(z_t: torch.Tensor, eps: torch.Tensor, alpha_t, sigma_t, alpha_s, sigma_s, clip: float | None = None) -> torch.Tensor:
+    """Deterministic DDIM step z_t -> z_s = alpha_s x0_hat + sigma_s eps, as diffusers' `DDIMScheduler` (eta = 0).
+
+    `x0_hat = (z_t - sigma_t eps) / alpha_t`, clipped to [-clip, clip] when `clip` is set (the scheduler's
+    `clip_sample`); like diffusers, eps itself is not recomputed after clipping.
+    """
+    x0_hat = (z_t - sigma_t * eps) / alpha_t
+    if clip is not None:
+        x0_hat = x0_hat.clamp(-clip, clip)
+    return alpha_s * x0_hat + sigma_s * eps
+
+
+def halving_target(z_t: torch.Tensor, z_s: torch.Tensor, alpha_t, sigma_t, alpha_s, sigma_s) -> torch.Tensor:
+    """The x that one DDIM step t -> s must predict to land on the teacher's z_s (Salimans & Ho, 2022, Algorithm 2).
+
+    `x_target = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t)`; at the last step
+    (sigma_s = 0, alpha_s = 1) this is z_s itself, the teacher's final x0_hat.
+    """
+    ratio = sigma_s / sigma_t
+    return (z_s - ratio * z_t) / (alpha_s - ratio * alpha_t)
+
+
+class ProgressiveHalving(FrozenUNetGuideTraining):
+    """Progressive distillation of a guide-steered UNet, "Plug-and-Play Diffusion Distillation" (Hsiao et al., CVPR 2024), Sec. 3.3.
+
+    Teacher = frozen UNet + frozen trained guide run with N = `teacher_steps` DDIM steps; student = the same
+    frozen UNet + a trainable copy of that guide, run with N/2 steps. For a student step t -> s, the teacher
+    takes two DDIM steps z_t -> z_t' -> z_s (t' the teacher's midpoint, t - T//N) and the student's
+    x-prediction is regressed on
+    `x_target = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t)`
+    (Salimans & Ho, 2022); at the last step the target is the teacher's x0_hat. g ~ U[guidance_range] per
+    example, so one guide keeps serving every g. Only the student guide trains; the exported student is
+    the next stage's teacher.
+
+    The student's timesteps are those of diffusers' `DDIMScheduler.set_timesteps(N/2)` on the UNet's
+    schedule, and s = t - T//(N/2), exactly the transitions that `GuideDistilledPipeline` takes with DDIM.
+
+    Args:
+        guide_root: folder of the guide chains (the `ExportPretrained` directory of every stage).
+        guide_name: the chain, "tiny" or "full": the teacher is `<guide_root>/<guide_name>/steps-<teacher_steps>`
+            (written by `GuideDistillation` or the previous stage); the student is exported as
+            `<guide_name>/steps-<teacher_steps/2>`.
+        teacher_steps: N, the teacher's DDIM steps; even, >= 2.
+        diffusion_model: diffusers pipeline directory or hub id of the frozen conditional UNet.
+        optimizer: optimiser factory for the student guide's parameters.
+        guidance_range: (low, high) of g.
+        loss_weighting: "snr_truncation" (max of x- and eps-MSE, Salimans & Ho's truncated SNR weighting),
+            "x" (x-MSE) or "eps" (eps-MSE, i.e. SNR-weighted x-MSE).
+        vae: latent models: sub-folder of the `AutoencoderKL`.
+        text_encoder: text-conditional models: sub-folder of the CLIP text model.
+        tokenizer: its tokenizer's sub-folder.
+    """
+
+    def __init__(
+        self,
+        guide_root: str = "runs/guides",
+        guide_name: str = "tiny",
+        teacher_steps: int = 32,
+        diffusion_model: str = "assets/digits/ddpm-cond",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        guidance_range: tuple[float, float] = (2.0, 9.0),
+        loss_weighting: str = "snr_truncation",
+        vae: str | None = None,
+        text_encoder: str | None = None,
+        tokenizer: str | None = "tokenizer",
+    ) -> None:
+        if teacher_steps < 2 or teacher_steps % 2:
+            raise ValueError(f"Expected `teacher_steps` to be an even number >= 2 (a halving stage goes N -> N/2), but got {teacher_steps}.")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"Unknown `loss_weighting`={loss_weighting!r}; allowed: {', '.join(LOSS_WEIGHTINGS)}.")
+        super().__init__(diffusion_model, optimizer, guidance_range, teacher_steps // 2, vae, text_encoder, tokenizer)
+        num_train = self.noise_scheduler.config.num_train_timesteps
+        if teacher_steps > num_train:
+            raise ValueError(f"Expected `teacher_steps` to be at most the {num_train} training timesteps, but got {teacher_steps}.")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.teacher = load_guide(os.path.join(guide_root, guide_name, f"steps-{teacher_steps}"), self.unet, "guide_root/guide_name").requires_grad_(False).eval()
+        self.guide = copy.deepcopy(self.teacher).requires_grad_(True)
+        sampler = self.sampler()
+        sampler.set_timesteps(teacher_steps // 2)
+        self.register_buffer("student_timesteps", sampler.timesteps.clone().long(), persistent=False)
+        self.register_buffer("alphas_cumprod", sampler.alphas_cumprod.clone().float(), persistent=False)
+        self.final_alpha_cumprod = float(sampler.final_alpha_cumprod)
+        self.clip = float(sampler.config.clip_sample_range) if sampler.config.clip_sample else None
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) shaped for broadcasting; t < 0 is the end of sampling (abar = `final_alpha_cumprod`)."""
+        abar = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.full_like(t, self.final_alpha_cumprod, dtype=torch.float))
+        abar = abar.view(-1, 1, 1, 1)
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
+        x0, condition, _ = self.encode_batch(batch, generator)
+        batch_size = x0.shape[0]
+        num_train = self.noise_scheduler.config.num_train_timesteps
+        student_steps = self.hparams.teacher_steps // 2
+        index = torch.randint(0, student_steps, (batch_size,), generator=generator, device=self.device)
+        t = self.student_timesteps[index]
+        s = t - num_train // student_steps
+        t_mid = t - num_train // self.hparams.teacher_steps
+        g = self.sample_guidance(batch_size, generator)
+        alpha_t, sigma_t = self.alpha_sigma(t)
+        alpha_mid, sigma_mid = self.alpha_sigma(t_mid)
+        alpha_s, sigma_s = self.alpha_sigma(s)
+        noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        z_t = alpha_t * x0 + sigma_t * noise
+        with torch.no_grad():
+            eps = self.guided_noise(self.teacher, z_t, t, g, condition)
+            z_mid = ddim_step(z_t, eps, alpha_t, sigma_t, alpha_mid, sigma_mid, self.clip)
+            # Where the midpoint is already past the end, the teacher's own last step ends sampling.
+            last = (t_mid < 0).view(-1, 1, 1, 1)
+            eps_mid = self.guided_noise(self.teacher, z_mid, t_mid.clamp(min=0), g, condition)
+            z_s = torch.where(last, z_mid / alpha_mid, ddim_step(z_mid, eps_mid, alpha_mid, sigma_mid, alpha_s, sigma_s, self.clip))
+            x_target = halving_target(z_t, z_s, alpha_t, sigma_t, torch.where(last, torch.ones_like(alpha_s), alpha_s), torch.where(last, torch.zeros_like(sigma_s), sigma_s))
+        eps_student = self.guided_noise(self.guide, z_t, t, g, condition)
+        x_student = (z_t - sigma_t * eps_student) / alpha_t
+        x_mse = (x_student - x_target).pow(2).flatten(1).mean(1)
+        eps_mse = x_mse * (alpha_t / sigma_t).flatten() ** 2  # eps-MSE = SNR * x-MSE at fixed z_t
+        if self.hparams.loss_weighting == "x":
+            return x_mse.mean()
+        if self.hparams.loss_weighting == "eps":
+            return eps_mse.mean()
+        return torch.maximum(x_mse, eps_mse).mean()

@@ -1,0 +1,245 @@
+"""Calibration: ECE, the CalibrationCurve callback and job, CalibratedGuidance, CFG + classifier and latent guidance."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from plugguide.callbacks.calibration_curve import CalibrationCurve, calibration_curve
+from plugguide.metrics.calibration import expected_calibration_error
+from plugguide.modules.classifier import TimmClassifier
+from plugguide.pipelines.guidance.calibrated import CalibratedGuidance, replace_relu_with_softplus
+from plugguide.pipelines.guidance.classifier import ClassifierGuidance
+from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
+from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
+from tests.conftest import TINY_DEIT, TINY_RESNET, TINY_UNET, tiny_conditional_unet, tiny_scheduler, tiny_unet
+
+OFF = dict(softplus_beta=None, marginal_discount=1.0, sine_gamma=0.0)
+
+
+def toy_predictions(num: int, overconfident: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits whose top class has confidence c ~ U[0.2, 1); labels equal the top class with probability c (or 0.5)."""
+    generator = torch.Generator().manual_seed(seed)
+    confidence = 0.2 + 0.8 * torch.rand(num, generator=generator)
+    top = torch.randint(0, 10, (num,), generator=generator)
+    probabilities = ((1 - confidence) / 9)[:, None].repeat(1, 10)
+    probabilities[torch.arange(num), top] = confidence
+    if overconfident:
+        probabilities = F.one_hot(top, 10).float() * 0.99 + 0.001
+    correct_rate = 0.5 if overconfident else confidence
+    correct = torch.rand(num, generator=generator) < correct_rate
+    other = (top + torch.randint(1, 10, (num,), generator=generator)) % 10
+    return probabilities.log(), torch.where(correct, top, other)
+
+
+def test_ece_of_a_calibrated_toy_is_near_zero_and_of_an_overconfident_one_large():
+    assert expected_calibration_error(*toy_predictions(20_000, overconfident=False)) < 0.02
+    assert expected_calibration_error(*toy_predictions(20_000, overconfident=True)) == pytest.approx(0.49, abs=0.02)
+
+
+def test_softplus_swap_replaces_every_relu_and_keeps_outputs_close_for_large_beta():
+    torch.manual_seed(0)
+    classifier = TimmClassifier(**TINY_RESNET).eval()
+    relus = sum(isinstance(m, nn.ReLU) for m in classifier.modules())
+    images = torch.randn(4, 1, 16, 16)
+    before = classifier(images)
+    smooth = TimmClassifier(**TINY_RESNET).eval()
+    smooth.load_state_dict(classifier.state_dict())
+    assert replace_relu_with_softplus(smooth, beta=200.0) == relus > 0
+    assert not any(isinstance(m, nn.ReLU) for m in smooth.modules())
+    assert sum(isinstance(m, nn.Softplus) and m.beta == 200.0 for m in smooth.modules()) == relus
+    after = smooth(images)
+    assert torch.allclose(after, before, atol=0.05 * before.abs().max().item()) and not torch.equal(after, before)
+    replace_relu_with_softplus(classifier, beta=1.0)
+    assert (classifier(images) - before).abs().max() > (after - before).abs().max()  # small beta: a real change
+
+
+def test_softplus_swap_warns_when_the_model_has_no_relu():
+    deit = TimmClassifier(**TINY_DEIT)
+    with pytest.warns(UserWarning, match="no ReLU-type module"):
+        assert replace_relu_with_softplus(deit, beta=3.0) == 0
+    with pytest.raises(ValueError, match="softplus_beta"):
+        replace_relu_with_softplus(deit, beta=0.0)
+
+
+def test_calibrated_guidance_copies_the_classifier_and_defaults_to_the_paper(tiny_classifier):
+    guidance = CalibratedGuidance(tiny_classifier)
+    assert guidance.input == "x0_hat" and guidance.softplus_beta == 3.0 and guidance.sine_gamma == 0.3
+    assert guidance.joint_temperature == 1.0 and guidance.marginal_temperature == 0.5
+    assert any(isinstance(m, nn.Softplus) for m in guidance.modules())
+    assert any(isinstance(m, nn.ReLU) for m in tiny_classifier.modules())  # the caller's model is untouched
+    with pytest.raises(ValueError, match="marginal_discount"):
+        CalibratedGuidance(tiny_classifier, marginal_discount=0.0)
+
+
+def test_equal_temperatures_reduce_to_log_softmax_and_the_discount_follows_the_formula(tiny_classifier):
+    images, targets = torch.randn(6, 1, 16, 16), torch.arange(6)
+    timesteps = torch.zeros(6, dtype=torch.long)
+    logits = tiny_classifier.eval()(images)
+    plain = CalibratedGuidance(tiny_classifier, **OFF).log_likelihood(images, timesteps, targets)
+    assert torch.allclose(plain, F.log_softmax(logits, -1)[torch.arange(6), targets], atol=1e-5)
+    hot = CalibratedGuidance(tiny_classifier, **{**OFF, "joint_temperature": 2.0}).log_likelihood(images, timesteps, targets)
+    assert torch.allclose(hot, F.log_softmax(2 * logits, -1)[torch.arange(6), targets], atol=1e-5)
+    discounted = CalibratedGuidance(tiny_classifier, **{**OFF, "marginal_discount": 0.5}).log_likelihood(images, timesteps, targets)
+    expected = logits[torch.arange(6), targets] - torch.logsumexp(0.5 * logits, -1)
+    assert torch.allclose(discounted, expected, atol=1e-5)
+
+
+def test_sine_schedule_matches_its_formula(tiny_classifier):
+    guidance = CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": 0.3})
+    steps = [(980, 0.5), (750, 0.02), (500, 0.01), (250, 0.004), (0, 0.0)]
+    max_variance = 0.0
+    for t, variance in steps:
+        max_variance = max(max_variance, variance)
+        expected = 1.0 if variance == 0 else 1 + max(math.sin(math.pi * t / 1000) * max_variance * 0.3, 0) / variance
+        assert guidance.scale_multiplier(t, variance, 1000) == pytest.approx(expected)
+    # A new run (t back at the top) forgets the previous run's largest variance.
+    assert guidance.scale_multiplier(500, 0.01, 1000) == pytest.approx(1 + 0.3)
+    edm = CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": 0.3, "schedule": "edm"})
+    for t in (999, 500, 100, 0):
+        assert edm.scale_multiplier(t, 0.01, 1000) == pytest.approx(max(t / 1000, 1e-5) + 0.3 * math.sin(math.pi * t / 1000))
+    assert CalibratedGuidance(tiny_classifier, **OFF).scale_multiplier(500, 0.01, 1000) == 1.0
+
+
+class TimestepRoutedGuidance(ClassifierGuidance):
+    """A stand-in for PPAP experts: logits depend on t, input x_t."""
+
+    def logits(self, inputs, timesteps):
+        return self.classifier(inputs) * (1 + timesteps[:, None].float() / 1000)
+
+
+def test_calibrated_guidance_wraps_an_expert_style_guidance(tiny_classifier):
+    experts = TimestepRoutedGuidance(tiny_classifier)
+    calibrated = CalibratedGuidance(experts, sine_gamma=0.0)
+    assert calibrated.input == "x_t" and calibrated.num_classes == 10
+    images, timesteps = torch.randn(3, 1, 16, 16), torch.tensor([0, 500, 999])
+    reference = TimestepRoutedGuidance(CalibratedGuidance(tiny_classifier).classifier)  # same Softplus copy, unwrapped
+    assert torch.allclose(calibrated.logits(images, timesteps), reference.logits(images, timesteps), atol=1e-5)
+    assert any(isinstance(m, nn.ReLU) for m in experts.modules())
+
+
+def test_all_off_calibrated_guidance_samples_exactly_like_plain_classifier_guidance(tiny_classifier):
+    def run(guidance):
+        pipeline = GuidedDiffusionPipeline(tiny_unet(), tiny_scheduler(), guidance)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline([1, 7], num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    plain = run(NaiveClassifierGuidance(tiny_classifier))
+    assert torch.equal(run(CalibratedGuidance(tiny_classifier, input="x_t", **OFF)), plain)
+    assert not torch.equal(run(CalibratedGuidance(tiny_classifier)), plain)
+
+
+def test_cfg_plus_normalized_classifier_guidance(tiny_classifier):
+    pipeline = GuidedDiffusionPipeline(tiny_conditional_unet(), DDIMScheduler.from_config(tiny_scheduler().config), CalibratedGuidance(tiny_classifier), cfg_guidance="normalized")
+    pipeline.set_progress_bar_config(disable=True)
+
+    def run(scale):
+        return pipeline([3, 4], num_inference_steps=3, guidance_scale=scale, cfg_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    cfg_only, guided = run(0.0), run(1.0)
+    assert torch.isfinite(guided).all() and not torch.allclose(guided, cfg_only)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        pipeline([3], num_inference_steps=2, guidance_scale=1.0, cfg_scale=0.0)
+    with pytest.raises(ValueError, match="cfg_guidance"):
+        GuidedDiffusionPipeline(tiny_conditional_unet(), tiny_scheduler(), None, cfg_guidance="sum")
+
+
+def test_latent_guidance_decodes_x0_hat_and_backpropagates_through_the_vae(tiny_classifier):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=2, norm_num_groups=4, sample_size=16)
+    unet = UNet2DModel(**{**TINY_UNET, "sample_size": 8, "in_channels": 2, "out_channels": 2})
+    pipeline = GuidedDiffusionPipeline(unet, DDIMScheduler.from_config(tiny_scheduler().config), CalibratedGuidance(tiny_classifier), vae=vae)
+    pipeline.set_progress_bar_config(disable=True)
+    latents = torch.randn(2, 2, 8, 8)
+    grad = pipeline.guidance_gradient(latents, torch.tensor(500), latents, torch.tensor([1, 2]))
+    assert grad.shape == latents.shape and grad.abs().sum() > 0  # a latent-space gradient, through the decoder
+    run = lambda scale: pipeline([1, 2], num_inference_steps=2, guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    unguided, guided = run(0.0), run(50.0)
+    assert unguided.shape == (2, 1, 16, 16) and not torch.allclose(guided, unguided)
+
+
+class ToyValData(L.LightningDataModule):
+    def val_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(16, 1, 16, 16, generator=generator) * 2 - 1
+        return DataLoader([{"image": images[:8], "label": torch.arange(8)}, {"image": images[8:], "label": torch.arange(8) + 2}], batch_size=None)
+
+
+class ToyDistillation(L.LightningModule):
+    """Exposes `guidance()`, `unet` and `sampler` as ExpertDistillation does."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+        self.unet = tiny_unet().eval().requires_grad_(False)
+        self.sampler = tiny_scheduler()
+
+    def guidance(self):
+        return CalibratedGuidance(self.classifier)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_calibration_curve_callback_writes_a_figure_and_a_scalar(tmp_path, tiny_classifier):
+    callback = CalibrationCurve(num_timesteps=3, max_images=12)
+    trainer = L.Trainer(logger=TensorBoardLogger(tmp_path, name="cal"), callbacks=[callback], enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.validate(ToyDistillation(tiny_classifier), datamodule=ToyValData())
+    curve = callback.last_curves["CalibratedGuidance"]
+    assert curve["timestep"] == [0, 500, 999] and all(0 <= e <= 1 for e in curve["ece"])
+    events = EventAccumulator(glob.glob(str(tmp_path / "cal" / "*"))[0])
+    events.Reload()
+    assert "calibration/ece_vs_t" in events.Tags()["images"]
+    assert "calibration/CalibratedGuidance/integral_ece" in events.Tags()["scalars"]
+    assert events.Scalars("calibration/CalibratedGuidance/integral_ece")[0].value == pytest.approx(curve["integral_ece"][0])
+
+
+def test_calibration_curve_is_deterministic_and_needs_a_unet_for_x0_hat(tiny_classifier):
+    batches = ToyValData().val_dataloader()
+    abar = tiny_scheduler().alphas_cumprod
+    naive = NaiveClassifierGuidance(tiny_classifier)
+    first, second = (calibration_curve(naive, batches, [0, 999], abar, seed=3) for _ in range(2))
+    assert first == second
+    with pytest.raises(ValueError, match="x0_hat"):
+        calibration_curve(CalibratedGuidance(tiny_classifier), batches, [0, 999], abar)
+
+
+def test_calibration_job_writes_csv(tmp_path, tiny_assets):
+    from plugguide.modules.calibration_evaluation import CalibrationEvaluation
+
+    guides = [NaiveClassifierGuidance(tiny_assets["classifier-resnet"]), CalibratedGuidance(tiny_assets["classifier-resnet"])]
+    module = CalibrationEvaluation(guides, names=["naive", "calibrated"], diffusion_model=tiny_assets["ddpm-uncond"], num_timesteps=2, csv_path=str(tmp_path / "curves.csv"))
+    trainer = L.Trainer(logger=TensorBoardLogger(tmp_path, name="job"), enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    metrics = trainer.validate(module, datamodule=ToyValData())[0]
+    assert set(metrics) == {"calibration/naive/integral_ece", "calibration/calibrated/integral_ece"}
+    with open(tmp_path / "curves.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["guide"], r["timestep"]) for r in rows] == [("naive", "0"), ("naive", "999"), ("calibrated", "0"), ("calibrated", "999")]
+    with pytest.raises(ValueError, match="names"):
+        CalibrationEvaluation(guides, names=["one"], diffusion_model=tiny_assets["ddpm-uncond"])
+
+
+def test_calibration_curve_takes_the_experts_of_expert_distillation(tmp_path, tiny_assets):
+    from plugguide.modules.expert_distillation import ExpertDistillation
+
+    torch.manual_seed(0)
+    module = ExpertDistillation(
+        teacher_path=tiny_assets["classifier-resnet"], diffusion_model=tiny_assets["ddpm-uncond"], num_experts=2, lora_rank=4,
+        evaluator_path=None, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+    )
+    callback = CalibrationCurve(num_timesteps=2, max_images=8)
+    trainer = L.Trainer(logger=TensorBoardLogger(tmp_path, name="ppap"), callbacks=[callback], enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.validate(module, datamodule=ToyValData())
+    assert set(callback.last_curves) == {"ExpertGuidance"} and len(callback.last_curves["ExpertGuidance"]["ece"]) == 2
+    assert any(p.requires_grad for p in module.experts.parameters())  # measuring leaves the experts trainable

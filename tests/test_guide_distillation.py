@@ -1,0 +1,318 @@
+"""Guide models, CFG distillation, progressive halving and one-pass sampling, on seeded tiny components (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from unittest import mock
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DConditionModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from plugguide.modules.guide_distillation import GuideDistillation
+from plugguide.modules.guides import FullGuide, TinyGuide, load_guide, predict_guided_noise
+from plugguide.modules.progressive_halving import ProgressiveHalving, ddim_step, halving_target
+from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
+from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def tiny_class_unet(seed: int = 0, widths=(8, 16)) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=widths, layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D",) * len(widths), up_block_types=("UpBlock2D",) * len(widths),
+        mid_block_type="UNetMidBlock2D", num_class_embeds=11,
+    )
+
+
+def tiny_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory) -> str:
+    """A tiny random class-conditional diffusers pipeline directory (unet/, scheduler/), like assets/digits/ddpm-cond."""
+    path = str(tmp_path_factory.mktemp("ddpm-cond"))
+    DDPMPipeline(unet=tiny_class_unet(), scheduler=tiny_scheduler()).save_pretrained(path)
+    return path
+
+
+def digits_batch(size: int = 8, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {"image": torch.rand(size, 1, 8, 8, generator=generator) * 2 - 1, "label": torch.randint(0, 10, (size,), generator=generator)}
+
+
+@pytest.mark.parametrize("guide_class", [TinyGuide, FullGuide])
+def test_fresh_guide_is_exact_noop(guide_class):
+    unet = tiny_class_unet().eval()
+    guide = guide_class(unet)
+    x, t, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 250, 600, 999]), torch.tensor([0, 3, 9, 10])
+    with torch.no_grad():
+        plain = unet(x, t, None, class_labels=labels).sample
+        steered = predict_guided_noise(unet, guide, x, t, torch.tensor([2.0, 4.0, 6.0, 9.0]), class_labels=labels)
+    assert torch.equal(plain, steered)
+
+
+@pytest.mark.parametrize("guide_class", [TinyGuide, FullGuide])
+def test_guide_round_trips_and_refuses_another_unet(guide_class, tmp_path):
+    unet = tiny_class_unet()
+    guide = guide_class(unet)
+    for parameter in guide.parameters():
+        torch.nn.init.normal_(parameter.data, std=0.1)  # a "trained" guide, so that loading is seen to load
+    guide.save_pretrained(str(tmp_path))
+    loaded = load_guide(str(tmp_path), tiny_class_unet(seed=1))  # same architecture, other weights: plugs in
+    x, t, g, labels = torch.randn(2, 1, 8, 8), torch.tensor([100, 700]), torch.tensor([3.0, 8.0]), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.allclose(predict_guided_noise(unet, guide, x, t, g, labels), predict_guided_noise(unet, loaded, x, t, g, labels))
+    with pytest.raises(ValueError, match="built for a UNet"):
+        load_guide(str(tmp_path), tiny_class_unet(widths=(8, 8)))
+    with pytest.raises(ValueError, match="built for a UNet"):
+        GuideDistilledPipeline(tiny_class_unet(widths=(8, 8)), guide, DDIMScheduler())
+
+
+def test_only_guide_parameters_receive_gradients(digits_model):
+    module = GuideDistillation(guide=lambda unet: TinyGuide(unet, hidden_dim=16), diffusion_model=digits_model)
+    # A fresh TinyGuide's zero output layer blocks gradients to its inner layers for one step; perturb it.
+    torch.nn.init.normal_(module.guide.out.weight, std=0.01)
+    module._loss(digits_batch(), torch.Generator().manual_seed(0)).backward()
+    guide_ids = {id(p) for p in module.guide.parameters()}
+    for name, parameter in module.named_parameters():
+        if id(parameter) in guide_ids:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert not parameter.requires_grad and parameter.grad is None, name
+    optimizer = module.configure_optimizers()
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == guide_ids
+
+
+@pytest.mark.parametrize(
+    ("guide_factory", "ratio"),
+    # A random UNet's CFG difference is mostly spatial noise that a per-channel TinyGuide cannot express, so
+    # its reachable share is smaller than the ControlNet's.
+    [(lambda unet: TinyGuide(unet, hidden_dim=32), 0.93), (lambda unet: FullGuide(unet), 0.8)],
+)
+def test_distillation_loss_falls_on_tiny_unet(digits_model, guide_factory, ratio):
+    torch.manual_seed(0)
+    module = GuideDistillation(guide=guide_factory, diffusion_model=digits_model, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    optimizer = module.configure_optimizers()
+    batch = digits_batch(16)
+
+    def loss() -> torch.Tensor:
+        return module._loss(batch, torch.Generator().manual_seed(0))  # same noise, t and g each time
+
+    with torch.no_grad():
+        before = loss().item()
+    for _ in range(50):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = loss().item()
+    assert after < ratio * before, (before, after)
+
+
+def test_halving_target_is_the_teachers_two_step_result():
+    """One DDIM step t -> s from x_target lands exactly on the teacher's z_s (algebra on random tensors)."""
+    generator = torch.Generator().manual_seed(0)
+    abar = torch.rand(3, generator=generator).sort(descending=False).values * 0.9 + 0.05  # abar_t < abar_t' < abar_s
+    (alpha_t, alpha_mid, alpha_s), (sigma_t, sigma_mid, sigma_s) = abar.sqrt(), (1 - abar).sqrt()
+    z_t = torch.randn(4, 1, 8, 8, generator=generator)
+    eps_1, eps_2 = torch.randn(2, 4, 1, 8, 8, generator=generator)
+    z_s = ddim_step(ddim_step(z_t, eps_1, alpha_t, sigma_t, alpha_mid, sigma_mid), eps_2, alpha_mid, sigma_mid, alpha_s, sigma_s)
+    x_target = halving_target(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s)
+    # A student whose x-prediction is x_target predicts eps = (z_t - alpha_t x) / sigma_t; its single step:
+    eps_student = (z_t - alpha_t * x_target) / sigma_t
+    assert torch.allclose(ddim_step(z_t, eps_student, alpha_t, sigma_t, alpha_s, sigma_s), z_s, atol=1e-5)
+    # Last step (sigma_s = 0, alpha_s = 1): the target is the teacher's final sample.
+    assert torch.allclose(halving_target(z_t, z_s, alpha_t, sigma_t, torch.tensor(1.0), torch.tensor(0.0)), z_s)
+
+
+def test_halving_stage_trains_a_copy_of_the_teacher(digits_model, tmp_path):
+    unet = tiny_class_unet()
+    teacher = TinyGuide(unet, hidden_dim=16)
+    torch.nn.init.normal_(teacher.out.weight, std=0.01)
+    teacher.save_pretrained(str(tmp_path / "tiny" / "steps-8"))
+    module = ProgressiveHalving(guide_root=str(tmp_path), guide_name="tiny", teacher_steps=8, diffusion_model=digits_model)
+    assert module.num_inference_steps == 4 and module.student_timesteps.tolist() == [750, 500, 250, 0]
+    loss = module._loss(digits_batch(), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None for p in module.teacher.parameters())
+    assert module.guide.out.weight.grad.abs().sum() > 0
+    module.export(str(tmp_path))
+    assert os.path.isfile(tmp_path / "tiny" / "steps-4" / "model.safetensors")
+    with pytest.raises(ValueError, match="`teacher_steps` to be an even number"):
+        ProgressiveHalving(guide_root=str(tmp_path), teacher_steps=5, diffusion_model=digits_model)
+
+
+def test_one_pass_sampling_matches_cfg_noise_and_fresh_guide_gives_conditional_samples():
+    unet, scheduler = tiny_class_unet().eval(), DDIMScheduler.from_config(tiny_scheduler().config)
+    labels = torch.tensor([0, 1, 2])
+    guided = GuideDistilledPipeline(unet, TinyGuide(unet), scheduler)
+    plain = GuidedDiffusionPipeline(unet, DDIMScheduler.from_config(scheduler.config))
+    one_pass = guided(class_labels=labels, num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    conditional = plain(class_labels=labels, num_inference_steps=4, cfg_scale=0.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert one_pass.shape == (3, 1, 8, 8)
+    assert torch.equal(one_pass, conditional)  # a fresh guide steers nothing; same seeds give the same noise
+
+
+def test_flop_counting_shows_one_pass_saving():
+    unet = tiny_class_unet(widths=(16, 32)).eval()
+    x, t, labels = torch.randn(4, 1, 8, 8), torch.tensor(500), torch.tensor([1, 2, 3, 4])
+    cfg_pipeline = GuidedDiffusionPipeline(unet, DDIMScheduler())
+
+    def flops(fn) -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    cfg = flops(lambda: cfg_pipeline.predict_noise(x, t, labels, cfg_scale=4.0))
+    tiny = flops(lambda: predict_guided_noise(unet, TinyGuide(unet), x, t, 4.0, labels))
+    full = flops(lambda: predict_guided_noise(unet, FullGuide(unet), x, t, 4.0, labels))
+    assert tiny <= 0.55 * cfg, tiny / cfg
+    assert 0.55 * cfg < full < cfg, full / cfg
+
+
+# -- Stable Diffusion code path on tiny random components -------------------------------------------------
+
+
+def write_tiny_text_to_image_pipeline(path: str) -> None:
+    """unet/ (cross-attention), vae/, text_encoder/ (CLIP), tokenizer/, scheduler/ with random weights, offline."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4,
+    ).save_pretrained(os.path.join(path, "unet"))
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    ).save_pretrained(os.path.join(path, "vae"))
+    CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16)).save_pretrained(os.path.join(path, "text_encoder"))
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1} | {c: 2 + i for i, c in enumerate(letters)} | {c + "</w>": 28 + i for i, c in enumerate(letters)}
+    os.makedirs(os.path.join(path, "tokenizer"))
+    with open(os.path.join(path, "tokenizer", "vocab.json"), "w") as file:
+        json.dump(vocab, file)
+    with open(os.path.join(path, "tokenizer", "merges.txt"), "w") as file:
+        file.write("#version: 0.2\n")
+    CLIPTokenizer(os.path.join(path, "tokenizer", "vocab.json"), os.path.join(path, "tokenizer", "merges.txt"), model_max_length=16).save_pretrained(os.path.join(path, "tokenizer"))
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(os.path.join(path, "scheduler"))
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny-sd"))
+    write_tiny_text_to_image_pipeline(path)
+    return path
+
+
+@pytest.mark.parametrize("guide_class", [TinyGuide, FullGuide])
+def test_text_to_image_latent_distillation_path(text_model, guide_class):
+    module = GuideDistillation(guide=guide_class, diffusion_model=text_model, vae="vae", text_encoder="text_encoder")
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "caption": ["a red bird", "two cats"]}
+    loss = module._loss(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(not p.requires_grad for p in list(module.unet.parameters()) + list(module.text_encoder.parameters()) + list(module.vae.parameters()))
+    images = module.sampling_pipeline()(prompt=["a dog"], num_inference_steps=2, guidance_scale=4.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (1, 3, 16, 16)
+
+
+# -- every config of this job is instantiated ------------------------------------------------------------
+
+
+def run_cli(args: list[str]) -> None:
+    from plugguide.cli import main
+
+    with mock.patch.object(sys, "argv", ["lightning", *args]):
+        main()
+
+
+def test_guide_distillation_and_halving_configs_run(digits_model, tmp_path, monkeypatch):
+    """The real configs, on the tiny UNet: distill, then the three halving stages, each from the previous export."""
+    import yaml
+
+    from plugguide.modules.classifier import TimmClassifier
+
+    monkeypatch.chdir(tmp_path)
+    TimmClassifier("resnet10t", num_classes=10, in_chans=1).save_pretrained("evaluator")
+    overrides = tmp_path / "overrides.yaml"
+    overrides.write_text(yaml.safe_dump({
+        "trainer": {
+            "max_steps": 2, "log_every_n_steps": 1, "limit_val_batches": 1, "check_val_every_n_epoch": 1, "enable_progress_bar": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "tb"}},
+            "callbacks": [
+                {"class_path": "plugguide.callbacks.ExportPretrained", "init_args": {"directory": "runs/guides"}},
+                {"class_path": "plugguide.callbacks.guide_grid.GuideSampleGrid", "init_args": {"guidance_scales": [2.0, 8.0], "num_per_class": 1, "num_inference_steps": 2, "evaluator_path": "evaluator"}},
+            ],
+        },
+        "model": {"init_args": {"diffusion_model": digits_model}},
+        "data": {"init_args": {"image_size": 8, "batch_size": 8}},
+    }))
+    run_cli(["fit", "-c", os.path.join(CONFIGS, "guide_distillation.yaml"), "-c", str(overrides), "--model.init_args.guide.init_args.hidden_dim=8"])
+    assert os.path.isfile("runs/guides/tiny/steps-32/model.safetensors")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "runs" / "tb").glob("version_*"))))
+    events.Reload()
+    assert {"guide_vs_cfg/g=2", "guide_vs_cfg/g=8"} <= set(events.Tags()["images"])
+    assert "guide_vs_cfg/guided_accuracy_guide_g8" in events.Tags()["scalars"] and "train/loss" in events.Tags()["scalars"]
+    for stage, steps in (("32to16", 16), ("16to8", 8), ("8to4", 4)):
+        run_cli(["fit", "-c", os.path.join(CONFIGS, "halving", "base.yaml"), "-c", os.path.join(CONFIGS, "halving", f"{stage}.yaml"), "-c", str(overrides)])
+        assert os.path.isfile(f"runs/guides/tiny/steps-{steps}/model.safetensors")
+
+
+def test_finetune_config_loads_the_base_and_trains_on_thick_digits(tmp_path, monkeypatch):
+    from plugguide.datamodules.transformed_digits import ThickDigitsDataModule
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    base = UNet2DConditionModel(
+        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D",) * 3,
+        up_block_types=("UpBlock2D",) * 3, mid_block_type="UNetMidBlock2D", layers_per_block=1, norm_num_groups=8, num_class_embeds=11,
+    )
+    DDPMPipeline(unet=base, scheduler=tiny_scheduler()).save_pretrained("base")
+    run_cli([
+        "fit", "-c", os.path.join(CONFIGS, "pretrain", "ddpm_cond_finetune.yaml"), "--trainer.fast_dev_run=1", "--trainer.logger=false",
+        "--model.init_args.pretrained_path=base", "--data.init_args.batch_size=8",
+        "--trainer.callbacks=plugguide.callbacks.ExportPretrained", "--trainer.callbacks.directory=thick",
+    ])
+    tuned = UNet2DConditionModel.from_pretrained("thick", subfolder="unet")
+    moved = [name for name, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[name])]
+    assert moved and len(moved) < len(base.state_dict()) + 1  # started from the base's weights, then trained
+    from plugguide.datamodules.digits import DigitsDataModule
+
+    thin, thick = DigitsDataModule(batch_size=16), ThickDigitsDataModule(batch_size=16)
+    thin.setup(), thick.setup()
+    thin_batch, thick_batch = next(iter(thin.val_dataloader())), next(iter(thick.val_dataloader()))
+    assert torch.equal(thin_batch["label"], thick_batch["label"])  # same split, same order
+    assert bool((thick_batch["image"] >= thin_batch["image"]).all()) and thick_batch["image"].mean() > thin_batch["image"].mean() + 0.1
+    with pytest.raises(ValueError, match="stroke_kernel"):
+        ThickDigitsDataModule(stroke_kernel=2)
+
+
+def test_sd15_config_runs_on_tiny_components(text_model, tmp_path, monkeypatch):
+    import datasets
+    import numpy as np
+    import PIL.Image
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    images = [PIL.Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(6)]
+    datasets.Dataset.from_dict({"image": images, "text": ["a red bird", "two cats", "a dog", "blue sky", "a tree", "the sea"]}).save_to_disk("captions")
+    run_cli([
+        "fit", "-c", os.path.join(CONFIGS, "hub", "sd15_guide_distillation.yaml"), "--trainer.fast_dev_run=1", "--trainer.logger=false",
+        "--trainer.precision=32", "--trainer.accumulate_grad_batches=1", f"--model.init_args.diffusion_model={text_model}",
+        "--model.init_args.guide.init_args.hidden_dim=8", "--data.init_args.source=captions", "--data.init_args.image_size=16",
+        "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.val_fraction=0.34",
+        "--trainer.callbacks=plugguide.callbacks.ExportPretrained", "--trainer.callbacks.directory=guides",
+    ])
+    assert os.path.isfile("guides/tiny/steps-32/model.safetensors")
