@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from lightning.pytorch.cli import OptimizerCallable
 
+from plugguide.datamodules.resumable_loader import default_seed, step_generator
 from plugguide.modules.diffusion_model import load_scheduler, load_unet
 from plugguide.modules.export import save_atomically
 from plugguide.modules.guides import Guide, GuideFactory, predict_guided_noise
@@ -117,7 +118,9 @@ class FrozenUNetGuideTraining(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        # t, g and the noise are a function of (seed_everything's seed, step, rank), not of the global RNG,
+        # which Lightning does not restore: a run resumed mid-epoch draws exactly what it would have drawn.
+        return self._step(batch, "train", step_generator(default_seed(), self.global_step, self.global_rank, self.device))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Fixed noise, timesteps and g, so validation losses of different epochs compare.

@@ -9,7 +9,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from plugguide.metrics import GenerationMetrics
 from plugguide.modules.classifier import load_classifier
 from plugguide.modules.diffusion_model import load_scheduler, load_unet
+from plugguide.modules.guides import load_guide
 from plugguide.pipelines.guidance.base import Guidance
+from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
 
 
@@ -32,6 +34,8 @@ class GuidedSampling(L.LightningModule):
         guidance_scale: classifier-guidance scale s.
         cfg_scale: classifier-free guidance weight w (class-conditional models).
         evaluator_path: independent classifier that scores the samples (guided accuracy, confidence, IS).
+        guide_path: a guide trained by `GuideDistillation` / `ProgressiveHalving` (`Guide.save_pretrained`):
+            samples with one UNet + guide pass per step at guidance number `cfg_scale` (`GuideDistilledPipeline`).
     """
 
     def __init__(
@@ -43,6 +47,7 @@ class GuidedSampling(L.LightningModule):
         guidance_scale: float = 0.0,
         cfg_scale: float = 0.0,
         evaluator_path: str | None = "assets/digits/evaluator",
+        guide_path: str | None = None,
     ) -> None:
         super().__init__()
         if num_inference_steps < 1:
@@ -52,7 +57,13 @@ class GuidedSampling(L.LightningModule):
             if value < 0:
                 raise ValueError(f"Expected `{name}` to be >= 0, but got {value}.")
         self.save_hyperparameters(ignore=["guidance"])
-        self.pipeline = GuidedDiffusionPipeline(load_unet(diffusion_model), load_scheduler(diffusion_model, scheduler), guidance)
+        unet, sampler = load_unet(diffusion_model), load_scheduler(diffusion_model, scheduler)
+        if guide_path is None:
+            self.pipeline = GuidedDiffusionPipeline(unet, sampler, guidance)
+        elif guidance is not None:
+            raise ValueError(f"`guide_path`={guide_path!r} samples with a distilled guide; it cannot be combined with `guidance`={type(guidance).__name__}.")
+        else:
+            self.pipeline = GuideDistilledPipeline(unet, load_guide(guide_path, unet), sampler)
         self.pipeline.unet.requires_grad_(False).eval()
         self.unet = self.pipeline.unet  # registered, so Lightning moves it to the device
         self.guidance = guidance
@@ -63,13 +74,11 @@ class GuidedSampling(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         self.pipeline.set_progress_bar_config(disable=True)
-        images = sample_batch(
-            self.pipeline,
-            batch,
-            num_inference_steps=self.hparams.num_inference_steps,
-            guidance_scale=self.hparams.guidance_scale,
-            cfg_scale=self.hparams.cfg_scale,
-        )
+        if self.hparams.guide_path is None:
+            scales = {"guidance_scale": self.hparams.guidance_scale, "cfg_scale": self.hparams.cfg_scale}
+        else:
+            scales = {"guidance_scale": self.hparams.cfg_scale}  # the guide's guidance number g plays CFG's w
+        images = sample_batch(self.pipeline, batch, num_inference_steps=self.hparams.num_inference_steps, **scales)
         if self.metrics is not None:
             self.metrics.update_generated(images, batch["label"])
         return {"images": images.cpu(), "labels": batch["label"].cpu()}

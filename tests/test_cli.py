@@ -61,3 +61,18 @@ def test_help_and_print_config_work(capsys):
         main(["fit", "-c", os.path.join(CONFIGS, "ppap.yaml"), "--print_config"])
     assert exit_info.value.code == 0
     assert "ExpertDistillation" in capsys.readouterr().out
+
+
+def test_sample_job_with_a_distilled_guide(tiny_assets, tmp_path, monkeypatch):
+    from plugguide.modules import TinyGuide
+    from plugguide.modules.diffusion_model import load_unet
+
+    monkeypatch.chdir(tmp_path)
+    TinyGuide(load_unet(tiny_assets["ddpm-cond"]), hidden_dim=8).save_pretrained(str(tmp_path / "guide"))
+    overrides = {
+        "trainer": {"enable_progress_bar": False, "callbacks": [{"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}]},
+        "model": {"init_args": {"diffusion_model": tiny_assets["ddpm-cond"], "guide_path": str(tmp_path / "guide"), "num_inference_steps": 2, "cfg_scale": 4.0, "evaluator_path": tiny_assets["evaluator"]}},
+        "data": {"init_args": {"num_per_class": 1, "batch_size": 10}},
+    }
+    run("predict", "sample.yaml", overrides, tmp_path)
+    assert np.load(tmp_path / "out/samples.npz")["images"].shape == (10, 1, 16, 16)

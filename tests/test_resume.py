@@ -164,11 +164,6 @@ def guide_modules():
 
 
 @pytest.mark.skipif(guide_modules() is None, reason="modules/guide_distillation.py or progressive_halving.py does not import")
-@pytest.mark.xfail(
-    strict=True,
-    reason="FrozenUNetGuideTraining.training_step draws t, g and noise from the global RNG, which Lightning does not restore; "
-    "with `step_generator(seed, self.global_step, self.global_rank, self.device)` passed to `_step` the difference is 0",
-)
 @pytest.mark.parametrize("job", ["guide_distillation", "progressive_halving"])
 def test_guide_jobs_resume_exactly_mid_epoch(tiny_assets, tmp_path, job):
     GuideDistillation, TinyGuide, ProgressiveHalving = guide_modules()
