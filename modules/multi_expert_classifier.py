@@ -109,6 +109,7 @@ class MultiExpertClassifier(nn.Module):
             self.peft_model = get_peft_model(backbone, lora_config, adapter_name=self.expert_name(0))
             for n in range(1, num_experts):
                 self.peft_model.add_adapter(self.expert_name(n), lora_config)
+            self.adapter_parameters = [p for key, p in self.peft_model.named_parameters() if "lora_" in key or ".modules_to_save." in key]
         self.active_expert = -1
         self.set_expert(0)
 
@@ -154,9 +155,8 @@ class MultiExpertClassifier(nn.Module):
             # peft freezes inactive adapters; keep every expert trainable instead, so that DDP (which
             # registers the parameters that require grad when it wraps the model) syncs all of them.
             # An inactive expert is simply not in the graph and gets no gradient.
-            for key, parameter in self.peft_model.named_parameters():
-                if "lora_" in key or ".modules_to_save." in key:
-                    parameter.requires_grad_(True)
+            for parameter in self.adapter_parameters:
+                parameter.requires_grad_(True)
         self.active_expert = n
 
     def expert_index(self, timesteps: torch.Tensor) -> torch.Tensor:

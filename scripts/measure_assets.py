@@ -76,7 +76,6 @@ def main() -> None:
         label = f"{name}" + (f", CFG w={cfg:g}" if cfg else "")
         accuracy = f"{scores['guided_accuracy']:.4f}" if "guided_accuracy" in scores else "n/a (unconditional)"
         print(f"| {label} | {params:,} | DDIM-{args.steps} | {n} | {accuracy} | {scores['evaluator_confidence']:.4f} | {scores['fid']:.2f} | {scores['inception_score']:.2f} |")
-    print(f"\nReal test digits as a reference: evaluator confidence / FID of real vs real are the floor.")
 
 
 if __name__ == "__main__":

@@ -143,27 +143,26 @@ def main() -> None:
 
     unguided = score("unguided", None, [0.0])["0.0"]
     rows = []
-    for family in args.families:
+    # Table 1 for every family first, then the curves (number of experts; PE vs full at 500 / 4,000 images).
+    plan = [(family, row) for family in args.families for row in [("naive off-the-shelf", None), ("gradients on x0", None), *TRAINED_ROWS.items()]]
+    if args.curves:
+        plan += [(args.families[0], row) for row in CURVE_ROWS.items()]
+    for family, (name, spec) in plan:
         teacher = TEACHERS[family]
-        backbone = sum(p.numel() for p in load_classifier(teacher).parameters())
-        plan = [("naive off-the-shelf", None), ("gradients on x0", None)] + list(TRAINED_ROWS.items())
-        if args.curves and family == args.families[0]:
-            plan += list(CURVE_ROWS.items())
-        for name, spec in plan:
-            if spec is None:
-                guidance = NaiveClassifierGuidance(teacher) if name.startswith("naive") else PredictedCleanImageGuidance(teacher)
-                params, supervision = "0 (0%)", "none"
-            else:
-                experts_dir = train_row(os.path.join(args.out, family, name.replace(" ", "_").replace(",", "")), teacher, *spec, args.train_steps)
-                experts = MultiExpertClassifier.from_pretrained(experts_dir)
-                report = experts.parameter_report()
-                guidance = ExpertGuidance(experts)
-                params = f"{report['trainable_total']:,} ({report['trainable_percent_of_backbone']:.0f}%)"
-                supervision = "real labels" if spec[2] == "labels" else f"data-free ({spec[3]:,} generated)"
-            sweep = score(f"{family}/{name}", guidance, args.scales)
-            best = max(sweep, key=lambda s: sweep[s]["guided_accuracy"])
-            rows.append((family, name, params, supervision, best, sweep))
-            write_table(rows, unguided, args, sampler, len(labels), len(real))
+        if spec is None:
+            guidance = NaiveClassifierGuidance(teacher) if name.startswith("naive") else PredictedCleanImageGuidance(teacher)
+            params, supervision = "0 (0%)", "none"
+        else:
+            experts_dir = train_row(os.path.join(args.out, family, name.replace(" ", "_").replace(",", "")), teacher, *spec, args.train_steps)
+            experts = MultiExpertClassifier.from_pretrained(experts_dir)
+            report = experts.parameter_report()
+            guidance = ExpertGuidance(experts)
+            params = f"{report['trainable_total']:,} ({report['trainable_percent_of_backbone']:.0f}%)"
+            supervision = "real labels" if spec[2] == "labels" else f"data-free ({spec[3]:,} generated)"
+        sweep = score(f"{family}/{name}", guidance, args.scales)
+        best = max(sweep, key=lambda s: sweep[s]["guided_accuracy"])
+        rows.append((family, name, params, supervision, best, sweep))
+        write_table(rows, unguided, args, sampler, len(labels), len(real))
 
     write_table(rows, unguided, args, sampler, len(labels), len(real))
 
