@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from typing import Literal
 
 import lightning as L
@@ -155,6 +157,13 @@ class ExpertDistillation(L.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        cached_teacher = getattr(datamodule, "hparams", {}).get("teacher_path") if datamodule is not None else None
+        if cached_teacher and self.hparams.supervision == "teacher" and os.path.abspath(cached_teacher) != os.path.abspath(self.hparams.teacher_path):
+            raise ValueError(
+                f"The data caches the logits of `data.teacher_path`={cached_teacher!r} but the experts distil "
+                f"`model.teacher_path`={self.hparams.teacher_path!r}; set both to the same classifier, or `data.teacher_path` to null."
+            )
         strategy = self.trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, DDPStrategy) and self.experts.num_experts > 1 and not strategy._ddp_kwargs.get("find_unused_parameters"):
             # Set before the strategy wraps the module in DistributedDataParallel (after this hook).

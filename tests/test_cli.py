@@ -76,3 +76,11 @@ def test_sample_job_with_a_distilled_guide(tiny_assets, tmp_path, monkeypatch):
     }
     run("predict", "sample.yaml", overrides, tmp_path)
     assert np.load(tmp_path / "out/samples.npz")["images"].shape == (10, 1, 16, 16)
+
+
+def test_experts_refuse_logits_cached_for_another_teacher(tiny_assets, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    overrides = ppap_overrides(tiny_assets)
+    overrides["model"]["init_args"]["teacher_path"] = tiny_assets["classifier-deit"]  # the data still caches the ResNet's logits
+    with pytest.raises(ValueError, match="`data.teacher_path`=.*`model.teacher_path`="):
+        run("fit", "ppap.yaml", overrides, tmp_path)
