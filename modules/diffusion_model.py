@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import diffusers
-from diffusers import AutoModel, DDPMScheduler, SchedulerMixin
+from diffusers import AutoModel, DDPMScheduler, DiffusionPipeline, SchedulerMixin
 from torch import nn
 
 # Samplers that work on variance-preserving x_t (init_noise_sigma == 1), where x0_hat and the guidance
@@ -29,16 +29,21 @@ def check_model_path(path: str, setting: str = "diffusion_model") -> None:
         raise FileNotFoundError(f"`{setting}`={path!r} does not exist; give a pipeline directory (assets/digits/...) or a hub id.")
 
 
+# Where a diffusers pipeline keeps its denoiser: a UNet (DDPM, Stable Diffusion) or a transformer (DiT).
+DENOISER_FOLDERS = ("unet", "transformer")
+
+
 def load_unet(path: str, setting: str = "diffusion_model") -> nn.Module:
-    """The UNet of a diffusers pipeline directory or hub id (`unet/` sub-folder), or of a bare model dir."""
+    """The denoiser of a diffusers pipeline directory or hub id (`unet/` or `transformer/`), or of a bare model dir."""
     check_model_path(path, setting)
     if os.path.isdir(path):
-        subfolder = "unet" if os.path.isdir(os.path.join(path, "unet")) else None
+        subfolder = next((f for f in DENOISER_FOLDERS if os.path.isdir(os.path.join(path, f))), None)
         if not os.path.isfile(os.path.join(path, subfolder or "", "config.json")):
-            raise FileNotFoundError(f"`{setting}`={path!r} holds no diffusers UNet (expected unet/config.json or config.json).")
-    else:
-        subfolder = "unet"
+            raise FileNotFoundError(f"`{setting}`={path!r} holds no diffusers denoiser (expected unet/, transformer/ or config.json).")
     try:
+        if not os.path.isdir(path):
+            components = DiffusionPipeline.load_config(path)  # model_index.json names the pipeline's parts
+            subfolder = next((f for f in DENOISER_FOLDERS if f in components), "unet")
         return AutoModel.from_pretrained(path, subfolder=subfolder)
     except OSError as error:
         raise OSError(f"`{setting}`={path!r} could not be loaded: hub ids need network access ({error}).") from error
@@ -59,3 +64,15 @@ def load_scheduler(path: str, name: str = "DDPMScheduler", setting: str = "sched
         where = "a directory needs scheduler/scheduler_config.json" if os.path.isdir(path) else "hub ids need network access"
         raise OSError(f"`{path_setting}`={path!r} has no loadable noise scheduler: {where} ({error}).") from error
     return getattr(diffusers, name).from_config(config)
+
+
+def load_vae(path: str, setting: str = "vae") -> nn.Module:
+    """The `AutoencoderKL` of a latent model: a pipeline directory / hub id with a `vae/` sub-folder, or a bare VAE."""
+    from diffusers import AutoencoderKL
+
+    check_model_path(path, setting)
+    subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
+    try:
+        return AutoencoderKL.from_pretrained(path, subfolder=subfolder)
+    except OSError as error:
+        raise OSError(f"`{setting}`={path!r} could not be loaded: hub ids need network access ({error}).") from error

@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.metrics import GenerationMetrics
 from plugguide.modules.classifier import load_classifier
-from plugguide.modules.diffusion_model import load_scheduler, load_unet
+from plugguide.modules.diffusion_model import load_scheduler, load_unet, load_vae
 from plugguide.modules.guides import load_guide
 from plugguide.pipelines.guidance.base import Guidance
 from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
@@ -34,6 +34,9 @@ class GuidedSampling(L.LightningModule):
         guidance_scale: classifier-guidance scale s.
         cfg_scale: classifier-free guidance weight w (class-conditional models).
         evaluator_path: independent classifier that scores the samples (guided accuracy, confidence, IS).
+        vae: for latent models, the `AutoencoderKL` (pipeline dir / hub id with `vae/`, or a bare VAE): the
+            guidance classifier sees the decoded x0_hat and the samples are decoded.
+        cfg_guidance: how classifier guidance combines with CFG: "shift" or "normalized" (the DiT rule).
         guide_path: a guide trained by `GuideDistillation` / `ProgressiveHalving` (`Guide.save_pretrained`):
             samples with one UNet + guide pass per step at guidance number `cfg_scale` (`GuideDistilledPipeline`).
     """
@@ -47,6 +50,8 @@ class GuidedSampling(L.LightningModule):
         guidance_scale: float = 0.0,
         cfg_scale: float = 0.0,
         evaluator_path: str | None = "assets/digits/evaluator",
+        vae: str | None = None,
+        cfg_guidance: str = "shift",
         guide_path: str | None = None,
     ) -> None:
         super().__init__()
@@ -59,7 +64,7 @@ class GuidedSampling(L.LightningModule):
         self.save_hyperparameters(ignore=["guidance"])
         unet, sampler = load_unet(diffusion_model), load_scheduler(diffusion_model, scheduler)
         if guide_path is None:
-            self.pipeline = GuidedDiffusionPipeline(unet, sampler, guidance)
+            self.pipeline = GuidedDiffusionPipeline(unet, sampler, guidance, vae=load_vae(vae) if vae else None, cfg_guidance=cfg_guidance)
         elif guidance is not None:
             raise ValueError(f"`guide_path`={guide_path!r} samples with a distilled guide; it cannot be combined with `guidance`={type(guidance).__name__}.")
         else:

@@ -46,3 +46,26 @@ def test_ppap_cifar10_config_runs_on_tiny_models_of_the_same_classes(cifar_like,
     run("fit", configs, overrides, tmp_path)
     assert (tmp_path / "runs/ppap-cifar10/experts/experts.json").is_file()
     run("test", configs, overrides, tmp_path, "--ckpt_path", str(next((tmp_path / "runs/ppap-cifar10").rglob("last.ckpt"))))
+
+
+def test_latent_sampling_job_decodes_through_a_vae(tmp_path, monkeypatch, tiny_assets):
+    """The calibrated_latent.yaml code path: a latent class-conditional denoiser + AutoencoderKL, loaded by path."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=2, norm_num_groups=4, sample_size=16)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type="UNetMidBlock2D", layers_per_block=1, norm_num_groups=4, num_class_embeds=11)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(tmp_path / "latent"))
+    vae.save_pretrained(str(tmp_path / "latent" / "vae"))
+    overrides = {
+        "trainer": {"enable_progress_bar": False, "precision": "32-true", "callbacks": [{"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}]},
+        "model": {"init_args": {
+            "diffusion_model": str(tmp_path / "latent"), "vae": str(tmp_path / "latent"), "num_inference_steps": 2, "cfg_scale": 1.5, "guidance_scale": 1.0,
+            "guidance": {"class_path": "plugguide.pipelines.guidance.CalibratedGuidance", "init_args": {"classifier": tiny_assets["classifier-resnet"]}},
+            "evaluator_path": tiny_assets["evaluator"],
+        }},
+        "data": {"init_args": {"num_per_class": 1, "num_classes": 10, "batch_size": 10}},
+    }
+    run("predict", ["sample.yaml", "hub/calibrated_latent.yaml"], overrides, tmp_path)
+    assert np.load(tmp_path / "out/samples.npz")["images"].shape == (10, 1, 16, 16)  # decoded to pixels
