@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 10.0, 30.0, 100.0])
     parser.add_argument("--train-steps", type=int, default=1000)
     parser.add_argument("--rows", choices=["table", "curves", "all"], default="all", help="Table 1 rows, the curves (number of experts; PE vs full at 500 / 4,000 images; first family), or both")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these methods (e.g. PPAP-5)")
     parser.add_argument("--out", default="runs/ppap_table")
     args = parser.parse_args()
 
@@ -153,6 +154,7 @@ def main() -> None:
         plan += [(family, row) for family in args.families for row in [("naive off-the-shelf", None), ("gradients on x0", None), *TRAINED_ROWS.items()]]
     if args.rows in ("curves", "all"):
         plan += [(args.families[0], row) for row in CURVE_ROWS.items()]
+    plan = [(family, row) for family, row in plan if args.only is None or row[0] in args.only]
     for family, (name, spec) in plan:
         teacher = TEACHERS[family]
         if spec is None:

@@ -84,3 +84,18 @@ def test_experts_refuse_logits_cached_for_another_teacher(tiny_assets, tmp_path,
     overrides["model"]["init_args"]["teacher_path"] = tiny_assets["classifier-deit"]  # the data still caches the ResNet's logits
     with pytest.raises(ValueError, match="`data.teacher_path`=.*`model.teacher_path`="):
         run("fit", "ppap.yaml", overrides, tmp_path)
+
+
+@pytest.mark.parametrize("config", ["ddpm_uncond", "ddpm_cond", "classifier_resnet", "classifier_deit", "evaluator"])
+def test_pretraining_configs_fast_dev_run(config, tmp_path, monkeypatch):
+    """Each pretraining job runs one batch end to end and exports its model, relative to the working directory."""
+    monkeypatch.chdir(tmp_path)
+    overrides = {"trainer": {"fast_dev_run": True, "enable_progress_bar": False}}
+    if config.startswith("ddpm"):  # keep the grid small: its callback is the second in the list
+        with open(os.path.join(CONFIGS, "pretrain", f"{config}.yaml")) as file:
+            callbacks = yaml.safe_load(file)["trainer"]["callbacks"]
+        callbacks[1]["init_args"].update(num_per_class=1, num_inference_steps=2)
+        overrides["trainer"]["callbacks"] = callbacks
+    run("fit", f"pretrain/{config}.yaml", overrides, tmp_path)
+    exported = tmp_path / "assets" / "digits" / config.replace("_", "-")
+    assert (exported / "model_index.json").is_file() or (exported / "model.safetensors").is_file()
