@@ -17,18 +17,27 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from plugguide.datamodules.arrow_batches import ArrowBatches
 from plugguide.datamodules.image_folder import ImageDataModule
 from plugguide.datamodules.resumable_loader import ResumableDataLoader
 from plugguide.modules.classifier import load_classifier
 from plugguide.modules.diffusion_model import load_scheduler, load_unet
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
 
-CACHE_FORMAT = 1  # bump when the shard layout changes, so old caches are not read as new ones
+CACHE_FORMAT = 2  # bump when the shard layout changes, so old caches are not read as new ones
+IMAGE_DTYPES = ("float32", "uint8")
 
 
 def image_seed(seed: int, index: int) -> int:
     """The noise seed of image `index`: independent of batch size, shard size and number of processes."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def dequantize_images(batch: dict) -> dict:
+    """A batch of `ArrowBatches` as training reads it: images stored as uint8 come back as float32 in [-1, 1]."""
+    if batch["image"].dtype == torch.uint8:
+        batch["image"] = batch["image"].float() / 127.5 - 1
+    return batch
 
 
 def file_digest(path: str) -> str:
@@ -72,6 +81,9 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         seed: seed of the set.
         generation_batch_size: images per UNet batch while generating.
         shard_size: images per shard (the unit of resuming).
+        image_dtype: how images are stored: "float32" (exact) or "uint8" (8 bits per channel, as a PNG would
+            keep them: a quarter of the disk, for large sets; the teacher's cached logits are then taken on
+            the stored image).
         batch_size: training batch size.
         cache_dir: root of the cache.
         teacher_path: if set, this classifier's logits on every image are cached with it.
@@ -88,6 +100,7 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         seed: int = 0,
         generation_batch_size: int = 250,
         shard_size: int = 500,
+        image_dtype: str = "float32",
         batch_size: int = 128,
         cache_dir: str = ".cache/synthesized",
         teacher_path: str | None = None,
@@ -98,6 +111,8 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         for name, value in (("num_images", num_images), ("num_inference_steps", num_inference_steps), ("generation_batch_size", generation_batch_size), ("shard_size", shard_size), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"Expected `{name}` to be >= 1, but got {value}.")
+        if image_dtype not in IMAGE_DTYPES:
+            raise ValueError(f"Unknown `image_dtype`={image_dtype!r}; allowed: {', '.join(IMAGE_DTYPES)}.")
         if batch_size > num_images:
             raise ValueError(f"Expected `batch_size` to be at most `num_images`={num_images} (incomplete batches are dropped), but got {batch_size}.")
         if os.path.exists(cache_dir) and not (os.path.isdir(cache_dir) and os.access(cache_dir, os.R_OK | os.W_OK | os.X_OK)):
@@ -136,7 +151,7 @@ class SynthesizedImageDataModule(L.LightningDataModule):
             "scheduler_config": {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")},
             "unet_config": {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")},
             "teacher": directory_digest(self.hparams.teacher_path) if self.hparams.teacher_path else None,
-        } | {key: self.hparams[key] for key in ("num_inference_steps", "num_images", "seed", "shard_size")}
+        } | {key: self.hparams[key] for key in ("num_inference_steps", "num_images", "seed", "shard_size", "image_dtype")}
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
@@ -175,16 +190,25 @@ class SynthesizedImageDataModule(L.LightningDataModule):
             batch = indices[start : start + self.hparams.generation_batch_size]
             generators = [torch.Generator(device).manual_seed(image_seed(self.hparams.seed, i)) for i in batch]
             x0 = pipeline(batch_size=len(batch), num_inference_steps=self.hparams.num_inference_steps, generator=generators, output_type="pt").images * 2 - 1
-            images.append(x0.float().cpu())
+            if self.hparams.image_dtype == "uint8":
+                stored = ((x0 + 1) * 127.5).round().to(torch.uint8)
+                x0 = stored.float() / 127.5 - 1
+            else:
+                stored = x0.float()
+            images.append(stored.cpu())
             if self.teacher is not None:
                 logits.append(self.teacher.to(device).eval()(x0).float().cpu())
             progress.update(len(batch))
         columns = {"image": torch.cat(images).numpy(), "index": np.asarray(indices, dtype=np.int64)}
+        # Fixed-shape array features read back as one numpy block per batch; inferred nested lists would be
+        # turned into tensors element by element, which made reading the set slower than training on it.
+        features = {"image": datasets.Array3D(shape=tuple(columns["image"].shape[1:]), dtype=self.hparams.image_dtype), "index": datasets.Value("int64")}
         if logits:
             columns["teacher_logits"] = torch.cat(logits).numpy()
+            features["teacher_logits"] = datasets.List(datasets.Value("float32"), length=columns["teacher_logits"].shape[1])
         tmp = f"{self.shard_path(shard)}.tmp-{uuid.uuid4().hex[:8]}"
         datasets.disable_progress_bars()  # our own bar counts images; one bar per shard write is noise
-        datasets.Dataset.from_dict(columns).save_to_disk(tmp)
+        datasets.Dataset.from_dict(columns, features=datasets.Features(features)).save_to_disk(tmp)
         datasets.enable_progress_bars()
         files = {name: file_digest(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, "manifest.json"), "w") as file:
@@ -241,7 +265,9 @@ class SynthesizedImageDataModule(L.LightningDataModule):
                 f"Expected `batch_size` x processes to be at most `num_images`={self.hparams.num_images}, but got "
                 f"{self.hparams.batch_size} x {world_size}: a rank would get no complete batch."
             )
-        return ResumableDataLoader(self.dataset, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True, num_workers=self.hparams.num_workers)
+        return ResumableDataLoader(
+            ArrowBatches(self.dataset), batch_size=self.hparams.batch_size, shuffle=True, drop_last=True, num_workers=self.hparams.num_workers, collate_fn=dequantize_images
+        )
 
     def _labelled(self, split: str) -> DataLoader:
         if self.labelled_data is None:

@@ -32,7 +32,7 @@ def test_second_run_reuses_the_cache(tiny_assets, tmp_path, monkeypatch):
     torch.testing.assert_close(second.dataset[:]["image"], images)
 
 
-@pytest.mark.parametrize("change", [dict(seed=1), dict(num_images=11), dict(num_inference_steps=3), dict(scheduler="DDPMScheduler")])
+@pytest.mark.parametrize("change", [dict(seed=1), dict(num_images=11), dict(num_inference_steps=3), dict(scheduler="DDPMScheduler"), dict(image_dtype="uint8")])
 def test_any_changed_setting_makes_a_new_cache(tiny_assets, tmp_path, change):
     assert make(tiny_assets, tmp_path).fingerprint() != make(tiny_assets, tmp_path, **change).fingerprint()
 
@@ -95,8 +95,34 @@ def test_ranks_generate_disjoint_slices_of_the_same_set(tiny_assets, tmp_path):
     torch.testing.assert_close(images_of(split), images_of(single))
 
 
-def test_teacher_logits_are_cached_with_the_images(tiny_assets, tmp_path):
+def test_training_batches_are_the_stored_rows_of_every_shard(tiny_assets, tmp_path):
     module = make(tiny_assets, tmp_path, teacher_path=tiny_assets["classifier-resnet"])
+    module.setup("fit")
+    seen = []
+    for batch in module.train_dataloader():
+        rows = module.dataset[batch["index"].tolist()]
+        for name in ("image", "teacher_logits"):
+            assert torch.equal(batch[name], rows[name]), name
+        seen += batch["index"].tolist()
+    assert len(set(seen)) == len(seen) == 8 and len({i // 4 for i in seen}) >= 2  # rows of several shards
+
+
+def test_uint8_storage_keeps_every_image_to_8_bits(tiny_assets, tmp_path):
+    exact, quantized = make(tiny_assets, tmp_path), make(tiny_assets, tmp_path, image_dtype="uint8")
+    for module in (exact, quantized):
+        module.setup("fit")
+    assert repr(quantized.dataset.features["image"]).count("uint8") == 1  # on disk: one byte per value
+    batches = [next(iter(module.train_dataloader())) for module in (exact, quantized)]  # same seeded order
+    assert batches[1]["image"].dtype == torch.float32
+    assert torch.equal(batches[0]["index"], batches[1]["index"])
+    error = (batches[1]["image"] - batches[0]["image"]).abs()
+    assert error.max() <= 0.5 / 127.5 + 1e-6 and error.max() > 0
+
+
+@pytest.mark.parametrize("image_dtype", ["float32", "uint8"])
+def test_teacher_logits_are_cached_with_the_images(tiny_assets, tmp_path, image_dtype):
+    """The cached logits are the teacher's on exactly the image training reads, also when it is stored as uint8."""
+    module = make(tiny_assets, tmp_path, teacher_path=tiny_assets["classifier-resnet"], image_dtype=image_dtype)
     module.setup("fit")
     batch = next(iter(module.train_dataloader()))
     assert batch["teacher_logits"].shape == (4, 10)
