@@ -28,12 +28,30 @@ class GuidedSamplesOutput(BaseOutput):
     class_labels: torch.Tensor
 
 
-def step_variance(scheduler, timestep: int) -> float:
-    """Variance of the ancestral DDPM step t -> previous timestep (beta tilde, "fixed_small")."""
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
+
+def step_variance(scheduler, timestep: int, predicted_variance: torch.Tensor | None = None) -> float | torch.Tensor:
+    """Variance Sigma_t of the ancestral DDPM step t -> previous timestep.
+
+    Fixed-variance schedulers: beta tilde ("fixed_small"), a number. Learned-variance UNets (ADM, DiT; the
+    scheduler's `variance_type` "learned_range" or "learned") predict it per pixel: "learned_range" interpolates
+    log beta tilde and log beta_t with `frac = (v + 1) / 2` (Nichol & Dhariwal, 2021, eq. 15), as diffusers'
+    `DDPMScheduler.step` samples it; "learned" is the variance itself.
+    """
     prev = scheduler.previous_timestep(timestep) if hasattr(scheduler, "previous_timestep") else timestep - 1
     abar_t = scheduler.alphas_cumprod[timestep]
     abar_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)
-    return float((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+    beta_t = 1 - abar_t / abar_prev
+    beta_tilde = (1 - abar_prev) / (1 - abar_t) * beta_t
+    variance_type = getattr(scheduler.config, "variance_type", None)
+    if predicted_variance is None or variance_type not in LEARNED_VARIANCE_TYPES:
+        return float(beta_tilde)
+    if variance_type == "learned":
+        return predicted_variance
+    frac = (predicted_variance + 1) / 2
+    beta_tilde, beta_t = beta_tilde.to(predicted_variance), beta_t.to(predicted_variance)
+    return torch.exp(frac * beta_t.log() + (1 - frac) * beta_tilde.clamp_min(1e-20).log())
 
 
 class GuidedDiffusionPipeline(DiffusionPipeline):
@@ -69,6 +87,11 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         super().__init__()
         if getattr(scheduler, "init_noise_sigma", 1.0) != 1.0:
             raise ValueError(f"`scheduler` {type(scheduler).__name__} works in sigma space; use a variance-preserving one (DDPM, DDIM, DPM-Solver, UniPC).")
+        if isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type in LEARNED_VARIANCE_TYPES and unet.config.out_channels != 2 * unet.config.in_channels:
+            raise ValueError(
+                f"`scheduler` has variance_type={scheduler.config.variance_type!r}, which reads a predicted variance from the UNet, "
+                f"but the UNet has {unet.config.out_channels} output channels for {unet.config.in_channels} input channels (expected twice as many)."
+            )
         if cfg_guidance not in ("shift", "normalized"):
             raise ValueError(f"Expected `cfg_guidance` to be 'shift' or 'normalized', but got {cfg_guidance!r}.")
         self.register_modules(unet=unet, scheduler=scheduler)
@@ -99,27 +122,33 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
 
     def predict_noise(
         self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, cfg_scale: float, return_parts: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """eps_theta(x_t, t[, c]), with classifier-free guidance when `cfg_scale` > 0.
+    ) -> tuple[torch.Tensor, ...]:
+        """(eps_theta(x_t, t[, c]), predicted variance), with classifier-free guidance when `cfg_scale` > 0.
 
-        With `return_parts` and `cfg_scale` > 0, returns (eps(null), eps(c) - eps(null)) instead.
+        The variance is the extra output channels of learned-variance UNets (ADM, DiT: 2C outputs), taken from
+        the conditional branch as diffusers' DiT pipeline does, and None for UNets with C outputs. With
+        `return_parts` and `cfg_scale` > 0, returns (eps(null), eps(c) - eps(null), variance) instead.
         """
         timesteps = t.expand(x.shape[0])
-        channels = x.shape[1]  # learned-variance UNets put the variance in the second half
+        channels = x.shape[1]
         if not self.is_class_conditional:
-            eps = self.unet(x, timesteps).sample
+            output = self.unet(x, timesteps).sample
         else:
             null = torch.full_like(timesteps, self.null_class)
             labels = null if class_labels is None else torch.where(class_labels >= 0, class_labels, null)
             if cfg_scale > 0:
-                both = self._conditional_noise(torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([labels, null]))
-                cond, uncond = both[:, :channels].chunk(2)
+                output, uncond_output = self._conditional_noise(torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([labels, null])).chunk(2)
+                cond, uncond = output[:, :channels], uncond_output[:, :channels]
                 if return_parts:
-                    return uncond, cond - uncond
-                eps = (1 + cfg_scale) * cond - cfg_scale * uncond
+                    return uncond, cond - uncond, self._variance(output, channels)
+                output = torch.cat([(1 + cfg_scale) * cond - cfg_scale * uncond, output[:, channels:]], dim=1)
             else:
-                eps = self._conditional_noise(x, timesteps, labels)
-        return eps[:, :channels]
+                output = self._conditional_noise(x, timesteps, labels)
+        return output[:, :channels], self._variance(output, channels)
+
+    @staticmethod
+    def _variance(output: torch.Tensor, channels: int) -> torch.Tensor | None:
+        return output[:, channels:] if output.shape[1] > channels else None
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] (unclipped) of latents through the VAE decoder; the identity without a VAE."""
@@ -195,16 +224,17 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         x = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         ancestral = isinstance(self.scheduler, DDPMScheduler)
+        learned_variance = ancestral and self.scheduler.config.variance_type in LEARNED_VARIANCE_TYPES
         alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
         num_train = self.scheduler.config.num_train_timesteps
         normalized = guided and self.cfg_guidance == "normalized"
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(x, t)
             if normalized:
-                uncond, difference = self.predict_noise(model_input, t, labels, cfg_scale, return_parts=True)
+                uncond, difference, predicted_variance = self.predict_noise(model_input, t, labels, cfg_scale, return_parts=True)
                 eps = uncond + (1 + cfg_scale) * difference
             else:
-                eps = self.predict_noise(model_input, t, labels, cfg_scale)
+                eps, predicted_variance = self.predict_noise(model_input, t, labels, cfg_scale)
             shift = None
             if guided:
                 abar = alphas_cumprod[t]
@@ -212,8 +242,8 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
                 if self.vae is None:
                     x0_hat = x0_hat.clamp(-1, 1)  # latents have no fixed range; their decoded pixels are clipped
                 grad = self.guidance_gradient(x, t, x0_hat, labels)
-                variance = step_variance(self.scheduler, int(t))
-                scale = guidance_scale * self.guidance.scale_multiplier(int(t), variance, num_train)
+                variance = step_variance(self.scheduler, int(t), predicted_variance if learned_variance else None)
+                scale = guidance_scale * self.guidance.scale_multiplier(int(t), float(torch.as_tensor(variance).mean()), num_train)
                 if normalized:
                     direction = -(1 - abar).sqrt() * grad
                     ratio = difference.flatten(1).norm(dim=1) / direction.flatten(1).norm(dim=1).clamp_min(1e-12)
@@ -222,7 +252,9 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
                     shift = scale * variance * grad
                 else:
                     eps = eps - scale * (1 - abar).sqrt() * grad
-            x = self.scheduler.step(eps, t, x, generator=generator).prev_sample
+            # A learned-variance DDPM step reads the variance from the channels after eps, as diffusers splits them.
+            output = torch.cat([eps, predicted_variance], dim=1) if learned_variance else eps
+            x = self.scheduler.step(output, t, x, generator=generator).prev_sample
             if shift is not None:
                 x = x + shift
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from plugguide.modules import ExpertDistillation, MultiExpertClassifier, TimmClassifier
 from plugguide.modules.multi_expert_classifier import expert_boundaries
 from plugguide.pipelines import GuidedDiffusionPipeline
+from plugguide.pipelines.guided_diffusion import step_variance
 from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance
-from tests.conftest import TINY_DEIT, TINY_RESNET, tiny_scheduler, tiny_unet
+from tests.conftest import TINY_DEIT, TINY_RESNET, TINY_UNET, tiny_scheduler, tiny_unet
 
 
 def perturb(experts: MultiExpertClassifier, n: int, scale: float = 0.1) -> None:
@@ -109,6 +110,38 @@ def test_guided_sampling_runs_and_guidance_changes_the_samples(scheduler_class, 
     unguided, guided = run(0.0), run(50.0)
     assert unguided.shape == (2, 1, 16, 16) and torch.all((0 <= guided) & (guided <= 1))
     assert not torch.allclose(unguided, guided)
+
+
+def learned_variance_model() -> tuple[UNet2DModel, DDPMScheduler]:
+    """An ADM-style UNet that predicts its variance (2C outputs) with a learned-range DDPM schedule."""
+    torch.manual_seed(0)
+    return UNet2DModel(**TINY_UNET | dict(out_channels=2)), DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range")
+
+
+def test_learned_variance_sampling_matches_diffusers_and_takes_the_guidance(tiny_classifier):
+    unet, scheduler = learned_variance_model()
+    pipeline = GuidedDiffusionPipeline(unet, scheduler, NaiveClassifierGuidance(tiny_classifier))
+    pipeline.set_progress_bar_config(disable=True)
+    run = lambda scale: pipeline(class_labels=[1, 2], num_inference_steps=4, guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="np").images
+    reference = DDPMPipeline(unet, scheduler)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert abs(run(0.0) - expected).max() < 1e-5  # the UNet's own variance is used, as diffusers uses it
+    assert abs(run(50.0) - expected).max() > 1e-3
+
+
+def test_learned_range_step_variance_is_the_one_diffusers_samples_with():
+    _, scheduler = learned_variance_model()
+    scheduler.set_timesteps(10)
+    predicted = torch.rand(2, 1, 4, 4) * 2 - 1
+    for t in (900, 500, 0):
+        torch.testing.assert_close(step_variance(scheduler, t, predicted), scheduler._get_variance(t, predicted).exp())
+    assert step_variance(scheduler, 500) == pytest.approx(float(scheduler._get_variance(500, variance_type="fixed_small")))
+
+
+def test_learned_variance_schedule_needs_a_unet_that_predicts_it():
+    with pytest.raises(ValueError, match="variance_type='learned_range'.*1 output channels"):
+        GuidedDiffusionPipeline(tiny_unet(), learned_variance_model()[1])
 
 
 def test_guidance_moves_a_judge_toward_the_target():
