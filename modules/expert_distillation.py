@@ -234,6 +234,14 @@ class ExpertDistillation(L.LightningModule):
     def sampling_pipeline(self) -> GuidedDiffusionPipeline:
         return GuidedDiffusionPipeline(self.unet, self.sampler, self.guidance())
 
+    def on_test_start(self) -> None:
+        if self.trainer.ckpt_path is None and self.trainer.global_step == 0:
+            raise ValueError(
+                "`lightning test` scores trained experts, but no checkpoint was loaded and these experts are untrained "
+                "(their guidance is the off-the-shelf classifier's): pass `--ckpt_path last` (the config's ModelCheckpoint "
+                "folder) or the path of a checkpoint."
+            )
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if self.metrics is None:
             raise ValueError("`lightning test` scores guided samples with the evaluator: set `evaluator_path`.")

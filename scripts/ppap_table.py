@@ -1,11 +1,14 @@
 """Reproduces PPAP's Table 1 on the digits default and prints it as markdown, with the scale sweep.
 
     python scripts/ppap_table.py [--families resnet deit] [--rows table|curves|all] [--samples-per-class 10] [--out runs/ppap_table]
+                                 [--train-steps 1000 | --steps-per-expert 1000]
 
 Every row is trained through `configs/ppap.yaml` with overrides (finished rows are reused, so the
 script resumes), every guided row is sampled at each scale of `--scales` with the same sampler, steps
 and seeds, scored by the independent evaluator (never by the guiding model), and reported at its best
-scale by guided accuracy. The sweep is saved as a plot and JSON beside the table.
+scale by guided accuracy. The sweep is saved as a plot and JSON beside the table. Rows train for the same
+total steps (`--train-steps`: an expert of PPAP-N gets 1/N of them) or, as the paper trains each expert to
+convergence, for the same steps per expert (`--steps-per-expert`: N times as many in all).
 """
 
 from __future__ import annotations
@@ -90,11 +93,17 @@ def evaluate(pipeline: GuidedDiffusionPipeline, scale: float, labels: torch.Tens
     return metrics.compute() | {"seconds_per_image": (time.perf_counter() - started) / len(labels)}
 
 
+def training_steps(args, num_experts: int) -> int:
+    return args.train_steps if args.steps_per_expert is None else args.steps_per_expert * num_experts
+
+
 def write_table(rows: list, unguided: dict, args, sampler: str, num_samples: int, num_real: int) -> None:
     """Prints the table and writes it to `<out>/table.md` (called after every row, so partial runs keep theirs)."""
+    budget = f"{args.train_steps:,} steps per row" if args.steps_per_expert is None else f"{args.steps_per_expert:,} steps per expert"
     lines = [
         f"Sampler: {sampler} (ancestral, mean shift), {num_samples} samples ({args.samples_per_class} per class), seeds 0..{num_samples - 1}, "
-        f"scored by the evaluator (assets/digits/evaluator). FID on evaluator features vs the {num_real} real test digits.\n",
+        f"scored by the evaluator (assets/digits/evaluator). FID on evaluator features vs the {num_real} real test digits. "
+        f"Training: {budget}.\n",
         "| teacher | method | trainable params (% of backbone) | supervision | best scale | guided accuracy | FID | IS |",
         "|---|---|---|---|---|---|---|---|",
         f"| - | unguided | - | - | - | {unguided.get('guided_accuracy', float('nan')):.3f} | {unguided['fid']:.2f} | {unguided['inception_score']:.2f} |",
@@ -116,7 +125,9 @@ def main() -> None:
     parser.add_argument("--samples-per-class", type=int, default=10)
     parser.add_argument("--steps", type=int, default=50, help="DDPM (ancestral) sampler steps")
     parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 10.0, 30.0, 100.0])
-    parser.add_argument("--train-steps", type=int, default=1000)
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--train-steps", type=int, default=1000, help="training steps of every row")
+    budget.add_argument("--steps-per-expert", type=int, default=None, help="training steps of every expert (a row of N experts trains N times as many)")
     parser.add_argument("--rows", choices=["table", "curves", "all"], default="all", help="Table 1 rows, the curves (number of experts; PE vs full at 500 / 4,000 images; first family), or both")
     parser.add_argument("--only", nargs="+", default=None, help="run only these methods (e.g. PPAP-5)")
     parser.add_argument("--out", default="runs/ppap_table")
@@ -161,7 +172,7 @@ def main() -> None:
             guidance = NaiveClassifierGuidance(teacher) if name.startswith("naive") else PredictedCleanImageGuidance(teacher)
             params, supervision = "0 (0%)", "none"
         else:
-            experts_dir = train_row(os.path.join(args.out, family, name.replace(" ", "_").replace(",", "")), teacher, *spec, args.train_steps)
+            experts_dir = train_row(os.path.join(args.out, family, name.replace(" ", "_").replace(",", "")), teacher, *spec, training_steps(args, spec[0]))
             experts = MultiExpertClassifier.from_pretrained(experts_dir)
             report = experts.parameter_report()
             guidance = ExpertGuidance(experts)

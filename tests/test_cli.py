@@ -36,9 +36,11 @@ def test_ppap_fit_then_test(tiny_assets, tmp_path, monkeypatch):
     assert os.path.isfile(tmp_path / "runs/ppap/experts/experts.json")
     events = list((tmp_path / "runs/ppap").rglob("events.out.tfevents*"))
     assert events, "no TensorBoard log"
-    checkpoints = list((tmp_path / "runs/ppap").rglob("last.ckpt"))
-    assert checkpoints
-    run("test", "ppap.yaml", overrides, tmp_path, "--ckpt_path", str(checkpoints[0]))
+    assert (tmp_path / "runs/ppap/checkpoints/last.ckpt").is_file()
+    # The README's command: a new process (new logger version) still finds the trained experts.
+    with pytest.raises(ValueError, match="no checkpoint was loaded"):
+        run("test", "ppap.yaml", overrides, tmp_path)
+    run("test", "ppap.yaml", overrides, tmp_path, "--ckpt_path", "last")
 
 
 def test_sample_job_writes_npz_and_grid(tiny_assets, tmp_path, monkeypatch):
