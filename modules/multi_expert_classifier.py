@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+import warnings
 from typing import Literal
 
 import torch
@@ -210,7 +211,11 @@ class MultiExpertClassifier(nn.Module):
                     expert.save_pretrained(os.path.join(tmp, self.expert_name(n)))
                 self.experts[0].save_pretrained(os.path.join(tmp, "backbone"))
             else:
-                self.peft_model.save_pretrained(tmp, selected_adapters=[self.expert_name(n) for n in range(self.num_experts)])
+                with warnings.catch_warnings():
+                    # peft takes any 1-D lora_B tensor for an ungathered ZeRO-3/FSDP shard; ours are the
+                    # per-expert LoRA biases (lora_bias=True), saved whole.
+                    warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape.*lora_B\.bias")
+                    self.peft_model.save_pretrained(tmp, selected_adapters=[self.expert_name(n) for n in range(self.num_experts)])
                 self.frozen_backbone().save_pretrained(os.path.join(tmp, "backbone"))
 
         save_atomically(directory, save)
