@@ -200,8 +200,8 @@ class SynthesizedImageDataModule(L.LightningDataModule):
                 logits.append(self.teacher.to(device).eval()(x0).float().cpu())
             progress.update(len(batch))
         columns = {"image": torch.cat(images).numpy(), "index": np.asarray(indices, dtype=np.int64)}
-        # Fixed-shape array features read back as one numpy block per batch; inferred nested lists would be
-        # turned into tensors element by element, which made reading the set slower than training on it.
+        # Fixed-shape columns, so that `ArrowBatches` can read a batch as numpy views of the memory-mapped file
+        # (inferred nested lists are tensorized element by element: slower than the training step itself).
         features = {"image": datasets.Array3D(shape=tuple(columns["image"].shape[1:]), dtype=self.hparams.image_dtype), "index": datasets.Value("int64")}
         if logits:
             columns["teacher_logits"] = torch.cat(logits).numpy()

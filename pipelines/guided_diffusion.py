@@ -242,7 +242,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
                 if self.vae is None:
                     x0_hat = x0_hat.clamp(-1, 1)  # latents have no fixed range; their decoded pixels are clipped
                 grad = self.guidance_gradient(x, t, x0_hat, labels)
-                variance = step_variance(self.scheduler, int(t), predicted_variance if learned_variance else None)
+                variance = step_variance(self.scheduler, int(t), predicted_variance)
                 scale = guidance_scale * self.guidance.scale_multiplier(int(t), float(torch.as_tensor(variance).mean()), num_train)
                 if normalized:
                     direction = -(1 - abar).sqrt() * grad
