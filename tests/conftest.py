@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
@@ -54,7 +52,3 @@ def tiny_assets(tmp_path_factory) -> dict[str, str]:
 def tiny_classifier() -> TimmClassifier:
     torch.manual_seed(0)
     return TimmClassifier(**TINY_RESNET)
-
-
-def assets_available() -> bool:
-    return all(os.path.isdir(os.path.join("assets/digits", name)) for name in ("ddpm-uncond", "ddpm-cond", "classifier-resnet", "classifier-deit", "evaluator"))

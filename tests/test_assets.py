@@ -9,9 +9,7 @@ import torch
 
 from plugguide.datamodules import DigitsDataModule
 from plugguide.modules.classifier import load_classifier
-from tests.conftest import assets_available
 
-pytestmark = pytest.mark.skipif(not assets_available(), reason="assets/digits/ not trained yet")
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
 
 

@@ -11,6 +11,9 @@ import torch
 from plugguide.callbacks import GuidedSampleGrid
 from plugguide.datamodules import DigitsDataModule, ImageDataModule, SynthesizedImageDataModule
 from plugguide.modules import ClassifierPretraining, DiffusionPretraining, ExpertDistillation, GuidedSampling, MultiExpertClassifier, TimmClassifier
+from plugguide.modules.guide_distillation import GuideDistillation
+from plugguide.modules.guides import TinyGuide
+from plugguide.modules.progressive_halving import ProgressiveHalving
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
 from tests.conftest import TINY_DEIT, TINY_RESNET, tiny_conditional_unet, tiny_scheduler, tiny_unet
@@ -68,20 +71,8 @@ def hub_id_offline(assets, tmp_path) -> None:
     experts(assets, diffusion_model="google/ddpm-cifar10-32")
 
 
-def guide_modules():
-    """Guide distillation and progressive halving (written concurrently by another engineer); skips where they do not import."""
-    try:
-        from plugguide.modules.guide_distillation import GuideDistillation
-        from plugguide.modules.guides import TinyGuide
-        from plugguide.modules.progressive_halving import ProgressiveHalving
-    except Exception as error:  # noqa: BLE001 - not there yet
-        pytest.skip(f"guide modules do not import: {error}")
-    return GuideDistillation, TinyGuide, ProgressiveHalving
-
-
 def halving(assets, tmp_path, teacher_steps: int = 4, guide_unet=None) -> None:
     """A halving stage whose teacher guide (saved for `guide_unet`, default the stage's own UNet) sits in `guide_root`."""
-    _, TinyGuide, ProgressiveHalving = guide_modules()
     from plugguide.modules.diffusion_model import load_unet
 
     TinyGuide(guide_unet or load_unet(assets["ddpm-cond"]), hidden_dim=8).save_pretrained(str(tmp_path / "guides" / "tiny" / "steps-4"))
@@ -99,7 +90,6 @@ def guide_for_another_unet(assets, tmp_path) -> None:
 
 
 def guide_on_unconditional_unet(assets, tmp_path) -> None:
-    GuideDistillation, TinyGuide, _ = guide_modules()
     GuideDistillation(guide=lambda unet: TinyGuide(unet, hidden_dim=8), diffusion_model=assets["ddpm-uncond"])
 
 

@@ -12,7 +12,6 @@ from lightning.pytorch.cli import LightningCLI
 from plugguide.cli import main
 from plugguide.modules.diffusion_model import load_unet
 from plugguide.modules.guides import TinyGuide
-from tests.conftest import assets_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
@@ -48,7 +47,6 @@ def test_there_are_configs():
     assert "configs/ppap.yaml" in CONFIGS and "configs/sample.yaml" in CONFIGS and len(LOCAL) >= 7
 
 
-@pytest.mark.skipif(not assets_available(), reason="assets/digits/ not trained yet")
 @pytest.mark.parametrize("config", LOCAL)
 def test_local_config_instantiates(config, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)

@@ -21,8 +21,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOBS = ("expert_distillation", "diffusion_pretraining", "classifier_pretraining")
-OPTIONAL_JOBS = ("guide_distillation", "progressive_halving")  # run when their modules import
+JOBS = ("expert_distillation", "diffusion_pretraining", "classifier_pretraining", "guide_distillation", "progressive_halving")
 
 
 def image_key(image: torch.Tensor) -> str:
@@ -116,13 +115,11 @@ def run_worker(out: str, assets: dict) -> None:
     L.seed_everything(0)
     fit("classifier_pretraining", ClassifierPretraining(TimmClassifier(**TINY_RESNET), noise_std=0.1, max_shift=1), DigitsDataModule(batch_size=8), 4, limit_train_batches=2)
 
-    # Guide distillation and a progressive-halving stage, when those modules import (written concurrently).
-    try:
-        from plugguide.modules.guide_distillation import GuideDistillation
-        from plugguide.modules.guides import TinyGuide
-        from plugguide.modules.progressive_halving import ProgressiveHalving
-    except Exception:  # noqa: BLE001 - not there yet: the tests skip them
-        return
+    # Guide distillation and a progressive-halving stage.
+    from plugguide.modules.guide_distillation import GuideDistillation
+    from plugguide.modules.guides import TinyGuide
+    from plugguide.modules.progressive_halving import ProgressiveHalving
+
     L.seed_everything(0)
     guide_factory = lambda unet: TinyGuide(unet, hidden_dim=8)  # noqa: E731
     fit("guide_distillation", GuideDistillation(guide=guide_factory, diffusion_model=assets["ddpm-cond"], num_inference_steps=4), DigitsDataModule(batch_size=8), 4, limit_train_batches=2)
@@ -165,9 +162,6 @@ def ddp_run(tiny_assets, tmp_path_factory):
         pytest.fail("the DDP jobs did not finish in 300 s (a hang in a collective?):\n" + stderr[-6000:])
     assert process.returncode == 0, stdout[-3000:] + stderr[-6000:]
     results = {job: [torch.load(out / f"{job}-rank{rank}.pt", weights_only=False) for rank in (0, 1)] for job in JOBS}
-    for job in OPTIONAL_JOBS:
-        if (out / f"{job}-rank0.pt").is_file():
-            results[job] = [torch.load(out / f"{job}-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     return results, out, time.perf_counter() - started, stdout + stderr
 
 
@@ -219,11 +213,9 @@ def test_expert_distillation_and_synthesis_under_ddp(ddp_run, tiny_assets):
     print(f"torchrun of all DDP jobs: {seconds:.1f} s")
 
 
-@pytest.mark.parametrize("job", ["diffusion_pretraining", "classifier_pretraining", *OPTIONAL_JOBS])
+@pytest.mark.parametrize("job", JOBS[1:])
 def test_single_network_jobs_under_ddp(ddp_run, job):
     results, out, seconds, log = ddp_run
-    if job not in results:
-        pytest.skip(f"{job}: its module does not import (written concurrently by another engineer)")
     ranks = results[job]
     assert_ranks_agree(ranks)
     assert "val/loss" in ranks[0]["metrics"]

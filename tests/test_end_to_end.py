@@ -8,10 +8,9 @@ import pytest
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from tests.conftest import assets_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not assets_available(), reason="assets/digits/ not trained yet")]
+pytestmark = pytest.mark.slow
 
 
 def test_main_job_trains_experts_that_steer_the_sampler(tmp_path, monkeypatch):

@@ -11,6 +11,9 @@ from plugguide.callbacks import GuidedSampleGrid
 from plugguide.datamodules import DigitsDataModule, SynthesizedImageDataModule
 from plugguide.datamodules.resumable_loader import ResumableDataLoader
 from plugguide.modules import ClassifierPretraining, DiffusionPretraining, ExpertDistillation, TimmClassifier
+from plugguide.modules.guide_distillation import GuideDistillation
+from plugguide.modules.guides import TinyGuide
+from plugguide.modules.progressive_halving import ProgressiveHalving
 from tests.conftest import TINY_RESNET, tiny_scheduler, tiny_unet
 
 TOTAL_STEPS = 10  # 24 images / batch 4 = 6 steps per epoch: the crash is mid-epoch 0, the end in epoch 1
@@ -151,22 +154,8 @@ def test_loader_resumes_mid_epoch_and_shards_per_rank():
     assert len(ranks[0]) == len(ranks[1]) == 10 and not set(ranks[0]) & set(ranks[1])
 
 
-
-def guide_modules():
-    """The guide-distillation modules, written concurrently by another engineer; None where they do not import."""
-    try:
-        from plugguide.modules.guide_distillation import GuideDistillation
-        from plugguide.modules.guides import TinyGuide
-        from plugguide.modules.progressive_halving import ProgressiveHalving
-    except Exception:  # noqa: BLE001 - any import failure means: not there yet
-        return None
-    return GuideDistillation, TinyGuide, ProgressiveHalving
-
-
-@pytest.mark.skipif(guide_modules() is None, reason="modules/guide_distillation.py or progressive_halving.py does not import")
 @pytest.mark.parametrize("job", ["guide_distillation", "progressive_halving"])
 def test_guide_jobs_resume_exactly_mid_epoch(tiny_assets, tmp_path, job):
-    GuideDistillation, TinyGuide, ProgressiveHalving = guide_modules()
     guide_root = tmp_path / "guides"
     torch.manual_seed(0)
     from plugguide.modules.diffusion_model import load_unet
