@@ -18,7 +18,6 @@ from plugguide.datamodules.resumable_loader import step_generator
 from plugguide.metrics import GenerationMetrics
 from plugguide.modules.classifier import load_classifier
 from plugguide.modules.diffusion_model import load_scheduler, load_unet
-from plugguide.modules.export import save_atomically
 from plugguide.modules.guided_sampling import sample_batch
 from plugguide.modules.multi_expert_classifier import Finetune, MultiExpertClassifier
 from plugguide.pipelines.guidance.ppap_experts import ExpertGuidance

@@ -10,7 +10,7 @@ import warnings
 from typing import Literal
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from plugguide.modules.classifier import TimmClassifier
