@@ -39,7 +39,7 @@ def main() -> None:
 
     def run_ours() -> None:
         with tempfile.TemporaryDirectory() as cache:
-            SynthesizedImageDataModule(args.model, num_inference_steps=args.steps, num_images=args.images, generation_batch_size=args.batch_size, shard_size=args.images, cache_dir=cache).generate()
+            SynthesizedImageDataModule(args.model, num_inference_steps=args.steps, num_images=args.images, generation_batch_size=args.batch_size, shard_size=args.images, batch_size=min(128, args.images), cache_dir=cache).generate()
 
     ratios = []
     for repeat in range(args.repeats + 1):
