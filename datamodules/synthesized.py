@@ -33,10 +33,19 @@ def image_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] as uint8, 8 bits per channel as a PNG keeps them."""
+    return ((images + 1) * 127.5).round().to(torch.uint8)
+
+
+def dequantize(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1
+
+
 def dequantize_images(batch: dict) -> dict:
     """A batch of `ArrowBatches` as training reads it: images stored as uint8 come back as float32 in [-1, 1]."""
     if batch["image"].dtype == torch.uint8:
-        batch["image"] = batch["image"].float() / 127.5 - 1
+        batch["image"] = dequantize(batch["image"])
     return batch
 
 
@@ -191,8 +200,8 @@ class SynthesizedImageDataModule(L.LightningDataModule):
             generators = [torch.Generator(device).manual_seed(image_seed(self.hparams.seed, i)) for i in batch]
             x0 = pipeline(batch_size=len(batch), num_inference_steps=self.hparams.num_inference_steps, generator=generators, output_type="pt").images * 2 - 1
             if self.hparams.image_dtype == "uint8":
-                stored = ((x0 + 1) * 127.5).round().to(torch.uint8)
-                x0 = stored.float() / 127.5 - 1
+                stored = quantize(x0)
+                x0 = dequantize(stored)
             else:
                 stored = x0.float()
             images.append(stored.cpu())
