@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from plugguide.modules import MultiExpertClassifier
-from plugguide.modules.classifier import load_classifier
-from plugguide.modules.diffusion_model import load_scheduler, load_unet
+from plugguide.models import MultiExpertClassifier
+from plugguide.models.classifier import load_classifier
+from plugguide.models.diffusion_model import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.guidance import ExpertGuidance
 

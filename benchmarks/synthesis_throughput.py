@@ -17,7 +17,7 @@ import torch
 from diffusers import DDIMPipeline
 
 from plugguide.datamodules import SynthesizedImageDataModule
-from plugguide.modules.diffusion_model import load_scheduler, load_unet
+from plugguide.models.diffusion_model import load_scheduler, load_unet
 
 
 def main() -> None:

@@ -2,113 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import os
-
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from plugguide.pipelines.guidance.classifier import ClassifierGuidance
-
-
-def calibration_timesteps(num_timesteps: int, num_train_timesteps: int) -> list[int]:
-    """`num_timesteps` evenly spaced timesteps spanning 0 .. T - 1."""
-    if num_timesteps < 2:
-        raise ValueError(f"Expected `num_timesteps` to be >= 2, but got {num_timesteps}.")
-    return torch.linspace(0, num_train_timesteps - 1, num_timesteps).round().long().tolist()
-
-
-@torch.no_grad()
-def calibration_curve(
-    guidance: ClassifierGuidance,
-    batches,
-    timesteps: list[int],
-    alphas_cumprod: torch.Tensor,
-    unet: nn.Module | None = None,
-    n_bins: int = 15,
-    seed: int = 0,
-) -> dict[str, list[float]]:
-    """ECE_t and accuracy_t of `guidance.logits` on forward-noised labelled images, on the guide's own input.
-
-    `x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps` with noise from a generator seeded with `seed` (the same
-    noise for every guide). Guides with `input == "x0_hat"` see `(x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)`,
-    clipped to [-1, 1], from the frozen `unet`; guides on `"x_t"` see x_t.
-
-    Args:
-        guidance: any `ClassifierGuidance` (naive, PPAP experts, calibrated).
-        batches: an iterable of dicts with `image` (B, C, H, W) in [-1, 1] and `label` (B,).
-        timesteps: train timesteps to measure at.
-        alphas_cumprod: the diffusion model's abar (T,).
-        unet: the frozen diffusion model, needed for x0_hat guides.
-        n_bins: confidence bins of the ECE.
-        seed: seed of the forward noise.
-
-    Returns:
-        {"timestep": [...], "ece": [...], "accuracy": [...]} and "integral_ece" (mean ECE_t over t) as a one-item list.
-    """
-    if guidance.input == "x0_hat" and unet is None:
-        raise ValueError(f"{type(guidance).__name__} guides on x0_hat: the calibration curve needs the diffusion `unet` to form it.")
-    num_classes = guidance.num_classes or 10
-    # Computed on one process (callbacks draw on rank 0): never wait for the other ranks to sync.
-    eces = {t: MulticlassCalibrationError(num_classes, n_bins=n_bins, norm="l1", sync_on_compute=False) for t in timesteps}
-    accuracies = {t: MulticlassAccuracy(num_classes, average="micro", sync_on_compute=False) for t in timesteps}
-    device = next(iter(p for p in guidance.parameters()), torch.zeros(())).device
-    generator = torch.Generator(device).manual_seed(seed)
-    for batch in batches:
-        images, labels = batch["image"].to(device), batch["label"].to(device)
-        for t in timesteps:
-            abar = alphas_cumprod[t].to(device)
-            noise = torch.randn(images.shape, generator=generator, device=device)
-            x_t = abar.sqrt() * images + (1 - abar).sqrt() * noise
-            timestep = torch.full((len(images),), t, device=device, dtype=torch.long)
-            inputs = x_t
-            if guidance.input == "x0_hat":
-                eps = unet(x_t, timestep).sample[:, : images.shape[1]]
-                inputs = ((x_t - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
-            logits = guidance.logits(inputs, timestep).float().cpu()
-            eces[t].update(logits.softmax(-1), labels.cpu())
-            accuracies[t].update(logits, labels.cpu())
-    ece = [float(eces[t].compute()) for t in timesteps]
-    return {
-        "timestep": list(timesteps),
-        "ece": ece,
-        "accuracy": [float(accuracies[t].compute()) for t in timesteps],
-        "integral_ece": [sum(ece) / len(ece)],
-    }
-
-
-def calibration_figure(curves: dict[str, dict[str, list[float]]]):
-    """A matplotlib figure of ECE_t (solid) and accuracy_t (dashed) against t, one colour per guide."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (ece_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, curve in curves.items():
-        label = f"{name} (integral ECE {curve['integral_ece'][0]:.3f})"
-        ece_axis.plot(curve["timestep"], curve["ece"], label=label)
-        accuracy_axis.plot(curve["timestep"], curve["accuracy"], "--", label=name)
-    ece_axis.set(xlabel="timestep t", ylabel="ECE_t", title="Calibration error along the diffusion")
-    accuracy_axis.set(xlabel="timestep t", ylabel="accuracy_t", title="Accuracy on the guide's input", ylim=(0, 1))
-    ece_axis.legend(fontsize=7)
-    accuracy_axis.legend(fontsize=7)
-    figure.tight_layout()
-    return figure
-
-
-def write_curves_csv(curves: dict[str, dict[str, list[float]]], path: str) -> None:
-    """One row per (guide, timestep): guide,timestep,ece,accuracy,integral_ece."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as file:
-        writer = csv.writer(file)  # quotes guide names that hold commas
-        writer.writerow(["guide", "timestep", "ece", "accuracy", "integral_ece"])
-        for name, curve in curves.items():
-            for t, ece, accuracy in zip(curve["timestep"], curve["ece"], curve["accuracy"]):
-                writer.writerow([name, t, f"{ece:.6f}", f"{accuracy:.6f}", f"{curve['integral_ece'][0]:.6f}"])
+from plugguide.metrics import calibration_curve, calibration_figure, calibration_timesteps
+from plugguide.pipelines.guidance import ClassifierGuidance
 
 
 def log_curves(logger, curves: dict[str, dict[str, list[float]]], step: int, tag: str) -> None:

@@ -7,6 +7,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
+from plugguide.models import load_classifier
+
 
 class GuideSampleGrid(L.Callback):
     """For several guidance numbers g, samples the module's guide pipeline and CFG from the same noise and logs both.
@@ -96,8 +98,6 @@ class GuideSampleGrid(L.Callback):
 
     def evaluator(self, device: torch.device):
         if self._evaluator is None:
-            from plugguide.modules.classifier import load_classifier
-
             self._evaluator = load_classifier(self.evaluator_path, "evaluator_path").eval()
         return self._evaluator.to(device)
 

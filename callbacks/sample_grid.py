@@ -7,6 +7,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
+from plugguide.models import load_classifier
+
 
 class GuidedSampleGrid(L.Callback):
     """Samples a grid with the module's `sampling_pipeline()` and logs it to TensorBoard.
@@ -119,8 +121,6 @@ class GuidedSampleGrid(L.Callback):
         if experiment is not None and hasattr(experiment, "add_image"):
             experiment.add_image(self.tag, grid, step)
         if evaluator_path and labels is not None:
-            from plugguide.modules.classifier import load_classifier
-
             if self._evaluator is None:
                 self._evaluator = load_classifier(evaluator_path, "evaluator_path").eval()
             self._evaluator.to(pl_module.device)

@@ -20,9 +20,8 @@ from tqdm.auto import tqdm
 from plugguide.datamodules.arrow_batches import ArrowBatches
 from plugguide.datamodules.image_folder import ImageDataModule
 from plugguide.datamodules.resumable_loader import ResumableDataLoader
-from plugguide.modules.classifier import load_classifier
-from plugguide.modules.diffusion_model import load_scheduler, load_unet
-from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
+from plugguide.models import check_classifier_input, load_classifier, load_scheduler, load_unet
+from plugguide.pipelines import GuidedDiffusionPipeline
 
 CACHE_FORMAT = 2  # bump when the shard layout changes, so old caches are not read as new ones
 IMAGE_DTYPES = ("float32", "uint8")
@@ -136,8 +135,8 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         self.scheduler = load_scheduler(diffusion_model, scheduler, "scheduler")
         self.teacher = load_classifier(teacher_path, "teacher_path") if teacher_path else None
         size, channels = self.unet.config.sample_size, self.unet.config.in_channels
-        if self.teacher is not None and self.teacher.in_chans != channels:
-            raise ValueError(f"The diffusion model makes {channels}-channel images but the classifier `teacher_path`={teacher_path!r} takes {self.teacher.in_chans} channels.")
+        if self.teacher is not None:
+            check_classifier_input(self.teacher, channels, size, "teacher_path", teacher_path)
         labelled = getattr(labelled_data, "hparams", {})
         for name, expected in (("image_size", size), ("channels", channels)):
             if name in labelled and labelled[name] != expected:

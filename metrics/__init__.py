@@ -1,6 +1,10 @@
-"""The one place that turns samples and predictions into numbers: guided accuracy, FID, IS, ECE."""
+"""The one place that turns samples and predictions into numbers: guided accuracy, FID, IS, ECE curves."""
 
-from plugguide.metrics.calibration import accuracy, expected_calibration_error
-from plugguide.metrics.generation import EvaluatorFeatures, GenerationMetrics
+from plugguide.metrics.calibration import calibration_curve, calibration_timesteps, expected_calibration_error, read_curves_csv, write_curves_csv
+from plugguide.metrics.figures import calibration_figure
+from plugguide.metrics.generation import GenerationMetrics, frechet_distance, inception_score
 
-__all__ = ["EvaluatorFeatures", "GenerationMetrics", "accuracy", "expected_calibration_error"]
+__all__ = [
+    "GenerationMetrics", "calibration_curve", "calibration_figure", "calibration_timesteps", "expected_calibration_error",
+    "frechet_distance", "inception_score", "read_curves_csv", "write_curves_csv",
+]

@@ -8,9 +8,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from plugguide.callbacks.calibration_curve import calibration_curve, calibration_timesteps, log_curves, write_curves_csv
-from plugguide.modules.diffusion_model import load_scheduler, load_unet
-from plugguide.pipelines.guidance.classifier import ClassifierGuidance
+from plugguide.callbacks.calibration_curve import log_curves
+from plugguide.metrics import calibration_curve, calibration_timesteps, write_curves_csv
+from plugguide.models import load_scheduler, load_unet
+from plugguide.pipelines.guidance import ClassifierGuidance
 
 
 class CalibrationEvaluation(L.LightningModule):

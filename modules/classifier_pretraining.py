@@ -9,8 +9,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
 from plugguide.datamodules.resumable_loader import step_generator
-from plugguide.modules.classifier import TimmClassifier
-from plugguide.modules.export import save_atomically
+from plugguide.models.classifier import TimmClassifier
+from plugguide.models.saving import save_atomically
 
 
 def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -10,8 +10,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from plugguide.datamodules.resumable_loader import step_generator
-from plugguide.modules.diffusion_model import load_unet
-from plugguide.modules.export import save_atomically
+from plugguide.models.diffusion_model import load_unet
+from plugguide.models.saving import save_atomically
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
 
 

@@ -6,7 +6,6 @@ import os
 
 from typing import Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -16,31 +15,14 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.datamodules.resumable_loader import step_generator
 from plugguide.metrics import GenerationMetrics
-from plugguide.modules.classifier import load_classifier
-from plugguide.modules.diffusion_model import load_scheduler, load_unet
-from plugguide.modules.guided_sampling import sample_batch
-from plugguide.modules.multi_expert_classifier import Finetune, MultiExpertClassifier
-from plugguide.pipelines.guidance.ppap_experts import ExpertGuidance
-from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
+from plugguide.models import MultiExpertClassifier, check_classifier_input, load_classifier, load_scheduler, load_unet
+from plugguide.models.multi_expert_classifier import Finetune
+from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
+from plugguide.modules.frozen_networks import FrozenNetworksModule
+from plugguide.pipelines.guidance import ExpertGuidance
 
 
-def check_image_size(classifier: torch.nn.Module, image_size: int, setting: str, path: str) -> None:
-    """Fails early if `classifier` cannot take the diffusion model's `image_size` images (e.g. a ViT built for another size)."""
-    probe = torch.zeros(1, classifier.in_chans, image_size, image_size)
-    was_training = classifier.training
-    try:
-        with torch.no_grad():
-            classifier.eval()(probe)
-    except (RuntimeError, AssertionError, ValueError) as error:
-        raise ValueError(
-            f"The diffusion model makes {image_size}x{image_size} images but the classifier `{setting}`={path!r} "
-            f"cannot classify them ({error}); use a classifier built for that size."
-        ) from error
-    finally:
-        classifier.train(was_training)
-
-
-class ExpertDistillation(L.LightningModule):
+class ExpertDistillation(FrozenNetworksModule):
     """Data-free knowledge transfer to N noise-range experts (PPAP, Go et al., 2023, Sec. 4).
 
     For a clean image x0~ and expert n, with t ~ U[b_n, b_{n+1}) and x_t = sqrt(abar_t) x0~ + sqrt(1 - abar_t) eps:
@@ -82,6 +64,8 @@ class ExpertDistillation(L.LightningModule):
         evaluator_path: independent classifier scoring test samples.
         seed: seed of the training steps' timesteps and noise (with the step and the rank).
     """
+
+    frozen_networks = ("teacher", "unet", "metrics")
 
     def __init__(
         self,
@@ -128,12 +112,7 @@ class ExpertDistillation(L.LightningModule):
         )
         self.unet = load_unet(diffusion_model, "diffusion_model").eval().requires_grad_(False)
         self.sampler = load_scheduler(diffusion_model, sampler, "sampler")
-        if self.unet.config.in_channels != self.teacher.in_chans:
-            raise ValueError(
-                f"The diffusion model makes {self.unet.config.in_channels}-channel images but the classifier "
-                f"`teacher_path`={teacher_path!r} takes {self.teacher.in_chans} channels."
-            )
-        check_image_size(self.teacher, self.unet.config.sample_size, "teacher_path", teacher_path)
+        check_classifier_input(self.teacher, self.unet.config.in_channels, self.unet.config.sample_size, "teacher_path", teacher_path)
         self.metrics = None
         if evaluator_path:
             evaluator = load_classifier(evaluator_path, "evaluator_path")
@@ -149,13 +128,8 @@ class ExpertDistillation(L.LightningModule):
             f"({report['trainable_percent_of_backbone']:.1f}% of the {report['backbone_parameters']:,}-parameter backbone)"
         )
 
-    def train(self, mode: bool = True) -> "ExpertDistillation":
-        super().train(mode)
-        self.teacher.eval()  # frozen models keep their BatchNorm statistics
-        self.unet.eval()
-        return self
-
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         cached_teacher = getattr(datamodule, "hparams", {}).get("teacher_path") if datamodule is not None else None
         if cached_teacher and self.hparams.supervision == "teacher" and os.path.abspath(cached_teacher) != os.path.abspath(self.hparams.teacher_path):
@@ -254,7 +228,7 @@ class ExpertDistillation(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         results = self.metrics.compute()
-        self.log_dict({f"test/{k}": v for k, v in results.items()}, sync_dist=True)
+        self.log_dict({f"test/{k}": v for k, v in results.items()})  # computed over every process's samples
         self.metrics.reset()
 
     def configure_optimizers(self):

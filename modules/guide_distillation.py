@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import os
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from lightning.pytorch.cli import OptimizerCallable
 
 from plugguide.datamodules.resumable_loader import default_seed, step_generator
-from plugguide.modules.diffusion_model import load_scheduler, load_unet
-from plugguide.modules.export import save_atomically
-from plugguide.modules.guides import Guide, GuideFactory, predict_guided_noise
+from plugguide.models.diffusion_model import load_scheduler, load_unet
+from plugguide.models.saving import save_atomically
+from plugguide.models.guides import Guide, GuideFactory, predict_guided_noise
+from plugguide.modules.frozen_networks import FrozenNetworksModule
 from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
 
 
-class FrozenUNetGuideTraining(L.LightningModule):
+class FrozenUNetGuideTraining(FrozenNetworksModule):
     """What guide distillation and progressive halving share: a frozen conditional UNet (+ VAE, text encoder), one trained guide.
 
     Batches are `{"image": (B, C, H, W) in [-1, 1], "label": (B,)}` for class-conditional UNets (null class
@@ -35,6 +35,8 @@ class FrozenUNetGuideTraining(L.LightningModule):
         text_encoder: sub-folder holding a CLIP text model (text-conditional UNets), or None.
         tokenizer: sub-folder holding its tokenizer.
     """
+
+    frozen_networks = ("unet", "vae", "text_encoder", "teacher")
 
     def __init__(
         self,
@@ -74,13 +76,6 @@ class FrozenUNetGuideTraining(L.LightningModule):
                 f"`text_encoder` sub-folder, but got text_encoder={text_encoder!r}."
             )
         self.guide: Guide | None = None
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for frozen in (self.unet, self.vae, self.text_encoder, getattr(self, "teacher", None)):
-            if frozen is not None:
-                frozen.eval()  # frozen networks never switch to training behaviour (dropout)
-        return self
 
     # -- conditions -----------------------------------------------------------------------------
     def encode_text(self, captions: list[str]) -> torch.Tensor:
@@ -129,13 +124,6 @@ class FrozenUNetGuideTraining(L.LightningModule):
     def configure_optimizers(self):
         return self.optimizer(self.guide.parameters())
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Only the guide trains; the frozen UNet (and SD's VAE / text encoder) are reloaded from their path.
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("guide.")}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {**{k: v for k, v in self.state_dict().items() if not k.startswith("guide.")}, **checkpoint["state_dict"]}
-
     # -- sampling and export ----------------------------------------------------------------------
     def sampler(self) -> DDIMScheduler:
         return DDIMScheduler.from_config(self.noise_scheduler.config)
@@ -163,7 +151,7 @@ class GuideDistillation(FrozenUNetGuideTraining):
     images (latents for Stable Diffusion). One guide serves every g.
 
     Args:
-        guide: the guide to train, given without its UNet (`plugguide.modules.guides.TinyGuide` or `FullGuide`).
+        guide: the guide to train, given without its UNet (`plugguide.models.guides.TinyGuide` or `FullGuide`).
         diffusion_model: diffusers pipeline directory or hub id of the frozen conditional UNet.
         optimizer: optimiser factory for the guide's parameters.
         guidance_range: (low, high) of g; the paper uses (2, 9).

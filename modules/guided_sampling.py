@@ -7,20 +7,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.metrics import GenerationMetrics
-from plugguide.modules.classifier import load_classifier
-from plugguide.modules.diffusion_model import load_scheduler, load_unet, load_vae
-from plugguide.modules.guides import load_guide
-from plugguide.pipelines.guidance.base import Guidance
-from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
-from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
-
-
-def sample_batch(pipeline: GuidedDiffusionPipeline, batch: dict, **call_kwargs) -> torch.Tensor:
-    """Samples one image per (label, seed) of `batch`, in [-1, 1]; each sample's noise depends on its seed only."""
-    device = pipeline.unet.device
-    generators = [torch.Generator(device).manual_seed(int(seed)) for seed in batch["seed"]]
-    output = pipeline(class_labels=batch["label"], generator=generators, output_type="pt", **call_kwargs)
-    return output.images * 2 - 1
+from plugguide.models import load_classifier, load_guide, load_scheduler, load_unet, load_vae
+from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, sample_batch
+from plugguide.pipelines.guidance import Guidance
 
 
 class GuidedSampling(L.LightningModule):

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from plugguide.modules.guide_distillation import FrozenUNetGuideTraining
-from plugguide.modules.guides import load_guide
+from plugguide.models.guides import load_guide
 
 LOSS_WEIGHTINGS = ("snr_truncation", "x", "eps")
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
+from plugguide.models import Guide, predict_guided_noise
 from plugguide.pipelines.guided_diffusion import GuidedSamplesOutput
-
-if TYPE_CHECKING:
-    from plugguide.modules.guides import Guide
 
 
 class GuideDistilledPipeline(DiffusionPipeline):
@@ -108,8 +106,6 @@ class GuideDistilledPipeline(DiffusionPipeline):
         x = x * self.scheduler.init_noise_sigma
         # Stochastic schedulers (DDPM, DDIM with eta > 0) draw their step noise from the same generator(s).
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        from plugguide.modules.guides import predict_guided_noise  # lazy: modules imports pipelines
-
         for t in self.progress_bar(self.scheduler.timesteps):
             eps = predict_guided_noise(self.unet, self.guide, self.scheduler.scale_model_input(x, t), t, guidance_scale, labels, encoder_hidden_states)
             x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample

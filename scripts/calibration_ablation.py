@@ -16,7 +16,6 @@ best-accuracy scale, and over all (row, scale) entries).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import time
@@ -24,12 +23,11 @@ import time
 import torch
 from scipy.stats import spearmanr
 
-from plugguide.callbacks.calibration_curve import calibration_curve, calibration_timesteps, write_curves_csv
 from plugguide.datamodules.digits import DigitsDataModule
-from plugguide.metrics.generation import GenerationMetrics
-from plugguide.modules.classifier import load_classifier
-from plugguide.modules.diffusion_model import load_scheduler, load_unet
-from plugguide.modules.guided_sampling import sample_batch
+from plugguide.metrics import GenerationMetrics, calibration_curve, calibration_timesteps, read_curves_csv, write_curves_csv
+from plugguide.models.classifier import load_classifier
+from plugguide.models.diffusion_model import load_scheduler, load_unet
+from plugguide.pipelines import sample_batch
 from plugguide.pipelines.guidance.calibrated import CalibratedGuidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
@@ -56,20 +54,6 @@ def rows(classifier_path: str, experts: str | None, experts_name: str = "PPAP ex
         table[f"{experts_name}, beta 3, discount 0.5"] = lambda: CalibratedGuidance(ExpertGuidance(experts), sine_gamma=0.0)
         table[f"{experts_name}, beta 3, discount 0.5, gamma 0.3"] = lambda: CalibratedGuidance(ExpertGuidance(experts))
     return table
-
-
-def read_curves(path: str) -> dict[str, dict[str, list]]:
-    """Curves from `write_curves_csv`; tolerates unquoted guide names with commas (the last four fields are numbers)."""
-    curves: dict[str, dict[str, list]] = {}
-    with open(path) as file:
-        for line in file.read().splitlines()[1:]:
-            fields = next(csv.reader([line])) if line.startswith('"') else line.split(",")
-            name, (t, ece, accuracy, integral) = ",".join(fields[:-4]), fields[-4:]
-            curve = curves.setdefault(name, {"timestep": [], "ece": [], "accuracy": [], "integral_ece": [float(integral)]})
-            curve["timestep"].append(int(t))
-            curve["ece"].append(float(ece))
-            curve["accuracy"].append(float(accuracy))
-    return curves
 
 
 def report(args, unguided: dict, results: list[dict], curves: dict) -> None:
@@ -129,7 +113,7 @@ def main() -> None:
     if args.report:
         with open(os.path.join(args.out, "rows.json")) as file:
             saved = json.load(file)
-        report(args, saved["unguided"], saved["rows"], read_curves(os.path.join(args.out, "curves.csv")))
+        report(args, saved["unguided"], saved["rows"], read_curves_csv(os.path.join(args.out, "curves.csv")))
         return
     torch.manual_seed(0)
 

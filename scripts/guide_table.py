@@ -30,9 +30,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from plugguide.datamodules.digits import DigitsDataModule
 from plugguide.datamodules.transformed_digits import ThickDigitsDataModule
 from plugguide.metrics.generation import GenerationMetrics
-from plugguide.modules.classifier import load_classifier
-from plugguide.modules.diffusion_model import load_scheduler, load_unet
-from plugguide.modules.guides import load_guide, predict_guided_noise
+from plugguide.models.classifier import load_classifier
+from plugguide.models.diffusion_model import load_scheduler, load_unet
+from plugguide.models.guides import load_guide, predict_guided_noise
 from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
 

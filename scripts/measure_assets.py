@@ -17,9 +17,9 @@ import torch
 
 from plugguide.datamodules import DigitsDataModule
 from plugguide.metrics import GenerationMetrics
-from plugguide.modules.classifier import load_classifier
-from plugguide.modules.diffusion_model import load_scheduler, load_unet
-from plugguide.modules.guided_sampling import sample_batch
+from plugguide.models.classifier import load_classifier
+from plugguide.models.diffusion_model import load_scheduler, load_unet
+from plugguide.pipelines import sample_batch
 from plugguide.pipelines import GuidedDiffusionPipeline
 
 ASSETS = "assets/digits"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-from plugguide.modules import TimmClassifier
+from plugguide.models import TimmClassifier
 
 torch.set_num_threads(1)
 

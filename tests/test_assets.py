@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from plugguide.datamodules import DigitsDataModule
-from plugguide.modules.classifier import load_classifier
+from plugguide.models.classifier import load_classifier
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
 

@@ -10,9 +10,10 @@ import torch
 
 from plugguide.callbacks import GuidedSampleGrid
 from plugguide.datamodules import DigitsDataModule, ImageDataModule, SynthesizedImageDataModule
-from plugguide.modules import ClassifierPretraining, DiffusionPretraining, ExpertDistillation, GuidedSampling, MultiExpertClassifier, TimmClassifier
+from plugguide.models import MultiExpertClassifier, TimmClassifier
+from plugguide.modules import ClassifierPretraining, DiffusionPretraining, ExpertDistillation, GuidedSampling
 from plugguide.modules.guide_distillation import GuideDistillation
-from plugguide.modules.guides import TinyGuide
+from plugguide.models.guides import TinyGuide
 from plugguide.modules.progressive_halving import ProgressiveHalving
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
@@ -73,7 +74,7 @@ def hub_id_offline(assets, tmp_path) -> None:
 
 def halving(assets, tmp_path, teacher_steps: int = 4, guide_unet=None) -> None:
     """A halving stage whose teacher guide (saved for `guide_unet`, default the stage's own UNet) sits in `guide_root`."""
-    from plugguide.modules.diffusion_model import load_unet
+    from plugguide.models.diffusion_model import load_unet
 
     TinyGuide(guide_unet or load_unet(assets["ddpm-cond"]), hidden_dim=8).save_pretrained(str(tmp_path / "guides" / "tiny" / "steps-4"))
     ProgressiveHalving(guide_root=str(tmp_path / "guides"), guide_name="tiny", teacher_steps=teacher_steps, diffusion_model=assets["ddpm-cond"])

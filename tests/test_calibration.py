@@ -16,9 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader
 
-from plugguide.callbacks.calibration_curve import CalibrationCurve, calibration_curve
-from plugguide.metrics.calibration import expected_calibration_error
-from plugguide.modules.classifier import TimmClassifier
+from plugguide.callbacks.calibration_curve import CalibrationCurve
+from plugguide.metrics.calibration import calibration_curve, expected_calibration_error
+from plugguide.models.classifier import TimmClassifier
 from plugguide.pipelines.guidance.calibrated import CalibratedGuidance, replace_relu_with_softplus
 from plugguide.pipelines.guidance.classifier import ClassifierGuidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance

@@ -66,8 +66,8 @@ def test_help_and_print_config_work(capsys):
 
 
 def test_sample_job_with_a_distilled_guide(tiny_assets, tmp_path, monkeypatch):
-    from plugguide.modules import TinyGuide
-    from plugguide.modules.diffusion_model import load_unet
+    from plugguide.models import TinyGuide
+    from plugguide.models.diffusion_model import load_unet
 
     monkeypatch.chdir(tmp_path)
     TinyGuide(load_unet(tiny_assets["ddpm-cond"]), hidden_dim=8).save_pretrained(str(tmp_path / "guide"))

@@ -10,8 +10,8 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from plugguide.cli import main
-from plugguide.modules.diffusion_model import load_unet
-from plugguide.modules.guides import TinyGuide
+from plugguide.models.diffusion_model import load_unet
+from plugguide.models.guides import TinyGuide
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))

@@ -39,7 +39,8 @@ def run_worker(out: str, assets: dict) -> None:
 
     from plugguide.callbacks import GuidedSampleGrid
     from plugguide.datamodules import DigitsDataModule, SynthesizedImageDataModule
-    from plugguide.modules import ClassifierPretraining, DiffusionPretraining, ExpertDistillation, TimmClassifier
+    from plugguide.models import TimmClassifier
+    from plugguide.modules import ClassifierPretraining, DiffusionPretraining, ExpertDistillation
     from tests.conftest import TINY_RESNET, tiny_scheduler, tiny_unet
 
     torch.set_num_threads(1)
@@ -117,7 +118,7 @@ def run_worker(out: str, assets: dict) -> None:
 
     # Guide distillation and a progressive-halving stage.
     from plugguide.modules.guide_distillation import GuideDistillation
-    from plugguide.modules.guides import TinyGuide
+    from plugguide.models.guides import TinyGuide
     from plugguide.modules.progressive_halving import ProgressiveHalving
 
     L.seed_everything(0)
@@ -125,7 +126,7 @@ def run_worker(out: str, assets: dict) -> None:
     fit("guide_distillation", GuideDistillation(guide=guide_factory, diffusion_model=assets["ddpm-cond"], num_inference_steps=4), DigitsDataModule(batch_size=8), 4, limit_train_batches=2)
     guide_root = os.path.join(out, "guides")
     if rank == 0:
-        from plugguide.modules.diffusion_model import load_unet
+        from plugguide.models.diffusion_model import load_unet
 
         teacher = TinyGuide(load_unet(assets["ddpm-cond"]), hidden_dim=8)
         for parameter in teacher.parameters():

@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler,
 from torch.utils.flop_counter import FlopCounterMode
 
 from plugguide.modules.guide_distillation import GuideDistillation
-from plugguide.modules.guides import FullGuide, TinyGuide, load_guide, predict_guided_noise
+from plugguide.models.guides import FullGuide, TinyGuide, load_guide, predict_guided_noise
 from plugguide.modules.progressive_halving import ProgressiveHalving, ddim_step, halving_target
 from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
@@ -240,7 +240,7 @@ def test_guide_distillation_and_halving_configs_run(digits_model, tmp_path, monk
     """The real configs, on the tiny UNet: distill, then the three halving stages, each from the previous export."""
     import yaml
 
-    from plugguide.modules.classifier import TimmClassifier
+    from plugguide.models.classifier import TimmClassifier
 
     monkeypatch.chdir(tmp_path)
     TimmClassifier("resnet10t", num_classes=10, in_chans=1).save_pretrained("evaluator")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from plugguide.modules import TimmClassifier
+from plugguide.models import TimmClassifier
 from tests.test_cli import run
 
 

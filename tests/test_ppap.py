@@ -6,8 +6,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from plugguide.modules import ExpertDistillation, MultiExpertClassifier, TimmClassifier
-from plugguide.modules.multi_expert_classifier import expert_boundaries
+from plugguide.models import MultiExpertClassifier, TimmClassifier
+from plugguide.modules import ExpertDistillation
+from plugguide.models.multi_expert_classifier import expert_boundaries
 from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.guided_diffusion import step_variance
 from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance

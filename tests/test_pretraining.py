@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plugguide.modules import ClassifierPretraining, DiffusionPretraining, TimmClassifier, load_classifier
+from plugguide.models import TimmClassifier, load_classifier
+from plugguide.modules import ClassifierPretraining, DiffusionPretraining
 from plugguide.modules.classifier_pretraining import random_translate
-from plugguide.modules.diffusion_model import load_scheduler, load_unet
+from plugguide.models.diffusion_model import load_scheduler, load_unet
 from tests.conftest import TINY_RESNET, tiny_conditional_unet, tiny_scheduler, tiny_unet
 
 

@@ -10,9 +10,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from plugguide.callbacks import GuidedSampleGrid
 from plugguide.datamodules import DigitsDataModule, SynthesizedImageDataModule
 from plugguide.datamodules.resumable_loader import ResumableDataLoader
-from plugguide.modules import ClassifierPretraining, DiffusionPretraining, ExpertDistillation, TimmClassifier
+from plugguide.models import TimmClassifier
+from plugguide.modules import ClassifierPretraining, DiffusionPretraining, ExpertDistillation
 from plugguide.modules.guide_distillation import GuideDistillation
-from plugguide.modules.guides import TinyGuide
+from plugguide.models.guides import TinyGuide
 from plugguide.modules.progressive_halving import ProgressiveHalving
 from tests.conftest import TINY_RESNET, tiny_scheduler, tiny_unet
 
@@ -158,7 +159,7 @@ def test_loader_resumes_mid_epoch_and_shards_per_rank():
 def test_guide_jobs_resume_exactly_mid_epoch(tiny_assets, tmp_path, job):
     guide_root = tmp_path / "guides"
     torch.manual_seed(0)
-    from plugguide.modules.diffusion_model import load_unet
+    from plugguide.models.diffusion_model import load_unet
 
     teacher = TinyGuide(load_unet(tiny_assets["ddpm-cond"]), hidden_dim=8)
     for parameter in teacher.parameters():

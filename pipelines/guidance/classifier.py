@@ -6,14 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plugguide.models import load_classifier
 from plugguide.pipelines.guidance.base import Guidance, GuidanceInput
 
 
 def as_classifier(classifier: nn.Module | str, setting: str = "classifier") -> nn.Module:
     """A classifier module, loading a saved `TimmClassifier` when given its path."""
     if isinstance(classifier, str):
-        from plugguide.modules.classifier import load_classifier  # lazy: modules imports pipelines
-
         classifier = load_classifier(classifier, setting)
     return classifier
 

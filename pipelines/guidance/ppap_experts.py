@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from plugguide.models import MultiExpertClassifier
 from plugguide.pipelines.guidance.classifier import ClassifierGuidance
 
 
@@ -21,8 +22,6 @@ class ExpertGuidance(ClassifierGuidance):
 
     def __init__(self, experts: nn.Module | str, clip_gradient: float | None = None) -> None:
         if isinstance(experts, str):
-            from plugguide.modules.multi_expert_classifier import MultiExpertClassifier  # lazy: modules imports pipelines
-
             experts = MultiExpertClassifier.from_pretrained(experts)
         super().__init__(experts, input="x_t", clip_gradient=clip_gradient)
 

@@ -76,9 +76,10 @@ class TimmClassifier(nn.Module, PyTorchModelHubMixin):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(self.preprocess(images))
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate (pre-logits) features, the ones FID is computed on."""
-        return self.model.forward_head(self.model.forward_features(self.preprocess(images)), pre_logits=True)
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate (pre-logits) features, the ones FID is computed on, and the logits, from one pass."""
+        features = self.model.forward_head(self.model.forward_features(self.preprocess(images)), pre_logits=True)
+        return features, self.model.get_classifier()(features)
 
 
 def load_classifier(path: str, setting: str = "classifier_path") -> TimmClassifier:
@@ -98,3 +99,27 @@ def load_classifier(path: str, setting: str = "classifier_path") -> TimmClassifi
             "model.safetensors written by `TimmClassifier.save_pretrained` (the embedded ones are under assets/digits/)."
         )
     return TimmClassifier.from_pretrained(path, strict=True)
+
+
+def check_classifier_input(classifier: TimmClassifier, channels: int, image_size: int, setting: str, path: str | None = None) -> None:
+    """Fails early, naming the setting, if `classifier` cannot take the diffusion model's images.
+
+    Checks the channel count, then runs one probe image of `image_size` (a ViT built for another size fails here,
+    not at the first training or sampling batch).
+    """
+    named = f"`{setting}`" + (f"={path!r}" if path else "")
+    in_chans = getattr(classifier, "in_chans", channels)
+    if in_chans != channels:
+        raise ValueError(f"The diffusion model makes {channels}-channel images but the classifier {named} takes {in_chans} channels.")
+    probe = torch.zeros(1, channels, image_size, image_size, device=next(classifier.parameters()).device)
+    was_training = classifier.training
+    try:
+        with torch.no_grad():
+            classifier.eval()(probe)
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise ValueError(
+            f"The diffusion model makes {image_size}x{image_size} images but the classifier {named} cannot classify them ({error}); "
+            "use a classifier built for that size."
+        ) from error
+    finally:
+        classifier.train(was_training)

@@ -13,8 +13,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from plugguide.modules.classifier import TimmClassifier
-from plugguide.modules.export import save_atomically
+from plugguide.models.classifier import TimmClassifier
+from plugguide.models.saving import save_atomically
 
 Finetune = Literal["lora", "full"]
 
@@ -48,8 +48,9 @@ class MultiExpertClassifier(nn.Module):
     """One frozen off-the-shelf classifier and N experts, expert n guiding timesteps [b_n, b_{n+1}).
 
     PPAP's parameter-efficient experts (`finetune="lora"`): per expert a peft LoRA adapter on the chosen
-    weights (with its own LoRA bias), and its own copy of every normalisation layer (BatchNorm affine
-    weights *and running statistics*, which noise shifts) and of the classifier head. Switching experts
+    weights (with its own LoRA bias where every targeted layer has a bias: ViT/DeiT attention, not ResNet
+    convs), and its own copy of every normalisation layer (BatchNorm affine weights *and running
+    statistics*, which noise shifts) and of the classifier head. Switching experts
     switches these small parameter sets (peft `set_adapter`); the backbone is never reloaded or changed.
     `finetune="full"` gives the paper's "multi-experts" rows instead: N full copies, all trainable.
 
@@ -100,12 +101,15 @@ class MultiExpertClassifier(nn.Module):
         if finetune == "full":
             self.experts = nn.ModuleList(copy.deepcopy(backbone).requires_grad_(True) for _ in range(num_experts))
         else:
+            targets, targeted = self.lora_targets(backbone, target_modules)
             lora_config = LoraConfig(
                 r=lora_rank,
                 lora_alpha=lora_alpha,
-                target_modules=self.lora_targets(backbone, target_modules),
+                target_modules=targets,
                 modules_to_save=self.per_expert_modules(backbone),
-                lora_bias=True,
+                # A LoRA bias is a per-expert bias of its layer; a layer without a bias (ResNet convs, followed by
+                # BatchNorm, whose per-expert copy holds the bias) gets none, as in the authors' adapters.
+                lora_bias=all(module.bias is not None for module in targeted),
             )
             self.peft_model = get_peft_model(backbone, lora_config, adapter_name=self.expert_name(0))
             for n in range(1, num_experts):
@@ -119,9 +123,10 @@ class MultiExpertClassifier(nn.Module):
         return f"expert_{n}"
 
     @staticmethod
-    def lora_targets(backbone: TimmClassifier, target_modules: str | list[str] | None) -> str | list[str]:
-        """The LoRA targets: given, or the default of the backbone's family; checked to match something."""
-        names = [name for name, module in backbone.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    def lora_targets(backbone: TimmClassifier, target_modules: str | list[str] | None) -> tuple[str | list[str], list[nn.Module]]:
+        """The LoRA targets (given, or the default of the backbone's family) and the layers they match, at least one."""
+        layers = {name: module for name, module in backbone.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
+        names = list(layers)
         if target_modules is None:
             family = type(backbone.model).__name__
             if family not in DEFAULT_LORA_TARGETS:
@@ -139,7 +144,7 @@ class MultiExpertClassifier(nn.Module):
                 f"LoRA `target_modules`={target_modules!r} matches no Conv2d/Linear layer of the classifier. "
                 f"Candidates: {names[:12]}{' ...' if len(names) > 12 else ''}"
             )
-        return target_modules
+        return target_modules, [layers[name] for name in matched]
 
     @staticmethod
     def per_expert_modules(backbone: TimmClassifier) -> list[str]:
