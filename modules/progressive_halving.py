@@ -29,8 +29,8 @@ def ddim_step(z_t: torch.Tensor, eps: torch.Tensor, alpha_t, sigma_t, alpha_s, s
 def halving_target(z_t: torch.Tensor, z_s: torch.Tensor, alpha_t, sigma_t, alpha_s, sigma_s) -> torch.Tensor:
     """The x that one DDIM step t -> s must predict to land on the teacher's z_s (Salimans & Ho, 2022, Algorithm 2).
 
-    `x_target = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t)`; at the last step
-    (sigma_s = 0, alpha_s = 1) this is z_s itself, the teacher's final x0_hat.
+    `x_target = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t)`; when z_s is a DDIM
+    step of z_t's own x0_hat (the last step) this is that x0_hat, for any final (alpha_s, sigma_s).
     """
     ratio = sigma_s / sigma_t
     return (z_s - ratio * z_t) / (alpha_s - ratio * alpha_t)
@@ -107,26 +107,34 @@ class ProgressiveHalving(FrozenUNetGuideTraining):
     def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
         x0, condition, _ = self.encode_batch(batch, generator)
         batch_size = x0.shape[0]
-        num_train = self.noise_scheduler.config.num_train_timesteps
-        student_steps = self.hparams.teacher_steps // 2
-        index = torch.randint(0, student_steps, (batch_size,), generator=generator, device=self.device)
-        t = self.student_timesteps[index]
-        s = t - num_train // student_steps
-        t_mid = t - num_train // self.hparams.teacher_steps
+        index = torch.randint(0, self.hparams.teacher_steps // 2, (batch_size,), generator=generator, device=self.device)
         g = self.sample_guidance(batch_size, generator)
+        noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        return self.halving_loss(x0, condition, index, g, noise)
+
+    def halving_loss(self, x0: torch.Tensor, condition: dict, index: torch.Tensor, g: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The student's loss at its step `index` (per example) from z_t = alpha_t x0 + sigma_t noise, guidance number g.
+
+        At the student's last step the teacher's midpoint is already the end of sampling (t' < 0): the teacher's
+        one step lands on z_s = z_t' = alpha_final x0_hat + sigma_final eps, and the general target with those
+        (alpha_s, sigma_s) is exactly the teacher's x0_hat, whatever the scheduler's final abar (1 with
+        `set_alpha_to_one`, abar_0 = 0.99915 without, as Stable Diffusion's scheduler).
+        """
+        num_train = self.noise_scheduler.config.num_train_timesteps
+        t = self.student_timesteps[index]
+        s = t - num_train // (self.hparams.teacher_steps // 2)
+        t_mid = t - num_train // self.hparams.teacher_steps
         alpha_t, sigma_t = self.alpha_sigma(t)
         alpha_mid, sigma_mid = self.alpha_sigma(t_mid)
         alpha_s, sigma_s = self.alpha_sigma(s)
-        noise = torch.randn(x0.shape, generator=generator, device=self.device)
         z_t = alpha_t * x0 + sigma_t * noise
         with torch.no_grad():
             eps = self.guided_noise(self.teacher, z_t, t, g, condition)
             z_mid = ddim_step(z_t, eps, alpha_t, sigma_t, alpha_mid, sigma_mid, self.clip)
-            # Where the midpoint is already past the end, the teacher's own last step ends sampling.
             last = (t_mid < 0).view(-1, 1, 1, 1)
             eps_mid = self.guided_noise(self.teacher, z_mid, t_mid.clamp(min=0), g, condition)
-            z_s = torch.where(last, z_mid / alpha_mid, ddim_step(z_mid, eps_mid, alpha_mid, sigma_mid, alpha_s, sigma_s, self.clip))
-            x_target = halving_target(z_t, z_s, alpha_t, sigma_t, torch.where(last, torch.ones_like(alpha_s), alpha_s), torch.where(last, torch.zeros_like(sigma_s), sigma_s))
+            z_s = torch.where(last, z_mid, ddim_step(z_mid, eps_mid, alpha_mid, sigma_mid, alpha_s, sigma_s, self.clip))
+            x_target = halving_target(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s)
         eps_student = self.guided_noise(self.guide, z_t, t, g, condition)
         x_student = (z_t - sigma_t * eps_student) / alpha_t
         x_mse = (x_student - x_target).pow(2).flatten(1).mean(1)

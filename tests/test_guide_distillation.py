@@ -150,6 +150,34 @@ def test_halving_stage_trains_a_copy_of_the_teacher(digits_model, tmp_path):
         ProgressiveHalving(guide_root=str(tmp_path), teacher_steps=5, diffusion_model=digits_model)
 
 
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_a_student_equal_to_its_teacher_has_zero_loss_at_the_last_step(set_alpha_to_one, tmp_path):
+    """The last student step is the teacher's own last step; its target is the teacher's x0_hat for any final abar.
+
+    Stable Diffusion's scheduler ends at abar_0 = 0.99915 (`set_alpha_to_one=False`): dividing z_t' by alpha_t' there
+    left 0.03 eps in the target and a loss of about 0.2 at SNR 586 for a student identical to its teacher.
+    """
+    model = str(tmp_path / "model")
+    # Stable Diffusion 1.5's schedule: scaled-linear betas, timesteps offset by one, no clipping.
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False)
+    DDPMPipeline(unet=tiny_class_unet(), scheduler=scheduler).save_pretrained(model)
+    config_path = os.path.join(model, "scheduler", "scheduler_config.json")
+    config = json.load(open(config_path)) | {"set_alpha_to_one": set_alpha_to_one}
+    json.dump(config, open(config_path, "w"))
+    teacher = TinyGuide(tiny_class_unet())
+    torch.nn.init.normal_(teacher.out.weight, std=0.1)  # a trained-looking guide, not the zero no-op
+    teacher.save_pretrained(str(tmp_path / "guides" / "tiny" / "steps-8"))
+    module = ProgressiveHalving(guide_root=str(tmp_path / "guides"), teacher_steps=8, diffusion_model=model, loss_weighting="eps")
+    assert module.final_alpha_cumprod == (1.0 if set_alpha_to_one else pytest.approx(0.99915))
+    batch = digits_batch(6)
+    x0, condition, _ = module.encode_batch(batch)
+    last = torch.full((6,), 3)
+    with torch.no_grad():
+        loss = module.halving_loss(x0, condition, last, torch.full((6,), 4.0), torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
+        other = module.halving_loss(x0, condition, last - 1, torch.full((6,), 4.0), torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
+    assert float(loss) < 1e-8 < float(other)  # two teacher steps differ from one student step elsewhere
+
+
 def test_one_pass_sampling_matches_cfg_noise_and_fresh_guide_gives_conditional_samples():
     unet, scheduler = tiny_class_unet().eval(), DDIMScheduler.from_config(tiny_scheduler().config)
     labels = torch.tensor([0, 1, 2])
