@@ -21,3 +21,23 @@ def calibration_figure(curves: dict[str, dict[str, list[float]]]):
     accuracy_axis.legend(fontsize=7)
     figure.tight_layout()
     return figure
+
+
+def sweep_figure(sweeps: dict[str, dict[str, dict]], unguided: dict, scales: list[float], distance: str = "fid_autoencoder"):
+    """Guided accuracy against a quality distance for every row of a scale sweep (one line per row, one point per scale).
+
+    The unguided model's 95% interval of the distance is shaded: the best-scale rule keeps a row's most accurate
+    point left of its upper edge, so the plot shows what each row trades for accuracy.
+    """
+    figure, axis = plt.subplots(figsize=(8, 5))
+    low, high = unguided["intervals"][distance]
+    axis.axvspan(low, high, color="grey", alpha=0.2, label="unguided, 95% interval")
+    for name, sweep in sweeps.items():
+        points = [(sweep[str(s)][distance], sweep[str(s)]["guided_accuracy"]) for s in scales if str(s) in sweep]
+        axis.plot(*zip(*points), marker="o", label=name)
+        for (x, y), scale in zip(points, scales):
+            axis.annotate(f"{scale:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    axis.set(xscale="log", xlabel=f"{distance} (lower is better)", ylabel="guided accuracy (independent evaluator)", ylim=(0, 1.02))
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure

@@ -1,11 +1,21 @@
-"""Scores for generated images, all from an independent evaluator classifier (never the guiding model)."""
+"""Scores for generated images: an independent evaluator for the class, several feature spaces for the quality."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import math
+
+import numpy as np
+import prdc
 import torch
 from torch import nn
 from torchmetrics import Metric
+from torchmetrics.image.kid import poly_kernel
 from torchmetrics.utilities import dim_zero_cat
+
+from plugguide.metrics.feature_spaces import AutoencoderLatents, PooledPixels
+from plugguide.models import load_classifier, load_vae
 
 
 class Records(Metric):
@@ -24,26 +34,57 @@ class Records(Metric):
             getattr(self, name).append(values.detach().float() if values.is_floating_point() else values.detach())
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {name: dim_zero_cat(getattr(self, name)) for name in self.names if getattr(self, name)}
+        return {name: dim_zero_cat(getattr(self, name)).cpu() for name in self.names if len(getattr(self, name))}
 
-    @property
-    def count(self) -> int:
-        first = getattr(self, self.names[0])
-        return sum(len(values) for values in first) if isinstance(first, list) else len(first)
+
+class ReferenceStatistics:
+    """What every comparison with one real feature set reuses: its mean, covariance and mean kernel value.
+
+    Computed once, so the bootstrap's resamples cost only the generated side.
+    """
+
+    def __init__(self, features: torch.Tensor) -> None:
+        self.features = features.double()
+        self.mean = self.features.mean(0)
+        self.cov = torch.cov(self.features.T)
+        self.kernel_mean = off_diagonal_mean(poly_kernel(self.features, self.features))
+
+    def frechet_distance(self, generated: torch.Tensor) -> float:
+        """||mu_r - mu_g||^2 + tr(S_r + S_g - 2 (S_r S_g)^(1/2)), in float64.
+
+        The trace of the matrix square root is the sum of the square roots of the eigenvalues of S_r S_g, as
+        torchmetrics' FID computes it; here on features already extracted, so one pass of each network serves
+        every metric and the bootstrap resamples features, not images.
+        """
+        generated = generated.double()
+        cov = torch.cov(generated.T)
+        root_trace = torch.linalg.eigvals(self.cov @ cov).sqrt().real.sum()
+        return float((self.mean - generated.mean(0)).square().sum() + self.cov.trace() + cov.trace() - 2 * root_trace)
+
+    def kernel_distance(self, generated: torch.Tensor) -> float:
+        """KID (Binkowski et al., 2018): the unbiased MMD^2 with torchmetrics' cubic polynomial kernel.
+
+        Written out for sets of different sizes (torchmetrics' `maximum_mean_discrepancy` assumes equal ones);
+        unbiased, so unlike FID its expectation does not depend on the number of samples.
+        """
+        generated = generated.double()
+        cross = poly_kernel(self.features, generated).mean()
+        return float(self.kernel_mean + off_diagonal_mean(poly_kernel(generated, generated)) - 2 * cross)
+
+
+def off_diagonal_mean(kernel: torch.Tensor) -> torch.Tensor:
+    n = kernel.shape[0]
+    return (kernel.sum() - kernel.diagonal().sum()) / (n * (n - 1))
 
 
 def frechet_distance(real: torch.Tensor, generated: torch.Tensor) -> float:
-    """||mu_r - mu_g||^2 + tr(S_r + S_g - 2 (S_r S_g)^(1/2)) between two feature sets (N, D), in float64.
+    """FID between two feature sets (N, D); see `ReferenceStatistics.frechet_distance`."""
+    return ReferenceStatistics(real).frechet_distance(generated)
 
-    The trace of the matrix square root is the sum of the square roots of the eigenvalues of S_r S_g, as
-    torchmetrics' FID computes it; here on features already extracted, so one set of evaluator features
-    serves FID, accuracy and the Inception-style score.
-    """
-    real, generated = real.double(), generated.double()
-    mean_term = (real.mean(0) - generated.mean(0)).square().sum()
-    cov_real, cov_generated = torch.cov(real.T), torch.cov(generated.T)
-    root_trace = torch.linalg.eigvals(cov_real @ cov_generated).sqrt().real.sum()
-    return float(mean_term + cov_real.trace() + cov_generated.trace() - 2 * root_trace)
+
+def kernel_distance(real: torch.Tensor, generated: torch.Tensor) -> float:
+    """KID between two feature sets (N, D); see `ReferenceStatistics.kernel_distance`."""
+    return ReferenceStatistics(real).kernel_distance(generated)
 
 
 def inception_score(probabilities: torch.Tensor) -> float:
@@ -53,56 +94,166 @@ def inception_score(probabilities: torch.Tensor) -> float:
     return float((probabilities * (probabilities.log() - marginal.log())).sum(1).mean().exp())
 
 
+def precision_recall_density_coverage(real: torch.Tensor, generated: torch.Tensor, nearest_k: int = 5) -> dict[str, float]:
+    """Fidelity (precision, density) and diversity (recall, coverage) of Kynkaanniemi et al. (2019) and Naeem et al. (2020).
+
+    The authors' package `prdc` (k-nearest-neighbour balls around real and generated features).
+    """
+    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes on every call
+        scores = prdc.compute_prdc(real.float().numpy(), generated.float().numpy(), nearest_k)
+    return {name: float(value) for name, value in scores.items()}
+
+
+def within_class_spread(features: torch.Tensor, classes: torch.Tensor) -> dict[int, float]:
+    """Mean pairwise L2 distance between features of the same class, per class with at least two members."""
+    spread = {}
+    for c in classes.unique().tolist():
+        members = features[classes == c].double()
+        if len(members) > 1:
+            distances = torch.cdist(members, members)
+            spread[c] = float(distances.sum() / (len(members) * (len(members) - 1)))
+    return spread
+
+
+def diversity_ratio(real: torch.Tensor, real_classes: torch.Tensor, generated: torch.Tensor, generated_classes: torch.Tensor) -> float:
+    """Within-class spread of the samples over that of real images of the same class, averaged over classes.
+
+    1 means the samples of a class vary as much as real digits of that class; a collapse toward one
+    prototype per class drives it toward 0, which FID on class features can miss.
+    """
+    real_spread = within_class_spread(real, real_classes)
+    generated_spread = within_class_spread(generated, generated_classes)
+    ratios = [generated_spread[c] / real_spread[c] for c in generated_spread if real_spread.get(c, 0) > 0]
+    return float(np.mean(ratios)) if ratios else float("nan")
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (stays informative at 0 and 1, where a bootstrap collapses to a point)."""
+    if total == 0:
+        return float("nan"), float("nan")
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+DISTANCES = {"fid": ReferenceStatistics.frechet_distance, "kid": ReferenceStatistics.kernel_distance}
+
+
 class GenerationMetrics(nn.Module):
-    """Guided accuracy, FID, an Inception-Score-style score and the evaluator's confidence on generated images.
+    """Everything the project reports about a set of generated images, judged by models that never guided them.
 
-    - `guided_accuracy`: evaluator top-1 agreement with the target class.
-    - `fid`: Frechet distance between evaluator features (penultimate layer) of generated and real images.
-    - `inception_score`: exp(E KL(p(y|x) || p(y))) with the evaluator's class probabilities.
-    - `evaluator_confidence`: mean max-probability of the evaluator on generated images.
+    Class (by the independent evaluator): `guided_accuracy` (agreement with the target class), with a 95%
+    Wilson interval; `evaluator_confidence`; `inception_score` (exp E KL(p(y|x) || p(y))).
+    Quality, in each feature space (`evaluator`: the evaluator's penultimate features; `pixels`: the image
+    average-pooled to 8x8; plus any given, e.g. `autoencoder`), against the real reference images:
+    - `fid_<space>` and `kid_<space>`, with 95% bootstrap intervals over the generated samples (`compute_intervals`);
+    - `precision_<space>`, `recall_<space>`, `density_<space>`, `coverage_<space>` (fidelity and diversity apart);
+    - `diversity_<space>`: within-class spread of the samples over that of real images of the same class
+      (a sample's class is its target, or the evaluator's reading when it has none).
+    The evaluator's features miss artifacts that keep the class (it is trained to ignore them); the pixel and
+    autoencoder spaces do not, which is why every table reports them beside it.
 
-    Evaluator outputs are kept per sample (a few floats each), so every number comes from the same pass and,
-    under DDP, from all processes' samples together. Images are (B, C, H, W) in [-1, 1]. FID depends on the
-    number of samples: compare rows of equal size.
+    Outputs are kept per sample (a few hundred floats each), so every number comes from one pass of each
+    network and, under DDP, from all processes' samples together. Images are (B, C, H, W) in [-1, 1].
+    FID is biased by the sample count: compare rows of equal size (KID is not).
 
     Args:
         evaluator: a classifier with `features_and_logits()` (a `TimmClassifier`); frozen here.
         num_classes: number of classes.
+        feature_spaces: extra named feature extractors (images -> (B, D)), e.g. {"autoencoder": AutoencoderLatents(vae)};
+            `evaluator` and `pixels` are always measured.
+        nearest_k: k of precision/recall/density/coverage.
     """
 
-    def __init__(self, evaluator: nn.Module, num_classes: int) -> None:
+    def __init__(self, evaluator: nn.Module, num_classes: int, feature_spaces: dict[str, nn.Module] | None = None, nearest_k: int = 5) -> None:
         super().__init__()
         self.evaluator = evaluator.eval().requires_grad_(False)
         self.num_classes = num_classes
-        self.real = Records("features")
-        self.generated = Records("features", "logits", "targets")
+        self.nearest_k = nearest_k
+        self.spaces = nn.ModuleDict({"pixels": PooledPixels(8), **(feature_spaces or {})})
+        names = ["evaluator", *self.spaces]
+        self.space_names = names
+        self.real = Records(*names, "labels")
+        self.generated = Records(*names, "logits", "targets")
+
+    @classmethod
+    def from_paths(cls, evaluator_path: str, autoencoder_path: str | None = None) -> "GenerationMetrics":
+        """The evaluator (a saved `TimmClassifier`) and, if given, an `AutoencoderKL` as the `autoencoder` feature space."""
+        evaluator = load_classifier(evaluator_path, "evaluator_path")
+        spaces = {"autoencoder": AutoencoderLatents(load_vae(autoencoder_path, "autoencoder_path"))} if autoencoder_path else {}
+        return cls(evaluator, evaluator.num_classes, spaces)
 
     def train(self, mode: bool = True) -> "GenerationMetrics":
-        return super().train(False)  # the evaluator always runs in eval mode
+        return super().train(False)  # the networks always run in eval mode
+
+    def features(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        evaluator_features, logits = self.evaluator.features_and_logits(images)
+        return {"evaluator": evaluator_features, **{name: space(images) for name, space in self.spaces.items()}}, logits
 
     @torch.no_grad()
-    def update_real(self, images: torch.Tensor) -> None:
-        self.real.update(features=self.evaluator.features_and_logits(images)[0])
+    def update_real(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        features, logits = self.features(images)
+        labels = logits.argmax(-1) if labels is None else labels.to(images.device).long()
+        self.real.update(**features, labels=labels)
 
     @torch.no_grad()
     def update_generated(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> None:
-        features, logits = self.evaluator.features_and_logits(images)
-        targets = torch.full((len(images),), -1, device=images.device) if targets is None else targets
-        self.generated.update(features=features, logits=logits, targets=targets.to(images.device).long())
+        features, logits = self.features(images)
+        targets = torch.full((len(images),), -1, device=images.device) if targets is None else targets.to(images.device).long()
+        self.generated.update(**features, logits=logits, targets=targets)
 
     def compute(self) -> dict[str, float]:
-        generated = self.generated.compute()
+        """Point estimates of every metric (see the class docstring)."""
+        real, generated = self.real.compute(), self.generated.compute()
         probabilities = generated["logits"].softmax(-1)
-        results = {"evaluator_confidence": float(probabilities.max(-1).values.mean()), "inception_score": inception_score(probabilities)}
-        real = self.real.compute()
-        if len(real.get("features", ())) > 1 and len(generated["features"]) > 1:
-            results["fid"] = frechet_distance(real["features"], generated["features"])
         targets = generated["targets"]
+        results = {"num_samples": float(len(targets)), "evaluator_confidence": float(probabilities.max(-1).values.mean()), "inception_score": inception_score(probabilities)}
         if bool((targets >= 0).all()):
             results["guided_accuracy"] = float((probabilities.argmax(-1) == targets).float().mean())
+        if len(real.get("labels", ())) < 2 or len(targets) < 2:
+            return results
+        classes = torch.where(targets >= 0, targets, probabilities.argmax(-1))
+        for space in self.space_names:
+            reference = ReferenceStatistics(real[space])
+            for name, distance in DISTANCES.items():
+                results[f"{name}_{space}"] = distance(reference, generated[space])
+            if min(len(real[space]), len(generated[space])) > self.nearest_k:  # k-NN balls need more than k points
+                results |= {f"{k}_{space}": v for k, v in precision_recall_density_coverage(real[space], generated[space], self.nearest_k).items()}
+            results[f"diversity_{space}"] = diversity_ratio(real[space], real["labels"], generated[space], classes)
         return results
 
+    def compute_intervals(self, num_resamples: int = 200, seed: int = 0) -> dict[str, tuple[float, float]]:
+        """95% intervals: Wilson for `guided_accuracy`; for FID and KID, the bootstrap's spread placed around the estimate.
+
+        The real reference set stays fixed (it is the population compared against); the generated samples are
+        the random draw, resampled with replacement `num_resamples` times. A resample repeats samples, which
+        raises FID by about as much as its own finite-sample bias, so the raw percentile interval sits above the
+        estimate (on held-out real digits it can even exclude it). The interval kept is the estimate minus and plus
+        the distances from the bootstrap median to its 2.5% and 97.5% points: how far the number moves with
+        other seeds at the same sample count, the noise that matters when rows of equal size are compared.
+        """
+        real, generated = self.real.compute(), self.generated.compute()
+        targets = generated["targets"]
+        intervals = {}
+        if bool((targets >= 0).all()):
+            correct = int((generated["logits"].argmax(-1) == targets).sum())
+            intervals["guided_accuracy"] = wilson_interval(correct, len(targets))
+        if len(real.get("labels", ())) < 2 or len(targets) < 2:
+            return intervals
+        generator = torch.Generator().manual_seed(seed)
+        draws = [torch.randint(0, len(targets), (len(targets),), generator=generator) for _ in range(num_resamples)]
+        for space in self.space_names:
+            reference = ReferenceStatistics(real[space])
+            for name, distance in DISTANCES.items():
+                estimate = distance(reference, generated[space])
+                low, median, high = np.percentile([distance(reference, generated[space][draw]) for draw in draws], [2.5, 50, 97.5])
+                floor = 0.0 if name == "fid" else -math.inf  # FID is a squared distance; KID's unbiased estimate can be < 0
+                intervals[f"{name}_{space}"] = (max(floor, float(estimate - (median - low))), float(estimate + (high - median)))
+        return intervals
+
     def reset(self) -> None:
+        """Forgets the generated samples; the real reference set stays."""
         self.generated.reset()
 
     def reset_real(self) -> None:

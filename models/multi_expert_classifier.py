@@ -28,7 +28,11 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 def expert_boundaries(num_experts: int, num_train_timesteps: int) -> list[int]:
-    """[n T / N for n in 0..N]: expert n covers timesteps [n T / N, (n + 1) T / N)."""
+    """[n T / N for n in 0..N], rounded: expert n covers timesteps [b_n, b_{n+1}).
+
+    The authors' code floors n T / N; the two agree whenever N divides T (N = 1, 2, 5, 10 at T = 1000) and
+    otherwise move a boundary by one timestep (N = 3: 667 here, 666 there).
+    """
     if not 1 <= num_experts <= num_train_timesteps:
         raise ValueError(f"Expected `num_experts` to be between 1 and T={num_train_timesteps}, but got {num_experts}.")
     return [round(n * num_train_timesteps / num_experts) for n in range(num_experts + 1)]
@@ -49,8 +53,14 @@ class MultiExpertClassifier(nn.Module):
 
     PPAP's parameter-efficient experts (`finetune="lora"`): per expert a peft LoRA adapter on the chosen
     weights (with its own LoRA bias where every targeted layer has a bias: ViT/DeiT attention, not ResNet
-    convs), and its own copy of every normalisation layer (BatchNorm affine weights *and running
-    statistics*, which noise shifts) and of the classifier head. Switching experts
+    convs), its own copy of every normalisation layer (BatchNorm affine weights *and running statistics*,
+    which noise shifts) and, with `per_expert_head`, of the classifier head. The authors keep the head frozen
+    (riiid/PPAP `resnet_adapter.freeze_model`); the paper names bias, BatchNorm and LoRA parameters.
+
+    Routing: timestep t goes to the expert whose range [b_n, b_{n+1}) holds it, so a step that lands exactly
+    on a boundary goes to the upper expert, the one trained on it. The authors' `MultiExpertWrapper` tests
+    `b_n <= t <= b_{n+1}` and sends such a step to the lower expert, which never trained on it (4 of the 50
+    DDPM-50 steps at N = 5). Switching experts
     switches these small parameter sets (peft `set_adapter`); the backbone is never reloaded or changed.
     `finetune="full"` gives the paper's "multi-experts" rows instead: N full copies, all trainable.
 
@@ -64,6 +74,8 @@ class MultiExpertClassifier(nn.Module):
         target_modules: regex or list of module names for LoRA; defaults per model family
             (ResNet: stem conv + conv1/conv2 of each block; ViT/DeiT: attn.qkv and attn.proj).
         timestep_boundaries: custom ranges b_0=0 < b_1 < ... < b_N=T.
+        per_expert_head: each LoRA expert owns a copy of the classifier head (True), or all share the frozen
+            off-the-shelf head (False, the authors' choice).
     """
 
     def __init__(
@@ -76,6 +88,7 @@ class MultiExpertClassifier(nn.Module):
         lora_alpha: float = 8.0,
         target_modules: str | list[str] | None = None,
         timestep_boundaries: list[int] | None = None,
+        per_expert_head: bool = True,
     ) -> None:
         super().__init__()
         if finetune not in ("lora", "full"):
@@ -95,7 +108,7 @@ class MultiExpertClassifier(nn.Module):
         self.register_buffer("boundaries", torch.tensor(boundaries), persistent=False)
         self.config = dict(
             num_experts=num_experts, num_train_timesteps=num_train_timesteps, finetune=finetune, lora_rank=lora_rank,
-            lora_alpha=lora_alpha, target_modules=target_modules, timestep_boundaries=boundaries,
+            lora_alpha=lora_alpha, target_modules=target_modules, timestep_boundaries=boundaries, per_expert_head=per_expert_head,
         )
         backbone.requires_grad_(False)
         if finetune == "full":
@@ -106,7 +119,7 @@ class MultiExpertClassifier(nn.Module):
                 r=lora_rank,
                 lora_alpha=lora_alpha,
                 target_modules=targets,
-                modules_to_save=self.per_expert_modules(backbone),
+                modules_to_save=self.per_expert_modules(backbone, per_expert_head),
                 # A LoRA bias is a per-expert bias of its layer; a layer without a bias (ResNet convs, followed by
                 # BatchNorm, whose per-expert copy holds the bias) gets none, as in the authors' adapters.
                 lora_bias=all(module.bias is not None for module in targeted),
@@ -147,10 +160,10 @@ class MultiExpertClassifier(nn.Module):
         return target_modules, [layers[name] for name in matched]
 
     @staticmethod
-    def per_expert_modules(backbone: TimmClassifier) -> list[str]:
-        """Modules each expert owns a full copy of: every normalisation layer and the classifier head."""
-        head = backbone.model.get_classifier()
-        return [name for name, module in backbone.named_modules() if isinstance(module, NORM_TYPES) or (module is head and name)]
+    def per_expert_modules(backbone: TimmClassifier, head: bool = True) -> list[str]:
+        """Modules each expert owns a full copy of: every normalisation layer and, if `head`, the classifier head."""
+        classifier_head = backbone.model.get_classifier() if head else None
+        return [name for name, module in backbone.named_modules() if isinstance(module, NORM_TYPES) or (module is classifier_head and name)]
 
     def set_expert(self, n: int) -> None:
         """Makes expert n the one that runs (and, when training, the one whose parameters train)."""
@@ -185,6 +198,26 @@ class MultiExpertClassifier(nn.Module):
             mask = index == n
             logits[mask] = self.expert_module(n)(images[mask])
         return logits
+
+    def copy_expert(self, source: int, target: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """Makes expert `target` a copy of expert `source` (parameters and BatchNorm statistics).
+
+        Returns the (source, target) parameter pairs, so a caller can carry optimiser state across as well.
+        """
+        if self.finetune == "full":
+            self.experts[target].load_state_dict(self.experts[source].state_dict())
+            return list(zip(self.experts[source].parameters(), self.experts[target].parameters()))
+        src, dst = f".{self.expert_name(source)}", f".{self.expert_name(target)}"
+        tensors = dict(self.peft_model.named_parameters()) | dict(self.peft_model.named_buffers())
+        pairs = []
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                if f"{src}." in key or key.endswith(src):
+                    twin = tensors[key.replace(f"{src}.", f"{dst}.") if f"{src}." in key else key[: -len(src)] + dst]
+                    twin.copy_(tensor)
+                    if isinstance(tensor, nn.Parameter):
+                        pairs.append((tensor, twin))
+        return pairs
 
     def expert_parameters(self, n: int) -> list[nn.Parameter]:
         """The parameters that expert n trains."""

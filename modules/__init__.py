@@ -1,5 +1,6 @@
 """The top floor below the CLI: LightningModules, the training and evaluation jobs. Their networks live in `models/`."""
 
+from plugguide.modules.autoencoder_pretraining import AutoencoderPretraining
 from plugguide.modules.calibration_evaluation import CalibrationEvaluation
 from plugguide.modules.classifier_pretraining import ClassifierPretraining
 from plugguide.modules.diffusion_pretraining import DiffusionPretraining
@@ -8,4 +9,4 @@ from plugguide.modules.guide_distillation import GuideDistillation
 from plugguide.modules.guided_sampling import GuidedSampling
 from plugguide.modules.progressive_halving import ProgressiveHalving
 
-__all__ = ["CalibrationEvaluation", "ClassifierPretraining", "DiffusionPretraining", "ExpertDistillation", "GuideDistillation", "GuidedSampling", "ProgressiveHalving"]
+__all__ = ["AutoencoderPretraining", "CalibrationEvaluation", "ClassifierPretraining", "DiffusionPretraining", "ExpertDistillation", "GuideDistillation", "GuidedSampling", "ProgressiveHalving"]

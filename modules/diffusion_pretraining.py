@@ -6,7 +6,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DConditionModel
-from lightning.pytorch.cli import OptimizerCallable
+from diffusers.training_utils import compute_snr
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from plugguide.datamodules.resumable_loader import step_generator
@@ -24,10 +25,16 @@ class DiffusionPretraining(L.LightningModule):
     eps(x, null) for classifier-free guidance. EMA weights come from Lightning's `EMAWeightAveraging`
     callback (configs/pretrain/); `export` writes a diffusers pipeline directory.
 
+    With `min_snr_gamma` the per-example loss is weighted by `min(SNR_t, gamma) / SNR_t` (Hang et al., 2023,
+    "Efficient Diffusion Training via Min-SNR Weighting Strategy", eps-prediction form): the many nearly clean
+    timesteps, whose eps is hard to predict and matters little to samples, stop dominating the gradient.
+
     Args:
         unet: the denoiser.
         noise_scheduler: the forward process (betas, T), saved with the model.
         optimizer: optimiser factory.
+        lr_scheduler: optional learning-rate schedule factory, stepped every optimizer step (e.g. `OneCycleLR`).
+        min_snr_gamma: gamma of Min-SNR loss weighting; None trains on the plain eps-MSE.
         num_classes: number of real classes for a class-conditional UNet; None for unconditional.
         label_dropout: probability of training a sample on the null class.
         pretrained_path: diffusers pipeline directory whose UNet weights initialise `unet` (fine-tuning); the
@@ -41,6 +48,8 @@ class DiffusionPretraining(L.LightningModule):
         unet: nn.Module,
         noise_scheduler: DDPMScheduler,
         optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        min_snr_gamma: float | None = None,
         num_classes: int | None = None,
         label_dropout: float = 0.1,
         pretrained_path: str | None = None,
@@ -60,12 +69,15 @@ class DiffusionPretraining(L.LightningModule):
             raise ValueError(f"Expected `label_dropout` to be in [0, 1), but got {label_dropout}.")
         if seed < 0:
             raise ValueError(f"Expected `seed` to be >= 0, but got {seed}.")
-        self.save_hyperparameters(ignore=["unet", "noise_scheduler", "optimizer"])
+        if min_snr_gamma is not None and not min_snr_gamma > 0:
+            raise ValueError(f"Expected `min_snr_gamma` to be > 0 or None, but got {min_snr_gamma}.")
+        self.save_hyperparameters(ignore=["unet", "noise_scheduler", "optimizer", "lr_scheduler"])
         if pretrained_path is not None:
             unet.load_state_dict(load_unet(pretrained_path, "pretrained_path").state_dict())
         self.unet = unet
         self.noise_scheduler = noise_scheduler
         self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
 
     def _step(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
         images = batch["image"]
@@ -80,7 +92,11 @@ class DiffusionPretraining(L.LightningModule):
             prediction = self.unet(noisy, timesteps, None, class_labels=labels).sample
         else:
             prediction = self.unet(noisy, timesteps).sample
-        loss = F.mse_loss(prediction, noise)
+        loss = F.mse_loss(prediction, noise, reduction="none").flatten(1).mean(1)
+        if self.hparams.min_snr_gamma is not None:
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            loss = loss * snr.clamp(max=self.hparams.min_snr_gamma) / snr
+        loss = loss.mean()
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train")
         return loss
 
@@ -92,7 +108,10 @@ class DiffusionPretraining(L.LightningModule):
         self._step(batch, "val", torch.Generator(batch["image"].device).manual_seed(batch_idx))
 
     def configure_optimizers(self):
-        return self.optimizer(self.unet.parameters())
+        optimizer = self.optimizer(self.unet.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
     def sampling_pipeline(self) -> GuidedDiffusionPipeline:
         """The current model with a DDIM sampler, for sample grids."""

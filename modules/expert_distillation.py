@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 import os
-
 from typing import Literal
 
 import torch
@@ -28,15 +28,20 @@ class ExpertDistillation(FrozenNetworksModule):
     For a clean image x0~ and expert n, with t ~ U[b_n, b_{n+1}) and x_t = sqrt(abar_t) x0~ + sqrt(1 - abar_t) eps:
         L_n = KL( softmax(f(x0~) / tau) || softmax(f_n(x_t)) ),
     f the frozen off-the-shelf classifier (teacher), tau its temperature. With `supervision="labels"`
-    the target is the real label instead (cross-entropy), the paper's supervised rows.
+    the target is the real label instead (cross-entropy), the paper's supervised rows. The KL is summed over
+    classes and averaged over the batch (`batchmean`, the KL itself); the authors' `KLDivLoss(reduction="none")`
+    followed by a mean over classes and batch is C times smaller (C classes): the same optimum and, under
+    AdamW, almost the same steps, but logged losses differ by that factor.
 
-    Experts are trained in one run, round-robin: step k trains expert k mod N. Every expert gets exactly
-    1/N of the steps, all of them improve together (so sample grids during `fit` are meaningful), and the
-    schedule is a function of the step alone, so a resumed run trains the same expert at the same step.
-    The authors train experts one after another; with equal steps per expert the two are equivalent
-    up to the optimiser state, which AdamW keeps per parameter, and experts share no trainable parameter.
-    A step's t and noise come from a generator seeded by (`seed`, step, rank), so a run resumed
-    mid-epoch draws exactly what an uninterrupted one would.
+    Two schedules train the N experts in one run, each expert getting 1/N of `max_steps`:
+    - "round_robin": step k trains expert k mod N, every expert starting from the off-the-shelf classifier.
+      All experts improve together, so sample grids during `fit` mean something from the first epoch on.
+    - "chain" (the authors' `classifier_train.py`): experts one after another from the lowest noise range
+      up; expert n+1 starts from expert n's parameters, BatchNorm statistics and AdamW state, i.e. one model
+      trained on range after range, saved after each.
+    Both are functions of the step alone, so a resumed run trains the same expert at the same step, and a
+    step's t and noise come from a generator seeded by (`seed`, step, rank), so a run resumed mid-epoch
+    draws exactly what an uninterrupted one would.
 
     Under DDP the experts that do not train in a step get no gradient, which plain DDP rejects; `setup`
     turns on `find_unused_parameters` for a `DDPStrategy` (`--trainer.strategy=ddp` just works, and
@@ -55,6 +60,8 @@ class ExpertDistillation(FrozenNetworksModule):
         lora_rank: LoRA rank.
         lora_alpha: LoRA alpha.
         target_modules: LoRA targets (default per model family, see `MultiExpertClassifier`).
+        per_expert_head: LoRA experts each own a copy of the classifier head (True) or share the frozen one (False, the authors').
+        expert_schedule: "round_robin" or "chain" (see above).
         supervision: "teacher" (data-free KL to the teacher) or "labels" (real labels, cross-entropy).
         temperature: tau of the teacher's softmax.
         optimizer: optimiser factory (AdamW in the paper).
@@ -62,6 +69,7 @@ class ExpertDistillation(FrozenNetworksModule):
         num_inference_steps: sampler steps for grids and tests.
         guidance_scale: guidance scale for grids and tests.
         evaluator_path: independent classifier scoring test samples.
+        autoencoder_path: `AutoencoderKL` whose latents are one more feature space of the test's quality metrics.
         seed: seed of the training steps' timesteps and noise (with the step and the rank).
     """
 
@@ -76,6 +84,8 @@ class ExpertDistillation(FrozenNetworksModule):
         lora_rank: int = 16,
         lora_alpha: float = 8.0,
         target_modules: str | list[str] | None = None,
+        per_expert_head: bool = True,
+        expert_schedule: Literal["round_robin", "chain"] = "round_robin",
         supervision: Literal["teacher", "labels"] = "teacher",
         temperature: float = 0.25,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -83,11 +93,14 @@ class ExpertDistillation(FrozenNetworksModule):
         num_inference_steps: int = 50,
         guidance_scale: float = 10.0,
         evaluator_path: str | None = "assets/digits/evaluator",
+        autoencoder_path: str | None = "assets/digits/autoencoder",
         seed: int = 0,
     ) -> None:
         super().__init__()
         if supervision not in ("teacher", "labels"):
             raise ValueError(f"Expected `supervision` to be 'teacher' or 'labels', but got {supervision!r}.")
+        if expert_schedule not in ("round_robin", "chain"):
+            raise ValueError(f"Expected `expert_schedule` to be 'round_robin' or 'chain', but got {expert_schedule!r}.")
         if temperature <= 0:
             raise ValueError(f"Expected `temperature` to be > 0, but got {temperature}.")
         if guidance_scale < 0:
@@ -109,19 +122,20 @@ class ExpertDistillation(FrozenNetworksModule):
             lora_rank=lora_rank,
             lora_alpha=lora_alpha,
             target_modules=target_modules,
+            per_expert_head=per_expert_head,
         )
         self.unet = load_unet(diffusion_model, "diffusion_model").eval().requires_grad_(False)
         self.sampler = load_scheduler(diffusion_model, sampler, "sampler")
         check_classifier_input(self.teacher, self.unet.config.in_channels, self.unet.config.sample_size, "teacher_path", teacher_path)
         self.metrics = None
         if evaluator_path:
-            evaluator = load_classifier(evaluator_path, "evaluator_path")
+            self.metrics = GenerationMetrics.from_paths(evaluator_path, autoencoder_path)
+            evaluator = self.metrics.evaluator
             if evaluator.num_classes != self.teacher.num_classes or evaluator.in_chans != self.teacher.in_chans:
                 raise ValueError(
                     f"`evaluator_path`={evaluator_path!r} scores {evaluator.num_classes} classes of {evaluator.in_chans}-channel images, "
                     f"but the experts guide toward {self.teacher.num_classes} classes of {self.teacher.in_chans}-channel images; they must match."
                 )
-            self.metrics = GenerationMetrics(evaluator, evaluator.num_classes)
         report = self.experts.parameter_report()
         rank_zero_info(
             f"{num_experts} {finetune} experts: {report['trainable_total']:,} trainable parameters "
@@ -136,6 +150,11 @@ class ExpertDistillation(FrozenNetworksModule):
             raise ValueError(
                 f"The data caches the logits of `data.teacher_path`={cached_teacher!r} but the experts distil "
                 f"`model.teacher_path`={self.hparams.teacher_path!r}; set both to the same classifier, or `data.teacher_path` to null."
+            )
+        if stage == "fit" and self.hparams.expert_schedule == "chain" and self.trainer.max_steps < self.experts.num_experts:
+            raise ValueError(
+                f"`expert_schedule`='chain' gives each of the {self.experts.num_experts} experts max_steps / N steps, so it needs "
+                f"`trainer.max_steps` >= N, but got {self.trainer.max_steps}."
             )
         strategy = self.trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, DDPStrategy) and self.experts.num_experts > 1 and not strategy._ddp_kwargs.get("find_unused_parameters"):
@@ -179,9 +198,30 @@ class ExpertDistillation(FrozenNetworksModule):
         self.log(f"{stage}/expert_{expert}/agreement", agreement, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
+    def expert_at(self, step: int) -> int:
+        """The expert that trains at optimizer step `step` under `expert_schedule`."""
+        num_experts = self.experts.num_experts
+        if self.hparams.expert_schedule == "round_robin":
+            return step % num_experts
+        return min(step // self.steps_per_expert(), num_experts - 1)
+
+    def steps_per_expert(self) -> int:
+        return -(-self.trainer.max_steps // self.experts.num_experts)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        generator = step_generator(self.hparams.seed, self.global_step, self.global_rank, batch["image"].device)
-        return self._step(batch, "train", self.global_step % self.experts.num_experts, generator)
+        step = self.global_step
+        expert = self.expert_at(step)
+        if self.hparams.expert_schedule == "chain" and expert > 0 and step == expert * self.steps_per_expert():
+            self.continue_chain(expert)
+        generator = step_generator(self.hparams.seed, step, self.global_rank, batch["image"].device)
+        return self._step(batch, "train", expert, generator)
+
+    def continue_chain(self, expert: int) -> None:
+        """Expert n starts where expert n - 1 ended: its parameters, BatchNorm statistics and AdamW moments."""
+        optimizer = self.optimizers().optimizer
+        for source, target in self.experts.copy_expert(expert - 1, expert):
+            if source in optimizer.state:
+                optimizer.state[target] = copy.deepcopy(optimizer.state[source])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Real labelled images, every expert on its own noise range, fixed noise: accuracy vs the true label.
@@ -223,7 +263,7 @@ class ExpertDistillation(FrozenNetworksModule):
         labels = batch["label"]
         seeds = torch.arange(len(labels)) + batch_idx * 100_003
         images = sample_batch(pipeline, {"label": labels, "seed": seeds}, num_inference_steps=self.hparams.num_inference_steps, guidance_scale=self.hparams.guidance_scale)
-        self.metrics.update_real(batch["image"])
+        self.metrics.update_real(batch["image"], batch["label"])
         self.metrics.update_generated(images, labels)
 
     def on_test_epoch_end(self) -> None:

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.metrics import GenerationMetrics
-from plugguide.models import load_classifier, load_guide, load_scheduler, load_unet, load_vae
+from plugguide.models import load_guide, load_scheduler, load_unet, load_vae
 from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, sample_batch
 from plugguide.pipelines.guidance import Guidance
 
@@ -63,8 +63,7 @@ class GuidedSampling(L.LightningModule):
         self.guidance = guidance
         self.metrics = None
         if evaluator_path:
-            evaluator = load_classifier(evaluator_path, "evaluator_path")
-            self.metrics = GenerationMetrics(evaluator, evaluator.num_classes)
+            self.metrics = GenerationMetrics.from_paths(evaluator_path)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         self.pipeline.set_progress_bar_config(disable=True)

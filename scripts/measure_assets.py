@@ -1,81 +1,108 @@
-"""Measures the shipped digits models and prints the README's quality table (markdown).
+"""Measures the shipped digits models and prints the README's asset tables (markdown).
 
-    python scripts/measure_assets.py [--samples-per-class 50] [--steps 50]
+    python scripts/measure_assets.py [--samples-per-class 50] [--steps 50] [--out runs/assets]
 
-Classifiers: accuracy on the fixed test split of `DigitsDataModule` (359 images).
-Diffusion models: samples from fixed seeds, scored by the independent evaluator
-(confidence, FID on evaluator features against the 359 real test digits, IS-style score;
-for the class-conditional model, evaluator accuracy on the target classes under CFG).
+Classifiers: accuracy on the fixed test split of `DigitsDataModule` (359 images). Autoencoder: reconstruction
+error on that split. Diffusion models: unguided (or class-conditional, or CFG) samples under the table protocol
+of `scripts/protocol.py`, with DDIM and DDPM samplers; real held-out digits are scored the same way as a
+reference row. Grids of every row go to `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
 
 from plugguide.datamodules import DigitsDataModule
-from plugguide.metrics import GenerationMetrics
-from plugguide.models.classifier import load_classifier
-from plugguide.models.diffusion_model import load_scheduler, load_unet
-from plugguide.pipelines import sample_batch
-from plugguide.pipelines import GuidedDiffusionPipeline
+from plugguide.metrics.reporting import markdown_table
+from plugguide.models import load_classifier, load_scheduler, load_unet, load_vae
+from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
+from protocol import AUTOENCODER, QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, targets
 
 ASSETS = "assets/digits"
+CLASSIFIERS = ("classifier-resnet", "classifier-deit", "evaluator")
+# (model, sampler, CFG weight)
+DIFFUSION_ROWS = (
+    ("ddpm-uncond", "DDIMScheduler", 0.0),
+    ("ddpm-uncond", "DDPMScheduler", 0.0),
+    ("ddpm-cond", "DDIMScheduler", 0.0),
+    ("ddpm-cond", "DDIMScheduler", 3.0),
+)
 
 
-def test_images() -> tuple[torch.Tensor, torch.Tensor]:
+def test_split() -> tuple[torch.Tensor, torch.Tensor]:
     data = DigitsDataModule(batch_size=1000)
     data.setup("test")
     batch = next(iter(data.test_dataloader()))
     return batch["image"], batch["label"]
 
 
+def size_mib(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files) / 2**20
+
+
 @torch.no_grad()
-def classifier_accuracy(path: str, images: torch.Tensor, labels: torch.Tensor) -> float:
-    classifier = load_classifier(path).eval()
-    return (classifier(images).argmax(-1) == labels).float().mean().item()
+def classifier_rows(images: torch.Tensor, labels: torch.Tensor) -> list[list[str]]:
+    rows = []
+    for name in CLASSIFIERS:
+        classifier = load_classifier(os.path.join(ASSETS, name)).eval()
+        accuracy = (classifier(images).argmax(-1) == labels).float().mean().item()
+        params = sum(p.numel() for p in classifier.parameters())
+        rows.append([f"{name} ({type(classifier.model).__name__})", f"{params:,}", f"{size_mib(os.path.join(ASSETS, name)):.1f}", f"{accuracy:.4f}"])
+    return rows
 
 
-def diffusion_scores(path: str, real: torch.Tensor, per_class: int, steps: int, cfg_scale: float) -> dict[str, float]:
-    pipeline = GuidedDiffusionPipeline(load_unet(path), load_scheduler(path, "DDIMScheduler"))
-    pipeline.set_progress_bar_config(disable=True)
-    evaluator = load_classifier(os.path.join(ASSETS, "evaluator"))
-    metrics = GenerationMetrics(evaluator, evaluator.num_classes)
-    metrics.update_real(real)
-    conditional = pipeline.is_class_conditional
-    labels = torch.arange(10).repeat_interleave(per_class) if conditional else torch.full((10 * per_class,), -1)
-    for start in range(0, len(labels), 250):
-        chunk = labels[start : start + 250]
-        batch = {"label": chunk, "seed": torch.arange(start, start + len(chunk))}
-        metrics.update_generated(sample_batch(pipeline, batch, num_inference_steps=steps, cfg_scale=cfg_scale), chunk)
-    return metrics.compute()
+@torch.no_grad()
+def autoencoder_row(images: torch.Tensor) -> list[str]:
+    vae = load_vae(AUTOENCODER, "autoencoder").eval()
+    reconstruction = vae.decode(vae.encode(images).latent_dist.mean).sample
+    params = sum(p.numel() for p in vae.parameters())
+    return [f"autoencoder ({type(vae).__name__})", f"{params:,}", f"{size_mib(AUTOENCODER):.1f}", f"reconstruction MSE {torch.mean((reconstruction - images) ** 2):.4f}"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples-per-class", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
+    parser.add_argument("--out", default="runs/assets")
     args = parser.parse_args()
-    images, labels = test_images()
-    size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(ASSETS) for f in files)
-    print(f"Assets: {size / 2**20:.1f} MiB in {ASSETS}/\n")
-    print("| model | params | test accuracy |\n|---|---|---|")
-    for name in ("classifier-resnet", "classifier-deit", "evaluator"):
+    images, labels = test_split()
+    print(f"Assets: {size_mib(ASSETS):.1f} MiB in {ASSETS}/\n")
+    print(markdown_table(["model", "params", "MiB", "test split (359 digits)"], [*classifier_rows(images, labels), autoencoder_row(images)]))
+
+    metrics = reference_metrics()
+    sample_labels, seeds = targets(args.samples_per_class)
+    # A floor for every distance: 500 real digits drawn from the reference set itself, grouped by class.
+    real_images, real_labels = DigitsDataModule().all_images()
+    drawn = torch.randperm(len(real_images), generator=torch.Generator().manual_seed(0))[: len(sample_labels)]
+    drawn = drawn[torch.argsort(real_labels[drawn], stable=True)]
+    rows, results = [], {}
+    reference = measure(metrics, lambda l, s: real_images[drawn[s]], real_labels[drawn], seeds, grid_path=f"{args.out}/real.png")
+    results["real digits"] = reference
+    rows.append(["real digits (500 drawn from the reference set)", "-", "-", "-", *quality_cells(reference)])
+    for name, sampler, cfg in DIFFUSION_ROWS:
         path = os.path.join(ASSETS, name)
-        params = sum(p.numel() for p in load_classifier(path).parameters())
-        print(f"| {name} ({load_classifier(path).model.__class__.__name__}) | {params:,} | {classifier_accuracy(path, images, labels):.4f} |")
-    n = 10 * args.samples_per_class
-    print(f"\n| diffusion model | params | sampler | samples | evaluator accuracy on target | evaluator confidence | FID (evaluator features, vs {len(images)} test digits) | IS (evaluator) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, cfg in (("ddpm-uncond", 0.0), ("ddpm-cond", 0.0), ("ddpm-cond", 3.0)):
-        path = os.path.join(ASSETS, name)
-        scores = diffusion_scores(path, images, args.samples_per_class, args.steps, cfg)
-        params = sum(p.numel() for p in load_unet(path).parameters())
+        pipeline = GuidedDiffusionPipeline(load_unet(path), load_scheduler(path, sampler))
+        pipeline.set_progress_bar_config(disable=True)
+        conditional = pipeline.is_class_conditional
+        row_labels = sample_labels if conditional else torch.full_like(sample_labels, -1)
+        steps = f"{sampler.removesuffix('Scheduler')}-{args.steps}"
         label = f"{name}" + (f", CFG w={cfg:g}" if cfg else "")
-        accuracy = f"{scores['guided_accuracy']:.4f}" if "guided_accuracy" in scores else "n/a (unconditional)"
-        print(f"| {label} | {params:,} | DDIM-{args.steps} | {n} | {accuracy} | {scores['evaluator_confidence']:.4f} | {scores['fid']:.2f} | {scores['inception_score']:.2f} |")
+        row = measure(
+            metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=args.steps, cfg_scale=cfg),
+            row_labels, seeds, grid_path=f"{args.out}/{label.replace(' ', '_').replace(',', '')}-{steps}.png",
+        )
+        results[f"{label} {steps}"] = row
+        params = sum(p.numel() for p in pipeline.unet.parameters())
+        rows.append([label, f"{params:,}", f"{size_mib(path):.1f}", steps, *quality_cells(row)])
+    print(f"\n{describe(len(sample_labels), 'Unguided sampling')} Unconditional rows have no target class (accuracy n/a).\n")
+    print(markdown_table(["diffusion model", "params", "MiB", "sampler", *QUALITY_HEADERS], rows))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as file:
+        json.dump(results, file, indent=1)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from plugguide.models import TimmClassifier
 
@@ -13,6 +13,7 @@ torch.set_num_threads(1)
 TINY_RESNET = dict(model_name="resnet18", num_classes=10, in_chans=1, model_kwargs=dict(layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], stem_width=8))
 TINY_DEIT = dict(model_name="deit_tiny_patch16_224", num_classes=10, in_chans=1, model_kwargs=dict(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2))
 TINY_CONVNEXT = dict(model_name="convnext_atto", num_classes=10, in_chans=1, model_kwargs=dict(depths=[1, 1, 1, 1], dims=[8, 8, 16, 16], patch_size=1))
+TINY_AUTOENCODER = dict(in_channels=1, out_channels=1, sample_size=16, block_out_channels=(4, 8), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=2, norm_num_groups=4)
 TINY_UNET = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4)
 
 
@@ -45,6 +46,9 @@ def tiny_assets(tmp_path_factory) -> dict[str, str]:
         torch.manual_seed(0)
         paths[name] = str(root / name)
         TimmClassifier(**spec).save_pretrained(paths[name])
+    torch.manual_seed(0)
+    paths["autoencoder"] = str(root / "autoencoder")
+    AutoencoderKL(**TINY_AUTOENCODER).save_pretrained(paths["autoencoder"])
     return paths
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from plugguide.datamodules import SynthesizedImageDataModule
 from plugguide.models import MultiExpertClassifier, TimmClassifier
-from plugguide.modules import ExpertDistillation
 from plugguide.models.multi_expert_classifier import expert_boundaries
+from plugguide.modules import ExpertDistillation
 from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.guided_diffusion import step_variance
 from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance
@@ -75,6 +77,48 @@ def test_parameter_report_counts_lora_norms_and_head():
     assert 0 < report["trainable_per_expert"] < total and report["trainable_total"] == 5 * report["trainable_per_expert"]
     full = MultiExpertClassifier(TimmClassifier(**TINY_RESNET), num_experts=5, finetune="full").parameter_report()
     assert full["trainable_percent_of_backbone"] == pytest.approx(500.0)
+
+
+def test_frozen_head_experts_share_the_off_the_shelf_head(tmp_path):
+    torch.manual_seed(0)
+    own = MultiExpertClassifier(TimmClassifier(**TINY_RESNET), num_experts=3, lora_rank=2)
+    torch.manual_seed(0)
+    shared = MultiExpertClassifier(TimmClassifier(**TINY_RESNET), num_experts=3, lora_rank=2, per_expert_head=False)
+    head = sum(p.numel() for p in TimmClassifier(**TINY_RESNET).model.get_classifier().parameters())
+    assert own.parameter_report()["trainable_total"] - shared.parameter_report()["trainable_total"] == 3 * head
+    assert not any("fc" in name for name, _ in shared.peft_model.named_parameters() if ".modules_to_save." in name)
+    shared.save_pretrained(str(tmp_path / "experts"))
+    assert MultiExpertClassifier.from_pretrained(str(tmp_path / "experts")).config["per_expert_head"] is False
+
+
+class ChainSnapshots(L.Callback):
+    """Expert 0 as it ends (before step 2) and expert 1 as step 2 begins its update, for a chain of 2 x 2 steps."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 2:
+            self.expert_0 = [p.detach().clone() for p in pl_module.experts.expert_parameters(0)]
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 2:
+            self.expert_1 = [p.detach().clone() for p in pl_module.experts.expert_parameters(1)]
+            self.moments = [float(optimizer.state[p]["step"]) if "step" in optimizer.state[p] else None for p in pl_module.experts.expert_parameters(1)]
+
+
+def test_chained_experts_start_where_the_previous_expert_ended(tiny_assets, tmp_path):
+    module = ExpertDistillation(
+        teacher_path=tiny_assets["classifier-resnet"], diffusion_model=tiny_assets["ddpm-uncond"], num_experts=2, lora_rank=4,
+        evaluator_path=None, expert_schedule="chain", optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+    )
+    data = SynthesizedImageDataModule(diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=16, shard_size=16, batch_size=4, cache_dir=str(tmp_path))
+    snapshots = ChainSnapshots()
+    trainer = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, callbacks=[snapshots])
+    trainer.fit(module, data)
+    assert [module.expert_at(step) for step in range(4)] == [0, 0, 1, 1]
+    assert all(torch.equal(a, b) for a, b in zip(snapshots.expert_0, snapshots.expert_1))  # copied, not yet updated
+    assert snapshots.moments == [2.0] * len(snapshots.moments)  # AdamW's moments came along (expert 1 never stepped itself)
+    assert not all(torch.equal(a, b) for a, b in zip(module.experts.expert_parameters(0), module.experts.expert_parameters(1)))
+    with pytest.raises(ValueError, match="max_steps"):
+        L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(module, data)
 
 
 def test_distillation_loss_falls_and_only_experts_change(tiny_assets):

@@ -83,7 +83,8 @@ def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max((state_a[k].double() - state_b[k].double()).abs().max().item() for k in state_a if state_a[k].is_floating_point())
 
 
-def test_expert_distillation_resumes_exactly_mid_epoch(tiny_assets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule", ["round_robin", "chain"])
+def test_expert_distillation_resumes_exactly_mid_epoch(tiny_assets, tmp_path, monkeypatch, schedule):
     grids = []
     import plugguide.callbacks.sample_grid as sample_grid
 
@@ -93,8 +94,8 @@ def test_expert_distillation_resumes_exactly_mid_epoch(tiny_assets, tmp_path, mo
     def make_module():
         return ExpertDistillation(
             teacher_path=tiny_assets["classifier-resnet"], diffusion_model=tiny_assets["ddpm-uncond"], num_experts=3, lora_rank=4,
-            num_inference_steps=2, guidance_scale=1.0, evaluator_path=None, seed=7,
-        )
+            num_inference_steps=2, guidance_scale=1.0, evaluator_path=None, seed=7, expert_schedule=schedule,
+        )  # chain: 4 steps per expert, so the crash falls inside expert 1 and expert 2 starts after the resume
 
     def make_data():
         return SynthesizedImageDataModule(
