@@ -18,6 +18,7 @@ from plugguide.metrics import GenerationMetrics
 from plugguide.models import MultiExpertClassifier, check_classifier_input, load_classifier, load_scheduler, load_unet
 from plugguide.models.multi_expert_classifier import Finetune
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
+from plugguide.pipelines.finite import check_scale
 from plugguide.modules.frozen_networks import FrozenNetworksModule
 from plugguide.pipelines.guidance import ExpertGuidance
 
@@ -90,8 +91,7 @@ class ExpertDistillation(FrozenNetworksModule):
             raise ValueError(f"Expected `supervision` to be 'teacher' or 'labels', but got {supervision!r}.")
         if temperature <= 0:
             raise ValueError(f"Expected `temperature` to be > 0, but got {temperature}.")
-        if guidance_scale < 0:
-            raise ValueError(f"Expected `guidance_scale` to be >= 0, but got {guidance_scale}.")
+        check_scale("guidance_scale", guidance_scale)
         if num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
         if seed < 0:
