@@ -24,12 +24,29 @@ class Records(Metric):
             getattr(self, name).append(values.detach().float() if values.is_floating_point() else values.detach())
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {name: dim_zero_cat(getattr(self, name)) for name in self.names if getattr(self, name)}
+        # A list of batches here, one tensor after a DDP sync: either way empty when nothing was recorded.
+        return {name: dim_zero_cat(getattr(self, name)) for name in self.names if len(getattr(self, name))}
 
     @property
     def count(self) -> int:
         first = getattr(self, self.names[0])
         return sum(len(values) for values in first) if isinstance(first, list) else len(first)
+
+
+def unique_rows(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Records in the order of their `index`, each index once; rows without one (index -1) are all kept, first.
+
+    Lightning's DistributedSampler pads the last batch of every process with repeated samples, and the processes'
+    records arrive rank after rank: without this a test on 2 devices scores 360 images for 359, and its numbers
+    depend on the device count through the order of floating-point sums.
+    """
+    index = rows["index"]
+    order = torch.sort(index, stable=True).indices
+    ordered = index[order]
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    keep = order[first | (ordered < 0)]
+    return {name: values[keep] for name, values in rows.items()}
 
 
 def frechet_distance(real: torch.Tensor, generated: torch.Tensor) -> float:
@@ -62,8 +79,10 @@ class GenerationMetrics(nn.Module):
     - `evaluator_confidence`: mean max-probability of the evaluator on generated images.
 
     Evaluator outputs are kept per sample (a few floats each), so every number comes from the same pass and,
-    under DDP, from all processes' samples together. Images are (B, C, H, W) in [-1, 1]. FID depends on the
-    number of samples: compare rows of equal size.
+    under DDP, from all processes' samples together. Given each sample's global `indices` (its position in the
+    test set or sampling targets), a sample counted by two processes counts once and the numbers do not depend
+    on the number of processes (`unique_rows`). Images are (B, C, H, W) in [-1, 1]. FID depends on the number
+    of samples: compare rows of equal size.
 
     Args:
         evaluator: a classifier with `features_and_logits()` (a `TimmClassifier`); frozen here.
@@ -74,27 +93,32 @@ class GenerationMetrics(nn.Module):
         super().__init__()
         self.evaluator = evaluator.eval().requires_grad_(False)
         self.num_classes = num_classes
-        self.real = Records("features")
-        self.generated = Records("features", "logits", "targets")
+        self.real = Records("features", "index")
+        self.generated = Records("features", "logits", "targets", "index")
 
     def train(self, mode: bool = True) -> "GenerationMetrics":
         return super().train(False)  # the evaluator always runs in eval mode
 
-    @torch.no_grad()
-    def update_real(self, images: torch.Tensor) -> None:
-        self.real.update(features=self.evaluator.features_and_logits(images)[0])
+    @staticmethod
+    def _indices(images: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+        return torch.full((len(images),), -1, device=images.device) if indices is None else torch.as_tensor(indices, device=images.device).long()
 
     @torch.no_grad()
-    def update_generated(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+    def update_real(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> None:
+        self.real.update(features=self.evaluator.features_and_logits(images)[0], index=self._indices(images, indices))
+
+    @torch.no_grad()
+    def update_generated(self, images: torch.Tensor, targets: torch.Tensor | None = None, indices: torch.Tensor | None = None) -> None:
         features, logits = self.evaluator.features_and_logits(images)
         targets = torch.full((len(images),), -1, device=images.device) if targets is None else targets
-        self.generated.update(features=features, logits=logits, targets=targets.to(images.device).long())
+        self.generated.update(features=features, logits=logits, targets=targets.to(images.device).long(), index=self._indices(images, indices))
 
     def compute(self) -> dict[str, float]:
-        generated = self.generated.compute()
+        generated = unique_rows(self.generated.compute())
         probabilities = generated["logits"].softmax(-1)
         results = {"evaluator_confidence": float(probabilities.max(-1).values.mean()), "inception_score": inception_score(probabilities)}
         real = self.real.compute()
+        real = unique_rows(real) if real else {}
         if len(real.get("features", ())) > 1 and len(generated["features"]) > 1:
             results["fid"] = frechet_distance(real["features"], generated["features"])
         targets = generated["targets"]

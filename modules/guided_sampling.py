@@ -106,8 +106,8 @@ class GuidedSampling(L.LightningModule):
             scales = {"guidance_scale": self.hparams.cfg_scale}  # the guide's guidance number g plays CFG's w
         images = sample_batch(self.pipeline, batch, num_inference_steps=self.hparams.num_inference_steps, **scales)
         if self.metrics is not None:
-            self.metrics.update_generated(images, batch["label"])
-        return {"images": images.cpu(), "labels": batch["label"].cpu()}
+            self.metrics.update_generated(images, batch["label"], batch["index"])
+        return {"images": images.cpu(), "labels": batch["label"].cpu(), "index": batch["index"].cpu()}
 
     def on_predict_epoch_end(self) -> None:
         if self.metrics is not None:

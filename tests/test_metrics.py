@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics.image.inception import InceptionScore
 
 from plugguide.metrics import GenerationMetrics, frechet_distance, inception_score
+from plugguide.metrics.generation import unique_rows
 from plugguide.models import TimmClassifier
 from tests.conftest import TINY_CONVNEXT, TINY_DEIT, TINY_RESNET
 
@@ -62,3 +63,22 @@ def test_generation_metrics_score_accuracy_and_keep_the_real_set_across_resets()
     metrics.update_generated(real[:20])  # unlabelled samples: no accuracy, FID against the same real set
     results = metrics.compute()
     assert "guided_accuracy" not in results and results["fid"] > 0
+
+
+def test_a_sample_counted_twice_counts_once_and_the_order_of_arrival_does_not_matter():
+    """Lightning's DistributedSampler pads a process's last batch with repeated samples, and processes' records arrive
+    rank after rank: with the global index of every sample, the numbers are those of one process (issue 12, case 8)."""
+    torch.manual_seed(0)
+    metrics = GenerationMetrics(TimmClassifier(**TINY_RESNET), num_classes=10)
+    real, generated, targets = torch.randn(9, 1, 16, 16), torch.randn(9, 1, 16, 16), torch.arange(9)
+    metrics.update_real(real, torch.arange(9))
+    metrics.update_generated(generated, targets, torch.arange(9))
+    expected = metrics.compute()
+    metrics.reset()
+    metrics.reset_real()
+    # Two "ranks" of a padded sampler: even indices + index 0 again, odd indices; arriving rank after rank.
+    for part in ([0, 2, 4, 6, 8, 0], [1, 3, 5, 7]):
+        metrics.update_real(real[part], torch.tensor(part))
+        metrics.update_generated(generated[part], targets[part], torch.tensor(part))
+    assert metrics.compute() == pytest.approx(expected, rel=1e-6)
+    assert len(unique_rows(metrics.generated.compute())["index"]) == 9
