@@ -135,7 +135,7 @@ def test_teacher_logits_are_cached_with_the_images(tiny_assets, tmp_path, image_
 # ------------------------------------------------------------------------------------------------------
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# One process of a concurrent run: waits for the start signal, synthesizes, records the shards it wrote.
+# One process of a concurrent run: says it is ready, waits for the start signal, synthesizes, records the shards it wrote.
 WORKER = """
 import json, os, sys, time
 import torch
@@ -150,6 +150,7 @@ def slow_generate_shard(shard, device, progress):
     with open(record, "a") as file:
         file.write(f"{shard}\\n")
 module.generate_shard = slow_generate_shard
+open(record + ".ready", "w").close()
 while not os.path.exists(start):
     time.sleep(0.01)
 module.generate()
@@ -160,6 +161,7 @@ def test_two_runs_on_one_cache_write_each_shard_once_and_both_finish(tiny_assets
     import json
     import subprocess
     import sys
+    import time
 
     settings = dict(diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=24, shard_size=4, generation_batch_size=4, batch_size=4, cache_dir=str(tmp_path / "cache"))
     start = tmp_path / "start"
@@ -168,7 +170,10 @@ def test_two_runs_on_one_cache_write_each_shard_once_and_both_finish(tiny_assets
         subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(settings), str(start), str(tmp_path / f"written-{n}")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for n in range(2)
     ]
-    start.touch()
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"written-{n}.ready").exists() for n in range(2)) and time.monotonic() < deadline and all(run.poll() is None for run in runs):
+        time.sleep(0.05)
+    start.touch()  # both have imported and built their module: they start together
     outputs = [run.communicate(timeout=240) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-3000:] for _, err in outputs]
     written = [[int(line) for line in (tmp_path / f"written-{n}").read_text().split()] if (tmp_path / f"written-{n}").exists() else [] for n in range(2)]
