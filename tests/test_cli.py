@@ -144,7 +144,8 @@ def test_the_command_line_wins_over_the_checkpoints_settings(trained_experts, mo
     directory, overrides = trained_experts
     monkeypatch.chdir(directory)
     used = []
-    monkeypatch.setattr(ExpertDistillation, "test_step", lambda self, batch, batch_idx: used.append(self.hparams.guidance_scale))
+    monkeypatch.setattr(ExpertDistillation, "on_test_start", lambda self: used.append(self.hparams.guidance_scale))
+    monkeypatch.setattr(ExpertDistillation, "test_step", lambda self, batch, batch_idx: None)
     monkeypatch.setattr(ExpertDistillation, "on_test_epoch_end", lambda self: None)
     for scale in ("0", "3.5"):
         run("test", "ppap.yaml", overrides, directory, "--ckpt_path", "runs/ppap/checkpoints/last.ckpt", "--model.guidance_scale", scale)
