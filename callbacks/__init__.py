@@ -1,10 +1,11 @@
-"""Callbacks: everything that only observes training (grids, calibration curves, export)."""
+"""Callbacks: everything that only observes training (grids, calibration curves, export, the non-finite guard)."""
 
 from plugguide.callbacks.export import ExportPretrained
 from plugguide.callbacks.sample_grid import GuidedSampleGrid
 from plugguide.callbacks.sample_writer import SampleWriter
 from plugguide.callbacks.calibration_curve import CalibrationCurve
 from plugguide.callbacks.guide_grid import GuideSampleGrid
+from plugguide.callbacks.non_finite_guard import NonFiniteGuard
 
 
-__all__ = ["GuideSampleGrid", "CalibrationCurve", "SampleWriter", "ExportPretrained", "GuidedSampleGrid"]
+__all__ = ["GuideSampleGrid", "CalibrationCurve", "SampleWriter", "ExportPretrained", "GuidedSampleGrid", "NonFiniteGuard"]

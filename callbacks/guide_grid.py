@@ -8,6 +8,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
 from plugguide.models import load_classifier
+from plugguide.pipelines.finite import check_scale
 
 
 class GuideSampleGrid(L.Callback):
@@ -44,8 +45,10 @@ class GuideSampleGrid(L.Callback):
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"Expected `every_n_epochs` to be >= 1, but got {every_n_epochs}.")
-        if not guidance_scales or min(guidance_scales) < 0:
-            raise ValueError(f"Expected `guidance_scales` to be a non-empty list of numbers >= 0, but got {guidance_scales}.")
+        if not guidance_scales:
+            raise ValueError(f"Expected `guidance_scales` to be a non-empty list of finite numbers >= 0, but got {guidance_scales}.")
+        for scale in guidance_scales:
+            check_scale("guidance_scales", scale)
         self.guidance_scales = list(guidance_scales)
         self.num_per_class = num_per_class
         self.num_classes = num_classes

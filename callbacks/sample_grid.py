@@ -8,6 +8,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
 from plugguide.models import load_classifier
+from plugguide.pipelines.finite import check_scale
 
 
 class GuidedSampleGrid(L.Callback):
@@ -46,10 +47,9 @@ class GuidedSampleGrid(L.Callback):
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"Expected `every_n_epochs` to be >= 1, but got {every_n_epochs}.")
-        if guidance_scale is not None and guidance_scale < 0:
-            raise ValueError(f"Expected `guidance_scale` to be >= 0 or None, but got {guidance_scale}.")
-        if cfg_scale < 0:
-            raise ValueError(f"Expected `cfg_scale` to be >= 0, but got {cfg_scale}.")
+        if guidance_scale is not None:
+            check_scale("guidance_scale", guidance_scale)
+        check_scale("cfg_scale", cfg_scale)
         if num_per_class < 1 or num_classes < 1:
             raise ValueError(f"Expected `num_per_class` and `num_classes` to be >= 1, but got {num_per_class} and {num_classes}.")
         self.num_per_class = num_per_class

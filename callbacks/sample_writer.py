@@ -8,14 +8,18 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.utilities.distributed import gather_all_tensors
 from torchvision.utils import save_image
+
+from plugguide.metrics.generation import unique_rows
 
 
 class SampleWriter(BasePredictionWriter):
     """Writes `samples.npz` (`images` float32 N x C x H x W in [-1, 1], `labels` int64, -1 for none) and `grid.png`.
 
     Both files are written under a temporary name and renamed, so a reader never sees half a file.
-    Under DDP every rank gathers its predictions to rank 0, which writes the files.
+    Under DDP the ranks' predictions (of different sizes: the predict sampler does not pad) are gathered and
+    rank 0 writes them in the order of their global `index`, each sample once, as one process would.
 
     Args:
         output_dir: directory of the files; defaults to the trainer's log directory.
@@ -28,11 +32,15 @@ class SampleWriter(BasePredictionWriter):
         self.nrow = nrow
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        images = torch.cat([p["images"] for p in predictions])
-        labels = torch.cat([p["labels"] for p in predictions])
+        rows = {
+            "images": torch.cat([p["images"] for p in predictions]),
+            "labels": torch.cat([p["labels"] for p in predictions]),
+            "index": torch.cat([p.get("index", torch.full((len(p["labels"]),), -1)) for p in predictions]),  # -1: kept in order
+        }
         if trainer.world_size > 1:
-            images = trainer.strategy.all_gather(images.to(pl_module.device)).flatten(0, 1).cpu()
-            labels = trainer.strategy.all_gather(labels.to(pl_module.device)).flatten(0, 1).cpu()
+            rows = {name: torch.cat(gather_all_tensors(values.to(pl_module.device))).cpu() for name, values in rows.items()}
+        rows = unique_rows(rows)
+        images, labels = rows["images"], rows["labels"]
         if not trainer.is_global_zero:
             return
         directory = self.output_dir or trainer.log_dir or trainer.default_root_dir

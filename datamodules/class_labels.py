@@ -16,14 +16,15 @@ class _TargetsDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        return {"label": self.labels[index], "seed": self.seed + index}
+        return {"label": self.labels[index], "seed": self.seed + index, "index": index}
 
 
 class ClassLabelDataModule(L.LightningDataModule):
     """`num_per_class` samples of each class (or unlabelled ones), each with its own seed.
 
     A sample's noise depends only on `seed + index`, never on the batch size or the number of
-    processes, so a sampling run is reproducible on one CPU and on eight GPUs.
+    processes, so a sampling run is reproducible on one CPU and on eight GPUs. Batches carry the
+    global `index`, so that rows a distributed sampler repeats are counted and written once.
 
     Args:
         num_per_class: samples per class.
@@ -39,6 +40,9 @@ class ClassLabelDataModule(L.LightningDataModule):
             raise ValueError(f"Expected `num_per_class` to be >= 1, but got {num_per_class}.")
         if num_classes < 0:
             raise ValueError(f"Expected `num_classes` to be >= 0, but got {num_classes}.")
+        for name, value in (("num_unlabelled", num_unlabelled), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"Expected `{name}` to be >= 1, but got {value}.")
         self.save_hyperparameters()
         if num_classes:
             labels = torch.arange(num_classes).repeat_interleave(num_per_class)

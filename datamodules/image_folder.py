@@ -9,15 +9,38 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from plugguide.datamodules.resumable_loader import ResumableDataLoader
 
 SPLITS = ("train", "val", "test")
 
 
+class IndexedRows(Dataset):
+    """The rows of a split, each with its position in the split as `index`.
+
+    Evaluation derives a sample's noise seed from it and counts each index once: Lightning's DistributedSampler
+    pads the last batch with repeated rows, so scores and seeds would otherwise depend on the number of processes.
+    A wrapper rather than a column, so that no split is rewritten on disk (`add_column` copies a carved split).
+    """
+
+    def __init__(self, split: datasets.Dataset) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        return [row | {"index": index} for row, index in zip(self.split.__getitems__(indices), indices)]
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+
 class ImageDataModule(L.LightningDataModule):
     """Labelled images as `{"image": float32 (B, C, H, W) in [-1, 1], "label": int64 (B,)}` batches.
+
+    Evaluation batches (`val`, `test`) also carry `"index"`, each image's position in its split (`IndexedRows`).
 
     Args:
         source: a hub dataset name (`uoft-cs/cifar10`), a directory written by `save_to_disk`, or an
@@ -161,7 +184,7 @@ class ImageDataModule(L.LightningDataModule):
                 num_workers=self.hparams.num_workers,
                 drop_last=len(dataset) > self.hparams.batch_size,
             )
-        return DataLoader(self.load_splits()[split], batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        return DataLoader(IndexedRows(self.load_splits()[split]), batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", shuffle=True)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
 import time
-import uuid
 
 import datasets
 import lightning as L
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from plugguide.datamodules.arrow_batches import ArrowBatches
 from plugguide.datamodules.image_folder import ImageDataModule
 from plugguide.datamodules.resumable_loader import ResumableDataLoader
-from plugguide.models import check_classifier_input, load_classifier, load_scheduler, load_unet
+from plugguide.models import check_classifier_input, load_classifier, load_scheduler, load_unet, save_atomically
 from plugguide.pipelines import GuidedDiffusionPipeline
 
 CACHE_FORMAT = 2  # bump when the shard layout changes, so old caches are not read as new ones
@@ -67,6 +68,16 @@ def directory_digest(path: str) -> str:
     return digest.hexdigest()
 
 
+def check_cache_dir(cache_dir: str) -> None:
+    """Fails naming `cache_dir` unless it is a writable directory, or a path whose nearest existing parent is one."""
+    existing = os.path.abspath(cache_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    where = "" if existing == os.path.abspath(cache_dir) else f" ({existing!r}, where it would be created, is not)"
+    if not (os.path.isdir(existing) and os.access(existing, os.R_OK | os.W_OK | os.X_OK)):
+        raise ValueError(f"Expected `cache_dir` to be a readable and writable directory (or a path to create), but got {cache_dir!r}{where}.")
+
+
 class SynthesizedImageDataModule(L.LightningDataModule):
     """Images sampled from a frozen diffusion model: PPAP's data-free training set (no labels).
 
@@ -75,9 +86,11 @@ class SynthesizedImageDataModule(L.LightningDataModule):
     teacher when its logits are cached). A second run with the same settings reuses it; any change
     makes a new one. Images are written in shards, each to a temporary name and renamed when complete,
     with a manifest of checksums: an interrupted run resumes from the finished shards, and a truncated or
-    corrupted shard is detected, deleted and generated again. Under DDP, rank r generates shards
+    corrupted shard (or manifest) is detected, deleted and generated again. Under DDP, rank r generates shards
     r, r + W, r + 2W, ...; image i always has noise seed `image_seed(seed, i)`, so the set is the same
-    for any number of processes. All ranks then read the whole set.
+    for any number of processes. All ranks then read the whole set. Two runs started on one cache share
+    the work instead of both doing all of it: each shard is written under its own file lock, so a run
+    skips the shards another holds, writes the others, then waits for the skipped ones and reads them.
 
     Batches are `{"image": (B, C, H, W) in [-1, 1], "index": (B,)}` plus `"teacher_logits"` when cached.
 
@@ -123,8 +136,7 @@ class SynthesizedImageDataModule(L.LightningDataModule):
             raise ValueError(f"Unknown `image_dtype`={image_dtype!r}; allowed: {', '.join(IMAGE_DTYPES)}.")
         if batch_size > num_images:
             raise ValueError(f"Expected `batch_size` to be at most `num_images`={num_images} (incomplete batches are dropped), but got {batch_size}.")
-        if os.path.exists(cache_dir) and not (os.path.isdir(cache_dir) and os.access(cache_dir, os.R_OK | os.W_OK | os.X_OK)):
-            raise ValueError(f"Expected `cache_dir` to be a readable and writable directory (or a path to create), but got {cache_dir!r}.")
+        check_cache_dir(cache_dir)
         # Not merged into the logger's hparams: they share names with the module's sampling settings
         # (`num_inference_steps`, `diffusion_model`) with other values; the CLI's config.yaml records them.
         self.save_hyperparameters(ignore=["labelled_data"], logger=False)
@@ -177,15 +189,17 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         """True when the shard exists, has its rows and matches its manifest's checksums."""
         path = self.shard_path(shard)
         manifest = os.path.join(path, "manifest.json")
-        if not os.path.isfile(manifest):
+        try:
+            with open(manifest) as file:
+                expected = json.load(file)
+            files, num_rows = dict(expected["files"]), expected["num_rows"]
+        except (OSError, ValueError, KeyError, TypeError):  # missing, empty or garbled: the shard is written again
             return False
-        with open(manifest) as file:
-            expected = json.load(file)
-        for name, digest in expected["files"].items():
+        for name, digest in files.items():
             full = os.path.join(path, name)
             if not os.path.isfile(full) or file_digest(full) != digest:
                 return False
-        return expected["num_rows"] == len(self.shard_indices(shard))
+        return num_rows == len(self.shard_indices(shard))
 
     @torch.inference_mode()
     def generate_shard(self, shard: int, device: torch.device, progress: tqdm) -> None:
@@ -214,20 +228,65 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         if logits:
             columns["teacher_logits"] = torch.cat(logits).numpy()
             features["teacher_logits"] = datasets.List(datasets.Value("float32"), length=columns["teacher_logits"].shape[1])
-        tmp = f"{self.shard_path(shard)}.tmp-{uuid.uuid4().hex[:8]}"
-        datasets.disable_progress_bars()  # our own bar counts images; one bar per shard write is noise
-        datasets.Dataset.from_dict(columns, features=datasets.Features(features)).save_to_disk(tmp)
-        datasets.enable_progress_bars()
-        files = {name: file_digest(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-        with open(os.path.join(tmp, "manifest.json"), "w") as file:
-            json.dump({"num_rows": len(indices), "files": files}, file)
-        if os.path.isdir(self.shard_path(shard)):
-            shutil.rmtree(self.shard_path(shard))
-        os.rename(tmp, self.shard_path(shard))
+        dataset = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+        def write(tmp: str) -> None:
+            datasets.disable_progress_bars()  # our own bar counts images; one bar per shard write is noise
+            try:
+                dataset.save_to_disk(tmp)
+            finally:
+                datasets.enable_progress_bars()
+            files = {name: file_digest(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+            with open(os.path.join(tmp, "manifest.json"), "w") as file:
+                json.dump({"num_rows": len(indices), "files": files}, file)
+
+        try:
+            save_atomically(self.shard_path(shard), write)
+        except OSError as error:
+            raise self.cache_error(error, f"write shard {shard} of") from error
+
+    def cache_error(self, error: OSError, action: str) -> OSError:
+        """`error` (a full disk, a read-only file system) with the setting to change named."""
+        image = self.unet.config.in_channels * self.unet.config.sample_size**2 * (1 if self.hparams.image_dtype == "uint8" else 4)
+        return OSError(
+            error.errno,
+            f"Could not {action} the synthesized set under `cache_dir`={self.hparams.cache_dir!r} ({error.strerror or error}); "
+            f"the set takes about {self.hparams.num_images * image / 2**20:,.0f} MiB: free space there or choose another `cache_dir` "
+            "(finished shards are kept and reused).",
+        )
+
+    def write_shard(self, shard: int, device: torch.device, progress: tqdm, wait: bool) -> bool:
+        """Writes `shard` under its lock unless it is complete by then; False if another process holds the lock and not `wait`.
+
+        Only a lock holder writes a shard's temporary directories, so any found while holding the lock were left by a
+        process that died (killed, or out of disk) and are removed.
+        """
+        lock = FileLock(os.path.join(self.cache_path, f"shard-{shard:05d}.lock"))
+        try:
+            lock.acquire(timeout=-1 if wait else 0)
+        except Timeout:
+            return False
+        try:
+            if self.shard_is_complete(shard):  # written meanwhile by another process
+                progress.update(len(self.shard_indices(shard)))
+            else:
+                for orphan in glob.glob(f"{glob.escape(self.shard_path(shard))}.tmp-*") + glob.glob(f"{glob.escape(self.shard_path(shard))}.old-*"):
+                    shutil.rmtree(orphan, ignore_errors=True)
+                self.generate_shard(shard, device, progress)
+        finally:
+            lock.release()
+        return True
 
     def generate(self, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu") -> None:
-        """Generates this rank's missing shards (r, r + W, ...); finished, intact shards are kept."""
-        os.makedirs(self.cache_path, exist_ok=True)
+        """Generates this rank's missing shards (r, r + W, ...); finished, intact shards are kept.
+
+        Shards another process is writing are skipped at first, then waited for; one its writer left unfinished
+        is written here.
+        """
+        try:
+            os.makedirs(self.cache_path, exist_ok=True)
+        except OSError as error:
+            raise self.cache_error(error, "create the folder of") from error
         mine = [shard for shard in range(rank, self.num_shards, world_size)]
         missing = [shard for shard in mine if not self.shard_is_complete(shard)]
         if not missing:
@@ -236,8 +295,11 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         rank_zero_info(f"Synthesizing {self.hparams.num_images} images into {self.cache_path} ({len(missing)} shards to write on rank 0)")
         started = time.perf_counter()
         with tqdm(total=total, desc=f"synthesizing x0 (rank {rank})", unit="img", position=rank, dynamic_ncols=True) as progress:
-            for shard in missing:
-                self.generate_shard(shard, torch.device(device), progress)
+            busy = [shard for shard in missing if not self.write_shard(shard, torch.device(device), progress, wait=False)]
+            if busy:
+                progress.write(f"Waiting for another process that is writing shards {busy} of {self.cache_path}")
+            for shard in busy:
+                self.write_shard(shard, torch.device(device), progress, wait=True)
         rank_zero_info(f"Synthesized {total} images in {time.perf_counter() - started:.1f} s")
 
     def load(self) -> datasets.Dataset:

@@ -34,6 +34,7 @@ class Records(Metric):
             getattr(self, name).append(values.detach().float() if values.is_floating_point() else values.detach())
 
     def compute(self) -> dict[str, torch.Tensor]:
+        # A list of batches here, one tensor after a DDP sync: either way empty when nothing was recorded.
         return {name: dim_zero_cat(getattr(self, name)).cpu() for name in self.names if len(getattr(self, name))}
 
 
@@ -75,6 +76,22 @@ class ReferenceStatistics:
 def off_diagonal_mean(kernel: torch.Tensor) -> torch.Tensor:
     n = kernel.shape[0]
     return (kernel.sum() - kernel.diagonal().sum()) / (n * (n - 1))
+
+
+def unique_rows(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Records in the order of their `index`, each index once; rows without one (index -1) are all kept, first.
+
+    Lightning's DistributedSampler pads the last batch of every process with repeated samples, and the processes'
+    records arrive rank after rank: without this a test on 2 devices scores 360 images for 359, and its numbers
+    depend on the device count through the order of floating-point sums.
+    """
+    index = rows["index"]
+    order = torch.sort(index, stable=True).indices
+    ordered = index[order]
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    keep = order[first | (ordered < 0)]
+    return {name: values[keep] for name, values in rows.items()}
 
 
 def frechet_distance(real: torch.Tensor, generated: torch.Tensor) -> float:
@@ -155,7 +172,9 @@ class GenerationMetrics(nn.Module):
     autoencoder spaces do not, which is why every table reports them beside it.
 
     Outputs are kept per sample (a few hundred floats each), so every number comes from one pass of each
-    network and, under DDP, from all processes' samples together. Images are (B, C, H, W) in [-1, 1].
+    network and, under DDP, from all processes' samples together. Given each sample's global `indices` (its
+    position in the test set or sampling targets), a sample counted by two processes counts once and the numbers
+    do not depend on the number of processes (`unique_rows`). Images are (B, C, H, W) in [-1, 1].
     FID is biased by the sample count: compare rows of equal size (KID is not).
 
     Args:
@@ -174,8 +193,8 @@ class GenerationMetrics(nn.Module):
         self.spaces = nn.ModuleDict({"pixels": PooledPixels(8), **(feature_spaces or {})})
         names = ["evaluator", *self.spaces]
         self.space_names = names
-        self.real = Records(*names, "labels")
-        self.generated = Records(*names, "logits", "targets")
+        self.real = Records(*names, "labels", "index")
+        self.generated = Records(*names, "logits", "targets", "index")
 
     @classmethod
     def from_paths(cls, evaluator_path: str, autoencoder_path: str | None = None) -> "GenerationMetrics":
@@ -191,21 +210,30 @@ class GenerationMetrics(nn.Module):
         evaluator_features, logits = self.evaluator.features_and_logits(images)
         return {"evaluator": evaluator_features, **{name: space(images) for name, space in self.spaces.items()}}, logits
 
-    @torch.no_grad()
-    def update_real(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        features, logits = self.features(images)
-        labels = logits.argmax(-1) if labels is None else labels.to(images.device).long()
-        self.real.update(**features, labels=labels)
+    @staticmethod
+    def _indices(images: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+        return torch.full((len(images),), -1, device=images.device) if indices is None else torch.as_tensor(indices, device=images.device).long()
 
     @torch.no_grad()
-    def update_generated(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+    def update_real(self, images: torch.Tensor, labels: torch.Tensor | None = None, indices: torch.Tensor | None = None) -> None:
+        features, logits = self.features(images)
+        labels = logits.argmax(-1) if labels is None else labels.to(images.device).long()
+        self.real.update(**features, labels=labels, index=self._indices(images, indices))
+
+    @torch.no_grad()
+    def update_generated(self, images: torch.Tensor, targets: torch.Tensor | None = None, indices: torch.Tensor | None = None) -> None:
         features, logits = self.features(images)
         targets = torch.full((len(images),), -1, device=images.device) if targets is None else targets.to(images.device).long()
-        self.generated.update(**features, logits=logits, targets=targets)
+        self.generated.update(**features, logits=logits, targets=targets, index=self._indices(images, indices))
+
+    def records(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(real, generated) per-sample records, each sample once (see `unique_rows`)."""
+        real, generated = self.real.compute(), self.generated.compute()
+        return (unique_rows(real) if real else {}), unique_rows(generated)
 
     def compute(self) -> dict[str, float]:
         """Point estimates of every metric (see the class docstring)."""
-        real, generated = self.real.compute(), self.generated.compute()
+        real, generated = self.records()
         probabilities = generated["logits"].softmax(-1)
         targets = generated["targets"]
         results = {"num_samples": float(len(targets)), "evaluator_confidence": float(probabilities.max(-1).values.mean()), "inception_score": inception_score(probabilities)}
@@ -233,7 +261,7 @@ class GenerationMetrics(nn.Module):
         the distances from the bootstrap median to its 2.5% and 97.5% points: how far the number moves with
         other seeds at the same sample count, the noise that matters when rows of equal size are compared.
         """
-        real, generated = self.real.compute(), self.generated.compute()
+        real, generated = self.records()
         targets = generated["targets"]
         intervals = {}
         if bool((targets >= 0).all()):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from typing import Callable
 
 import timm
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
+from safetensors import SafetensorError
 from torch import nn
 
 
@@ -98,24 +100,34 @@ def load_classifier(path: str, setting: str = "classifier_path") -> TimmClassifi
             f"`{setting}`={path!r} is not a saved classifier: expected a directory with config.json and "
             "model.safetensors written by `TimmClassifier.save_pretrained` (the embedded ones are under assets/digits/)."
         )
-    return TimmClassifier.from_pretrained(path, strict=True)
+    try:
+        return TimmClassifier.from_pretrained(path, strict=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise OSError(
+            f"`{setting}`={path!r} could not be loaded: its config.json or model.safetensors is damaged, truncated or "
+            f"of another model ({type(error).__name__}: {error})."
+        ) from error
 
 
-def check_classifier_input(classifier: TimmClassifier, channels: int, image_size: int, setting: str, path: str | None = None) -> None:
+def check_classifier_input(
+    classifier: nn.Module, channels: int, image_size: int, setting: str, path: str | None = None, classify: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> None:
     """Fails early, naming the setting, if `classifier` cannot take the diffusion model's images.
 
-    Checks the channel count, then runs one probe image of `image_size` (a ViT built for another size fails here,
-    not at the first training or sampling batch).
+    Checks the channel count (`in_chans`, where the classifier says it), then runs one probe image of `image_size`
+    through `classify` (default: the classifier itself), so a ViT built for another size fails here, not at the
+    first training or sampling batch.
     """
     named = f"`{setting}`" + (f"={path!r}" if path else "")
-    in_chans = getattr(classifier, "in_chans", channels)
+    in_chans = getattr(classifier, "in_chans", None) or channels
     if in_chans != channels:
         raise ValueError(f"The diffusion model makes {channels}-channel images but the classifier {named} takes {in_chans} channels.")
     probe = torch.zeros(1, channels, image_size, image_size, device=next(classifier.parameters()).device)
     was_training = classifier.training
     try:
         with torch.no_grad():
-            classifier.eval()(probe)
+            classifier.eval()
+            (classify or classifier)(probe)
     except (RuntimeError, AssertionError, ValueError) as error:
         raise ValueError(
             f"The diffusion model makes {image_size}x{image_size} images but the classifier {named} cannot classify them ({error}); "

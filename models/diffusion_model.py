@@ -6,6 +6,7 @@ import os
 
 import diffusers
 from diffusers import AutoModel, DDPMScheduler, DiffusionPipeline, SchedulerMixin
+from safetensors import SafetensorError
 from torch import nn
 
 # Samplers that work on variance-preserving x_t (init_noise_sigma == 1), where x0_hat and the guidance
@@ -33,6 +34,13 @@ def check_model_path(path: str, setting: str = "diffusion_model") -> None:
 DENOISER_FOLDERS = ("unet", "transformer")
 
 
+def unloadable(path: str, part: str) -> str:
+    """Why a model at `path` may fail to load: a damaged local file, or a hub id without network."""
+    if os.path.isdir(path):
+        return f"a file of its {part} (config or weights) is damaged, truncated or of another model"
+    return "hub ids need network access"
+
+
 def load_unet(path: str, setting: str = "diffusion_model") -> nn.Module:
     """The denoiser of a diffusers pipeline directory or hub id (`unet/` or `transformer/`), or of a bare model dir."""
     check_model_path(path, setting)
@@ -45,8 +53,8 @@ def load_unet(path: str, setting: str = "diffusion_model") -> nn.Module:
             components = DiffusionPipeline.load_config(path)  # model_index.json names the pipeline's parts
             subfolder = next((f for f in DENOISER_FOLDERS if f in components), "unet")
         return AutoModel.from_pretrained(path, subfolder=subfolder)
-    except OSError as error:
-        raise OSError(f"`{setting}`={path!r} could not be loaded: hub ids need network access ({error}).") from error
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise OSError(f"`{setting}`={path!r} could not be loaded: {unloadable(path, 'denoiser')} ({error}).") from error
 
 
 def load_scheduler(path: str, name: str = "DDPMScheduler", setting: str = "scheduler", path_setting: str = "diffusion_model") -> SchedulerMixin:
@@ -74,5 +82,5 @@ def load_vae(path: str, setting: str = "vae") -> nn.Module:
     subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
     try:
         return AutoencoderKL.from_pretrained(path, subfolder=subfolder)
-    except OSError as error:
-        raise OSError(f"`{setting}`={path!r} could not be loaded: hub ids need network access ({error}).") from error
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise OSError(f"`{setting}`={path!r} could not be loaded: {unloadable(path, 'VAE')} ({error}).") from error

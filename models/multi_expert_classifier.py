@@ -11,9 +11,10 @@ from typing import Literal
 
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors import SafetensorError
 from torch import nn
 
-from plugguide.models.classifier import TimmClassifier
+from plugguide.models.classifier import TimmClassifier, load_classifier
 from plugguide.models.saving import save_atomically
 
 Finetune = Literal["lora", "full"]
@@ -102,6 +103,7 @@ class MultiExpertClassifier(nn.Module):
             num_experts = len(boundaries) - 1
         self.num_experts = num_experts
         self.num_classes = backbone.num_classes
+        self.in_chans = getattr(backbone, "in_chans", None)
         self.finetune = finetune
         self.backbone_parameters = sum(p.numel() for p in backbone.parameters())
         self.backbone_config = dict(backbone._hub_mixin_config)
@@ -270,19 +272,30 @@ class MultiExpertClassifier(nn.Module):
         return backbone
 
     @classmethod
-    def from_pretrained(cls, directory: str) -> "MultiExpertClassifier":
-        """Loads experts saved by `save_pretrained`, without Lightning."""
+    def from_pretrained(cls, directory: str, setting: str = "experts") -> "MultiExpertClassifier":
+        """Loads experts saved by `save_pretrained`, without Lightning; errors name `setting`, the path and the missing part."""
         config_path = os.path.join(directory, "experts.json")
         if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"`experts_path`={directory!r} holds no experts.json; expected a directory written by MultiExpertClassifier.save_pretrained.")
+            raise FileNotFoundError(f"`{setting}`={directory!r} holds no experts.json; expected a directory written by MultiExpertClassifier.save_pretrained.")
         with open(config_path) as file:
             config = json.load(file)
-        experts = cls(TimmClassifier.from_pretrained(os.path.join(directory, "backbone"), strict=True), **config)
-        if config["finetune"] == "full":
-            for n in range(experts.num_experts):
-                experts.experts[n].load_state_dict(TimmClassifier.from_pretrained(os.path.join(directory, cls.expert_name(n)), strict=True).state_dict())
-        else:
-            for n in range(experts.num_experts):
-                experts.peft_model.load_adapter(os.path.join(directory, cls.expert_name(n)), adapter_name=cls.expert_name(n))
+        parts = ["backbone"] + [cls.expert_name(n) for n in range(len(config["timestep_boundaries"]) - 1)]
+        missing = [part for part in parts if not os.path.isdir(os.path.join(directory, part))]
+        if missing:
+            raise FileNotFoundError(
+                f"`{setting}`={directory!r} lacks {', '.join(f'{part}/' for part in missing)}: experts.json lists {len(parts) - 1} experts "
+                "and a backbone, each saved in its own folder (was the directory copied in part?)."
+            )
+        backbone = load_classifier(os.path.join(directory, "backbone"), setting)
+        experts = cls(backbone, **config)
+        for n in range(experts.num_experts):
+            path = os.path.join(directory, cls.expert_name(n))
+            try:
+                if config["finetune"] == "full":
+                    experts.experts[n].load_state_dict(TimmClassifier.from_pretrained(path, strict=True).state_dict())
+                else:
+                    experts.peft_model.load_adapter(path, adapter_name=cls.expert_name(n))
+            except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+                raise OSError(f"`{setting}`={directory!r}: expert {n} ({path}) could not be loaded, its files are damaged or truncated ({type(error).__name__}: {error}).") from error
         experts.set_expert(0)
         return experts.eval()

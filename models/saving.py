@@ -1,4 +1,4 @@
-"""Writing a directory so that a reader never sees it half-written."""
+"""Writing a directory so that a reader never sees it half-written, not even after a power cut."""
 
 from __future__ import annotations
 
@@ -8,12 +8,47 @@ import uuid
 from typing import Callable
 
 
+def fsync_directory(path: str) -> None:
+    """Flushes a directory's entries (the names created or renamed in it) to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(directory: str) -> None:
+    """Flushes every file under `directory`, and the directories themselves, to disk.
+
+    A rename reaches the disk independently of the renamed files' contents: without this, a crash shortly after
+    the rename can leave empty or partial files under the final name.
+    """
+    for root, _, files in os.walk(directory):
+        for name in files:
+            descriptor = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        fsync_directory(root)
+
+
 def save_atomically(directory: str, save: Callable[[str], object]) -> None:
-    """Calls `save(tmp)` on a sibling temporary directory, then renames it to `directory`."""
+    """Calls `save(tmp)` on a sibling temporary directory, flushes it to disk, then renames it to `directory`.
+
+    If `save` fails (a full disk, an interrupt), the temporary directory is removed; one left by a killed process
+    is named `<directory>.tmp-*`, so its owner can find and remove it.
+    """
     directory = os.path.abspath(directory)
-    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
     tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
-    save(tmp)
+    try:
+        save(tmp)
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.isdir(directory):
         old = f"{directory}.old-{uuid.uuid4().hex[:8]}"
         os.rename(directory, old)
@@ -21,3 +56,4 @@ def save_atomically(directory: str, save: Callable[[str], object]) -> None:
         shutil.rmtree(old)
     else:
         os.rename(tmp, directory)
+    fsync_directory(parent)

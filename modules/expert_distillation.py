@@ -14,10 +14,12 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.datamodules.resumable_loader import step_generator
+from plugguide.datamodules.synthesized import image_seed
 from plugguide.metrics import GenerationMetrics
 from plugguide.models import MultiExpertClassifier, check_classifier_input, load_classifier, load_scheduler, load_unet
 from plugguide.models.multi_expert_classifier import Finetune
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
+from plugguide.pipelines.finite import check_scale
 from plugguide.modules.frozen_networks import FrozenNetworksModule
 from plugguide.pipelines.guidance import ExpertGuidance
 
@@ -50,7 +52,8 @@ class ExpertDistillation(FrozenNetworksModule):
 
     `lightning test` evaluates guided generation: for every real test image it samples one image guided
     by the experts toward that image's label and reports guided accuracy, FID and IS from the
-    independent evaluator.
+    independent evaluator. Sample i's noise seed is `image_seed(seed, i)`, i its position in the test set,
+    and each image counts once, so one device and eight give the same numbers.
 
     Args:
         teacher_path: the off-the-shelf classifier (`TimmClassifier` directory); also the experts' backbone.
@@ -70,7 +73,8 @@ class ExpertDistillation(FrozenNetworksModule):
         guidance_scale: guidance scale for grids and tests.
         evaluator_path: independent classifier scoring test samples.
         autoencoder_path: `AutoencoderKL` whose latents are one more feature space of the test's quality metrics.
-        seed: seed of the training steps' timesteps and noise (with the step and the rank).
+        seed: seed of the training steps' timesteps and noise (with the step and the rank), and of the test samples' noise
+            (with each sample's index).
     """
 
     frozen_networks = ("teacher", "unet", "metrics")
@@ -103,8 +107,7 @@ class ExpertDistillation(FrozenNetworksModule):
             raise ValueError(f"Expected `expert_schedule` to be 'round_robin' or 'chain', but got {expert_schedule!r}.")
         if temperature <= 0:
             raise ValueError(f"Expected `temperature` to be > 0, but got {temperature}.")
-        if guidance_scale < 0:
-            raise ValueError(f"Expected `guidance_scale` to be >= 0, but got {guidance_scale}.")
+        check_scale("guidance_scale", guidance_scale)
         if num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
         if seed < 0:
@@ -258,13 +261,18 @@ class ExpertDistillation(FrozenNetworksModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if self.metrics is None:
             raise ValueError("`lightning test` scores guided samples with the evaluator: set `evaluator_path`.")
+        if "index" not in batch:
+            raise ValueError(
+                "`lightning test` needs test batches with an `index` (each image's position in the test set), which seeds its sample "
+                "and counts it once on any number of processes; ImageDataModule and DigitsDataModule provide it."
+            )
         pipeline = self.sampling_pipeline()
         pipeline.set_progress_bar_config(disable=True)
-        labels = batch["label"]
-        seeds = torch.arange(len(labels)) + batch_idx * 100_003
+        labels, indices = batch["label"], batch["index"]
+        seeds = [image_seed(self.hparams.seed, int(index)) for index in indices]
         images = sample_batch(pipeline, {"label": labels, "seed": seeds}, num_inference_steps=self.hparams.num_inference_steps, guidance_scale=self.hparams.guidance_scale)
-        self.metrics.update_real(batch["image"], batch["label"])
-        self.metrics.update_generated(images, labels)
+        self.metrics.update_real(batch["image"], batch["label"], indices)
+        self.metrics.update_generated(images, labels, indices)
 
     def on_test_epoch_end(self) -> None:
         results = self.metrics.compute()

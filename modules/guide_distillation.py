@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -50,8 +51,8 @@ class FrozenUNetGuideTraining(FrozenNetworksModule):
     ) -> None:
         super().__init__()
         low, high = guidance_range
-        if not 0 <= low <= high:
-            raise ValueError(f"Expected `guidance_range` to be (low, high) with 0 <= low <= high, but got {guidance_range}.")
+        if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
+            raise ValueError(f"Expected `guidance_range` to be (low, high) with finite 0 <= low <= high, but got {guidance_range}.")
         if num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
         self.optimizer = optimizer

@@ -7,9 +7,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.metrics import GenerationMetrics
-from plugguide.models import load_guide, load_scheduler, load_unet, load_vae
+from plugguide.models import check_classifier_input, load_guide, load_scheduler, load_unet, load_vae
 from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, sample_batch
-from plugguide.pipelines.guidance import Guidance
+from plugguide.pipelines.finite import check_scale
+from plugguide.pipelines.guidance import ClassifierGuidance, Guidance
 
 
 class GuidedSampling(L.LightningModule):
@@ -46,10 +47,9 @@ class GuidedSampling(L.LightningModule):
         super().__init__()
         if num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
-        # Checked here, not at the first batch: a negative scale would push samples away from the target.
-        for name, value in (("guidance_scale", guidance_scale), ("cfg_scale", cfg_scale)):
-            if value < 0:
-                raise ValueError(f"Expected `{name}` to be >= 0, but got {value}.")
+        # Checked here, not at the first batch: a negative scale would push samples away from the target, NaN switch guidance off.
+        check_scale("guidance_scale", guidance_scale)
+        check_scale("cfg_scale", cfg_scale)
         self.save_hyperparameters(ignore=["guidance"])
         unet, sampler = load_unet(diffusion_model), load_scheduler(diffusion_model, scheduler)
         if guide_path is None:
@@ -61,9 +61,41 @@ class GuidedSampling(L.LightningModule):
         self.pipeline.unet.requires_grad_(False).eval()
         self.unet = self.pipeline.unet  # registered, so Lightning moves it to the device
         self.guidance = guidance
+        # Checked here, as the fit jobs do, not by a raw conv error at the first batch.
+        channels, size = self.image_shape()
+        if isinstance(guidance, ClassifierGuidance):
+            timesteps = torch.zeros(1, dtype=torch.long)
+            check_classifier_input(guidance, channels, size, "guidance", classify=lambda images: guidance.logits(images, timesteps))
         self.metrics = None
         if evaluator_path:
             self.metrics = GenerationMetrics.from_paths(evaluator_path)
+            check_classifier_input(self.metrics.evaluator, channels, size, "evaluator_path", evaluator_path)
+
+    def image_shape(self) -> tuple[int, int]:
+        """(channels, side) of the images that classifiers see: the UNet's samples, or their decoding by the VAE."""
+        config = self.unet.config
+        vae = getattr(self.pipeline, "vae", None)
+        if vae is None:
+            return config.in_channels, config.sample_size
+        return vae.config.out_channels, config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def setup(self, stage: str) -> None:
+        # The data's classes are known only now: refuse before sampling a class that the networks do not have.
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        num_classes = getattr(datamodule, "hparams", {}).get("num_classes") if datamodule is not None else None
+        if not num_classes:
+            return
+        limits = []
+        if isinstance(self.pipeline, GuidedDiffusionPipeline) and self.pipeline.is_class_conditional:
+            null = self.pipeline.null_class
+            limits.append(("diffusion_model", null, f" (index {null} is its null class, used for classifier-free guidance)"))
+        if self.guidance is not None and self.hparams.guidance_scale > 0 and getattr(self.guidance, "num_classes", None):
+            limits.append(("guidance", self.guidance.num_classes, ""))
+        if self.metrics is not None:
+            limits.append(("evaluator_path", self.metrics.num_classes, ""))
+        for setting, classes, note in limits:
+            if num_classes > classes:
+                raise ValueError(f"Expected `data.num_classes` to be at most the {classes} classes of `model.{setting}`{note}, but got {num_classes}.")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         self.pipeline.set_progress_bar_config(disable=True)
@@ -73,8 +105,8 @@ class GuidedSampling(L.LightningModule):
             scales = {"guidance_scale": self.hparams.cfg_scale}  # the guide's guidance number g plays CFG's w
         images = sample_batch(self.pipeline, batch, num_inference_steps=self.hparams.num_inference_steps, **scales)
         if self.metrics is not None:
-            self.metrics.update_generated(images, batch["label"])
-        return {"images": images.cpu(), "labels": batch["label"].cpu()}
+            self.metrics.update_generated(images, batch["label"], batch["index"])
+        return {"images": images.cpu(), "labels": batch["label"].cpu(), "index": batch["index"].cpu()}
 
     def on_predict_epoch_end(self) -> None:
         if self.metrics is not None:

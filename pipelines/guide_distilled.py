@@ -10,6 +10,7 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from plugguide.models import Guide, predict_guided_noise
+from plugguide.pipelines.finite import check_finite_samples, check_scale
 from plugguide.pipelines.guided_diffusion import GuidedSamplesOutput
 
 
@@ -77,8 +78,7 @@ class GuideDistilledPipeline(DiffusionPipeline):
         """
         if num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
-        if guidance_scale < 0:
-            raise ValueError(f"Expected `guidance_scale` to be >= 0, but got {guidance_scale}.")
+        check_scale("guidance_scale", guidance_scale)
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"Expected `output_type` to be 'pil', 'np' or 'pt', but got {output_type!r}.")
         device = self.unet.device
@@ -109,6 +109,7 @@ class GuideDistilledPipeline(DiffusionPipeline):
         for t in self.progress_bar(self.scheduler.timesteps):
             eps = predict_guided_noise(self.unet, self.guide, self.scheduler.scale_model_input(x, t), t, guidance_scale, labels, encoder_hidden_states)
             x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
+            check_finite_samples(x, t, self.scheduler.timesteps)
 
         if self.vae is not None:
             x = self.vae.decode(x / self.vae.config.scaling_factor).sample

@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from plugguide.pipelines.finite import check_finite_samples, check_scale
 from plugguide.pipelines.guidance.base import Guidance
 
 
@@ -193,10 +194,8 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             output_type: "pil", "np" (B, H, W, C) in [0, 1], or "pt" (B, C, H, W) in [0, 1].
             return_dict: return a `GuidedSamplesOutput` instead of a tuple.
         """
-        if guidance_scale < 0:
-            raise ValueError(f"Expected `guidance_scale` to be >= 0, but got {guidance_scale}.")
-        if cfg_scale < 0:
-            raise ValueError(f"Expected `cfg_scale` to be >= 0, but got {cfg_scale}.")
+        check_scale("guidance_scale", guidance_scale)
+        check_scale("cfg_scale", cfg_scale)
         if cfg_scale > 0 and not self.is_class_conditional:
             raise ValueError(f"`cfg_scale`={cfg_scale} needs a class-conditional UNet2DConditionModel, but the UNet is {type(self.unet).__name__}.")
         if self.cfg_guidance == "normalized" and guidance_scale > 0 and cfg_scale <= 0:
@@ -210,6 +209,12 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             labels = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         else:
             labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).flatten()
+        if self.is_class_conditional and labels.numel() and int(labels.max()) >= self.null_class:
+            # The null class is the UNet's unconditional embedding, not a class: asking for it scores unconditional samples as a class.
+            raise ValueError(
+                f"`class_labels` has class {int(labels.max())}, but the class-conditional UNet knows classes 0..{self.null_class - 1} "
+                f"(index {self.null_class} is its null class, used for classifier-free guidance)."
+            )
         guided = self.guidance is not None and guidance_scale > 0
         if guided and bool((labels < 0).any()):
             raise ValueError("Classifier guidance needs a target class for every sample; `class_labels` has -1 entries.")
@@ -257,6 +262,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             x = self.scheduler.step(output, t, x, generator=generator).prev_sample
             if shift is not None:
                 x = x + shift
+            check_finite_samples(x, t, self.scheduler.timesteps)
 
         if self.vae is not None:
             x = self.decode(x)

@@ -6,14 +6,23 @@ runs every job of the project: `lightning fit -c configs/ppap.yaml`.
 
 from __future__ import annotations
 
+import linecache
 import logging
+import os
+import sys
 import warnings
 
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from plugguide.callbacks.model_summary import ModelSummary as ConciseModelSummary
+from plugguide.callbacks.non_finite_guard import NonFiniteGuard
 from plugguide.callbacks.step_progress_bar import StepProgressBar
+from plugguide.checkpoint_settings import check_checkpoint_settings, checkpoint_file
+
+# Set to 1 to see the full traceback of an error the project raised about a setting or a file.
+TRACEBACK_VARIABLE = "PLUGGUIDE_TRACEBACK"
+PROJECT_ERRORS = (ValueError, OSError, TypeError, RuntimeError, FloatingPointError)
 
 
 class DropLightningTips(logging.Filter):
@@ -24,9 +33,15 @@ class DropLightningTips(logging.Filter):
 
 
 class PlugGuideCLI(LightningCLI):
-    """LightningCLI whose trainers get the project's console: a step-counting progress bar and a summary without empty FLOPs.
+    """LightningCLI whose trainers get the project's console and guard, and whose checkpoints give weights, not settings.
 
-    Both are added only where the config chose none of its own (and did not switch them off).
+    - Console: a step-counting progress bar and a summary without empty FLOPs, each added only where the config
+      chose none of its own (and did not switch it off).
+    - `NonFiniteGuard`: every trainer stops at the first NaN/inf loss, gradient or weight, before it is checkpointed.
+    - `--ckpt_path`: Lightning replaces the model settings of the config and command line with the checkpoint's
+      hyper-parameters, so `lightning test --model.guidance_scale 0 --ckpt_path run.ckpt` silently tested the trained
+      scale. Here the run's settings stand; one line names those that differ from the checkpoint's, and a checkpoint
+      whose weights do not fit them (other `num_experts`, `lora_rank`) is refused with the settings named.
     """
 
     def instantiate_trainer(self, **kwargs):
@@ -37,19 +52,59 @@ class PlugGuideCLI(LightningCLI):
         if trainer_config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
             callbacks.append(ConciseModelSummary())
             kwargs["enable_model_summary"] = False  # Lightning adds no summary of its own (and says nothing about ours)
+        if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
+            callbacks.append(NonFiniteGuard())
         return super().instantiate_trainer(**kwargs, callbacks=callbacks)
+
+    def _parse_ckpt_path(self) -> None:
+        """Leaves the config alone: the checkpoint's hyper-parameters do not replace the run's settings (see the class)."""
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        path = checkpoint_file(self.config_init[subcommand].get("ckpt_path"), self.trainer)
+        if path is not None:
+            check_checkpoint_settings(path, self.model)
+        super()._run_subcommand(subcommand)
+
+
+def project_error(error: BaseException) -> BaseException | None:
+    """The error in `error`'s chain that a `raise` of this project's code threw about a setting or a file, if any.
+
+    jsonargparse wraps a constructor's error in its own (a Union of subclasses, with a Namespace dump); the
+    project's message is the cause inside it.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        frame = error.__traceback__
+        while frame is not None and frame.tb_next is not None:
+            frame = frame.tb_next
+        if isinstance(error, PROJECT_ERRORS) and frame is not None:
+            module = frame.tb_frame.f_globals.get("__name__", "")
+            line = linecache.getline(frame.tb_frame.f_code.co_filename, frame.tb_lineno).strip()
+            if module.startswith("plugguide.") and line.startswith("raise"):  # a deliberate raise, not a bug's
+                return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def main(args=None) -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(DropLightningTips())
     # Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates; nothing the user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    PlugGuideCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        PlugGuideCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except Exception as error:
+        own = project_error(error)
+        if own is None or os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise
+        # The project's message, plainly: not at the end of ~70 lines of jsonargparse traceback and Namespace dump.
+        sys.stderr.write(f"\n{type(own).__name__}: {own}\n({TRACEBACK_VARIABLE}=1 shows the full traceback.)\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

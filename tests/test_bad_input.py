@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import errno
+import math
 import os
+import shutil
 import time
+from unittest import mock
 
 import pytest
 import torch
 
 from plugguide.callbacks import GuidedSampleGrid
-from plugguide.datamodules import DigitsDataModule, ImageDataModule, SynthesizedImageDataModule
+from plugguide.callbacks.guide_grid import GuideSampleGrid
+from plugguide.datamodules import ClassLabelDataModule, DigitsDataModule, ImageDataModule, SynthesizedImageDataModule
 from plugguide.models import MultiExpertClassifier, TimmClassifier
 from plugguide.modules import ClassifierPretraining, DiffusionPretraining, ExpertDistillation, GuidedSampling
 from plugguide.modules.guide_distillation import GuideDistillation
 from plugguide.models.guides import TinyGuide
 from plugguide.modules.progressive_halving import ProgressiveHalving
+from plugguide.pipelines.guidance import ExpertGuidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
 from tests.conftest import TINY_DEIT, TINY_RESNET, tiny_conditional_unet, tiny_scheduler, tiny_unet
@@ -34,6 +40,15 @@ def assets(tiny_assets, tmp_path_factory) -> dict[str, str]:
         torch.manual_seed(0)
         paths[name] = str(root / name)
         TimmClassifier(**spec).save_pretrained(paths[name])
+    # Damaged copies: weights cut off mid-file (a copy that ran out of space), an experts folder missing one adapter.
+    for name, source, weights in (("classifier-truncated", "classifier-resnet", "model.safetensors"), ("ddpm-truncated", "ddpm-uncond", "unet/diffusion_pytorch_model.safetensors")):
+        paths[name] = str(root / name)
+        shutil.copytree(tiny_assets[source], paths[name])
+        os.truncate(os.path.join(paths[name], weights), os.path.getsize(os.path.join(paths[name], weights)) // 2)
+    paths["experts-missing-adapter"] = str(root / "experts")
+    torch.manual_seed(0)
+    MultiExpertClassifier(TimmClassifier(**TINY_RESNET), num_experts=3, lora_rank=2).save_pretrained(paths["experts-missing-adapter"])
+    shutil.rmtree(os.path.join(paths["experts-missing-adapter"], "expert_1"))
     return paths
 
 
@@ -60,6 +75,47 @@ def target_beyond_classes(assets, tmp_path) -> None:
 def unreadable_cache(assets, tmp_path) -> None:
     (tmp_path / "cache").write_text("not a directory")
     synthesized(assets, tmp_path)
+
+
+def read_only_parent_of_cache(assets, tmp_path) -> None:
+    """A new cache_dir under a read-only file system (simulated: the tests may run as root, whom permissions do not stop)."""
+    parent = str(tmp_path / "read-only")
+    os.makedirs(parent)
+    real_access = os.access
+    with mock.patch("os.access", lambda path, mode: False if os.path.abspath(path) == parent else real_access(path, mode)):
+        synthesized(assets, tmp_path, cache_dir=os.path.join(parent, "cache"))
+
+
+def full_disk(assets, tmp_path) -> None:
+    import datasets
+
+    def full(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with mock.patch.object(datasets.Dataset, "save_to_disk", full):
+        synthesized(assets, tmp_path).generate()
+
+
+def sample(assets, **overrides) -> GuidedSampling:
+    return GuidedSampling(**dict(diffusion_model=assets["ddpm-uncond"], num_inference_steps=1, evaluator_path=None) | overrides)
+
+
+def sampling_classes_beyond_the_unet(assets, tmp_path) -> None:
+    """`--data.num_classes 11` with a 10-class conditional UNet: class 10 is its null class, not a class."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    trainer.predict(sample(assets, diffusion_model=assets["ddpm-cond"], cfg_scale=3.0), ClassLabelDataModule(num_per_class=1, num_classes=11, batch_size=11))
+
+
+def conditional_pipeline_call(labels, **scales) -> None:
+    GuidedDiffusionPipeline(tiny_conditional_unet(), tiny_scheduler())(class_labels=labels, num_inference_steps=1, output_type="pt", **scales)
+
+
+def clipped_guidance_call(num_inference_steps: int = 1, **scales) -> None:
+    torch.manual_seed(0)
+    pipeline = GuidedDiffusionPipeline(tiny_unet(), tiny_scheduler(), NaiveClassifierGuidance(TimmClassifier(**TINY_RESNET), clip_gradient=1.0))
+    pipeline(class_labels=[3, 4], num_inference_steps=num_inference_steps, output_type="pt", **scales)
 
 
 def damaged_cache(assets, tmp_path) -> None:
@@ -138,6 +194,31 @@ BAD_SETTINGS = [
     ("guide-built-for-another-unet", guide_for_another_unet, ValueError, "guide_root/guide_name", "steps-4"),
     ("guide-for-an-unconditional-unet", guide_on_unconditional_unet, ValueError, "diffusion_model", "ddpm-uncond"),
     ("non-positive-gradient-clip", lambda a, t: NaiveClassifierGuidance(TimmClassifier(**TINY_RESNET), clip_gradient=0.0), ValueError, "clip_gradient", "0.0"),
+    # Not a number, or not finite: NaN passed every `< 0` check and switched guidance off; inf made every sample NaN.
+    ("nan-guidance-scale-experts", lambda a, t: experts(a, guidance_scale=math.nan), ValueError, "guidance_scale", "nan"),
+    ("nan-guidance-scale-sampling", lambda a, t: sample(a, guidance_scale=math.nan), ValueError, "guidance_scale", "nan"),
+    ("infinite-cfg-scale-sampling", lambda a, t: sample(a, cfg_scale=math.inf), ValueError, "cfg_scale", "inf"),
+    ("nan-guidance-scale-grid", lambda a, t: GuidedSampleGrid(guidance_scale=math.nan), ValueError, "guidance_scale", "nan"),
+    ("nan-cfg-scale-grid", lambda a, t: GuidedSampleGrid(cfg_scale=math.nan), ValueError, "cfg_scale", "nan"),
+    ("nan-guide-grid-scale", lambda a, t: GuideSampleGrid(guidance_scales=[2.0, math.nan]), ValueError, "guidance_scales", "nan"),
+    ("infinite-guidance-range", lambda a, t: GuideDistillation(guide=lambda unet: TinyGuide(unet, hidden_dim=8), diffusion_model=a["ddpm-cond"], guidance_range=(2.0, math.inf)), ValueError, "guidance_range", "inf"),
+    ("nan-gradient-clip", lambda a, t: NaiveClassifierGuidance(TimmClassifier(**TINY_RESNET), clip_gradient=math.nan), ValueError, "clip_gradient", "nan"),
+    ("nan-guidance-scale-pipeline-call", lambda a, t: clipped_guidance_call(guidance_scale=math.nan), ValueError, "guidance_scale", "nan"),
+    ("infinite-guidance-scale-with-clipping", lambda a, t: clipped_guidance_call(guidance_scale=math.inf), ValueError, "guidance_scale", "inf"),
+    ("nan-cfg-scale-pipeline-call", lambda a, t: conditional_pipeline_call([1, 2], cfg_scale=math.nan), ValueError, "cfg_scale", "nan"),
+    # The null class of a class-conditional UNet taken as a target: unconditional samples scored as "class 10", or an IndexError.
+    ("cfg-target-is-the-null-class", lambda a, t: conditional_pipeline_call([3, 10], cfg_scale=3.0), ValueError, "class_labels", "10"),
+    ("cfg-target-beyond-the-null-class", lambda a, t: conditional_pipeline_call([11], cfg_scale=3.0), ValueError, "class_labels", "11"),
+    ("sampling-classes-beyond-the-unet", sampling_classes_beyond_the_unet, ValueError, "data.num_classes", "11"),
+    # Files and folders that name nothing when they fail.
+    ("read-only-parent-of-new-cache-dir", read_only_parent_of_cache, ValueError, "cache_dir", "read-only"),
+    ("full-disk-while-synthesizing", full_disk, OSError, "cache_dir", "No space left on device"),
+    ("truncated-classifier-weights", lambda a, t: experts(a, teacher_path=a["classifier-truncated"]), OSError, "teacher_path", "classifier-truncated"),
+    ("truncated-unet-weights", lambda a, t: experts(a, diffusion_model=a["ddpm-truncated"]), OSError, "diffusion_model", "damaged"),
+    ("experts-folder-missing-an-adapter", lambda a, t: ExpertGuidance(a["experts-missing-adapter"]), FileNotFoundError, "experts", "expert_1/"),
+    ("rgb-classifier-guiding-the-sampling-job", lambda a, t: sample(a, guidance=NaiveClassifierGuidance(a["classifier-rgb"]), guidance_scale=1.0), ValueError, "guidance", "3 channels"),
+    ("rgb-evaluator-of-the-sampling-job", lambda a, t: sample(a, evaluator_path=a["classifier-rgb"]), ValueError, "evaluator_path", "3 channels"),
+    ("zero-sampling-batch-size", lambda a, t: ClassLabelDataModule(batch_size=0), ValueError, "batch_size", "0"),
 ]
 
 
@@ -160,3 +241,29 @@ def test_bad_setting_fails_early_and_names_it(assets, tmp_path, monkeypatch, bui
 
 def test_the_table_is_large_enough():
     assert len(BAD_SETTINGS) >= 20 and len({row[0] for row in BAD_SETTINGS}) == len(BAD_SETTINGS)
+
+
+def overflowing_guided_samples() -> None:
+    """A finite scale can still overflow float32: samples turn inf/NaN at the first guided step."""
+    clipped_guidance_call(guidance_scale=1e300, num_inference_steps=2)
+
+
+def samples_of_a_nan_unet() -> None:
+    unet = tiny_unet()
+    unet.conv_out.bias.data[0] = math.nan  # a damaged checkpoint
+    GuidedDiffusionPipeline(unet, tiny_scheduler())(batch_size=2, num_inference_steps=2, output_type="pt")
+
+
+def guide_distilled_samples_of_a_nan_unet() -> None:
+    from plugguide.pipelines import GuideDistilledPipeline
+
+    unet = tiny_conditional_unet()
+    unet.conv_out.bias.data[0] = math.nan
+    GuideDistilledPipeline(unet, TinyGuide(unet, hidden_dim=8), tiny_scheduler())(class_labels=[1, 2], num_inference_steps=2, output_type="pt")
+
+
+@pytest.mark.parametrize("sample", [overflowing_guided_samples, samples_of_a_nan_unet, guide_distilled_samples_of_a_nan_unet], ids=lambda f: f.__name__)
+def test_non_finite_samples_stop_sampling_naming_the_step(sample):
+    """Never scored: a NaN image would count as some class for the evaluator (the issue's "guided_accuracy=0.1000")."""
+    with pytest.raises(FloatingPointError, match=r"non-finite values at step 1 of 2 \(timestep \d+\)"):
+        sample()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -21,6 +22,15 @@ def run(command: str, configs: str | list[str], overrides: dict, tmp_path, *extr
     main([command, *layers, "-c", str(override_file), *extra])
 
 
+def refused(capsys, command: str, configs: str | list[str], overrides: dict, tmp_path, *extra: str) -> str:
+    """Runs a command the project must refuse; returns what it printed: the project's message, plainly, exit status 1."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(command, configs, overrides, tmp_path, *extra)
+    assert exit_info.value.code == 1
+    return capsys.readouterr().err
+
+
 def ppap_overrides(assets: dict) -> dict:
     return {
         "trainer": {"max_steps": 6, "check_val_every_n_epoch": 1, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
@@ -29,7 +39,7 @@ def ppap_overrides(assets: dict) -> dict:
     }
 
 
-def test_ppap_fit_then_test(tiny_assets, tmp_path, monkeypatch):
+def test_ppap_fit_then_test(tiny_assets, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     overrides = ppap_overrides(tiny_assets)
     run("fit", "ppap.yaml", overrides, tmp_path)
@@ -38,8 +48,7 @@ def test_ppap_fit_then_test(tiny_assets, tmp_path, monkeypatch):
     assert events, "no TensorBoard log"
     assert (tmp_path / "runs/ppap/checkpoints/last.ckpt").is_file()
     # The README's command: a new process (new logger version) still finds the trained experts.
-    with pytest.raises(ValueError, match="no checkpoint was loaded"):
-        run("test", "ppap.yaml", overrides, tmp_path)
+    assert "no checkpoint was loaded" in refused(capsys, "test", "ppap.yaml", overrides, tmp_path)
     run("test", "ppap.yaml", overrides, tmp_path, "--ckpt_path", "last")
 
 
@@ -80,12 +89,11 @@ def test_sample_job_with_a_distilled_guide(tiny_assets, tmp_path, monkeypatch):
     assert np.load(tmp_path / "out/samples.npz")["images"].shape == (10, 1, 16, 16)
 
 
-def test_experts_refuse_logits_cached_for_another_teacher(tiny_assets, tmp_path, monkeypatch):
+def test_experts_refuse_logits_cached_for_another_teacher(tiny_assets, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     overrides = ppap_overrides(tiny_assets)
     overrides["model"]["init_args"]["teacher_path"] = tiny_assets["classifier-deit"]  # the data still caches the ResNet's logits
-    with pytest.raises(ValueError, match="`data.teacher_path`=.*`model.teacher_path`="):
-        run("fit", "ppap.yaml", overrides, tmp_path)
+    assert re.search("`data.teacher_path`=.*`model.teacher_path`=", refused(capsys, "fit", "ppap.yaml", overrides, tmp_path))
 
 
 @pytest.mark.parametrize("config", ["ddpm_uncond", "ddpm_cond", "classifier_resnet", "classifier_deit", "evaluator"])
@@ -102,3 +110,54 @@ def test_pretraining_configs_fast_dev_run(config, tmp_path, monkeypatch):
     run("fit", f"pretrain/{config}.yaml", overrides, tmp_path)
     exported = tmp_path / "assets" / "digits" / config.replace("_", "-")
     assert (exported / "model_index.json").is_file() or (exported / "model.safetensors").is_file()
+
+
+def test_a_settings_error_is_printed_plainly_with_the_traceback_on_request(tiny_assets, tmp_path, monkeypatch, capsys):
+    """A constructor's error used to end ~70 lines of jsonargparse traceback with a Namespace dump (issue 12, case 9)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PLUGGUIDE_TRACEBACK", raising=False)
+    overrides = {"model": {"init_args": {"diffusion_model": tiny_assets["ddpm-uncond"], "evaluator_path": tiny_assets["evaluator"]}}}
+    printed = refused(capsys, "predict", "sample.yaml", overrides, tmp_path, "--data.batch_size", "0")
+    assert "ValueError: Expected `batch_size` to be >= 1, but got 0." in printed
+    assert "Traceback" not in printed and "Namespace(" not in printed and len(printed.strip().splitlines()) <= 3, printed
+    monkeypatch.setenv("PLUGGUIDE_TRACEBACK", "1")
+    with pytest.raises(ValueError) as info:  # jsonargparse's error, with the project's as its cause
+        run("predict", "sample.yaml", overrides, tmp_path, "--data.batch_size", "0")
+    assert "Expected `batch_size` to be >= 1" in str(info.value.__cause__ or info.value)
+
+
+@pytest.fixture(scope="module")
+def trained_experts(tiny_assets, tmp_path_factory) -> tuple:
+    """A tiny PPAP fit (5 experts, LoRA rank 4, guidance scale 10), shared by the tests; returns its directory and overrides."""
+    directory = tmp_path_factory.mktemp("trained")
+    overrides = ppap_overrides(tiny_assets)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        run("fit", "ppap.yaml", overrides, directory)
+    return directory, overrides
+
+
+def test_the_command_line_wins_over_the_checkpoints_settings(trained_experts, monkeypatch, caplog):
+    """`--ckpt_path <file>` used to replace the run's model settings with the checkpoint's: a test at scale 0 ran at 10 (case 7)."""
+    from plugguide.modules import ExpertDistillation
+
+    directory, overrides = trained_experts
+    monkeypatch.chdir(directory)
+    used = []
+    monkeypatch.setattr(ExpertDistillation, "on_test_start", lambda self: used.append(self.hparams.guidance_scale))
+    monkeypatch.setattr(ExpertDistillation, "test_step", lambda self, batch, batch_idx: None)
+    monkeypatch.setattr(ExpertDistillation, "on_test_epoch_end", lambda self: None)
+    for scale in ("0", "3.5"):
+        run("test", "ppap.yaml", overrides, directory, "--ckpt_path", "runs/ppap/checkpoints/last.ckpt", "--model.guidance_scale", scale)
+    assert used == [0.0, 3.5]
+    assert "saved with model settings guidance_scale=10.0; this run uses guidance_scale=3.5 (the checkpoint gives the weights only)" in caplog.text
+
+
+@pytest.mark.parametrize("ckpt_path", ["runs/ppap/checkpoints/last.ckpt", "last"])
+@pytest.mark.parametrize(("setting", "value"), [("num_experts", "3"), ("lora_rank", "2")])
+def test_a_checkpoint_whose_weights_do_not_fit_the_settings_is_refused_naming_them(trained_experts, monkeypatch, capsys, ckpt_path, setting, value):
+    directory, overrides = trained_experts
+    monkeypatch.chdir(directory)
+    printed = refused(capsys, "test", "ppap.yaml", overrides, directory, "--ckpt_path", ckpt_path, f"--model.{setting}", value)
+    saved = {"num_experts": 5, "lora_rank": 4}[setting]
+    assert f"saved with {setting}={saved}, which do not fit this run's {setting}={value}" in printed, printed

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,36 @@ JOBS = ("expert_distillation", "diffusion_pretraining", "classifier_pretraining"
 
 def image_key(image: torch.Tensor) -> str:
     return hashlib.sha1(image.float().mul(1e4).round().numpy().tobytes()).hexdigest()[:12]
+
+
+def evaluate(out: str, assets: dict, checkpoint: str, devices: int) -> dict:
+    """`lightning test` of trained experts on the 359 digits test images, and `lightning predict` of 21 CFG samples
+    (11 + 10 on two processes), on `devices` CPU processes; the numbers and the written samples."""
+    import lightning as L
+    import numpy as np
+
+    from plugguide.callbacks import SampleWriter
+    from plugguide.datamodules import ClassLabelDataModule, DigitsDataModule
+    from plugguide.modules import ExpertDistillation, GuidedSampling
+
+    def trainer(**extra) -> L.Trainer:
+        strategy = "ddp" if devices > 1 else "auto"
+        return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False, enable_model_summary=False, **extra)
+
+    L.seed_everything(0)
+    experts = ExpertDistillation(
+        teacher_path=assets["classifier-resnet"], diffusion_model=assets["ddpm-uncond"], num_experts=3, lora_rank=4,
+        num_inference_steps=2, guidance_scale=1.0, evaluator_path=assets["evaluator"], autoencoder_path=assets["autoencoder"],
+    )
+    tested = trainer().test(experts, DigitsDataModule(batch_size=64), ckpt_path=checkpoint, verbose=False)[0]
+    sampling = GuidedSampling(diffusion_model=assets["ddpm-cond"], num_inference_steps=2, cfg_scale=3.0, evaluator_path=assets["evaluator"])
+    predicted = []
+    compute = sampling.metrics.compute
+    sampling.metrics.compute = lambda: (predicted.append(compute()), predicted[-1])[1]
+    samples = os.path.join(out, f"samples-on-{devices}")
+    trainer(callbacks=[SampleWriter(output_dir=samples)]).predict(sampling, ClassLabelDataModule(num_per_class=3, num_classes=7, batch_size=4), return_predictions=False)
+    written = dict(np.load(os.path.join(samples, "samples.npz"))) if os.path.isfile(os.path.join(samples, "samples.npz")) else {}
+    return {"test": {k: float(v) for k, v in tested.items()}, "predict": predicted[0], "samples": written}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -137,6 +168,12 @@ def run_worker(out: str, assets: dict) -> None:
     halving = ProgressiveHalving(guide_root=guide_root, guide_name="tiny", teacher_steps=4, diffusion_model=assets["ddpm-cond"])
     fit("progressive_halving", halving, DigitsDataModule(batch_size=8), 4, limit_train_batches=2)
 
+    # Test and predict: the pytest process runs the same on one process and compares.
+    import glob
+
+    (checkpoint,) = glob.glob(os.path.join(out, "expert_distillation", "**", "last.ckpt"), recursive=True)
+    torch.save(evaluate(out, assets, checkpoint, devices=2) | {"checkpoint": checkpoint}, os.path.join(out, f"evaluation-rank{rank}.pt"))
+
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
@@ -162,7 +199,7 @@ def ddp_run(tiny_assets, tmp_path_factory):
         stdout, stderr = process.communicate()
         pytest.fail("the DDP jobs did not finish in 300 s (a hang in a collective?):\n" + stderr[-6000:])
     assert process.returncode == 0, stdout[-3000:] + stderr[-6000:]
-    results = {job: [torch.load(out / f"{job}-rank{rank}.pt", weights_only=False) for rank in (0, 1)] for job in JOBS}
+    results = {job: [torch.load(out / f"{job}-rank{rank}.pt", weights_only=False) for rank in (0, 1)] for job in JOBS + ("evaluation",)}
     return results, out, time.perf_counter() - started, stdout + stderr
 
 
@@ -225,6 +262,21 @@ def test_single_network_jobs_under_ddp(ddp_run, job):
     assert_epoch_split(ranks, 0, {step_key for rank in ranks for step in rank["steps"] for step_key in step["keys"]})
     checkpoints = sorted(p.name for p in (out / job).rglob("*.ckpt"))
     assert "last.ckpt" in checkpoints and len(checkpoints) == len(set(checkpoints))
+
+
+def test_one_process_and_two_give_the_same_scores_and_samples(ddp_run, tiny_assets, tmp_path):
+    """Seeds follow each sample's global index and a sample padded in by the DistributedSampler counts once: on 2 devices
+    `lightning test` scored 360 images for 359 with per-rank seeds (issue 12, case 8)."""
+    results, out, seconds, log = ddp_run
+    two = results["evaluation"][0]
+    one = evaluate(str(tmp_path), tiny_assets, two["checkpoint"], devices=1)
+    for job in ("test", "predict"):
+        assert one[job].keys() == two[job].keys() and one[job], job
+        for name in one[job]:
+            assert one[job][name] == pytest.approx(two[job][name], rel=1e-5, abs=1e-6), (job, name, one[job][name], two[job][name])
+    assert results["evaluation"][1]["test"] == two["test"]  # rank 1 reports the same synced numbers
+    assert two["samples"]["labels"].tolist() == one["samples"]["labels"].tolist() == [c for c in range(7) for _ in range(3)]
+    np.testing.assert_allclose(two["samples"]["images"], one["samples"]["images"], atol=1e-5)
 
 
 def test_building_a_guidance_leaves_the_experts_training(tiny_assets):

@@ -12,7 +12,7 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import maximum_mean_discrepancy, poly_kernel
 
 from plugguide.metrics import GenerationMetrics, PooledPixels, frechet_distance, inception_score, kernel_distance
-from plugguide.metrics.generation import diversity_ratio, wilson_interval
+from plugguide.metrics.generation import diversity_ratio, unique_rows, wilson_interval
 from plugguide.metrics.reporting import best_scale, estimate
 from plugguide.models import TimmClassifier
 from tests.conftest import TINY_CONVNEXT, TINY_DEIT, TINY_RESNET
@@ -115,3 +115,22 @@ def test_best_scale_takes_the_most_accurate_scale_within_unguided_quality():
     assert best_scale(sweep, unguided) == ("10", True)  # 30 is more accurate but leaves the unguided quality
     assert best_scale({"30": sweep["30"], "100": {"guided_accuracy": 1.0, "fid_autoencoder": 20.0}}, unguided) == ("30", False)
     assert estimate({"fid": 1.234, "intervals": {"fid": (1.0, 1.5)}}, "fid") == "1.23 [1.00, 1.50]"
+
+
+def test_a_sample_counted_twice_counts_once_and_the_order_of_arrival_does_not_matter():
+    """Lightning's DistributedSampler pads a process's last batch with repeated samples, and processes' records arrive
+    rank after rank: with the global index of every sample, the numbers are those of one process (issue 12, case 8)."""
+    torch.manual_seed(0)
+    metrics = GenerationMetrics(TimmClassifier(**TINY_RESNET), num_classes=10)
+    real, generated, targets = torch.randn(9, 1, 16, 16), torch.randn(9, 1, 16, 16), torch.arange(9)
+    metrics.update_real(real, None, torch.arange(9))
+    metrics.update_generated(generated, targets, torch.arange(9))
+    expected = metrics.compute()
+    metrics.reset()
+    metrics.reset_real()
+    # Two "ranks" of a padded sampler: even indices + index 0 again, odd indices; arriving rank after rank.
+    for part in ([0, 2, 4, 6, 8, 0], [1, 3, 5, 7]):
+        metrics.update_real(real[part], None, torch.tensor(part))
+        metrics.update_generated(generated[part], targets[part], torch.tensor(part))
+    assert metrics.compute() == pytest.approx(expected, rel=1e-6, nan_ok=True)
+    assert len(unique_rows(metrics.generated.compute())["index"]) == 9

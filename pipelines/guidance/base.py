@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from plugguide.pipelines.finite import check_scale
+
 GuidanceInput = Literal["x_t", "x0_hat"]
 
 
@@ -28,8 +30,8 @@ class Guidance(nn.Module, ABC):
         super().__init__()
         if input not in ("x_t", "x0_hat"):
             raise ValueError(f"Expected `input` to be 'x_t' or 'x0_hat', but got {input!r}.")
-        if clip_gradient is not None and clip_gradient <= 0:
-            raise ValueError(f"Expected `clip_gradient` to be positive or None, but got {clip_gradient}.")
+        if clip_gradient is not None:
+            check_scale("clip_gradient", clip_gradient, positive=True)
         self.input = input
         self.clip_gradient = clip_gradient
 

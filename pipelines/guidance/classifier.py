@@ -32,6 +32,11 @@ class ClassifierGuidance(Guidance):
         self.classifier = classifier.eval().requires_grad_(False)
         self.num_classes = getattr(classifier, "num_classes", None)
 
+    @property
+    def in_chans(self) -> int | None:
+        """Input channels of the classifier, where it says (a wrapped guidance passes its own on)."""
+        return getattr(self.classifier, "in_chans", None)
+
     def train(self, mode: bool = True) -> "ClassifierGuidance":
         return super().train(False)  # a guide always runs in eval mode (BatchNorm running statistics)
 
