@@ -32,6 +32,29 @@ def calibration_timesteps(num_timesteps: int, num_train_timesteps: int) -> list[
     return torch.linspace(0, num_train_timesteps - 1, num_timesteps).round().long().tolist()
 
 
+def guide_input(guidance: CalibratedInput, x_t: torch.Tensor, t: int, abar: torch.Tensor, unet: nn.Module | None) -> torch.Tensor:
+    """What the guide reads at x_t: x_t itself, or `(x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)` clipped to [-1, 1]."""
+    if guidance.input != "x0_hat":
+        return x_t
+    if unet is None:
+        raise ValueError(f"{type(guidance).__name__} guides on x0_hat: the calibration curve needs the diffusion `unet` to form it.")
+    timestep = torch.full((len(x_t),), t, device=x_t.device, dtype=torch.long)
+    eps = unet(x_t, timestep).sample[:, : x_t.shape[1]]
+    return ((x_t - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+
+
+def curve_from_logits(logits: dict[int, torch.Tensor], labels: torch.Tensor, n_bins: int) -> dict[str, list[float]]:
+    """{"timestep", "ece", "accuracy", "integral_ece"} from the guide's logits at each timestep and the true labels."""
+    timesteps = sorted(logits)
+    ece = [expected_calibration_error(logits[t], labels, n_bins) for t in timesteps]
+    return {
+        "timestep": timesteps,
+        "ece": ece,
+        "accuracy": [float((logits[t].argmax(-1) == labels).float().mean()) for t in timesteps],
+        "integral_ece": [sum(ece) / len(ece)],
+    }
+
+
 @torch.no_grad()
 def calibration_curve(
     guidance: CalibratedInput,
@@ -60,8 +83,6 @@ def calibration_curve(
     Returns:
         {"timestep": [...], "ece": [...], "accuracy": [...]} and "integral_ece" (mean ECE_t over t) as a one-item list.
     """
-    if guidance.input == "x0_hat" and unet is None:
-        raise ValueError(f"{type(guidance).__name__} guides on x0_hat: the calibration curve needs the diffusion `unet` to form it.")
     device = next(iter(p for p in guidance.parameters()), torch.zeros(())).device
     generator = torch.Generator(device).manual_seed(seed)
     logits = {t: [] for t in timesteps}
@@ -73,21 +94,34 @@ def calibration_curve(
             abar = alphas_cumprod[t].to(device)
             noise = torch.randn(images.shape, generator=generator, device=device)
             x_t = abar.sqrt() * images + (1 - abar).sqrt() * noise
-            timestep = torch.full((len(images),), t, device=device, dtype=torch.long)
-            inputs = x_t
-            if guidance.input == "x0_hat":
-                eps = unet(x_t, timestep).sample[:, : images.shape[1]]
-                inputs = ((x_t - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
-            logits[t].append(guidance.logits(inputs, timestep).float().cpu())
-    labels = torch.cat(labels)
-    logits = {t: torch.cat(values) for t, values in logits.items()}
-    ece = [expected_calibration_error(logits[t], labels, n_bins) for t in timesteps]
-    return {
-        "timestep": list(timesteps),
-        "ece": ece,
-        "accuracy": [float((logits[t].argmax(-1) == labels).float().mean()) for t in timesteps],
-        "integral_ece": [sum(ece) / len(ece)],
-    }
+            inputs = guide_input(guidance, x_t, t, abar, unet)
+            logits[t].append(guidance.logits(inputs, torch.full((len(images),), t, device=device, dtype=torch.long)).float().cpu())
+    return curve_from_logits({t: torch.cat(values) for t, values in logits.items()}, torch.cat(labels), n_bins)
+
+
+@torch.no_grad()
+def reverse_process_calibration_curve(
+    guidance: CalibratedInput,
+    trajectory: dict[int, torch.Tensor],
+    labels: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    unet: nn.Module | None = None,
+    n_bins: int = 15,
+) -> dict[str, list[float]]:
+    """ECE_t as EluCD defines it (Ma et al., 2023, section 4.1): on reverse-process samples x_t, labelled by their condition.
+
+    `trajectory[t]` holds the samples x_t of a class-conditional model's sampler at train timestep t, started from
+    noise with condition `labels`; the guide is scored on what it would read there (x_t, or x0_hat formed by `unet`,
+    the model it guides). Unlike forward-noised real images, these x_t are what guidance meets while sampling, off
+    the data manifold included.
+    """
+    device = next(iter(p for p in guidance.parameters()), torch.zeros(())).device
+    logits = {}
+    for t, x_t in trajectory.items():
+        x_t = x_t.to(device)
+        inputs = guide_input(guidance, x_t, t, alphas_cumprod[t].to(device), unet)
+        logits[t] = guidance.logits(inputs, torch.full((len(x_t),), t, device=device, dtype=torch.long)).float().cpu()
+    return curve_from_logits(logits, labels.cpu(), n_bins)
 
 
 CSV_COLUMNS = ["guide", "timestep", "ece", "accuracy", "integral_ece"]

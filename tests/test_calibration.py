@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from plugguide.callbacks.calibration_curve import CalibrationCurve
-from plugguide.metrics.calibration import calibration_curve, expected_calibration_error
+from plugguide.metrics.calibration import calibration_curve, expected_calibration_error, reverse_process_calibration_curve
 from plugguide.models.classifier import TimmClassifier
 from plugguide.pipelines.guidance.calibrated import CalibratedGuidance, replace_relu_with_softplus
 from plugguide.pipelines.guidance.classifier import ClassifierGuidance
@@ -213,6 +213,18 @@ def test_calibration_curve_is_deterministic_and_needs_a_unet_for_x0_hat(tiny_cla
     assert first == second
     with pytest.raises(ValueError, match="x0_hat"):
         calibration_curve(CalibratedGuidance(tiny_classifier), batches, [0, 999], abar)
+
+
+def test_reverse_process_curve_scores_the_given_samples_like_the_forward_curve_scores_its_own(tiny_classifier):
+    """On the very x_t the forward curve draws, the reverse-process curve (EluCD's definition) gives the same numbers."""
+    batch = next(iter(ToyValData().val_dataloader()))
+    abar, timesteps = tiny_scheduler().alphas_cumprod, [0, 400, 999]
+    unet = tiny_unet().eval()
+    generator = torch.Generator().manual_seed(3)
+    trajectory = {t: abar[t].sqrt() * batch["image"] + (1 - abar[t]).sqrt() * torch.randn(batch["image"].shape, generator=generator) for t in timesteps}
+    for guidance in (NaiveClassifierGuidance(tiny_classifier), CalibratedGuidance(tiny_classifier)):
+        forward = calibration_curve(guidance, [batch], timesteps, abar, unet, seed=3)
+        assert reverse_process_calibration_curve(guidance, trajectory, batch["label"], abar, unet) == forward
 
 
 def test_calibration_job_writes_csv(tmp_path, tiny_assets):
