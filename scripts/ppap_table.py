@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDPM (ancestral) sampler steps")
     parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 10.0, 30.0, 100.0])
     parser.add_argument("--steps-per-expert", type=int, default=1000)
+    parser.add_argument("--experts", nargs="+", default=[], metavar="NAME=DIR", help="also score experts trained elsewhere, e.g. 'main job=runs/ppap/experts'")
     parser.add_argument("--out", default="runs/ppap_table")
     args = parser.parse_args()
 
@@ -152,6 +153,14 @@ def main() -> None:
                 sweeps[key] = sweep(key, guidance, args.scales)
                 scale, admissible = best_scale(sweeps[key], unguided)
                 table.append([family, name, params, supervision, f"{float(scale):g}" + ("" if admissible else "*"), *quality_cells(sweeps[key][scale])])
+
+    for name, directory in (entry.split("=", 1) for entry in args.experts):
+        experts = MultiExpertClassifier.from_pretrained(directory)
+        report = experts.parameter_report()
+        sweeps[name] = sweep(f"given/{name}", ExpertGuidance(experts), args.scales)
+        scale, admissible = best_scale(sweeps[name], unguided)
+        params = f"{report['trainable_total']:,} ({report['trainable_percent_of_backbone']:.0f}%)"
+        table.append([experts.backbone_config["model_name"], name, params, "as trained", f"{float(scale):g}" + ("" if admissible else "*"), *quality_cells(sweeps[name][scale])])
 
     lines = [
         describe(len(labels), f"DDPM-{args.steps} (ancestral, mean shift)") + f" Training: {args.steps_per_expert:,} steps per expert.",
