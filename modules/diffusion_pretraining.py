@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMPipeline, SchedulerMixin, UNet2DConditionModel
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
@@ -13,10 +13,15 @@ from plugguide.datamodules.resumable_loader import step_generator
 from plugguide.models.diffusion_model import load_unet
 from plugguide.models.saving import save_atomically
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
+from plugguide.pipelines.model_family import ModelFamily
 
 
 class DiffusionPretraining(L.LightningModule):
-    """Denoising score matching (Ho et al., 2020): minimise ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2.
+    """Denoising score matching (Ho et al., 2020): minimise ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2,
+    or rectified flow (Liu et al., 2022): ||(eps - x0) - v_theta((1 - s) x0 + s eps, s T)||^2.
+
+    The noise schedule chooses: a `DDPMScheduler` trains its `prediction_type` (eps, v or x0), a
+    `FlowMatchEulerDiscreteScheduler` the flow velocity (`ModelFamily.training_example` holds both forward processes).
 
     A `UNet2DModel` gives the unconditional model. A `UNet2DConditionModel` with
     `num_class_embeds = num_classes + 1` gives the class-conditional one: labels are replaced by the
@@ -26,7 +31,7 @@ class DiffusionPretraining(L.LightningModule):
 
     Args:
         unet: the denoiser.
-        noise_scheduler: the forward process (betas, T), saved with the model.
+        noise_scheduler: the forward process (`DDPMScheduler`: betas, T; `FlowMatchEulerDiscreteScheduler`: flow), saved with the model.
         optimizer: optimiser factory.
         num_classes: number of real classes for a class-conditional UNet; None for unconditional.
         label_dropout: probability of training a sample on the null class.
@@ -39,7 +44,7 @@ class DiffusionPretraining(L.LightningModule):
     def __init__(
         self,
         unet: nn.Module,
-        noise_scheduler: DDPMScheduler,
+        noise_scheduler: SchedulerMixin,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         num_classes: int | None = None,
         label_dropout: float = 0.1,
@@ -65,13 +70,14 @@ class DiffusionPretraining(L.LightningModule):
             unet.load_state_dict(load_unet(pretrained_path, "pretrained_path").state_dict())
         self.unet = unet
         self.noise_scheduler = noise_scheduler
+        self.family = ModelFamily(noise_scheduler)
         self.optimizer = optimizer
 
     def _step(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
         images = batch["image"]
         noise = torch.randn(images.shape, generator=generator, device=images.device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator, device=images.device)
-        noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
+        draws = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator, device=images.device)
+        noisy, timesteps, target = self.family.training_example(images, noise, draws)
         if self.conditional:
             labels = batch["label"]
             if stage == "train":
@@ -80,7 +86,7 @@ class DiffusionPretraining(L.LightningModule):
             prediction = self.unet(noisy, timesteps, None, class_labels=labels).sample
         else:
             prediction = self.unet(noisy, timesteps).sample
-        loss = F.mse_loss(prediction, noise)
+        loss = F.mse_loss(prediction, target)
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train")
         return loss
 
@@ -95,8 +101,9 @@ class DiffusionPretraining(L.LightningModule):
         return self.optimizer(self.unet.parameters())
 
     def sampling_pipeline(self) -> GuidedDiffusionPipeline:
-        """The current model with a DDIM sampler, for sample grids."""
-        return GuidedDiffusionPipeline(self.unet, DDIMScheduler.from_config(self.noise_scheduler.config))
+        """The current model with a DDIM sampler (flow models: their own Euler sampler), for sample grids."""
+        sampler = DDIMScheduler if self.family.kind == "vp" else type(self.noise_scheduler)
+        return GuidedDiffusionPipeline(self.unet, sampler.from_config(self.noise_scheduler.config))
 
     def export(self, directory: str) -> None:
         """Writes a diffusers pipeline directory (unet/, scheduler/), the layout of hub DDPM models."""

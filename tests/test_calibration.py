@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from plugguide.callbacks.calibration_curve import CalibrationCurve
 from plugguide.metrics.calibration import calibration_curve, expected_calibration_error
 from plugguide.models.classifier import TimmClassifier
+from plugguide.pipelines.guidance.base import GuidanceStep
 from plugguide.pipelines.guidance.calibrated import CalibratedGuidance, replace_relu_with_softplus
 from plugguide.pipelines.guidance.classifier import ClassifierGuidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
@@ -80,7 +81,7 @@ def test_calibrated_guidance_copies_the_classifier_and_defaults_to_the_paper(tin
     assert any(isinstance(m, nn.Softplus) for m in guidance.modules())
     assert any(isinstance(m, nn.ReLU) for m in tiny_classifier.modules())  # the caller's model is untouched
     with pytest.raises(ValueError, match="marginal_discount"):
-        CalibratedGuidance(tiny_classifier, marginal_discount=0.0)
+        CalibratedGuidance(tiny_classifier, marginal_discount=-0.5)
 
 
 def test_equal_temperatures_reduce_to_log_softmax_and_the_discount_follows_the_formula(tiny_classifier):
@@ -96,20 +97,62 @@ def test_equal_temperatures_reduce_to_log_softmax_and_the_discount_follows_the_f
     assert torch.allclose(discounted, expected, atol=1e-5)
 
 
+def step(t: int, variance: float = 0.01, index: int = 1, num_steps: int = 10) -> GuidanceStep:
+    return GuidanceStep(timestep=t, index=index, num_steps=num_steps, alpha=0.5, sigma=0.75**0.5, variance=variance, num_train_timesteps=1000)
+
+
 def test_sine_schedule_matches_its_formula(tiny_classifier):
     guidance = CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": 0.3})
     steps = [(980, 0.5), (750, 0.02), (500, 0.01), (250, 0.004), (0, 0.0)]
     max_variance = 0.0
-    for t, variance in steps:
+    for index, (t, variance) in enumerate(steps):
         max_variance = max(max_variance, variance)
         expected = 1.0 if variance == 0 else 1 + max(math.sin(math.pi * t / 1000) * max_variance * 0.3, 0) / variance
-        assert guidance.scale_multiplier(t, variance, 1000) == pytest.approx(expected)
-    # A new run (t back at the top) forgets the previous run's largest variance.
-    assert guidance.scale_multiplier(500, 0.01, 1000) == pytest.approx(1 + 0.3)
-    edm = CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": 0.3, "schedule": "edm"})
+        assert guidance.step_scale(2.0, step(t, variance, index)) == pytest.approx(2.0 * expected)
+    # A new run (step 0) forgets the previous run's largest variance.
+    assert guidance.step_scale(1.0, step(500, 0.01, index=0)) == pytest.approx(1 + 0.3)
+    continuous = CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": 0.3, "schedule": "edm_continuous"})
     for t in (999, 500, 100, 0):
-        assert edm.scale_multiplier(t, 0.01, 1000) == pytest.approx(max(t / 1000, 1e-5) + 0.3 * math.sin(math.pi * t / 1000))
-    assert CalibratedGuidance(tiny_classifier, **OFF).scale_multiplier(500, 0.01, 1000) == 1.0
+        assert continuous.step_scale(1.0, step(t)) == pytest.approx(max(t / 1000, 1e-5) + 0.3 * math.sin(math.pi * t / 1000))
+    assert CalibratedGuidance(tiny_classifier, **OFF).step_scale(1.0, step(500)) == 1.0
+
+
+def test_edm_schedule_is_the_authors_on_their_step_grid(tiny_classifier):
+    """AlexMaOLS/EluCD EDM/generate.py, `edm_sampler`: current_guidance at step i of num_steps, len(t_steps) = num_steps + 1."""
+
+    def authors(i: int, num_steps: int, max_guidance: float, add_factor: float) -> float:
+        t_steps = num_steps + 1
+        current_guidance = max((max_guidance / t_steps) * (t_steps - i), 0.00001)
+        return current_guidance + math.sin(i / (t_steps - 1) * math.pi) * max_guidance * add_factor
+
+    edm = CalibratedGuidance(tiny_classifier, schedule="edm", sine_gamma=0.3)
+    for num_steps in (10, 18, 36):
+        for i in range(num_steps):
+            assert edm.step_scale(0.004, step(500, index=i, num_steps=num_steps)) == pytest.approx(authors(i, num_steps, 0.004, 0.3))
+    last = edm.step_scale(1.0, step(0, index=17, num_steps=18))
+    assert last == pytest.approx(2 / 19 + 0.3 * math.sin(17 / 18 * math.pi)) and 0.15 < last < 0.17  # not 0, as the continuous form ends
+
+
+def test_edm_gradient_is_the_authors_normalised_gradient(tiny_classifier):
+    """Algorithm 2: classifier input x / rms(x) where rms(x) > 1, else x; gradient rescaled to rms(x) (per sample)."""
+    torch.manual_seed(0)
+    edm = CalibratedGuidance(tiny_classifier, schedule="edm", softplus_beta=5.0, marginal_discount=0.0)
+    assert edm.input == "x_t" and edm.shifts == "sample"
+    x = torch.randn(2, 1, 16, 16) * torch.tensor([5.0, 0.5]).view(2, 1, 1, 1)  # one sample above unit RMS, one below
+    targets = torch.tensor([3, 7])
+    grad = edm.gradient(x, torch.tensor([900, 100]), x, targets)
+    # The authors' code, line by line, on the same tensors.
+    x_cur_norm = (x**2).mean((1, 2, 3)) ** 0.5
+    x0 = torch.stack([x[i] / x_cur_norm[i] if x_cur_norm[i] > 1 else x[i] for i in range(2)]).requires_grad_(True)
+    logits = edm.classifier(x0)
+    numerator = torch.exp(logits * 1.0)[torch.nn.functional.one_hot(targets, 10) != 0].unsqueeze(1)
+    denominator = torch.exp(logits * 0.0).sum(1, keepdims=True)
+    grads = torch.autograd.grad(torch.log(numerator / denominator).sum(), x0)[0]
+    grads_norm = ((grads**2).mean((1, 2, 3))) ** 0.5
+    expected = torch.stack([grads[i] / grads_norm[i] * x_cur_norm[i] for i in range(2)])
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="`input` must be 'x_t'"):
+        CalibratedGuidance(tiny_classifier, schedule="edm", input="x0_hat")
 
 
 class TimestepRoutedGuidance(ClassifierGuidance):
