@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.datamodules.resumable_loader import step_generator
 from plugguide.metrics import GenerationMetrics
-from plugguide.models import MultiExpertClassifier, check_classifier_input, load_classifier, load_scheduler, load_unet
+from plugguide.models import MultiExpertClassifier, check_classifier_input, load_classifier, load_scheduler, load_unet, prompt_conditioning
 from plugguide.models.multi_expert_classifier import Finetune
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from plugguide.modules.frozen_networks import FrozenNetworksModule
@@ -63,6 +63,8 @@ class ExpertDistillation(FrozenNetworksModule):
         guidance_scale: guidance scale for grids and tests.
         evaluator_path: independent classifier scoring test samples.
         seed: seed of the training steps' timesteps and noise (with the step and the rank).
+        prompt: for a text-conditional diffusion model (DeepFloyd-IF, Stable Diffusion), the prompt its grids and test
+            samples are drawn under; None: the empty prompt (unconditional, as the paper guides GLIDE).
     """
 
     frozen_networks = ("teacher", "unet", "metrics")
@@ -84,6 +86,7 @@ class ExpertDistillation(FrozenNetworksModule):
         guidance_scale: float = 10.0,
         evaluator_path: str | None = "assets/digits/evaluator",
         seed: int = 0,
+        prompt: str | None = None,
     ) -> None:
         super().__init__()
         if supervision not in ("teacher", "labels"):
@@ -112,6 +115,7 @@ class ExpertDistillation(FrozenNetworksModule):
         )
         self.unet = load_unet(diffusion_model, "diffusion_model").eval().requires_grad_(False)
         self.sampler = load_scheduler(diffusion_model, sampler, "sampler")
+        self.conditioning = prompt_conditioning(diffusion_model, self.unet, prompt)
         check_classifier_input(self.teacher, self.unet.config.in_channels, self.unet.config.sample_size, "teacher_path", teacher_path)
         self.metrics = None
         if evaluator_path:
@@ -205,7 +209,7 @@ class ExpertDistillation(FrozenNetworksModule):
         return guidance
 
     def sampling_pipeline(self) -> GuidedDiffusionPipeline:
-        return GuidedDiffusionPipeline(self.unet, self.sampler, self.guidance())
+        return GuidedDiffusionPipeline(self.unet, self.sampler, self.guidance(), **self.conditioning)
 
     def on_test_start(self) -> None:
         if self.trainer.ckpt_path is None and self.trainer.global_step == 0:

@@ -318,7 +318,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         clip_first = guided and self.guidance.shifts == "score" and not family.ancestral and family.clips_clean_image
         if clip_first:
             family = family.without_clipping()
-        family.scheduler.set_timesteps(num_inference_steps, device=device)
+        family.set_timesteps(num_inference_steps, device)
         config = self.unet.config
         shape = (labels.shape[0], config.in_channels, config.sample_size, config.sample_size)
         x = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype) * family.init_noise_sigma

@@ -95,6 +95,18 @@ class ModelFamily:
             self._train_log_snr = (abar / (1 - abar)).log()
 
     # -- the run's noise levels -------------------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+        """The sampler's steps for a run that starts at its first timestep.
+
+        Samplers with a step index also learn that they begin at index 0: left alone, they find their start by
+        looking the first timestep up, and where rounding repeats it (Karras sigmas on a cosine schedule, whose
+        sigma_max is 20,291, give 998, 998, 983, ...) they start at the second entry, as for img2img, and run past
+        their table's end; the evaluation index would also no longer name the state's noise level.
+        """
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+
     @property
     def init_noise_sigma(self) -> float:
         """Standard deviation of the initial noise in the sampler's space, as the stock diffusers pipelines scale it."""

@@ -6,6 +6,7 @@ import inspect
 import math
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
@@ -322,3 +323,56 @@ def test_guided_ddim_with_clipping_follows_guided_diffusions_condition_score(tin
 def test_unhandled_samplers_and_prediction_types_name_themselves(make, match):
     with pytest.raises(ValueError, match=match):
         GuidedDiffusionPipeline(UNet2DModel(**TINY_UNET), make())
+
+
+# -- the sampling job runs every sampler, guided and unguided --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family_models(tiny_assets, tmp_path_factory) -> dict[str, str]:
+    """Tiny models saved as each family trains them: DDPM betas (the shared tiny asset), EDM and flow matching."""
+    root = tmp_path_factory.mktemp("families")
+    paths = {"betas": tiny_assets["ddpm-uncond"]}
+    for kind, scheduler in (("edm", diffusers.EDMEulerScheduler()), ("flow", diffusers.FlowMatchEulerDiscreteScheduler())):
+        torch.manual_seed(0)
+        paths[kind] = str(root / kind)
+        DDPMPipeline(unet=UNet2DModel(**TINY_UNET), scheduler=scheduler).save_pretrained(paths[kind])
+    return paths
+
+
+SAMPLING_JOB_CASES = [(name, None) for name in SCHEDULER_FAMILIES] + [("EulerDiscreteScheduler", KARRAS), ("HeunDiscreteScheduler", KARRAS), ("DPMSolverMultistepScheduler", KARRAS)]
+
+@pytest.mark.parametrize("name, overrides", SAMPLING_JOB_CASES, ids=[f"{n}{'-karras' if o else ''}" for n, o in SAMPLING_JOB_CASES])
+def test_sampling_job_runs_every_sampler_guided_and_unguided(name, overrides, family_models, tiny_assets):
+    """`GuidedSampling(scheduler=<name>)`, the sampling job's module, on the tiny model of the sampler's family."""
+    from plugguide.models.diffusion_model import training_family
+    from plugguide.modules import GuidedSampling
+    from plugguide.pipelines.guidance import CalibratedGuidance
+
+    batch = {"label": torch.tensor([3, 8]), "seed": torch.tensor([0, 1])}
+    outputs = {}
+    for scale in (0.0, 2.0):
+        guidance = CalibratedGuidance(tiny_assets["classifier-resnet"]) if scale else None
+        job = GuidedSampling(family_models[training_family(name)], name, 4, guidance, scale, evaluator_path=None, scheduler_config=overrides)
+        outputs[scale] = job.predict_step(batch, 0)["images"]
+        assert outputs[scale].shape == (2, 1, 16, 16) and torch.isfinite(outputs[scale]).all()
+    assert not torch.equal(outputs[0.0], outputs[2.0])
+
+
+@pytest.mark.parametrize("name, overrides", [("EulerDiscreteScheduler", KARRAS), ("EDMEulerScheduler", None), ("FlowMatchEulerDiscreteScheduler", None)])
+def test_lightning_predict_samples_each_family_guided(name, overrides, family_models, tiny_assets, tmp_path, monkeypatch):
+    """`lightning predict -c configs/sample.yaml --model.scheduler <name> [--model.scheduler_config ...] --model.guidance ...`."""
+    from tests.test_cli import run
+    from plugguide.models.diffusion_model import training_family
+
+    monkeypatch.chdir(tmp_path)
+    guidance = {"class_path": "plugguide.pipelines.guidance.CalibratedGuidance", "init_args": {"classifier": tiny_assets["classifier-resnet"]}}
+    job = {"diffusion_model": family_models[training_family(name)], "scheduler": name, "scheduler_config": overrides, "num_inference_steps": 3}
+    overrides_yaml = {
+        "trainer": {"enable_progress_bar": False, "callbacks": [{"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}]},
+        "model": {"init_args": job | {"guidance": guidance, "guidance_scale": 2.0, "evaluator_path": tiny_assets["evaluator"]}},
+        "data": {"init_args": {"num_per_class": 1, "num_classes": 2, "batch_size": 2}},
+    }
+    run("predict", "sample.yaml", overrides_yaml, tmp_path)
+    images = np.load(tmp_path / "out" / "samples.npz")["images"]
+    assert images.shape == (2, 1, 16, 16) and np.isfinite(images).all()
