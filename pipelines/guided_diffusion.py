@@ -14,7 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from plugguide.models.text_encoder import is_text_conditional
 from plugguide.pipelines.guidance.base import Guidance
-from plugguide.pipelines.model_family import ModelFamily
+from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
 
 # Denoisers whose call this pipeline knows (SD3/Flux transformers take pooled projections and are not handled).
 DENOISER_CLASSES = (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel)
@@ -221,43 +221,53 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         guided = self.guidance is not None and guidance_scale > 0
         level = family.noise_level(index, t) if guided else None
         if guided and self.guidance.shifts == "sample" and level.first_evaluation and level.alpha > 0:
-            # EluCD's EDM algorithm (Ma et al., 2023, Algorithm 2) moves the sample in EDM's space x0 + (sigma / alpha) eps.
-            x_edm = x / (level.scale * level.alpha)
-            grad = self.guidance_gradient(x_edm, torch.tensor(level.timestep, device=x.device), x_edm, labels)
-            x = x + level.scale * level.alpha * self.guidance.step_scale(guidance_scale, level) * grad
-        normalized = guided and self.cfg_guidance == "normalized"
+            x = self.displace_sample(x, level, labels, guidance_scale)
         model_input = family.model_input(x, t)
-        if normalized:
+        difference = None
+        if guided and self.cfg_guidance == "normalized":
             uncond, difference, predicted_variance = self.predict_noise(model_input, t, labels, cfg_scale, return_parts=True)
             output = uncond + (1 + cfg_scale) * difference
         else:
             output, predicted_variance = self.predict_noise(model_input, t, labels, cfg_scale)
         mean_shift = None
         if guided and self.guidance.shifts == "score":
-            x0_hat = family.predicted_clean(output, x, level)
-            if clip_first:
-                x0_hat = family.clip(x0_hat)
-                output = family.output_from_clean(x0_hat, x, level)
-            if family.ancestral:
-                variance = step_variance(family.scheduler, int(t), predicted_variance)
-                level = replace(level, variance=float(torch.as_tensor(variance).mean()))
-            guide_on = x0_hat if self.vae is not None else x0_hat.clamp(-1, 1)  # latents have no fixed range; their decoded pixels are clipped
-            grad = self.guidance_gradient(x / level.scale, torch.tensor(level.timestep, device=x.device), guide_on, labels)
-            scale = self.guidance.step_scale(guidance_scale, level)
-            direction = -level.sigma * grad  # the score shift in eps units
-            if normalized:
-                eps_difference = family.noise_difference(difference, x, level)
-                ratio = eps_difference.flatten(1).norm(dim=1) / direction.flatten(1).norm(dim=1).clamp_min(1e-12)
-                output = family.shift_output(output, (1 + cfg_scale) * scale * ratio.view(-1, *[1] * (x.dim() - 1)) * direction, x, level)
-            elif family.ancestral:
-                mean_shift = scale * variance * grad
-            else:
-                output = family.shift_output(output, scale * direction, x, level)
+            output, mean_shift = self.guide_output(family, x, level, t, output, difference, predicted_variance, labels, guidance_scale, cfg_scale, clip_first)
         # A learned-variance DDPM step reads the variance from the channels after eps, as diffusers splits them.
         if predicted_variance is not None and family.ancestral and family.scheduler.config.variance_type in LEARNED_VARIANCE_TYPES:
             output = torch.cat([output, predicted_variance], dim=1)
         x = family.step(output, t, x, generator)
         return x if mean_shift is None else x + mean_shift
+
+    def guide_output(
+        self, family: ModelFamily, x: torch.Tensor, level: NoiseLevel, t: torch.Tensor, output: torch.Tensor, difference: torch.Tensor | None,
+        predicted_variance: torch.Tensor | None, labels: torch.Tensor, guidance_scale: float, cfg_scale: float, clip_first: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the guided network output, the ancestral step's mean shift or None): the score shift of model_family.py."""
+        x0_hat = family.predicted_clean(output, x, level)
+        if clip_first:
+            x0_hat = family.clip(x0_hat)
+            output = family.output_from_clean(x0_hat, x, level)
+        if family.ancestral:
+            variance = step_variance(family.scheduler, int(t), predicted_variance)
+            level = replace(level, variance=float(torch.as_tensor(variance).mean()))
+        guide_on = x0_hat if self.vae is not None else x0_hat.clamp(-1, 1)  # latents have no fixed range; their decoded pixels are clipped
+        grad = self.guidance_gradient(x / level.scale, torch.tensor(level.timestep, device=x.device), guide_on, labels)
+        scale = self.guidance.step_scale(guidance_scale, level)
+        direction = -level.sigma * grad  # the score shift in eps units
+        if difference is not None:  # cfg_guidance="normalized": scaled to the CFG difference, in eps units
+            eps_difference = family.noise_difference(difference, x, level)
+            ratio = eps_difference.flatten(1).norm(dim=1) / direction.flatten(1).norm(dim=1).clamp_min(1e-12)
+            return family.shift_output(output, (1 + cfg_scale) * scale * ratio.view(-1, *[1] * (x.dim() - 1)) * direction, x, level), None
+        if family.ancestral:
+            return output, scale * variance * grad
+        return family.shift_output(output, scale * direction, x, level), None
+
+    def displace_sample(self, x: torch.Tensor, level: NoiseLevel, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """EluCD's EDM algorithm (Ma et al., 2023, Algorithm 2): the guidance moves the sample itself, before the denoiser
+        sees it, in the space the algorithm is written in, EDM's x0 + (sigma / alpha) eps = x_t / alpha."""
+        x_edm = x / (level.scale * level.alpha)
+        grad = self.guidance_gradient(x_edm, torch.tensor(level.timestep, device=x.device), x_edm, labels)
+        return x + level.scale * level.alpha * self.guidance.step_scale(guidance_scale, level) * grad
 
     @torch.no_grad()
     def __call__(

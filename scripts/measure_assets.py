@@ -6,6 +6,7 @@ Classifiers: accuracy on the fixed test split of `DigitsDataModule` (359 images)
 Diffusion models: samples from fixed seeds, scored by the independent evaluator
 (confidence, FID on evaluator features against the 359 real test digits, IS-style score;
 for the class-conditional model, evaluator accuracy on the target classes under CFG).
+DDPM-trained models sample with DDIM, the flow-matching one with its Euler sampler, both `--steps` steps.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from plugguide.pipelines import sample_batch
 from plugguide.pipelines import GuidedDiffusionPipeline
 
 ASSETS = "assets/digits"
+SAMPLERS = {"flow-uncond": ("FlowMatchEulerDiscreteScheduler", "flow-Euler")}  # every other model: DDIMScheduler
 
 
 def test_images() -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +41,8 @@ def classifier_accuracy(path: str, images: torch.Tensor, labels: torch.Tensor) -
 
 
 def diffusion_scores(path: str, real: torch.Tensor, per_class: int, steps: int, cfg_scale: float) -> dict[str, float]:
-    pipeline = GuidedDiffusionPipeline(load_unet(path), load_scheduler(path, "DDIMScheduler"))
+    sampler = SAMPLERS.get(os.path.basename(path), ("DDIMScheduler",))[0]
+    pipeline = GuidedDiffusionPipeline(load_unet(path), load_scheduler(path, sampler))
     pipeline.set_progress_bar_config(disable=True)
     evaluator = load_classifier(os.path.join(ASSETS, "evaluator"))
     metrics = GenerationMetrics(evaluator, evaluator.num_classes)
@@ -56,7 +59,7 @@ def diffusion_scores(path: str, real: torch.Tensor, per_class: int, steps: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples-per-class", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     args = parser.parse_args()
     images, labels = test_images()
     size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(ASSETS) for f in files)
@@ -69,13 +72,14 @@ def main() -> None:
     n = 10 * args.samples_per_class
     print(f"\n| diffusion model | params | sampler | samples | evaluator accuracy on target | evaluator confidence | FID (evaluator features, vs {len(images)} test digits) | IS (evaluator) |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, cfg in (("ddpm-uncond", 0.0), ("ddpm-cond", 0.0), ("ddpm-cond", 3.0)):
+    for name, cfg in (("ddpm-uncond", 0.0), ("flow-uncond", 0.0), ("ddpm-cond", 0.0), ("ddpm-cond", 3.0)):
         path = os.path.join(ASSETS, name)
         scores = diffusion_scores(path, images, args.samples_per_class, args.steps, cfg)
         params = sum(p.numel() for p in load_unet(path).parameters())
         label = f"{name}" + (f", CFG w={cfg:g}" if cfg else "")
         accuracy = f"{scores['guided_accuracy']:.4f}" if "guided_accuracy" in scores else "n/a (unconditional)"
-        print(f"| {label} | {params:,} | DDIM-{args.steps} | {n} | {accuracy} | {scores['evaluator_confidence']:.4f} | {scores['fid']:.2f} | {scores['inception_score']:.2f} |")
+        sampler = SAMPLERS.get(name, (None, "DDIM"))[1]
+        print(f"| {label} | {params:,} | {sampler}-{args.steps} | {n} | {accuracy} | {scores['evaluator_confidence']:.4f} | {scores['fid']:.2f} | {scores['inception_score']:.2f} |")
 
 
 if __name__ == "__main__":

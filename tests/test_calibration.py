@@ -155,6 +155,52 @@ def test_edm_gradient_is_the_authors_normalised_gradient(tiny_classifier):
         CalibratedGuidance(tiny_classifier, schedule="edm", input="x0_hat")
 
 
+def test_edm_algorithm_samples_as_the_authors_edm_sampler(tiny_classifier):
+    """EluCD `EDM/generate.py` `edm_sampler` (S_churn = 0), transcribed, on diffusers' Heun/Karras grid with the same
+    tiny UNet as EDM's denoiser D(x; s) = x - s eps(x / sqrt(1 + s^2)): Algorithm 2 guides before each step's first
+    evaluation only, and the pipeline's run is theirs."""
+    from diffusers import HeunDiscreteScheduler
+
+    unet = tiny_unet()
+    scheduler = HeunDiscreteScheduler.from_config(tiny_scheduler().config, use_karras_sigmas=True)
+    guidance = CalibratedGuidance(tiny_classifier, schedule="edm", softplus_beta=5.0, marginal_discount=0.0)
+    pipeline = GuidedDiffusionPipeline(unet, scheduler, guidance)
+    pipeline.set_progress_bar_config(disable=True)
+    labels, max_guidance, num_steps = torch.tensor([2, 7]), 0.05, 4
+    images = pipeline(labels, num_inference_steps=num_steps, guidance_scale=max_guidance, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    scheduler.set_timesteps(num_steps)
+    t_steps = torch.cat([scheduler.sigmas[0:1], scheduler.sigmas[1::2]])  # s_0 .. s_{N-1}, 0
+    model_timesteps = scheduler.timesteps[0::2]  # the UNet's timestep at each s_i
+
+    def net(x, i):
+        s = t_steps[i]
+        with torch.no_grad():
+            return x - s * unet(x / (1 + s**2) ** 0.5, model_timesteps[i].expand(len(x))).sample
+
+    x_next = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * t_steps[0]
+    for i in range(num_steps):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        x_cur = x_next
+        with torch.enable_grad():
+            x_cur_norm = ((x_cur**2).mean((1, 2, 3))) ** 0.5
+            x0 = torch.stack([x_cur[k] / x_cur_norm[k] if x_cur_norm[k] > 1 else x_cur[k] for k in range(2)]).requires_grad_(True)
+            logits = guidance.classifier(x0)
+            selected = torch.log(torch.exp(logits)[torch.nn.functional.one_hot(labels, 10) != 0].unsqueeze(1) / torch.exp(logits * 0.0).sum(1, keepdims=True))
+            current_guidance = max((max_guidance / len(t_steps)) * (len(t_steps) - i), 0.00001)
+            current_guidance = current_guidance + math.sin(i / (len(t_steps) - 1) * math.pi) * max_guidance * 0.3
+            grads = torch.autograd.grad(selected.sum(), x0)[0]
+            grads_norm = ((grads**2).mean((1, 2, 3))) ** 0.5
+            grads = torch.stack([grads[k] / grads_norm[k] * x_cur_norm[k] * current_guidance for k in range(2)])
+        x_hat = x_cur + grads
+        d_cur = (x_hat - net(x_hat, i)) / t_cur
+        x_next = x_hat + (t_next - t_cur) * d_cur
+        if i < num_steps - 1:
+            d_prime = (x_next - net(x_next, i + 1)) / t_next
+            x_next = x_hat + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+    torch.testing.assert_close(images, (x_next / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-4)
+
+
 class TimestepRoutedGuidance(ClassifierGuidance):
     """A stand-in for PPAP experts: logits depend on t, input x_t."""
 
