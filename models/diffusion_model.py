@@ -30,6 +30,9 @@ SCHEDULER_FAMILIES = {
 SUPPORTED_SCHEDULERS = tuple(SCHEDULER_FAMILIES)
 
 
+TRAINING_FAMILIES = {"betas": "a DDPM noise schedule", "edm": "EDM preconditioning", "flow": "flow matching"}
+
+
 def training_family(scheduler_class: str) -> str:
     """How a model saved with `scheduler_class` was trained: "betas" (a DDPM noise schedule, which the vp and sigma
     samplers both read), "edm" (EDM preconditioning) or "flow" (rectified flow); samplers only serve their own."""
@@ -89,11 +92,11 @@ def load_scheduler(
         raise OSError(f"`{path_setting}`={path!r} has no loadable noise scheduler: {where} ({error}).") from error
     trained_with = config.get("_class_name", "DDPMScheduler")
     if training_family(trained_with) != training_family(name):
+        trained = f"`{path_setting}`={path!r} was trained with {trained_with} ({TRAINING_FAMILIES[training_family(trained_with)]})"
+        if setting == path_setting:  # a job's own forward process, not a sampler the user chose
+            raise ValueError(f"{trained}, but this job needs a model trained with {TRAINING_FAMILIES[training_family(name)]}.")
         allowed = [n for n in SUPPORTED_SCHEDULERS if training_family(n) == training_family(trained_with)]
-        raise ValueError(
-            f"`{setting}`={name!r} cannot sample `{path_setting}`={path!r}: the model was trained with {trained_with} "
-            f"({training_family(trained_with)}) and this sampler serves {training_family(name)} models; allowed: {', '.join(allowed)}."
-        )
+        raise ValueError(f"{trained}; `{setting}`={name!r} samples models trained with {TRAINING_FAMILIES[training_family(name)]}. Allowed: {', '.join(allowed)}.")
     return getattr(diffusers, name).from_config(config, **(overrides or {}))
 
 

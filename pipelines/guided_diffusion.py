@@ -218,9 +218,10 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
 
         `clip_first`: the sampler clips x0_hat (and runs as its unclipped copy): clip here, before the guidance shift.
         """
-        guided = self.guidance is not None and guidance_scale > 0
-        level = family.noise_level(index, t) if guided else None
-        if guided and self.guidance.shifts == "sample" and level.first_evaluation and level.alpha > 0:
+        level = family.noise_level(index, t) if self.guidance is not None and guidance_scale > 0 else None
+        # At alpha = 0 (pure noise: flow's first step) p(y | x_t) = p(y), so the exact guidance term is zero.
+        guided = level is not None and level.alpha > 0
+        if guided and self.guidance.shifts == "sample" and level.first_evaluation:
             x = self.displace_sample(x, level, labels, guidance_scale)
         model_input = family.model_input(x, t)
         difference = None

@@ -26,7 +26,7 @@ grad log p(x_t) = -eps / sigma, so every family takes the same shift (Dhariwal &
 with d o / d eps = -(sigma / alpha) / b (1 for epsilon models, 1 / alpha for v, 1 / (1 - s) for flow velocity);
 `scheduler.step` then consumes o' as it would the network's output. The ancestral DDPM step keeps the mean shift
 `mean += s Sigma_t grad` instead (`GuidedDiffusionPipeline`). At alpha = 0 (flow's first step, s = 1) the sample is
-pure noise, p(y | x_t) = p(y) carries no information and d o / d eps is infinite: guidance is zero there.
+pure noise, p(y | x_t) = p(y) carries no information and d o / d eps is infinite: the pipeline does not guide there.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ class NoiseLevel(GuidanceStep):
 class ModelFamily:
     """How one diffusers sampler's state and its network's output convert to (eps, x0_hat, x_t, t) and back.
 
-    Built per sampling run, after `scheduler.set_timesteps`. Refuses, by name, a scheduler class or a
-    `prediction_type` it does not handle, and scheduler settings that would make the conversion wrong.
+    Built per sampling run (`set_timesteps` starts it). Refuses, by name, a scheduler class or a `prediction_type`
+    it does not handle, and scheduler settings that would make the conversion wrong.
 
     Args:
         scheduler: a diffusers scheduler of `SCHEDULER_FAMILIES`.
@@ -87,6 +87,7 @@ class ModelFamily:
         self.scheduler = scheduler
         self.clipping = scheduler  # whose clip_sample / thresholding settings `clip` applies
         self.ancestral = isinstance(scheduler, DDPMScheduler)
+        self.reads_abar = self.kind == "vp" and not hasattr(scheduler, "sigmas")  # DDPM, DDIM, PNDM: abar of t, no sigma table
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         if self.kind == "edm":  # the training sigma table, T + 1 levels from sigma_max down to sigma_min
             self._train_log_sigmas = type(scheduler).from_config(scheduler.config).sigmas[:-1].double().log()
@@ -116,15 +117,12 @@ class ModelFamily:
     def evaluations_per_step(self) -> int:
         return self.scheduler.order  # 2 for Heun: a predictor and a corrector evaluation per step
 
-    def _table_sigma(self, index: int) -> float:
-        return float(self.scheduler.sigmas[index])
-
     def _coefficients(self, index: int, timestep: torch.Tensor) -> tuple[float, float, float, float]:
         """(alpha, sigma, scale, s) of evaluation `index` (s: the noise level in the sampler's own table)."""
-        if self.kind == "vp" and not hasattr(self.scheduler, "sigmas"):  # DDPM, DDIM, PNDM read abar of t directly
+        if self.reads_abar:
             abar = float(self.scheduler.alphas_cumprod[int(timestep)])
             return math.sqrt(abar), math.sqrt(1 - abar), 1.0, math.sqrt((1 - abar) / abar) if abar > 0 else math.inf
-        s = self._table_sigma(index)
+        s = float(self.scheduler.sigmas[index])
         if self.kind == "flow":
             scale = math.hypot(1 - s, s)
             return (1 - s) / scale, s / scale, scale, s
@@ -140,7 +138,7 @@ class ModelFamily:
         from the clean end, so larger t is noisier as everywhere else.
         """
         last = self.num_train_timesteps - 1
-        if self.kind == "vp" and not hasattr(self.scheduler, "sigmas"):
+        if self.reads_abar:
             return int(timestep)
         if self.kind == "flow":
             return min(max(round(s * self.num_train_timesteps), 0), last)
@@ -163,7 +161,7 @@ class ModelFamily:
     def _posterior_variance(self, index: int, step: int, alpha: float, sigma: float) -> float:
         """Variance of the DDPM posterior from this step's noise level to the next step's, beta tilde in VP terms:
         (sigma_next^2 / sigma^2) (1 - alpha^2 / alpha_next^2); 0 at the last step. The calibrated sine schedule reads it."""
-        if self.kind == "vp" and not hasattr(self.scheduler, "sigmas"):
+        if self.reads_abar:
             timesteps = self.scheduler.timesteps
             abar_next = float(self.scheduler.alphas_cumprod[int(timesteps[index + 1])]) if index + 1 < len(timesteps) else 1.0
             alpha_next, sigma_next = math.sqrt(abar_next), math.sqrt(1 - abar_next)
@@ -174,20 +172,20 @@ class ModelFamily:
         return max((sigma_next / sigma) ** 2 * (1 - (alpha / alpha_next) ** 2), 0.0)
 
     # -- output <-> (eps, x0_hat) --------------------------------------------------------------------------------
-    def affine(self, level: NoiseLevel, x: torch.Tensor) -> tuple[torch.Tensor | float, float, float]:
-        """(a x, b, d o / d eps) of `x0_hat = a x + b o` at `level` (see the module docstring)."""
+    def affine(self, level: NoiseLevel, x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        """(a x, b, d o / d eps) of `x0_hat = a x + b o` at `level` (see the module docstring; alpha > 0)."""
         alpha, sigma, scale, s = level.alpha, level.sigma, level.scale, level.edm_sigma
         if self.kind == "edm":
             skip = self.scheduler.precondition_outputs(x, torch.zeros_like(x), s)  # c_skip x
             b = float(self.scheduler.precondition_outputs(torch.zeros(()), torch.ones(()), s))  # c_out
-            return skip, b, (-(sigma / alpha) / b if alpha > 0 else math.inf)
+            return skip, b, -(sigma / alpha) / b
         if self.prediction_type == "epsilon":
             return x / (scale * alpha), -sigma / alpha, 1.0
         if self.prediction_type == "v_prediction":
-            return x * (alpha / scale), -sigma, (1 / alpha if alpha > 0 else math.inf)
+            return x * (alpha / scale), -sigma, 1 / alpha
         if self.prediction_type == "sample":
-            return torch.zeros_like(x), 1.0, (-sigma / alpha if alpha > 0 else math.inf)
-        return x, -s, (1 / (1 - s) if s < 1 else math.inf)  # flow velocity: x0 = x - s v
+            return torch.zeros_like(x), 1.0, -sigma / alpha
+        return x, -s, 1 / (1 - s)  # flow velocity: x0 = x - s v
 
     def predicted_clean(self, output: torch.Tensor, x: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
         """x0_hat = a x + b o."""
@@ -220,10 +218,8 @@ class ModelFamily:
         return self.scheduler.step(output, timestep, x, **({"generator": generator} if takes_generator else {})).prev_sample
 
     def shift_output(self, output: torch.Tensor, eps_shift: torch.Tensor, x: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
-        """o' = o + (d o / d eps) * eps_shift: the output that predicts eps + eps_shift at the same x (zero shift at alpha = 0)."""
+        """o' = o + (d o / d eps) * eps_shift: the output that predicts eps + eps_shift at the same x."""
         _, _, d_output = self.affine(level, x)
-        if not math.isfinite(d_output):
-            return output
         return output + d_output * eps_shift
 
     # -- clipping, in the authors' order -----------------------------------------------------------------------

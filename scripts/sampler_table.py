@@ -8,7 +8,8 @@ PPAP-5 experts (`--experts`, as `lightning fit -c configs/ppap.yaml` exports the
 DPM-Solver++-20, Euler-Karras-25 and Heun/EDM-18 (Heun with EDM's Karras step sizes, 35 evaluations) on
 `assets/digits/ddpm-uncond`, and flow-matching Euler-25 on `assets/digits/flow-uncond`. The method
 "calibrated-edm" (EluCD's EDM Algorithm 2, which moves the sample by a fraction of its size, hence its own
-`--edm-scales`) can be added with `--methods`. Every guided row is swept over the scales with the same seeds and
+`--edm-scales`) and "calibrated-edm-continuous" (that schedule as a function of t on the usual x0_hat classifier and
+score shift) can be added with `--methods`. Every guided row is swept over the scales with the same seeds and
 reported at its best scale (guided accuracy, then FID); every sample is scored by the independent evaluator
 (`GenerationMetrics`: guided accuracy, FID on evaluator features vs the real test digits); ms per image is the
 wall time of sampling divided by the images, measured in this run (compare rows of one run on an idle machine).
@@ -41,7 +42,7 @@ SAMPLERS = {
     "Heun/EDM-18": ("ddpm-uncond", "HeunDiscreteScheduler", {"use_karras_sigmas": True}, 18),
     "flow-Euler-25": ("flow-uncond", "FlowMatchEulerDiscreteScheduler", {}, 25),
 }
-METHODS = ("unguided", "calibrated", "PPAP-5", "calibrated-edm")
+METHODS = ("unguided", "calibrated", "PPAP-5", "calibrated-edm", "calibrated-edm-continuous")
 
 
 def guidance_for(method: str, experts: str):
@@ -49,6 +50,8 @@ def guidance_for(method: str, experts: str):
         return CalibratedGuidance(f"{ASSETS}/classifier-resnet")
     if method == "calibrated-edm":  # Algorithm 2 with the authors' ImageNet-64 settings
         return CalibratedGuidance(f"{ASSETS}/classifier-resnet", schedule="edm", softplus_beta=5.0, marginal_discount=0.0)
+    if method == "calibrated-edm-continuous":  # the EDM schedule as a function of t, on x0_hat and the score shift
+        return CalibratedGuidance(f"{ASSETS}/classifier-resnet", schedule="edm_continuous")
     if method == "PPAP-5":
         return ExpertGuidance(experts)
     return None

@@ -376,3 +376,33 @@ def test_lightning_predict_samples_each_family_guided(name, overrides, family_mo
     run("predict", "sample.yaml", overrides_yaml, tmp_path)
     images = np.load(tmp_path / "out" / "samples.npz")["images"]
     assert images.shape == (2, 1, 16, 16) and np.isfinite(images).all()
+
+
+def test_jobs_refuse_a_model_of_another_family(family_models, tiny_assets):
+    from plugguide.modules import ExpertDistillation, GuidedSampling
+
+    with pytest.raises(ValueError, match="flow matching.*`scheduler`='DDIMScheduler'.*Allowed: FlowMatchEulerDiscreteScheduler"):
+        GuidedSampling(family_models["flow"], "DDIMScheduler", evaluator_path=None)
+    with pytest.raises(ValueError, match="was trained with FlowMatchEulerDiscreteScheduler .*this job needs a model trained with a DDPM noise schedule"):
+        ExpertDistillation(teacher_path=tiny_assets["classifier-resnet"], diffusion_model=family_models["flow"], evaluator_path=None)
+
+
+class RecordingGuidance(NaiveClassifierGuidance):
+    def log_likelihood(self, inputs, timesteps, targets):
+        self.seen.append(timesteps.tolist())
+        return super().log_likelihood(inputs, timesteps, targets)
+
+
+@pytest.mark.parametrize("name, overrides", [("EulerDiscreteScheduler", KARRAS), ("HeunDiscreteScheduler", KARRAS), ("FlowMatchEulerDiscreteScheduler", {})])
+def test_guidance_sees_the_discrete_train_timestep_of_each_evaluation(name, overrides, tiny_classifier):
+    """PPAP experts route by t: a sigma-space or flow evaluation hands guidance the integer train timestep of its noise level."""
+    scheduler = sampler(name, tiny_scheduler().config, **overrides)
+    guidance = RecordingGuidance(tiny_classifier)
+    guidance.seen = []
+    pipeline = GuidedDiffusionPipeline(UNet2DModel(**TINY_UNET), scheduler, guidance)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline([1, 2], num_inference_steps=5, guidance_scale=1.0, output_type="pt")
+    family = ModelFamily(scheduler)  # the run left its timesteps set
+    levels = [family.noise_level(k, t) for k, t in enumerate(scheduler.timesteps)]
+    expected = [[level.timestep] * 2 for level in levels if level.alpha > 0]  # flow's s = 1 (pure noise) is not guided
+    assert guidance.seen == expected and all(0 <= t[0] < 1000 and isinstance(t[0], int) for t in guidance.seen)
