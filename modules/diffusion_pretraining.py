@@ -69,8 +69,10 @@ class DiffusionPretraining(L.LightningModule):
         if pretrained_path is not None:
             unet.load_state_dict(load_unet(pretrained_path, "pretrained_path").state_dict())
         self.unet = unet
-        self.noise_scheduler = noise_scheduler
         self.family = ModelFamily(noise_scheduler)
+        if not (self.family.ancestral or self.family.kind == "flow"):
+            raise ValueError(f"Expected `noise_scheduler` to be a DDPMScheduler or FlowMatchEulerDiscreteScheduler (the forward process), but got {type(noise_scheduler).__name__}.")
+        self.noise_scheduler = noise_scheduler
         self.optimizer = optimizer
 
     def _step(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -246,7 +246,8 @@ class ModelFamily:
 
     # -- training ------------------------------------------------------------------------------------------------
     def training_example(self, x0: torch.Tensor, noise: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(noisy input, timesteps, regression target) of denoising training at integer `draws` in [0, T).
+        """(noisy input, timesteps, regression target) of denoising training at integer `draws` in [0, T), for a
+        `DDPMScheduler` or `FlowMatchEulerDiscreteScheduler` that has not been `set_timesteps` (its training table).
 
         vp: t = draw, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, target eps / v / x0 by `prediction_type`
         (Ho et al., 2020; Salimans & Ho, 2022). flow: entry `draw` of the scheduler's training table (s, t = s T),
@@ -256,8 +257,6 @@ class ModelFamily:
             timesteps = self.scheduler.timesteps.to(x0.device)[draws]
             s = self.scheduler.sigmas.to(x0.device)[draws].view(-1, *[1] * (x0.dim() - 1))
             return (1 - s) * x0 + s * noise, timesteps, noise - x0
-        if self.kind != "vp" or not self.ancestral:
-            raise ValueError(f"Denoising training takes a DDPMScheduler or FlowMatchEulerDiscreteScheduler as its noise schedule, but got {type(self.scheduler).__name__}.")
         target = {"epsilon": noise, "sample": x0}.get(self.prediction_type)
         if target is None:
             target = self.scheduler.get_velocity(x0, noise, draws)

@@ -69,6 +69,25 @@ def test_unguided_sampling_of_a_text_model_is_stable_diffusions(name, overrides,
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("guidance_class", ["CalibratedGuidance", "ExpertGuidance"])
+def test_classifier_guidance_steers_a_text_model_under_cfg_on_a_prompt(guidance_class, text_to_image):
+    """Calibrated guidance and PPAP experts on a cross-attention UNet + VAE (Stable Diffusion's classes), with CFG on a prompt."""
+    from plugguide.models import MultiExpertClassifier, TimmClassifier
+    from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance
+    from tests.conftest import TINY_RESNET
+
+    torch.manual_seed(0)
+    classifier = TimmClassifier(**TINY_RESNET | dict(in_chans=3))
+    guidance = CalibratedGuidance(classifier) if guidance_class == "CalibratedGuidance" else ExpertGuidance(MultiExpertClassifier(classifier, num_experts=2, lora_rank=2))
+    conditioning = prompt_conditioning(text_to_image["path"], text_to_image["unet"], "a digit")
+    scheduler = sampler("EulerDiscreteScheduler", text_to_image["config"])
+    pipeline = GuidedDiffusionPipeline(text_to_image["unet"], scheduler, guidance, vae=text_to_image["vae"], **conditioning)
+    pipeline.set_progress_bar_config(disable=True)
+    run = lambda scale: pipeline([1, 4], num_inference_steps=3, guidance_scale=scale, cfg_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    unguided, guided = run(0.0), run(50.0)
+    assert guided.shape == (2, 3, 16, 16) and torch.isfinite(guided).all() and not torch.allclose(guided, unguided)
+
+
 def test_unguided_flow_sampling_is_the_flow_pipelines_loop():
     """diffusers' flow pipelines (SD3, Flux) feed x unscaled and step on the velocity; no unconditional UNet pipeline exists to call."""
     torch.manual_seed(0)

@@ -72,7 +72,9 @@ class CalibratedGuidance(ClassifierGuidance):
       The authors' ImageNet-64 run: softplus_beta 5, marginal_discount 0 (joint term only), gamma 0.3, s = 0.004
       at 10 and 18 steps.
     - schedule ("edm_continuous"): the EDM schedule as a function of t, `g(t) = s (max(t / T, 1e-5) + gamma sin(pi t / T))`,
-      on the usual score shift and classifier input; it ends at 0 and lags the authors' step grid by one step.
+      on the usual score shift and classifier input; it ends at 0 and lags the authors' step grid by one step, and is
+      kept because it guides the digits better than Algorithm 2 (README, "Model families": 0.96 vs 0.58 guided
+      accuracy on Heun/EDM-18).
 
     Each option can be switched off (`softplus_beta=None`, `marginal_discount=1`, `sine_gamma=0`,
     `input="x_t"`), and all off is plain classifier guidance. Calibrated PPAP experts: pass an
