@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from plugguide.datamodules.arrow_batches import ArrowBatches
 from plugguide.datamodules.image_folder import ImageDataModule
 from plugguide.datamodules.resumable_loader import ResumableDataLoader
-from plugguide.models import check_classifier_input, load_classifier, load_scheduler, load_unet, save_atomically
+from plugguide.models import check_classifier_input, load_classifier, load_scheduler, load_unet, prompt_conditioning, save_atomically
 from plugguide.pipelines import GuidedDiffusionPipeline
 
 CACHE_FORMAT = 2  # bump when the shard layout changes, so old caches are not read as new ones
@@ -110,6 +110,8 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         teacher_path: if set, this classifier's logits on every image are cached with it.
         labelled_data: real labelled images for `val` and `test` (e.g. `DigitsDataModule`).
         num_workers: DataLoader workers.
+        prompt: for a text-conditional model (DeepFloyd-IF, Stable Diffusion), the prompt it samples under; None: the
+            empty prompt, which samples it unconditionally (PPAP's GLIDE setting).
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         teacher_path: str | None = None,
         labelled_data: ImageDataModule | None = None,
         num_workers: int = 0,
+        prompt: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("num_images", num_images), ("num_inference_steps", num_inference_steps), ("generation_batch_size", generation_batch_size), ("shard_size", shard_size), ("batch_size", batch_size)):
@@ -145,6 +148,7 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         # Fail before any long work if a path or the sampler is wrong.
         self.unet = load_unet(diffusion_model, "diffusion_model")
         self.scheduler = load_scheduler(diffusion_model, scheduler, "scheduler")
+        self.conditioning = prompt_conditioning(diffusion_model, self.unet, prompt)
         self.teacher = load_classifier(teacher_path, "teacher_path") if teacher_path else None
         size, channels = self.unet.config.sample_size, self.unet.config.in_channels
         if self.teacher is not None:
@@ -172,6 +176,8 @@ class SynthesizedImageDataModule(L.LightningDataModule):
             "unet_config": {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")},
             "teacher": directory_digest(self.hparams.teacher_path) if self.hparams.teacher_path else None,
         } | {key: self.hparams[key] for key in ("num_inference_steps", "num_images", "seed", "shard_size", "image_dtype")}
+        if self.hparams.prompt is not None:  # unset for models without text, so their existing caches keep their names
+            parts["prompt"] = self.hparams.prompt
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
@@ -204,7 +210,7 @@ class SynthesizedImageDataModule(L.LightningDataModule):
     @torch.inference_mode()
     def generate_shard(self, shard: int, device: torch.device, progress: tqdm) -> None:
         """Samples one shard and writes it under a temporary name, then renames it into place."""
-        pipeline = GuidedDiffusionPipeline(self.unet.to(device), self.scheduler)
+        pipeline = GuidedDiffusionPipeline(self.unet.to(device), self.scheduler, **self.conditioning)
         pipeline.set_progress_bar_config(disable=True)
         indices = list(self.shard_indices(shard))
         images, logits = [], []

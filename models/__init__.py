@@ -2,16 +2,18 @@
 
 Classifiers (`TimmClassifier`), the PPAP multi-expert wrapper (`MultiExpertClassifier`), the guide networks
 of plug-and-play distillation (`TinyGuide`, `FullGuide`), and the loaders of diffusers denoisers,
-schedulers and VAEs. Every other folder stands on this one.
+schedulers, VAEs and text encoders. Every other folder stands on this one.
 """
 
 from plugguide.models.classifier import TimmClassifier, check_classifier_input, load_classifier
-from plugguide.models.diffusion_model import SUPPORTED_SCHEDULERS, load_scheduler, load_unet, load_vae
+from plugguide.models.diffusion_model import SCHEDULER_FAMILIES, SUPPORTED_SCHEDULERS, load_scheduler, load_unet, load_vae
 from plugguide.models.guides import FullGuide, Guide, TinyGuide, load_guide, predict_guided_noise
 from plugguide.models.multi_expert_classifier import MultiExpertClassifier, expert_boundaries
 from plugguide.models.saving import save_atomically
+from plugguide.models.text_encoder import encode_prompts, is_text_conditional, load_text_encoder, prompt_conditioning
 
 __all__ = [
-    "FullGuide", "Guide", "MultiExpertClassifier", "SUPPORTED_SCHEDULERS", "TimmClassifier", "TinyGuide", "check_classifier_input",
-    "expert_boundaries", "load_classifier", "load_guide", "load_scheduler", "load_unet", "load_vae", "predict_guided_noise", "save_atomically",
+    "FullGuide", "Guide", "MultiExpertClassifier", "SCHEDULER_FAMILIES", "SUPPORTED_SCHEDULERS", "TimmClassifier", "TinyGuide", "check_classifier_input",
+    "encode_prompts", "expert_boundaries", "is_text_conditional", "load_classifier", "load_guide", "load_scheduler", "load_text_encoder", "load_unet",
+    "load_vae", "predict_guided_noise", "prompt_conditioning", "save_atomically",
 ]

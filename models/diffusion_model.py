@@ -9,17 +9,39 @@ from diffusers import AutoModel, DDPMScheduler, DiffusionPipeline, SchedulerMixi
 from safetensors import SafetensorError
 from torch import nn
 
-# Samplers that work on variance-preserving x_t (init_noise_sigma == 1), where x0_hat and the guidance
-# shifts of METHODS.md apply as written. Sigma-space solvers (Euler, Heun, ...) would need x rescaled.
-SUPPORTED_SCHEDULERS = (
-    "DDPMScheduler",
-    "DDIMScheduler",
-    "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler",
-    "UniPCMultistepScheduler",
-    "DEISMultistepScheduler",
-    "PNDMScheduler",
-)
+# Every sampler the guided pipeline handles, by the space its state lives in (pipelines/model_family.py
+# holds the conversions): "vp" x_t = sqrt(abar) x0 + sqrt(1 - abar) eps; "sigma" x = x0 + sigma eps (Euler, Heun:
+# k-diffusion's form of the same noise schedule); "edm" the same space with EDM's preconditioned network
+# (Karras et al., 2022); "flow" x = (1 - sigma) x0 + sigma eps (rectified flow, velocity prediction).
+SCHEDULER_FAMILIES = {
+    "DDPMScheduler": "vp",
+    "DDIMScheduler": "vp",
+    "DPMSolverMultistepScheduler": "vp",
+    "DPMSolverSinglestepScheduler": "vp",
+    "UniPCMultistepScheduler": "vp",
+    "DEISMultistepScheduler": "vp",
+    "PNDMScheduler": "vp",
+    "EulerDiscreteScheduler": "sigma",
+    "EulerAncestralDiscreteScheduler": "sigma",
+    "HeunDiscreteScheduler": "sigma",
+    "EDMEulerScheduler": "edm",
+    "EDMDPMSolverMultistepScheduler": "edm",
+    "FlowMatchEulerDiscreteScheduler": "flow",
+}
+SUPPORTED_SCHEDULERS = tuple(SCHEDULER_FAMILIES)
+
+
+TRAINING_FAMILIES = {"betas": "a DDPM noise schedule", "edm": "EDM preconditioning", "flow": "flow matching"}
+
+
+def training_family(scheduler_class: str) -> str:
+    """How a model saved with `scheduler_class` was trained: "betas" (a DDPM noise schedule, which the vp and sigma
+    samplers both read), "edm" (EDM preconditioning) or "flow" (rectified flow); samplers only serve their own."""
+    if scheduler_class.startswith("FlowMatch"):
+        return "flow"
+    if scheduler_class.startswith("EDM"):
+        return "edm"
+    return "betas"
 
 
 def check_model_path(path: str, setting: str = "diffusion_model") -> None:
@@ -57,9 +79,14 @@ def load_unet(path: str, setting: str = "diffusion_model") -> nn.Module:
         raise OSError(f"`{setting}`={path!r} could not be loaded: {unloadable(path, 'denoiser')} ({error}).") from error
 
 
-def load_scheduler(path: str, name: str = "DDPMScheduler", setting: str = "scheduler", path_setting: str = "diffusion_model") -> SchedulerMixin:
+def load_scheduler(
+    path: str, name: str = "DDPMScheduler", setting: str = "scheduler", path_setting: str = "diffusion_model", overrides: dict | None = None
+) -> SchedulerMixin:
     """The pipeline's training noise schedule, as the sampler class `name` (a diffusers scheduler).
 
+    The sampler must serve the family the model was trained in (its saved scheduler class, see `training_family`):
+    Euler or DPM-Solver read a DDPM model's betas, but cannot sample a flow-matching model, and the other way round.
+    `overrides` replace config entries (`{"use_karras_sigmas": True}` for Euler-Karras or Heun/EDM steps).
     `setting` names the sampler setting and `path_setting` the model-path setting in error messages.
     """
     if name not in SUPPORTED_SCHEDULERS:
@@ -71,7 +98,14 @@ def load_scheduler(path: str, name: str = "DDPMScheduler", setting: str = "sched
     except OSError as error:
         where = "a directory needs scheduler/scheduler_config.json" if os.path.isdir(path) else "hub ids need network access"
         raise OSError(f"`{path_setting}`={path!r} has no loadable noise scheduler: {where} ({error}).") from error
-    return getattr(diffusers, name).from_config(config)
+    trained_with = config.get("_class_name", "DDPMScheduler")
+    if training_family(trained_with) != training_family(name):
+        trained = f"`{path_setting}`={path!r} was trained with {trained_with} ({TRAINING_FAMILIES[training_family(trained_with)]})"
+        if setting == path_setting:  # a job's own forward process, not a sampler the user chose
+            raise ValueError(f"{trained}, but this job needs a model trained with {TRAINING_FAMILIES[training_family(name)]}.")
+        allowed = [n for n in SUPPORTED_SCHEDULERS if training_family(n) == training_family(trained_with)]
+        raise ValueError(f"{trained}; `{setting}`={name!r} samples models trained with {TRAINING_FAMILIES[training_family(name)]}. Allowed: {', '.join(allowed)}.")
+    return getattr(diffusers, name).from_config(config, **(overrides or {}))
 
 
 def load_vae(path: str, setting: str = "vae") -> nn.Module:

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from plugguide.datamodules.resumable_loader import step_generator
 from plugguide.datamodules.synthesized import image_seed
 from plugguide.metrics import GenerationMetrics
-from plugguide.models import MultiExpertClassifier, check_classifier_input, load_classifier, load_scheduler, load_unet
+from plugguide.models import MultiExpertClassifier, check_classifier_input, load_classifier, load_scheduler, load_unet, prompt_conditioning
 from plugguide.models.multi_expert_classifier import Finetune
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from plugguide.pipelines.finite import check_scale
@@ -75,6 +75,8 @@ class ExpertDistillation(FrozenNetworksModule):
         autoencoder_path: `AutoencoderKL` whose latents are one more feature space of the test's quality metrics.
         seed: seed of the training steps' timesteps and noise (with the step and the rank), and of the test samples' noise
             (with each sample's index).
+        prompt: for a text-conditional diffusion model (DeepFloyd-IF, Stable Diffusion), the prompt its grids and test
+            samples are drawn under; None: the empty prompt (unconditional, as the paper guides GLIDE).
     """
 
     frozen_networks = ("teacher", "unet", "metrics")
@@ -99,6 +101,7 @@ class ExpertDistillation(FrozenNetworksModule):
         evaluator_path: str | None = "assets/digits/evaluator",
         autoencoder_path: str | None = "assets/digits/autoencoder",
         seed: int = 0,
+        prompt: str | None = None,
     ) -> None:
         super().__init__()
         if supervision not in ("teacher", "labels"):
@@ -129,6 +132,7 @@ class ExpertDistillation(FrozenNetworksModule):
         )
         self.unet = load_unet(diffusion_model, "diffusion_model").eval().requires_grad_(False)
         self.sampler = load_scheduler(diffusion_model, sampler, "sampler")
+        self.conditioning = prompt_conditioning(diffusion_model, self.unet, prompt)
         check_classifier_input(self.teacher, self.unet.config.in_channels, self.unet.config.sample_size, "teacher_path", teacher_path)
         self.metrics = None
         if evaluator_path:
@@ -248,7 +252,7 @@ class ExpertDistillation(FrozenNetworksModule):
         return guidance
 
     def sampling_pipeline(self) -> GuidedDiffusionPipeline:
-        return GuidedDiffusionPipeline(self.unet, self.sampler, self.guidance())
+        return GuidedDiffusionPipeline(self.unet, self.sampler, self.guidance(), **self.conditioning)
 
     def on_test_start(self) -> None:
         if self.trainer.ckpt_path is None and self.trainer.global_step == 0:

@@ -12,6 +12,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from plugguide.datamodules.resumable_loader import default_seed, step_generator
 from plugguide.models.diffusion_model import load_scheduler, load_unet
+from plugguide.models.text_encoder import encode_prompts
 from plugguide.models.saving import save_atomically
 from plugguide.models.guides import Guide, GuideFactory, predict_guided_noise
 from plugguide.modules.frozen_networks import FrozenNetworksModule
@@ -80,8 +81,7 @@ class FrozenUNetGuideTraining(FrozenNetworksModule):
 
     # -- conditions -----------------------------------------------------------------------------
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+        return encode_prompts(self.text_encoder, self.tokenizer, captions)
 
     @torch.no_grad()
     def encode_batch(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict, dict]:

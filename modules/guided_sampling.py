@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.metrics import GenerationMetrics
-from plugguide.models import check_classifier_input, load_guide, load_scheduler, load_unet, load_vae
+from plugguide.models import check_classifier_input, load_guide, load_scheduler, load_unet, load_vae, prompt_conditioning
 from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, sample_batch
 from plugguide.pipelines.finite import check_scale
 from plugguide.pipelines.guidance import ClassifierGuidance, Guidance
@@ -18,7 +18,12 @@ class GuidedSampling(L.LightningModule):
 
     Args:
         diffusion_model: diffusers pipeline directory or hub id (`assets/digits/ddpm-uncond`, `google/ddpm-cifar10-32`).
-        scheduler: diffusers scheduler class used as sampler (`DDIMScheduler`, `DDPMScheduler`, `DPMSolverMultistepScheduler`, ...).
+        scheduler: diffusers scheduler class used as sampler, any of `models.SUPPORTED_SCHEDULERS` that serves the model's
+            family: `DDIMScheduler`, `DDPMScheduler`, `DPMSolverMultistepScheduler`, `EulerDiscreteScheduler`,
+            `HeunDiscreteScheduler`, ... for DDPM-trained models, `EDMEulerScheduler` for EDM ones,
+            `FlowMatchEulerDiscreteScheduler` for flow-matching ones.
+        scheduler_config: entries that replace the model's scheduler config, e.g. `{use_karras_sigmas: true}` (Euler-Karras,
+            Heun with EDM's step sizes) or `{timestep_spacing: trailing}`.
         num_inference_steps: sampler steps.
         guidance: a `Guidance` (naive classifier, predicted-x0 classifier, PPAP experts, calibrated), or None.
         guidance_scale: classifier-guidance scale s.
@@ -29,6 +34,9 @@ class GuidedSampling(L.LightningModule):
         cfg_guidance: how classifier guidance combines with CFG: "shift" or "normalized" (the DiT rule).
         guide_path: a guide trained by `GuideDistillation` / `ProgressiveHalving` (`Guide.save_pretrained`):
             samples with one UNet + guide pass per step at guidance number `cfg_scale` (`GuideDistilledPipeline`).
+        prompt: for text-conditional UNets (Stable Diffusion, DeepFloyd-IF), the prompt, encoded once by the model's own
+            text encoder; None samples under the empty prompt (unconditional, as PPAP guides GLIDE). `cfg_scale` > 0
+            then guides toward it against the empty prompt.
     """
 
     def __init__(
@@ -43,6 +51,8 @@ class GuidedSampling(L.LightningModule):
         vae: str | None = None,
         cfg_guidance: str = "shift",
         guide_path: str | None = None,
+        scheduler_config: dict | None = None,
+        prompt: str | None = None,
     ) -> None:
         super().__init__()
         if num_inference_steps < 1:
@@ -51,9 +61,10 @@ class GuidedSampling(L.LightningModule):
         check_scale("guidance_scale", guidance_scale)
         check_scale("cfg_scale", cfg_scale)
         self.save_hyperparameters(ignore=["guidance"])
-        unet, sampler = load_unet(diffusion_model), load_scheduler(diffusion_model, scheduler)
+        unet, sampler = load_unet(diffusion_model), load_scheduler(diffusion_model, scheduler, overrides=scheduler_config)
         if guide_path is None:
-            self.pipeline = GuidedDiffusionPipeline(unet, sampler, guidance, vae=load_vae(vae) if vae else None, cfg_guidance=cfg_guidance)
+            conditioning = prompt_conditioning(diffusion_model, unet, prompt)
+            self.pipeline = GuidedDiffusionPipeline(unet, sampler, guidance, vae=load_vae(vae) if vae else None, cfg_guidance=cfg_guidance, **conditioning)
         elif guidance is not None:
             raise ValueError(f"`guide_path`={guide_path!r} samples with a distilled guide; it cannot be combined with `guidance`={type(guidance).__name__}.")
         else:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from plugguide.models.text_encoder import is_text_conditional
 from plugguide.pipelines.finite import check_finite_samples, check_scale
 from plugguide.pipelines.guidance.base import Guidance
+from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
+
+# Denoisers whose call this pipeline knows (SD3/Flux transformers take pooled projections and are not handled).
+DENOISER_CLASSES = (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel)
 
 
 @dataclass
@@ -56,18 +61,27 @@ def step_variance(scheduler, timestep: int, predicted_variance: torch.Tensor | N
 
 
 class GuidedDiffusionPipeline(DiffusionPipeline):
-    """Samples a UNet with a diffusers scheduler, optionally with CFG and with a classifier-type guidance.
+    """Samples a denoiser with a diffusers scheduler of any model family, optionally with CFG and a classifier-type guidance.
 
-    Guidance is applied as in Dhariwal & Nichol (2021): for ancestral `DDPMScheduler` steps the mean is
-    shifted, `mean += s * Sigma_t * grad`; for every other (eps-consuming) scheduler the noise is,
-    `eps -= s * sqrt(1 - abar_t) * grad`, so DDIM, DPM-Solver++ and friends come from diffusers as they are.
+    Every scheduler of `SCHEDULER_FAMILIES` works, whatever the network predicts (`prediction_type` epsilon, v or
+    sample; flow velocity): `ModelFamily` (pipelines/model_family.py) turns each evaluation into the
+    variance-preserving x_t, x0_hat and train timestep that guidance sees, and the guided score back into what
+    `scheduler.step` consumes. Guidance is applied as in Dhariwal & Nichol (2021): the ancestral `DDPMScheduler`
+    step shifts its mean, `mean += s * Sigma_t * grad`; every other sampler shifts the score,
+    `eps -= s * sigma_t * grad` in VP terms, so DDIM, DPM-Solver++, Euler, Heun, EDM and flow-matching Euler come
+    from diffusers as they are. Heun's two evaluations per step are both guided (EluCD's EDM sampler guides only
+    the first; a `Guidance` that shifts the sample, their Algorithm 2, follows them). Samplers that clip or threshold
+    x0_hat are guided in the order of guided-diffusion's `condition_score`: clip x0_hat, re-derive eps from it,
+    shift eps, and step without clipping again.
 
     Class-conditional UNets (`UNet2DConditionModel` with `num_class_embeds` = classes + 1, the last index
     being the null class) use classifier-free guidance `eps = (1 + w) eps(c) - w eps(null)` when
-    `cfg_scale` w > 0. With `cfg_guidance="normalized"` classifier guidance joins CFG as in the DiT setting
-    of Ma et al. (2023, Algorithm 3): the classifier's eps direction `g = -sqrt(1 - abar_t) * grad` is
-    rescaled to the norm of the CFG difference `d = eps(c) - eps(null)` and added to it,
-    `eps = eps(null) + (1 + w) * (d + s * g * ||d|| / ||g||)` (per sample; the schedule multiplies s).
+    `cfg_scale` w > 0. Text-conditional UNets (cross-attention, Stable Diffusion, DeepFloyd-IF) sample under
+    `prompt_embeds`: the empty prompt's embeddings run them unconditionally, as PPAP guides GLIDE; with
+    `negative_prompt_embeds` (the empty prompt's) and w > 0, CFG on a prompt. With `cfg_guidance="normalized"`
+    classifier guidance joins CFG as in the DiT setting of Ma et al. (2023, Algorithm 3): the classifier's eps
+    direction `g = -sigma_t * grad` is rescaled to the norm of the CFG difference `d = eps(c) - eps(null)` and added
+    to it, `eps = eps(null) + (1 + w) * (d + s * g * ||d|| / ||g||)` (per sample; the schedule multiplies s).
 
     Latent diffusion (Stable Diffusion, DiT-style): with a `vae` (diffusers `AutoencoderKL`) the UNet works on
     latents; the pixel-space classifier sees `vae.decode(x0_hat / scaling_factor)` (or the decoded x_t),
@@ -75,19 +89,26 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
     section 5.3: the decoder is part of the classifier). Outputs are decoded images.
 
     Args:
-        unet: `UNet2DModel` (unconditional), class-conditional `UNet2DConditionModel`, or a class-conditional
+        unet: `UNet2DModel` (unconditional), class- or text-conditional `UNet2DConditionModel`, or a class-conditional
             DiT (`DiTTransformer2DModel`, null class `num_embeds_ada_norm`).
-        scheduler: a variance-preserving diffusers scheduler (see `SUPPORTED_SCHEDULERS`).
+        scheduler: a diffusers scheduler of `SCHEDULER_FAMILIES` (VP, sigma-space, EDM or flow matching).
         guidance: a `Guidance`, or None for unguided / CFG-only sampling.
         vae: an `AutoencoderKL` for latent UNets, or None for pixel-space UNets.
         cfg_guidance: how classifier guidance combines with CFG: `"shift"` (the usual mean / eps shift on
             the CFG noise) or `"normalized"` (the DiT rule above; needs `cfg_scale` > 0).
+        prompt_embeds: for a text-conditional UNet, the text encoder's hidden states (1, L, D) it samples under
+            (`models.prompt_conditioning`; the empty prompt's for unconditional sampling).
+        negative_prompt_embeds: the null condition of CFG on a prompt (the empty prompt's), same shape.
     """
 
-    def __init__(self, unet, scheduler, guidance: Guidance | None = None, vae=None, cfg_guidance: str = "shift") -> None:
+    def __init__(
+        self, unet, scheduler, guidance: Guidance | None = None, vae=None, cfg_guidance: str = "shift",
+        prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
-        if getattr(scheduler, "init_noise_sigma", 1.0) != 1.0:
-            raise ValueError(f"`scheduler` {type(scheduler).__name__} works in sigma space; use a variance-preserving one (DDPM, DDIM, DPM-Solver, UniPC).")
+        ModelFamily(scheduler)  # refuses, by name, a sampler or prediction type it cannot convert
+        if not isinstance(unet, DENOISER_CLASSES):
+            raise ValueError(f"`unet` {type(unet).__name__} is not handled; allowed: {', '.join(c.__name__ for c in DENOISER_CLASSES)}.")
         if isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type in LEARNED_VARIANCE_TYPES and unet.config.out_channels != 2 * unet.config.in_channels:
             raise ValueError(
                 f"`scheduler` has variance_type={scheduler.config.variance_type!r}, which reads a predicted variance from the UNet, "
@@ -102,6 +123,10 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             self.vae = None
         self.guidance = guidance
         self.cfg_guidance = cfg_guidance
+        if (prompt_embeds is not None or negative_prompt_embeds is not None) and not self.is_text_conditional:
+            raise ValueError(f"`prompt_embeds` condition a text-conditional UNet (cross-attention), but the UNet is {type(unet).__name__} without one.")
+        self.prompt_embeds = prompt_embeds
+        self.negative_prompt_embeds = negative_prompt_embeds
 
     @property
     def is_class_conditional(self) -> bool:
@@ -110,41 +135,58 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         return getattr(self.unet.config, "num_embeds_ada_norm", None) is not None  # DiT: class-conditional transformer
 
     @property
+    def is_text_conditional(self) -> bool:
+        return is_text_conditional(self.unet)
+
+    @property
     def null_class(self) -> int:
         """Index of the null (unconditional) class: the last embedding of a UNet, index `num_embeds_ada_norm` of a DiT."""
         if isinstance(self.unet, UNet2DConditionModel):
             return self.unet.config.num_class_embeds - 1
         return self.unet.config.num_embeds_ada_norm
 
-    def _conditional_noise(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _conditions(self, batch_size: int, class_labels: torch.Tensor | None, device: torch.device) -> tuple[dict, dict]:
+        """Keyword arguments of the denoiser for the condition and for CFG's null condition."""
+        if self.is_text_conditional:
+            embeds = lambda e: e.to(device, self.unet.dtype).expand(batch_size, *e.shape[1:])
+            negative = self.negative_prompt_embeds
+            return {"encoder_hidden_states": embeds(self.prompt_embeds)}, {"encoder_hidden_states": embeds(negative) if negative is not None else None}
+        if not self.is_class_conditional:
+            return {}, {}
+        null = torch.full((batch_size,), self.null_class, dtype=torch.long, device=device)
+        labels = null if class_labels is None else torch.where(class_labels >= 0, class_labels, null)
+        return {"class_labels": labels}, {"class_labels": null}
+
+    def _denoise(self, x: torch.Tensor, timesteps: torch.Tensor, condition: dict) -> torch.Tensor:
         if isinstance(self.unet, UNet2DConditionModel):
-            return self.unet(x, timesteps, None, class_labels=labels).sample
-        return self.unet(x, timestep=timesteps, class_labels=labels).sample
+            return self.unet(x, timesteps, condition.get("encoder_hidden_states"), class_labels=condition.get("class_labels")).sample
+        if condition:
+            return self.unet(x, timestep=timesteps, class_labels=condition["class_labels"]).sample  # DiT
+        return self.unet(x, timesteps).sample
 
     def predict_noise(
         self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, cfg_scale: float, return_parts: bool = False
     ) -> tuple[torch.Tensor, ...]:
-        """(eps_theta(x_t, t[, c]), predicted variance), with classifier-free guidance when `cfg_scale` > 0.
+        """(the denoiser's prediction, predicted variance), with classifier-free guidance when `cfg_scale` > 0.
 
-        The variance is the extra output channels of learned-variance UNets (ADM, DiT: 2C outputs), taken from
-        the conditional branch as diffusers' DiT pipeline does, and None for UNets with C outputs. With
-        `return_parts` and `cfg_scale` > 0, returns (eps(null), eps(c) - eps(null), variance) instead.
+        The prediction is in the network's own parametrisation (eps for epsilon models; v, x0 or velocity
+        otherwise); CFG is linear in it, as in every diffusers pipeline. The variance is the extra output channels of
+        learned-variance UNets (ADM, DiT: 2C outputs), taken from the conditional branch as diffusers' DiT pipeline
+        does, and None for UNets with C outputs. With `return_parts` and `cfg_scale` > 0, returns
+        (prediction(null), prediction(c) - prediction(null), variance) instead.
         """
         timesteps = t.expand(x.shape[0])
         channels = x.shape[1]
-        if not self.is_class_conditional:
-            output = self.unet(x, timesteps).sample
+        condition, null = self._conditions(x.shape[0], class_labels, x.device)
+        if cfg_scale > 0:
+            both = {key: torch.cat([value, null[key]]) for key, value in condition.items()}
+            output, uncond_output = self._denoise(torch.cat([x, x]), torch.cat([timesteps, timesteps]), both).chunk(2)
+            cond, uncond = output[:, :channels], uncond_output[:, :channels]
+            if return_parts:
+                return uncond, cond - uncond, self._variance(output, channels)
+            output = torch.cat([(1 + cfg_scale) * cond - cfg_scale * uncond, output[:, channels:]], dim=1)
         else:
-            null = torch.full_like(timesteps, self.null_class)
-            labels = null if class_labels is None else torch.where(class_labels >= 0, class_labels, null)
-            if cfg_scale > 0:
-                output, uncond_output = self._conditional_noise(torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([labels, null])).chunk(2)
-                cond, uncond = output[:, :channels], uncond_output[:, :channels]
-                if return_parts:
-                    return uncond, cond - uncond, self._variance(output, channels)
-                output = torch.cat([(1 + cfg_scale) * cond - cfg_scale * uncond, output[:, channels:]], dim=1)
-            else:
-                output = self._conditional_noise(x, timesteps, labels)
+            output = self._denoise(x, timesteps, condition)
         return output[:, :channels], self._variance(output, channels)
 
     @staticmethod
@@ -169,6 +211,69 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             (grad,) = torch.autograd.grad(pixels, latent, pixel_grad)
         return grad
 
+    def denoising_step(
+        self, family: ModelFamily, x: torch.Tensor, index: int, t: torch.Tensor, labels: torch.Tensor,
+        guidance_scale: float, cfg_scale: float, generator, clip_first: bool = False,
+    ) -> torch.Tensor:
+        """One denoiser evaluation `index` at the scheduler's timestep `t` and the scheduler step after it, guided.
+
+        `clip_first`: the sampler clips x0_hat (and runs as its unclipped copy): clip here, before the guidance shift.
+        """
+        level = family.noise_level(index, t) if self.guidance is not None and guidance_scale > 0 else None
+        # At alpha = 0 (pure noise: flow's first step) p(y | x_t) = p(y), so the exact guidance term is zero.
+        guided = level is not None and level.alpha > 0
+        if guided and self.guidance.shifts == "sample" and level.first_evaluation:
+            x = self.displace_sample(x, level, labels, guidance_scale)
+        model_input = family.model_input(x, t)
+        difference = None
+        if guided and self.cfg_guidance == "normalized":
+            uncond, difference, predicted_variance = self.predict_noise(model_input, t, labels, cfg_scale, return_parts=True)
+            output = uncond + (1 + cfg_scale) * difference
+        else:
+            output, predicted_variance = self.predict_noise(model_input, t, labels, cfg_scale)
+        mean_shift = None
+        if guided and self.guidance.shifts == "score":
+            output, mean_shift = self.guide_output(family, x, level, t, output, difference, predicted_variance, labels, guidance_scale, cfg_scale, clip_first)
+        # A learned-variance DDPM step reads the variance from the channels after eps, as diffusers splits them.
+        if predicted_variance is not None and family.ancestral and family.scheduler.config.variance_type in LEARNED_VARIANCE_TYPES:
+            output = torch.cat([output, predicted_variance], dim=1)
+        x = family.step(output, t, x, generator)
+        return x if mean_shift is None else x + mean_shift
+
+    def guide_output(
+        self, family: ModelFamily, x: torch.Tensor, level: NoiseLevel, t: torch.Tensor, output: torch.Tensor, difference: torch.Tensor | None,
+        predicted_variance: torch.Tensor | None, labels: torch.Tensor, guidance_scale: float, cfg_scale: float, clip_first: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the guided network output, the ancestral step's mean shift or None): the score shift of model_family.py."""
+        x0_hat = family.predicted_clean(output, x, level)
+        if clip_first:
+            x0_hat = family.clip(x0_hat)
+            output = family.output_from_clean(x0_hat, x, level)
+        if family.ancestral:
+            variance = step_variance(family.scheduler, int(t), predicted_variance)
+            level = replace(level, variance=float(torch.as_tensor(variance).mean()))
+        guide_on = x0_hat if self.vae is not None else x0_hat.clamp(-1, 1)  # latents have no fixed range; their decoded pixels are clipped
+        grad = self.guidance_gradient(x / level.scale, torch.tensor(level.timestep, device=x.device), guide_on, labels)
+        scale = self.guidance.step_scale(guidance_scale, level)
+        offset = self.guidance.variance_offset(level)
+        if family.ancestral and difference is None:
+            return output, scale * (variance + offset) * grad
+        if offset and level.variance > 0:  # the same offset on a score shift: relative to the step's Sigma_t
+            scale = scale * (1 + offset / level.variance)
+        direction = -level.sigma * grad  # the score shift in eps units
+        if difference is not None:  # cfg_guidance="normalized": scaled to the CFG difference, in eps units
+            eps_difference = family.noise_difference(difference, x, level)
+            ratio = eps_difference.flatten(1).norm(dim=1) / direction.flatten(1).norm(dim=1).clamp_min(1e-12)
+            return family.shift_output(output, (1 + cfg_scale) * scale * ratio.view(-1, *[1] * (x.dim() - 1)) * direction, x, level), None
+        return family.shift_output(output, scale * direction, x, level), None
+
+    def displace_sample(self, x: torch.Tensor, level: NoiseLevel, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """EluCD's EDM algorithm (Ma et al., 2023, Algorithm 2): the guidance moves the sample itself, before the denoiser
+        sees it, in the space the algorithm is written in, EDM's x0 + (sigma / alpha) eps = x_t / alpha."""
+        x_edm = x / (level.scale * level.alpha)
+        grad = self.guidance_gradient(x_edm, torch.tensor(level.timestep, device=x.device), x_edm, labels)
+        return x + level.scale * level.alpha * self.guidance.step_scale(guidance_scale, level) * grad
+
     @torch.no_grad()
     def __call__(
         self,
@@ -189,15 +294,18 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             batch_size: number of samples when `class_labels` is None.
             num_inference_steps: sampler steps.
             guidance_scale: classifier-guidance scale s (0: no classifier guidance).
-            cfg_scale: classifier-free guidance weight w, for class-conditional UNets.
+            cfg_scale: classifier-free guidance weight w, for class-conditional UNets (or text-conditional ones with
+                `negative_prompt_embeds`).
             generator: torch generator(s) for the initial noise and stochastic steps.
             output_type: "pil", "np" (B, H, W, C) in [0, 1], or "pt" (B, C, H, W) in [0, 1].
             return_dict: return a `GuidedSamplesOutput` instead of a tuple.
         """
         check_scale("guidance_scale", guidance_scale)
         check_scale("cfg_scale", cfg_scale)
-        if cfg_scale > 0 and not self.is_class_conditional:
-            raise ValueError(f"`cfg_scale`={cfg_scale} needs a class-conditional UNet2DConditionModel, but the UNet is {type(self.unet).__name__}.")
+        if cfg_scale > 0 and not (self.is_class_conditional or self.negative_prompt_embeds is not None):
+            raise ValueError(f"`cfg_scale`={cfg_scale} needs a class-conditional UNet, or a text-conditional one with `negative_prompt_embeds`; the UNet is {type(self.unet).__name__}.")
+        if self.is_text_conditional and self.prompt_embeds is None:
+            raise ValueError("The UNet is text-conditional (cross-attention): give `prompt_embeds` (the empty prompt's embeddings sample it unconditionally).")
         if self.cfg_guidance == "normalized" and guidance_scale > 0 and cfg_scale <= 0:
             raise ValueError(f"`cfg_guidance`='normalized' adds the classifier gradient to the CFG difference and needs `cfg_scale` > 0, but got {cfg_scale}.")
         if output_type not in ("pil", "np", "pt"):
@@ -224,45 +332,18 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"`class_labels` has class {int(labels.max())}, but the guidance classifier has only {num_classes} classes.")
             self.guidance.to(device)
 
+        family = ModelFamily(self.scheduler)
+        # Guided samplers that clip x0_hat step as their unclipped copy: `denoising_step` clips before the shift.
+        clip_first = guided and self.guidance.shifts == "score" and not family.ancestral and family.clips_clean_image
+        if clip_first:
+            family = family.without_clipping()
+        family.set_timesteps(num_inference_steps, device)
         config = self.unet.config
         shape = (labels.shape[0], config.in_channels, config.sample_size, config.sample_size)
-        x = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        ancestral = isinstance(self.scheduler, DDPMScheduler)
-        learned_variance = ancestral and self.scheduler.config.variance_type in LEARNED_VARIANCE_TYPES
-        alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
-        num_train = self.scheduler.config.num_train_timesteps
-        normalized = guided and self.cfg_guidance == "normalized"
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(x, t)
-            if normalized:
-                uncond, difference, predicted_variance = self.predict_noise(model_input, t, labels, cfg_scale, return_parts=True)
-                eps = uncond + (1 + cfg_scale) * difference
-            else:
-                eps, predicted_variance = self.predict_noise(model_input, t, labels, cfg_scale)
-            shift = None
-            if guided:
-                abar = alphas_cumprod[t]
-                x0_hat = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
-                if self.vae is None:
-                    x0_hat = x0_hat.clamp(-1, 1)  # latents have no fixed range; their decoded pixels are clipped
-                grad = self.guidance_gradient(x, t, x0_hat, labels)
-                variance = step_variance(self.scheduler, int(t), predicted_variance)
-                scale = guidance_scale * self.guidance.scale_multiplier(int(t), float(torch.as_tensor(variance).mean()), num_train)
-                if normalized:
-                    direction = -(1 - abar).sqrt() * grad
-                    ratio = difference.flatten(1).norm(dim=1) / direction.flatten(1).norm(dim=1).clamp_min(1e-12)
-                    eps = uncond + (1 + cfg_scale) * (difference + scale * ratio.view(-1, *[1] * (x.dim() - 1)) * direction)
-                elif ancestral:
-                    shift = scale * variance * grad
-                else:
-                    eps = eps - scale * (1 - abar).sqrt() * grad
-            # A learned-variance DDPM step reads the variance from the channels after eps, as diffusers splits them.
-            output = torch.cat([eps, predicted_variance], dim=1) if learned_variance else eps
-            x = self.scheduler.step(output, t, x, generator=generator).prev_sample
-            if shift is not None:
-                x = x + shift
-            check_finite_samples(x, t, self.scheduler.timesteps)
+        x = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype) * family.init_noise_sigma
+        for index, t in enumerate(self.progress_bar(family.scheduler.timesteps)):
+            x = self.denoising_step(family, x, index, t, labels, guidance_scale, cfg_scale, generator, clip_first)
+            check_finite_samples(x, t, family.scheduler.timesteps)
 
         if self.vae is not None:
             x = self.decode(x)

@@ -5,7 +5,7 @@
 Classifiers: accuracy on the fixed test split of `DigitsDataModule` (359 images). Autoencoder: reconstruction
 error on that split. Diffusion models: unguided (or class-conditional, or CFG) samples under the table protocol
 of `scripts/protocol.py`, with DDIM and DDPM samplers; real held-out digits are scored the same way as a
-reference row. Grids of every row go to `--out`.
+reference row. The flow-matching model samples with its Euler sampler. Grids of every row go to `--out`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ CLASSIFIERS = ("classifier-resnet", "classifier-deit", "evaluator")
 DIFFUSION_ROWS = (
     ("ddpm-uncond", "DDIMScheduler", 0.0),
     ("ddpm-uncond", "DDPMScheduler", 0.0),
+    ("flow-uncond", "FlowMatchEulerDiscreteScheduler", 0.0),
     ("ddpm-cond", "DDIMScheduler", 0.0),
     ("ddpm-cond", "DDIMScheduler", 3.0),
 )

@@ -34,6 +34,12 @@ def tiny_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
 
 
+def learned_variance_model() -> tuple[UNet2DModel, DDPMScheduler]:
+    """An ADM-style UNet that predicts its variance (2C outputs) with a learned-range DDPM schedule."""
+    torch.manual_seed(0)
+    return UNet2DModel(**TINY_UNET | dict(out_channels=2)), DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range")
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> dict[str, str]:
     """Paths of tiny models saved like assets/digits/: diffusers pipeline dirs and TimmClassifier dirs."""

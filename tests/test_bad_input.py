@@ -11,6 +11,7 @@ from unittest import mock
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from plugguide.callbacks import GuidedSampleGrid
 from plugguide.callbacks.guide_grid import GuideSampleGrid
@@ -168,7 +169,10 @@ BAD_SETTINGS = [
     ("negative-guidance-scale-experts", lambda a, t: experts(a, guidance_scale=-1.0), ValueError, "guidance_scale", "-1.0"),
     ("negative-guidance-scale-sampling", lambda a, t: GuidedSampling(diffusion_model=a["ddpm-uncond"], guidance_scale=-0.5, evaluator_path=None), ValueError, "guidance_scale", "-0.5"),
     ("negative-guidance-scale-grid", lambda a, t: GuidedSampleGrid(guidance_scale=-2.0), ValueError, "guidance_scale", "-2.0"),
-    ("unknown-sampler", lambda a, t: experts(a, sampler="EulerDiscreteScheduler"), ValueError, "sampler", "EulerDiscreteScheduler"),
+    ("unknown-sampler", lambda a, t: experts(a, sampler="LMSDiscreteScheduler"), ValueError, "sampler", "LMSDiscreteScheduler"),
+    ("noise-schedule-not-a-forward-process", lambda a, t: DiffusionPretraining(tiny_unet(), DDIMScheduler()), ValueError, "noise_scheduler", "DDIMScheduler"),
+    ("prompt-for-a-model-without-text", lambda a, t: GuidedSampling(diffusion_model=a["ddpm-uncond"], prompt="a seven", evaluator_path=None), ValueError, "prompt", "a seven"),
+    ("sampler-of-another-model-family", lambda a, t: synthesized(a, t, scheduler="FlowMatchEulerDiscreteScheduler"), ValueError, "scheduler", "FlowMatchEulerDiscreteScheduler"),
     ("unknown-synthesis-scheduler", lambda a, t: synthesized(a, t, scheduler="NoSuchScheduler"), ValueError, "scheduler", "NoSuchScheduler"),
     ("lora-targets-absent", lambda a, t: experts(a, target_modules=["no_such_layer"]), ValueError, "target_modules", "no_such_layer"),
     ("bad-temperature", lambda a, t: experts(a, temperature=0.0), ValueError, "temperature", "0.0"),

@@ -19,11 +19,13 @@ from torch.utils.data import DataLoader
 from plugguide.callbacks.calibration_curve import CalibrationCurve
 from plugguide.metrics.calibration import calibration_curve, expected_calibration_error, reverse_process_calibration_curve
 from plugguide.models.classifier import TimmClassifier
+from plugguide.pipelines.guidance.base import GuidanceStep
 from plugguide.pipelines.guidance.calibrated import CalibratedGuidance, replace_relu_with_softplus
 from plugguide.pipelines.guidance.classifier import ClassifierGuidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
-from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
-from tests.conftest import TINY_DEIT, TINY_RESNET, TINY_UNET, tiny_conditional_unet, tiny_scheduler, tiny_unet
+from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline, step_variance
+from plugguide.pipelines.model_family import ModelFamily
+from tests.conftest import TINY_DEIT, TINY_RESNET, TINY_UNET, learned_variance_model, tiny_conditional_unet, tiny_scheduler, tiny_unet
 
 OFF = dict(softplus_beta=None, marginal_discount=1.0, sine_gamma=0.0)
 
@@ -80,7 +82,7 @@ def test_calibrated_guidance_copies_the_classifier_and_defaults_to_the_paper(tin
     assert any(isinstance(m, nn.Softplus) for m in guidance.modules())
     assert any(isinstance(m, nn.ReLU) for m in tiny_classifier.modules())  # the caller's model is untouched
     with pytest.raises(ValueError, match="marginal_discount"):
-        CalibratedGuidance(tiny_classifier, marginal_discount=0.0)
+        CalibratedGuidance(tiny_classifier, marginal_discount=-0.5)
 
 
 def test_equal_temperatures_reduce_to_log_softmax_and_the_discount_follows_the_formula(tiny_classifier):
@@ -96,20 +98,134 @@ def test_equal_temperatures_reduce_to_log_softmax_and_the_discount_follows_the_f
     assert torch.allclose(discounted, expected, atol=1e-5)
 
 
-def test_sine_schedule_matches_its_formula(tiny_classifier):
+def step(t: int, variance: float = 0.01, index: int = 1, num_steps: int = 10) -> GuidanceStep:
+    return GuidanceStep(timestep=t, index=index, num_steps=num_steps, alpha=0.5, sigma=0.75**0.5, variance=variance, num_train_timesteps=1000)
+
+
+def test_sine_schedule_is_the_authors_on_the_respaced_step(tiny_classifier):
+    """AlexMaOLS/EluCD DDPM `p_sample`: add_value = max(sin(pi t / n) max_var 0.3, 0), t the respaced step (n - 1 .. 0)."""
     guidance = CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": 0.3})
     steps = [(980, 0.5), (750, 0.02), (500, 0.01), (250, 0.004), (0, 0.0)]
     max_variance = 0.0
-    for t, variance in steps:
+    for index, (t, variance) in enumerate(steps):
         max_variance = max(max_variance, variance)
-        expected = 1.0 if variance == 0 else 1 + max(math.sin(math.pi * t / 1000) * max_variance * 0.3, 0) / variance
-        assert guidance.scale_multiplier(t, variance, 1000) == pytest.approx(expected)
-    # A new run (t back at the top) forgets the previous run's largest variance.
-    assert guidance.scale_multiplier(500, 0.01, 1000) == pytest.approx(1 + 0.3)
-    edm = CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": 0.3, "schedule": "edm"})
+        expected = max(math.sin(math.pi * (len(steps) - 1 - index) / len(steps)) * max_variance * 0.3, 0)
+        assert guidance.variance_offset(step(t, variance, index, num_steps=len(steps))) == pytest.approx(expected)
+        assert guidance.step_scale(2.0, step(t, variance, index, num_steps=len(steps))) == 2.0  # the offset is additive
+    # A new run (step 0) forgets the previous run's largest variance; at n = 300 the respaced sine is not sin(pi t / T).
+    assert guidance.variance_offset(step(999, 0.01, index=0, num_steps=300)) == pytest.approx(math.sin(math.pi * 299 / 300) * 0.01 * 0.3)
+    assert guidance.variance_offset(step(500, 0.01, index=1, num_steps=300)) == pytest.approx(math.sin(math.pi * 298 / 300) * 0.01 * 0.3)
+    continuous = CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": 0.3, "schedule": "edm_continuous"})
     for t in (999, 500, 100, 0):
-        assert edm.scale_multiplier(t, 0.01, 1000) == pytest.approx(max(t / 1000, 1e-5) + 0.3 * math.sin(math.pi * t / 1000))
-    assert CalibratedGuidance(tiny_classifier, **OFF).scale_multiplier(500, 0.01, 1000) == 1.0
+        assert continuous.step_scale(1.0, step(t)) == pytest.approx(max(t / 1000, 1e-5) + 0.3 * math.sin(math.pi * t / 1000))
+        assert continuous.variance_offset(step(t)) == 0.0
+    assert CalibratedGuidance(tiny_classifier, **OFF).variance_offset(step(500, index=4)) == 0.0
+
+
+def test_sine_term_is_one_uniform_value_added_to_a_learned_per_pixel_variance(tiny_classifier):
+    """With a learned variance the authors shift the mean by s (Sigma_t + add_value) grad: the sine term is the same
+    for every pixel, not proportional to each pixel's Sigma_t."""
+    unet, scheduler = learned_variance_model()
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.5)  # a variance that differs visibly between pixels
+    scheduler.set_timesteps(10)
+    family, index = ModelFamily(scheduler), 5
+    t = scheduler.timesteps[index]
+    x, targets = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 7])
+    step_with = lambda guidance, scale: GuidedDiffusionPipeline(unet, scheduler, guidance).denoising_step(
+        family, x, index, t, targets, scale, 0.0, torch.Generator().manual_seed(1))
+    unguided = step_with(None, 0.0)
+    plain = step_with(CalibratedGuidance(tiny_classifier, **OFF), 5.0)
+    sine = step_with(CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": 0.3}), 5.0)
+    with torch.no_grad():
+        variance = step_variance(scheduler, int(t), unet(x, t).sample[:, 1:])
+    assert float(variance.std()) > 0.05 * float(variance.mean())  # the UNet's variance differs between pixels
+    grad = (plain - unguided) / (5.0 * variance)  # s Sigma_t grad, per pixel
+    offset = math.sin(math.pi * 4 / 10) * float(variance.mean()) * 0.3  # index 5 of 10: respaced 4; max_var: the first seen
+    torch.testing.assert_close(sine - plain, 5.0 * offset * grad, rtol=1e-3, atol=1e-6)
+
+
+def test_edm_schedule_is_the_authors_on_their_step_grid(tiny_classifier):
+    """AlexMaOLS/EluCD EDM/generate.py, `edm_sampler`: current_guidance at step i of num_steps, len(t_steps) = num_steps + 1."""
+
+    def authors(i: int, num_steps: int, max_guidance: float, add_factor: float) -> float:
+        t_steps = num_steps + 1
+        current_guidance = max((max_guidance / t_steps) * (t_steps - i), 0.00001)
+        return current_guidance + math.sin(i / (t_steps - 1) * math.pi) * max_guidance * add_factor
+
+    edm = CalibratedGuidance(tiny_classifier, schedule="edm", sine_gamma=0.3)
+    for num_steps in (10, 18, 36):
+        for i in range(num_steps):
+            assert edm.step_scale(0.004, step(500, index=i, num_steps=num_steps)) == pytest.approx(authors(i, num_steps, 0.004, 0.3))
+    last = edm.step_scale(1.0, step(0, index=17, num_steps=18))
+    assert last == pytest.approx(2 / 19 + 0.3 * math.sin(17 / 18 * math.pi)) and 0.15 < last < 0.17  # not 0, as the continuous form ends
+
+
+def test_edm_gradient_is_the_authors_normalised_gradient(tiny_classifier):
+    """Algorithm 2: classifier input x / rms(x) where rms(x) > 1, else x; gradient rescaled to rms(x) (per sample)."""
+    torch.manual_seed(0)
+    edm = CalibratedGuidance(tiny_classifier, schedule="edm", softplus_beta=5.0, marginal_discount=0.0)
+    assert edm.input == "x_t" and edm.shifts == "sample"
+    x = torch.randn(2, 1, 16, 16) * torch.tensor([5.0, 0.5]).view(2, 1, 1, 1)  # one sample above unit RMS, one below
+    targets = torch.tensor([3, 7])
+    grad = edm.gradient(x, torch.tensor([900, 100]), x, targets)
+    # The authors' code, line by line, on the same tensors.
+    x_cur_norm = (x**2).mean((1, 2, 3)) ** 0.5
+    x0 = torch.stack([x[i] / x_cur_norm[i] if x_cur_norm[i] > 1 else x[i] for i in range(2)]).requires_grad_(True)
+    logits = edm.classifier(x0)
+    numerator = torch.exp(logits * 1.0)[torch.nn.functional.one_hot(targets, 10) != 0].unsqueeze(1)
+    denominator = torch.exp(logits * 0.0).sum(1, keepdims=True)
+    grads = torch.autograd.grad(torch.log(numerator / denominator).sum(), x0)[0]
+    grads_norm = ((grads**2).mean((1, 2, 3))) ** 0.5
+    expected = torch.stack([grads[i] / grads_norm[i] * x_cur_norm[i] for i in range(2)])
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="`input` must be 'x_t'"):
+        CalibratedGuidance(tiny_classifier, schedule="edm", input="x0_hat")
+
+
+def test_edm_algorithm_samples_as_the_authors_edm_sampler(tiny_classifier):
+    """EluCD `EDM/generate.py` `edm_sampler` (S_churn = 0), transcribed, on diffusers' Heun/Karras grid with the same
+    tiny UNet as EDM's denoiser D(x; s) = x - s eps(x / sqrt(1 + s^2)): Algorithm 2 guides before each step's first
+    evaluation only, and the pipeline's run is theirs."""
+    from diffusers import HeunDiscreteScheduler
+
+    unet = tiny_unet()
+    scheduler = HeunDiscreteScheduler.from_config(tiny_scheduler().config, use_karras_sigmas=True)
+    guidance = CalibratedGuidance(tiny_classifier, schedule="edm", softplus_beta=5.0, marginal_discount=0.0)
+    pipeline = GuidedDiffusionPipeline(unet, scheduler, guidance)
+    pipeline.set_progress_bar_config(disable=True)
+    labels, max_guidance, num_steps = torch.tensor([2, 7]), 0.05, 4
+    images = pipeline(labels, num_inference_steps=num_steps, guidance_scale=max_guidance, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    scheduler.set_timesteps(num_steps)
+    t_steps = torch.cat([scheduler.sigmas[0:1], scheduler.sigmas[1::2]])  # s_0 .. s_{N-1}, 0
+    model_timesteps = scheduler.timesteps[0::2]  # the UNet's timestep at each s_i
+
+    def net(x, i):
+        s = t_steps[i]
+        with torch.no_grad():
+            return x - s * unet(x / (1 + s**2) ** 0.5, model_timesteps[i].expand(len(x))).sample
+
+    x_next = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * t_steps[0]
+    for i in range(num_steps):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        x_cur = x_next
+        with torch.enable_grad():
+            x_cur_norm = ((x_cur**2).mean((1, 2, 3))) ** 0.5
+            x0 = torch.stack([x_cur[k] / x_cur_norm[k] if x_cur_norm[k] > 1 else x_cur[k] for k in range(2)]).requires_grad_(True)
+            logits = guidance.classifier(x0)
+            selected = torch.log(torch.exp(logits)[torch.nn.functional.one_hot(labels, 10) != 0].unsqueeze(1) / torch.exp(logits * 0.0).sum(1, keepdims=True))
+            current_guidance = max((max_guidance / len(t_steps)) * (len(t_steps) - i), 0.00001)
+            current_guidance = current_guidance + math.sin(i / (len(t_steps) - 1) * math.pi) * max_guidance * 0.3
+            grads = torch.autograd.grad(selected.sum(), x0)[0]
+            grads_norm = ((grads**2).mean((1, 2, 3))) ** 0.5
+            grads = torch.stack([grads[k] / grads_norm[k] * x_cur_norm[k] * current_guidance for k in range(2)])
+        x_hat = x_cur + grads
+        d_cur = (x_hat - net(x_hat, i)) / t_cur
+        x_next = x_hat + (t_next - t_cur) * d_cur
+        if i < num_steps - 1:
+            d_prime = (x_next - net(x_next, i + 1)) / t_next
+            x_next = x_hat + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+    torch.testing.assert_close(images, (x_next / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-4)
 
 
 class TimestepRoutedGuidance(ClassifierGuidance):

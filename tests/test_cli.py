@@ -96,12 +96,12 @@ def test_experts_refuse_logits_cached_for_another_teacher(tiny_assets, tmp_path,
     assert re.search("`data.teacher_path`=.*`model.teacher_path`=", refused(capsys, "fit", "ppap.yaml", overrides, tmp_path))
 
 
-@pytest.mark.parametrize("config", ["ddpm_uncond", "ddpm_cond", "classifier_resnet", "classifier_deit", "evaluator"])
+@pytest.mark.parametrize("config", ["ddpm_uncond", "ddpm_cond", "flow_uncond", "classifier_resnet", "classifier_deit", "evaluator"])
 def test_pretraining_configs_fast_dev_run(config, tmp_path, monkeypatch):
     """Each pretraining job runs one batch end to end and exports its model, relative to the working directory."""
     monkeypatch.chdir(tmp_path)
     overrides = {"trainer": {"fast_dev_run": True, "enable_progress_bar": False}}
-    if config.startswith("ddpm"):  # keep the grid small
+    if config.startswith(("ddpm", "flow")):  # keep the grid small
         with open(os.path.join(CONFIGS, "pretrain", f"{config}.yaml")) as file:
             callbacks = yaml.safe_load(file)["trainer"]["callbacks"]
         (grid,) = [callback for callback in callbacks if callback["class_path"].endswith("GuidedSampleGrid")]

@@ -108,3 +108,75 @@ def test_latent_sampling_job_decodes_through_a_vae(tmp_path, monkeypatch, tiny_a
     }
     run("predict", ["sample.yaml", "hub/calibrated_latent.yaml"], overrides, tmp_path)
     assert np.load(tmp_path / "out/samples.npz")["images"].shape == (10, 1, 16, 16)  # decoded to pixels
+
+
+def write_tiny_deepfloyd_if(path: str) -> None:
+    """The classes of DeepFloyd-IF stage I, tiny and offline: a pixel-space text-conditional UNet2DConditionModel (3 -> 6
+    channels, learned-range variance, simple cross-attention on T5 states, as diffusers' own IF tests build it), a T5
+    encoder, a T5 tokenizer, and IF's DDPM schedule (cosine, dynamic thresholding)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=32, layers_per_block=1, block_out_channels=(8, 16), in_channels=3, out_channels=6, norm_num_groups=4,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"), mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"), cross_attention_dim=32, encoder_hid_dim=32, attention_head_dim=4,
+        addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift", act_fn="gelu",
+    ).save_pretrained(f"{path}/unet")
+    DDPMScheduler(
+        beta_schedule="squaredcos_cap_v2", thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5, variance_type="learned_range",
+    ).save_pretrained(f"{path}/scheduler")
+    T5EncoderModel(T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(f"{path}/text_encoder")
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz"] + [("\u2581", -1.0)]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0).save_pretrained(f"{path}/tokenizer")
+
+
+@pytest.fixture(scope="module")
+def deepfloyd_like(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("deepfloyd") / "IF-I")
+    write_tiny_deepfloyd_if(path)
+    return path
+
+
+@pytest.mark.parametrize("prompt, cfg_scale", [(None, 0.0), ("a red fish", 3.0)], ids=["empty-prompt", "cfg-on-a-prompt"])
+def test_deepfloyd_if_samples_as_diffusers_if_pipeline(deepfloyd_like, prompt, cfg_scale):
+    """Unguided, the text model under the empty prompt (and with CFG on a prompt) gives diffusers' IFPipeline's samples."""
+    from diffusers import IFPipeline, UNet2DConditionModel
+
+    from plugguide.models import load_text_encoder, prompt_conditioning
+    from plugguide.pipelines import GuidedDiffusionPipeline
+
+    unet, scheduler = UNet2DConditionModel.from_pretrained(deepfloyd_like, subfolder="unet"), DDPMScheduler.from_pretrained(deepfloyd_like, subfolder="scheduler")
+    encoder, tokenizer = load_text_encoder(deepfloyd_like)
+    conditioning = prompt_conditioning(deepfloyd_like, unet, prompt)
+    stock = IFPipeline(tokenizer=tokenizer, text_encoder=encoder, unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    # IFPipeline runs CFG when guidance_scale > 1, as (1 + w) eps(prompt) - w eps("")
+    expected = stock(prompt=prompt or "", guidance_scale=1 + cfg_scale, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    ours = GuidedDiffusionPipeline(unet, scheduler, **conditioning)
+    ours.set_progress_bar_config(disable=True)
+    images = ours(batch_size=1, num_inference_steps=3, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert abs(images - expected).max() < 1e-5
+
+
+def test_ppap_deepfloyd_if_config_runs_on_tiny_models_of_the_same_classes(deepfloyd_like, imagenet_like, tmp_path, monkeypatch):
+    """configs/hub/ppap_deepfloyd_if.yaml: synthesis under the empty prompt, experts, guided grids and the guided test."""
+    monkeypatch.chdir(tmp_path)
+    paths = {"diffusion_model": deepfloyd_like, "teacher_path": imagenet_like["resnet50"]}
+    overrides = {
+        "trainer": {"max_steps": 4, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
+        "model": {"init_args": paths | {"evaluator_path": imagenet_like["convnext"], "num_inference_steps": 3, "lora_rank": 2}},
+        "data": {"init_args": paths | {
+            "num_images": 8, "num_inference_steps": 2, "generation_batch_size": 4, "shard_size": 4, "batch_size": 4,
+            "labelled_data": {"init_args": {"source": imagenet_like["imagenet-1k"], "image_size": 32, "batch_size": 5}},
+        }},
+    }
+    configs = ["ppap.yaml", "hub/ppap_deepfloyd_if.yaml"]
+    run("fit", configs, overrides, tmp_path)
+    assert (tmp_path / "runs/ppap-deepfloyd-if/experts/experts.json").is_file()
+    run("test", configs, overrides, tmp_path, "--ckpt_path", str(next((tmp_path / "runs/ppap-deepfloyd-if").rglob("last.ckpt"))))

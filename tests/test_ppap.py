@@ -14,7 +14,7 @@ from plugguide.modules import ExpertDistillation
 from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.guided_diffusion import step_variance
 from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance
-from tests.conftest import TINY_DEIT, TINY_RESNET, TINY_UNET, tiny_scheduler, tiny_unet
+from tests.conftest import TINY_DEIT, TINY_RESNET, TINY_UNET, learned_variance_model, tiny_scheduler, tiny_unet
 
 
 def perturb(experts: MultiExpertClassifier, n: int, scale: float = 0.1) -> None:
@@ -155,12 +155,6 @@ def test_guided_sampling_runs_and_guidance_changes_the_samples(scheduler_class, 
     unguided, guided = run(0.0), run(50.0)
     assert unguided.shape == (2, 1, 16, 16) and torch.all((0 <= guided) & (guided <= 1))
     assert not torch.allclose(unguided, guided)
-
-
-def learned_variance_model() -> tuple[UNet2DModel, DDPMScheduler]:
-    """An ADM-style UNet that predicts its variance (2C outputs) with a learned-range DDPM schedule."""
-    torch.manual_seed(0)
-    return UNet2DModel(**TINY_UNET | dict(out_channels=2)), DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range")
 
 
 def test_learned_variance_sampling_matches_diffusers_and_takes_the_guidance(tiny_classifier):

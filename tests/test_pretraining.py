@@ -78,5 +78,5 @@ def test_missing_paths_name_the_setting(tmp_path):
         load_classifier(str(tmp_path / "nothing"))
     with pytest.raises(FileNotFoundError, match="`diffusion_model`"):
         load_unet(str(tmp_path / "nothing"))
-    with pytest.raises(ValueError, match="`scheduler`='EulerDiscreteScheduler'"):
-        load_scheduler(str(tmp_path), "EulerDiscreteScheduler")
+    with pytest.raises(ValueError, match="`scheduler`='LMSDiscreteScheduler'"):
+        load_scheduler(str(tmp_path), "LMSDiscreteScheduler")

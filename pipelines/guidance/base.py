@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -11,6 +12,31 @@ from torch import nn
 from plugguide.pipelines.finite import check_scale
 
 GuidanceInput = Literal["x_t", "x0_hat"]
+GuidanceTarget = Literal["score", "sample"]
+
+
+@dataclass(frozen=True)
+class GuidanceStep:
+    """Where one guided denoiser evaluation sits in its sampling run, the same for every model family.
+
+    Args:
+        timestep: the discrete train timestep of this noise level (PPAP experts route by it).
+        index: the sampler step i (0-based; both evaluations of a Heun step share it).
+        num_steps: N, the sampler steps of the run.
+        alpha: signal coefficient of the variance-preserving x_t = alpha x0 + sigma eps.
+        sigma: its noise coefficient (alpha^2 + sigma^2 = 1).
+        variance: Sigma_t of the step: the ancestral DDPM step's variance, else the DDPM posterior variance from
+            this noise level to the next step's.
+        num_train_timesteps: T.
+    """
+
+    timestep: int
+    index: int
+    num_steps: int
+    alpha: float
+    sigma: float
+    variance: float
+    num_train_timesteps: int
 
 
 class Guidance(nn.Module, ABC):
@@ -18,7 +44,12 @@ class Guidance(nn.Module, ABC):
 
     A method implements `log_likelihood` on its input, which is either the noisy sample `x_t` or the
     predicted clean image `x0_hat` (`input`); the pipeline decides how a scheduler applies the gradient
-    (METHODS.md: mean shift for ancestral DDPM, eps shift for the rest), the same way for every method.
+    (METHODS.md: mean shift for ancestral DDPM, a shift of the score for the rest, pipelines/model_family.py),
+    the same way for every method and every model family.
+
+    `shifts` says what the gradient moves: "score" (every method but one), or "sample" for EluCD's EDM algorithm
+    (Ma et al., 2023, Algorithm 2), which displaces the sample itself before the denoiser sees it; the pipeline
+    then hands the method the sample in EDM's space, x_t / alpha = x0 + (sigma / alpha) eps.
 
     Args:
         input: `"x_t"` or `"x0_hat"`, the tensor the log-likelihood is differentiated against.
@@ -39,9 +70,17 @@ class Guidance(nn.Module, ABC):
     def log_likelihood(self, inputs: torch.Tensor, timesteps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-sample log p(target | inputs) at `timesteps`, shape (B,)."""
 
-    def scale_multiplier(self, timestep: int, step_variance: float, num_train_timesteps: int) -> float:
-        """Extra factor on the guidance scale at this step; 1 for methods without a schedule."""
-        return 1.0
+    @property
+    def shifts(self) -> GuidanceTarget:
+        return "score"
+
+    def step_scale(self, scale: float, step: GuidanceStep) -> float:
+        """The guidance scale at this step of the run; `scale` itself for methods without a schedule."""
+        return scale
+
+    def variance_offset(self, step: GuidanceStep) -> float:
+        """A uniform value added to Sigma_t in the mean shift `s (Sigma_t + offset) grad` (EluCD's sine term); 0 here."""
+        return 0.0
 
     def gradient(self, x_t: torch.Tensor, timesteps: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """d/d(input) of the summed log-likelihood, with a clear error if it is not finite."""
