@@ -173,6 +173,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
     def __call__(
         self,
         class_labels: Sequence[int] | torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
         batch_size: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 0.0,
@@ -184,9 +185,11 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         """Generates one image per entry of `class_labels` (or `batch_size` unlabelled ones).
 
         Args:
-            class_labels: target class per sample (-1: none). Targets of the guidance and, for
-                class-conditional UNets, their condition.
-            batch_size: number of samples when `class_labels` is None.
+            class_labels: target class per sample (-1: none). Targets of the guidance (unless `targets` are
+                given) and, for class-conditional UNets, their condition.
+            targets: the guidance's targets when they are not class labels, one per sample: the target maps of a
+                dense guide, (B, H, W) label maps or depth maps (`pipelines.tasks`).
+            batch_size: number of samples when `class_labels` and `targets` are None.
             num_inference_steps: sampler steps.
             guidance_scale: classifier-guidance scale s (0: no classifier guidance).
             cfg_scale: classifier-free guidance weight w, for class-conditional UNets.
@@ -204,8 +207,9 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"Expected `output_type` to be 'pil', 'np' or 'pt', but got {output_type!r}.")
         device = self.unet.device
         if class_labels is None:
+            batch_size = len(targets) if batch_size is None and targets is not None else batch_size
             if batch_size is None:
-                raise ValueError("Give `class_labels` or `batch_size`.")
+                raise ValueError("Give `class_labels`, `targets` or `batch_size`.")
             labels = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         else:
             labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).flatten()
@@ -216,12 +220,11 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
                 f"(index {self.null_class} is its null class, used for classifier-free guidance)."
             )
         guided = self.guidance is not None and guidance_scale > 0
-        if guided and bool((labels < 0).any()):
-            raise ValueError("Classifier guidance needs a target class for every sample; `class_labels` has -1 entries.")
+        guidance_targets = labels if targets is None else torch.as_tensor(targets, device=device)
+        if len(guidance_targets) != len(labels):
+            raise ValueError(f"Expected one target per sample, but got {len(guidance_targets)} `targets` for {len(labels)} samples.")
         if guided:
-            num_classes = getattr(self.guidance, "num_classes", None)
-            if num_classes is not None and int(labels.max()) >= num_classes:
-                raise ValueError(f"`class_labels` has class {int(labels.max())}, but the guidance classifier has only {num_classes} classes.")
+            self.guidance.check_targets(guidance_targets)  # a class per sample, or a map per sample: the guidance's task says
             self.guidance.to(device)
 
         config = self.unet.config
@@ -246,7 +249,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
                 x0_hat = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
                 if self.vae is None:
                     x0_hat = x0_hat.clamp(-1, 1)  # latents have no fixed range; their decoded pixels are clipped
-                grad = self.guidance_gradient(x, t, x0_hat, labels)
+                grad = self.guidance_gradient(x, t, x0_hat, guidance_targets)
                 variance = step_variance(self.scheduler, int(t), predicted_variance)
                 scale = guidance_scale * self.guidance.scale_multiplier(int(t), float(torch.as_tensor(variance).mean()), num_train)
                 if normalized:

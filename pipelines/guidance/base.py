@@ -16,6 +16,9 @@ GuidanceInput = Literal["x_t", "x0_hat"]
 class Guidance(nn.Module, ABC):
     """Gradient of a guidance log-likelihood `log p(y | input(x_t, t))` for classifier guidance.
 
+    The target y is a class, or for dense guides a map per sample (a label map, a depth map), as the method's task
+    says (`pipelines.tasks`).
+
     A method implements `log_likelihood` on its input, which is either the noisy sample `x_t` or the
     predicted clean image `x0_hat` (`input`); the pipeline decides how a scheduler applies the gradient
     (METHODS.md: mean shift for ancestral DDPM, eps shift for the rest), the same way for every method.
@@ -38,6 +41,9 @@ class Guidance(nn.Module, ABC):
     @abstractmethod
     def log_likelihood(self, inputs: torch.Tensor, timesteps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-sample log p(target | inputs) at `timesteps`, shape (B,)."""
+
+    def check_targets(self, targets: torch.Tensor) -> None:
+        """Fails, naming the problem, on targets `log_likelihood` cannot take; the pipeline calls it before sampling."""
 
     def scale_multiplier(self, timestep: int, step_variance: float, num_train_timesteps: int) -> float:
         """Extra factor on the guidance scale at this step; 1 for methods without a schedule."""
