@@ -63,7 +63,8 @@ class TargetMapDataModule(L.LightningDataModule):
             raise ValueError(f"Expected `num_samples` to be >= 1 (or None for every image), but got {num_samples}.")
         if batch_size < 1:
             raise ValueError(f"Expected `batch_size` to be >= 1, but got {batch_size}.")
-        self.save_hyperparameters(ignore=["labelled_data"], logger=False)
+        self.save_hyperparameters(ignore=["labelled_data", "splits"], logger=False)
+        self.splits = splits
         self.labelled_data = labelled_data or DigitsDataModule()
         self.model = load_dense_model(model_path, "model_path").eval().requires_grad_(False)
         self.dataset: _TargetMapsDataset | None = None
@@ -73,7 +74,7 @@ class TargetMapDataModule(L.LightningDataModule):
         """The real images of `splits` (the first `num_samples`) with the model's maps of them and the digit each names."""
         splits = self.labelled_data.load_splits()
         images, labels = [], []
-        for split in self.hparams.splits:
+        for split in self.splits:
             rows = splits[split].with_format(None)
             images.append(self.labelled_data.to_tensor(rows["image"]))
             labels.append(torch.as_tensor(rows["label"], dtype=torch.int64))

@@ -11,7 +11,7 @@ from torchmetrics.functional import pearson_corrcoef
 from torchmetrics.functional.segmentation import mean_iou
 
 from plugguide.metrics.generation import Records, unique_rows
-from plugguide.metrics.pixel_maps import NUM_SEGMENTATION_CLASSES, digit_segmentation, distance_to_stroke, stroke_mask
+from plugguide.metrics.pixel_maps import BACKGROUND, NUM_SEGMENTATION_CLASSES, digit_segmentation, distance_to_stroke, stroke_mask
 
 MapKind = Literal["segmentation", "depth"]
 SCORES = {"segmentation": ("miou", "stroke_iou"), "depth": ("depth_mae", "depth_rmse", "depth_correlation")}
@@ -61,20 +61,22 @@ class DenseMapMetrics(nn.Module):
         return digit_segmentation(images, self.evaluator(images).argmax(-1))
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, target_maps: torch.Tensor, indices: torch.Tensor | None = None) -> None:
+    def scores(self, images: torch.Tensor, target_maps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every score of each sample against its target map, (B,) each; nothing recorded."""
         maps, targets = self.sample_maps(images), target_maps.to(images.device)
         if self.kind == "segmentation":
-            union = stroke_mask(images) | (targets != 0)
-            overlap = (stroke_mask(images) & (targets != 0)).flatten(1).sum(1)
-            scores = {
+            strokes, target_strokes = stroke_mask(images).flatten(1), (targets != BACKGROUND).flatten(1)
+            union, overlap = (strokes | target_strokes).sum(1), (strokes & target_strokes).sum(1)
+            return {
                 "miou": mean_iou(maps, targets.long(), num_classes=NUM_SEGMENTATION_CLASSES, input_format="index"),
-                "stroke_iou": torch.where(union.flatten(1).any(1), overlap / union.flatten(1).sum(1).clamp_min(1), 1.0),
+                "stroke_iou": torch.where(union > 0, overlap / union.clamp_min(1), 1.0),  # two empty maps agree
             }
-        else:
-            error = (maps - targets).flatten(1)
-            scores = {"depth_mae": error.abs().mean(1), "depth_rmse": error.square().mean(1).sqrt(), "depth_correlation": map_correlation(maps, targets)}
+        error = (maps - targets).flatten(1)
+        return {"depth_mae": error.abs().mean(1), "depth_rmse": error.square().mean(1).sqrt(), "depth_correlation": map_correlation(maps, targets)}
+
+    def update(self, images: torch.Tensor, target_maps: torch.Tensor, indices: torch.Tensor | None = None) -> None:
         index = torch.full((len(images),), -1, device=images.device) if indices is None else torch.as_tensor(indices, device=images.device).long()
-        self.records.update(**scores, index=index)
+        self.records.update(**self.scores(images, target_maps), index=index)
 
     def per_sample(self) -> dict[str, torch.Tensor]:
         return unique_rows(self.records.compute())

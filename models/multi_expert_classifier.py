@@ -25,12 +25,13 @@ Finetune = Literal["lora", "full"]
 # (not conv3, not the downsample convs); ViT/DeiT attention qkv and proj. Dense models, keyed by the library's class,
 # follow their MiDaS adapter (`peft/midas_adapter.py`: the encoder's convs and the decoder's fusion convs): the same
 # ResNet rule on a timm encoder plus the decoder's convs (smp Unet); ResNet rule plus the ASPP convs (torchvision
-# DeepLabV3); ViT attention plus the fusion blocks' residual convs (transformers DPT, MiDaS v3).
+# DeepLabV3, undilated convs only: peft's LoRA ignores a conv's dilation, huggingface/peft#3697); ViT attention plus the
+# fusion blocks' residual convs (transformers DPT, MiDaS v3).
 DEFAULT_LORA_TARGETS = {
     "ResNet": r"model\.(conv1|layer\d+\.\d+\.conv[12])",
     "VisionTransformer": r"model\.blocks\.\d+\.attn\.(qkv|proj)",
     "Unet": r"model\.(encoder\.model\.(conv1|layer\d+\.\d+\.conv[12])|decoder\.blocks\.\d+\.conv[12]\.0)",
-    "DeepLabV3": r"model\.(backbone\.(conv1|layer\d+\.\d+\.conv[12])|classifier\.0\.(convs\.\d+\.[01]|project\.0))",
+    "DeepLabV3": r"model\.(backbone\.(conv1|layer[12]\.\d+\.conv[12]|layer[34]\.\d+\.conv1)|classifier\.(0\.(convs\.0\.0|convs\.4\.1|project\.0)|1))",
     "DPTForDepthEstimation": r"model\.(dpt\.encoder\.layer\.\d+\.attention\.(attention\.(query|key|value)|output\.dense)|neck\.fusion_stage\.layers\.\d+\.residual_layer[12]\.convolution[12])",
 }
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -175,6 +176,10 @@ class MultiExpertClassifier(nn.Module):
                 f"LoRA `target_modules`={target_modules!r} matches no Conv2d/Linear layer of the off-the-shelf model. "
                 f"Candidates: {names[:12]}{' ...' if len(names) > 12 else ''}"
             )
+        # peft builds a conv's LoRA branch without its dilation (huggingface/peft#3697): the branch's output has another size.
+        dilated = [name for name in matched if max(getattr(layers[name], "dilation", (1,))) > 1 and max(layers[name].kernel_size) > 1]
+        if dilated:
+            raise ValueError(f"LoRA `target_modules`={target_modules!r} matches dilated convolutions {dilated[:6]}, which peft's LoRA cannot adapt (it drops their dilation); leave them out.")
         return target_modules, [layers[name] for name in matched]
 
     @staticmethod

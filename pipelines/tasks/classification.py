@@ -13,8 +13,8 @@ class ClassificationTask(Task):
 
     The KL is summed over classes and averaged over the batch (`batchmean`); the guidance log-likelihood is the
     log-softmax at the target class, and with calibrated guidance's `marginal_ratio` r = tau2 / tau1 it is
-    `f_y - logsumexp(r f)` (the logits already carry tau1). Any dimensions after the class dimension are pixels:
-    the losses and log-likelihoods are then averaged over them (`SegmentationTask`).
+    `f_y - logsumexp(r f)` (the logits already carry tau1). Any dimensions after the class dimension are pixels
+    (`SegmentationTask`): the distillation loss is then averaged over them, the log-likelihood summed.
 
     Args:
         temperature: tau of the teacher's softmax (PPAP: 0.25, on the teacher only).
@@ -43,7 +43,7 @@ class ClassificationTask(Task):
             per_position = F.log_softmax(outputs, dim=1).gather(1, index).squeeze(1)
         else:
             per_position = outputs.gather(1, index).squeeze(1) - torch.logsumexp(outputs * marginal_ratio, dim=1)
-        return per_position.flatten(1).mean(1) if per_position.dim() > 1 else per_position
+        return per_position.flatten(1).sum(1) if per_position.dim() > 1 else per_position
 
     def prediction(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.argmax(1)
@@ -54,7 +54,7 @@ class ClassificationTask(Task):
 
     def check_targets(self, targets: torch.Tensor, num_classes: int | None) -> None:
         if targets.dim() != 1:
-            raise ValueError(f"Classifier guidance takes one target class per sample, shape (B,), but got targets of shape {tuple(targets.shape)}.")
+            raise ValueError(f"Classifier guidance takes one target class per sample, (B,), in `class_labels`, but got `targets` of shape {tuple(targets.shape)}.")
         if bool((targets < 0).any()):
             raise ValueError("Classifier guidance needs a target class for every sample; `class_labels` has -1 entries.")
         if num_classes is not None and targets.numel() and int(targets.max()) >= num_classes:

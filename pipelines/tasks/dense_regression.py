@@ -33,8 +33,9 @@ class DenseRegressionTask(Task):
     - "ssi": the squared error after aligning the prediction's scale and shift to the other map per sample
       (`align_scale_and_shift`), the scale-and-shift-invariant loss MiDaS itself is trained with, for models whose
       maps are relative.
-    Distillation averages it over the batch; guidance follows minus its gradient toward a target map
-    (log-likelihood = -loss: a Gaussian of fixed variance around the prediction, up to scale and constant).
+    Distillation averages it over pixels and the batch; guidance follows minus the gradient of its sum over pixels
+    toward a target map (log-likelihood of a Gaussian of fixed variance at every pixel, up to scale and constant;
+    summed, like a segmenter's, so that each pixel's pull does not weaken with the resolution).
 
     Args:
         loss: "mse" or "ssi".
@@ -47,22 +48,22 @@ class DenseRegressionTask(Task):
             raise ValueError(f"Expected `loss` to be 'mse' or 'ssi', but got {loss!r}.")
         self.loss = loss
 
-    def per_sample_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The loss of each map against its target, shape (B,)."""
+    def squared_errors(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(B, H W): each pixel's squared error, after the scale-and-shift alignment for "ssi"."""
         if self.loss == "ssi":
             outputs = align_scale_and_shift(outputs, targets)
-        return (outputs - targets).square().flatten(1).mean(1)
+        return (outputs - targets).square().flatten(1)
 
     def distillation_loss(self, teacher_outputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-        return self.per_sample_loss(outputs, teacher_outputs).mean()
+        return self.squared_errors(outputs, teacher_outputs).mean()
 
     def supervised_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.per_sample_loss(outputs, labels).mean()
+        return self.squared_errors(outputs, labels).mean()
 
     def log_likelihood(self, outputs: torch.Tensor, targets: torch.Tensor, marginal_ratio: float = 1.0) -> torch.Tensor:
         if marginal_ratio != 1.0:
             raise ValueError(f"A marginal temperature acts on class scores; a dense regression has none (`marginal_ratio`={marginal_ratio}, expected 1).")
-        return -self.per_sample_loss(outputs, targets)
+        return -self.squared_errors(outputs, targets).sum(1)
 
     def prediction(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs
@@ -73,6 +74,9 @@ class DenseRegressionTask(Task):
 
     def check_targets(self, targets: torch.Tensor, num_classes: int | None) -> None:
         if targets.dim() != 3 or not targets.is_floating_point():
-            raise ValueError(f"Dense regression guidance takes one real-valued map per sample, shape (B, H, W), but got {targets.dtype} targets of shape {tuple(targets.shape)}.")
+            raise ValueError(
+                f"Expected `targets` of dense regression guidance to be one real-valued map per sample, (B, H, W) (TargetMapDataModule "
+                f"gives them to the sampling job), but got {targets.dtype} targets of shape {tuple(targets.shape)}."
+            )
         if not bool(torch.isfinite(targets).all()):
-            raise ValueError("The target maps of dense regression guidance hold NaN or inf values.")
+            raise ValueError("`targets` of dense regression guidance hold NaN or inf values.")
