@@ -29,21 +29,28 @@ class TargetMapGrid(L.Callback):
 
     Args:
         num_samples: rows of the grid.
-        guidance_scale: guidance scale of both samplers; default: the module's `guidance_scale`.
+        guidance_scale: guidance scale of the experts; default: the module's `guidance_scale`.
+        naive_guidance_scale: guidance scale of the naive guide; default: the experts'. The off-the-shelf model's
+            gradients on noisy inputs grow large, so its best scale is much smaller (`scripts/dense_table.py` sweeps both).
         every_n_epochs: draw after every n-th validation epoch.
         seed: seed of the samples' noise (sample i: seed + i).
         tag: TensorBoard tag.
     """
 
-    def __init__(self, num_samples: int = 8, guidance_scale: float | None = None, every_n_epochs: int = 1, seed: int = 0, tag: str = "target_maps") -> None:
+    def __init__(
+        self, num_samples: int = 8, guidance_scale: float | None = None, naive_guidance_scale: float | None = None, every_n_epochs: int = 1,
+        seed: int = 0, tag: str = "target_maps",
+    ) -> None:
         if num_samples < 1:
             raise ValueError(f"Expected `num_samples` to be >= 1, but got {num_samples}.")
         if every_n_epochs < 1:
             raise ValueError(f"Expected `every_n_epochs` to be >= 1, but got {every_n_epochs}.")
-        if guidance_scale is not None:
-            check_scale("guidance_scale", guidance_scale)
+        for name, value in (("guidance_scale", guidance_scale), ("naive_guidance_scale", naive_guidance_scale)):
+            if value is not None:
+                check_scale(name, value)
         self.num_samples = num_samples
         self.guidance_scale = guidance_scale
+        self.naive_guidance_scale = naive_guidance_scale
         self.every_n_epochs = every_n_epochs
         self.seed = seed
         self.tag = tag
@@ -65,10 +72,11 @@ class TargetMapGrid(L.Callback):
         maps = pl_module.task.prediction(pl_module.teacher(images))
         targets = {"label": torch.full((len(images),), -1, device=pl_module.device), "seed": [self.seed + i for i in range(len(images))], "target_map": maps}
         scale = pl_module.hparams.guidance_scale if self.guidance_scale is None else self.guidance_scale
+        naive_scale = scale if self.naive_guidance_scale is None else self.naive_guidance_scale
         samples = {}
-        for name, pipeline in (("naive", pl_module.naive_sampling_pipeline()), ("experts", pl_module.sampling_pipeline())):
+        for name, pipeline, guidance_scale in (("naive", pl_module.naive_sampling_pipeline(), naive_scale), ("experts", pl_module.sampling_pipeline(), scale)):
             pipeline.set_progress_bar_config(disable=True)
-            samples[name] = sample_batch(pipeline, targets, num_inference_steps=pl_module.hparams.num_inference_steps, guidance_scale=scale)
+            samples[name] = sample_batch(pipeline, targets, num_inference_steps=pl_module.hparams.num_inference_steps, guidance_scale=guidance_scale)
         columns = [render_maps(maps), (samples["naive"] / 2 + 0.5).expand(-1, 3, -1, -1), (samples["experts"] / 2 + 0.5).expand(-1, 3, -1, -1)]
         grid = make_grid(torch.stack(columns, dim=1).flatten(0, 1), nrow=3, padding=1, pad_value=1.0)
         experiment = getattr(trainer.logger, "experiment", None)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Literal
+
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -22,10 +25,16 @@ class DensePretraining(L.LightningModule):
         model: the network to train.
         optimizer: optimiser factory, e.g. AdamW.
         task: what the model predicts and its loss; None: the model's own (`default_task`).
+        export_dtype: the precision the exported weights are stored in: "float32", or "float16" to halve the asset
+            (loading casts them back to float32; `scripts/measure_assets.py` measures the stored model).
     """
 
-    def __init__(self, model: DenseModel, optimizer: OptimizerCallable = torch.optim.AdamW, task: Task | None = None) -> None:
+    def __init__(
+        self, model: DenseModel, optimizer: OptimizerCallable = torch.optim.AdamW, task: Task | None = None, export_dtype: Literal["float32", "float16"] = "float32"
+    ) -> None:
         super().__init__()
+        if export_dtype not in ("float32", "float16"):
+            raise ValueError(f"Expected `export_dtype` to be 'float32' or 'float16', but got {export_dtype!r}.")
         self.save_hyperparameters(ignore=["model", "optimizer", "task"])
         self.model = model
         self.optimizer = optimizer
@@ -56,5 +65,6 @@ class DensePretraining(L.LightningModule):
         return self.optimizer(self.model.parameters())
 
     def export(self, directory: str) -> None:
-        """Writes the model with `save_pretrained`, atomically."""
-        save_atomically(directory, self.model.save_pretrained)
+        """Writes the model with `save_pretrained` in `export_dtype`, atomically."""
+        model = copy.deepcopy(self.model).to(getattr(torch, self.hparams.export_dtype))
+        save_atomically(directory, model.save_pretrained)

@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--samples", type=int, default=500, help="held-out digits (validation, then test split) and samples per row")
     parser.add_argument("--steps", type=int, default=50, help="DDPM (ancestral) sampler steps")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 10.0, 30.0])
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
     parser.add_argument("--max-steps", type=int, default=1500, help="PPAP-5 training steps (the configs' own)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these methods (e.g. PPAP-5)")
     parser.add_argument("--out", default="runs/dense_table")
@@ -127,7 +127,7 @@ def main() -> None:
                     json.dump(results, file, indent=1)
                 os.replace(results_path + ".tmp", results_path)
                 print(key, scale, {k: round(v, 4) for k, v in done[str(scale)].items() if isinstance(v, float)}, flush=True)
-            return done
+            return {str(s): done[str(s)] for s in scales}  # scales of other runs kept in results.json play no part
 
         unguided = sweep(f"{name}/unguided", None, [0.0])["0.0"]
         rows = {
