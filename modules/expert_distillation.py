@@ -247,7 +247,7 @@ class ExpertDistillation(FrozenNetworksModule):
         key = self.task.label_key
         if key not in batch:
             raise ValueError(
-                f"`supervision`='labels' and validation need the labelled data's {key!r} for a {type(self.task).__name__}, but its batches "
+                f"`supervision`='labels' needs the labelled data's {key!r} for a {type(self.task).__name__}, but its batches "
                 f"carry {sorted(batch)} (DigitMapsDataModule gives the digits' maps)."
             )
         return batch[key]
@@ -304,17 +304,18 @@ class ExpertDistillation(FrozenNetworksModule):
         pipeline.set_progress_bar_config(disable=True)
         labels, indices = batch["label"], batch["index"]
         seeds = [image_seed(self.hparams.seed, int(index)) for index in indices]
-        targets = {"label": labels, "seed": seeds}
-        if self.map_metrics is not None:  # dense experts: toward the teacher's map of the real image (PPAP Sec. 5.2)
-            maps = self.task.prediction(self.teacher(batch["image"]))
-            targets = {"label": torch.full_like(labels, -1), "seed": seeds, "target_map": maps}
-        images = sample_batch(pipeline, targets, num_inference_steps=self.hparams.num_inference_steps, guidance_scale=self.hparams.guidance_scale)
-        self.metrics.update_real(batch["image"], batch["label"], indices)
-        if self.map_metrics is not None:
-            self.map_metrics.update(images, maps, indices)
-            # The digit a segmentation map names is its majority stroke class; a depth map names none: the real digit's.
-            labels = majority_digit(maps) if self.teacher.predicts == "class_map" else labels
-        self.metrics.update_generated(images, labels, indices)
+        settings = dict(num_inference_steps=self.hparams.num_inference_steps, guidance_scale=self.hparams.guidance_scale)
+        self.metrics.update_real(batch["image"], labels, indices)
+        if self.map_metrics is None:
+            images = sample_batch(pipeline, {"label": labels, "seed": seeds}, **settings)
+            self.metrics.update_generated(images, labels, indices)
+            return
+        # Dense experts: toward the teacher's map of the real image (PPAP Sec. 5.2), scored from the samples' pixels.
+        maps = self.task.prediction(self.teacher(batch["image"]))
+        images = sample_batch(pipeline, {"label": torch.full_like(labels, -1), "seed": seeds, "target_map": maps}, **settings)
+        self.map_metrics.update(images, maps, indices)
+        # The digit a segmentation map names is its majority stroke class; a depth map names none: the real digit's.
+        self.metrics.update_generated(images, majority_digit(maps) if self.teacher.predicts == "class_map" else labels, indices)
 
     def on_test_epoch_end(self) -> None:
         results = self.metrics.compute() | (self.map_metrics.compute() if self.map_metrics is not None else {})
