@@ -17,6 +17,9 @@ from plugguide.metrics.generation import unique_rows
 class SampleWriter(BasePredictionWriter):
     """Writes `samples.npz` (`images` float32 N x C x H x W in [-1, 1], `labels` int64, -1 for none) and `grid.png`.
 
+    Samples guided toward target maps (`TargetMapDataModule`) also get `target_maps` (N, H, W): the label maps
+    (int64) or depth maps (float32) they were guided toward, so anyone can score them independently.
+
     Both files are written under a temporary name and renamed, so a reader never sees half a file.
     Under DDP the ranks' predictions (of different sizes: the predict sampler does not pad) are gathered and
     rank 0 writes them in the order of their global `index`, each sample once, as one process would.
@@ -37,16 +40,19 @@ class SampleWriter(BasePredictionWriter):
             "labels": torch.cat([p["labels"] for p in predictions]),
             "index": torch.cat([p.get("index", torch.full((len(p["labels"]),), -1)) for p in predictions]),  # -1: kept in order
         }
+        if "target_maps" in predictions[0]:
+            rows["target_maps"] = torch.cat([p["target_maps"] for p in predictions])
         if trainer.world_size > 1:
             rows = {name: torch.cat(gather_all_tensors(values.to(pl_module.device))).cpu() for name, values in rows.items()}
         rows = unique_rows(rows)
         images, labels = rows["images"], rows["labels"]
         if not trainer.is_global_zero:
             return
+        maps = {"target_maps": rows["target_maps"].numpy()} if "target_maps" in rows else {}
         directory = self.output_dir or trainer.log_dir or trainer.default_root_dir
         os.makedirs(directory, exist_ok=True)
         npz, grid = os.path.join(directory, "samples.npz"), os.path.join(directory, "grid.png")
-        np.savez(npz + ".tmp.npz", images=images.float().numpy(), labels=labels.long().numpy())
+        np.savez(npz + ".tmp.npz", images=images.float().numpy(), labels=labels.long().numpy(), **maps)
         os.replace(npz + ".tmp.npz", npz)
         save_image(images / 2 + 0.5, grid + ".tmp.png", nrow=self.nrow, padding=1, pad_value=1.0)
         os.replace(grid + ".tmp.png", grid)

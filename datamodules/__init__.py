@@ -1,12 +1,14 @@
 """Data: real labelled images and images synthesized by frozen diffusion models, as HF `datasets`."""
 
 from plugguide.datamodules.digits import DigitsDataModule
+from plugguide.datamodules.digit_maps import DigitMapsDataModule
 from plugguide.datamodules.image_folder import ImageDataModule
 from plugguide.datamodules.class_labels import ClassLabelDataModule
 from plugguide.datamodules.synthesized import SynthesizedImageDataModule
 from plugguide.datamodules.resumable_loader import ResumableDataLoader, ResumableSampler, step_generator
 from plugguide.datamodules.captions import CaptionedImageDataModule
 from plugguide.datamodules.transformed_digits import ThickDigitsDataModule
+from plugguide.datamodules.target_maps import TargetMapDataModule
 
 
-__all__ = ["CaptionedImageDataModule", "ThickDigitsDataModule", "ResumableDataLoader", "ResumableSampler", "step_generator", "SynthesizedImageDataModule", "ClassLabelDataModule", "DigitsDataModule", "ImageDataModule"]
+__all__ = ["CaptionedImageDataModule", "DigitMapsDataModule", "TargetMapDataModule", "ThickDigitsDataModule", "ResumableDataLoader", "ResumableSampler", "step_generator", "SynthesizedImageDataModule", "ClassLabelDataModule", "DigitsDataModule", "ImageDataModule"]

@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
+import torch  # noqa: E402
 
 
 def calibration_figure(curves: dict[str, dict[str, list[float]]]):
@@ -23,8 +24,23 @@ def calibration_figure(curves: dict[str, dict[str, list[float]]]):
     return figure
 
 
-def sweep_figure(sweeps: dict[str, dict[str, dict]], unguided: dict, scales: list[float], distance: str = "fid_autoencoder"):
-    """Guided accuracy against a quality distance for every row of a scale sweep (one line per row, one point per scale).
+def render_maps(maps: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images in [0, 1] of target or predicted maps, to sit beside samples in a grid.
+
+    Label maps (integers) get one colour per class (matplotlib's tab20, class 0, the background, black); real-valued
+    maps grey levels, the smallest value of the batch white and the largest black (strokes, at distance 0, white).
+    """
+    if maps.is_floating_point():
+        low, high = maps.min(), maps.max()
+        grey = 1 - (maps - low) / (high - low).clamp_min(1e-12)
+        return grey.unsqueeze(1).expand(-1, 3, -1, -1).float()
+    palette = torch.tensor([(0.0, 0.0, 0.0)] + [matplotlib.colormaps["tab20"](i)[:3] for i in range(int(maps.max()))], dtype=torch.float32, device=maps.device)
+    return palette[maps.long()].permute(0, 3, 1, 2)
+
+
+def sweep_figure(sweeps: dict[str, dict[str, dict]], unguided: dict, scales: list[float], distance: str = "fid_autoencoder", score: str = "guided_accuracy"):
+    """A score (guided accuracy by default) against a quality distance for every row of a scale sweep (one line per
+    row, one point per scale).
 
     The unguided model's 95% interval of the distance is shaded: the best-scale rule keeps a row's most accurate
     point left of its upper edge, so the plot shows what each row trades for accuracy.
@@ -33,11 +49,12 @@ def sweep_figure(sweeps: dict[str, dict[str, dict]], unguided: dict, scales: lis
     low, high = unguided["intervals"][distance]
     axis.axvspan(low, high, color="grey", alpha=0.2, label="unguided, 95% interval")
     for name, sweep in sweeps.items():
-        points = [(sweep[str(s)][distance], sweep[str(s)]["guided_accuracy"]) for s in scales if str(s) in sweep]
+        points = [(sweep[str(s)][distance], sweep[str(s)][score]) for s in scales if str(s) in sweep]
         axis.plot(*zip(*points), marker="o", label=name)
         for (x, y), scale in zip(points, scales):
             axis.annotate(f"{scale:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    axis.set(xscale="log", xlabel=f"{distance} (lower is better)", ylabel="guided accuracy (independent evaluator)", ylim=(0, 1.02))
+    ylabel = "guided accuracy (independent evaluator)" if score == "guided_accuracy" else score
+    axis.set(xscale="log", xlabel=f"{distance} (lower is better)", ylabel=ylabel, ylim=(min(0, axis.get_ylim()[0]), 1.02))
     axis.legend(fontsize=7)
     figure.tight_layout()
     return figure

@@ -14,21 +14,23 @@ BEST_SCALE_RULE = (
 )
 
 
-def best_scale(sweep: dict[str, dict], unguided: dict, distance: str = PRIMARY_DISTANCE) -> tuple[str, bool]:
+def best_scale(sweep: dict[str, dict], unguided: dict, distance: str = PRIMARY_DISTANCE, score: str = "guided_accuracy") -> tuple[str, bool]:
     """(scale key, whether it met the quality bound) for one guided row's sweep, by `BEST_SCALE_RULE`.
 
     Accuracy alone would pick a scale that sharpens every sample into its class prototype; the bound keeps the
-    sample quality no worse than unguided sampling's, by a distance the evaluator cannot be fooled on.
+    sample quality no worse than unguided sampling's, by a distance the evaluator cannot be fooled on. Dense
+    guidance is ranked by its map score (`score`: mIoU, or depth-map correlation) under the same bound.
 
     Args:
-        sweep: scale (as a string key) -> results with `guided_accuracy`, `distance` and `intervals`.
+        sweep: scale (as a string key) -> results with `score`, `distance` and `intervals`.
         unguided: the unguided row's results, with `intervals[distance]`.
         distance: the quality distance the bound is taken on.
+        score: what the best scale maximises (higher is better).
     """
     bound = unguided["intervals"][distance][1]
     admissible = {scale: r for scale, r in sweep.items() if r[distance] <= bound}
     if admissible:
-        return max(admissible, key=lambda scale: (admissible[scale]["guided_accuracy"], -admissible[scale][distance])), True
+        return max(admissible, key=lambda scale: (admissible[scale][score], -admissible[scale][distance])), True
     return min(sweep, key=lambda scale: sweep[scale][distance]), False
 
 

@@ -61,6 +61,9 @@ class TimmClassifier(nn.Module, PyTorchModelHubMixin):
             self.register_buffer("input_std", torch.tensor(config["std"][:in_chans]).view(1, -1, 1, 1), persistent=False)
             self.input_size = (input_size, input_size) if input_size else tuple(config["input_size"][1:])
 
+    #: What the model predicts (`pipelines.tasks.default_task` reads it): one class per image.
+    predicts = "class"
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> "TimmClassifier":
         # huggingface_hub prints "Loading weights from local directory" on every local load.
@@ -77,6 +80,10 @@ class TimmClassifier(nn.Module, PyTorchModelHubMixin):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(self.preprocess(images))
+
+    def output_head(self) -> nn.Module:
+        """The classifier head (a PPAP expert may own a copy of it)."""
+        return self.model.get_classifier()
 
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Penultimate (pre-logits) features, the ones FID is computed on, and the logits, from one pass."""

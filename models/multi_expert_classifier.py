@@ -1,4 +1,4 @@
-"""N noise-range experts made from one off-the-shelf classifier (PPAP, Go et al., 2023)."""
+"""N noise-range experts made from one off-the-shelf model, classifier or dense (PPAP, Go et al., 2023)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,25 @@ from peft import LoraConfig, get_peft_model
 from safetensors import SafetensorError
 from torch import nn
 
-from plugguide.models.classifier import TimmClassifier, load_classifier
+from plugguide.models.classifier import TimmClassifier
+from plugguide.models.dense_model import DenseModel
+from plugguide.models.off_the_shelf import load_off_the_shelf
 from plugguide.models.saving import save_atomically
 
 Finetune = Literal["lora", "full"]
 
 # LoRA targets of the authors' code (riiid/PPAP): ResNet stem conv and conv1/conv2 of every block
-# (not conv3, not the downsample convs); ViT/DeiT attention qkv and proj.
+# (not conv3, not the downsample convs); ViT/DeiT attention qkv and proj. Dense models, keyed by the library's class,
+# follow their MiDaS adapter (`peft/midas_adapter.py`: the encoder's convs and the decoder's fusion convs): the same
+# ResNet rule on a timm encoder plus the decoder's convs (smp Unet); ResNet rule plus the ASPP convs (torchvision
+# DeepLabV3, undilated convs only: peft's LoRA ignores a conv's dilation, huggingface/peft#3697); ViT attention plus the
+# fusion blocks' residual convs (transformers DPT, MiDaS v3).
 DEFAULT_LORA_TARGETS = {
     "ResNet": r"model\.(conv1|layer\d+\.\d+\.conv[12])",
     "VisionTransformer": r"model\.blocks\.\d+\.attn\.(qkv|proj)",
+    "Unet": r"model\.(encoder\.model\.(conv1|layer\d+\.\d+\.conv[12])|decoder\.blocks\.\d+\.conv[12]\.0)",
+    "DeepLabV3": r"model\.(backbone\.(conv1|layer[12]\.\d+\.conv[12]|layer[34]\.\d+\.conv1)|classifier\.(0\.(convs\.0\.0|convs\.4\.1|project\.0)|1))",
+    "DPTForDepthEstimation": r"model\.(dpt\.encoder\.layer\.\d+\.attention\.(attention\.(query|key|value)|output\.dense)|neck\.fusion_stage\.layers\.\d+\.residual_layer[12]\.convolution[12])",
 }
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
@@ -50,13 +59,18 @@ def check_boundaries(boundaries: list[int], num_train_timesteps: int) -> list[in
 
 
 class MultiExpertClassifier(nn.Module):
-    """One frozen off-the-shelf classifier and N experts, expert n guiding timesteps [b_n, b_{n+1}).
+    """One frozen off-the-shelf model and N experts, expert n guiding timesteps [b_n, b_{n+1}).
+
+    The model is a classifier (`TimmClassifier`) or a dense model (`DenseModel`: segmenter, depth regressor); the
+    experts return what it returns, whatever its shape (class logits, per-pixel logits, maps), so every task
+    (`pipelines.tasks`) shares this one wrapper.
 
     PPAP's parameter-efficient experts (`finetune="lora"`): per expert a peft LoRA adapter on the chosen
     weights (with its own LoRA bias where every targeted layer has a bias: ViT/DeiT attention, not ResNet
     convs), its own copy of every normalisation layer (BatchNorm affine weights *and running statistics*,
     which noise shifts) and, with `per_expert_head`, of the classifier head. The authors keep the head frozen
-    (riiid/PPAP `resnet_adapter.freeze_model`); the paper names bias, BatchNorm and LoRA parameters.
+    (riiid/PPAP `resnet_adapter.freeze_model`); the paper names bias, BatchNorm and LoRA parameters. A dense model's
+    head is its per-pixel output layer (`output_head()`).
 
     Routing: timestep t goes to the expert whose range [b_n, b_{n+1}) holds it, so a step that lands exactly
     on a boundary goes to the upper expert, the one trained on it. The authors' `MultiExpertWrapper` tests
@@ -66,22 +80,23 @@ class MultiExpertClassifier(nn.Module):
     `finetune="full"` gives the paper's "multi-experts" rows instead: N full copies, all trainable.
 
     Args:
-        backbone: the off-the-shelf classifier (frozen).
+        backbone: the off-the-shelf model (frozen): a `TimmClassifier` or a `DenseModel`.
         num_experts: N; experts split [0, T) into equal ranges unless `timestep_boundaries` is given.
         num_train_timesteps: T of the diffusion model.
         finetune: "lora" (parameter-efficient, PPAP) or "full" (one full copy per expert).
         lora_rank: LoRA rank r.
         lora_alpha: LoRA alpha (scaling alpha / r).
         target_modules: regex or list of module names for LoRA; defaults per model family
-            (ResNet: stem conv + conv1/conv2 of each block; ViT/DeiT: attn.qkv and attn.proj).
+            (ResNet: stem conv + conv1/conv2 of each block; ViT/DeiT: attn.qkv and attn.proj; dense models: see
+            `DEFAULT_LORA_TARGETS`).
         timestep_boundaries: custom ranges b_0=0 < b_1 < ... < b_N=T.
-        per_expert_head: each LoRA expert owns a copy of the classifier head (True), or all share the frozen
+        per_expert_head: each LoRA expert owns a copy of the model's head (True), or all share the frozen
             off-the-shelf head (False, the authors' choice).
     """
 
     def __init__(
         self,
-        backbone: TimmClassifier,
+        backbone: TimmClassifier | DenseModel,
         num_experts: int = 5,
         num_train_timesteps: int = 1000,
         finetune: Finetune = "lora",
@@ -103,9 +118,11 @@ class MultiExpertClassifier(nn.Module):
             num_experts = len(boundaries) - 1
         self.num_experts = num_experts
         self.num_classes = backbone.num_classes
+        self.predicts = backbone.predicts
         self.in_chans = getattr(backbone, "in_chans", None)
         self.finetune = finetune
         self.backbone_parameters = sum(p.numel() for p in backbone.parameters())
+        self.backbone_class = type(backbone)
         self.backbone_config = dict(backbone._hub_mixin_config)
         self.register_buffer("boundaries", torch.tensor(boundaries), persistent=False)
         self.config = dict(
@@ -138,7 +155,7 @@ class MultiExpertClassifier(nn.Module):
         return f"expert_{n}"
 
     @staticmethod
-    def lora_targets(backbone: TimmClassifier, target_modules: str | list[str] | None) -> tuple[str | list[str], list[nn.Module]]:
+    def lora_targets(backbone: TimmClassifier | DenseModel, target_modules: str | list[str] | None) -> tuple[str | list[str], list[nn.Module]]:
         """The LoRA targets (given, or the default of the backbone's family) and the layers they match, at least one."""
         layers = {name: module for name, module in backbone.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
         names = list(layers)
@@ -156,16 +173,20 @@ class MultiExpertClassifier(nn.Module):
             matched = [name for name in names if any(name == t or name.endswith("." + t) for t in target_modules)]
         if not matched:
             raise ValueError(
-                f"LoRA `target_modules`={target_modules!r} matches no Conv2d/Linear layer of the classifier. "
+                f"LoRA `target_modules`={target_modules!r} matches no Conv2d/Linear layer of the off-the-shelf model. "
                 f"Candidates: {names[:12]}{' ...' if len(names) > 12 else ''}"
             )
+        # peft builds a conv's LoRA branch without its dilation (huggingface/peft#3697): the branch's output has another size.
+        dilated = [name for name in matched if max(getattr(layers[name], "dilation", (1,))) > 1 and max(layers[name].kernel_size) > 1]
+        if dilated:
+            raise ValueError(f"LoRA `target_modules`={target_modules!r} matches dilated convolutions {dilated[:6]}, which peft's LoRA cannot adapt (it drops their dilation); leave them out.")
         return target_modules, [layers[name] for name in matched]
 
     @staticmethod
-    def per_expert_modules(backbone: TimmClassifier, head: bool = True) -> list[str]:
-        """Modules each expert owns a full copy of: every normalisation layer and, if `head`, the classifier head."""
-        classifier_head = backbone.model.get_classifier() if head else None
-        return [name for name, module in backbone.named_modules() if isinstance(module, NORM_TYPES) or (module is classifier_head and name)]
+    def per_expert_modules(backbone: TimmClassifier | DenseModel, head: bool = True) -> list[str]:
+        """Modules each expert owns a full copy of: every normalisation layer and, if `head`, the model's output head."""
+        output_head = backbone.output_head() if head else None
+        return [name for name, module in backbone.named_modules() if isinstance(module, NORM_TYPES) or (module is output_head and name)]
 
     def set_expert(self, n: int) -> None:
         """Makes expert n the one that runs (and, when training, the one whose parameters train)."""
@@ -189,17 +210,19 @@ class MultiExpertClassifier(nn.Module):
         return self.experts[n] if self.finetune == "full" else self.peft_model
 
     def forward(self, images: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Logits, each sample classified by the expert of its timestep (one expert runs per distinct range)."""
+        """The model's output (logits, per-pixel logits, maps), each sample seen by the expert of its timestep (one
+        expert runs per distinct range)."""
         timesteps = timesteps.expand(images.shape[0]) if timesteps.dim() == 0 else timesteps
         index = self.expert_index(timesteps)
         experts = index.unique().tolist()
         if len(experts) == 1:
             return self.expert_module(experts[0])(images)
-        logits = images.new_empty(images.shape[0], self.num_classes)
-        for n in experts:
-            mask = index == n
-            logits[mask] = self.expert_module(n)(images[mask])
-        return logits
+        masks = [index == n for n in experts]
+        parts = [self.expert_module(n)(images[mask]) for n, mask in zip(experts, masks)]
+        outputs = parts[0].new_empty(images.shape[0], *parts[0].shape[1:])
+        for mask, part in zip(masks, parts):
+            outputs[mask] = part
+        return outputs
 
     def copy_expert(self, source: int, target: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """Makes expert `target` a copy of expert `source` (parameters and BatchNorm statistics).
@@ -240,7 +263,7 @@ class MultiExpertClassifier(nn.Module):
         }
 
     def save_pretrained(self, directory: str) -> None:
-        """experts.json (ranges, settings), backbone/ (TimmClassifier) and one peft adapter directory per expert."""
+        """experts.json (ranges, settings), backbone/ (the off-the-shelf model) and one peft adapter directory per expert."""
 
         def save(tmp: str) -> None:
             os.makedirs(tmp)
@@ -260,14 +283,14 @@ class MultiExpertClassifier(nn.Module):
 
         save_atomically(directory, save)
 
-    def frozen_backbone(self) -> TimmClassifier:
-        """A clean copy of the off-the-shelf classifier, without adapters (peft wraps layers in place)."""
+    def frozen_backbone(self) -> TimmClassifier | DenseModel:
+        """A clean copy of the off-the-shelf model, without adapters (peft wraps layers in place)."""
         state = {}
         for key, value in self.peft_model.get_base_model().state_dict().items():
             if "lora_" in key or ".modules_to_save." in key:
                 continue
             state[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
-        backbone = TimmClassifier(**self.backbone_config)
+        backbone = self.backbone_class(**self.backbone_config)
         backbone.load_state_dict(state)
         return backbone
 
@@ -286,13 +309,13 @@ class MultiExpertClassifier(nn.Module):
                 f"`{setting}`={directory!r} lacks {', '.join(f'{part}/' for part in missing)}: experts.json lists {len(parts) - 1} experts "
                 "and a backbone, each saved in its own folder (was the directory copied in part?)."
             )
-        backbone = load_classifier(os.path.join(directory, "backbone"), setting)
+        backbone = load_off_the_shelf(os.path.join(directory, "backbone"), setting)
         experts = cls(backbone, **config)
         for n in range(experts.num_experts):
             path = os.path.join(directory, cls.expert_name(n))
             try:
                 if config["finetune"] == "full":
-                    experts.experts[n].load_state_dict(TimmClassifier.from_pretrained(path, strict=True).state_dict())
+                    experts.experts[n].load_state_dict(type(backbone).from_pretrained(path, strict=True).state_dict())
                 else:
                     experts.peft_model.load_adapter(path, adapter_name=cls.expert_name(n))
             except (OSError, ValueError, RuntimeError, SafetensorError) as error:

@@ -3,10 +3,11 @@
 from plugguide.modules.autoencoder_pretraining import AutoencoderPretraining
 from plugguide.modules.calibration_evaluation import CalibrationEvaluation
 from plugguide.modules.classifier_pretraining import ClassifierPretraining
+from plugguide.modules.dense_pretraining import DensePretraining
 from plugguide.modules.diffusion_pretraining import DiffusionPretraining
 from plugguide.modules.expert_distillation import ExpertDistillation
 from plugguide.modules.guide_distillation import GuideDistillation
 from plugguide.modules.guided_sampling import GuidedSampling
 from plugguide.modules.progressive_halving import ProgressiveHalving
 
-__all__ = ["AutoencoderPretraining", "CalibrationEvaluation", "ClassifierPretraining", "DiffusionPretraining", "ExpertDistillation", "GuideDistillation", "GuidedSampling", "ProgressiveHalving"]
+__all__ = ["AutoencoderPretraining", "CalibrationEvaluation", "ClassifierPretraining", "DensePretraining", "DiffusionPretraining", "ExpertDistillation", "GuideDistillation", "GuidedSampling", "ProgressiveHalving"]

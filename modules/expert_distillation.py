@@ -1,4 +1,4 @@
-"""PPAP expert distillation: noise-range experts learn the off-the-shelf classifier's clean-image predictions."""
+"""PPAP expert distillation: noise-range experts learn an off-the-shelf model's clean-image predictions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
@@ -15,22 +14,26 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.datamodules.resumable_loader import step_generator
 from plugguide.datamodules.synthesized import image_seed
-from plugguide.metrics import GenerationMetrics
-from plugguide.models import MultiExpertClassifier, check_classifier_input, load_classifier, load_scheduler, load_unet, prompt_conditioning
+from plugguide.metrics import DenseMapMetrics, GenerationMetrics, majority_digit
+from plugguide.models import MultiExpertClassifier, check_classifier_input, load_off_the_shelf, load_scheduler, load_unet, prompt_conditioning
 from plugguide.models.multi_expert_classifier import Finetune
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from plugguide.pipelines.finite import check_scale
 from plugguide.modules.frozen_networks import FrozenNetworksModule
-from plugguide.pipelines.guidance import ExpertGuidance
+from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance
+from plugguide.pipelines.tasks import ClassificationTask, Task
 
 
 class ExpertDistillation(FrozenNetworksModule):
     """Data-free knowledge transfer to N noise-range experts (PPAP, Go et al., 2023, Sec. 4).
 
     For a clean image x0~ and expert n, with t ~ U[b_n, b_{n+1}) and x_t = sqrt(abar_t) x0~ + sqrt(1 - abar_t) eps:
-        L_n = KL( softmax(f(x0~) / tau) || softmax(f_n(x_t)) ),
-    f the frozen off-the-shelf classifier (teacher), tau its temperature. With `supervision="labels"`
-    the target is the real label instead (cross-entropy), the paper's supervised rows. The KL is summed over
+        L_n = L( sg(f(x0~)), f_n(x_t) )                                         (Eq. 6)
+    f the frozen off-the-shelf model (teacher) and L the task's loss (`pipelines.tasks`). For a classifier (the
+    default task) it is Eq. 7, KL( softmax(f(x0~) / tau) || softmax(f_n(x_t)) ), tau its temperature; for a
+    segmenter the same KL at every pixel; for a depth regressor the squared error of the maps (the authors' MiDaS
+    loss) or its scale-and-shift-invariant form. With `supervision="labels"` the target is the real label instead
+    (the task's supervised loss, cross-entropy for a classifier), the paper's supervised rows. The KL is summed over
     classes and averaged over the batch (`batchmean`, the KL itself); the authors' `KLDivLoss(reduction="none")`
     followed by a mean over classes and batch is C times smaller (C classes): the same optimum and, under
     AdamW, almost the same steps, but logged losses differ by that factor.
@@ -52,11 +55,14 @@ class ExpertDistillation(FrozenNetworksModule):
 
     `lightning test` evaluates guided generation: for every real test image it samples one image guided
     by the experts toward that image's label and reports guided accuracy, FID and IS from the
-    independent evaluator. Sample i's noise seed is `image_seed(seed, i)`, i its position in the test set,
-    and each image counts once, so one device and eight give the same numbers.
+    independent evaluator. Dense experts are guided toward the teacher's map of that image instead, and the
+    samples scored by the maps read off their own pixels against it (`DenseMapMetrics`), the evaluator's agreement
+    with the digit the map names, FID and IS. Sample i's noise seed is `image_seed(seed, i)`, i its position in the
+    test set, and each image counts once, so one device and eight give the same numbers.
 
     Args:
-        teacher_path: the off-the-shelf classifier (`TimmClassifier` directory); also the experts' backbone.
+        teacher_path: the off-the-shelf model (`TimmClassifier` or `DenseModel` directory, or a hub id); also the
+            experts' backbone.
         diffusion_model: the frozen diffusion model whose noise schedule the experts learn (and which samples at test).
         num_experts: N (1 = the paper's single noise-aware classifier).
         finetune: "lora" (PPAP: LoRA + per-expert norms and head) or "full" (one full copy per expert).
@@ -65,8 +71,11 @@ class ExpertDistillation(FrozenNetworksModule):
         target_modules: LoRA targets (default per model family, see `MultiExpertClassifier`).
         per_expert_head: LoRA experts each own a copy of the classifier head (True) or share the frozen one (False, the authors').
         expert_schedule: "round_robin" or "chain" (see above).
-        supervision: "teacher" (data-free KL to the teacher) or "labels" (real labels, cross-entropy).
-        temperature: tau of the teacher's softmax.
+        supervision: "teacher" (data-free, the task's loss to the teacher) or "labels" (the real labels the labelled
+            data carries under the task's `label_key`).
+        temperature: tau of the teacher's softmax, for the default task (a classifier's); a given `task` carries its own.
+        task: what the teacher predicts and the distillation loss (`ClassificationTask`, `SegmentationTask`,
+            `DenseRegressionTask`); None: image classification with `temperature`.
         optimizer: optimiser factory (AdamW in the paper).
         sampler: diffusers scheduler for sample grids and tests.
         num_inference_steps: sampler steps for grids and tests.
@@ -79,7 +88,7 @@ class ExpertDistillation(FrozenNetworksModule):
             samples are drawn under; None: the empty prompt (unconditional, as the paper guides GLIDE).
     """
 
-    frozen_networks = ("teacher", "unet", "metrics")
+    frozen_networks = ("teacher", "unet", "metrics", "map_metrics")
 
     def __init__(
         self,
@@ -94,6 +103,7 @@ class ExpertDistillation(FrozenNetworksModule):
         expert_schedule: Literal["round_robin", "chain"] = "round_robin",
         supervision: Literal["teacher", "labels"] = "teacher",
         temperature: float = 0.25,
+        task: Task | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         sampler: str = "DDPMScheduler",
         num_inference_steps: int = 50,
@@ -108,20 +118,19 @@ class ExpertDistillation(FrozenNetworksModule):
             raise ValueError(f"Expected `supervision` to be 'teacher' or 'labels', but got {supervision!r}.")
         if expert_schedule not in ("round_robin", "chain"):
             raise ValueError(f"Expected `expert_schedule` to be 'round_robin' or 'chain', but got {expert_schedule!r}.")
-        if temperature <= 0:
-            raise ValueError(f"Expected `temperature` to be > 0, but got {temperature}.")
+        self.task = ClassificationTask(temperature) if task is None else task
         check_scale("guidance_scale", guidance_scale)
         if num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
         if seed < 0:
             raise ValueError(f"Expected `seed` to be >= 0, but got {seed}.")
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer", "task"])  # the task's settings are in the run's config.yaml
         self.optimizer = optimizer
         self.noise_scheduler = DDPMScheduler.from_config(load_scheduler(diffusion_model, "DDPMScheduler", "diffusion_model").config)
         num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
-        self.teacher = load_classifier(teacher_path, "teacher_path").eval().requires_grad_(False)
+        self.teacher = load_off_the_shelf(teacher_path, "teacher_path").eval().requires_grad_(False)
         self.experts = MultiExpertClassifier(
-            load_classifier(teacher_path, "teacher_path"),
+            load_off_the_shelf(teacher_path, "teacher_path"),
             num_experts=num_experts,
             num_train_timesteps=num_train_timesteps,
             finetune=finetune,
@@ -134,11 +143,13 @@ class ExpertDistillation(FrozenNetworksModule):
         self.sampler = load_scheduler(diffusion_model, sampler, "sampler")
         self.conditioning = prompt_conditioning(diffusion_model, self.unet, prompt)
         check_classifier_input(self.teacher, self.unet.config.in_channels, self.unet.config.sample_size, "teacher_path", teacher_path)
-        self.metrics = None
+        self.metrics = self.map_metrics = None
         if evaluator_path:
             self.metrics = GenerationMetrics.from_paths(evaluator_path, autoencoder_path)
             evaluator = self.metrics.evaluator
-            if evaluator.num_classes != self.teacher.num_classes or evaluator.in_chans != self.teacher.in_chans:
+            if self.teacher.predicts != "class":  # dense experts: the evaluator reads the digit, the maps come from the pixels
+                self.map_metrics = DenseMapMetrics("segmentation" if self.teacher.predicts == "class_map" else "depth", evaluator)
+            elif evaluator.num_classes != self.teacher.num_classes or evaluator.in_chans != self.teacher.in_chans:
                 raise ValueError(
                     f"`evaluator_path`={evaluator_path!r} scores {evaluator.num_classes} classes of {evaluator.in_chans}-channel images, "
                     f"but the experts guide toward {self.teacher.num_classes} classes of {self.teacher.in_chans}-channel images; they must match."
@@ -153,7 +164,12 @@ class ExpertDistillation(FrozenNetworksModule):
         super().setup(stage)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         cached_teacher = getattr(datamodule, "hparams", {}).get("teacher_path") if datamodule is not None else None
-        if cached_teacher and self.hparams.supervision == "teacher" and os.path.abspath(cached_teacher) != os.path.abspath(self.hparams.teacher_path):
+        other_teacher = cached_teacher and os.path.abspath(cached_teacher) != os.path.abspath(self.hparams.teacher_path)
+        if other_teacher and self.hparams.supervision == "teacher" and self.teacher.predicts != "class":
+            # The synthesized set caches a classifier's logits: a dense teacher's outputs are computed on every batch, and
+            # its experts learn from the very images the classifier's experts learn from (one cache, one synthesis).
+            rank_zero_info(f"The data caches the logits of `data.teacher_path`={cached_teacher!r}; the dense teacher runs on every batch instead.")
+        elif other_teacher and self.hparams.supervision == "teacher":
             raise ValueError(
                 f"The data caches the logits of `data.teacher_path`={cached_teacher!r} but the experts distil "
                 f"`model.teacher_path`={self.hparams.teacher_path!r}; set both to the same classifier, or `data.teacher_path` to null."
@@ -180,25 +196,25 @@ class ExpertDistillation(FrozenNetworksModule):
         noise = torch.randn(images.shape, generator=generator, device=images.device)
         return self.noise_scheduler.add_noise(images, noise, timesteps), timesteps
 
-    def target(self, batch: dict) -> torch.Tensor:
-        """Teacher probabilities softmax(f(x0~) / tau), from the cache when the data module stored logits."""
-        logits = batch.get("teacher_logits")
+    def teacher_outputs(self, batch: dict) -> torch.Tensor:
+        """f(x0~), from the cache when the data module stored a classifier teacher's logits (setup checked it is this one)."""
+        logits = batch.get("teacher_logits") if self.teacher.predicts == "class" else None
         if logits is None:
             with torch.no_grad():
                 logits = self.teacher(batch["image"])
-        return F.softmax(logits / self.hparams.temperature, dim=-1)
+        return logits
 
     def _step(self, batch: dict, stage: str, expert: int, generator: torch.Generator | None = None) -> torch.Tensor:
         x_t, timesteps = self.noised(batch["image"], expert, generator)
-        logits = self.experts(x_t, timesteps)
+        outputs = self.experts(x_t, timesteps)
         if self.hparams.supervision == "teacher":
-            target = self.target(batch)
-            loss = F.kl_div(F.log_softmax(logits, dim=-1), target, reduction="batchmean")
-            reference = target.argmax(-1)
+            teacher_outputs = self.teacher_outputs(batch)
+            loss = self.task.distillation_loss(teacher_outputs, outputs)
+            reference = self.task.prediction(teacher_outputs)
         else:
-            reference = batch["label"]
-            loss = F.cross_entropy(logits, reference)
-        agreement = (logits.argmax(-1) == reference).float().mean()
+            reference = self.labels(batch)
+            loss = self.task.supervised_loss(outputs, reference)
+        agreement = self.task.agreement(outputs, reference)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step, prog_bar=on_step)
         self.log(f"{stage}/expert_{expert}/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
@@ -230,19 +246,33 @@ class ExpertDistillation(FrozenNetworksModule):
             if source in optimizer.state:
                 optimizer.state[target] = copy.deepcopy(optimizer.state[source])
 
+    def labels(self, batch: dict) -> torch.Tensor:
+        """The real labels of the task in a labelled batch (`label_key`), with a clear error where the data has none."""
+        key = self.task.label_key
+        if key not in batch:
+            raise ValueError(
+                f"`supervision`='labels' needs the labelled data's {key!r} for a {type(self.task).__name__}, but its batches "
+                f"carry {sorted(batch)} (DigitMapsDataModule gives the digits' maps)."
+            )
+        return batch[key]
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # Real labelled images, every expert on its own noise range, fixed noise: accuracy vs the true label.
+        # Real labelled images, every expert on its own noise range, fixed noise: accuracy vs the true label; dense experts,
+        # without maps in the data, are compared with what the teacher sees in the clean image (`agreement`).
         generator = torch.Generator(batch["image"].device).manual_seed(batch_idx)
+        if self.task.label_key in batch:
+            name, reference = "accuracy", batch[self.task.label_key]
+        else:
+            name, reference = "agreement", self.task.prediction(self.teacher(batch["image"]))
         for expert in range(self.experts.num_experts):
             x_t, timesteps = self.noised(batch["image"], expert, generator)
-            accuracy = (self.experts(x_t, timesteps).argmax(-1) == batch["label"]).float().mean()
-            self.log(f"val/expert_{expert}/accuracy", accuracy, on_epoch=True, sync_dist=True)
+            self.log(f"val/expert_{expert}/{name}", self.task.agreement(self.experts(x_t, timesteps), reference), on_epoch=True, sync_dist=True)
 
     def guidance(self) -> ExpertGuidance:
         """The current experts as a guidance (for callbacks: grids, calibration curves)."""
         trainable = [p for p in self.experts.parameters() if p.requires_grad]
         modes = [(module, module.training) for module in self.experts.modules()]
-        guidance = ExpertGuidance(self.experts)
+        guidance = ExpertGuidance(self.experts, task=self.task)
         # The guidance freezes its classifier and puts it in eval mode; these experts keep training (and
         # DDP keeps syncing them), so building a guidance must leave them as they were.
         for parameter in trainable:
@@ -253,6 +283,10 @@ class ExpertDistillation(FrozenNetworksModule):
 
     def sampling_pipeline(self) -> GuidedDiffusionPipeline:
         return GuidedDiffusionPipeline(self.unet, self.sampler, self.guidance(), **self.conditioning)
+
+    def naive_sampling_pipeline(self) -> GuidedDiffusionPipeline:
+        """The same sampler guided by the teacher itself on x_t, the baseline the experts are compared with."""
+        return GuidedDiffusionPipeline(self.unet, self.sampler, NaiveClassifierGuidance(self.teacher, task=self.task))
 
     def on_test_start(self) -> None:
         if self.trainer.ckpt_path is None and self.trainer.global_step == 0:
@@ -274,14 +308,25 @@ class ExpertDistillation(FrozenNetworksModule):
         pipeline.set_progress_bar_config(disable=True)
         labels, indices = batch["label"], batch["index"]
         seeds = [image_seed(self.hparams.seed, int(index)) for index in indices]
-        images = sample_batch(pipeline, {"label": labels, "seed": seeds}, num_inference_steps=self.hparams.num_inference_steps, guidance_scale=self.hparams.guidance_scale)
-        self.metrics.update_real(batch["image"], batch["label"], indices)
-        self.metrics.update_generated(images, labels, indices)
+        settings = dict(num_inference_steps=self.hparams.num_inference_steps, guidance_scale=self.hparams.guidance_scale)
+        self.metrics.update_real(batch["image"], labels, indices)
+        if self.map_metrics is None:
+            images = sample_batch(pipeline, {"label": labels, "seed": seeds}, **settings)
+            self.metrics.update_generated(images, labels, indices)
+            return
+        # Dense experts: toward the teacher's map of the real image (PPAP Sec. 5.2), scored from the samples' pixels.
+        maps = self.task.prediction(self.teacher(batch["image"]))
+        images = sample_batch(pipeline, {"label": torch.full_like(labels, -1), "seed": seeds, "target_map": maps}, **settings)
+        self.map_metrics.update(images, maps, indices)
+        # The digit a segmentation map names is its majority stroke class; a depth map names none: the real digit's.
+        self.metrics.update_generated(images, majority_digit(maps) if self.teacher.predicts == "class_map" else labels, indices)
 
     def on_test_epoch_end(self) -> None:
-        results = self.metrics.compute()
+        results = self.metrics.compute() | (self.map_metrics.compute() if self.map_metrics is not None else {})
         self.log_dict({f"test/{k}": v for k, v in results.items()})  # computed over every process's samples
         self.metrics.reset()
+        if self.map_metrics is not None:
+            self.map_metrics.reset()
 
     def configure_optimizers(self):
         # All experts' parameters: peft marks only the active adapter trainable, and inactive experts get

@@ -6,7 +6,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from plugguide.metrics import GenerationMetrics
+from plugguide.datamodules import TargetMapDataModule
+from plugguide.metrics import DenseMapMetrics, GenerationMetrics
 from plugguide.models import check_classifier_input, load_guide, load_scheduler, load_unet, load_vae, prompt_conditioning
 from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, sample_batch
 from plugguide.pipelines.finite import check_scale
@@ -15,6 +16,11 @@ from plugguide.pipelines.guidance import ClassifierGuidance, Guidance
 
 class GuidedSampling(L.LightningModule):
     """Samples a frozen diffusion model, unguided, with CFG, or with a `Guidance`, and scores the samples.
+
+    With target maps in the data (`TargetMapDataModule`: a dense model's maps of held-out real digits), a dense
+    guidance (segmenter, depth regressor, or their PPAP experts) guides each sample toward its map; the samples are
+    then also scored against the maps from their own pixels (`DenseMapMetrics`: segmentation for label maps, depth
+    for real-valued ones), and the evaluator's class agreement is with the digit each target names.
 
     Args:
         diffusion_model: diffusers pipeline directory or hub id (`assets/digits/ddpm-uncond`, `google/ddpm-cifar10-32`).
@@ -77,7 +83,7 @@ class GuidedSampling(L.LightningModule):
         if isinstance(guidance, ClassifierGuidance):
             timesteps = torch.zeros(1, dtype=torch.long)
             check_classifier_input(guidance, channels, size, "guidance", classify=lambda images: guidance.logits(images, timesteps))
-        self.metrics = None
+        self.metrics = self.map_metrics = None
         if evaluator_path:
             self.metrics = GenerationMetrics.from_paths(evaluator_path)
             check_classifier_input(self.metrics.evaluator, channels, size, "evaluator_path", evaluator_path)
@@ -93,6 +99,11 @@ class GuidedSampling(L.LightningModule):
     def setup(self, stage: str) -> None:
         # The data's classes are known only now: refuse before sampling a class that the networks do not have.
         datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if isinstance(datamodule, TargetMapDataModule) and self.hparams.guide_path is not None:
+            raise ValueError(
+                f"`guide_path`={self.hparams.guide_path!r} samples with a distilled CFG guide, which takes classes, not the target maps "
+                "of `data`=TargetMapDataModule; guide toward maps with a dense `guidance` instead."
+            )
         num_classes = getattr(datamodule, "hparams", {}).get("num_classes") if datamodule is not None else None
         if not num_classes:
             return
@@ -115,12 +126,22 @@ class GuidedSampling(L.LightningModule):
         else:
             scales = {"guidance_scale": self.hparams.cfg_scale}  # the guide's guidance number g plays CFG's w
         images = sample_batch(self.pipeline, batch, num_inference_steps=self.hparams.num_inference_steps, **scales)
+        rows = {"images": images.cpu(), "labels": batch["label"].cpu(), "index": batch["index"].cpu()}
+        if "target_map" in batch:
+            rows["target_maps"] = batch["target_map"].cpu()
         if self.metrics is not None:
-            self.metrics.update_generated(images, batch["label"], batch["index"])
-        return {"images": images.cpu(), "labels": batch["label"].cpu(), "index": batch["index"].cpu()}
+            self.metrics.update_generated(images, batch.get("target_class", batch["label"]), batch["index"])
+            if "target_map" in batch:
+                if self.map_metrics is None:  # label maps are scored as segmentation, real-valued maps as depth
+                    kind = "depth" if batch["target_map"].is_floating_point() else "segmentation"
+                    self.map_metrics = DenseMapMetrics(kind, self.metrics.evaluator).to(self.device)
+                self.map_metrics.update(images, batch["target_map"], batch["index"])
+        return rows
 
     def on_predict_epoch_end(self) -> None:
         if self.metrics is not None:
-            results = self.metrics.compute()
+            results = self.metrics.compute() | (self.map_metrics.compute() if self.map_metrics is not None else {})
             rank_zero_info("Sample metrics (evaluator): " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
             self.metrics.reset()
+            if self.map_metrics is not None:
+                self.map_metrics.reset()

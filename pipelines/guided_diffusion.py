@@ -199,31 +199,33 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             return latents
         return self.vae.decode(latents / getattr(self.vae.config, "scaling_factor", 1.0)).sample
 
-    def guidance_gradient(self, x: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def guidance_gradient(self, x: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The guidance gradient w.r.t. x_t's space; through the VAE decoder for latent UNets (a vector-Jacobian product)."""
         timesteps = t.expand(x.shape[0])
         if self.vae is None:
-            return self.guidance.gradient(x, timesteps, x0_hat, labels)
+            return self.guidance.gradient(x, timesteps, x0_hat, targets)
         with torch.inference_mode(False), torch.enable_grad():
             latent = (x if self.guidance.input == "x_t" else x0_hat).detach().clone().requires_grad_(True)
             pixels = self.decode(latent).clamp(-1, 1)
-            pixel_grad = self.guidance.gradient(pixels, timesteps, pixels, labels)
+            pixel_grad = self.guidance.gradient(pixels, timesteps, pixels, targets)
             (grad,) = torch.autograd.grad(pixels, latent, pixel_grad)
         return grad
 
     def denoising_step(
         self, family: ModelFamily, x: torch.Tensor, index: int, t: torch.Tensor, labels: torch.Tensor,
-        guidance_scale: float, cfg_scale: float, generator, clip_first: bool = False,
+        guidance_scale: float, cfg_scale: float, generator, clip_first: bool = False, targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One denoiser evaluation `index` at the scheduler's timestep `t` and the scheduler step after it, guided.
 
-        `clip_first`: the sampler clips x0_hat (and runs as its unclipped copy): clip here, before the guidance shift.
+        `labels` condition a class-conditional UNet and are the guidance's targets unless `targets` (a dense guide's maps)
+        are given. `clip_first`: the sampler clips x0_hat (and runs as its unclipped copy): clip here, before the guidance shift.
         """
+        targets = labels if targets is None else targets
         level = family.noise_level(index, t) if self.guidance is not None and guidance_scale > 0 else None
         # At alpha = 0 (pure noise: flow's first step) p(y | x_t) = p(y), so the exact guidance term is zero.
         guided = level is not None and level.alpha > 0
         if guided and self.guidance.shifts == "sample" and level.first_evaluation:
-            x = self.displace_sample(x, level, labels, guidance_scale)
+            x = self.displace_sample(x, level, targets, guidance_scale)
         model_input = family.model_input(x, t)
         difference = None
         if guided and self.cfg_guidance == "normalized":
@@ -233,7 +235,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             output, predicted_variance = self.predict_noise(model_input, t, labels, cfg_scale)
         mean_shift = None
         if guided and self.guidance.shifts == "score":
-            output, mean_shift = self.guide_output(family, x, level, t, output, difference, predicted_variance, labels, guidance_scale, cfg_scale, clip_first)
+            output, mean_shift = self.guide_output(family, x, level, t, output, difference, predicted_variance, targets, guidance_scale, cfg_scale, clip_first)
         # A learned-variance DDPM step reads the variance from the channels after eps, as diffusers splits them.
         if predicted_variance is not None and family.ancestral and family.scheduler.config.variance_type in LEARNED_VARIANCE_TYPES:
             output = torch.cat([output, predicted_variance], dim=1)
@@ -242,7 +244,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
 
     def guide_output(
         self, family: ModelFamily, x: torch.Tensor, level: NoiseLevel, t: torch.Tensor, output: torch.Tensor, difference: torch.Tensor | None,
-        predicted_variance: torch.Tensor | None, labels: torch.Tensor, guidance_scale: float, cfg_scale: float, clip_first: bool,
+        predicted_variance: torch.Tensor | None, targets: torch.Tensor, guidance_scale: float, cfg_scale: float, clip_first: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the guided network output, the ancestral step's mean shift or None): the score shift of model_family.py."""
         x0_hat = family.predicted_clean(output, x, level)
@@ -253,7 +255,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             variance = step_variance(family.scheduler, int(t), predicted_variance)
             level = replace(level, variance=float(torch.as_tensor(variance).mean()))
         guide_on = x0_hat if self.vae is not None else x0_hat.clamp(-1, 1)  # latents have no fixed range; their decoded pixels are clipped
-        grad = self.guidance_gradient(x / level.scale, torch.tensor(level.timestep, device=x.device), guide_on, labels)
+        grad = self.guidance_gradient(x / level.scale, torch.tensor(level.timestep, device=x.device), guide_on, targets)
         scale = self.guidance.step_scale(guidance_scale, level)
         offset = self.guidance.variance_offset(level)
         if family.ancestral and difference is None:
@@ -267,17 +269,18 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             return family.shift_output(output, (1 + cfg_scale) * scale * ratio.view(-1, *[1] * (x.dim() - 1)) * direction, x, level), None
         return family.shift_output(output, scale * direction, x, level), None
 
-    def displace_sample(self, x: torch.Tensor, level: NoiseLevel, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    def displace_sample(self, x: torch.Tensor, level: NoiseLevel, targets: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         """EluCD's EDM algorithm (Ma et al., 2023, Algorithm 2): the guidance moves the sample itself, before the denoiser
         sees it, in the space the algorithm is written in, EDM's x0 + (sigma / alpha) eps = x_t / alpha."""
         x_edm = x / (level.scale * level.alpha)
-        grad = self.guidance_gradient(x_edm, torch.tensor(level.timestep, device=x.device), x_edm, labels)
+        grad = self.guidance_gradient(x_edm, torch.tensor(level.timestep, device=x.device), x_edm, targets)
         return x + level.scale * level.alpha * self.guidance.step_scale(guidance_scale, level) * grad
 
     @torch.no_grad()
     def __call__(
         self,
         class_labels: Sequence[int] | torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
         batch_size: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 0.0,
@@ -289,9 +292,11 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         """Generates one image per entry of `class_labels` (or `batch_size` unlabelled ones).
 
         Args:
-            class_labels: target class per sample (-1: none). Targets of the guidance and, for
-                class-conditional UNets, their condition.
-            batch_size: number of samples when `class_labels` is None.
+            class_labels: target class per sample (-1: none). Targets of the guidance (unless `targets` are
+                given) and, for class-conditional UNets, their condition.
+            targets: the guidance's targets when they are not class labels, one per sample: the target maps of a
+                dense guide, (B, H, W) label maps or depth maps (`pipelines.tasks`).
+            batch_size: number of samples when `class_labels` and `targets` are None.
             num_inference_steps: sampler steps.
             guidance_scale: classifier-guidance scale s (0: no classifier guidance).
             cfg_scale: classifier-free guidance weight w, for class-conditional UNets (or text-conditional ones with
@@ -312,8 +317,9 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"Expected `output_type` to be 'pil', 'np' or 'pt', but got {output_type!r}.")
         device = self.unet.device
         if class_labels is None:
+            batch_size = len(targets) if batch_size is None and targets is not None else batch_size
             if batch_size is None:
-                raise ValueError("Give `class_labels` or `batch_size`.")
+                raise ValueError("Give `class_labels`, `targets` or `batch_size`.")
             labels = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         else:
             labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).flatten()
@@ -324,12 +330,11 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
                 f"(index {self.null_class} is its null class, used for classifier-free guidance)."
             )
         guided = self.guidance is not None and guidance_scale > 0
-        if guided and bool((labels < 0).any()):
-            raise ValueError("Classifier guidance needs a target class for every sample; `class_labels` has -1 entries.")
+        guidance_targets = labels if targets is None else torch.as_tensor(targets, device=device)
+        if len(guidance_targets) != len(labels):
+            raise ValueError(f"Expected one target per sample, but got {len(guidance_targets)} `targets` for {len(labels)} samples.")
         if guided:
-            num_classes = getattr(self.guidance, "num_classes", None)
-            if num_classes is not None and int(labels.max()) >= num_classes:
-                raise ValueError(f"`class_labels` has class {int(labels.max())}, but the guidance classifier has only {num_classes} classes.")
+            self.guidance.check_targets(guidance_targets)  # a class per sample, or a map per sample: the guidance's task says
             self.guidance.to(device)
 
         family = ModelFamily(self.scheduler)
@@ -342,7 +347,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         shape = (labels.shape[0], config.in_channels, config.sample_size, config.sample_size)
         x = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype) * family.init_noise_sigma
         for index, t in enumerate(self.progress_bar(family.scheduler.timesteps)):
-            x = self.denoising_step(family, x, index, t, labels, guidance_scale, cfg_scale, generator, clip_first)
+            x = self.denoising_step(family, x, index, t, labels, guidance_scale, cfg_scale, generator, clip_first, guidance_targets)
             check_finite_samples(x, t, family.scheduler.timesteps)
 
         if self.vae is not None:

@@ -1,9 +1,11 @@
 """Measures the shipped digits models and prints the README's asset tables (markdown).
 
-    python scripts/measure_assets.py [--samples-per-class 50] [--steps 50] [--out runs/assets]
+    python scripts/measure_assets.py [--samples-per-class 50] [--steps 50] [--out runs/assets] [--no-sampling]
 
-Classifiers: accuracy on the fixed test split of `DigitsDataModule` (359 images). Autoencoder: reconstruction
-error on that split. Diffusion models: unguided (or class-conditional, or CFG) samples under the table protocol
+Classifiers: accuracy on the fixed test split of `DigitsDataModule` (359 images). Dense models, on the same split
+against the maps derived from each digit (`DigitMapsDataModule`): the segmenter's pixel accuracy, mean IoU and the
+accuracy of its majority stroke class as the digit; the depth stand-in's error in pixels and correlation.
+Autoencoder: reconstruction error on that split. Diffusion models: unguided (or class-conditional, or CFG) samples under the table protocol
 of `scripts/protocol.py`, with DDIM and DDPM samplers; real held-out digits are scored the same way as a
 reference row. The flow-matching model samples with its Euler sampler. Grids of every row go to `--out`.
 """
@@ -16,9 +18,14 @@ import os
 
 import torch
 
+from torchmetrics.functional.segmentation import mean_iou
+
 from plugguide.datamodules import DigitsDataModule
+from plugguide.metrics import digit_segmentation, distance_to_stroke, majority_digit
+from plugguide.metrics.dense import map_correlation
+from plugguide.metrics.pixel_maps import NUM_SEGMENTATION_CLASSES
 from plugguide.metrics.reporting import markdown_table
-from plugguide.models import load_classifier, load_scheduler, load_unet, load_vae
+from plugguide.models import load_classifier, load_dense_model, load_scheduler, load_unet, load_vae
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from protocol import AUTOENCODER, QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, targets
 
@@ -57,6 +64,27 @@ def classifier_rows(images: torch.Tensor, labels: torch.Tensor) -> list[list[str
 
 
 @torch.no_grad()
+def dense_rows(images: torch.Tensor, labels: torch.Tensor) -> list[list[str]]:
+    rows = []
+    for name in ("segmenter", "depth"):
+        model = load_dense_model(os.path.join(ASSETS, name)).eval()
+        outputs = model(images)
+        if name == "segmenter":
+            truth, predicted = digit_segmentation(images, labels), outputs.argmax(1)
+            miou = mean_iou(predicted, truth, num_classes=NUM_SEGMENTATION_CLASSES, input_format="index").mean()
+            quality = (
+                f"pixel accuracy {(predicted == truth).float().mean():.4f}, mIoU {miou:.4f}, "
+                f"majority digit {(majority_digit(predicted) == labels).float().mean():.4f}"
+            )
+        else:
+            truth = distance_to_stroke(images)
+            quality = f"MAE {(outputs - truth).abs().mean():.3f} px, correlation {map_correlation(outputs, truth).mean():.4f}"
+        params = sum(p.numel() for p in model.parameters())
+        rows.append([f"{name} ({type(model.model).__name__})", f"{params:,}", f"{size_mib(os.path.join(ASSETS, name)):.1f}", quality])
+    return rows
+
+
+@torch.no_grad()
 def autoencoder_row(images: torch.Tensor) -> list[str]:
     vae = load_vae(AUTOENCODER, "autoencoder").eval()
     reconstruction = vae.decode(vae.encode(images).latent_dist.mean).sample
@@ -69,10 +97,14 @@ def main() -> None:
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--out", default="runs/assets")
+    parser.add_argument("--no-sampling", action="store_true", help="only the first table (no diffusion-model samples)")
     args = parser.parse_args()
     images, labels = test_split()
     print(f"Assets: {size_mib(ASSETS):.1f} MiB in {ASSETS}/\n")
-    print(markdown_table(["model", "params", "MiB", "test split (359 digits)"], [*classifier_rows(images, labels), autoencoder_row(images)]))
+    rows = [*classifier_rows(images, labels), *dense_rows(images, labels), autoencoder_row(images)]
+    print(markdown_table(["model", "params", "MiB", "test split (359 digits)"], rows))
+    if args.no_sampling:
+        return
 
     metrics = reference_metrics()
     sample_labels, seeds = targets(args.samples_per_class)

@@ -55,11 +55,13 @@ def measure(
     seeds: torch.Tensor,
     batch_size: int = 250,
     grid_path: str | None = None,
+    on_images: Callable[[torch.Tensor], dict] | None = None,
 ) -> dict:
     """Samples every (label, seed) with `sample(labels, seeds) -> images in [-1, 1]` and scores them.
 
     Returns the point estimates, their `intervals`, `seconds_per_image` (sampling only) and, with `grid_path`,
-    writes a grid of the first 8 samples of each class there.
+    writes a grid of the first 8 samples of each class there. `on_images`, given every image of the row in sample
+    order, returns more results (with their own `intervals`), e.g. the dense tables' map scores.
     """
     metrics.reset()
     started, images = time.perf_counter(), []
@@ -70,6 +72,10 @@ def measure(
     for start in range(0, len(images), 500):
         metrics.update_generated(images[start : start + 500], labels[start : start + 500])
     results = metrics.compute() | {"intervals": metrics.compute_intervals(), "seconds_per_image": seconds / len(labels)}
+    if on_images is not None:
+        extra = on_images(images)
+        results |= {key: value for key, value in extra.items() if key != "intervals"}
+        results["intervals"] |= extra.get("intervals", {})
     if grid_path:
         os.makedirs(os.path.dirname(os.path.abspath(grid_path)), exist_ok=True)
         first = torch.cat([torch.nonzero(labels == c).flatten()[:8] for c in labels.unique()])

@@ -6,13 +6,17 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-from plugguide.models import TimmClassifier
+from plugguide.models import DenseModel, TimmClassifier
 
 torch.set_num_threads(1)
 
 TINY_RESNET = dict(model_name="resnet18", num_classes=10, in_chans=1, model_kwargs=dict(layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], stem_width=8))
 TINY_DEIT = dict(model_name="deit_tiny_patch16_224", num_classes=10, in_chans=1, model_kwargs=dict(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2))
 TINY_CONVNEXT = dict(model_name="convnext_atto", num_classes=10, in_chans=1, model_kwargs=dict(depths=[1, 1, 1, 1], dims=[8, 8, 16, 16], patch_size=1))
+# The digits' dense models in miniature: an smp U-Net with a timm ResNet encoder, 11 classes per pixel or one map.
+TINY_UNET_ENCODER = dict(encoder_name="tu-resnet18", encoder_depth=3, decoder_channels=[16, 8, 8], layers=[1, 1, 1, 1], channels=[8, 8, 16, 16])
+TINY_SEGMENTER = dict(library="smp", architecture="Unet", num_classes=11, in_chans=1, model_kwargs=TINY_UNET_ENCODER)
+TINY_DEPTH = dict(library="smp", architecture="Unet", num_classes=None, in_chans=1, model_kwargs=TINY_UNET_ENCODER)
 TINY_AUTOENCODER = dict(in_channels=1, out_channels=1, sample_size=16, block_out_channels=(4, 8), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=2, norm_num_groups=4)
 TINY_UNET = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4)
 
@@ -42,7 +46,7 @@ def learned_variance_model() -> tuple[UNet2DModel, DDPMScheduler]:
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> dict[str, str]:
-    """Paths of tiny models saved like assets/digits/: diffusers pipeline dirs and TimmClassifier dirs."""
+    """Paths of tiny models saved like assets/digits/: diffusers pipeline dirs, TimmClassifier and DenseModel dirs."""
     root = tmp_path_factory.mktemp("assets")
     paths = {}
     for name, unet in (("ddpm-uncond", tiny_unet()), ("ddpm-cond", tiny_conditional_unet())):
@@ -52,6 +56,10 @@ def tiny_assets(tmp_path_factory) -> dict[str, str]:
         torch.manual_seed(0)
         paths[name] = str(root / name)
         TimmClassifier(**spec).save_pretrained(paths[name])
+    for name, spec in (("segmenter", TINY_SEGMENTER), ("depth", TINY_DEPTH)):
+        torch.manual_seed(0)
+        paths[name] = str(root / name)
+        DenseModel(**spec).save_pretrained(paths[name])
     torch.manual_seed(0)
     paths["autoencoder"] = str(root / "autoencoder")
     AutoencoderKL(**TINY_AUTOENCODER).save_pretrained(paths["autoencoder"])

@@ -29,6 +29,23 @@ def test_classifier_reaches_97_percent_on_the_test_split(name, test_split):
     assert accuracy >= 0.97
 
 
+def test_dense_models_read_the_maps_of_the_test_digits(test_split):
+    """The segmenter labels strokes with their digit and the depth stand-in measures the distance to them, on held-out digits."""
+    from torchmetrics.functional.segmentation import mean_iou
+
+    from plugguide.metrics import digit_segmentation, distance_to_stroke, majority_digit
+    from plugguide.metrics.dense import map_correlation
+    from plugguide.models import load_dense_model
+
+    images, labels = test_split
+    with torch.no_grad():
+        segmentation = load_dense_model(os.path.join(ASSETS, "segmenter")).eval()(images).argmax(1)
+        depth = load_dense_model(os.path.join(ASSETS, "depth")).eval()(images)
+    assert mean_iou(segmentation, digit_segmentation(images, labels), num_classes=11, input_format="index").mean() >= 0.95
+    assert (majority_digit(segmentation) == labels).float().mean() >= 0.97
+    assert (depth - distance_to_stroke(images)).abs().mean() <= 0.25 and map_correlation(depth, distance_to_stroke(images)).mean() >= 0.98
+
+
 def test_assets_stay_under_30_mb():
     size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(ASSETS) for f in files)
     assert size < 30 * 2**20

@@ -13,18 +13,19 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from plugguide.callbacks import GuidedSampleGrid
+from plugguide.callbacks import GuidedSampleGrid, TargetMapGrid
 from plugguide.callbacks.guide_grid import GuideSampleGrid
-from plugguide.datamodules import ClassLabelDataModule, DigitsDataModule, ImageDataModule, SynthesizedImageDataModule
-from plugguide.models import MultiExpertClassifier, TimmClassifier
-from plugguide.modules import ClassifierPretraining, DiffusionPretraining, ExpertDistillation, GuidedSampling
+from plugguide.datamodules import ClassLabelDataModule, DigitsDataModule, ImageDataModule, SynthesizedImageDataModule, TargetMapDataModule
+from plugguide.models import DenseModel, MultiExpertClassifier, TimmClassifier
+from plugguide.modules import ClassifierPretraining, DensePretraining, DiffusionPretraining, ExpertDistillation, GuidedSampling
 from plugguide.modules.guide_distillation import GuideDistillation
 from plugguide.models.guides import TinyGuide
 from plugguide.modules.progressive_halving import ProgressiveHalving
-from plugguide.pipelines.guidance import ExpertGuidance
+from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
-from tests.conftest import TINY_DEIT, TINY_RESNET, tiny_conditional_unet, tiny_scheduler, tiny_unet
+from plugguide.pipelines.tasks import DenseRegressionTask, SegmentationTask
+from tests.conftest import TINY_DEIT, TINY_RESNET, TINY_SEGMENTER, tiny_conditional_unet, tiny_scheduler, tiny_unet
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +152,25 @@ def guide_on_unconditional_unet(assets, tmp_path) -> None:
     GuideDistillation(guide=lambda unet: TinyGuide(unet, hidden_dim=8), diffusion_model=assets["ddpm-uncond"])
 
 
+def dense_guided_call(guide: str, assets, **targets) -> None:
+    """One guided step of the tiny UNet with an off-the-shelf `guide` of the tiny assets, toward `targets`."""
+    pipeline = GuidedDiffusionPipeline(tiny_unet(), tiny_scheduler(), NaiveClassifierGuidance(assets[guide]))
+    pipeline(num_inference_steps=1, guidance_scale=1.0, output_type="pt", **targets)
+
+
+def target_maps_with_a_distilled_guide(assets, tmp_path) -> None:
+    """The sampling job with target maps and a distilled CFG guide, which takes classes."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    TinyGuide(tiny_conditional_unet(), hidden_dim=8).save_pretrained(str(tmp_path / "guide"))
+    module = sample(assets, diffusion_model=assets["ddpm-cond"], guide_path=str(tmp_path / "guide"), cfg_scale=2.0)
+    trainer.predict(module, TargetMapDataModule(model_path=assets["segmenter"], num_samples=2, batch_size=2))
+
+
+# A tiny smp DeepLabV3+ (its ASPP convs are dilated).
+TINY_DEEPLABV3PLUS = TINY_SEGMENTER | dict(architecture="DeepLabV3Plus", model_kwargs=dict(encoder_name="tu-resnet18", encoder_depth=3, layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], decoder_channels=16))
+
 # (id, build, exception type, setting named in the message, value named in the message)
 BAD_SETTINGS = [
     ("missing-teacher-path", lambda a, t: experts(a, teacher_path=str(t / "no-such-classifier")), FileNotFoundError, "teacher_path", "no-such-classifier"),
@@ -223,6 +243,24 @@ BAD_SETTINGS = [
     ("rgb-classifier-guiding-the-sampling-job", lambda a, t: sample(a, guidance=NaiveClassifierGuidance(a["classifier-rgb"]), guidance_scale=1.0), ValueError, "guidance", "3 channels"),
     ("rgb-evaluator-of-the-sampling-job", lambda a, t: sample(a, evaluator_path=a["classifier-rgb"]), ValueError, "evaluator_path", "3 channels"),
     ("zero-sampling-batch-size", lambda a, t: ClassLabelDataModule(batch_size=0), ValueError, "batch_size", "0"),
+    # Dense guides (issue 14): a target of another kind, a map naming a class the segmenter lacks, settings of no meaning.
+    ("segmenter-guided-toward-class-labels", lambda a, t: dense_guided_call("segmenter", a, class_labels=[1, 2]), ValueError, "targets", "label map"),
+    ("target-map-class-beyond-the-segmenter", lambda a, t: dense_guided_call("segmenter", a, targets=torch.full((2, 16, 16), 11)), ValueError, "targets", "0..10"),
+    ("depth-guided-toward-label-maps", lambda a, t: dense_guided_call("depth", a, targets=torch.zeros(2, 16, 16, dtype=torch.long)), ValueError, "targets", "real-valued"),
+    ("classifier-guided-toward-maps", lambda a, t: dense_guided_call("classifier-resnet", a, targets=torch.zeros(2, 16, 16, dtype=torch.long)), ValueError, "targets", "(2, 16, 16)"),
+    ("one-target-map-for-two-samples", lambda a, t: dense_guided_call("segmenter", a, class_labels=[-1, -1], targets=torch.zeros(1, 16, 16, dtype=torch.long)), ValueError, "targets", "1 `targets` for 2"),
+    ("temperatures-on-a-depth-regressor", lambda a, t: CalibratedGuidance(a["depth"]), ValueError, "marginal_discount", "0.5"),
+    ("unknown-regression-loss", lambda a, t: DenseRegressionTask(loss="l1"), ValueError, "loss", "l1"),
+    ("bad-segmentation-temperature", lambda a, t: SegmentationTask(temperature=-1.0), ValueError, "temperature", "-1.0"),
+    ("unknown-dense-model-library", lambda a, t: DenseModel(library="keras"), ValueError, "library", "keras"),
+    ("dense-model-of-one-class", lambda a, t: DenseModel(num_classes=1), ValueError, "num_classes", "1"),
+    ("missing-target-map-model", lambda a, t: TargetMapDataModule(model_path=str(t / "gone")), FileNotFoundError, "model_path", "gone"),
+    ("target-maps-from-an-unknown-split", lambda a, t: TargetMapDataModule(model_path=a["segmenter"], splits=["holdout"]), ValueError, "splits", "holdout"),
+    ("target-maps-with-a-distilled-guide", target_maps_with_a_distilled_guide, ValueError, "guide_path", "guide"),
+    ("unknown-dense-export-dtype", lambda a, t: DensePretraining(DenseModel(**TINY_SEGMENTER), export_dtype="bfloat16"), ValueError, "export_dtype", "bfloat16"),
+    ("nan-naive-target-map-grid-scale", lambda a, t: TargetMapGrid(naive_guidance_scale=math.nan), ValueError, "naive_guidance_scale", "nan"),
+    # peft builds a conv's LoRA branch without the conv's dilation (huggingface/peft#3697): a shape error at the first step.
+    ("lora-on-dilated-convolutions", lambda a, t: MultiExpertClassifier(DenseModel(**TINY_DEEPLABV3PLUS), target_modules=r"model\.decoder\.aspp\..*"), ValueError, "target_modules", "dilated"),
 ]
 
 

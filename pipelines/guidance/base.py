@@ -42,6 +42,9 @@ class GuidanceStep:
 class Guidance(nn.Module, ABC):
     """Gradient of a guidance log-likelihood `log p(y | input(x_t, t))` for classifier guidance.
 
+    The target y is a class, or for dense guides a map per sample (a label map, a depth map), as the method's task
+    says (`pipelines.tasks`).
+
     A method implements `log_likelihood` on its input, which is either the noisy sample `x_t` or the
     predicted clean image `x0_hat` (`input`); the pipeline decides how a scheduler applies the gradient
     (METHODS.md: mean shift for ancestral DDPM, a shift of the score for the rest, pipelines/model_family.py),
@@ -81,6 +84,9 @@ class Guidance(nn.Module, ABC):
     def variance_offset(self, step: GuidanceStep) -> float:
         """A uniform value added to Sigma_t in the mean shift `s (Sigma_t + offset) grad` (EluCD's sine term); 0 here."""
         return 0.0
+
+    def check_targets(self, targets: torch.Tensor) -> None:
+        """Fails, naming the problem, on targets `log_likelihood` cannot take; the pipeline calls it before sampling."""
 
     def gradient(self, x_t: torch.Tensor, timesteps: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """d/d(input) of the summed log-likelihood, with a clear error if it is not finite."""

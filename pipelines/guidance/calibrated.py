@@ -7,11 +7,11 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from plugguide.pipelines.guidance.base import GuidanceInput, GuidanceStep, GuidanceTarget
 from plugguide.pipelines.guidance.classifier import ClassifierGuidance, as_classifier
+from plugguide.pipelines.tasks import Task
 
 # ReLU-type activations that Softplus(beta) approximates (Softplus -> ReLU as beta -> inf).
 RELU_TYPES = (nn.ReLU, nn.ReLU6)
@@ -85,6 +85,8 @@ class CalibratedGuidance(ClassifierGuidance):
     `input="x_t"`), and all off is plain classifier guidance. Calibrated PPAP experts: pass an
     `ExpertGuidance` as `classifier`; its routing `logits(inputs, t)` is kept (composition) and the
     Softplus swap and temperatures are applied to a copy of its experts, on the input it uses (x_t).
+    Dense guides (`task`): a segmenter takes the temperatures at every pixel; a dense regressor has no class scores,
+    so it takes Softplus, x0_hat and the schedule, with both temperatures left at 1.
 
     Args:
         classifier: a classifier returning logits, the path of a saved `TimmClassifier`, or a
@@ -96,6 +98,7 @@ class CalibratedGuidance(ClassifierGuidance):
         sine_gamma: gamma of the sine-augmented schedule (paper: 0.3); 0 switches it off.
         schedule: `"ddpm"` (variance form), `"edm"` (Algorithm 2 as written) or `"edm_continuous"`.
         clip_gradient: see `Guidance`.
+        task: see `ClassifierGuidance`.
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class CalibratedGuidance(ClassifierGuidance):
         sine_gamma: float = 0.3,
         schedule: str = "ddpm",
         clip_gradient: float | None = None,
+        task: Task | None = None,
     ) -> None:
         if joint_temperature <= 0:
             raise ValueError(f"Expected `joint_temperature` to be > 0, but got {joint_temperature}.")
@@ -126,7 +130,12 @@ class CalibratedGuidance(ClassifierGuidance):
         if softplus_beta is not None and not math.isinf(softplus_beta):
             classifier = copy.deepcopy(classifier)  # never change the caller's (possibly still training) model
             replace_relu_with_softplus(classifier.classifier if wrapped else classifier, softplus_beta)
-        super().__init__(classifier, input=input, clip_gradient=clip_gradient)
+        super().__init__(classifier, input=input, clip_gradient=clip_gradient, task=task)
+        if not self.task.scores_classes and (joint_temperature != 1 or marginal_discount != 1):
+            raise ValueError(
+                f"Temperatures act on class scores; a {type(self.task).__name__} has none, so `joint_temperature` and `marginal_discount` "
+                f"must be 1, but got {joint_temperature} and {marginal_discount}."
+            )
         self.softplus_beta = softplus_beta
         self.joint_temperature = joint_temperature
         self.marginal_temperature = joint_temperature * marginal_discount
@@ -143,12 +152,8 @@ class CalibratedGuidance(ClassifierGuidance):
         return logits * self.joint_temperature
 
     def log_likelihood(self, inputs: torch.Tensor, timesteps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(inputs, timesteps)  # tau1 * f
-        if self.marginal_temperature == self.joint_temperature:
-            return F.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-        joint = logits.gather(1, targets[:, None])[:, 0]
-        marginal = torch.logsumexp(logits * (self.marginal_temperature / self.joint_temperature), dim=-1)
-        return joint - marginal
+        # tau1 * f_y - logsumexp(tau2 * f): the task takes tau1 * f and the ratio tau2 / tau1 (per pixel for a segmenter).
+        return self.task.log_likelihood(self.logits(inputs, timesteps), targets, marginal_ratio=self.marginal_temperature / self.joint_temperature)
 
     @property
     def shifts(self) -> GuidanceTarget:

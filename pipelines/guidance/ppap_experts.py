@@ -7,23 +7,26 @@ from torch import nn
 
 from plugguide.models import MultiExpertClassifier
 from plugguide.pipelines.guidance.classifier import ClassifierGuidance
+from plugguide.pipelines.tasks import Task
 
 
 class ExpertGuidance(ClassifierGuidance):
     """Practical Plug-And-Play guidance (Go et al., 2023): grad_x_t log softmax(f_{n(t)}(x_t))_y.
 
     n(t) is the expert whose timestep range holds t; only that expert runs, so a step costs what one
-    classifier costs, and switching experts switches adapters, never the backbone.
+    classifier costs, and switching experts switches adapters, never the backbone. Experts of a segmenter or a depth
+    regressor guide toward a target map the same way (the task's log-likelihood in place of the log-softmax).
 
     Args:
         experts: a `MultiExpertClassifier`, or the directory it was saved to.
         clip_gradient: see `Guidance`.
+        task: see `ClassifierGuidance` (None: the task of the experts' off-the-shelf model).
     """
 
-    def __init__(self, experts: nn.Module | str, clip_gradient: float | None = None) -> None:
+    def __init__(self, experts: nn.Module | str, clip_gradient: float | None = None, task: Task | None = None) -> None:
         if isinstance(experts, str):
             experts = MultiExpertClassifier.from_pretrained(experts)
-        super().__init__(experts, input="x_t", clip_gradient=clip_gradient)
+        super().__init__(experts, input="x_t", clip_gradient=clip_gradient, task=task)
 
     def logits(self, inputs: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.classifier(inputs, timesteps)

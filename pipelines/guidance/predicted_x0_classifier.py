@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from plugguide.pipelines.guidance.classifier import ClassifierGuidance
+from plugguide.pipelines.tasks import Task
 
 
 class PredictedCleanImageGuidance(ClassifierGuidance):
@@ -14,9 +15,10 @@ class PredictedCleanImageGuidance(ClassifierGuidance):
     The gradient with respect to x0_hat is applied as the guidance gradient (METHODS.md, section 2).
 
     Args:
-        classifier: a classifier returning logits (or the path of a saved `TimmClassifier`), kept frozen.
+        classifier: an off-the-shelf model (or the path of a saved `TimmClassifier` or `DenseModel`), kept frozen.
         clip_gradient: see `Guidance`.
+        task: see `ClassifierGuidance`.
     """
 
-    def __init__(self, classifier: nn.Module | str, clip_gradient: float | None = None) -> None:
-        super().__init__(classifier, input="x0_hat", clip_gradient=clip_gradient)
+    def __init__(self, classifier: nn.Module | str, clip_gradient: float | None = None, task: Task | None = None) -> None:
+        super().__init__(classifier, input="x0_hat", clip_gradient=clip_gradient, task=task)

@@ -1,0 +1,99 @@
+"""Target map | naive guided sample | PPAP guided sample, for dense experts, in TensorBoard."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid
+
+from plugguide.metrics import DenseMapMetrics
+from plugguide.metrics.figures import render_maps
+from plugguide.pipelines import sample_batch
+from plugguide.pipelines.finite import check_scale
+
+
+class TargetMapGrid(L.Callback):
+    """Samples toward target maps with the off-the-shelf model and with the experts, and logs them side by side.
+
+    The paper's Figures 10-11 during training: each row is one held-out real digit (the first `num_samples` of the
+    validation split), its target map (the teacher's map of it: colours per class, or grey levels of the depth
+    stand-in, near = white), the sample guided by the teacher itself on x_t (naive) and the sample guided by the
+    experts, both from the same seeded noise, so a row differs only by the guide. With an evaluator (the module's
+    `metrics`), the two samples' agreement with the maps, read off their pixels, is logged as
+    `<tag>/<score>_naive` and `<tag>/<score>_experts` (`miou`, or `depth_correlation`). Drawn on global rank 0
+    after every `every_n_epochs`-th validation and at the end of fit.
+
+    The module provides `teacher`, `task`, `sampling_pipeline()`, `naive_sampling_pipeline()` and its
+    `num_inference_steps` and `guidance_scale` hyper-parameters (`ExpertDistillation` does).
+
+    Args:
+        num_samples: rows of the grid.
+        guidance_scale: guidance scale of the experts; default: the module's `guidance_scale`.
+        naive_guidance_scale: guidance scale of the naive guide; default: the experts'. The off-the-shelf model's
+            gradients on noisy inputs grow large, so its best scale is much smaller (`scripts/dense_table.py` sweeps both).
+        every_n_epochs: draw after every n-th validation epoch.
+        seed: seed of the samples' noise (sample i: seed + i).
+        tag: TensorBoard tag.
+    """
+
+    def __init__(
+        self, num_samples: int = 8, guidance_scale: float | None = None, naive_guidance_scale: float | None = None, every_n_epochs: int = 1,
+        seed: int = 0, tag: str = "target_maps",
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError(f"Expected `num_samples` to be >= 1, but got {num_samples}.")
+        if every_n_epochs < 1:
+            raise ValueError(f"Expected `every_n_epochs` to be >= 1, but got {every_n_epochs}.")
+        for name, value in (("guidance_scale", guidance_scale), ("naive_guidance_scale", naive_guidance_scale)):
+            if value is not None:
+                check_scale(name, value)
+        self.num_samples = num_samples
+        self.guidance_scale = guidance_scale
+        self.naive_guidance_scale = naive_guidance_scale
+        self.every_n_epochs = every_n_epochs
+        self.seed = seed
+        self.tag = tag
+
+    def real_images(self, trainer: L.Trainer) -> torch.Tensor:
+        images = []
+        for batch in trainer.datamodule.val_dataloader():
+            images.append(batch["image"])
+            if sum(len(i) for i in images) >= self.num_samples:
+                break
+        return torch.cat(images)[: self.num_samples]
+
+    @rank_zero_only
+    @torch.no_grad()
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        was_training = pl_module.training
+        pl_module.eval()
+        images = self.real_images(trainer).to(pl_module.device)
+        maps = pl_module.task.prediction(pl_module.teacher(images))
+        targets = {"label": torch.full((len(images),), -1, device=pl_module.device), "seed": [self.seed + i for i in range(len(images))], "target_map": maps}
+        scale = pl_module.hparams.guidance_scale if self.guidance_scale is None else self.guidance_scale
+        naive_scale = scale if self.naive_guidance_scale is None else self.naive_guidance_scale
+        samples = {}
+        for name, pipeline, guidance_scale in (("naive", pl_module.naive_sampling_pipeline(), naive_scale), ("experts", pl_module.sampling_pipeline(), scale)):
+            pipeline.set_progress_bar_config(disable=True)
+            samples[name] = sample_batch(pipeline, targets, num_inference_steps=pl_module.hparams.num_inference_steps, guidance_scale=guidance_scale)
+        columns = [render_maps(maps), (samples["naive"] / 2 + 0.5).expand(-1, 3, -1, -1), (samples["experts"] / 2 + 0.5).expand(-1, 3, -1, -1)]
+        grid = make_grid(torch.stack(columns, dim=1).flatten(0, 1), nrow=3, padding=1, pad_value=1.0)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            experiment.add_image(self.tag, grid, trainer.global_step)
+        metrics = getattr(pl_module, "metrics", None)
+        if metrics is not None and trainer.logger is not None:
+            kind = "depth" if maps.is_floating_point() else "segmentation"
+            scores, score = DenseMapMetrics(kind, metrics.evaluator), "depth_correlation" if kind == "depth" else "miou"
+            values = {f"{self.tag}/{score}_{name}": float(scores.scores(sampled, maps)[score].mean()) for name, sampled in samples.items()}
+            trainer.logger.log_metrics(values, trainer.global_step)
+        pl_module.train(was_training)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self.draw(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.draw(trainer, pl_module)
