@@ -2,6 +2,6 @@
 
 from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline, GuidedSamplesOutput
-from plugguide.pipelines.seeded_sampling import sample_batch
+from plugguide.pipelines.seeded_sampling import sample_batch, sample_trajectory
 
-__all__ = ["GuideDistilledPipeline", "GuidedDiffusionPipeline", "GuidedSamplesOutput", "sample_batch"]
+__all__ = ["GuideDistilledPipeline", "GuidedDiffusionPipeline", "GuidedSamplesOutput", "sample_batch", "sample_trajectory"]

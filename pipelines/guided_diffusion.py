@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -101,6 +102,9 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         negative_prompt_embeds: the null condition of CFG on a prompt (the empty prompt's), same shape.
     """
 
+    # The tensors a `callback_on_step_end` may read and replace, as diffusers pipelines name them.
+    _callback_tensor_inputs = ["latents"]
+
     def __init__(
         self, unet, scheduler, guidance: Guidance | None = None, vae=None, cfg_guidance: str = "shift",
         prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
@@ -192,6 +196,11 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
     @staticmethod
     def _variance(output: torch.Tensor, channels: int) -> torch.Tensor | None:
         return output[:, channels:] if output.shape[1] > channels else None
+
+    def noise_shape(self, batch_size: int) -> tuple[int, int, int, int]:
+        """Shape of the initial noise (and of every state) of a run of `batch_size` samples."""
+        config = self.unet.config
+        return (batch_size, config.in_channels, config.sample_size, config.sample_size)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] (unclipped) of latents through the VAE decoder; the identity without a VAE."""
@@ -286,8 +295,11 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         guidance_scale: float = 0.0,
         cfg_scale: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ) -> GuidedSamplesOutput | tuple:
         """Generates one image per entry of `class_labels` (or `batch_size` unlabelled ones).
 
@@ -302,8 +314,16 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             cfg_scale: classifier-free guidance weight w, for class-conditional UNets (or text-conditional ones with
                 `negative_prompt_embeds`).
             generator: torch generator(s) for the initial noise and stochastic steps.
+            latents: the initial standard-normal noise (B, C, H, W), scaled by the sampler's `init_noise_sigma` as in
+                diffusers; drawn from `generator` when None. The same draw passed here, with generators that made it,
+                gives the same samples.
             output_type: "pil", "np" (B, H, W, C) in [0, 1], or "pt" (B, C, H, W) in [0, 1].
             return_dict: return a `GuidedSamplesOutput` instead of a tuple.
+            callback_on_step_end: diffusers' step callback, `callback_on_step_end(pipeline, step_index, timestep,
+                callback_kwargs) -> dict`, called after each scheduler step (each entry of `scheduler.timesteps`) with
+                `timestep` the one just evaluated and `callback_kwargs["latents"]` the sampler's state after the step,
+                i.e. the sample at the *next* timestep; a returned `"latents"` replaces the state the run goes on from.
+            callback_on_step_end_tensor_inputs: the tensors `callback_kwargs` holds, from `_callback_tensor_inputs`.
         """
         check_scale("guidance_scale", guidance_scale)
         check_scale("cfg_scale", cfg_scale)
@@ -315,6 +335,11 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"`cfg_guidance`='normalized' adds the classifier gradient to the CFG difference and needs `cfg_scale` > 0, but got {cfg_scale}.")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"Expected `output_type` to be 'pil', 'np' or 'pt', but got {output_type!r}.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but got {unknown}.")
         device = self.unet.device
         if class_labels is None:
             batch_size = len(targets) if batch_size is None and targets is not None else batch_size
@@ -343,12 +368,18 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         if clip_first:
             family = family.without_clipping()
         family.set_timesteps(num_inference_steps, device)
-        config = self.unet.config
-        shape = (labels.shape[0], config.in_channels, config.sample_size, config.sample_size)
-        x = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype) * family.init_noise_sigma
+        shape = self.noise_shape(labels.shape[0])
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"Expected `latents` of shape {shape} (one noise image per sample), but got {tuple(latents.shape)}.")
+        x = latents.to(device, self.unet.dtype) * family.init_noise_sigma
         for index, t in enumerate(self.progress_bar(family.scheduler.timesteps)):
             x = self.denoising_step(family, x, index, t, labels, guidance_scale, cfg_scale, generator, clip_first, guidance_targets)
             check_finite_samples(x, t, family.scheduler.timesteps)
+            if callback_on_step_end is not None:
+                outputs = callback_on_step_end(self, index, t, {name: x for name in callback_on_step_end_tensor_inputs})
+                x = outputs.pop("latents", x)
 
         if self.vae is not None:
             x = self.decode(x)

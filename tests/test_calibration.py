@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DModel
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -25,6 +25,7 @@ from plugguide.pipelines.guidance.classifier import ClassifierGuidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline, step_variance
 from plugguide.pipelines.model_family import ModelFamily
+from plugguide.pipelines.seeded_sampling import sample_batch, sample_trajectory
 from tests.conftest import TINY_DEIT, TINY_RESNET, TINY_UNET, learned_variance_model, tiny_conditional_unet, tiny_scheduler, tiny_unet
 
 OFF = dict(softplus_beta=None, marginal_discount=1.0, sine_gamma=0.0)
@@ -341,6 +342,29 @@ def test_reverse_process_curve_scores_the_given_samples_like_the_forward_curve_s
     for guidance in (NaiveClassifierGuidance(tiny_classifier), CalibratedGuidance(tiny_classifier)):
         forward = calibration_curve(guidance, [batch], timesteps, abar, unet, seed=3)
         assert reverse_process_calibration_curve(guidance, trajectory, batch["label"], abar, unet) == forward
+
+
+def test_trajectory_holds_the_state_the_denoiser_reads_at_each_timestep_of_the_protocol_run():
+    """`sample_trajectory` keeps, under each train timestep, the x_t the UNet is evaluated on there, from the same run
+    `sample_batch` makes of those seeds; the reverse-process ECE curve then reads it."""
+    unet = tiny_conditional_unet().eval()
+    seen = []
+    unet.register_forward_pre_hook(lambda module, args: seen.append((int(args[1][0]), args[0].clone())))
+    pipeline = GuidedDiffusionPipeline(unet, tiny_scheduler())
+    pipeline.set_progress_bar_config(disable=True)
+    batch = {"label": torch.tensor([0, 3, 7]), "seed": torch.tensor([0, 1, 2])}
+    sample_batch(pipeline, batch, num_inference_steps=4)
+    protocol_run, seen[:] = list(seen), []
+    trajectory = sample_trajectory(pipeline, batch, num_inference_steps=4)
+    assert list(trajectory) == [750, 500, 250, 0]
+    assert len(seen) == len(protocol_run) == 4 and all(torch.equal(a, b) and t == u for (t, a), (u, b) in zip(seen, protocol_run))
+    assert all(torch.equal(trajectory[t], x_t) for t, x_t in seen)
+    assert torch.equal(trajectory[750][1], torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(1))[0])
+    curve = reverse_process_calibration_curve(CalibratedGuidance(TimmClassifier(**TINY_RESNET)), trajectory, batch["label"], tiny_scheduler().alphas_cumprod, tiny_unet())
+    assert curve["timestep"] == [0, 250, 500, 750] and len(curve["ece"]) == 4
+    euler = GuidedDiffusionPipeline(unet, EulerDiscreteScheduler.from_config(tiny_scheduler().config))
+    with pytest.raises(ValueError, match="EulerDiscreteScheduler.*DDPMScheduler, DDIMScheduler"):
+        sample_trajectory(euler, batch, num_inference_steps=4)
 
 
 def test_calibration_job_writes_csv(tmp_path, tiny_assets):

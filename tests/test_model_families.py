@@ -103,6 +103,45 @@ def test_unguided_flow_sampling_is_the_flow_pipelines_loop():
     assert torch.equal(images, (x / 2 + 0.5).clamp(0, 1))
 
 
+def test_step_callback_sees_each_steps_output_and_may_replace_it():
+    """diffusers' `callback_on_step_end`: once per step with the evaluated timestep and the state after the step; a
+    returned "latents" is what the run goes on from; a callback that returns its input leaves the samples bitwise alone."""
+    torch.manual_seed(0)
+    pipeline = GuidedDiffusionPipeline(UNet2DModel(**TINY_UNET), tiny_scheduler())
+    pipeline.set_progress_bar_config(disable=True)
+    run = lambda **kwargs: pipeline(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs).images
+    calls = []
+
+    def watch(pipe, index, timestep, tensors):
+        calls.append((index, int(timestep), tensors["latents"].clone()))
+        return tensors
+
+    plain, watched = run(), run(callback_on_step_end=watch)
+    assert torch.equal(watched, plain)
+    assert [(index, t) for index, t, _ in calls] == list(enumerate(pipeline.scheduler.timesteps.tolist())) == [(0, 750), (1, 500), (2, 250), (3, 0)]
+    assert torch.equal((calls[-1][2] / 2 + 0.5).clamp(0, 1), plain)  # the last step's output is the sample
+
+    def replace_at(step):
+        return lambda pipe, index, timestep, tensors: {"latents": torch.zeros_like(tensors["latents"])} if index == step else tensors
+
+    assert torch.equal(run(callback_on_step_end=replace_at(3)), torch.full_like(plain, 0.5))
+    assert not torch.allclose(run(callback_on_step_end=replace_at(1)), plain)
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs.*prompt_embeds"):
+        run(callback_on_step_end=watch, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+
+
+def test_given_initial_noise_is_the_generators_own_draw_and_must_fit():
+    torch.manual_seed(0)
+    pipeline = GuidedDiffusionPipeline(UNet2DModel(**TINY_UNET), tiny_scheduler())
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    noise = diffusers.utils.torch_utils.randn_tensor((2, 1, 16, 16), generator=generator)
+    given = pipeline(batch_size=2, num_inference_steps=4, generator=generator, latents=noise, output_type="pt").images
+    assert torch.equal(given, pipeline(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images)
+    with pytest.raises(ValueError, match=r"`latents` of shape \(2, 1, 16, 16\).*\(3, 1, 16, 16\)"):
+        pipeline(batch_size=2, num_inference_steps=4, latents=torch.zeros(3, 1, 16, 16))
+
+
 # -- the conversion agrees with diffusers' own x0_hat, for every prediction type ---------------------------------
 
 
