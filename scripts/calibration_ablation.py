@@ -37,7 +37,7 @@ from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, markdown_ta
 from plugguide.models import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch, sample_trajectory
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance, NaiveClassifierGuidance
-from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, targets
+from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
 
 OFF = dict(softplus_beta=None, marginal_discount=1.0, sine_gamma=0.0)
 # The two definitions of ECE_t: the table column of their integral, the files of their curves and figure.
@@ -137,7 +137,7 @@ def main() -> None:
         pipeline.set_progress_bar_config(disable=True)
         return measure(
             metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=args.steps, guidance_scale=scale),
-            labels, seeds, grid_path=os.path.join(args.out, "grids", f"{''.join(c if c.isalnum() else '_' for c in name)}-s{scale:g}.png"),
+            labels, seeds, grid_path=os.path.join(args.out, "grids", f"{slug(name)}-s{scale:g}.png"),
         )
 
     def save() -> None:

@@ -38,7 +38,7 @@ from plugguide.models import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance, NaiveClassifierGuidance, PredictedCleanImageGuidance
 from plugguide.pipelines.tasks import DenseRegressionTask, SegmentationTask
-from protocol import measure, reference_metrics
+from protocol import measure, reference_metrics, slug
 
 DIFFUSION_MODEL = "assets/digits/ddpm-uncond"
 TASKS = {
@@ -71,10 +71,6 @@ def train_experts(task: str, directory: str, max_steps: int) -> str:
         yaml.safe_dump(overrides, file)
     lightning(["fit", "-c", f"configs/ppap_{task}.yaml", "-c", os.path.join(directory, "overrides.yaml")])
     return experts
-
-
-def slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text).strip("_")
 
 
 def main() -> None:

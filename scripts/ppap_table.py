@@ -29,7 +29,7 @@ from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, estimate, m
 from plugguide.models import MultiExpertClassifier, load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance, PredictedCleanImageGuidance
-from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, targets
+from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
 
 ASSETS = "assets/digits"
 DIFFUSION_MODEL = f"{ASSETS}/ddpm-uncond"
@@ -88,10 +88,6 @@ def train_row(directory: str, teacher: str, spec: dict, steps_per_expert: int) -
         yaml.safe_dump(overrides, file)
     lightning(["fit", "-c", "configs/ppap.yaml", "-c", os.path.join(directory, "overrides.yaml")])
     return experts
-
-
-def slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text).strip("_")
 
 
 def main() -> None:

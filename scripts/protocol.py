@@ -83,6 +83,11 @@ def measure(
     return results
 
 
+def slug(text: str) -> str:
+    """`text` as a file name: every character other than letters, digits, '-' and '_' becomes '_'."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text).strip("_")
+
+
 def quality_cells(results: dict) -> list[str]:
     """The cells under `QUALITY_HEADERS` for one measured row."""
     return [
