@@ -9,12 +9,14 @@ DPM-Solver++-20, Euler-Karras-25 and Heun/EDM-18 (Heun with EDM's Karras step si
 `assets/digits/ddpm-uncond`, and flow-matching Euler-25 on `assets/digits/flow-uncond`. The method
 "calibrated-edm" (EluCD's EDM Algorithm 2, which moves the sample by a fraction of its size, hence its own
 `--edm-scales`) and "calibrated-edm-continuous" (that schedule as a function of t on the usual x0_hat classifier and
-score shift) can be added with `--methods`. Every guided row is swept over the scales with the same seeds and
-reported at its best scale (guided accuracy, then FID); every sample is scored by the independent evaluator
-(`GenerationMetrics`: guided accuracy, FID on evaluator features vs the real test digits); ms per image is the
-wall time of sampling divided by the images, measured in this run (compare rows of one run on an idle machine).
+score shift) can be added with `--methods`. Every entry is sampled with the same seeds and scored under the protocol
+of `scripts/protocol.py` (independent evaluator; FID/KID in three feature spaces with 95% intervals). Every guided
+row is swept over the scales and reported at the scale `plugguide.metrics.reporting.BEST_SCALE_RULE` picks against
+the unguided row of the same sampler, so each sampler's unguided row is always measured. ms per image is the wall
+time of sampling divided by the images, measured in this run (compare rows of one run on an idle machine).
 The PPAP experts were distilled on `ddpm-uncond`'s noise schedule; on the flow model they are routed by the flow
-model's own timestep t = s T. Finished entries are kept in `<out>/results.json`, so the script resumes.
+model's own timestep t = s T. Finished entries are kept in `<out>/results.json`, so the script resumes; a grid of
+each entry goes to `<out>/grids/`.
 """
 
 from __future__ import annotations
@@ -22,15 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
-import torch
-
-from plugguide.datamodules import DigitsDataModule
-from plugguide.metrics import GenerationMetrics
-from plugguide.models import load_classifier, load_scheduler, load_unet
+from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, markdown_table
+from plugguide.models import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance
+from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
 
 ASSETS = "assets/digits"
 # name: (model, sampler class, scheduler config overrides, steps)
@@ -57,49 +56,40 @@ def guidance_for(method: str, experts: str):
     return None
 
 
-def evaluate(pipeline: GuidedDiffusionPipeline, scale: float, labels: torch.Tensor, real: torch.Tensor, evaluator, steps: int, batch_size: int) -> dict:
-    """Samples one image per label (seed = its index) and scores them; ms per image is the sampling wall time."""
-    metrics = GenerationMetrics(evaluator, 10)
-    metrics.update_real(real)
-    seconds = 0.0
-    for start in range(0, len(labels), batch_size):
-        chunk = labels[start : start + batch_size]
-        started = time.perf_counter()
-        images = sample_batch(pipeline, {"label": chunk, "seed": torch.arange(start, start + len(chunk))}, num_inference_steps=steps, guidance_scale=scale)
-        seconds += time.perf_counter() - started
-        metrics.update_generated(images, chunk)
-    return metrics.compute() | {"ms_per_image": 1000 * seconds / len(labels)}
-
-
-def best_scale(sweep: dict) -> str:
-    return max(sweep, key=lambda s: (sweep[s]["guided_accuracy"], -sweep[s]["fid"]))
-
-
-def write_table(results: dict, args, num_samples: int, num_real: int) -> None:
-    """Prints the table and writes `<out>/table.md` (after every entry, so a partial run keeps what it measured)."""
-    lines = [
-        f"{num_samples} samples ({args.samples_per_class} per class, seeds 0..{num_samples - 1}) per entry, scored by the independent evaluator "
-        f"(assets/digits/evaluator); FID on evaluator features vs the {num_real} real test digits; guided rows at their best scale "
-        "(guided accuracy, then FID) of the sweep below.\n",
-        "| sampler | model | method | best scale | guided accuracy | FID | ms per image |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    sweeps = []
+def write_table(results: dict, args, num_samples: int) -> str:
+    """Writes `<out>/table.md` and returns its text (after every entry, so a partial run keeps what it measured)."""
+    rows, sweeps = [], []
     for sampler in args.samplers:
+        unguided = results.get(f"{sampler}/unguided", {}).get("0.0")
+        if unguided is None:
+            continue
         for method in args.methods:
             sweep = results.get(f"{sampler}/{method}")
             if not sweep:
                 continue
-            best = best_scale(sweep) if method != "unguided" else "0.0"
-            row = sweep[best]
-            scale = "-" if method == "unguided" else f"{float(best):g}"
-            lines.append(f"| {sampler} | {SAMPLERS[sampler][0]} | {method} | {scale} | {row['guided_accuracy']:.3f} | {row['fid']:.2f} | {row['ms_per_image']:.1f} |")
-            if method != "unguided":
-                sweeps.append(f"| {sampler} | {method} | " + ", ".join(f"s={float(s):g}: {r['guided_accuracy']:.2f} / {r['fid']:.1f}" for s, r in sweep.items()) + " |")
-    lines += ["\nSweep (guided accuracy / FID at each scale):\n", "| sampler | method | sweep |", "|---|---|---|", *sweeps]
-    with open(os.path.join(args.out, "table.md"), "w") as file:
-        file.write("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+            if method == "unguided":
+                scale, cell = "0.0", "-"
+            else:
+                scale, admissible = best_scale(sweep, unguided)
+                cell = f"{float(scale):g}" + ("" if admissible else "*")
+                sweeps.append([sampler, method, ", ".join(f"s={float(s):g}: {r['guided_accuracy']:.2f} / {r['fid_autoencoder']:.1f}" for s, r in sweep.items())])
+            row = sweep[scale]
+            rows.append([sampler, SAMPLERS[sampler][0], method, cell, *quality_cells(row), f"{1000 * row['seconds_per_image']:.1f}"])
+    text = "\n".join([
+        describe(num_samples, "Samplers as named in each row (steps in the name)"),
+        f"Scale: {BEST_SCALE_RULE}; a guided row is judged against the unguided row of its own sampler.",
+        "",
+        markdown_table(["sampler", "model", "method", "best scale", *QUALITY_HEADERS, "ms per image"], rows),
+        "",
+        "Sweep (guided accuracy / FID autoencoder at each scale):",
+        "",
+        markdown_table(["sampler", "method", "sweep"], sweeps),
+    ])
+    path = os.path.join(args.out, "table.md")
+    with open(path + ".tmp", "w") as file:
+        file.write(text + "\n")
+    os.replace(path + ".tmp", path)
+    return text
 
 
 def main() -> None:
@@ -115,40 +105,44 @@ def main() -> None:
     args = parser.parse_args()
     if "PPAP-5" in args.methods and not os.path.isfile(os.path.join(args.experts, "experts.json")):
         parser.error(f"`--experts`={args.experts!r} holds no experts.json; train them with `lightning fit -c configs/ppap.yaml` or drop PPAP-5 from --methods.")
-
-    data = DigitsDataModule(batch_size=1000)
-    data.setup("test")
-    real = next(iter(data.test_dataloader()))["image"]
-    evaluator = load_classifier(f"{ASSETS}/evaluator")
-    labels = torch.arange(10).repeat_interleave(args.samples_per_class)
-    os.makedirs(args.out, exist_ok=True)
+    args.methods = list(dict.fromkeys(["unguided", *args.methods]))  # every sampler's guided rows are judged against it
+    labels, seeds = targets(args.samples_per_class)
     results_path = os.path.join(args.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
     if results.get("samples") not in (None, len(labels)):
         parser.error(f"{results_path} holds {results['samples']} samples per entry; use another --out for {len(labels)}.")
+    stale = [key for key, sweep in results.items() if key != "samples" and any("intervals" not in r for r in sweep.values())]
+    if stale:
+        parser.error(f"{results_path} holds entries scored before scripts/protocol.py (e.g. {stale[0]!r}); use another --out.")
     results["samples"] = len(labels)
+    os.makedirs(args.out, exist_ok=True)
 
+    metrics = reference_metrics()
     for sampler in args.samplers:
         model, scheduler_name, overrides, steps = SAMPLERS[sampler]
         path = f"{ASSETS}/{model}"
         unet = load_unet(path)
         for method in args.methods:
             scales = [0.0] if method == "unguided" else args.edm_scales if method == "calibrated-edm" else args.scales
-            done = results.setdefault(f"{sampler}/{method}", {})
+            key = f"{sampler}/{method}"
+            done = results.setdefault(key, {})
             missing = [s for s in scales if str(s) not in done]
             if not missing:
                 continue
             pipeline = GuidedDiffusionPipeline(unet, load_scheduler(path, scheduler_name, overrides=overrides), guidance_for(method, args.experts))
             pipeline.set_progress_bar_config(disable=True)
             for scale in missing:
-                done[str(scale)] = evaluate(pipeline, scale, labels, real, evaluator, steps, args.batch_size)
+                done[str(scale)] = measure(
+                    metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=steps, guidance_scale=scale),
+                    labels, seeds, batch_size=args.batch_size, grid_path=os.path.join(args.out, "grids", f"{slug(key)}-s{scale:g}.png"),
+                )
                 with open(f"{results_path}.tmp", "w") as file:
                     json.dump(results, file, indent=1)
                 os.replace(f"{results_path}.tmp", results_path)
-                print(f"{sampler} / {method} / s={scale:g}: {done[str(scale)]}", flush=True)
-            write_table(results, args, len(labels), len(real))
-    write_table(results, args, len(labels), len(real))
-    print(f"\nRaw numbers: {results_path}")
+                print(key, scale, {k: round(v, 4) for k, v in done[str(scale)].items() if isinstance(v, float)}, flush=True)
+            write_table(results, args, len(labels))
+    print(write_table(results, args, len(labels)))
+    print(f"\nRaw results: {results_path}; grids: {args.out}/grids/")
 
 
 if __name__ == "__main__":
