@@ -150,7 +150,7 @@ def test_the_command_line_wins_over_the_checkpoints_settings(trained_experts, mo
     for scale in ("0", "3.5"):
         run("test", "ppap.yaml", overrides, directory, "--ckpt_path", "runs/ppap/checkpoints/last.ckpt", "--model.guidance_scale", scale)
     assert used == [0.0, 3.5]
-    assert "saved with model settings guidance_scale=10.0; this run uses guidance_scale=3.5 (the checkpoint gives the weights only)" in caplog.text
+    assert "saved with model settings guidance_scale=4.0; this run uses guidance_scale=3.5 (the checkpoint gives the weights only)" in caplog.text
 
 
 @pytest.mark.parametrize("ckpt_path", ["runs/ppap/checkpoints/last.ckpt", "last"])

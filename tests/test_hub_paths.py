@@ -36,7 +36,7 @@ def cifar_like(tmp_path_factory) -> dict[str, str]:
 def test_ppap_cifar10_config_runs_on_tiny_models_of_the_same_classes(cifar_like, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     overrides = {
-        "trainer": {"max_steps": 4, "check_val_every_n_epoch": 1, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
+        "trainer": {"max_steps": 5, "check_val_every_n_epoch": 1, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
         "model": {"init_args": {"teacher_path": cifar_like["resnet18_cifar10"], "diffusion_model": cifar_like["ddpm-cifar10-32"], "evaluator_path": cifar_like["vit_cifar10"], "num_inference_steps": 2, "lora_rank": 2}},
         "data": {"init_args": {
             "diffusion_model": cifar_like["ddpm-cifar10-32"], "teacher_path": cifar_like["resnet18_cifar10"], "num_images": 8, "num_inference_steps": 2,
@@ -73,7 +73,7 @@ def test_ppap_imagenet256_config_runs_on_tiny_models_of_the_same_classes(imagene
     monkeypatch.chdir(tmp_path)
     paths = {"diffusion_model": imagenet_like["adm"], "teacher_path": imagenet_like["resnet50"]}
     overrides = {
-        "trainer": {"max_steps": 4, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
+        "trainer": {"max_steps": 5, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
         "model": {"init_args": paths | {"evaluator_path": imagenet_like["convnext"], "num_inference_steps": 3, "lora_rank": 2}},
         "data": {"init_args": paths | {
             "num_images": 8, "num_inference_steps": 2, "generation_batch_size": 4, "shard_size": 4, "batch_size": 4,
@@ -169,7 +169,7 @@ def test_ppap_deepfloyd_if_config_runs_on_tiny_models_of_the_same_classes(deepfl
     monkeypatch.chdir(tmp_path)
     paths = {"diffusion_model": deepfloyd_like, "teacher_path": imagenet_like["resnet50"]}
     overrides = {
-        "trainer": {"max_steps": 4, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
+        "trainer": {"max_steps": 5, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
         "model": {"init_args": paths | {"evaluator_path": imagenet_like["convnext"], "num_inference_steps": 3, "lora_rank": 2}},
         "data": {"init_args": paths | {
             "num_images": 8, "num_inference_steps": 2, "generation_batch_size": 4, "shard_size": 4, "batch_size": 4,
