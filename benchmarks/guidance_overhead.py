@@ -26,20 +26,7 @@ from plugguide.models import MultiExpertClassifier, load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance
 from plugguide.pipelines.model_family import ModelFamily
-
-
-def timed(owner, name: str, key: str, seconds: dict, run: list[str]) -> None:
-    """Replaces `owner.name` by the same callable that adds its run time to `seconds[(run[0], key)]`, `run[0]` the run being timed."""
-    function = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            seconds[(run[0], key)] += time.perf_counter() - started
-
-    setattr(owner, name, wrapper)
+from timers import timed
 
 
 def main() -> None:
@@ -72,7 +59,7 @@ def main() -> None:
         (calibrated, "log_likelihood", "guide forward"), (calibrated, "gradient", "guide gradient"),
         (MultiExpertClassifier, "set_expert", "expert switches"), (ModelFamily, "predicted_clean", "x0_hat"),
     ):
-        timed(owner, name, key, seconds, current)
+        timed(owner, name, seconds, lambda key=key: (current[0], key))
     runs = {"unguided": (None, 0.0), "PPAP-5": (experts, args.ppap_scale), "calibrated": (calibrated, args.calibrated_scale)}
     pipelines = {name: GuidedDiffusionPipeline(unet, load_scheduler(args.model, "DDPMScheduler"), guide) for name, (guide, _) in runs.items()}
     labels = torch.arange(args.samples) % 10

@@ -45,20 +45,6 @@ def data_module(cache: str, images: int, batch_size: int, steps: int) -> Synthes
     )
 
 
-def timed(owner, name: str, key: str, seconds: dict) -> None:
-    """Replaces `owner.name` by the same callable that adds its run time to `seconds[key]`."""
-    function = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            seconds[key] += time.perf_counter() - started
-
-    setattr(owner, name, wrapper)
-
-
 @torch.inference_mode()
 def bare_unet_seconds(unet, batch_size: int, steps: int, batches: int) -> float:
     """Seconds per image-step of the UNet alone: `batches` x `steps` forwards at `batch_size` on DDIM-N's timesteps."""
@@ -74,7 +60,7 @@ def rates(args: argparse.Namespace) -> None:
     """Bare UNet rate, synthesis rate and their ratio per repeat (after a warm-up round), then where synthesis spends its time."""
     seconds: dict[str, float] = collections.defaultdict(float)
     for owner, name, key in ((datasets.Dataset, "from_dict", "Arrow table"), (datasets.Dataset, "save_to_disk", "Arrow write"), (synthesized, "file_digest", "checksums")):
-        timed(owner, name, key, seconds)
+        timed(owner, name, seconds, lambda key=key: key)
     ratios, total = [], 0.0
     with tempfile.TemporaryDirectory() as root:
         for repeat in range(args.repeats + 1):
@@ -83,8 +69,8 @@ def rates(args: argparse.Namespace) -> None:
             if repeat == 1:
                 seconds.clear()  # the breakdown counts the timed rounds only
             for owner, key in ((module.unet, "UNet forward"), (module.teacher, "teacher logits")):
-                timed(owner, "forward", key, seconds)
-            timed(module.scheduler, "step", "scheduler.step", seconds)
+                timed(owner, "forward", seconds, lambda key=key: key)
+            timed(module.scheduler, "step", seconds, lambda: "scheduler.step")
             started = time.perf_counter()
             module.generate()
             synthesis = time.perf_counter() - started
