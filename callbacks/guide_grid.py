@@ -7,11 +7,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
+from plugguide.callbacks.periodic_grid import PeriodicGrid
 from plugguide.models import load_classifier
 from plugguide.pipelines.finite import check_scale
 
 
-class GuideSampleGrid(L.Callback):
+class GuideSampleGrid(PeriodicGrid):
     """For several guidance numbers g, samples the module's guide pipeline and CFG from the same noise and logs both.
 
     The module provides `sampling_pipeline()` (a `GuideDistilledPipeline`) and `cfg_pipeline()` (a
@@ -43,8 +44,7 @@ class GuideSampleGrid(L.Callback):
         evaluator_path: str | None = None,
         tag: str = "guide_vs_cfg",
     ) -> None:
-        if every_n_epochs < 1:
-            raise ValueError(f"Expected `every_n_epochs` to be >= 1, but got {every_n_epochs}.")
+        super().__init__(every_n_epochs)
         if not guidance_scales:
             raise ValueError(f"Expected `guidance_scales` to be a non-empty list of finite numbers >= 0, but got {guidance_scales}.")
         for scale in guidance_scales:
@@ -53,7 +53,6 @@ class GuideSampleGrid(L.Callback):
         self.num_per_class = num_per_class
         self.num_classes = num_classes
         self.num_inference_steps = num_inference_steps
-        self.every_n_epochs = every_n_epochs
         self.seed = seed
         self.evaluator_path = evaluator_path
         self.tag = tag
@@ -103,11 +102,3 @@ class GuideSampleGrid(L.Callback):
         if self._evaluator is None:
             self._evaluator = load_classifier(self.evaluator_path, "evaluator_path").eval()
         return self._evaluator.to(device)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        self.draw(trainer, pl_module)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.draw(trainer, pl_module)

@@ -7,11 +7,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
+from plugguide.callbacks.periodic_grid import PeriodicGrid
 from plugguide.models import load_classifier
 from plugguide.pipelines.finite import check_scale
 
 
-class GuidedSampleGrid(L.Callback):
+class GuidedSampleGrid(PeriodicGrid):
     """Samples a grid with the module's `sampling_pipeline()` and logs it to TensorBoard.
 
     The noise comes from a generator seeded with `seed` at every call, so grids of different epochs
@@ -45,8 +46,7 @@ class GuidedSampleGrid(L.Callback):
         evaluator_path: str | None = None,
         tag: str = "samples",
     ) -> None:
-        if every_n_epochs < 1:
-            raise ValueError(f"Expected `every_n_epochs` to be >= 1, but got {every_n_epochs}.")
+        super().__init__(every_n_epochs)
         if guidance_scale is not None:
             check_scale("guidance_scale", guidance_scale)
         check_scale("cfg_scale", cfg_scale)
@@ -57,7 +57,6 @@ class GuidedSampleGrid(L.Callback):
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.cfg_scale = cfg_scale
-        self.every_n_epochs = every_n_epochs
         self.seed = seed
         self.evaluator_path = evaluator_path
         self.tag = tag
@@ -130,11 +129,3 @@ class GuidedSampleGrid(L.Callback):
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"{self.tag}/guided_accuracy": accuracy}, step)
         pl_module.train(was_training)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        self.draw(trainer, pl_module)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.draw(trainer, pl_module)

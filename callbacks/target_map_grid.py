@@ -7,13 +7,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
+from plugguide.callbacks.periodic_grid import PeriodicGrid
 from plugguide.metrics import DenseMapMetrics
 from plugguide.metrics.figures import render_maps
 from plugguide.pipelines import sample_batch
 from plugguide.pipelines.finite import check_scale
 
 
-class TargetMapGrid(L.Callback):
+class TargetMapGrid(PeriodicGrid):
     """Samples toward target maps with the off-the-shelf model and with the experts, and logs them side by side.
 
     The paper's Figures 10-11 during training: each row is one held-out real digit (the first `num_samples` of the
@@ -43,15 +44,13 @@ class TargetMapGrid(L.Callback):
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"Expected `num_samples` to be >= 1, but got {num_samples}.")
-        if every_n_epochs < 1:
-            raise ValueError(f"Expected `every_n_epochs` to be >= 1, but got {every_n_epochs}.")
+        super().__init__(every_n_epochs)
         for name, value in (("guidance_scale", guidance_scale), ("naive_guidance_scale", naive_guidance_scale)):
             if value is not None:
                 check_scale(name, value)
         self.num_samples = num_samples
         self.guidance_scale = guidance_scale
         self.naive_guidance_scale = naive_guidance_scale
-        self.every_n_epochs = every_n_epochs
         self.seed = seed
         self.tag = tag
 
@@ -89,11 +88,3 @@ class TargetMapGrid(L.Callback):
             values = {f"{self.tag}/{score}_{name}": float(scores.scores(sampled, maps)[score].mean()) for name, sampled in samples.items()}
             trainer.logger.log_metrics(values, trainer.global_step)
         pl_module.train(was_training)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        self.draw(trainer, pl_module)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.draw(trainer, pl_module)
