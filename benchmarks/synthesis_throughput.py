@@ -30,8 +30,8 @@ from concurrent.futures import ProcessPoolExecutor
 import datasets
 import torch
 
-from plugguide.datamodules import synthesized
-from plugguide.datamodules import SynthesizedImageDataModule
+from plugguide.datamodules import SynthesizedImageDataModule, synthesized
+from timers import timed
 
 MODEL = "assets/digits/ddpm-uncond"
 TEACHER = "assets/digits/classifier-resnet"
