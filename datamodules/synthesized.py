@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 from plugguide.datamodules.arrow_batches import ArrowBatches
 from plugguide.datamodules.image_folder import ImageDataModule
 from plugguide.datamodules.resumable_loader import ResumableDataLoader
-from plugguide.models import check_classifier_input, load_classifier, load_scheduler, load_unet, prompt_conditioning, save_atomically
+from plugguide.models import (
+    check_classifier_input, compile_denoiser, load_classifier, load_scheduler, load_unet, parse_autocast_dtype, prompt_conditioning, save_atomically,
+)
 from plugguide.pipelines import GuidedDiffusionPipeline
 
 CACHE_FORMAT = 2  # bump when the shard layout changes, so old caches are not read as new ones
@@ -112,6 +114,10 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         prompt: for a text-conditional model (DeepFloyd-IF, Stable Diffusion), the prompt it samples under; None: the
             empty prompt, which samples it unconditionally (PPAP's GLIDE setting).
+        autocast_dtype: "bfloat16" or "float16" runs the UNet under autocast while generating (part of the cache's
+            name: it changes the images); null: full precision.
+        compile_unet: compile the UNet's forward with `torch.compile` (the same images up to float rounding, so
+            not part of the cache's name).
     """
 
     def __init__(
@@ -130,8 +136,11 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         labelled_data: ImageDataModule | None = None,
         num_workers: int = 0,
         prompt: str | None = None,
+        autocast_dtype: str | None = None,
+        compile_unet: bool = False,
     ) -> None:
         super().__init__()
+        parse_autocast_dtype(autocast_dtype)
         for name, value in (("num_images", num_images), ("num_inference_steps", num_inference_steps), ("generation_batch_size", generation_batch_size), ("shard_size", shard_size), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"Expected `{name}` to be >= 1, but got {value}.")
@@ -147,6 +156,8 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         self.dataset: datasets.Dataset | None = None
         # Fail before any long work if a path or the sampler is wrong.
         self.unet = load_unet(diffusion_model, "diffusion_model")
+        if compile_unet:
+            compile_denoiser(self.unet)
         self.scheduler = load_scheduler(diffusion_model, scheduler, "scheduler")
         self.conditioning = prompt_conditioning(diffusion_model, self.unet, prompt)
         self.teacher = load_classifier(teacher_path, "teacher_path") if teacher_path else None
@@ -176,8 +187,8 @@ class SynthesizedImageDataModule(L.LightningDataModule):
             "unet_config": {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")},
             "teacher": directory_digest(self.hparams.teacher_path) if self.hparams.teacher_path else None,
         } | {key: self.hparams[key] for key in ("num_inference_steps", "num_images", "seed", "shard_size", "image_dtype")}
-        if self.hparams.prompt is not None:  # unset for models without text, so their existing caches keep their names
-            parts["prompt"] = self.hparams.prompt
+        # Unset settings stay out, so existing caches keep their names.
+        parts |= {key: self.hparams[key] for key in ("prompt", "autocast_dtype") if self.hparams[key] is not None}
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
@@ -210,7 +221,7 @@ class SynthesizedImageDataModule(L.LightningDataModule):
     @torch.inference_mode()
     def generate_shard(self, shard: int, device: torch.device, progress: tqdm) -> None:
         """Samples one shard and writes it under a temporary name, then renames it into place."""
-        pipeline = GuidedDiffusionPipeline(self.unet.to(device), self.scheduler, **self.conditioning)
+        pipeline = GuidedDiffusionPipeline(self.unet.to(device), self.scheduler, autocast_dtype=self.hparams.autocast_dtype, **self.conditioning)
         pipeline.set_progress_bar_config(disable=True)
         indices = list(self.shard_indices(shard))
         images, logits = [], []

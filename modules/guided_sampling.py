@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.datamodules import TargetMapDataModule
 from plugguide.metrics import DenseMapMetrics, GenerationMetrics
-from plugguide.models import check_classifier_input, load_guide, load_scheduler, load_unet, load_vae, prompt_conditioning
+from plugguide.models import check_classifier_input, compile_denoiser, load_guide, load_scheduler, load_unet, load_vae, prompt_conditioning
 from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, sample_batch
 from plugguide.pipelines.finite import check_scale
 from plugguide.pipelines.guidance import ClassifierGuidance, Guidance
@@ -43,6 +43,9 @@ class GuidedSampling(L.LightningModule):
         prompt: for text-conditional UNets (Stable Diffusion, DeepFloyd-IF), the prompt, encoded once by the model's own
             text encoder; None samples under the empty prompt (unconditional, as PPAP guides GLIDE). `cfg_scale` > 0
             then guides toward it against the empty prompt.
+        autocast_dtype: "bfloat16" or "float16" runs the denoiser under autocast (guidance gradients stay in full
+            precision); null: full precision.
+        compile_unet: compile the denoiser's forward with `torch.compile` (each new batch shape compiles once).
     """
 
     def __init__(
@@ -59,6 +62,8 @@ class GuidedSampling(L.LightningModule):
         guide_path: str | None = None,
         scheduler_config: dict | None = None,
         prompt: str | None = None,
+        autocast_dtype: str | None = None,
+        compile_unet: bool = False,
     ) -> None:
         super().__init__()
         if num_inference_steps < 1:
@@ -70,12 +75,16 @@ class GuidedSampling(L.LightningModule):
         unet, sampler = load_unet(diffusion_model), load_scheduler(diffusion_model, scheduler, overrides=scheduler_config)
         if guide_path is None:
             conditioning = prompt_conditioning(diffusion_model, unet, prompt)
-            self.pipeline = GuidedDiffusionPipeline(unet, sampler, guidance, vae=load_vae(vae) if vae else None, cfg_guidance=cfg_guidance, **conditioning)
+            self.pipeline = GuidedDiffusionPipeline(
+                unet, sampler, guidance, vae=load_vae(vae) if vae else None, cfg_guidance=cfg_guidance, autocast_dtype=autocast_dtype, **conditioning
+            )
         elif guidance is not None:
             raise ValueError(f"`guide_path`={guide_path!r} samples with a distilled guide; it cannot be combined with `guidance`={type(guidance).__name__}.")
         else:
-            self.pipeline = GuideDistilledPipeline(unet, load_guide(guide_path, unet), sampler)
+            self.pipeline = GuideDistilledPipeline(unet, load_guide(guide_path, unet), sampler, autocast_dtype=autocast_dtype)
         self.pipeline.unet.requires_grad_(False).eval()
+        if compile_unet:
+            compile_denoiser(self.pipeline.unet)
         self.unet = self.pipeline.unet  # registered, so Lightning moves it to the device
         self.guidance = guidance
         # Checked here, as the fit jobs do, not by a raw conv error at the first batch.

@@ -9,7 +9,7 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from plugguide.models import Guide, predict_guided_noise
+from plugguide.models import Guide, denoiser_autocast, parse_autocast_dtype, predict_guided_noise
 from plugguide.pipelines.finite import check_finite_samples, check_scale
 from plugguide.pipelines.guided_diffusion import GuidedSamplesOutput
 
@@ -32,10 +32,14 @@ class GuideDistilledPipeline(DiffusionPipeline):
         vae: optional `AutoencoderKL` for latent models.
         text_encoder: optional CLIP text model for prompts.
         tokenizer: optional tokenizer of `text_encoder`.
+        autocast_dtype: "bfloat16" or "float16" runs the UNet and guide pass under autocast; None: full precision.
     """
 
-    def __init__(self, unet: UNet2DConditionModel, guide: Guide, scheduler, vae=None, text_encoder=None, tokenizer=None) -> None:
+    def __init__(
+        self, unet: UNet2DConditionModel, guide: Guide, scheduler, vae=None, text_encoder=None, tokenizer=None, autocast_dtype: str | None = None
+    ) -> None:
         super().__init__()
+        self.autocast_dtype = parse_autocast_dtype(autocast_dtype)
         if getattr(scheduler, "init_noise_sigma", 1.0) != 1.0:
             raise ValueError(f"`scheduler` {type(scheduler).__name__} works in sigma space; use a variance-preserving one (DDIM, DPM-Solver, UniPC, PNDM).")
         if getattr(scheduler.config, "prediction_type", "epsilon") != "epsilon":
@@ -107,7 +111,9 @@ class GuideDistilledPipeline(DiffusionPipeline):
         # Stochastic schedulers (DDPM, DDIM with eta > 0) draw their step noise from the same generator(s).
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for t in self.progress_bar(self.scheduler.timesteps):
-            eps = predict_guided_noise(self.unet, self.guide, self.scheduler.scale_model_input(x, t), t, guidance_scale, labels, encoder_hidden_states)
+            with denoiser_autocast(x.device, self.autocast_dtype):
+                eps = predict_guided_noise(self.unet, self.guide, self.scheduler.scale_model_input(x, t), t, guidance_scale, labels, encoder_hidden_states)
+            eps = eps.to(x.dtype)
             x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
             check_finite_samples(x, t, self.scheduler.timesteps)
 

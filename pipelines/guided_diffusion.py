@@ -13,6 +13,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from plugguide.models.denoiser_speed import denoiser_autocast, parse_autocast_dtype
 from plugguide.models.text_encoder import is_text_conditional
 from plugguide.pipelines.finite import check_finite_samples, check_scale
 from plugguide.pipelines.guidance.base import Guidance
@@ -100,6 +101,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         prompt_embeds: for a text-conditional UNet, the text encoder's hidden states (1, L, D) it samples under
             (`models.prompt_conditioning`; the empty prompt's for unconditional sampling).
         negative_prompt_embeds: the null condition of CFG on a prompt (the empty prompt's), same shape.
+        autocast_dtype: "bfloat16" or "float16" runs the denoiser (only) under autocast; None: full precision.
     """
 
     # The tensors a `callback_on_step_end` may read and replace, as diffusers pipelines name them.
@@ -107,9 +109,10 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
 
     def __init__(
         self, unet, scheduler, guidance: Guidance | None = None, vae=None, cfg_guidance: str = "shift",
-        prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None, autocast_dtype: str | None = None,
     ) -> None:
         super().__init__()
+        self.autocast_dtype = parse_autocast_dtype(autocast_dtype)
         ModelFamily(scheduler)  # refuses, by name, a sampler or prediction type it cannot convert
         if not isinstance(unet, DENOISER_CLASSES):
             raise ValueError(f"`unet` {type(unet).__name__} is not handled; allowed: {', '.join(c.__name__ for c in DENOISER_CLASSES)}.")
@@ -162,11 +165,14 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         return {"class_labels": labels}, {"class_labels": null}
 
     def _denoise(self, x: torch.Tensor, timesteps: torch.Tensor, condition: dict) -> torch.Tensor:
-        if isinstance(self.unet, UNet2DConditionModel):
-            return self.unet(x, timesteps, condition.get("encoder_hidden_states"), class_labels=condition.get("class_labels")).sample
-        if condition:
-            return self.unet(x, timestep=timesteps, class_labels=condition["class_labels"]).sample  # DiT
-        return self.unet(x, timesteps).sample
+        with denoiser_autocast(x.device, self.autocast_dtype):
+            if isinstance(self.unet, UNet2DConditionModel):
+                output = self.unet(x, timesteps, condition.get("encoder_hidden_states"), class_labels=condition.get("class_labels")).sample
+            elif condition:
+                output = self.unet(x, timestep=timesteps, class_labels=condition["class_labels"]).sample  # DiT
+            else:
+                output = self.unet(x, timesteps).sample
+        return output.to(x.dtype)
 
     def predict_noise(
         self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, cfg_scale: float, return_parts: bool = False

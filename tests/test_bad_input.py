@@ -204,6 +204,8 @@ BAD_SETTINGS = [
     ("empty-synthesized-set", lambda a, t: synthesized(a, t, num_images=0), ValueError, "num_images", "0"),
     ("batch-larger-than-synthesized-set", lambda a, t: synthesized(a, t, batch_size=16), ValueError, "batch_size", "16"),
     ("labelled-data-size-differs-from-unet", lambda a, t: synthesized(a, t, labelled_data=DigitsDataModule(image_size=32)), ValueError, "labelled_data.image_size", "32"),
+    ("unknown-synthesis-autocast-dtype", lambda a, t: synthesized(a, t, autocast_dtype="float64"), ValueError, "autocast_dtype", "float64"),
+    ("unknown-sampling-autocast-dtype", lambda a, t: GuidedSampling(diffusion_model=a["ddpm-uncond"], autocast_dtype="int8", evaluator_path=None), ValueError, "autocast_dtype", "int8"),
     ("unknown-image-storage-dtype", lambda a, t: synthesized(a, t, image_dtype="float16"), ValueError, "image_dtype", "float16"),
     ("synthesis-teacher-channels-differ", lambda a, t: synthesized(a, t, teacher_path=a["classifier-rgb"]), ValueError, "teacher_path", "3 channels"),
     ("label-dropout-out-of-range", lambda a, t: DiffusionPretraining(tiny_unet(), tiny_scheduler(), label_dropout=1.5), ValueError, "label_dropout", "1.5"),
