@@ -8,11 +8,12 @@ PPAP-5 experts (`--experts`, as `lightning fit -c configs/ppap.yaml` exports the
 DPM-Solver++-20, Euler-Karras-25 and Heun/EDM-18 (Heun with EDM's Karras step sizes, 35 evaluations) on
 `assets/digits/ddpm-uncond`, and flow-matching Euler-25 on `assets/digits/flow-uncond`. The method
 "calibrated-edm" (EluCD's EDM Algorithm 2, which moves the sample by a fraction of its size, hence its own
-`--edm-scales`) and "calibrated-edm-continuous" (that schedule as a function of t on the usual x0_hat classifier and
-score shift) can be added with `--methods`. Every entry is sampled with the same seeds and scored under the protocol
-of `scripts/protocol.py` (independent evaluator; FID/KID in three feature spaces with 95% intervals). Every guided
-row is swept over the scales and reported at the scale `plugguide.metrics.reporting.BEST_SCALE_RULE` picks against
-the unguided row of the same sampler, so each sampler's unguided row is always measured. ms per image is the wall
+`--edm-scales`), "calibrated-edm-continuous" (that schedule as a function of t on the usual x0_hat classifier and
+score shift) and "calibrated-no-sine" (the paper's defaults with `sine_gamma` 0) can be added with `--methods`.
+Every entry is sampled with the same seeds and scored under the protocol of `scripts/protocol.py` (independent
+evaluator; FID/KID in three feature spaces with 95% intervals). Every guided row is swept over the scales and
+reported at the scale `plugguide.metrics.reporting.BEST_SCALE_RULE` picks against the unguided row of the same
+sampler, so each sampler's unguided row is always measured. ms per image is the wall
 time of sampling divided by the images, measured in this run (compare rows of one run on an idle machine).
 The PPAP experts were distilled on `ddpm-uncond`'s noise schedule; on the flow model they are routed by the flow
 model's own timestep t = s T. Finished entries are kept in `<out>/results.json`, so the script resumes; a grid of
@@ -41,12 +42,14 @@ SAMPLERS = {
     "Heun/EDM-18": ("ddpm-uncond", "HeunDiscreteScheduler", {"use_karras_sigmas": True}, 18),
     "flow-Euler-25": ("flow-uncond", "FlowMatchEulerDiscreteScheduler", {}, 25),
 }
-METHODS = ("unguided", "calibrated", "PPAP-5", "calibrated-edm", "calibrated-edm-continuous")
+METHODS = ("unguided", "calibrated", "PPAP-5", "calibrated-edm", "calibrated-edm-continuous", "calibrated-no-sine")
 
 
 def guidance_for(method: str, experts: str):
     if method == "calibrated":
         return CalibratedGuidance(f"{ASSETS}/classifier-resnet")
+    if method == "calibrated-no-sine":  # the paper's defaults without the sine term (sine_gamma = 0)
+        return CalibratedGuidance(f"{ASSETS}/classifier-resnet", sine_gamma=0.0)
     if method == "calibrated-edm":  # Algorithm 2 with the authors' ImageNet-64 settings
         return CalibratedGuidance(f"{ASSETS}/classifier-resnet", schedule="edm", softplus_beta=5.0, marginal_discount=0.0)
     if method == "calibrated-edm-continuous":  # the EDM schedule as a function of t, on x0_hat and the score shift
