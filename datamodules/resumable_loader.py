@@ -78,7 +78,9 @@ class ResumableDataLoader(DataLoader):
         drop_last: drop incomplete batches and the tail that does not split evenly across ranks.
         num_replicas: world size; default: the initialised process group's, else 1.
         rank: this process's rank; default: the process group's, else 0.
-        **kwargs: other `DataLoader` arguments (`num_workers`, `collate_fn`, ...), not `sampler`.
+        **kwargs: other `DataLoader` arguments (`num_workers`, `collate_fn`, ...), not `sampler`. `pin_memory`
+            defaults to whether CUDA is available: batches then leave page-locked memory, and Lightning's
+            copies to the GPU are non-blocking.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class ResumableDataLoader(DataLoader):
         num_replicas = group_size if num_replicas is None else num_replicas
         seed = default_seed() if seed is None else seed
         sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        kwargs.setdefault("pin_memory", torch.cuda.is_available())
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
         self._epoch = 0
         self._batches = 0

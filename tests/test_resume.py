@@ -156,6 +156,13 @@ def test_loader_resumes_mid_epoch_and_shards_per_rank():
     assert len(ranks[0]) == len(ranks[1]) == 10 and not set(ranks[0]) & set(ranks[1])
 
 
+def test_loader_pins_memory_when_cuda_is_there(monkeypatch):
+    assert ResumableDataLoader(list(range(4))).pin_memory == torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ResumableDataLoader(list(range(4))).pin_memory
+    assert not ResumableDataLoader(list(range(4)), pin_memory=False).pin_memory  # an explicit setting wins
+
+
 @pytest.mark.parametrize("job", ["guide_distillation", "progressive_halving"])
 def test_guide_jobs_resume_exactly_mid_epoch(tiny_assets, tmp_path, job):
     guide_root = tmp_path / "guides"
