@@ -272,11 +272,8 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         guide_on = x0_hat if self.vae is not None else x0_hat.clamp(-1, 1)  # latents have no fixed range; their decoded pixels are clipped
         grad = self.guidance_gradient(x / level.scale, torch.tensor(level.timestep, device=x.device), guide_on, targets)
         scale = self.guidance.step_scale(guidance_scale, level)
-        offset = self.guidance.variance_offset(level)
-        if family.ancestral and difference is None:
-            return output, scale * (variance + offset) * grad
-        if offset and level.variance > 0:  # the same offset on a score shift: relative to the step's Sigma_t
-            scale = scale * (1 + offset / level.variance)
+        if family.ancestral and difference is None:  # EluCD's sine term lives in the ancestral mean shift only
+            return output, scale * (variance + self.guidance.variance_offset(level)) * grad
         direction = -level.sigma * grad  # the score shift in eps units
         if difference is not None:  # cfg_guidance="normalized": scaled to the CFG difference, in eps units
             eps_difference = family.noise_difference(difference, x, level)

@@ -257,6 +257,18 @@ def test_all_off_calibrated_guidance_samples_exactly_like_plain_classifier_guida
     assert not torch.equal(run(CalibratedGuidance(tiny_classifier)), plain)
 
 
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerDiscreteScheduler])
+def test_score_shift_samplers_take_no_sine_term_as_the_authors_ddim(tiny_classifier, scheduler_class):
+    def run(scheduler, sine_gamma):
+        pipeline = GuidedDiffusionPipeline(tiny_unet(), scheduler, CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": sine_gamma}))
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline([1, 7], num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    score_shift = scheduler_class.from_config(tiny_scheduler().config)
+    assert torch.equal(run(score_shift, 0.3), run(score_shift, 0.0))
+    assert not torch.equal(run(tiny_scheduler(), 0.3), run(tiny_scheduler(), 0.0))  # the ancestral mean shift keeps it
+
+
 def test_cfg_plus_normalized_classifier_guidance(tiny_classifier):
     pipeline = GuidedDiffusionPipeline(tiny_conditional_unet(), DDIMScheduler.from_config(tiny_scheduler().config), CalibratedGuidance(tiny_classifier), cfg_guidance="normalized")
     pipeline.set_progress_bar_config(disable=True)

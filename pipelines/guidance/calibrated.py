@@ -65,9 +65,10 @@ class CalibratedGuidance(ClassifierGuidance):
       to 0.31 at n = 300), max_var the largest Sigma_t so far in the run, and the sine term one uniform value added to
       Sigma_t (`variance_offset`), also where the UNet learns a per-pixel Sigma_t. Deliberate differences: the authors
       read Sigma_t and max_var off one pixel of the first sample, here their mean over pixels and samples (the same for
-      fixed variances); their DDIM sampler has no sine term, here score-shift samplers (DDIM, DPM-Solver++, Euler)
-      take the same offset relative to the DDPM posterior variance Sigma_t between the step's noise levels, i.e. the
-      eps shift is multiplied by `1 + offset / Sigma_t`, so one schedule means the same on every sampler.
+      fixed variances). As in the authors' DDIM sampler, score-shift samplers (DDIM, DPM-Solver++, Euler, Heun, flow)
+      take no sine term: carried over as the same offset relative to the step's Sigma_t, it multiplied the last
+      steps' guidance by up to 9x (DDIM-25) and 39x (flow Euler-25) and left salt-and-pepper samples (README,
+      "Model families").
     - schedule ("edm"): EluCD's EDM sampler as the authors wrote it (Algorithm 2, AlexMaOLS/EluCD `EDM/generate.py`).
       The classifier sees the sample in EDM's space, x = x0 + s eps, scaled to unit RMS where its RMS exceeds 1:
       `x / max(rms(x), 1)`; the gradient is rescaled to the sample's RMS, `grad * rms(x) / rms(grad)`, times
