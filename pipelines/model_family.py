@@ -154,22 +154,9 @@ class ModelFamily:
         step, num_steps = index // per_step, -(-len(self.scheduler.timesteps) // per_step)
         return NoiseLevel(
             timestep=self.train_timestep(timestep, alpha, sigma, s), index=step, num_steps=num_steps, alpha=alpha, sigma=sigma,
-            variance=self._posterior_variance(index, step, alpha, sigma), num_train_timesteps=self.num_train_timesteps,
+            variance=0.0, num_train_timesteps=self.num_train_timesteps,
             scale=scale, edm_sigma=s, first_evaluation=index % per_step == 0,
         )
-
-    def _posterior_variance(self, index: int, step: int, alpha: float, sigma: float) -> float:
-        """Variance of the DDPM posterior from this step's noise level to the next step's, beta tilde in VP terms:
-        (sigma_next^2 / sigma^2) (1 - alpha^2 / alpha_next^2); 0 at the last step. The calibrated sine schedule reads it."""
-        if self.reads_abar:
-            timesteps = self.scheduler.timesteps
-            abar_next = float(self.scheduler.alphas_cumprod[int(timesteps[index + 1])]) if index + 1 < len(timesteps) else 1.0
-            alpha_next, sigma_next = math.sqrt(abar_next), math.sqrt(1 - abar_next)
-        else:
-            alpha_next, sigma_next, _, _ = self._coefficients(self.evaluations_per_step * step + 1, None)
-        if sigma == 0 or alpha_next == 0:
-            return 0.0
-        return max((sigma_next / sigma) ** 2 * (1 - (alpha / alpha_next) ** 2), 0.0)
 
     # -- output <-> (eps, x0_hat) --------------------------------------------------------------------------------
     def affine(self, level: NoiseLevel, x: torch.Tensor) -> tuple[torch.Tensor, float, float]:

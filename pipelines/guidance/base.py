@@ -25,8 +25,7 @@ class GuidanceStep:
         num_steps: N, the sampler steps of the run.
         alpha: signal coefficient of the variance-preserving x_t = alpha x0 + sigma eps.
         sigma: its noise coefficient (alpha^2 + sigma^2 = 1).
-        variance: Sigma_t of the step: the ancestral DDPM step's variance, else the DDPM posterior variance from
-            this noise level to the next step's.
+        variance: Sigma_t of an ancestral DDPM step (the pipeline fills it in); 0 on every other sampler.
         num_train_timesteps: T.
     """
 
