@@ -56,6 +56,22 @@ def train_chain(guides: str, name: str) -> None:
             ])
 
 
+def gap_table(results: dict, args: argparse.Namespace) -> list[str]:
+    """Guided accuracy of each guide minus CFG's (points) at the same step count, and the guide's at the fewest steps
+    minus CFG's at the most: the targets of METHODS.md section 3."""
+    if "CFG" not in args.methods:
+        return []
+    accuracy = lambda base, g, steps, method: 100 * results[f"{base} | g={g:g} | {steps} steps | {method}"]["guided_accuracy"]
+    fewest, most = min(args.steps), max(args.steps)
+    rows = [
+        [base, f"{g:g}", method, *(f"{accuracy(base, g, n, method) - accuracy(base, g, n, 'CFG'):+.1f}" for n in args.steps),
+         f"{accuracy(base, g, fewest, method) - accuracy(base, g, most, 'CFG'):+.1f}"]
+        for base in args.bases for g in args.scales for method in args.methods if method != "CFG"
+    ]
+    headers = ["base", "g", "guide", *(f"vs CFG, {n} steps" for n in args.steps), f"{fewest} steps vs CFG at {most}"]
+    return ["", "Guided accuracy of each guide minus CFG's, in points (1 point = 5 of 500 samples):", "", markdown_table(headers, rows)]
+
+
 def step_flops(fn) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fn()
@@ -123,6 +139,7 @@ def main() -> None:
             ["base", "g", "steps", "method", "guided accuracy", "FID autoencoder", "FID pixels", "FID evaluator", "MFLOPs/step", "vs CFG", "guide params (% UNet)", "ms/image"],
             rows,
         ),
+        *gap_table(results, args),
     ])
     with open(os.path.join(args.out, "table.md"), "w") as file:
         file.write(text + "\n")
