@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from typing import Callable
 
 import timm
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
-from safetensors import SafetensorError
 from torch import nn
+
+from plugguide.models.saving import load_saved
 
 
 class TimmClassifier(nn.Module, PyTorchModelHubMixin):
@@ -102,18 +102,7 @@ def load_classifier(path: str, setting: str = "classifier_path") -> TimmClassifi
             return TimmClassifier(name, num_classes=None, in_chans=3, pretrained=True, normalize_input=True)
         except Exception as error:  # noqa: BLE001 - re-raised with the setting named
             raise OSError(f"`{setting}`={path!r} could not be loaded from the hub (network access needed): {error}") from error
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(
-            f"`{setting}`={path!r} is not a saved classifier: expected a directory with config.json and "
-            "model.safetensors written by `TimmClassifier.save_pretrained` (the embedded ones are under assets/digits/)."
-        )
-    try:
-        return TimmClassifier.from_pretrained(path, strict=True)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        raise OSError(
-            f"`{setting}`={path!r} could not be loaded: its config.json or model.safetensors is damaged, truncated or "
-            f"of another model ({type(error).__name__}: {error})."
-        ) from error
+    return load_saved(TimmClassifier, path, setting, "classifier", "under assets/digits/")
 
 
 def check_classifier_input(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from typing import Literal
 
 import segmentation_models_pytorch as smp
@@ -13,8 +12,9 @@ import torch.nn.functional as F
 import torchvision
 import transformers
 from huggingface_hub import PyTorchModelHubMixin
-from safetensors import SafetensorError
 from torch import nn
+
+from plugguide.models.saving import load_saved
 
 Library = Literal["smp", "torchvision", "transformers"]
 LIBRARIES = ("smp", "torchvision", "transformers")
@@ -139,18 +139,7 @@ def load_dense_model(path: str, setting: str = "model_path") -> DenseModel:
             return hub_dense_model(*path.split(":", 1))
         except Exception as error:  # noqa: BLE001 - re-raised with the setting named
             raise OSError(f"`{setting}`={path!r} could not be loaded from the hub (network access needed): {error}") from error
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(
-            f"`{setting}`={path!r} is not a saved dense model: expected a directory with config.json and model.safetensors "
-            "written by `DenseModel.save_pretrained` (the embedded ones are assets/digits/segmenter and assets/digits/depth)."
-        )
-    try:
-        return DenseModel.from_pretrained(path, strict=True)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        raise OSError(
-            f"`{setting}`={path!r} could not be loaded: its config.json or model.safetensors is damaged, truncated or "
-            f"of another model ({type(error).__name__}: {error})."
-        ) from error
+    return load_saved(DenseModel, path, setting, "dense model", "assets/digits/segmenter and assets/digits/depth")
 
 
 def hub_dense_model(library: str, name: str) -> DenseModel:

@@ -1,4 +1,5 @@
-"""Writing a directory so that a reader never sees it half-written, not even after a power cut."""
+"""Writing a directory so that a reader never sees it half-written, not even after a power cut; reading one back
+with errors that name the setting it came from."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import shutil
 import uuid
 from typing import Callable
+
+from safetensors import SafetensorError
 
 
 def fsync_directory(path: str) -> None:
@@ -57,3 +60,20 @@ def save_atomically(directory: str, save: Callable[[str], object]) -> None:
     else:
         os.rename(tmp, directory)
     fsync_directory(parent)
+
+
+def load_saved(model_class, path: str, setting: str, what: str, embedded: str):
+    """`model_class.from_pretrained(path, strict=True)`; a missing folder or a damaged, truncated or foreign file
+    fails naming `setting`, what belongs there (`what`) and where the embedded ones are (`embedded`)."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"`{setting}`={path!r} is not a saved {what}: expected a directory with config.json and model.safetensors "
+            f"written by `{model_class.__name__}.save_pretrained` (the embedded ones are {embedded})."
+        )
+    try:
+        return model_class.from_pretrained(path, strict=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise OSError(
+            f"`{setting}`={path!r} could not be loaded: its config.json or model.safetensors is damaged, truncated or "
+            f"of another model ({type(error).__name__}: {error})."
+        ) from error
