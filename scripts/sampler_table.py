@@ -9,12 +9,13 @@ DPM-Solver++-20, Euler-Karras-25 and Heun/EDM-18 (Heun with EDM's Karras step si
 `assets/digits/ddpm-uncond`, and flow-matching Euler-25 on `assets/digits/flow-uncond`. The method
 "calibrated-edm" (EluCD's EDM Algorithm 2, which moves the sample by a fraction of its size, hence its own
 `--edm-scales`), "calibrated-edm-continuous" (that schedule as a function of t on the usual x0_hat classifier and
-score shift) and "calibrated-no-sine" (the paper's defaults with `sine_gamma` 0) can be added with `--methods`.
-Every entry is sampled with the same seeds and scored under the protocol of `scripts/protocol.py` (independent
-evaluator; FID/KID in three feature spaces with 95% intervals). Every guided row is swept over the scales and
-reported at the scale `plugguide.metrics.reporting.BEST_SCALE_RULE` picks against the unguided row of the same
-sampler, so each sampler's unguided row is always measured. ms per image is the wall
-time of sampling divided by the images, measured in this run (compare rows of one run on an idle machine).
+score shift) and "calibrated-no-sine" (the paper's defaults with `sine_gamma` 0; it differs from "calibrated" on
+DDPM-50 only, the one sampler that takes the sine term) can be added with `--methods`. Every entry is sampled with
+the same seeds and scored under the protocol of `scripts/protocol.py` (independent evaluator; FID/KID in three
+feature spaces with 95% intervals). Every guided row is swept over the scales and reported at the scale
+`plugguide.metrics.reporting.BEST_SCALE_RULE` picks against the unguided row of the same sampler, so each sampler's
+unguided row is always measured. ms per image is the wall time of sampling divided by the images, measured in this
+run (compare rows of one run on an idle machine).
 The PPAP experts were distilled on `ddpm-uncond`'s noise schedule; on the flow model they are routed by the flow
 model's own timestep t = s T. Finished entries are kept in `<out>/results.json`, so the script resumes; a grid of
 each entry goes to `<out>/grids/`.
