@@ -41,7 +41,7 @@ def main() -> None:
         timings = {}
         for experts, pipeline in pipelines.items():
             started = time.perf_counter()
-            pipeline(class_labels=labels, num_inference_steps=args.steps, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="pt")
+            pipeline(class_labels=labels, num_inference_steps=args.steps, classifier_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="pt")
             timings[experts] = time.perf_counter() - started
         if repeat:
             ratios.append(timings[10] / timings[1])

@@ -69,8 +69,8 @@ def main() -> None:
         pipeline.set_progress_bar_config(disable=True)
         runs = {
             "plain": lambda: plain_loop(unet, plain_scheduler, args.samples, steps),
-            "unguided": lambda: pipeline(class_labels=labels, num_inference_steps=steps, guidance_scale=0.0, generator=torch.Generator().manual_seed(0), output_type="pt"),
-            "guided": lambda: pipeline(class_labels=labels, num_inference_steps=steps, guidance_scale=10.0, generator=torch.Generator().manual_seed(0), output_type="pt"),
+            "unguided": lambda: pipeline(class_labels=labels, num_inference_steps=steps, classifier_scale=0.0, generator=torch.Generator().manual_seed(0), output_type="pt"),
+            "guided": lambda: pipeline(class_labels=labels, num_inference_steps=steps, classifier_scale=10.0, generator=torch.Generator().manual_seed(0), output_type="pt"),
         }
         ratios = {"guided / unguided": [], "unguided / plain": []}
         for repeat in range(args.repeats + 1):

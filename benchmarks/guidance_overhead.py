@@ -71,7 +71,7 @@ def main() -> None:
             pipelines[name].set_progress_bar_config(disable=True)
             current[0] = name
             started = time.perf_counter()
-            pipelines[name](class_labels=labels, num_inference_steps=args.steps, guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt")
+            pipelines[name](class_labels=labels, num_inference_steps=args.steps, classifier_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt")
             timings[name] = time.perf_counter() - started
         if not repeat:  # round 0 warms up
             seconds.clear()

@@ -84,7 +84,7 @@ class CalibrationCurve(L.Callback):
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         guidance = self.guide_of(pl_module)
-        scheduler = getattr(pl_module, "sampler", None) or getattr(pl_module, "scheduler", None)
+        scheduler = pl_module.scheduler
         alphas_cumprod = scheduler.alphas_cumprod
         timesteps = calibration_timesteps(self.num_timesteps, len(alphas_cumprod))
         unet = getattr(pl_module, "unet", None)

@@ -9,7 +9,7 @@ from torchvision.utils import make_grid
 
 from plugguide.callbacks.periodic_grid import PeriodicGrid
 from plugguide.models import load_classifier
-from plugguide.pipelines.finite import check_scale
+from plugguide.pipelines.finite import check_cfg_scale
 
 
 class GuideSampleGrid(PeriodicGrid):
@@ -23,7 +23,7 @@ class GuideSampleGrid(PeriodicGrid):
     Class-conditional models only.
 
     Args:
-        guidance_scales: the g values to draw.
+        guidance_scales: the classifier-free guidance weights g to draw, as diffusers' `guidance_scale` (1 = off).
         num_per_class: columns per side.
         num_classes: rows.
         num_inference_steps: DDIM steps; None uses the module's `num_inference_steps` (the halved count).
@@ -35,7 +35,7 @@ class GuideSampleGrid(PeriodicGrid):
 
     def __init__(
         self,
-        guidance_scales: list[float] = (2.0, 4.0, 8.0),
+        guidance_scales: list[float] = (3.0, 5.0, 9.0),
         num_per_class: int = 4,
         num_classes: int = 10,
         num_inference_steps: int | None = None,
@@ -46,9 +46,9 @@ class GuideSampleGrid(PeriodicGrid):
     ) -> None:
         super().__init__(every_n_epochs)
         if not guidance_scales:
-            raise ValueError(f"Expected `guidance_scales` to be a non-empty list of finite numbers >= 0, but got {guidance_scales}.")
+            raise ValueError(f"Expected `guidance_scales` to be a non-empty list of finite numbers >= 1, but got {guidance_scales}.")
         for scale in guidance_scales:
-            check_scale("guidance_scales", scale)
+            check_cfg_scale(scale, "guidance_scales")
         self.guidance_scales = list(guidance_scales)
         self.num_per_class = num_per_class
         self.num_classes = num_classes
@@ -63,10 +63,10 @@ class GuideSampleGrid(PeriodicGrid):
         steps = self.num_inference_steps or pl_module.num_inference_steps
         labels = torch.arange(self.num_classes).repeat_interleave(self.num_per_class)
         outputs = []
-        for pipeline, kwargs in ((pl_module.sampling_pipeline(), {"guidance_scale": guidance_scale}), (pl_module.cfg_pipeline(), {"cfg_scale": guidance_scale})):
+        for pipeline in (pl_module.sampling_pipeline(), pl_module.cfg_pipeline()):
             pipeline.set_progress_bar_config(disable=True)
             generator = torch.Generator(pl_module.device).manual_seed(self.seed)
-            outputs.append(pipeline(class_labels=labels, num_inference_steps=steps, generator=generator, output_type="pt", **kwargs).images)
+            outputs.append(pipeline(class_labels=labels, num_inference_steps=steps, generator=generator, output_type="pt", guidance_scale=guidance_scale).images)
         return outputs[0], outputs[1], labels
 
     def side_by_side(self, guide: torch.Tensor, cfg: torch.Tensor) -> torch.Tensor:

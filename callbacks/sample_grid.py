@@ -9,7 +9,7 @@ from torchvision.utils import make_grid
 
 from plugguide.callbacks.periodic_grid import PeriodicGrid
 from plugguide.models import load_classifier
-from plugguide.pipelines.finite import check_scale
+from plugguide.pipelines.finite import check_cfg_scale, check_scale
 
 
 class GuidedSampleGrid(PeriodicGrid):
@@ -25,8 +25,8 @@ class GuidedSampleGrid(PeriodicGrid):
         num_per_class: columns of the grid.
         num_classes: rows of the grid.
         num_inference_steps: sampler steps; default: the module's `num_inference_steps` hyper-parameter, else 50.
-        guidance_scale: classifier-guidance scale; default: the module's `guidance_scale`, else 0.
-        cfg_scale: classifier-free guidance weight (class-conditional UNets).
+        classifier_scale: the guidance's gradient scale; default: the module's `classifier_scale`, else 0.
+        guidance_scale: classifier-free guidance weight g, as in diffusers (1 = off; class-conditional UNets).
         every_n_epochs: sample after every n-th validation epoch; the last grid is always drawn at fit end.
         seed: seed of the grid's noise.
         evaluator_path: independent classifier whose agreement with the target rows is logged as
@@ -39,24 +39,24 @@ class GuidedSampleGrid(PeriodicGrid):
         num_per_class: int = 8,
         num_classes: int = 10,
         num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        cfg_scale: float = 0.0,
+        classifier_scale: float | None = None,
+        guidance_scale: float = 1.0,
         every_n_epochs: int = 1,
         seed: int = 0,
         evaluator_path: str | None = None,
         tag: str = "samples",
     ) -> None:
         super().__init__(every_n_epochs)
-        if guidance_scale is not None:
-            check_scale("guidance_scale", guidance_scale)
-        check_scale("cfg_scale", cfg_scale)
+        if classifier_scale is not None:
+            check_scale("classifier_scale", classifier_scale)
+        check_cfg_scale(guidance_scale)
         if num_per_class < 1 or num_classes < 1:
             raise ValueError(f"Expected `num_per_class` and `num_classes` to be >= 1, but got {num_per_class} and {num_classes}.")
         self.num_per_class = num_per_class
         self.num_classes = num_classes
         self.num_inference_steps = num_inference_steps
+        self.classifier_scale = classifier_scale
         self.guidance_scale = guidance_scale
-        self.cfg_scale = cfg_scale
         self.seed = seed
         self.evaluator_path = evaluator_path
         self.tag = tag
@@ -88,8 +88,8 @@ class GuidedSampleGrid(PeriodicGrid):
             return value
         return pl_module.hparams.get(name, default)
 
-    def labels(self, pipeline, guidance_scale: float) -> torch.Tensor | None:
-        targeted = pipeline.guidance is not None and guidance_scale > 0 or pipeline.is_class_conditional and self.cfg_scale > 0
+    def labels(self, pipeline, classifier_scale: float) -> torch.Tensor | None:
+        targeted = pipeline.guidance is not None and classifier_scale > 0 or pipeline.is_class_conditional and self.guidance_scale > 1
         if not targeted:
             return None
         return torch.arange(self.num_classes).repeat_interleave(self.num_per_class)
@@ -100,17 +100,17 @@ class GuidedSampleGrid(PeriodicGrid):
         pl_module.eval()
         pipeline = pl_module.sampling_pipeline()
         pipeline.set_progress_bar_config(disable=True)
-        guidance_scale = self.setting(self.guidance_scale, pl_module, "guidance_scale", 0.0)
+        classifier_scale = self.setting(self.classifier_scale, pl_module, "classifier_scale", 0.0)
         evaluator_path = self.setting(self.evaluator_path, pl_module, "evaluator_path", None)
-        labels = self.labels(pipeline, guidance_scale)
+        labels = self.labels(pipeline, classifier_scale)
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
         with torch.no_grad():
             output = pipeline(
                 class_labels=labels,
                 batch_size=self.num_classes * self.num_per_class,
                 num_inference_steps=self.setting(self.num_inference_steps, pl_module, "num_inference_steps", 50),
-                guidance_scale=guidance_scale,
-                cfg_scale=self.cfg_scale,
+                classifier_scale=classifier_scale if pipeline.guidance is not None else 0.0,
+                guidance_scale=self.guidance_scale,
                 generator=generator,
                 output_type="pt",
             )

@@ -26,12 +26,12 @@ class TargetMapGrid(PeriodicGrid):
     after every `every_n_epochs`-th validation and at the end of fit.
 
     The module provides `teacher`, `task`, `sampling_pipeline()`, `naive_sampling_pipeline()` and its
-    `num_inference_steps` and `guidance_scale` hyper-parameters (`ExpertDistillation` does).
+    `num_inference_steps` and `classifier_scale` hyper-parameters (`ExpertDistillation` does).
 
     Args:
         num_samples: rows of the grid.
-        guidance_scale: guidance scale of the experts; default: the module's `guidance_scale`.
-        naive_guidance_scale: guidance scale of the naive guide; default: the experts'. The off-the-shelf model's
+        classifier_scale: gradient scale of the experts; default: the module's `classifier_scale`.
+        naive_classifier_scale: gradient scale of the naive guide; default: the experts'. The off-the-shelf model's
             gradients on noisy inputs grow large, so its best scale is much smaller (`scripts/dense_table.py` sweeps both).
         every_n_epochs: draw after every n-th validation epoch.
         seed: seed of the samples' noise (sample i: seed + i).
@@ -39,18 +39,18 @@ class TargetMapGrid(PeriodicGrid):
     """
 
     def __init__(
-        self, num_samples: int = 8, guidance_scale: float | None = None, naive_guidance_scale: float | None = None, every_n_epochs: int = 1,
+        self, num_samples: int = 8, classifier_scale: float | None = None, naive_classifier_scale: float | None = None, every_n_epochs: int = 1,
         seed: int = 0, tag: str = "target_maps",
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"Expected `num_samples` to be >= 1, but got {num_samples}.")
         super().__init__(every_n_epochs)
-        for name, value in (("guidance_scale", guidance_scale), ("naive_guidance_scale", naive_guidance_scale)):
+        for name, value in (("classifier_scale", classifier_scale), ("naive_classifier_scale", naive_classifier_scale)):
             if value is not None:
                 check_scale(name, value)
         self.num_samples = num_samples
-        self.guidance_scale = guidance_scale
-        self.naive_guidance_scale = naive_guidance_scale
+        self.classifier_scale = classifier_scale
+        self.naive_classifier_scale = naive_classifier_scale
         self.seed = seed
         self.tag = tag
 
@@ -70,12 +70,12 @@ class TargetMapGrid(PeriodicGrid):
         images = self.real_images(trainer).to(pl_module.device)
         maps = pl_module.task.prediction(pl_module.teacher(images))
         targets = {"label": torch.full((len(images),), -1, device=pl_module.device), "seed": [self.seed + i for i in range(len(images))], "target_map": maps}
-        scale = pl_module.hparams.guidance_scale if self.guidance_scale is None else self.guidance_scale
-        naive_scale = scale if self.naive_guidance_scale is None else self.naive_guidance_scale
+        scale = pl_module.hparams.classifier_scale if self.classifier_scale is None else self.classifier_scale
+        naive_scale = scale if self.naive_classifier_scale is None else self.naive_classifier_scale
         samples = {}
-        for name, pipeline, guidance_scale in (("naive", pl_module.naive_sampling_pipeline(), naive_scale), ("experts", pl_module.sampling_pipeline(), scale)):
+        for name, pipeline, classifier_scale in (("naive", pl_module.naive_sampling_pipeline(), naive_scale), ("experts", pl_module.sampling_pipeline(), scale)):
             pipeline.set_progress_bar_config(disable=True)
-            samples[name] = sample_batch(pipeline, targets, num_inference_steps=pl_module.hparams.num_inference_steps, guidance_scale=guidance_scale)
+            samples[name] = sample_batch(pipeline, targets, num_inference_steps=pl_module.hparams.num_inference_steps, classifier_scale=classifier_scale)
         columns = [render_maps(maps), (samples["naive"] / 2 + 0.5).expand(-1, 3, -1, -1), (samples["experts"] / 2 + 0.5).expand(-1, 3, -1, -1)]
         grid = make_grid(torch.stack(columns, dim=1).flatten(0, 1), nrow=3, padding=1, pad_value=1.0)
         experiment = getattr(trainer.logger, "experiment", None)

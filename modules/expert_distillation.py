@@ -77,9 +77,9 @@ class ExpertDistillation(FrozenNetworksModule):
         task: what the teacher predicts and the distillation loss (`ClassificationTask`, `SegmentationTask`,
             `DenseRegressionTask`); None: image classification with `temperature`.
         optimizer: optimiser factory (AdamW in the paper).
-        sampler: diffusers scheduler for sample grids and tests.
+        scheduler: diffusers scheduler class name for sample grids and tests (the synthesis has its own, `data.scheduler`).
         num_inference_steps: sampler steps for grids and tests.
-        guidance_scale: guidance scale for grids and tests.
+        classifier_scale: scale s of the experts' gradient for grids and tests.
         evaluator_path: independent classifier scoring test samples.
         autoencoder_path: `AutoencoderKL` whose latents are one more feature space of the test's quality metrics.
         seed: seed of the training steps' timesteps and noise (with the step and the rank), and of the test samples' noise
@@ -105,9 +105,9 @@ class ExpertDistillation(FrozenNetworksModule):
         temperature: float = 0.25,
         task: Task | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        sampler: str = "DDPMScheduler",
+        scheduler: str = "DDPMScheduler",
         num_inference_steps: int = 50,
-        guidance_scale: float = 10.0,
+        classifier_scale: float = 10.0,
         evaluator_path: str | None = "assets/digits/evaluator",
         autoencoder_path: str | None = "assets/digits/autoencoder",
         seed: int = 0,
@@ -119,7 +119,7 @@ class ExpertDistillation(FrozenNetworksModule):
         if expert_schedule not in ("round_robin", "chain"):
             raise ValueError(f"Expected `expert_schedule` to be 'round_robin' or 'chain', but got {expert_schedule!r}.")
         self.task = ClassificationTask(temperature) if task is None else task
-        check_scale("guidance_scale", guidance_scale)
+        check_scale("classifier_scale", classifier_scale)
         if num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
         if seed < 0:
@@ -140,7 +140,7 @@ class ExpertDistillation(FrozenNetworksModule):
             per_expert_head=per_expert_head,
         )
         self.unet = load_unet(diffusion_model, "diffusion_model").eval().requires_grad_(False)
-        self.sampler = load_scheduler(diffusion_model, sampler, "sampler")
+        self.scheduler = load_scheduler(diffusion_model, scheduler, "scheduler")
         self.conditioning = prompt_conditioning(diffusion_model, self.unet, prompt)
         check_classifier_input(self.teacher, self.unet.config.in_channels, self.unet.config.sample_size, "teacher_path", teacher_path)
         self.metrics = self.map_metrics = None
@@ -282,11 +282,11 @@ class ExpertDistillation(FrozenNetworksModule):
         return guidance
 
     def sampling_pipeline(self) -> GuidedDiffusionPipeline:
-        return GuidedDiffusionPipeline(self.unet, self.sampler, self.guidance(), **self.conditioning)
+        return GuidedDiffusionPipeline(self.unet, self.scheduler, self.guidance(), **self.conditioning)
 
     def naive_sampling_pipeline(self) -> GuidedDiffusionPipeline:
         """The same sampler guided by the teacher itself on x_t, the baseline the experts are compared with."""
-        return GuidedDiffusionPipeline(self.unet, self.sampler, NaiveClassifierGuidance(self.teacher, task=self.task))
+        return GuidedDiffusionPipeline(self.unet, self.scheduler, NaiveClassifierGuidance(self.teacher, task=self.task))
 
     def on_test_start(self) -> None:
         if self.trainer.ckpt_path is None and self.trainer.global_step == 0:
@@ -308,7 +308,7 @@ class ExpertDistillation(FrozenNetworksModule):
         pipeline.set_progress_bar_config(disable=True)
         labels, indices = batch["label"], batch["index"]
         seeds = [image_seed(self.hparams.seed, int(index)) for index in indices]
-        settings = dict(num_inference_steps=self.hparams.num_inference_steps, guidance_scale=self.hparams.guidance_scale)
+        settings = dict(num_inference_steps=self.hparams.num_inference_steps, classifier_scale=self.hparams.classifier_scale)
         self.metrics.update_real(batch["image"], labels, indices)
         if self.map_metrics is None:
             images = sample_batch(pipeline, {"label": labels, "seed": seeds}, **settings)

@@ -10,7 +10,7 @@ from plugguide.datamodules import TargetMapDataModule
 from plugguide.metrics import DenseMapMetrics, GenerationMetrics
 from plugguide.models import check_classifier_input, compile_denoiser, load_guide, load_scheduler, load_unet, load_vae, prompt_conditioning
 from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, sample_batch
-from plugguide.pipelines.finite import check_scale
+from plugguide.pipelines.finite import check_cfg_scale, check_scale
 from plugguide.pipelines.guidance import ClassifierGuidance, Guidance
 
 
@@ -32,16 +32,17 @@ class GuidedSampling(L.LightningModule):
             Heun with EDM's step sizes) or `{timestep_spacing: trailing}`.
         num_inference_steps: sampler steps.
         guidance: a `Guidance` (naive classifier, predicted-x0 classifier, PPAP experts, calibrated), or None.
-        guidance_scale: classifier-guidance scale s.
-        cfg_scale: classifier-free guidance weight w (class-conditional models).
+        classifier_scale: scale s of the guidance's gradient (guided-diffusion's name); needs `guidance`.
+        guidance_scale: classifier-free guidance weight g, as in diffusers (`eps(null) + g (eps(c) - eps(null))`,
+            1 = off): class-conditional models, text-conditional ones on a `prompt`, and distilled guides.
         evaluator_path: independent classifier that scores the samples (guided accuracy, confidence, IS).
         vae: for latent models, the `AutoencoderKL` (pipeline dir / hub id with `vae/`, or a bare VAE): the
             guidance classifier sees the decoded x0_hat and the samples are decoded.
         cfg_guidance: how classifier guidance combines with CFG: "shift" or "normalized" (the DiT rule).
         guide_path: a guide trained by `GuideDistillation` / `ProgressiveHalving` (`Guide.save_pretrained`):
-            samples with one UNet + guide pass per step at guidance number `cfg_scale` (`GuideDistilledPipeline`).
+            samples with one UNet + guide pass per step at `guidance_scale` (`GuideDistilledPipeline`).
         prompt: for text-conditional UNets (Stable Diffusion, DeepFloyd-IF), the prompt, encoded once by the model's own
-            text encoder; None samples under the empty prompt (unconditional, as PPAP guides GLIDE). `cfg_scale` > 0
+            text encoder; None samples under the empty prompt (unconditional, as PPAP guides GLIDE). `guidance_scale` > 1
             then guides toward it against the empty prompt.
         autocast_dtype: "bfloat16" or "float16" runs the denoiser under autocast (guidance gradients stay in full
             precision); null: full precision.
@@ -54,8 +55,8 @@ class GuidedSampling(L.LightningModule):
         scheduler: str = "DDIMScheduler",
         num_inference_steps: int = 50,
         guidance: Guidance | None = None,
-        guidance_scale: float = 0.0,
-        cfg_scale: float = 0.0,
+        classifier_scale: float = 0.0,
+        guidance_scale: float = 1.0,
         evaluator_path: str | None = "assets/digits/evaluator",
         vae: str | None = None,
         cfg_guidance: str = "shift",
@@ -69,8 +70,10 @@ class GuidedSampling(L.LightningModule):
         if num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
         # Checked here, not at the first batch: a negative scale would push samples away from the target, NaN switch guidance off.
-        check_scale("guidance_scale", guidance_scale)
-        check_scale("cfg_scale", cfg_scale)
+        check_scale("classifier_scale", classifier_scale)
+        check_cfg_scale(guidance_scale)
+        if classifier_scale > 0 and guidance is None:
+            raise ValueError(f"`model.classifier_scale`={classifier_scale} scales a guidance's gradient, but `model.guidance` is not set.")
         self.save_hyperparameters(ignore=["guidance"])
         unet, sampler = load_unet(diffusion_model), load_scheduler(diffusion_model, scheduler, overrides=scheduler_config)
         if guide_path is None:
@@ -86,6 +89,11 @@ class GuidedSampling(L.LightningModule):
         if compile_unet:
             compile_denoiser(self.pipeline.unet)
         self.unet = self.pipeline.unet  # registered, so Lightning moves it to the device
+        if guidance_scale > 1 and guide_path is None and not (self.pipeline.is_class_conditional or self.pipeline.is_text_conditional):
+            raise ValueError(
+                f"`model.guidance_scale`={guidance_scale} (classifier-free guidance) needs a class- or text-conditional model, but "
+                f"`model.diffusion_model`={diffusion_model!r} is unconditional: leave it at 1, or guide with `model.guidance` and `model.classifier_scale`."
+            )
         self.guidance = guidance
         # Checked here, as the fit jobs do, not by a raw conv error at the first batch.
         channels, size = self.image_shape()
@@ -120,7 +128,7 @@ class GuidedSampling(L.LightningModule):
         if isinstance(self.pipeline, GuidedDiffusionPipeline) and self.pipeline.is_class_conditional:
             null = self.pipeline.null_class
             limits.append(("diffusion_model", null, f" (index {null} is its null class, used for classifier-free guidance)"))
-        if self.guidance is not None and self.hparams.guidance_scale > 0 and getattr(self.guidance, "num_classes", None):
+        if self.guidance is not None and self.hparams.classifier_scale > 0 and getattr(self.guidance, "num_classes", None):
             limits.append(("guidance", self.guidance.num_classes, ""))
         if self.metrics is not None:
             limits.append(("evaluator_path", self.metrics.num_classes, ""))
@@ -130,10 +138,9 @@ class GuidedSampling(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         self.pipeline.set_progress_bar_config(disable=True)
+        scales = {"guidance_scale": self.hparams.guidance_scale}
         if self.hparams.guide_path is None:
-            scales = {"guidance_scale": self.hparams.guidance_scale, "cfg_scale": self.hparams.cfg_scale}
-        else:
-            scales = {"guidance_scale": self.hparams.cfg_scale}  # the guide's guidance number g plays CFG's w
+            scales["classifier_scale"] = self.hparams.classifier_scale
         images = sample_batch(self.pipeline, batch, num_inference_steps=self.hparams.num_inference_steps, **scales)
         rows = {"images": images.cpu(), "labels": batch["label"].cpu(), "index": batch["index"].cpu()}
         if "target_map" in batch:

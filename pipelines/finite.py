@@ -22,6 +22,15 @@ def check_scale(name: str, value: float, positive: bool = False) -> float:
     return value
 
 
+def check_cfg_scale(value: float, name: str = "guidance_scale") -> float:
+    """`value` if it is a finite classifier-free guidance weight g >= 1 (diffusers' `guidance_scale`; 1 = off), else an
+    error naming `name`. diffusers switches CFG off silently below 1; here a value there is a mistake worth naming."""
+    check_scale(name, value)
+    if value < 1:
+        raise ValueError(f"Expected `{name}` (the classifier-free guidance weight g, 1 = off) to be >= 1, but got {value}.")
+    return value
+
+
 def check_finite_samples(x: torch.Tensor, timestep: torch.Tensor, timesteps: torch.Tensor) -> None:
     """Fails naming the sampler step at which the samples stopped being finite, instead of scoring NaN images.
 
@@ -33,5 +42,5 @@ def check_finite_samples(x: torch.Tensor, timestep: torch.Tensor, timesteps: tor
         step = int((timesteps == timestep).nonzero()[0, 0]) + 1
         raise FloatingPointError(
             f"Sampling produced non-finite values at step {step} of {len(timesteps)} (timestep {int(timestep)}): lower "
-            "`guidance_scale` / `cfg_scale` (or set the guidance's `clip_gradient`), or check the diffusion model's weights."
+            "`classifier_scale` / `guidance_scale` (or set the guidance's `clip_gradient`), or check the diffusion model's weights."
         )

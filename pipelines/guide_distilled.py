@@ -10,17 +10,17 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from plugguide.models import Guide, denoiser_autocast, parse_autocast_dtype, predict_guided_noise
-from plugguide.pipelines.finite import check_finite_samples, check_scale
+from plugguide.pipelines.finite import check_cfg_scale, check_finite_samples
 from plugguide.pipelines.guided_diffusion import GuidedSamplesOutput
 
 
 class GuideDistilledPipeline(DiffusionPipeline):
-    """Samples `eps'(z_t, c; G(g, z_t, t, c))`, the guide-steered frozen UNet, with any eps-consuming diffusers scheduler.
+    """Samples `eps'(z_t, c; G(w, z_t, t, c))`, the guide-steered frozen UNet, with any eps-consuming diffusers scheduler.
 
     "Plug-and-Play Diffusion Distillation" (Hsiao et al., CVPR 2024): the guide G is trained so that
-    `eps'(z_t, c; G) = (1 + g) eps(z_t, c) - g eps(z_t, null)`, so each step needs one UNet pass (plus the
-    guide) instead of the two of classifier-free guidance, and no doubled batch. The guidance number g is
-    chosen at call time (`guidance_scale`; the guide was trained for g in its `guidance_range`).
+    `eps'(z_t, c; G) = (1 + w) eps(z_t, c) - w eps(z_t, null)`, so each step needs one UNet pass (plus the
+    guide) instead of the two of classifier-free guidance, and no doubled batch. The guidance is chosen
+    at call time as diffusers' `guidance_scale` g = 1 + w (the guide was trained for w in its `guidance_range`).
 
     Class-conditional UNets take `class_labels`; text-conditional ones (Stable Diffusion) take `prompt`
     (with `tokenizer` and `text_encoder`) or `encoder_hidden_states`, and a `vae` decodes their latents.
@@ -62,7 +62,7 @@ class GuideDistilledPipeline(DiffusionPipeline):
         prompt: str | Sequence[str] | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         num_inference_steps: int = 32,
-        guidance_scale: float = 8.0,
+        guidance_scale: float = 9.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -74,7 +74,8 @@ class GuideDistilledPipeline(DiffusionPipeline):
             prompt: text prompt(s) (text-conditional UNets).
             encoder_hidden_states: precomputed text hidden states instead of `prompt`.
             num_inference_steps: sampler steps (use the step count the guide was halved to).
-            guidance_scale: the guidance number g the guide imitates, `(1 + g) eps(c) - g eps(null)`.
+            guidance_scale: the classifier-free guidance weight g the guide imitates, as in diffusers:
+                `eps(null) + g (eps(c) - eps(null))`; the guide reads the paper's w = g - 1.
             generator: torch generator(s) for the initial noise; the same seeds give the same noise as
                 `GuidedDiffusionPipeline`, so one-pass and CFG samples compare image by image.
             output_type: "pil", "np" (B, H, W, C) in [0, 1], or "pt" (B, C, H, W) in [0, 1].
@@ -82,7 +83,8 @@ class GuideDistilledPipeline(DiffusionPipeline):
         """
         if num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
-        check_scale("guidance_scale", guidance_scale)
+        check_cfg_scale(guidance_scale)
+        cfg_weight = guidance_scale - 1  # the guidance number w the guide is conditioned on
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"Expected `output_type` to be 'pil', 'np' or 'pt', but got {output_type!r}.")
         device = self.unet.device
@@ -112,7 +114,7 @@ class GuideDistilledPipeline(DiffusionPipeline):
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for t in self.progress_bar(self.scheduler.timesteps):
             with denoiser_autocast(x.device, self.autocast_dtype):
-                eps = predict_guided_noise(self.unet, self.guide, self.scheduler.scale_model_input(x, t), t, guidance_scale, labels, encoder_hidden_states)
+                eps = predict_guided_noise(self.unet, self.guide, self.scheduler.scale_model_input(x, t), t, cfg_weight, labels, encoder_hidden_states)
             eps = eps.to(x.dtype)
             x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
             check_finite_samples(x, t, self.scheduler.timesteps)

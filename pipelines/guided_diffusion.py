@@ -14,8 +14,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from plugguide.models.denoiser_speed import denoiser_autocast, parse_autocast_dtype
-from plugguide.models.text_encoder import is_text_conditional
-from plugguide.pipelines.finite import check_finite_samples, check_scale
+from plugguide.models.text_encoder import encode_prompts, is_text_conditional
+from plugguide.pipelines.finite import check_cfg_scale, check_finite_samples, check_scale
 from plugguide.pipelines.guidance.base import Guidance
 from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
 
@@ -77,13 +77,14 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
     shift eps, and step without clipping again.
 
     Class-conditional UNets (`UNet2DConditionModel` with `num_class_embeds` = classes + 1, the last index
-    being the null class) use classifier-free guidance `eps = (1 + w) eps(c) - w eps(null)` when
-    `cfg_scale` w > 0. Text-conditional UNets (cross-attention, Stable Diffusion, DeepFloyd-IF) sample under
-    `prompt_embeds`: the empty prompt's embeddings run them unconditionally, as PPAP guides GLIDE; with
-    `negative_prompt_embeds` (the empty prompt's) and w > 0, CFG on a prompt. With `cfg_guidance="normalized"`
+    being the null class) use classifier-free guidance `eps = eps(null) + g (eps(c) - eps(null))` when
+    `guidance_scale` g > 1, as in diffusers (g = 1 + w of the `(1 + w) eps(c) - w eps(null)` form). Text-conditional
+    UNets (cross-attention, Stable Diffusion, DeepFloyd-IF) sample under a `prompt` (encoded by the pipeline's
+    `text_encoder`) or its `prompt_embeds`: the empty prompt runs them unconditionally, as PPAP guides GLIDE; with
+    `negative_prompt_embeds` (the empty prompt's) and g > 1, CFG on a prompt. With `cfg_guidance="normalized"`
     classifier guidance joins CFG as in the DiT setting of Ma et al. (2023, Algorithm 3): the classifier's eps
     direction `g = -sigma_t * grad` is rescaled to the norm of the CFG difference `d = eps(c) - eps(null)` and added
-    to it, `eps = eps(null) + (1 + w) * (d + s * g * ||d|| / ||g||)` (per sample; the schedule multiplies s).
+    to it, `eps = eps(null) + g_cfg * (d + s * g * ||d|| / ||g||)` (per sample; the schedule multiplies s).
 
     Latent diffusion (Stable Diffusion, DiT-style): with a `vae` (diffusers `AutoencoderKL`) the UNet works on
     latents; the pixel-space classifier sees `vae.decode(x0_hat / scaling_factor)` (or the decoded x_t),
@@ -97,11 +98,15 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         guidance: a `Guidance`, or None for unguided / CFG-only sampling.
         vae: an `AutoencoderKL` for latent UNets, or None for pixel-space UNets.
         cfg_guidance: how classifier guidance combines with CFG: `"shift"` (the usual mean / eps shift on
-            the CFG noise) or `"normalized"` (the DiT rule above; needs `cfg_scale` > 0).
-        prompt_embeds: for a text-conditional UNet, the text encoder's hidden states (1, L, D) it samples under
-            (`models.prompt_conditioning`; the empty prompt's for unconditional sampling).
-        negative_prompt_embeds: the null condition of CFG on a prompt (the empty prompt's), same shape.
+            the CFG noise) or `"normalized"` (the DiT rule above; needs `guidance_scale` > 1).
+        prompt_embeds: for a text-conditional UNet, the default text-encoder hidden states (1, L, D) it samples under
+            (`models.prompt_conditioning`; the empty prompt's for unconditional sampling); a call's `prompt` or
+            `prompt_embeds` replaces them for that call.
+        negative_prompt_embeds: the default null condition of CFG on a prompt (the empty prompt's), same shape.
         autocast_dtype: "bfloat16" or "float16" runs the denoiser (only) under autocast; None: full precision.
+        text_encoder: the text encoder of a text-conditional model (CLIP, T5), to encode a call's `prompt`; None: the
+            pipeline takes embeddings only.
+        tokenizer: the text encoder's tokenizer.
     """
 
     # The tensors a `callback_on_step_end` may read and replace, as diffusers pipelines name them.
@@ -110,6 +115,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
     def __init__(
         self, unet, scheduler, guidance: Guidance | None = None, vae=None, cfg_guidance: str = "shift",
         prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None, autocast_dtype: str | None = None,
+        text_encoder=None, tokenizer=None,
     ) -> None:
         super().__init__()
         self.autocast_dtype = parse_autocast_dtype(autocast_dtype)
@@ -124,16 +130,14 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         if cfg_guidance not in ("shift", "normalized"):
             raise ValueError(f"Expected `cfg_guidance` to be 'shift' or 'normalized', but got {cfg_guidance!r}.")
         self.register_modules(unet=unet, scheduler=scheduler)
-        if vae is not None:
-            self.register_modules(vae=vae)
-        else:
-            self.vae = None
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         self.guidance = guidance
         self.cfg_guidance = cfg_guidance
         if (prompt_embeds is not None or negative_prompt_embeds is not None) and not self.is_text_conditional:
             raise ValueError(f"`prompt_embeds` condition a text-conditional UNet (cross-attention), but the UNet is {type(unet).__name__} without one.")
         self.prompt_embeds = prompt_embeds
         self.negative_prompt_embeds = negative_prompt_embeds
+        self._run_prompt_embeds = (prompt_embeds, negative_prompt_embeds)  # what this run's denoiser calls condition on
 
     @property
     def is_class_conditional(self) -> bool:
@@ -155,9 +159,9 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
     def _conditions(self, batch_size: int, class_labels: torch.Tensor | None, device: torch.device) -> tuple[dict, dict]:
         """Keyword arguments of the denoiser for the condition and for CFG's null condition."""
         if self.is_text_conditional:
+            prompt, negative = self._run_prompt_embeds
             embeds = lambda e: e.to(device, self.unet.dtype).expand(batch_size, *e.shape[1:])
-            negative = self.negative_prompt_embeds
-            return {"encoder_hidden_states": embeds(self.prompt_embeds)}, {"encoder_hidden_states": embeds(negative) if negative is not None else None}
+            return {"encoder_hidden_states": embeds(prompt)}, {"encoder_hidden_states": embeds(negative) if negative is not None else None}
         if not self.is_class_conditional:
             return {}, {}
         null = torch.full((batch_size,), self.null_class, dtype=torch.long, device=device)
@@ -175,26 +179,27 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         return output.to(x.dtype)
 
     def predict_noise(
-        self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, cfg_scale: float, return_parts: bool = False
+        self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, cfg_weight: float, return_parts: bool = False
     ) -> tuple[torch.Tensor, ...]:
-        """(the denoiser's prediction, predicted variance), with classifier-free guidance when `cfg_scale` > 0.
+        """(the denoiser's prediction, predicted variance), with classifier-free guidance when `cfg_weight` w > 0.
 
-        The prediction is in the network's own parametrisation (eps for epsilon models; v, x0 or velocity
-        otherwise); CFG is linear in it, as in every diffusers pipeline. The variance is the extra output channels of
-        learned-variance UNets (ADM, DiT: 2C outputs), taken from the conditional branch as diffusers' DiT pipeline
-        does, and None for UNets with C outputs. With `return_parts` and `cfg_scale` > 0, returns
-        (prediction(null), prediction(c) - prediction(null), variance) instead.
+        w = `guidance_scale` - 1: `(1 + w) pred(c) - w pred(null)` is diffusers' `pred(null) + g (pred(c) - pred(null))`,
+        written in the form that keeps the project's earlier samples bit for bit. The prediction is in the network's own
+        parametrisation (eps for epsilon models; v, x0 or velocity otherwise); CFG is linear in it, as in every diffusers
+        pipeline. The variance is the extra output channels of learned-variance UNets (ADM, DiT: 2C outputs), taken
+        from the conditional branch as diffusers' DiT pipeline does, and None for UNets with C outputs. With
+        `return_parts` and w > 0, returns (prediction(null), prediction(c) - prediction(null), variance) instead.
         """
         timesteps = t.expand(x.shape[0])
         channels = x.shape[1]
         condition, null = self._conditions(x.shape[0], class_labels, x.device)
-        if cfg_scale > 0:
+        if cfg_weight > 0:
             both = {key: torch.cat([value, null[key]]) for key, value in condition.items()}
             output, uncond_output = self._denoise(torch.cat([x, x]), torch.cat([timesteps, timesteps]), both).chunk(2)
             cond, uncond = output[:, :channels], uncond_output[:, :channels]
             if return_parts:
                 return uncond, cond - uncond, self._variance(output, channels)
-            output = torch.cat([(1 + cfg_scale) * cond - cfg_scale * uncond, output[:, channels:]], dim=1)
+            output = torch.cat([(1 + cfg_weight) * cond - cfg_weight * uncond, output[:, channels:]], dim=1)
         else:
             output = self._denoise(x, timesteps, condition)
         return output[:, :channels], self._variance(output, channels)
@@ -228,7 +233,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
 
     def denoising_step(
         self, family: ModelFamily, x: torch.Tensor, index: int, t: torch.Tensor, labels: torch.Tensor,
-        guidance_scale: float, cfg_scale: float, generator, clip_first: bool = False, targets: torch.Tensor | None = None,
+        classifier_scale: float, cfg_weight: float, generator, clip_first: bool = False, targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One denoiser evaluation `index` at the scheduler's timestep `t` and the scheduler step after it, guided.
 
@@ -236,21 +241,21 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         are given. `clip_first`: the sampler clips x0_hat (and runs as its unclipped copy): clip here, before the guidance shift.
         """
         targets = labels if targets is None else targets
-        level = family.noise_level(index, t) if self.guidance is not None and guidance_scale > 0 else None
+        level = family.noise_level(index, t) if self.guidance is not None and classifier_scale > 0 else None
         # At alpha = 0 (pure noise: flow's first step) p(y | x_t) = p(y), so the exact guidance term is zero.
         guided = level is not None and level.alpha > 0
         if guided and self.guidance.shifts == "sample" and level.first_evaluation:
-            x = self.displace_sample(x, level, targets, guidance_scale)
+            x = self.displace_sample(x, level, targets, classifier_scale)
         model_input = family.model_input(x, t)
         difference = None
         if guided and self.cfg_guidance == "normalized":
-            uncond, difference, predicted_variance = self.predict_noise(model_input, t, labels, cfg_scale, return_parts=True)
-            output = uncond + (1 + cfg_scale) * difference
+            uncond, difference, predicted_variance = self.predict_noise(model_input, t, labels, cfg_weight, return_parts=True)
+            output = uncond + (1 + cfg_weight) * difference
         else:
-            output, predicted_variance = self.predict_noise(model_input, t, labels, cfg_scale)
+            output, predicted_variance = self.predict_noise(model_input, t, labels, cfg_weight)
         mean_shift = None
         if guided and self.guidance.shifts == "score":
-            output, mean_shift = self.guide_output(family, x, level, t, output, difference, predicted_variance, targets, guidance_scale, cfg_scale, clip_first)
+            output, mean_shift = self.guide_output(family, x, level, t, output, difference, predicted_variance, targets, classifier_scale, cfg_weight, clip_first)
         # A learned-variance DDPM step reads the variance from the channels after eps, as diffusers splits them.
         if predicted_variance is not None and family.ancestral and family.scheduler.config.variance_type in LEARNED_VARIANCE_TYPES:
             output = torch.cat([output, predicted_variance], dim=1)
@@ -259,7 +264,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
 
     def guide_output(
         self, family: ModelFamily, x: torch.Tensor, level: NoiseLevel, t: torch.Tensor, output: torch.Tensor, difference: torch.Tensor | None,
-        predicted_variance: torch.Tensor | None, targets: torch.Tensor, guidance_scale: float, cfg_scale: float, clip_first: bool,
+        predicted_variance: torch.Tensor | None, targets: torch.Tensor, classifier_scale: float, cfg_weight: float, clip_first: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the guided network output, the ancestral step's mean shift or None): the score shift of model_family.py."""
         x0_hat = family.predicted_clean(output, x, level)
@@ -271,22 +276,30 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             level = replace(level, variance=float(torch.as_tensor(variance).mean()))
         guide_on = x0_hat if self.vae is not None else x0_hat.clamp(-1, 1)  # latents have no fixed range; their decoded pixels are clipped
         grad = self.guidance_gradient(x / level.scale, torch.tensor(level.timestep, device=x.device), guide_on, targets)
-        scale = self.guidance.step_scale(guidance_scale, level)
+        scale = self.guidance.step_scale(classifier_scale, level)
         if family.ancestral and difference is None:  # EluCD's sine term lives in the ancestral mean shift only
             return output, scale * (variance + self.guidance.variance_offset(level)) * grad
         direction = -level.sigma * grad  # the score shift in eps units
         if difference is not None:  # cfg_guidance="normalized": scaled to the CFG difference, in eps units
             eps_difference = family.noise_difference(difference, x, level)
             ratio = eps_difference.flatten(1).norm(dim=1) / direction.flatten(1).norm(dim=1).clamp_min(1e-12)
-            return family.shift_output(output, (1 + cfg_scale) * scale * ratio.view(-1, *[1] * (x.dim() - 1)) * direction, x, level), None
+            return family.shift_output(output, (1 + cfg_weight) * scale * ratio.view(-1, *[1] * (x.dim() - 1)) * direction, x, level), None
         return family.shift_output(output, scale * direction, x, level), None
 
-    def displace_sample(self, x: torch.Tensor, level: NoiseLevel, targets: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    def displace_sample(self, x: torch.Tensor, level: NoiseLevel, targets: torch.Tensor, classifier_scale: float) -> torch.Tensor:
         """EluCD's EDM algorithm (Ma et al., 2023, Algorithm 2): the guidance moves the sample itself, before the denoiser
         sees it, in the space the algorithm is written in, EDM's x0 + (sigma / alpha) eps = x_t / alpha."""
         x_edm = x / (level.scale * level.alpha)
         grad = self.guidance_gradient(x_edm, torch.tensor(level.timestep, device=x.device), x_edm, targets)
-        return x + level.scale * level.alpha * self.guidance.step_scale(guidance_scale, level) * grad
+        return x + level.scale * level.alpha * self.guidance.step_scale(classifier_scale, level) * grad
+
+    def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
+        """(1 or B, L, D) hidden states of `prompt` by the pipeline's `text_encoder` and `tokenizer`."""
+        if not self.is_text_conditional:
+            raise ValueError(f"`prompt`={prompt!r} needs a text-conditional UNet (cross-attention), but the UNet is {type(self.unet).__name__} without one.")
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("`prompt` is encoded by the pipeline's `text_encoder` and `tokenizer`, and this pipeline has none: give `prompt_embeds`.")
+        return encode_prompts(self.text_encoder, self.tokenizer, [prompt] if isinstance(prompt, str) else list(prompt))
 
     @torch.no_grad()
     def __call__(
@@ -295,8 +308,11 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         targets: torch.Tensor | None = None,
         batch_size: int | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 0.0,
-        cfg_scale: float = 0.0,
+        classifier_scale: float = 0.0,
+        guidance_scale: float = 1.0,
+        prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -307,35 +323,60 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         """Generates one image per entry of `class_labels` (or `batch_size` unlabelled ones).
 
         Args:
-            class_labels: target class per sample (-1: none). Targets of the guidance (unless `targets` are
-                given) and, for class-conditional UNets, their condition.
-            targets: the guidance's targets when they are not class labels, one per sample: the target maps of a
-                dense guide, (B, H, W) label maps or depth maps (`pipelines.tasks`).
-            batch_size: number of samples when `class_labels` and `targets` are None.
-            num_inference_steps: sampler steps.
-            guidance_scale: classifier-guidance scale s (0: no classifier guidance).
-            cfg_scale: classifier-free guidance weight w, for class-conditional UNets (or text-conditional ones with
-                `negative_prompt_embeds`).
-            generator: torch generator(s) for the initial noise and stochastic steps.
-            latents: the initial standard-normal noise (B, C, H, W), scaled by the sampler's `init_noise_sigma` as in
-                diffusers; drawn from `generator` when None. The same draw passed here, with generators that made it,
-                gives the same samples.
-            output_type: "pil", "np" (B, H, W, C) in [0, 1], or "pt" (B, C, H, W) in [0, 1].
-            return_dict: return a `GuidedSamplesOutput` instead of a tuple.
-            callback_on_step_end: diffusers' step callback, `callback_on_step_end(pipeline, step_index, timestep,
-                callback_kwargs) -> dict`, called after each scheduler step (each entry of `scheduler.timesteps`) with
-                `timestep` the one just evaluated and `callback_kwargs["latents"]` the sampler's state after the step,
-                i.e. the sample at the *next* timestep; a returned `"latents"` replaces the state the run goes on from.
-            callback_on_step_end_tensor_inputs: the tensors `callback_kwargs` holds, from `_callback_tensor_inputs`.
+            class_labels (`Sequence[int] | Tensor`, *optional*): target class per sample (-1: none). Targets of the
+                guidance (unless `targets` are given) and, for class-conditional UNets, their condition.
+            targets (`Tensor`, *optional*): the guidance's targets when they are not class labels, one per sample: the
+                target maps of a dense guide, (B, H, W) label maps or depth maps (`pipelines.tasks`).
+            batch_size (`int`, *optional*): number of samples when `class_labels` and `targets` are None.
+            num_inference_steps (`int`, defaults to 50): sampler steps.
+            classifier_scale (`float`, defaults to 0.0): the scale s of the guidance's gradient (guided-diffusion's
+                `classifier_scale`); 0 samples without it. Needs a `guidance`.
+            guidance_scale (`float`, defaults to 1.0): classifier-free guidance weight g, as in diffusers:
+                `eps(null) + g (eps(c) - eps(null))`, 1 = off. Needs a class-conditional UNet, or a text-conditional
+                one with a negative prompt.
+            prompt (`str | list[str]`, *optional*): for a text-conditional UNet, the prompt, encoded by the
+                pipeline's `text_encoder`; its negative is the empty prompt.
+            prompt_embeds (`Tensor`, *optional*): the prompt's hidden states (1 or B, L, D), in place of `prompt`.
+            negative_prompt_embeds (`Tensor`, *optional*): CFG's null condition, same shape.
+            generator (`torch.Generator | list[torch.Generator]`, *optional*): for the initial noise and stochastic steps.
+            latents (`Tensor`, *optional*): the initial standard-normal noise (B, C, H, W), scaled by the sampler's
+                `init_noise_sigma` as in diffusers; drawn from `generator` when None. The same draw passed here, with
+                generators that made it, gives the same samples.
+            output_type (`str`, defaults to "pil"): "pil", "np" (B, H, W, C) in [0, 1], or "pt" (B, C, H, W) in [0, 1].
+            return_dict (`bool`, defaults to True): return a `GuidedSamplesOutput` instead of a tuple.
+            callback_on_step_end (*optional*): diffusers' step callback, `callback_on_step_end(pipeline, step_index,
+                timestep, callback_kwargs) -> dict`, called after each scheduler step (each entry of
+                `scheduler.timesteps`) with `timestep` the one just evaluated and `callback_kwargs["latents"]` the
+                sampler's state after the step, i.e. the sample at the *next* timestep; a returned `"latents"` replaces
+                the state the run goes on from.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to ["latents"]): the tensors `callback_kwargs`
+                holds, from `_callback_tensor_inputs`.
         """
-        check_scale("guidance_scale", guidance_scale)
-        check_scale("cfg_scale", cfg_scale)
-        if cfg_scale > 0 and not (self.is_class_conditional or self.negative_prompt_embeds is not None):
-            raise ValueError(f"`cfg_scale`={cfg_scale} needs a class-conditional UNet, or a text-conditional one with `negative_prompt_embeds`; the UNet is {type(self.unet).__name__}.")
-        if self.is_text_conditional and self.prompt_embeds is None:
-            raise ValueError("The UNet is text-conditional (cross-attention): give `prompt_embeds` (the empty prompt's embeddings sample it unconditionally).")
-        if self.cfg_guidance == "normalized" and guidance_scale > 0 and cfg_scale <= 0:
-            raise ValueError(f"`cfg_guidance`='normalized' adds the classifier gradient to the CFG difference and needs `cfg_scale` > 0, but got {cfg_scale}.")
+        check_scale("classifier_scale", classifier_scale)
+        check_cfg_scale(guidance_scale)
+        cfg_weight = guidance_scale - 1  # w of the (1 + w) eps(c) - w eps(null) form the denoising step computes
+        if classifier_scale > 0 and self.guidance is None:
+            raise ValueError(f"`classifier_scale`={classifier_scale} scales the guidance's gradient, but the pipeline has no `guidance`.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Give `prompt` or `prompt_embeds`, not both.")
+        if prompt is not None:
+            prompt_embeds = self.encode_prompt(prompt)
+            negative_prompt_embeds = self.encode_prompt("") if negative_prompt_embeds is None else negative_prompt_embeds
+        elif prompt_embeds is not None and not self.is_text_conditional:
+            raise ValueError(f"`prompt_embeds` condition a text-conditional UNet (cross-attention), but the UNet is {type(self.unet).__name__} without one.")
+        self._run_prompt_embeds = (
+            self.prompt_embeds if prompt_embeds is None else prompt_embeds,
+            self.negative_prompt_embeds if negative_prompt_embeds is None else negative_prompt_embeds,
+        )
+        if cfg_weight > 0 and not (self.is_class_conditional or self._run_prompt_embeds[1] is not None):
+            raise ValueError(
+                f"`guidance_scale`={guidance_scale} (classifier-free guidance) needs a class-conditional UNet, or a text-conditional one with a "
+                f"negative prompt; the UNet is {type(self.unet).__name__}. Leave it at 1 (off), or set `classifier_scale` for the guidance."
+            )
+        if self.is_text_conditional and self._run_prompt_embeds[0] is None:
+            raise ValueError("The UNet is text-conditional (cross-attention): give `prompt` or `prompt_embeds` (the empty prompt samples it unconditionally).")
+        if self.cfg_guidance == "normalized" and classifier_scale > 0 and cfg_weight <= 0:
+            raise ValueError(f"`cfg_guidance`='normalized' adds the classifier gradient to the CFG difference and needs `guidance_scale` > 1, but got {guidance_scale}.")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"Expected `output_type` to be 'pil', 'np' or 'pt', but got {output_type!r}.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -357,7 +398,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
                 f"`class_labels` has class {int(labels.max())}, but the class-conditional UNet knows classes 0..{self.null_class - 1} "
                 f"(index {self.null_class} is its null class, used for classifier-free guidance)."
             )
-        guided = self.guidance is not None and guidance_scale > 0
+        guided = classifier_scale > 0
         guidance_targets = labels if targets is None else torch.as_tensor(targets, device=device)
         if len(guidance_targets) != len(labels):
             raise ValueError(f"Expected one target per sample, but got {len(guidance_targets)} `targets` for {len(labels)} samples.")
@@ -378,7 +419,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"Expected `latents` of shape {shape} (one noise image per sample), but got {tuple(latents.shape)}.")
         x = latents.to(device, self.unet.dtype) * family.init_noise_sigma
         for index, t in enumerate(self.progress_bar(family.scheduler.timesteps)):
-            x = self.denoising_step(family, x, index, t, labels, guidance_scale, cfg_scale, generator, clip_first, guidance_targets)
+            x = self.denoising_step(family, x, index, t, labels, classifier_scale, cfg_weight, generator, clip_first, guidance_targets)
             check_finite_samples(x, t, family.scheduler.timesteps)
             if callback_on_step_end is not None:
                 outputs = callback_on_step_end(self, index, t, {name: x for name in callback_on_step_end_tensor_inputs})

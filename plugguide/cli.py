@@ -39,7 +39,7 @@ class PlugGuideCLI(LightningCLI):
       chose none of its own (and did not switch it off).
     - `NonFiniteGuard`: every trainer stops at the first NaN/inf loss, gradient or weight, before it is checkpointed.
     - `--ckpt_path`: Lightning replaces the model settings of the config and command line with the checkpoint's
-      hyper-parameters, so `lightning test --model.guidance_scale 0 --ckpt_path run.ckpt` silently tested the trained
+      hyper-parameters, so `lightning test --model.classifier_scale 0 --ckpt_path run.ckpt` silently tested the trained
       scale. Here the run's settings stand; one line names those that differ from the checkpoint's, and a checkpoint
       whose weights do not fit them (other `num_experts`, `lora_rank`) is refused with the settings named.
     """

@@ -136,7 +136,7 @@ def main() -> None:
         pipeline = GuidedDiffusionPipeline(unet, scheduler, guidance)
         pipeline.set_progress_bar_config(disable=True)
         return measure(
-            metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=args.steps, guidance_scale=scale),
+            metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=args.steps, classifier_scale=scale),
             labels, seeds, grid_path=os.path.join(args.out, "grids", f"{slug(name)}-s{scale:g}.png"),
         )
 

@@ -114,7 +114,7 @@ def main() -> None:
             for scale in [s for s in scales if str(s) not in done]:
                 # Sample i: seed i, target map i (the "labels" are the digits the maps name, scored as class agreement).
                 draw = lambda labels, seeds: sample_batch(
-                    pipeline, {"label": torch.full_like(labels, -1), "seed": seeds, "target_map": maps[seeds]}, num_inference_steps=args.steps, guidance_scale=scale
+                    pipeline, {"label": torch.full_like(labels, -1), "seed": seeds, "target_map": maps[seeds]}, num_inference_steps=args.steps, classifier_scale=scale
                 )
                 grid = os.path.join(args.out, "grids", f"{slug(key)}-s{scale:g}.png")
                 done[str(scale)] = measure(metrics, draw, classes, seeds, on_images=lambda images: score_and_show(images, grid))

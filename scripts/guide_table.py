@@ -3,9 +3,9 @@
     python scripts/guide_table.py [--samples-per-class 50] [--scales 2 4 6 8] [--steps 32 16 8 4] [--guides runs/guides]
 
 For every base (the embedded digits model and its thick-stroke fine-tune), guidance number g and DDIM step
-count, samples the same seeds with
-- CFG: `GuidedDiffusionPipeline(cfg_scale=g)`, two UNet passes per step (one doubled batch);
-- TinyGuide / FullGuide: `GuideDistilledPipeline(guidance_scale=g)` with the guide halved to that step count
+count, samples the same seeds with (g is the paper's `(1 + g) eps(c) - g eps(null)`, diffusers' `guidance_scale` 1 + g)
+- CFG: `GuidedDiffusionPipeline(guidance_scale=1 + g)`, two UNet passes per step (one doubled batch);
+- TinyGuide / FullGuide: `GuideDistilledPipeline(guidance_scale=1 + g)` with the guide halved to that step count
   (`<guides>/<tiny|full>/steps-<n>`; the 32-step guide is the CFG-distilled one). Guides are always the ones
   trained on the original base: on the fine-tuned base they are plugged in without retraining.
 Missing guide chains are trained first, with the commands of docs/guide_distillation.md. Rows are scored under
@@ -103,7 +103,7 @@ def main() -> None:
         unet_params = sum(p.numel() for p in unet.parameters())
         probe = (torch.randn(1, 1, 16, 16), torch.tensor(500), torch.tensor([3]))
         cfg_pipeline = GuidedDiffusionPipeline(unet, DDIMScheduler.from_config(scheduler_config))
-        cfg_flops = step_flops(lambda: cfg_pipeline.predict_noise(*probe, cfg_scale=4.0))
+        cfg_flops = step_flops(lambda: cfg_pipeline.predict_noise(*probe, cfg_weight=4.0))
         for steps in args.steps:
             for method in args.methods:
                 if method == "CFG":
@@ -117,9 +117,8 @@ def main() -> None:
                 for g in args.scales:
                     key = f"{base} | g={g:g} | {steps} steps | {method}"
                     if key not in results:
-                        scale = {"cfg_scale": g} if method == "CFG" else {"guidance_scale": g}
                         results[key] = measure(
-                            metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=steps, **scale),
+                            metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=steps, guidance_scale=1 + g),
                             labels, seeds, grid_path=os.path.join(args.out, "grids", f"{base.split()[0]}-g{g:g}-{steps}-{method}.png"),
                         )
                         os.makedirs(args.out, exist_ok=True)

@@ -125,7 +125,7 @@ def main() -> None:
         steps = f"{sampler.removesuffix('Scheduler')}-{args.steps}"
         label = f"{name}" + (f", CFG w={cfg:g}" if cfg else "")
         row = measure(
-            metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=args.steps, cfg_scale=cfg),
+            metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=args.steps, guidance_scale=1 + cfg),
             row_labels, seeds, grid_path=f"{args.out}/{label.replace(' ', '_').replace(',', '')}-{steps}.png",
         )
         results[f"{label} {steps}"] = row

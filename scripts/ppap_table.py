@@ -116,7 +116,7 @@ def main() -> None:
         pipeline.set_progress_bar_config(disable=True)
         for scale in [s for s in scales if str(s) not in done]:
             done[str(scale)] = measure(
-                metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=args.steps, guidance_scale=scale),
+                metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=args.steps, classifier_scale=scale),
                 labels, seeds, grid_path=os.path.join(args.out, "grids", f"{slug(key)}-s{scale:g}.png"),
             )
             os.makedirs(args.out, exist_ok=True)

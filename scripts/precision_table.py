@@ -57,7 +57,7 @@ def timings(runs: dict[str, GuidedDiffusionPipeline], scale: float, samples: int
     for repeat in range(repeats + 1):
         for name, pipeline in runs.items():
             started = time.perf_counter()
-            sample_batch(pipeline, {"label": labels, "seed": seeds}, num_inference_steps=STEPS, guidance_scale=scale)
+            sample_batch(pipeline, {"label": labels, "seed": seeds}, num_inference_steps=STEPS, classifier_scale=scale)
             if repeat:
                 seconds[name].append((time.perf_counter() - started) / samples)
     return seconds
@@ -84,7 +84,7 @@ def main() -> None:
         reference = statistics.median(seconds["fp32"])
         for name, pipeline in runs.items():
             quality = measure(
-                metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=STEPS, guidance_scale=scale),
+                metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=STEPS, classifier_scale=scale),
                 labels, seeds, grid_path=os.path.join(args.out, "grids", f"{workload}-{name}.png"),
             )
             median = statistics.median(seconds[name])

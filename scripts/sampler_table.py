@@ -137,7 +137,7 @@ def main() -> None:
             pipeline.set_progress_bar_config(disable=True)
             for scale in missing:
                 done[str(scale)] = measure(
-                    metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=steps, guidance_scale=scale),
+                    metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=steps, classifier_scale=scale),
                     labels, seeds, batch_size=args.batch_size, grid_path=os.path.join(args.out, "grids", f"{slug(key)}-s{scale:g}.png"),
                 )
                 with open(f"{results_path}.tmp", "w") as file:

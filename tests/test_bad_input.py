@@ -71,7 +71,7 @@ def grid_on_experts(assets, tmp_path) -> None:
 def target_beyond_classes(assets, tmp_path) -> None:
     torch.manual_seed(0)
     pipeline = GuidedDiffusionPipeline(tiny_unet(), tiny_scheduler(), NaiveClassifierGuidance(TimmClassifier(**TINY_RESNET)))
-    pipeline(class_labels=[3, 12], num_inference_steps=1, guidance_scale=1.0, output_type="pt")
+    pipeline(class_labels=[3, 12], num_inference_steps=1, classifier_scale=1.0, output_type="pt")
 
 
 def unreadable_cache(assets, tmp_path) -> None:
@@ -107,11 +107,15 @@ def sampling_classes_beyond_the_unet(assets, tmp_path) -> None:
     import lightning as L
 
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
-    trainer.predict(sample(assets, diffusion_model=assets["ddpm-cond"], cfg_scale=3.0), ClassLabelDataModule(num_per_class=1, num_classes=11, batch_size=11))
+    trainer.predict(sample(assets, diffusion_model=assets["ddpm-cond"], guidance_scale=4.0), ClassLabelDataModule(num_per_class=1, num_classes=11, batch_size=11))
 
 
 def conditional_pipeline_call(labels, **scales) -> None:
     GuidedDiffusionPipeline(tiny_conditional_unet(), tiny_scheduler())(class_labels=labels, num_inference_steps=1, output_type="pt", **scales)
+
+
+def unguided_pipeline_call(**settings) -> None:
+    GuidedDiffusionPipeline(tiny_unet(), tiny_scheduler())(batch_size=1, num_inference_steps=1, output_type="pt", **settings)
 
 
 def clipped_guidance_call(num_inference_steps: int = 1, **scales) -> None:
@@ -155,7 +159,7 @@ def guide_on_unconditional_unet(assets, tmp_path) -> None:
 def dense_guided_call(guide: str, assets, **targets) -> None:
     """One guided step of the tiny UNet with an off-the-shelf `guide` of the tiny assets, toward `targets`."""
     pipeline = GuidedDiffusionPipeline(tiny_unet(), tiny_scheduler(), NaiveClassifierGuidance(assets[guide]))
-    pipeline(num_inference_steps=1, guidance_scale=1.0, output_type="pt", **targets)
+    pipeline(num_inference_steps=1, classifier_scale=1.0, output_type="pt", **targets)
 
 
 def target_maps_with_a_distilled_guide(assets, tmp_path) -> None:
@@ -164,7 +168,7 @@ def target_maps_with_a_distilled_guide(assets, tmp_path) -> None:
 
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
     TinyGuide(tiny_conditional_unet(), hidden_dim=8).save_pretrained(str(tmp_path / "guide"))
-    module = sample(assets, diffusion_model=assets["ddpm-cond"], guide_path=str(tmp_path / "guide"), cfg_scale=2.0)
+    module = sample(assets, diffusion_model=assets["ddpm-cond"], guide_path=str(tmp_path / "guide"), guidance_scale=3.0)
     trainer.predict(module, TargetMapDataModule(model_path=assets["segmenter"], num_samples=2, batch_size=2))
 
 
@@ -186,10 +190,10 @@ BAD_SETTINGS = [
     ("teacher-channels-differ-from-unet", lambda a, t: experts(a, teacher_path=a["classifier-rgb"]), ValueError, "teacher_path", "3 channels"),
     ("teacher-image-size-differs-from-unet", lambda a, t: experts(a, teacher_path=a["classifier-deit-8px"]), ValueError, "teacher_path", "16x16"),
     ("evaluator-classes-differ-from-teacher", lambda a, t: experts(a, evaluator_path=a["evaluator-5-classes"]), ValueError, "evaluator_path", "5 classes"),
-    ("negative-guidance-scale-experts", lambda a, t: experts(a, guidance_scale=-1.0), ValueError, "guidance_scale", "-1.0"),
-    ("negative-guidance-scale-sampling", lambda a, t: GuidedSampling(diffusion_model=a["ddpm-uncond"], guidance_scale=-0.5, evaluator_path=None), ValueError, "guidance_scale", "-0.5"),
-    ("negative-guidance-scale-grid", lambda a, t: GuidedSampleGrid(guidance_scale=-2.0), ValueError, "guidance_scale", "-2.0"),
-    ("unknown-sampler", lambda a, t: experts(a, sampler="LMSDiscreteScheduler"), ValueError, "sampler", "LMSDiscreteScheduler"),
+    ("negative-guidance-scale-experts", lambda a, t: experts(a, classifier_scale=-1.0), ValueError, "classifier_scale", "-1.0"),
+    ("negative-guidance-scale-sampling", lambda a, t: GuidedSampling(diffusion_model=a["ddpm-uncond"], classifier_scale=-0.5, evaluator_path=None), ValueError, "classifier_scale", "-0.5"),
+    ("negative-guidance-scale-grid", lambda a, t: GuidedSampleGrid(classifier_scale=-2.0), ValueError, "classifier_scale", "-2.0"),
+    ("unknown-sampler", lambda a, t: experts(a, scheduler="LMSDiscreteScheduler"), ValueError, "scheduler", "LMSDiscreteScheduler"),
     ("noise-schedule-not-a-forward-process", lambda a, t: DiffusionPretraining(tiny_unet(), DDIMScheduler()), ValueError, "noise_scheduler", "DDIMScheduler"),
     ("prompt-for-a-model-without-text", lambda a, t: GuidedSampling(diffusion_model=a["ddpm-uncond"], prompt="a seven", evaluator_path=None), ValueError, "prompt", "a seven"),
     ("sampler-of-another-model-family", lambda a, t: synthesized(a, t, scheduler="FlowMatchEulerDiscreteScheduler"), ValueError, "scheduler", "FlowMatchEulerDiscreteScheduler"),
@@ -221,20 +225,26 @@ BAD_SETTINGS = [
     ("guide-for-an-unconditional-unet", guide_on_unconditional_unet, ValueError, "diffusion_model", "ddpm-uncond"),
     ("non-positive-gradient-clip", lambda a, t: NaiveClassifierGuidance(TimmClassifier(**TINY_RESNET), clip_gradient=0.0), ValueError, "clip_gradient", "0.0"),
     # Not a number, or not finite: NaN passed every `< 0` check and switched guidance off; inf made every sample NaN.
-    ("nan-guidance-scale-experts", lambda a, t: experts(a, guidance_scale=math.nan), ValueError, "guidance_scale", "nan"),
-    ("nan-guidance-scale-sampling", lambda a, t: sample(a, guidance_scale=math.nan), ValueError, "guidance_scale", "nan"),
-    ("infinite-cfg-scale-sampling", lambda a, t: sample(a, cfg_scale=math.inf), ValueError, "cfg_scale", "inf"),
-    ("nan-guidance-scale-grid", lambda a, t: GuidedSampleGrid(guidance_scale=math.nan), ValueError, "guidance_scale", "nan"),
-    ("nan-cfg-scale-grid", lambda a, t: GuidedSampleGrid(cfg_scale=math.nan), ValueError, "cfg_scale", "nan"),
+    ("nan-guidance-scale-experts", lambda a, t: experts(a, classifier_scale=math.nan), ValueError, "classifier_scale", "nan"),
+    ("nan-guidance-scale-sampling", lambda a, t: sample(a, classifier_scale=math.nan), ValueError, "classifier_scale", "nan"),
+    ("infinite-cfg-scale-sampling", lambda a, t: sample(a, guidance_scale=math.inf), ValueError, "guidance_scale", "inf"),
+    ("nan-guidance-scale-grid", lambda a, t: GuidedSampleGrid(classifier_scale=math.nan), ValueError, "classifier_scale", "nan"),
+    ("nan-cfg-scale-grid", lambda a, t: GuidedSampleGrid(guidance_scale=math.nan), ValueError, "guidance_scale", "nan"),
+    ("classifier-scale-without-guidance-sampling", lambda a, t: sample(a, classifier_scale=7.5), ValueError, "model.classifier_scale", "7.5"),
+    ("classifier-scale-without-guidance-pipeline-call", lambda a, t: unguided_pipeline_call(classifier_scale=7.5), ValueError, "classifier_scale", "7.5"),
+    ("cfg-on-an-unconditional-model-sampling", lambda a, t: sample(a, guidance_scale=7.5), ValueError, "model.guidance_scale", "7.5"),
+    ("cfg-on-an-unconditional-model-pipeline-call", lambda a, t: unguided_pipeline_call(guidance_scale=7.5), ValueError, "guidance_scale", "7.5"),
+    ("cfg-weight-below-one-sampling", lambda a, t: sample(a, guidance_scale=0.5), ValueError, "guidance_scale", "0.5"),
+    ("prompt-for-an-unconditional-model-pipeline-call", lambda a, t: unguided_pipeline_call(prompt="a three"), ValueError, "prompt", "a three"),
     ("nan-guide-grid-scale", lambda a, t: GuideSampleGrid(guidance_scales=[2.0, math.nan]), ValueError, "guidance_scales", "nan"),
     ("infinite-guidance-range", lambda a, t: GuideDistillation(guide=lambda unet: TinyGuide(unet, hidden_dim=8), diffusion_model=a["ddpm-cond"], guidance_range=(2.0, math.inf)), ValueError, "guidance_range", "inf"),
     ("nan-gradient-clip", lambda a, t: NaiveClassifierGuidance(TimmClassifier(**TINY_RESNET), clip_gradient=math.nan), ValueError, "clip_gradient", "nan"),
-    ("nan-guidance-scale-pipeline-call", lambda a, t: clipped_guidance_call(guidance_scale=math.nan), ValueError, "guidance_scale", "nan"),
-    ("infinite-guidance-scale-with-clipping", lambda a, t: clipped_guidance_call(guidance_scale=math.inf), ValueError, "guidance_scale", "inf"),
-    ("nan-cfg-scale-pipeline-call", lambda a, t: conditional_pipeline_call([1, 2], cfg_scale=math.nan), ValueError, "cfg_scale", "nan"),
+    ("nan-guidance-scale-pipeline-call", lambda a, t: clipped_guidance_call(classifier_scale=math.nan), ValueError, "classifier_scale", "nan"),
+    ("infinite-guidance-scale-with-clipping", lambda a, t: clipped_guidance_call(classifier_scale=math.inf), ValueError, "classifier_scale", "inf"),
+    ("nan-cfg-scale-pipeline-call", lambda a, t: conditional_pipeline_call([1, 2], guidance_scale=math.nan), ValueError, "guidance_scale", "nan"),
     # The null class of a class-conditional UNet taken as a target: unconditional samples scored as "class 10", or an IndexError.
-    ("cfg-target-is-the-null-class", lambda a, t: conditional_pipeline_call([3, 10], cfg_scale=3.0), ValueError, "class_labels", "10"),
-    ("cfg-target-beyond-the-null-class", lambda a, t: conditional_pipeline_call([11], cfg_scale=3.0), ValueError, "class_labels", "11"),
+    ("cfg-target-is-the-null-class", lambda a, t: conditional_pipeline_call([3, 10], guidance_scale=4.0), ValueError, "class_labels", "10"),
+    ("cfg-target-beyond-the-null-class", lambda a, t: conditional_pipeline_call([11], guidance_scale=4.0), ValueError, "class_labels", "11"),
     ("sampling-classes-beyond-the-unet", sampling_classes_beyond_the_unet, ValueError, "data.num_classes", "11"),
     # Files and folders that name nothing when they fail.
     ("read-only-parent-of-new-cache-dir", read_only_parent_of_cache, ValueError, "cache_dir", "read-only"),
@@ -242,7 +252,7 @@ BAD_SETTINGS = [
     ("truncated-classifier-weights", lambda a, t: experts(a, teacher_path=a["classifier-truncated"]), OSError, "teacher_path", "classifier-truncated"),
     ("truncated-unet-weights", lambda a, t: experts(a, diffusion_model=a["ddpm-truncated"]), OSError, "diffusion_model", "damaged"),
     ("experts-folder-missing-an-adapter", lambda a, t: ExpertGuidance(a["experts-missing-adapter"]), FileNotFoundError, "experts", "expert_1/"),
-    ("rgb-classifier-guiding-the-sampling-job", lambda a, t: sample(a, guidance=NaiveClassifierGuidance(a["classifier-rgb"]), guidance_scale=1.0), ValueError, "guidance", "3 channels"),
+    ("rgb-classifier-guiding-the-sampling-job", lambda a, t: sample(a, guidance=NaiveClassifierGuidance(a["classifier-rgb"]), classifier_scale=1.0), ValueError, "guidance", "3 channels"),
     ("rgb-evaluator-of-the-sampling-job", lambda a, t: sample(a, evaluator_path=a["classifier-rgb"]), ValueError, "evaluator_path", "3 channels"),
     ("zero-sampling-batch-size", lambda a, t: ClassLabelDataModule(batch_size=0), ValueError, "batch_size", "0"),
     # Dense guides (issue 14): a target of another kind, a map naming a class the segmenter lacks, settings of no meaning.
@@ -260,7 +270,7 @@ BAD_SETTINGS = [
     ("target-maps-from-an-unknown-split", lambda a, t: TargetMapDataModule(model_path=a["segmenter"], splits=["holdout"]), ValueError, "splits", "holdout"),
     ("target-maps-with-a-distilled-guide", target_maps_with_a_distilled_guide, ValueError, "guide_path", "guide"),
     ("unknown-dense-export-dtype", lambda a, t: DensePretraining(DenseModel(**TINY_SEGMENTER), export_dtype="bfloat16"), ValueError, "export_dtype", "bfloat16"),
-    ("nan-naive-target-map-grid-scale", lambda a, t: TargetMapGrid(naive_guidance_scale=math.nan), ValueError, "naive_guidance_scale", "nan"),
+    ("nan-naive-target-map-grid-scale", lambda a, t: TargetMapGrid(naive_classifier_scale=math.nan), ValueError, "naive_classifier_scale", "nan"),
     # peft builds a conv's LoRA branch without the conv's dilation (huggingface/peft#3697): a shape error at the first step.
     ("lora-on-dilated-convolutions", lambda a, t: MultiExpertClassifier(DenseModel(**TINY_DEEPLABV3PLUS), target_modules=r"model\.decoder\.aspp\..*"), ValueError, "target_modules", "dilated"),
 ]
@@ -289,7 +299,7 @@ def test_the_table_is_large_enough():
 
 def overflowing_guided_samples() -> None:
     """A finite scale can still overflow float32: samples turn inf/NaN at the first guided step."""
-    clipped_guidance_call(guidance_scale=1e300, num_inference_steps=2)
+    clipped_guidance_call(classifier_scale=1e300, num_inference_steps=2)
 
 
 def samples_of_a_nan_unet() -> None:

@@ -195,7 +195,7 @@ def test_edm_algorithm_samples_as_the_authors_edm_sampler(tiny_classifier):
     pipeline = GuidedDiffusionPipeline(unet, scheduler, guidance)
     pipeline.set_progress_bar_config(disable=True)
     labels, max_guidance, num_steps = torch.tensor([2, 7]), 0.05, 4
-    images = pipeline(labels, num_inference_steps=num_steps, guidance_scale=max_guidance, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    images = pipeline(labels, num_inference_steps=num_steps, classifier_scale=max_guidance, generator=torch.Generator().manual_seed(0), output_type="pt").images
 
     scheduler.set_timesteps(num_steps)
     t_steps = torch.cat([scheduler.sigmas[0:1], scheduler.sigmas[1::2]])  # s_0 .. s_{N-1}, 0
@@ -250,7 +250,7 @@ def test_all_off_calibrated_guidance_samples_exactly_like_plain_classifier_guida
     def run(guidance):
         pipeline = GuidedDiffusionPipeline(tiny_unet(), tiny_scheduler(), guidance)
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline([1, 7], num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        return pipeline([1, 7], num_inference_steps=3, classifier_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
 
     plain = run(NaiveClassifierGuidance(tiny_classifier))
     assert torch.equal(run(CalibratedGuidance(tiny_classifier, input="x_t", **OFF)), plain)
@@ -262,7 +262,7 @@ def test_score_shift_samplers_take_no_sine_term_as_the_authors_ddim(tiny_classif
     def run(scheduler, sine_gamma):
         pipeline = GuidedDiffusionPipeline(tiny_unet(), scheduler, CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": sine_gamma}))
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline([1, 7], num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        return pipeline([1, 7], num_inference_steps=4, classifier_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
 
     score_shift = scheduler_class.from_config(tiny_scheduler().config)
     assert torch.equal(run(score_shift, 0.3), run(score_shift, 0.0))
@@ -274,12 +274,12 @@ def test_cfg_plus_normalized_classifier_guidance(tiny_classifier):
     pipeline.set_progress_bar_config(disable=True)
 
     def run(scale):
-        return pipeline([3, 4], num_inference_steps=3, guidance_scale=scale, cfg_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        return pipeline([3, 4], num_inference_steps=3, classifier_scale=scale, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
 
     cfg_only, guided = run(0.0), run(1.0)
     assert torch.isfinite(guided).all() and not torch.allclose(guided, cfg_only)
-    with pytest.raises(ValueError, match="cfg_scale"):
-        pipeline([3], num_inference_steps=2, guidance_scale=1.0, cfg_scale=0.0)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        pipeline([3], num_inference_steps=2, classifier_scale=1.0, guidance_scale=1.0)  # normalized needs CFG on (g > 1)
     with pytest.raises(ValueError, match="cfg_guidance"):
         GuidedDiffusionPipeline(tiny_conditional_unet(), tiny_scheduler(), None, cfg_guidance="sum")
 
@@ -293,7 +293,7 @@ def test_latent_guidance_decodes_x0_hat_and_backpropagates_through_the_vae(tiny_
     latents = torch.randn(2, 2, 8, 8)
     grad = pipeline.guidance_gradient(latents, torch.tensor(500), latents, torch.tensor([1, 2]))
     assert grad.shape == latents.shape and grad.abs().sum() > 0  # a latent-space gradient, through the decoder
-    run = lambda scale: pipeline([1, 2], num_inference_steps=2, guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    run = lambda scale: pipeline([1, 2], num_inference_steps=2, classifier_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt").images
     unguided, guided = run(0.0), run(50.0)
     assert unguided.shape == (2, 1, 16, 16) and not torch.allclose(guided, unguided)
 
@@ -306,13 +306,13 @@ class ToyValData(L.LightningDataModule):
 
 
 class ToyDistillation(L.LightningModule):
-    """Exposes `guidance()`, `unet` and `sampler` as ExpertDistillation does."""
+    """Exposes `guidance()`, `unet` and `scheduler` as ExpertDistillation does."""
 
     def __init__(self, classifier):
         super().__init__()
         self.classifier = classifier
         self.unet = tiny_unet().eval().requires_grad_(False)
-        self.sampler = tiny_scheduler()
+        self.scheduler = tiny_scheduler()
 
     def guidance(self):
         return CalibratedGuidance(self.classifier)

@@ -56,7 +56,7 @@ def test_sample_job_writes_npz_and_grid(tiny_assets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     overrides = {
         "trainer": {"enable_progress_bar": False, "callbacks": [{"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out"), "nrow": 2}}]},
-        "model": {"init_args": {"diffusion_model": tiny_assets["ddpm-cond"], "num_inference_steps": 2, "cfg_scale": 3.0, "evaluator_path": tiny_assets["evaluator"]}},
+        "model": {"init_args": {"diffusion_model": tiny_assets["ddpm-cond"], "num_inference_steps": 2, "guidance_scale": 4.0, "evaluator_path": tiny_assets["evaluator"]}},
         "data": {"init_args": {"num_per_class": 2, "batch_size": 7}},
     }
     run("predict", "sample.yaml", overrides, tmp_path)
@@ -82,7 +82,7 @@ def test_sample_job_with_a_distilled_guide(tiny_assets, tmp_path, monkeypatch):
     TinyGuide(load_unet(tiny_assets["ddpm-cond"]), hidden_dim=8).save_pretrained(str(tmp_path / "guide"))
     overrides = {
         "trainer": {"enable_progress_bar": False, "callbacks": [{"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}]},
-        "model": {"init_args": {"diffusion_model": tiny_assets["ddpm-cond"], "guide_path": str(tmp_path / "guide"), "num_inference_steps": 2, "cfg_scale": 4.0, "evaluator_path": tiny_assets["evaluator"]}},
+        "model": {"init_args": {"diffusion_model": tiny_assets["ddpm-cond"], "guide_path": str(tmp_path / "guide"), "num_inference_steps": 2, "guidance_scale": 5.0, "evaluator_path": tiny_assets["evaluator"]}},
         "data": {"init_args": {"num_per_class": 1, "batch_size": 10}},
     }
     run("predict", "sample.yaml", overrides, tmp_path)
@@ -144,13 +144,13 @@ def test_the_command_line_wins_over_the_checkpoints_settings(trained_experts, mo
     directory, overrides = trained_experts
     monkeypatch.chdir(directory)
     used = []
-    monkeypatch.setattr(ExpertDistillation, "on_test_start", lambda self: used.append(self.hparams.guidance_scale))
+    monkeypatch.setattr(ExpertDistillation, "on_test_start", lambda self: used.append(self.hparams.classifier_scale))
     monkeypatch.setattr(ExpertDistillation, "test_step", lambda self, batch, batch_idx: None)
     monkeypatch.setattr(ExpertDistillation, "on_test_epoch_end", lambda self: None)
     for scale in ("0", "3.5"):
-        run("test", "ppap.yaml", overrides, directory, "--ckpt_path", "runs/ppap/checkpoints/last.ckpt", "--model.guidance_scale", scale)
+        run("test", "ppap.yaml", overrides, directory, "--ckpt_path", "runs/ppap/checkpoints/last.ckpt", "--model.classifier_scale", scale)
     assert used == [0.0, 3.5]
-    assert "saved with model settings guidance_scale=4.0; this run uses guidance_scale=3.5 (the checkpoint gives the weights only)" in caplog.text
+    assert "saved with model settings classifier_scale=4.0; this run uses classifier_scale=3.5 (the checkpoint gives the weights only)" in caplog.text
 
 
 @pytest.mark.parametrize("ckpt_path", ["runs/ppap/checkpoints/last.ckpt", "last"])

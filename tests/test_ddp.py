@@ -46,10 +46,10 @@ def evaluate(out: str, assets: dict, checkpoint: str, devices: int) -> dict:
     L.seed_everything(0)
     experts = ExpertDistillation(
         teacher_path=assets["classifier-resnet"], diffusion_model=assets["ddpm-uncond"], num_experts=3, lora_rank=4,
-        num_inference_steps=2, guidance_scale=1.0, evaluator_path=assets["evaluator"], autoencoder_path=assets["autoencoder"],
+        num_inference_steps=2, classifier_scale=1.0, evaluator_path=assets["evaluator"], autoencoder_path=assets["autoencoder"],
     )
     tested = trainer().test(experts, DigitsDataModule(batch_size=64), ckpt_path=checkpoint, verbose=False)[0]
-    sampling = GuidedSampling(diffusion_model=assets["ddpm-cond"], num_inference_steps=2, cfg_scale=3.0, evaluator_path=assets["evaluator"])
+    sampling = GuidedSampling(diffusion_model=assets["ddpm-cond"], num_inference_steps=2, guidance_scale=4.0, evaluator_path=assets["evaluator"])
     predicted = []
     compute = sampling.metrics.compute
     sampling.metrics.compute = lambda: (predicted.append(compute()), predicted[-1])[1]
@@ -124,7 +124,7 @@ def run_worker(out: str, assets: dict) -> None:
     L.seed_everything(0)
     module = ExpertDistillation(
         teacher_path=assets["classifier-resnet"], diffusion_model=assets["ddpm-uncond"], num_experts=3, lora_rank=4,
-        num_inference_steps=2, guidance_scale=1.0, evaluator_path=None,
+        num_inference_steps=2, classifier_scale=1.0, evaluator_path=None,
     )
     data = SynthesizedImageDataModule(
         diffusion_model=assets["ddpm-uncond"], num_inference_steps=2, num_images=32, shard_size=8, batch_size=4,

@@ -166,7 +166,7 @@ def test_a_strong_dense_guide_moves_a_samples_map_toward_the_target(guide):
     pipeline.set_progress_bar_config(disable=True)
     overlap = {}
     for scale in (0.0, 3.0):
-        images = pipeline(targets=targets, num_inference_steps=10, guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        images = pipeline(targets=targets, num_inference_steps=10, classifier_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt").images
         strokes = stroke_mask(images * 2 - 1)
         overlap[scale] = ((strokes & pattern).flatten(1).sum(1) / (strokes | pattern).flatten(1).sum(1).clamp_min(1)).mean().item()
     assert overlap[3.0] > 0.8 and overlap[3.0] > overlap[0.0] + 0.5
@@ -241,7 +241,7 @@ def test_the_sampling_job_guides_toward_target_maps_and_they_round_trip_through_
     overrides = {
         "trainer": {"enable_progress_bar": False, "callbacks": [{"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out"), "nrow": 3}}]},
         "model": {"init_args": {
-            "diffusion_model": tiny_assets["ddpm-uncond"], "num_inference_steps": 2, "guidance_scale": 5.0, "evaluator_path": tiny_assets["evaluator"],
+            "diffusion_model": tiny_assets["ddpm-uncond"], "num_inference_steps": 2, "classifier_scale": 5.0, "evaluator_path": tiny_assets["evaluator"],
             "guidance": {"class_path": "plugguide.pipelines.guidance.NaiveClassifierGuidance", "init_args": {"classifier": tiny_assets[model]}},
         }},
         "data": {"class_path": "plugguide.datamodules.TargetMapDataModule", "init_args": {"model_path": tiny_assets[model], "num_samples": 5, "batch_size": 3}},

@@ -183,8 +183,8 @@ def test_one_pass_sampling_matches_cfg_noise_and_fresh_guide_gives_conditional_s
     labels = torch.tensor([0, 1, 2])
     guided = GuideDistilledPipeline(unet, TinyGuide(unet), scheduler)
     plain = GuidedDiffusionPipeline(unet, DDIMScheduler.from_config(scheduler.config))
-    one_pass = guided(class_labels=labels, num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    conditional = plain(class_labels=labels, num_inference_steps=4, cfg_scale=0.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    one_pass = guided(class_labels=labels, num_inference_steps=4, guidance_scale=6.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    conditional = plain(class_labels=labels, num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert one_pass.shape == (3, 1, 8, 8)
     assert torch.equal(one_pass, conditional)  # a fresh guide steers nothing; same seeds give the same noise
 
@@ -199,7 +199,7 @@ def test_flop_counting_shows_one_pass_saving():
             fn()
         return counter.get_total_flops()
 
-    cfg = flops(lambda: cfg_pipeline.predict_noise(x, t, labels, cfg_scale=4.0))
+    cfg = flops(lambda: cfg_pipeline.predict_noise(x, t, labels, cfg_weight=4.0))
     tiny = flops(lambda: predict_guided_noise(unet, TinyGuide(unet), x, t, 4.0, labels))
     full = flops(lambda: predict_guided_noise(unet, FullGuide(unet), x, t, 4.0, labels))
     assert tiny <= 0.55 * cfg, tiny / cfg
@@ -250,7 +250,7 @@ def test_text_to_image_latent_distillation_path(text_model, guide_class):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(not p.requires_grad for p in list(module.unet.parameters()) + list(module.text_encoder.parameters()) + list(module.vae.parameters()))
-    images = module.sampling_pipeline()(prompt=["a dog"], num_inference_steps=2, guidance_scale=4.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    images = module.sampling_pipeline()(prompt=["a dog"], num_inference_steps=2, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert images.shape == (1, 3, 16, 16)
 
 
@@ -279,7 +279,7 @@ def test_guide_distillation_and_halving_configs_run(digits_model, tmp_path, monk
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "tb"}},
             "callbacks": [
                 {"class_path": "plugguide.callbacks.ExportPretrained", "init_args": {"directory": "runs/guides"}},
-                {"class_path": "plugguide.callbacks.guide_grid.GuideSampleGrid", "init_args": {"guidance_scales": [2.0, 8.0], "num_per_class": 1, "num_inference_steps": 2, "evaluator_path": "evaluator"}},
+                {"class_path": "plugguide.callbacks.guide_grid.GuideSampleGrid", "init_args": {"guidance_scales": [3.0, 9.0], "num_per_class": 1, "num_inference_steps": 2, "evaluator_path": "evaluator"}},
             ],
         },
         "model": {"init_args": {"diffusion_model": digits_model}},
@@ -291,8 +291,8 @@ def test_guide_distillation_and_halving_configs_run(digits_model, tmp_path, monk
 
     events = EventAccumulator(str(next((tmp_path / "runs" / "tb").glob("version_*"))))
     events.Reload()
-    assert {"guide_vs_cfg/g=2", "guide_vs_cfg/g=8"} <= set(events.Tags()["images"])
-    assert "guide_vs_cfg/guided_accuracy_guide_g8" in events.Tags()["scalars"] and "train/loss" in events.Tags()["scalars"]
+    assert {"guide_vs_cfg/g=3", "guide_vs_cfg/g=9"} <= set(events.Tags()["images"])
+    assert "guide_vs_cfg/guided_accuracy_guide_g9" in events.Tags()["scalars"] and "train/loss" in events.Tags()["scalars"]
     for stage, steps in (("32to16", 16), ("16to8", 8), ("8to4", 4)):
         run_cli(["fit", "-c", os.path.join(CONFIGS, "halving", "base.yaml"), "-c", os.path.join(CONFIGS, "halving", f"{stage}.yaml"), "-c", str(overrides)])
         assert os.path.isfile(f"runs/guides/tiny/steps-{steps}/model.safetensors")

@@ -100,7 +100,7 @@ def test_latent_sampling_job_decodes_through_a_vae(tmp_path, monkeypatch, tiny_a
     overrides = {
         "trainer": {"enable_progress_bar": False, "precision": "32-true", "callbacks": [{"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}]},
         "model": {"init_args": {
-            "diffusion_model": str(tmp_path / "latent"), "vae": str(tmp_path / "latent"), "num_inference_steps": 2, "cfg_scale": 1.5, "guidance_scale": 1.0,
+            "diffusion_model": str(tmp_path / "latent"), "vae": str(tmp_path / "latent"), "num_inference_steps": 2, "guidance_scale": 2.5, "classifier_scale": 1.0,
             "guidance": {"class_path": "plugguide.pipelines.guidance.CalibratedGuidance", "init_args": {"classifier": tiny_assets["classifier-resnet"]}},
             "evaluator_path": tiny_assets["evaluator"],
         }},
@@ -143,8 +143,8 @@ def deepfloyd_like(tmp_path_factory) -> str:
     return path
 
 
-@pytest.mark.parametrize("prompt, cfg_scale", [(None, 0.0), ("a red fish", 3.0)], ids=["empty-prompt", "cfg-on-a-prompt"])
-def test_deepfloyd_if_samples_as_diffusers_if_pipeline(deepfloyd_like, prompt, cfg_scale):
+@pytest.mark.parametrize("prompt, guidance_scale", [(None, 1.0), ("a red fish", 4.0)], ids=["empty-prompt", "cfg-on-a-prompt"])
+def test_deepfloyd_if_samples_as_diffusers_if_pipeline(deepfloyd_like, prompt, guidance_scale):
     """Unguided, the text model under the empty prompt (and with CFG on a prompt) gives diffusers' IFPipeline's samples."""
     from diffusers import IFPipeline, UNet2DConditionModel
 
@@ -156,11 +156,11 @@ def test_deepfloyd_if_samples_as_diffusers_if_pipeline(deepfloyd_like, prompt, c
     conditioning = prompt_conditioning(deepfloyd_like, unet, prompt)
     stock = IFPipeline(tokenizer=tokenizer, text_encoder=encoder, unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
     stock.set_progress_bar_config(disable=True)
-    # IFPipeline runs CFG when guidance_scale > 1, as (1 + w) eps(prompt) - w eps("")
-    expected = stock(prompt=prompt or "", guidance_scale=1 + cfg_scale, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    # IFPipeline runs CFG when guidance_scale > 1, as eps("") + g (eps(prompt) - eps("")); the same g here
+    expected = stock(prompt=prompt or "", guidance_scale=guidance_scale, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
     ours = GuidedDiffusionPipeline(unet, scheduler, **conditioning)
     ours.set_progress_bar_config(disable=True)
-    images = ours(batch_size=1, num_inference_steps=3, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = ours(batch_size=1, num_inference_steps=3, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert abs(images - expected).max() < 1e-5
 
 

@@ -69,6 +69,21 @@ def test_unguided_sampling_of_a_text_model_is_stable_diffusions(name, overrides,
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
 
 
+def test_cfg_on_a_prompt_given_at_call_time_is_stable_diffusions(text_to_image):
+    """`prompt` and `guidance_scale` mean what they mean in diffusers: the same samples as StableDiffusionPipeline at g = 5."""
+    scheduler = sampler("DDIMScheduler", text_to_image["config"])
+    parts = {key: text_to_image[key] for key in ("unet", "vae", "text_encoder", "tokenizer")}
+    stock = StableDiffusionPipeline(**parts, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    expected = stock(prompt="a digit", guidance_scale=5.0, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    ours = GuidedDiffusionPipeline(parts["unet"], scheduler, vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"])
+    ours.set_progress_bar_config(disable=True)
+    images = ours(prompt="a digit", guidance_scale=5.0, batch_size=1, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
+    unguided = ours(prompt="a digit", batch_size=1, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert not torch.allclose(unguided, expected, atol=1e-3)  # g = 1 is CFG off, as in diffusers
+
+
 @pytest.mark.parametrize("guidance_class", ["CalibratedGuidance", "ExpertGuidance"])
 def test_classifier_guidance_steers_a_text_model_under_cfg_on_a_prompt(guidance_class, text_to_image):
     """Calibrated guidance and PPAP experts on a cross-attention UNet + VAE (Stable Diffusion's classes), with CFG on a prompt."""
@@ -83,7 +98,7 @@ def test_classifier_guidance_steers_a_text_model_under_cfg_on_a_prompt(guidance_
     scheduler = sampler("EulerDiscreteScheduler", text_to_image["config"])
     pipeline = GuidedDiffusionPipeline(text_to_image["unet"], scheduler, guidance, vae=text_to_image["vae"], **conditioning)
     pipeline.set_progress_bar_config(disable=True)
-    run = lambda scale: pipeline([1, 4], num_inference_steps=3, guidance_scale=scale, cfg_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    run = lambda scale: pipeline([1, 4], num_inference_steps=3, classifier_scale=scale, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
     unguided, guided = run(0.0), run(50.0)
     assert guided.shape == (2, 3, 16, 16) and torch.isfinite(guided).all() and not torch.allclose(guided, unguided)
 
@@ -349,7 +364,7 @@ def test_guided_ddim_with_clipping_follows_guided_diffusions_condition_score(tin
     pipeline = GuidedDiffusionPipeline(unet, ddim, guidance)
     pipeline.set_progress_bar_config(disable=True)
     labels, scale = torch.tensor([1, 5]), 30.0
-    images = pipeline(class_labels=labels, num_inference_steps=3, guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    images = pipeline(class_labels=labels, num_inference_steps=3, classifier_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt").images
     # The authors' arithmetic (EluCD DDPM/guided_diffusion/gaussian_diffusion.py), eta = 0.
     x = diffusers.utils.torch_utils.randn_tensor((2, 1, 16, 16), generator=torch.Generator().manual_seed(0))
     ddim.set_timesteps(3)
@@ -428,7 +443,7 @@ def test_lightning_predict_samples_each_family_guided(name, overrides, family_mo
     job = {"diffusion_model": family_models[training_family(name)], "scheduler": name, "scheduler_config": overrides, "num_inference_steps": 3}
     overrides_yaml = {
         "trainer": {"enable_progress_bar": False, "callbacks": [{"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}]},
-        "model": {"init_args": job | {"guidance": guidance, "guidance_scale": 2.0, "evaluator_path": tiny_assets["evaluator"]}},
+        "model": {"init_args": job | {"guidance": guidance, "classifier_scale": 2.0, "evaluator_path": tiny_assets["evaluator"]}},
         "data": {"init_args": {"num_per_class": 1, "num_classes": 2, "batch_size": 2}},
     }
     run("predict", "sample.yaml", overrides_yaml, tmp_path)
@@ -459,7 +474,7 @@ def test_guidance_sees_the_discrete_train_timestep_of_each_evaluation(name, over
     guidance.seen = []
     pipeline = GuidedDiffusionPipeline(UNet2DModel(**TINY_UNET), scheduler, guidance)
     pipeline.set_progress_bar_config(disable=True)
-    pipeline([1, 2], num_inference_steps=5, guidance_scale=1.0, output_type="pt")
+    pipeline([1, 2], num_inference_steps=5, classifier_scale=1.0, output_type="pt")
     family = ModelFamily(scheduler)  # the run left its timesteps set
     levels = [family.noise_level(k, t) for k, t in enumerate(scheduler.timesteps)]
     expected = [[level.timestep] * 2 for level in levels if level.alpha > 0]  # flow's s = 1 (pure noise) is not guided

@@ -151,7 +151,7 @@ def test_distillation_loss_falls_and_only_experts_change(tiny_assets):
 def test_guided_sampling_runs_and_guidance_changes_the_samples(scheduler_class, tiny_classifier):
     pipeline = GuidedDiffusionPipeline(tiny_unet(), scheduler_class.from_config(tiny_scheduler().config), NaiveClassifierGuidance(tiny_classifier))
     pipeline.set_progress_bar_config(disable=True)
-    run = lambda scale: pipeline(class_labels=[1, 2], num_inference_steps=3, guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    run = lambda scale: pipeline(class_labels=[1, 2], num_inference_steps=3, classifier_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt").images
     unguided, guided = run(0.0), run(50.0)
     assert unguided.shape == (2, 1, 16, 16) and torch.all((0 <= guided) & (guided <= 1))
     assert not torch.allclose(unguided, guided)
@@ -161,7 +161,7 @@ def test_learned_variance_sampling_matches_diffusers_and_takes_the_guidance(tiny
     unet, scheduler = learned_variance_model()
     pipeline = GuidedDiffusionPipeline(unet, scheduler, NaiveClassifierGuidance(tiny_classifier))
     pipeline.set_progress_bar_config(disable=True)
-    run = lambda scale: pipeline(class_labels=[1, 2], num_inference_steps=4, guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="np").images
+    run = lambda scale: pipeline(class_labels=[1, 2], num_inference_steps=4, classifier_scale=scale, generator=torch.Generator().manual_seed(0), output_type="np").images
     reference = DDPMPipeline(unet, scheduler)
     reference.set_progress_bar_config(disable=True)
     expected = reference(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
@@ -193,7 +193,7 @@ def test_guidance_moves_a_judge_toward_the_target():
     targets = torch.arange(10).repeat(2)
     hits = {}
     for scale in (0.0, 20.0):
-        images = pipeline(class_labels=targets, num_inference_steps=10, guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        images = pipeline(class_labels=targets, num_inference_steps=10, classifier_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt").images
         hits[scale] = (judge(images * 2 - 1).argmax(-1) == targets).float().mean().item()
     assert hits[20.0] >= 0.8 and hits[20.0] > hits[0.0] + 0.5
 

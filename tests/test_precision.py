@@ -59,7 +59,7 @@ def test_diffusion_pretraining_bf16_mixed(tmp_path):
 
 def guided_samples(pipeline: GuidedDiffusionPipeline) -> torch.Tensor:
     labels = torch.arange(4)
-    return pipeline(class_labels=labels, num_inference_steps=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    return pipeline(class_labels=labels, num_inference_steps=4, classifier_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
 
 
 def test_autocast_runs_only_the_denoiser_in_bfloat16():

@@ -94,7 +94,7 @@ def test_expert_distillation_resumes_exactly_mid_epoch(tiny_assets, tmp_path, mo
     def make_module():
         return ExpertDistillation(
             teacher_path=tiny_assets["classifier-resnet"], diffusion_model=tiny_assets["ddpm-uncond"], num_experts=3, lora_rank=4,
-            num_inference_steps=2, guidance_scale=1.0, evaluator_path=None, seed=7, expert_schedule=schedule,
+            num_inference_steps=2, classifier_scale=1.0, evaluator_path=None, seed=7, expert_schedule=schedule,
         )  # chain: 4 steps per expert, so the crash falls inside expert 1 and expert 2 starts after the resume
 
     def make_data():
