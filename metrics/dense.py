@@ -26,7 +26,7 @@ def map_correlation(maps: torch.Tensor, references: torch.Tensor) -> torch.Tenso
 class DenseMapMetrics(nn.Module):
     """How well each sample matches the target map it was guided toward, from the sample's pixels alone.
 
-    The guide never scores: its gradients can be adversarial (METHODS.md), so a sample's own map is computed
+    The guide never scores: its gradients can be adversarial, so a sample's own map is computed
     from its pixels with the definitions that made the dense models' training labels (`metrics.pixel_maps`).
     - "segmentation": the sample's strokes (pixels above mid-grey), each labelled 1 + the evaluator's reading of the
       whole image; `miou` is the per-sample mean IoU over the classes in either map (background included; torchmetrics'

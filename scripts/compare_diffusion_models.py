@@ -3,7 +3,7 @@
     python scripts/compare_diffusion_models.py assets/digits/ddpm-uncond runs/retrain/export \
         [--samplers DDIMScheduler DDPMScheduler] [--steps 50] [--samples-per-class 50]
 
-What decides whether a retrained model replaces a shipped one (issue 11.7): every model is sampled from the same
+What decides whether a retrained model replaces a shipped one: every model is sampled from the same
 seeds with each sampler and scored against all 1,797 digits (`scripts/protocol.py`); a row is better only where its
 95% interval clears the other's.
 """

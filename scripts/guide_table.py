@@ -58,7 +58,7 @@ def train_chain(guides: str, name: str) -> None:
 
 def gap_table(results: dict, args: argparse.Namespace) -> list[str]:
     """Guided accuracy of each guide minus CFG's (points) at the same step count, and the guide's at the fewest steps
-    minus CFG's at the most: the targets of METHODS.md section 3."""
+    minus CFG's at the most: the targets of docs/results/guide_distillation.md."""
     if "CFG" not in args.methods:
         return []
     accuracy = lambda base, g, steps, method: 100 * results[f"{base} | g={g:g} | {steps} steps | {method}"]["guided_accuracy"]

@@ -1,4 +1,4 @@
-"""Does a guide's gradient move the independent evaluator, or only the guide? (issue 11.6: why DeiT guides worse)
+"""Does a guide's gradient move the independent evaluator, or only the guide? (why DeiT guides worse)
 
     python scripts/guide_transfer.py [--guides assets/digits/classifier-resnet assets/digits/classifier-deit]
                                      [--timesteps 0 300 500 700] [--steps 0.05 0.1 0.2]

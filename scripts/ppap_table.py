@@ -11,7 +11,7 @@ scored under the protocol of `scripts/protocol.py` (independent evaluator; FID/K
 Raw results (`results.json`), a grid per row and scale (`grids/`) and the sweep plot go to `--out`.
 
 Row groups: `table` (the paper's Table 1; PPAP experts chained, as the authors and the main job train them),
-`options` (issue 11: the authors' frozen head, and round-robin experts),
+`options` (the authors' frozen head, and round-robin experts),
 `curves` (number of experts; parameter-efficient vs full fine-tuning at 500 and 4,000 synthesized images).
 """
 

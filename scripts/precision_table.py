@@ -1,4 +1,4 @@
-"""Reduced precision and compilation of the UNet, measured for speed and for quality, printed as markdown (issue 15.3).
+"""Reduced precision and compilation of the UNet, measured for speed and for quality, printed as markdown.
 
     python scripts/precision_table.py [--experts runs/ppap/experts] [--settings fp32 bf16 compile compile+bf16]
                                       [--samples-per-class 50] [--timing-samples 100] [--repeats 3] [--out runs/precision_table]

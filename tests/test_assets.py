@@ -52,7 +52,7 @@ def test_assets_stay_under_30_mb():
 
 
 def test_quality_metrics_rank_a_collapse_onto_class_prototypes_below_real_held_out_digits():
-    """Issue 10: a sample set that replaces each digit by its class prototype must score worse than real digits.
+    """A sample set that replaces each digit by its class prototype must score worse than real digits.
 
     Reference: the train split; held-out: the test split; collapsed: each test digit replaced by the train digit
     nearest its class mean (a real, sharp digit, so the evaluator still reads the class). The autoencoder and pixel
@@ -85,7 +85,7 @@ def test_quality_metrics_rank_a_collapse_onto_class_prototypes_below_real_held_o
 
 @pytest.mark.parametrize("teacher_name", ["classifier-resnet", "classifier-deit"])
 def test_steps_that_flip_the_teacher_do_not_flip_the_evaluator(teacher_name, test_split):
-    """Small classifiers have adversarial gradients (METHODS.md): guidance can fool the guide, not the judge.
+    """Small classifiers have adversarial gradients: guidance can fool the guide, not the judge.
 
     Ten normalised gradient steps on log p_teacher(target), L2 0.25 each (about 10% of a digit's norm),
     push the teacher to the wrong target on many test digits; the evaluator still reads the true digit.

@@ -255,7 +255,7 @@ BAD_SETTINGS = [
     ("rgb-classifier-guiding-the-sampling-job", lambda a, t: sample(a, guidance=NaiveClassifierGuidance(a["classifier-rgb"]), classifier_scale=1.0), ValueError, "guidance", "3 channels"),
     ("rgb-evaluator-of-the-sampling-job", lambda a, t: sample(a, evaluator_path=a["classifier-rgb"]), ValueError, "evaluator_path", "3 channels"),
     ("zero-sampling-batch-size", lambda a, t: ClassLabelDataModule(batch_size=0), ValueError, "batch_size", "0"),
-    # Dense guides (issue 14): a target of another kind, a map naming a class the segmenter lacks, settings of no meaning.
+    # Dense guides: a target of another kind, a map naming a class the segmenter lacks, settings of no meaning.
     ("segmenter-guided-toward-class-labels", lambda a, t: dense_guided_call("segmenter", a, class_labels=[1, 2]), ValueError, "targets", "label map"),
     ("target-map-class-beyond-the-segmenter", lambda a, t: dense_guided_call("segmenter", a, targets=torch.full((2, 16, 16), 11)), ValueError, "targets", "0..10"),
     ("depth-guided-toward-label-maps", lambda a, t: dense_guided_call("depth", a, targets=torch.zeros(2, 16, 16, dtype=torch.long)), ValueError, "targets", "real-valued"),

@@ -113,7 +113,7 @@ def test_pretraining_configs_fast_dev_run(config, tmp_path, monkeypatch):
 
 
 def test_a_settings_error_is_printed_plainly_with_the_traceback_on_request(tiny_assets, tmp_path, monkeypatch, capsys):
-    """A constructor's error used to end ~70 lines of jsonargparse traceback with a Namespace dump (issue 12, case 9)."""
+    """A constructor's error used to end ~70 lines of jsonargparse traceback with a Namespace dump."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PLUGGUIDE_TRACEBACK", raising=False)
     overrides = {"model": {"init_args": {"diffusion_model": tiny_assets["ddpm-uncond"], "evaluator_path": tiny_assets["evaluator"]}}}

@@ -8,7 +8,7 @@ import torch
 
 from tests.test_cli import ppap_overrides, run
 
-# What the main job printed before (issue 9), none of it about the user's run.
+# What the main job printed before, none of it about the user's run.
 NOISE = ("`lora_bias=True`", "module(s) in eval mode at the start of training", "InceptionScore", "degrees of freedom", "💡 Tip", "LeafSpec")
 
 

@@ -266,7 +266,7 @@ def test_single_network_jobs_under_ddp(ddp_run, job):
 
 def test_one_process_and_two_give_the_same_scores_and_samples(ddp_run, tiny_assets, tmp_path):
     """Seeds follow each sample's global index and a sample padded in by the DistributedSampler counts once: on 2 devices
-    `lightning test` scored 360 images for 359 with per-rank seeds (issue 12, case 8)."""
+    `lightning test` scored 360 images for 359 with per-rank seeds."""
     results, out, seconds, log = ddp_run
     two = results["evaluation"][0]
     one = evaluate(str(tmp_path), tiny_assets, two["checkpoint"], devices=1)

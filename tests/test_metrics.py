@@ -119,7 +119,7 @@ def test_best_scale_takes_the_most_accurate_scale_within_unguided_quality():
 
 def test_a_sample_counted_twice_counts_once_and_the_order_of_arrival_does_not_matter():
     """Lightning's DistributedSampler pads a process's last batch with repeated samples, and processes' records arrive
-    rank after rank: with the global index of every sample, the numbers are those of one process (issue 12, case 8)."""
+    rank after rank: with the global index of every sample, the numbers are those of one process."""
     torch.manual_seed(0)
     metrics = GenerationMetrics(TimmClassifier(**TINY_RESNET), num_classes=10)
     real, generated, targets = torch.randn(9, 1, 16, 16), torch.randn(9, 1, 16, 16), torch.arange(9)

@@ -72,7 +72,7 @@ def test_a_finite_run_is_left_alone(tmp_path):
 
 def test_the_issues_learning_rate_stops_the_main_job_without_a_non_finite_checkpoint(tiny_assets, tmp_path, monkeypatch, capsys):
     """`lightning fit -c configs/ppap.yaml --model.optimizer.init_args.lr 1e6 --trainer.max_steps 50`: NaN from step ~10 on,
-    then last.ckpt with NaN experts and an error at the end-of-fit grid blaming the guidance scale (issue 12, case 5)."""
+    then last.ckpt with NaN experts and an error at the end-of-fit grid blaming the guidance scale."""
     monkeypatch.chdir(tmp_path)
     overrides = ppap_overrides(tiny_assets)
     overrides["trainer"] |= {"max_steps": 50, "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "runs/ppap/checkpoints", "save_last": True, "every_n_train_steps": 1}}]}

@@ -46,7 +46,7 @@ class Guidance(nn.Module, ABC):
 
     A method implements `log_likelihood` on its input, which is either the noisy sample `x_t` or the
     predicted clean image `x0_hat` (`input`); the pipeline decides how a scheduler applies the gradient
-    (METHODS.md: mean shift for ancestral DDPM, a shift of the score for the rest, pipelines/model_family.py),
+    (mean shift for ancestral DDPM, a shift of the score for the rest, pipelines/model_family.py),
     the same way for every method and every model family.
 
     `shifts` says what the gradient moves: "score" (every method but one), or "sample" for EluCD's EDM algorithm
