@@ -11,7 +11,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from plugguide.models import Guide, denoiser_autocast, parse_autocast_dtype, predict_guided_noise
 from plugguide.pipelines.finite import check_cfg_scale, check_finite_samples
-from plugguide.pipelines.guided_diffusion import GuidedSamplesOutput
+from plugguide.pipelines.guided_diffusion import LEARNED_VARIANCE_TYPES, GuidedSamplesOutput
+from plugguide.pipelines.model_family import ModelFamily
 
 
 class GuideDistilledPipeline(DiffusionPipeline):
@@ -40,10 +41,20 @@ class GuideDistilledPipeline(DiffusionPipeline):
     ) -> None:
         super().__init__()
         self.autocast_dtype = parse_autocast_dtype(autocast_dtype)
-        if getattr(scheduler, "init_noise_sigma", 1.0) != 1.0:
-            raise ValueError(f"`scheduler` {type(scheduler).__name__} works in sigma space; use a variance-preserving one (DDIM, DPM-Solver, UniPC, PNDM).")
-        if getattr(scheduler.config, "prediction_type", "epsilon") != "epsilon":
-            raise ValueError(f"`scheduler` has prediction_type={scheduler.config.prediction_type!r}; guides are distilled for 'epsilon'.")
+        family = ModelFamily(scheduler)  # refuses, by name, a sampler or setting no pipeline of the project steps correctly
+        name = type(scheduler).__name__
+        if family.kind != "vp":
+            raise ValueError(
+                f"`scheduler` {name} works in {family.kind} space; guides are distilled on variance-preserving z_t: "
+                "use DDIM, DDPM, DPM-Solver, UniPC, DEIS or PNDM."
+            )
+        if family.prediction_type != "epsilon":
+            raise ValueError(f"`scheduler` has prediction_type={family.prediction_type!r}; guides are distilled for 'epsilon'.")
+        if family.ancestral and scheduler.config.variance_type in LEARNED_VARIANCE_TYPES:
+            raise ValueError(
+                f"`scheduler` has variance_type={scheduler.config.variance_type!r}, which reads a variance the UNet predicts; the guided "
+                "one-pass output is eps only: use 'fixed_small' or 'fixed_large'."
+            )
         guide.check_unet(unet)
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         self.guide = guide  # a plain nn.Module, kept out of the diffusers component registry

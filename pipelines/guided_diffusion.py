@@ -40,12 +40,15 @@ LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 
 def step_variance(scheduler, timestep: int, predicted_variance: torch.Tensor | None = None) -> float | torch.Tensor:
-    """Variance Sigma_t of the ancestral DDPM step t -> previous timestep.
+    """Variance Sigma_t of the ancestral DDPM step t -> previous timestep, the one `DDPMScheduler.step` samples with.
 
-    Fixed-variance schedulers: beta tilde ("fixed_small"), a number. Learned-variance UNets (ADM, DiT; the
-    scheduler's `variance_type` "learned_range" or "learned") predict it per pixel: "learned_range" interpolates
-    log beta tilde and log beta_t with `frac = (v + 1) / 2` (Nichol & Dhariwal, 2021, eq. 15), as diffusers'
-    `DDPMScheduler.step` samples it; "learned" is the variance itself.
+    Dhariwal & Nichol's mean shift `mean += s Sigma_t grad` uses the step's own variance, so it follows the scheduler's
+    `variance_type` as diffusers' `step` draws its noise: beta tilde = (1 - abar_prev) / (1 - abar_t) beta_t for
+    "fixed_small" and "fixed_small_log" (the latter stores the standard deviation, the same variance), beta_t for
+    "fixed_large". Learned-variance UNets (ADM, DiT) predict it per pixel: "learned_range" interpolates log beta tilde
+    and log beta_t with `frac = (v + 1) / 2` (Nichol & Dhariwal, 2021, eq. 15); "learned" is the variance itself.
+    Without a predicted variance, the learned types fall back to beta tilde. "fixed_large_log" is refused where the
+    pipeline is built (`ModelFamily`): diffusers' `step` takes the square root of log beta_t < 0 and samples NaN.
     """
     prev = scheduler.previous_timestep(timestep) if hasattr(scheduler, "previous_timestep") else timestep - 1
     abar_t = scheduler.alphas_cumprod[timestep]
@@ -53,6 +56,8 @@ def step_variance(scheduler, timestep: int, predicted_variance: torch.Tensor | N
     beta_t = 1 - abar_t / abar_prev
     beta_tilde = (1 - abar_prev) / (1 - abar_t) * beta_t
     variance_type = getattr(scheduler.config, "variance_type", None)
+    if variance_type == "fixed_large":
+        return float(beta_t)
     if predicted_variance is None or variance_type not in LEARNED_VARIANCE_TYPES:
         return float(beta_tilde)
     if variance_type == "learned":

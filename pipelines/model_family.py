@@ -42,8 +42,10 @@ from plugguide.models.diffusion_model import SCHEDULER_FAMILIES
 from plugguide.pipelines.guidance.base import GuidanceStep
 
 # The network outputs each sampler's own `step` implements (diffusers 0.42), by family, and where a sampler has fewer.
+# PNDM accepts v_prediction but its linear multistep averages raw outputs taken at different timesteps, and v's relation
+# to eps changes with t: the average is the v of no state (an exact v copy of an eps model ends far off, even unguided).
 PREDICTION_TYPES = {"vp": ("epsilon", "v_prediction", "sample"), "sigma": ("epsilon", "v_prediction", "sample"), "edm": ("epsilon", "v_prediction"), "flow": ("flow",)}
-FEWER_PREDICTION_TYPES = {"PNDMScheduler": ("epsilon", "v_prediction"), "EulerAncestralDiscreteScheduler": ("epsilon", "v_prediction")}
+FEWER_PREDICTION_TYPES = {"PNDMScheduler": ("epsilon",), "EulerAncestralDiscreteScheduler": ("epsilon", "v_prediction")}
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,16 @@ class ModelFamily:
             for setting in ("use_dynamic_shifting", "invert_sigmas", "stochastic_sampling"):
                 if scheduler.config.get(setting):
                     raise ValueError(f"{name} with `{setting}`=True is not handled by guided sampling; set it to False.")
+        if isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type == "fixed_large_log":
+            raise ValueError(
+                "DDPMScheduler with `variance_type`='fixed_large_log' is not handled: diffusers' `step` takes the square root of log(beta_t) < 0 "
+                "and samples NaN; use 'fixed_large' (the same variance beta_t)."
+            )
+        if self.kind == "vp" and scheduler.config.get("use_flow_sigmas"):
+            raise ValueError(
+                f"{name} with `use_flow_sigmas`=True is not handled by guided sampling: its state is (1 - s) x0 + s eps, not the "
+                "variance-preserving x_t its `prediction_type` assumes; set it to False, or sample a flow model with FlowMatchEulerDiscreteScheduler."
+            )
         self.scheduler = scheduler
         self.clipping = scheduler  # whose clip_sample / thresholding settings `clip` applies
         self.ancestral = isinstance(scheduler, DDPMScheduler)

@@ -9,7 +9,10 @@ from unittest import mock
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler, UNet2DConditionModel,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 from plugguide.modules.guide_distillation import GuideDistillation
@@ -344,3 +347,29 @@ def test_sd15_config_runs_on_tiny_components(text_model, tmp_path, monkeypatch):
         "--trainer.callbacks=plugguide.callbacks.ExportPretrained", "--trainer.callbacks.directory=guides",
     ])
     assert os.path.isfile("guides/tiny/steps-32/model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "scheduler, message",
+    [
+        (lambda: FlowMatchEulerDiscreteScheduler(), "FlowMatchEulerDiscreteScheduler works in flow space"),
+        (lambda: EulerDiscreteScheduler(), "EulerDiscreteScheduler works in sigma space"),
+        (lambda: DDPMScheduler(variance_type="learned_range"), "variance_type='learned_range'"),
+        (lambda: DDPMScheduler(variance_type="fixed_large_log"), "variance_type`='fixed_large_log'"),
+        (lambda: DDIMScheduler(prediction_type="v_prediction"), "prediction_type='v_prediction'"),
+    ],
+    ids=["flow", "sigma", "learned-range", "fixed-large-log", "v-prediction"],
+)
+def test_guide_distilled_pipeline_refuses_by_name_what_it_would_step_wrongly(scheduler, message):
+    unet = tiny_class_unet()
+    with pytest.raises(ValueError, match=message):
+        GuideDistilledPipeline(unet, TinyGuide(unet), scheduler())
+
+
+@pytest.mark.parametrize("scheduler", [DDPMScheduler(variance_type="fixed_large"), DPMSolverMultistepScheduler()], ids=["ddpm-fixed-large", "dpm-solver"])
+def test_guide_distilled_pipeline_steps_the_vp_samplers_it_accepts(scheduler):
+    unet = tiny_class_unet()
+    pipeline = GuideDistilledPipeline(unet, TinyGuide(unet), scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(class_labels=[1, 2], num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (2, 1, unet.config.sample_size, unet.config.sample_size) and torch.isfinite(images).all()

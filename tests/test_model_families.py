@@ -307,9 +307,11 @@ def test_guided_sampling_follows_the_exact_guided_score(name, prediction_type, o
     assert (runs[False].flatten(1) - MEANS[targets]).norm(dim=1).mean() < 3 * SPREAD  # the conditional run reached its class
 
 
-def test_ancestral_ddpm_shifts_the_mean_by_the_step_variance_times_the_gradient():
-    """Dhariwal & Nichol's condition_mean: one guided DDPM step = the unguided one (same noise) + s Sigma_t grad log p(y | x_t)."""
-    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large"])
+def test_ancestral_ddpm_shifts_the_mean_by_the_step_variance_times_the_gradient(variance_type):
+    """Dhariwal & Nichol's condition_mean: one guided DDPM step = the unguided one (same noise) + s Sigma_t grad log p(y | x_t),
+    Sigma_t the variance diffusers' step samples with: beta tilde for fixed_small(_log), beta_t for fixed_large."""
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type=variance_type)
     scheduler.set_timesteps(10)
     denoiser, targets, index = MixtureDenoiser(), torch.arange(16) % 2, 4
     denoiser.output = output_function(scheduler, "vp", "epsilon")
@@ -321,11 +323,27 @@ def test_ancestral_ddpm_shifts_the_mean_by_the_step_variance_times_the_gradient(
         pipeline = GuidedDiffusionPipeline(denoiser, scheduler, MixtureClassifier(denoiser))
         steps[scale] = pipeline.denoising_step(ModelFamily(scheduler), x, index, t, targets, scale, 0.0, torch.Generator().manual_seed(0))
     abar, abar_prev = scheduler.alphas_cumprod[int(t)], scheduler.alphas_cumprod[int(scheduler.timesteps[index + 1])]
-    variance = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
+    beta = 1 - abar / abar_prev
+    variance = beta if variance_type == "fixed_large" else (1 - abar_prev) / (1 - abar) * beta
+    # the step's noise has this variance: diffusers' own unguided step, run twice with two noise draws, differs by it
+    zeros = torch.zeros(20000, 1, 1, 1)
+    draws = [scheduler.step(zeros, t, zeros, generator=torch.Generator().manual_seed(seed)).prev_sample for seed in (0, 1)]
+    assert abs(float((draws[0] - draws[1]).var() / 2) / float(variance) - 1) < 0.05
     with torch.enable_grad():
         inputs = x.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(MixtureClassifier(denoiser).log_likelihood(inputs, None, targets).sum(), inputs)
     torch.testing.assert_close(steps[2.0] - steps[0.0], 2.0 * variance * grad, rtol=1e-4, atol=1e-6)
+
+
+def test_settings_whose_numbers_would_be_wrong_are_refused_by_name():
+    """fixed_large_log samples NaN inside diffusers; VP samplers on flow sigmas have another state; PNDM averages v across t."""
+    with pytest.raises(ValueError, match="variance_type`='fixed_large_log'"):
+        ModelFamily(DDPMScheduler(variance_type="fixed_large_log"))
+    for name in ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"):
+        with pytest.raises(ValueError, match=f"{name} with `use_flow_sigmas`=True"):
+            ModelFamily(sampler(name, DDPMScheduler().config, use_flow_sigmas=True))
+    with pytest.raises(ValueError, match="`prediction_type`='v_prediction' of PNDMScheduler"):
+        ModelFamily(sampler("PNDMScheduler", DDPMScheduler(prediction_type="v_prediction").config))
 
 
 # -- noise levels, train timesteps, clipping and refusals -------------------------------------------------------------
