@@ -148,6 +148,7 @@ class MultiExpertClassifier(nn.Module):
                 self.peft_model.add_adapter(self.expert_name(n), lora_config)
             self.adapter_parameters = [p for key, p in self.peft_model.named_parameters() if "lora_" in key or ".modules_to_save." in key]
         self.active_expert = -1
+        self.merges_adapters = False
         self.set_expert(0)
 
     @staticmethod
@@ -188,12 +189,33 @@ class MultiExpertClassifier(nn.Module):
         output_head = backbone.output_head() if head else None
         return [name for name, module in backbone.named_modules() if isinstance(module, NORM_TYPES) or (module is output_head and name)]
 
+    def merge_adapters(self, merged: bool = True) -> "MultiExpertClassifier":
+        """Runs each LoRA expert with its update merged into the frozen weights (`W + (alpha / r) B A`), or unmerged.
+
+        Unmerged, every call of a LoRA layer also runs its low-rank branch; merged, an expert costs what the
+        off-the-shelf model costs. Sampling switches experts a few times a run (once per noise range), so merging
+        the new expert's adapters at each switch (peft's `merge_adapter`, after `unmerge_adapter` of the last one)
+        is cheap. For sampling only: merged weights take no gradient to the adapters, so training stays unmerged.
+        Merge and unmerge add and subtract the same update, which returns the weights to within float rounding.
+        """
+        if self.finetune == "lora" and merged != self.merges_adapters:
+            if merged:
+                self.peft_model.merge_adapter([self.expert_name(self.active_expert)])
+            else:
+                self.peft_model.unmerge_adapter()
+        self.merges_adapters = merged
+        return self
+
     def set_expert(self, n: int) -> None:
         """Makes expert n the one that runs (and, when training, the one whose parameters train)."""
         if not 0 <= n < self.num_experts:
             raise ValueError(f"Expected an expert index in [0, {self.num_experts}), but got {n}.")
         if n != self.active_expert and self.finetune == "lora":
+            if self.merges_adapters:
+                self.peft_model.unmerge_adapter()
             self.peft_model.set_adapter(self.expert_name(n))
+            if self.merges_adapters:
+                self.peft_model.merge_adapter([self.expert_name(n)])
             # peft freezes inactive adapters; keep every expert trainable instead, so that DDP (which
             # registers the parameters that require grad when it wraps the model) syncs all of them.
             # An inactive expert is simply not in the graph and gets no gradient.

@@ -23,6 +23,34 @@ def perturb(experts: MultiExpertClassifier, n: int, scale: float = 0.1) -> None:
             parameter.add_(scale * torch.randn_like(parameter))
 
 
+@pytest.mark.parametrize("spec", [TINY_RESNET, TINY_DEIT], ids=["resnet", "deit"])
+def test_merged_adapters_sample_as_the_unmerged_experts(spec, tmp_path):
+    """Each expert's LoRA update merged into the weights at its switch: the same guided samples, and the weights come back."""
+    torch.manual_seed(0)
+    experts = MultiExpertClassifier(TimmClassifier(**spec), num_experts=3, lora_rank=4).eval()
+    for n in range(3):
+        perturb(experts, n)
+    experts.save_pretrained(str(tmp_path / "experts"))
+    before = {k: v.clone() for k, v in experts.state_dict().items()}
+    unet, scheduler = tiny_unet(), DDIMScheduler.from_config(tiny_scheduler().config)
+    samples = {}
+    for merged, guidance in ((False, ExpertGuidance(experts)), (True, ExpertGuidance(str(tmp_path / "experts")))):
+        assert guidance.classifier.merges_adapters is merged
+        pipeline = GuidedDiffusionPipeline(unet, scheduler, guidance)
+        pipeline.set_progress_bar_config(disable=True)
+        samples[merged] = pipeline(class_labels=[1, 2], num_inference_steps=6, classifier_scale=20.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    unguided = pipeline(class_labels=[1, 2], num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert (samples[False] - unguided).abs().max() > 1e-2  # the experts do steer
+    torch.testing.assert_close(samples[True], samples[False], rtol=0, atol=1e-5)
+    loaded = guidance.classifier
+    lora_layers = [m for m in loaded.peft_model.modules() if hasattr(m, "merged_adapters") and getattr(m, "lora_A", None)]
+    assert lora_layers and all(m.merged_adapters == [loaded.expert_name(loaded.active_expert)] for m in lora_layers)  # no LoRA branch runs
+    loaded.merge_adapters(False)
+    assert all(not m.merged_adapters for m in lora_layers)
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
+
+
 def test_boundaries_split_the_timesteps_evenly():
     assert expert_boundaries(5, 1000) == [0, 200, 400, 600, 800, 1000]
     experts = MultiExpertClassifier(TimmClassifier(**TINY_RESNET), num_experts=5)
