@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--no-sampling", action="store_true", help="only the first table (no diffusion-model samples)")
     add_page_arguments(parser, "assets-table")
     args = parser.parse_args()
+    if args.page and args.no_sampling:
+        parser.error("`--page` rewrites both asset tables; drop `--no-sampling`.")
     images, labels = test_split()
     rows = [*classifier_rows(images, labels), *dense_rows(images, labels), autoencoder_row(images)]
     text = f"Assets: {size_mib(ASSETS):.1f} MiB in {ASSETS}/\n\n" + markdown_table(["model", "params", "MiB", "test split (359 digits)"], rows)
