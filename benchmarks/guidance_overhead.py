@@ -2,9 +2,9 @@
 
     python benchmarks/guidance_overhead.py [--experts runs/ppap/experts] [--samples 100] [--steps 50] [--repeats 3]
 
-The README's settings: the main job's exported experts (`lightning fit -c configs/ppap.yaml` writes them) at its
-guidance scale 4, and `CalibratedGuidance` on the ResNet with the paper's defaults at scale 10 (its best scale in
-docs/calibration.md). Same UNet, sampler, samples and seeds; the three are timed alternately in this one process,
+The settings of docs/results/speed.md: the main job's exported experts (`lightning fit -c configs/ppap.yaml` writes
+them) at its guidance scale 4, and `CalibratedGuidance` on the ResNet with the paper's defaults at scale 10 (its best
+scale in docs/results/calibration.md). Same UNet, sampler, samples and seeds; the three are timed alternately in this one process,
 after a warm-up round, and the median time ratios guided / unguided are printed. The breakdown of each guided run
 (summed over the timed rounds, as a share of its time): the UNet, the guide's forward (its log-likelihood), its
 backward (the rest of the gradient call: autograd, the input clone), expert switches (`MultiExpertClassifier.set_expert`), x0_hat formation and

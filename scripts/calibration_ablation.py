@@ -38,6 +38,7 @@ from plugguide.models import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch, sample_trajectory
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance, NaiveClassifierGuidance
 from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
+from results_page import add_page_arguments, write_between_markers
 
 OFF = dict(softplus_beta=None, marginal_discount=1.0, sine_gamma=0.0)
 # The two definitions of ECE_t: the table column of their integral, the files of their curves and figure.
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--trajectory-samples", type=int, default=200, help="reverse-process samples of the reverse ECE curve (a multiple of 10)")
     parser.add_argument("--out", default="runs/calibration_ablation")
     parser.add_argument("--only", default=None, help="run only the rows whose name contains this text (e.g. PPAP)")
+    add_page_arguments(parser, "calibration-ablation")
     args = parser.parse_args()
     if args.trajectory_samples < 10 or args.trajectory_samples % 10:
         parser.error(f"Expected `--trajectory-samples` to be a positive multiple of 10 (as many of each class), but got {args.trajectory_samples}.")
@@ -188,6 +190,8 @@ def main() -> None:
     ])
     with open(os.path.join(args.out, "table.md"), "w") as file:
         file.write(text + "\n")
+    if args.page:
+        write_between_markers(args.page, args.marker, text)
     print(text)
 
 

@@ -39,6 +39,7 @@ from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance, NaiveClassifierGuidance, PredictedCleanImageGuidance
 from plugguide.pipelines.tasks import DenseRegressionTask, SegmentationTask
 from protocol import measure, reference_metrics, slug
+from results_page import add_page_arguments, write_between_markers
 
 DIFFUSION_MODEL = "assets/digits/ddpm-uncond"
 TASKS = {
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=1500, help="PPAP-5 training steps (the configs' own)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these methods (e.g. PPAP-5)")
     parser.add_argument("--out", default="runs/dense_table")
+    add_page_arguments(parser, "dense-table")
     args = parser.parse_args()
 
     metrics = reference_metrics()
@@ -166,6 +168,8 @@ def main() -> None:
     text = "\n".join(lines)
     with open(os.path.join(args.out, "table.md"), "w") as file:
         file.write(text + "\n")
+    if args.page:
+        write_between_markers(args.page, args.marker, text)
     print(text)
     print(f"\nRaw results: {results_path}; grids: {args.out}/grids/")
 

@@ -1,4 +1,4 @@
-"""The guide-distillation table of docs/guide_distillation.md: CFG (2 passes) vs TinyGuide vs FullGuide (1 pass).
+"""The guide-distillation table of docs/results/guide_distillation.md: CFG (2 passes) vs TinyGuide vs FullGuide (1 pass).
 
     python scripts/guide_table.py [--samples-per-class 50] [--scales 2 4 6 8] [--steps 32 16 8 4] [--guides runs/guides]
 
@@ -30,6 +30,7 @@ from plugguide.metrics.reporting import estimate, markdown_table
 from plugguide.models import load_guide, load_scheduler, load_unet, predict_guided_noise
 from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, sample_batch
 from protocol import describe, measure, reference_metrics, targets
+from results_page import add_page_arguments, write_between_markers
 
 BASES = {"original": ("assets/digits/ddpm-cond", DigitsDataModule), "fine-tuned (thick)": ("assets/digits/ddpm-cond-thick", ThickDigitsDataModule)}
 METHODS = ("CFG", "TinyGuide", "FullGuide")
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--out", default="runs/guide_table")
+    add_page_arguments(parser, "guide-table")
     args = parser.parse_args()
     for method in args.methods[1:] if args.methods[0] == "CFG" else args.methods:
         train_chain(args.guides, method.removesuffix("Guide").lower())
@@ -142,6 +144,8 @@ def main() -> None:
     ])
     with open(os.path.join(args.out, "table.md"), "w") as file:
         file.write(text + "\n")
+    if args.page:
+        write_between_markers(args.page, args.marker, text)
     print(text)
 
 

@@ -1,4 +1,4 @@
-"""Measures the shipped digits models and prints the README's asset tables (markdown).
+"""Measures the shipped digits models and prints the asset tables of docs/results/assets.md (markdown).
 
     python scripts/measure_assets.py [--samples-per-class 50] [--steps 50] [--out runs/assets] [--no-sampling]
 
@@ -28,6 +28,7 @@ from plugguide.metrics.reporting import markdown_table
 from plugguide.models import load_classifier, load_dense_model, load_scheduler, load_unet, load_vae
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from protocol import AUTOENCODER, QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, targets
+from results_page import add_page_arguments, write_between_markers
 
 ASSETS = "assets/digits"
 CLASSIFIERS = ("classifier-resnet", "classifier-deit", "evaluator")
@@ -98,11 +99,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--out", default="runs/assets")
     parser.add_argument("--no-sampling", action="store_true", help="only the first table (no diffusion-model samples)")
+    add_page_arguments(parser, "assets-table")
     args = parser.parse_args()
+    if args.page and args.no_sampling:
+        parser.error("`--page` rewrites both asset tables; drop `--no-sampling`.")
     images, labels = test_split()
-    print(f"Assets: {size_mib(ASSETS):.1f} MiB in {ASSETS}/\n")
     rows = [*classifier_rows(images, labels), *dense_rows(images, labels), autoencoder_row(images)]
-    print(markdown_table(["model", "params", "MiB", "test split (359 digits)"], rows))
+    text = f"Assets: {size_mib(ASSETS):.1f} MiB in {ASSETS}/\n\n" + markdown_table(["model", "params", "MiB", "test split (359 digits)"], rows)
+    print(text)
     if args.no_sampling:
         return
 
@@ -131,8 +135,13 @@ def main() -> None:
         results[f"{label} {steps}"] = row
         params = sum(p.numel() for p in pipeline.unet.parameters())
         rows.append([label, f"{params:,}", f"{size_mib(path):.1f}", steps, *quality_cells(row)])
-    print(f"\n{describe(len(sample_labels), 'Unguided sampling')} Unconditional rows have no target class (accuracy n/a).\n")
-    print(markdown_table(["diffusion model", "params", "MiB", "sampler", *QUALITY_HEADERS], rows))
+    sampling = (
+        f"{describe(len(sample_labels), 'Unguided sampling')} Unconditional rows have no target class (accuracy n/a).\n\n"
+        + markdown_table(["diffusion model", "params", "MiB", "sampler", *QUALITY_HEADERS], rows)
+    )
+    print(f"\n{sampling}")
+    if args.page:
+        write_between_markers(args.page, args.marker, f"{text}\n\n{sampling}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as file:
         json.dump(results, file, indent=1)

@@ -31,6 +31,7 @@ from plugguide.models import MultiExpertClassifier, load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance, PredictedCleanImageGuidance
 from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
+from results_page import add_page_arguments, write_between_markers
 
 ASSETS = "assets/digits"
 DIFFUSION_MODEL = f"{ASSETS}/ddpm-uncond"
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--steps-per-expert", type=int, default=1000)
     parser.add_argument("--experts", nargs="+", default=[], metavar="NAME=DIR", help="also score experts trained elsewhere, e.g. 'main job=runs/ppap/experts'")
     parser.add_argument("--out", default="runs/ppap_table")
+    add_page_arguments(parser, "ppap-table-per-expert")
     args = parser.parse_args()
 
     metrics = reference_metrics()
@@ -174,6 +176,8 @@ def main() -> None:
     text = "\n".join(lines)
     with open(os.path.join(args.out, "table.md"), "w") as file:
         file.write(text + "\n")
+    if args.page:
+        write_between_markers(args.page, args.marker, text)
     sweep_figure(sweeps, unguided, args.scales).savefig(os.path.join(args.out, "sweep.png"), dpi=120)
     print(text)
     print(f"\nRaw results: {results_path}; grids: {args.out}/grids/; sweep plot: {args.out}/sweep.png")

@@ -30,6 +30,7 @@ from plugguide.models import MultiExpertClassifier, compile_denoiser, load_sched
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from plugguide.pipelines.guidance import ExpertGuidance
 from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, targets
+from results_page import add_page_arguments, write_between_markers
 
 MODEL = "assets/digits/ddpm-uncond"
 # name: (autocast dtype, compile the UNet)
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--timing-samples", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="runs/precision_table")
+    add_page_arguments(parser, "precision-table")
     args = parser.parse_args()
     if args.settings[0] != "fp32":
         parser.error("--settings must start with fp32, the reference of every ratio and interval")
@@ -104,6 +106,8 @@ def main() -> None:
         with open(path + ".tmp", "w") as file:
             file.write(content)
         os.replace(path + ".tmp", path)
+    if args.page:
+        write_between_markers(args.page, args.marker, text)
     print(text)
 
 

@@ -32,6 +32,7 @@ from plugguide.models import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance
 from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
+from results_page import add_page_arguments, write_between_markers
 
 ASSETS = "assets/digits"
 # name: (model, sampler class, scheduler config overrides, steps)
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--edm-scales", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3], help="sweep of calibrated-edm (a fraction of the sample's RMS per step)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", default="runs/sampler_table")
+    add_page_arguments(parser, "sampler-table")
     args = parser.parse_args()
     if "PPAP-5" in args.methods and not os.path.isfile(os.path.join(args.experts, "experts.json")):
         parser.error(f"`--experts`={args.experts!r} holds no experts.json; train them with `lightning fit -c configs/ppap.yaml` or drop PPAP-5 from --methods.")
@@ -145,7 +147,10 @@ def main() -> None:
                 os.replace(f"{results_path}.tmp", results_path)
                 print(key, scale, {k: round(v, 4) for k, v in done[str(scale)].items() if isinstance(v, float)}, flush=True)
             write_table(results, args, len(labels))
-    print(write_table(results, args, len(labels)))
+    text = write_table(results, args, len(labels))
+    if args.page:
+        write_between_markers(args.page, args.marker, text)
+    print(text)
     print(f"\nRaw results: {results_path}; grids: {args.out}/grids/")
 
 
