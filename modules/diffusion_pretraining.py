@@ -52,7 +52,7 @@ class DiffusionPretraining(L.LightningModule):
         seed: seed of the training steps' noise, timesteps and label dropout (with the step and the rank), so
             that a resumed run draws exactly what an uninterrupted one would.
         export_dtype: the dtype the exported UNet weights are stored in: "float32", or "float16" for half the bytes
-            (diffusers loads them back as float32; measured for flow-uncond in the README).
+            (diffusers loads them back as float32; flow-uncond's quality in docs/results/assets.md).
     """
 
     def __init__(

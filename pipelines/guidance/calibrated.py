@@ -67,8 +67,7 @@ class CalibratedGuidance(ClassifierGuidance):
       read Sigma_t and max_var off one pixel of the first sample, here their mean over pixels and samples (the same for
       fixed variances). As in the authors' DDIM sampler, score-shift samplers (DDIM, DPM-Solver++, Euler, Heun, flow)
       take no sine term: carried over as the same offset relative to the step's Sigma_t, it multiplied the last
-      steps' guidance by up to 9x (DDIM-25) and 39x (flow Euler-25) and left salt-and-pepper samples (README,
-      "Model families").
+      steps' guidance many times over and left salt-and-pepper samples (measured in docs/results/samplers.md).
     - schedule ("edm"): EluCD's EDM sampler as the authors wrote it (Algorithm 2, AlexMaOLS/EluCD `EDM/generate.py`).
       The classifier sees the sample in EDM's space, x = x0 + s eps, scaled to unit RMS where its RMS exceeds 1:
       `x / max(rms(x), 1)`; the gradient is rescaled to the sample's RMS, `grad * rms(x) / rms(grad)`, times
@@ -79,8 +78,7 @@ class CalibratedGuidance(ClassifierGuidance):
       at 10 and 18 steps.
     - schedule ("edm_continuous"): the EDM schedule as a function of t, `g(t) = s (max(t / T, 1e-5) + gamma sin(pi t / T))`,
       on the usual score shift and classifier input; it ends at 0 and lags the authors' step grid by one step, and is
-      kept because it guides the digits better than Algorithm 2 (README, "Model families": 0.96 vs 0.58 guided
-      accuracy on Heun/EDM-18).
+      kept because it guides the digits better than Algorithm 2 at equal FID on Heun/EDM-18 (docs/results/samplers.md).
 
     Each option can be switched off (`softplus_beta=None`, `marginal_discount=1`, `sine_gamma=0`,
     `input="x_t"`), and all off is plain classifier guidance. Calibrated PPAP experts: pass an
