@@ -23,7 +23,7 @@ def flat_settings(settings: dict, prefix: str = "") -> dict[str, Any]:
         elif key == "class_path":
             rows[prefix.rstrip(".") or "class_path"] = value
         else:
-            rows[name.rstrip(".")] = value
+            rows[name.rstrip(".")] = list(value) if isinstance(value, tuple) else value  # hparams.yaml stays plain YAML
     return rows
 
 
