@@ -154,3 +154,10 @@ def test_a_checkpoint_whose_weights_do_not_fit_the_settings_is_refused_naming_th
     printed = refused(capsys, "test", "ppap.yaml", overrides, directory, "--ckpt_path", ckpt_path, f"--model.{setting}", value)
     saved = {"num_experts": 5, "lora_rank": 4}[setting]
     assert f"saved with {setting}={saved}, which do not fit this run's {setting}={value}" in printed, printed
+
+
+def test_the_plugguide_command_is_the_lightning_command():
+    from importlib.metadata import entry_points
+
+    scripts = {entry.name: entry.value for entry in entry_points(group="console_scripts") if entry.name in ("plugguide", "lightning")}
+    assert scripts == {"plugguide": "plugguide.cli:main", "lightning": "plugguide.cli:main"}
