@@ -12,6 +12,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from plugguide.callbacks.step_progress_bar import denoising_progress
 from plugguide.datamodules.resumable_loader import step_generator
 from plugguide.datamodules.synthesized import image_seed
 from plugguide.metrics import DenseMapMetrics, GenerationMetrics, majority_digit
@@ -299,7 +300,7 @@ class ExpertDistillation(FrozenNetworksModule):
                 "and counts it once on any number of processes; ImageDataModule and DigitsDataModule provide it."
             )
         pipeline = self.sampling_pipeline()
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline.set_progress_bar_config(**denoising_progress(self._trainer))
         labels, indices = batch["label"], batch["index"]
         seeds = [image_seed(self.hparams.seed, int(index)) for index in indices]
         settings = dict(num_inference_steps=self.hparams.num_inference_steps, guidance_scale=self.hparams.guidance_scale)

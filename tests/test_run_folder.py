@@ -171,3 +171,16 @@ def test_only_a_raise_statement_of_the_project_counts_as_its_own_error():
         bug()
     assert not raised_by_statement(accidental.value)
     assert not raised_by_project(accidental.value)  # and not a plugguide module either
+
+
+def test_predict_shows_a_bar_over_each_batchs_denoising_steps(tiny_assets, tmp_path, monkeypatch, capsys):
+    """`predict` of one batch used to read `0/1`, then `1/1`, for the whole DDPM-50 run."""
+    monkeypatch.chdir(tmp_path)
+    overrides = {
+        "trainer": {"default_root_dir": str(tmp_path / "runs")},
+        "model": {"init_args": {"diffusion_model": tiny_assets["ddpm-uncond"], "num_inference_steps": 3, "evaluator_path": None}},
+        "data": {"init_args": {"num_per_class": 1, "batch_size": 10}},
+    }
+    run("predict", "sample.yaml", overrides, tmp_path)
+    printed = capsys.readouterr().err
+    assert "Denoising:" in printed and "0/3 [" in printed, printed  # a bar of 3 denoising steps (cleared when done)
