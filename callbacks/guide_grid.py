@@ -76,7 +76,8 @@ class GuideSampleGrid(PeriodicGrid):
         for row in range(self.num_classes):
             cells = slice(row * self.num_per_class, (row + 1) * self.num_per_class)
             rows += [*guide[cells], blank[0], *cfg[cells]]
-        return labelled_grid(torch.stack(rows), nrow=2 * self.num_per_class + 1, row_labels=[f"class {k}" for k in range(self.num_classes)])
+        labels = [f"class {k}" for k in range(self.num_classes)]
+        return labelled_grid(torch.stack(rows), nrow=2 * self.num_per_class + 1, row_labels=labels)
 
     @rank_zero_only
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -10,7 +10,7 @@ from torchvision.utils import make_grid
 
 
 def label_column(labels: list[str], height: int, row_height: int, padding: int) -> torch.Tensor:
-    """A white (3, height, width) column with `labels[i]` in black beside row i of a grid of `row_height`-pixel rows."""
+    """A white (3, height, width) column with `labels[i]` in black beside row i of `row_height`-pixel rows."""
     try:
         font = ImageFont.load_default(size=max(10, row_height // 3))
     except TypeError:  # Pillow < 10.1 has one bitmap size only
@@ -25,9 +25,13 @@ def label_column(labels: list[str], height: int, row_height: int, padding: int) 
     return torch.from_numpy(np.asarray(column).copy()).permute(2, 0, 1).float() / 255
 
 
-def labelled_grid(images: torch.Tensor, nrow: int, row_labels: list[str] | None = None, scale: int = 4, padding: int = 2) -> torch.Tensor:
-    """The grid of `images` (N, C, H, W) in [0, 1], `nrow` per row, each tile enlarged `scale` times (nearest neighbour,
-    so pixels stay sharp) and, with `row_labels`, a label column drawn left of the rows. Returns (3, H', W') in [0, 1].
+def labelled_grid(
+    images: torch.Tensor, nrow: int, row_labels: list[str] | None = None, scale: int = 4, padding: int = 2
+) -> torch.Tensor:
+    """The grid of `images` (N, C, H, W) in [0, 1], `nrow` per row, each tile enlarged `scale` times (nearest
+    neighbour, so pixels stay sharp) and, with `row_labels`, a label column drawn left of the rows.
+
+    Returns (3, H', W') in [0, 1].
 
     Args:
         images (torch.Tensor): tiles, row after row.

@@ -8,5 +8,6 @@ import lightning as L
 
 
 def in_run_folder(trainer: L.Trainer, path: str) -> str:
-    """`path` under the run's folder (`trainer.log_dir`: `<default_root_dir>/version_N`) when relative, as given when absolute."""
+    """`path` under the run's folder (`trainer.log_dir`: `<default_root_dir>/version_N`) when relative, as given
+    when absolute."""
     return os.path.join(trainer.log_dir or trainer.default_root_dir, path)

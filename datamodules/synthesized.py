@@ -334,8 +334,9 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         """Refuses a number of processes that leaves a rank without a batch; the CLI calls it before any synthesis."""
         if stage == "fit" and self.hparams.batch_size * trainer.world_size > self.hparams.num_images:
             raise ValueError(
-                f"Expected `data.batch_size` x processes to be at most `data.num_images`={self.hparams.num_images}, but got "
-                f"{self.hparams.batch_size} x {trainer.world_size} (`trainer.devices` x `trainer.num_nodes`): a rank would get no complete batch."
+                f"Expected `data.batch_size` x processes to be at most `data.num_images`={self.hparams.num_images}, "
+                f"but got {self.hparams.batch_size} x {trainer.world_size} (`trainer.devices` x `trainer.num_nodes`): "
+                "a rank would get no complete batch."
             )
 
     def setup(self, stage: str | None = None) -> None:

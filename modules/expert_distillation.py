@@ -165,9 +165,9 @@ class ExpertDistillation(FrozenNetworksModule):
         """Refuses a trainer this job cannot run under; the CLI calls it before any image is synthesized."""
         if stage == "fit" and self.hparams.expert_schedule == "chain" and trainer.max_steps < self.experts.num_experts:
             raise ValueError(
-                f"`model.expert_schedule`='chain' gives each of the `model.num_experts`={self.experts.num_experts} experts "
-                f"`trainer.max_steps` / `num_experts` steps, so it needs `trainer.max_steps` >= {self.experts.num_experts}, "
-                f"but got {trainer.max_steps}."
+                f"`model.expert_schedule`='chain' gives each of the `model.num_experts`={self.experts.num_experts} "
+                f"experts `trainer.max_steps` / `num_experts` steps, so it needs `trainer.max_steps` >= "
+                f"{self.experts.num_experts}, but got {trainer.max_steps}."
             )
 
     def setup(self, stage: str) -> None:
@@ -287,8 +287,8 @@ class ExpertDistillation(FrozenNetworksModule):
         if self.trainer.ckpt_path is None and self.trainer.global_step == 0:
             raise ValueError(
                 "`lightning test` scores trained experts, but no checkpoint was loaded and these experts are untrained "
-                "(their guidance is the off-the-shelf classifier's): pass `--ckpt_path last` (the last checkpoint of the newest "
-                "version folder under `trainer.default_root_dir`) or the path of a checkpoint."
+                "(their guidance is the off-the-shelf classifier's): pass `--ckpt_path last` (the last checkpoint of "
+                "the newest version folder under `trainer.default_root_dir`) or the path of a checkpoint."
             )
 
     def test_step(self, batch: dict, batch_idx: int) -> None:

@@ -23,7 +23,7 @@ from plugguide.callbacks.step_progress_bar import StepProgressBar
 from plugguide.checkpoint_settings import check_checkpoint_settings, checkpoint_file
 from plugguide.pipelines.tasks import ClassificationTask
 from plugguide.project_error import project_error
-from plugguide.run_folder import newest_last_checkpoint, resolve_run_folder
+from plugguide.run_folder import newest_last_checkpoint, next_version, resolve_run_folder
 from plugguide.run_logger import RunLogger
 
 # Set to 1 to see the full traceback of an error the project raised about a setting or a file.
@@ -34,7 +34,7 @@ SHARED_SETTINGS = ("diffusion_model", "prompt")
 
 
 class DropLightningTips(logging.Filter):
-    """Lightning advertises its cloud products ("💡 Tip: ... litlogger / litmodels") on every run; nothing about this run."""
+    """Lightning advertises its cloud products ("💡 Tip: ... litlogger") on every run; nothing about this run."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.getMessage()).startswith("💡 Tip")
@@ -77,7 +77,11 @@ class PlugGuideCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in SHARED_SETTINGS:
             parser.link_arguments(f"model.init_args.{name}", f"data.init_args.{name}")
-        parser.link_arguments(("model.init_args.teacher_path", "model.init_args.task"), "data.init_args.teacher_path", compute_fn=cached_teacher)
+        parser.link_arguments(
+            ("model.init_args.teacher_path", "model.init_args.task"),
+            "data.init_args.teacher_path",
+            compute_fn=cached_teacher,
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parses as LightningCLI does, and keeps `--ckpt_path` aside until the classes are built.
@@ -85,8 +89,8 @@ class PlugGuideCLI(LightningCLI):
         LightningCLI offers no hook to stop it from parsing a checkpoint's hyper-parameters over the run's settings:
         right after this method it reads `config[subcommand].ckpt_path` (its private `_parse_ckpt_path`), and finding
         none leaves the config alone. `before_instantiate_classes` puts the path back (the run's config.yaml records
-        it). `tests/test_cli.py::test_lightning_parses_the_checkpoint_path_right_after_parse_arguments` fails if
-        Lightning changes this order.
+        it). `tests/test_run_folder.py::test_lightning_parses_the_checkpoint_path_right_after_parse_arguments` fails
+        if Lightning changes this order.
         """
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
@@ -103,17 +107,27 @@ class PlugGuideCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})
         callbacks = list(trainer_config.get("callbacks") or [])
-        if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        kinds = (ProgressBar, ModelSummary, NonFiniteGuard)
+        chosen = {kind: any(isinstance(c, kind) for c in callbacks) for kind in kinds}  # by the config itself
+        if trainer_config.get("enable_progress_bar") is not False and not chosen[ProgressBar]:
             callbacks.append(StepProgressBar())
-        if trainer_config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+        if trainer_config.get("enable_model_summary") is not False and not chosen[ModelSummary]:
             callbacks.append(ConciseModelSummary())
-            kwargs["enable_model_summary"] = False  # Lightning adds no summary of its own (and says nothing about ours)
-        if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
+            kwargs["enable_model_summary"] = False  # Lightning adds no summary of its own (nor says a word about ours)
+        if not chosen[NonFiniteGuard]:
             callbacks.append(NonFiniteGuard())
-        if trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
+        if trainer_config.get("logger") is False or trainer_config.get("fast_dev_run"):
+            # No version folder from a logger (`fast_dev_run` swaps in a dummy): the run's folder is its own root.
+            version = self.run_folder.version
+            version = next_version(self.run_folder.root) if version is None else version
+            kwargs["default_root_dir"] = os.path.join(self.run_folder.root, f"version_{version}")
+        elif trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
             settings = self.config.get(str(self.subcommand), self.config)
-            sections = {key: settings[key].as_dict() if isinstance(settings[key], Namespace) else settings[key] for key in ("model", "data") if key in settings}
-            kwargs["logger"] = RunLogger(self.run_folder.root, self.run_folder.version, sections | {"seed_everything": settings.get("seed_everything")})
+            sections = {"seed_everything": settings.get("seed_everything")}
+            for key in ("model", "data"):
+                if isinstance(settings.get(key), Namespace):
+                    sections[key] = settings[key].as_dict()
+            kwargs["logger"] = RunLogger(self.run_folder.root, self.run_folder.version, sections)
         return super().instantiate_trainer(**kwargs, callbacks=callbacks)
 
     def after_instantiate_classes(self) -> None:
@@ -133,13 +147,14 @@ class PlugGuideCLI(LightningCLI):
             return
         note = ""
         if self.requested_ckpt_path in ("last", "best"):
-            note = f" (no {self.requested_ckpt_path} checkpoint under {os.path.join(self.run_folder.root, 'version_*', 'checkpoints')})"
+            where = os.path.join(self.run_folder.root, "version_*", "checkpoints")
+            note = f" (no {self.requested_ckpt_path} checkpoint under {where})"
         elif self.subcommand == "fit" and (previous := newest_last_checkpoint(self.run_folder.root)) is not None:
             note = f"; `--ckpt_path last` would resume {previous[1]} instead"
         rank_zero_info(f"Run folder {folder}: a new {self.subcommand} run, from step 0{note}.")
 
     def check_trainer(self, stage: str) -> None:
-        """The module's and data module's checks of the trainer, before the subcommand loads or synthesizes anything."""
+        """The module's and data module's checks of the trainer, before the subcommand loads or synthesizes a thing."""
         for component in (self.model, self.datamodule):
             check = getattr(component, "check_trainer", None)
             if callable(check):
@@ -167,7 +182,8 @@ def main(args=None) -> None:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,  # every job takes its optimiser in `model:` (the chain schedule copies its state)
+            # Every job takes its optimiser under `model:` (the chain schedule copies its state between experts).
+            auto_configure_optimizers=False,
             args=args,
         )
     except Exception as error:

@@ -1,4 +1,4 @@
-"""Telling the project's own errors about a setting or a file from a bug's, so the command prints the former plainly."""
+"""Telling the project's own errors about a setting or a file from a bug's, so that the command prints them plainly."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def raised_by_statement(error: BaseException) -> bool:
 
 
 def raised_by_project(error: BaseException) -> bool:
-    """Whether a `raise` statement in one of the project's modules threw `error`, of a type it raises about settings."""
+    """Whether a `raise` statement in a module of the project threw `error`, of a type it raises about settings."""
     frame = error.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next

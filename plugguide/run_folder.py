@@ -37,7 +37,15 @@ def versions(root: str) -> list[int]:
     if not os.path.isdir(root):
         return []
     found = [VERSION.fullmatch(name) for name in os.listdir(root)]
-    return sorted((int(match.group(1)) for match in found if match and os.path.isdir(os.path.join(root, match.group(0)))), reverse=True)
+    return sorted(
+        (int(match.group(1)) for match in found if match and os.path.isdir(os.path.join(root, match.group(0)))),
+        reverse=True,
+    )
+
+
+def next_version(root: str) -> int:
+    """The N of a new run's `<root>/version_N`: one above the highest there, as TensorBoard's logger numbers them."""
+    return max(versions(root), default=-1) + 1
 
 
 def newest_last_checkpoint(root: str) -> tuple[int, str] | None:
@@ -50,9 +58,11 @@ def newest_last_checkpoint(root: str) -> tuple[int, str] | None:
 
 
 def best_checkpoint(last: str) -> str | None:
-    """The best checkpoint that the `ModelCheckpoint` saving `last` had recorded (it monitors a metric), if it still exists."""
+    """The best checkpoint the `ModelCheckpoint` saving `last` recorded (it monitors a metric), if it still exists."""
     callbacks = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
-    paths = [state.get("best_model_path") for key, state in callbacks.items() if str(key).startswith("ModelCheckpoint")]
+    paths = [
+        state.get("best_model_path") for key, state in callbacks.items() if str(key).startswith("ModelCheckpoint")
+    ]
     return next((path for path in paths if path and os.path.isfile(path)), None)
 
 
@@ -64,11 +74,11 @@ def version_of(path: str, root: str) -> int | None:
 
 
 def resolve_run_folder(root: str, ckpt_path: str | None) -> RunFolder:
-    """The run folder and checkpoint of a command run with `trainer.default_root_dir`=`root` and `--ckpt_path`=`ckpt_path`.
+    """The run folder and checkpoint of a command with `trainer.default_root_dir`=`root` and `--ckpt_path`=`ckpt_path`.
 
     - no `ckpt_path`: a new version folder, from step 0 (a crashed run's folder is left as it was);
     - "last": the newest version's `checkpoints/last.ckpt`, and the run keeps writing into that version folder;
-    - "best": the best checkpoint recorded by that same last checkpoint (jobs whose `ModelCheckpoint` monitors a metric);
+    - "best": the best checkpoint that this last checkpoint recorded (jobs whose `ModelCheckpoint` monitors a metric);
     - a file inside `<root>/version_N/`: that file, writing into version N; any other file: a new version folder.
 
     "last" or "best" with nothing to load gives a new run without a checkpoint; the job says whether it needs one.

@@ -23,12 +23,14 @@ def flat_settings(settings: dict, prefix: str = "") -> dict[str, Any]:
         elif key == "class_path":
             rows[prefix.rstrip(".") or "class_path"] = value
         else:
-            rows[name.rstrip(".")] = list(value) if isinstance(value, tuple) else value  # hparams.yaml stays plain YAML
+            rows[name.rstrip(".")] = (
+                list(value) if isinstance(value, tuple) else value
+            )  # hparams.yaml stays plain YAML
     return rows
 
 
 class RunLogger(TensorBoardLogger):
-    """A `TensorBoardLogger` writing `<save_dir>/version_N/` whose HPARAMS are the run's `model`, `data` and seed settings.
+    """A `TensorBoardLogger` writing `<save_dir>/version_N/`, whose HPARAMS are the run's `model` and `data` settings.
 
     Lightning logs the module's `save_hyperparameters` alone, without the optimiser (a factory, not a value) or the
     data; this logger logs the run's whole `model` and `data` sections instead, flattened (`model.optimizer.lr`,

@@ -100,7 +100,7 @@ def test_pretraining_configs_fast_dev_run(config, tmp_path, monkeypatch):
         grid["init_args"].update(num_per_class=1, num_inference_steps=2)
         overrides["trainer"]["callbacks"] = callbacks
     run("fit", f"pretrain/{config}.yaml", overrides, tmp_path)
-    (exported,) = (tmp_path / "runs" / "pretrain" / config.replace("_", "-")).rglob("model")  # fast_dev_run logs nothing: no version folder
+    exported = tmp_path / "runs" / "pretrain" / config.replace("_", "-") / "version_0" / "model"
     assert (exported / "model_index.json").is_file() or (exported / "model.safetensors").is_file()
     assert not (tmp_path / "assets").exists()
 

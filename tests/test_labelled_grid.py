@@ -24,5 +24,5 @@ def test_each_row_gets_a_label_on_its_left():
     assert width > 0 and torch.equal(grid[:, :, width:], plain)
     column = grid[0, :, :width]
     for row in range(10):
-        band = column[2 + row * 66: 2 + row * 66 + 64]
+        band = column[2 + row * 66 : 2 + row * 66 + 64]
         assert (band < 0.5).any(), f"row {row} has no label"

@@ -1,4 +1,7 @@
-"""Each run writes under `<default_root_dir>/version_N/`; `--ckpt_path last` resumes into the same version; settings given once."""
+"""Each run writes under `<default_root_dir>/version_N/`; `--ckpt_path last` resumes into that version; settings once.
+
+Also the CLI's public hooks, the run's TensorBoard hyper-parameters and the denoising progress bar.
+"""
 
 from __future__ import annotations
 
@@ -36,9 +39,13 @@ def small_fit(assets: dict, root, *callbacks: dict) -> dict:
     """The main job, shrunk: 6 steps, a checkpoint every step, its experts exported, no grids; written under `root`."""
     overrides = ppap_overrides(assets)
     overrides["trainer"] |= {
-        "default_root_dir": str(root), "limit_val_batches": 0,
+        "default_root_dir": str(root),
+        "limit_val_batches": 0,
         "callbacks": [
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True, "every_n_train_steps": 1}},
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"save_last": True, "every_n_train_steps": 1},
+            },
             {"class_path": "plugguide.callbacks.ExportPretrained", "init_args": {"directory": "experts"}},
             *callbacks,
         ],
@@ -69,11 +76,20 @@ def test_a_run_writes_everything_under_its_version_folder_and_two_runs_get_two(t
     assert os.listdir(workdir) == [], "a run wrote outside its folder"
 
 
-def test_resume_after_a_crash_continues_in_the_same_version_and_a_plain_rerun_starts_a_new_one(tiny_assets, tmp_path, monkeypatch, caplog):
+def test_resume_after_a_crash_continues_in_the_same_version_and_a_plain_rerun_starts_a_new_one(
+    tiny_assets, tmp_path, monkeypatch, caplog
+):
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "runs" / "ppap"
     with pytest.raises(Crash):
-        run("fit", "ppap.yaml", small_fit(tiny_assets, root, {"class_path": "tests.test_run_folder.CrashAfter", "init_args": {"steps": 3}}), tmp_path)
+        run(
+            "fit",
+            "ppap.yaml",
+            small_fit(
+                tiny_assets, root, {"class_path": "tests.test_run_folder.CrashAfter", "init_args": {"steps": 3}}
+            ),
+            tmp_path,
+        )
     last = root / "version_0" / "checkpoints" / "last.ckpt"
     assert step_of(last) == 3
 
@@ -86,11 +102,16 @@ def test_resume_after_a_crash_continues_in_the_same_version_and_a_plain_rerun_st
 
     caplog.clear()
     run("fit", "ppap.yaml", small_fit(tiny_assets, root), tmp_path)
-    assert sorted(os.listdir(root)) == ["version_0", "version_1"] and step_of(root / "version_1" / "checkpoints" / "last.ckpt") == 6
+    assert (
+        sorted(os.listdir(root)) == ["version_0", "version_1"]
+        and step_of(root / "version_1" / "checkpoints" / "last.ckpt") == 6
+    )
     assert f"Run folder {root / 'version_1'}: a new fit run, from step 0" in caplog.text
 
 
-def test_too_few_steps_for_the_chained_experts_is_refused_before_any_synthesis(tiny_assets, tmp_path, monkeypatch, capsys):
+def test_too_few_steps_for_the_chained_experts_is_refused_before_any_synthesis(
+    tiny_assets, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     overrides = small_fit(tiny_assets, tmp_path / "runs")
     printed = refused(capsys, "fit", "ppap.yaml", overrides, tmp_path, "--trainer.max_steps", "1")
@@ -105,7 +126,14 @@ def test_the_data_takes_the_models_diffusion_model_and_teacher(tiny_assets, tmp_
     def built(config: str, overrides: dict) -> PlugGuideCLI:
         (tmp_path / "overrides.yaml").write_text(yaml.safe_dump(overrides))
         args = ["-c", os.path.join(CONFIGS, config), "-c", str(tmp_path / "overrides.yaml"), "--trainer.logger=false"]
-        return PlugGuideCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=args, save_config_callback=None, auto_configure_optimizers=False)
+        return PlugGuideCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            args=args,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+        )
 
     overrides = small_fit(tiny_assets, tmp_path / "runs")
     overrides["model"]["init_args"]["teacher_path"] = tiny_assets["classifier-deit"]
@@ -129,7 +157,9 @@ def test_hparams_hold_the_runs_settings_and_no_placeholder_metric(tiny_assets, t
     monkeypatch.chdir(tmp_path)
     overrides = small_fit(tiny_assets, tmp_path / "runs")
     overrides["trainer"]["log_every_n_steps"] = 1
-    overrides["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}})
+    overrides["trainer"]["callbacks"].append(
+        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}}
+    )
     run("fit", "ppap.yaml", overrides, tmp_path)
     hparams = yaml.safe_load((tmp_path / "runs" / "version_0" / "hparams.yaml").read_text())
     assert hparams["model.optimizer.lr"] == 0.001 and hparams["model.guidance_scale"] == 4.0
@@ -153,7 +183,11 @@ def test_lightning_parses_the_checkpoint_path_right_after_parse_arguments(monkey
             calls.append("before_instantiate_classes")
             raise Crash
 
-    monkeypatch.setattr(LightningCLI, "_parse_ckpt_path", lambda self: calls.append(("_parse_ckpt_path", self.config[self.config.subcommand].ckpt_path)))
+    monkeypatch.setattr(
+        LightningCLI,
+        "_parse_ckpt_path",
+        lambda self: calls.append(("_parse_ckpt_path", self.config[self.config.subcommand].ckpt_path)),
+    )
     with pytest.raises(Crash):
         Probe(BoringModel, args=["fit", "--ckpt_path", "some.ckpt"])
     assert calls == ["parse_arguments", ("_parse_ckpt_path", "some.ckpt"), "before_instantiate_classes"]
@@ -178,9 +212,37 @@ def test_predict_shows_a_bar_over_each_batchs_denoising_steps(tiny_assets, tmp_p
     monkeypatch.chdir(tmp_path)
     overrides = {
         "trainer": {"default_root_dir": str(tmp_path / "runs")},
-        "model": {"init_args": {"diffusion_model": tiny_assets["ddpm-uncond"], "num_inference_steps": 3, "evaluator_path": None}},
+        "model": {
+            "init_args": {
+                "diffusion_model": tiny_assets["ddpm-uncond"],
+                "num_inference_steps": 3,
+                "evaluator_path": None,
+            }
+        },
         "data": {"init_args": {"num_per_class": 1, "batch_size": 10}},
     }
     run("predict", "sample.yaml", overrides, tmp_path)
     printed = capsys.readouterr().err
     assert "Denoising:" in printed and "0/3 [" in printed, printed  # a bar of 3 denoising steps (cleared when done)
+
+
+def test_the_run_folder_of_each_checkpoint_path(tmp_path):
+    """Unit: which version a command writes into and which checkpoint it loads, from `--ckpt_path`."""
+    from plugguide.run_folder import RunFolder, resolve_run_folder
+
+    root = tmp_path / "runs"
+    assert resolve_run_folder(str(root), "last") == RunFolder(str(root))  # nothing yet: a new run, no checkpoint
+    for version in (0, 1, 2):
+        (root / f"version_{version}" / "checkpoints").mkdir(parents=True)
+    best = root / "version_1" / "checkpoints" / "epoch=3-step=40.ckpt"
+    best.write_bytes(b"")
+    last = root / "version_1" / "checkpoints" / "last.ckpt"
+    torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/acc'}": {"best_model_path": str(best)}}}, last)
+    # version_2 holds no last.ckpt (a test run, or a crash before the first checkpoint): version_1 is resumed.
+    assert resolve_run_folder(str(root), "last") == RunFolder(str(root), 1, str(last))
+    assert resolve_run_folder(str(root), "best") == RunFolder(str(root), 1, str(best))
+    assert resolve_run_folder(str(root), None) == RunFolder(str(root))
+    assert resolve_run_folder(str(root), str(best)) == RunFolder(str(root), 1, str(best))
+    elsewhere = tmp_path / "other.ckpt"
+    elsewhere.write_bytes(b"")
+    assert resolve_run_folder(str(root), str(elsewhere)) == RunFolder(str(root), None, str(elsewhere))
