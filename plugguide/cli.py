@@ -103,6 +103,9 @@ class PlugGuideCLI(LightningCLI):
         self.run_folder = resolve_run_folder(trainer.get("default_root_dir") or os.getcwd(), self.requested_ckpt_path)
         if self.requested_ckpt_path is not None:
             self.config[self.subcommand].ckpt_path = self.requested_ckpt_path
+        # A test of a fit's checkpoint writes into the fit's folder: it keeps the fit's config.yaml.
+        if self.subcommand not in (None, "fit"):
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config-{self.subcommand}.yaml"}
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})

@@ -49,6 +49,10 @@ def test_ppap_fit_then_test(tiny_assets, tmp_path, monkeypatch, capsys):
     # The README's command: a new process finds the trained experts with --ckpt_path last, and needs it.
     assert "no checkpoint was loaded" in refused(capsys, "test", "ppap.yaml", overrides, tmp_path)
     run("test", "ppap.yaml", overrides, tmp_path, "--ckpt_path", "last")
+    # The test wrote beside the fit it scored, and kept the fit's config.
+    fit_config = yaml.safe_load((tmp_path / "runs/ppap/version_0/config.yaml").read_text())
+    test_config = yaml.safe_load((tmp_path / "runs/ppap/version_0/config-test.yaml").read_text())
+    assert fit_config["ckpt_path"] is None and test_config["ckpt_path"] == "last"
 
 
 def test_sample_job_writes_npz_and_grid(tiny_assets, tmp_path, monkeypatch):
