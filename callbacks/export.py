@@ -22,9 +22,12 @@ class ExportPretrained(L.Callback):
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
+        self.path: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.path = in_run_folder(trainer, self.directory)  # on every process (rank 0's folder is broadcast)
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        directory = in_run_folder(trainer, self.directory)
-        pl_module.export(directory)
-        rank_zero_info(f"Exported {type(pl_module).__name__} to {directory}")
+        pl_module.export(self.path)
+        rank_zero_info(f"Exported {type(pl_module).__name__} to {self.path}")

@@ -48,10 +48,10 @@ class SampleWriter(BasePredictionWriter):
             rows = {name: torch.cat(gather_all_tensors(values.to(pl_module.device))).cpu() for name, values in rows.items()}
         rows = unique_rows(rows)
         images, labels = rows["images"], rows["labels"]
+        directory = in_run_folder(trainer, self.output_dir or "")  # on every process (rank 0's folder is broadcast)
         if not trainer.is_global_zero:
             return
         maps = {"target_maps": rows["target_maps"].numpy()} if "target_maps" in rows else {}
-        directory = in_run_folder(trainer, self.output_dir or "")
         os.makedirs(directory, exist_ok=True)
         npz, grid = os.path.join(directory, "samples.npz"), os.path.join(directory, "grid.png")
         np.savez(npz + ".tmp.npz", images=images.float().numpy(), labels=labels.long().numpy(), **maps)
