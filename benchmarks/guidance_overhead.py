@@ -1,6 +1,6 @@
 """What guidance costs: DDPM-50 sampling unguided, with PPAP-5 experts and with calibrated off-the-shelf guidance.
 
-    python benchmarks/guidance_overhead.py [--experts runs/ppap/experts] [--samples 100] [--steps 50] [--repeats 3]
+    python benchmarks/guidance_overhead.py [--experts runs/ppap/version_0/experts] [--samples 100] [--steps 50] [--repeats 3]
 
 The settings of docs/results/speed.md: the main job's exported experts (`lightning fit -c configs/ppap.yaml` writes
 them) at its guidance scale 4, and `CalibratedGuidance` on the ResNet with the paper's defaults at scale 10 (its best
@@ -32,7 +32,7 @@ from timers import timed
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="assets/digits/ddpm-uncond")
-    parser.add_argument("--experts", default="runs/ppap/experts", help="the main job's exported experts")
+    parser.add_argument("--experts", default="runs/ppap/version_0/experts", help="the main job's exported experts")
     parser.add_argument("--classifier", default="assets/digits/classifier-resnet")
     parser.add_argument("--ppap-scale", type=float, default=4.0)
     parser.add_argument("--calibrated-scale", type=float, default=10.0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid
 
+from plugguide.callbacks.labelled_grid import labelled_grid
 from plugguide.callbacks.periodic_grid import PeriodicGrid
 from plugguide.models import load_classifier
 from plugguide.pipelines.finite import check_cfg_scale
@@ -70,13 +70,14 @@ class GuideSampleGrid(PeriodicGrid):
         return outputs[0], outputs[1], labels
 
     def side_by_side(self, guide: torch.Tensor, cfg: torch.Tensor) -> torch.Tensor:
-        """One grid: per class row, the guide's samples, a blank column, then CFG's."""
+        """One grid: per class row (named on its left), the guide's samples, a blank column, then CFG's."""
         blank = torch.ones_like(guide[:1])
         rows = []
         for row in range(self.num_classes):
             cells = slice(row * self.num_per_class, (row + 1) * self.num_per_class)
             rows += [*guide[cells], blank[0], *cfg[cells]]
-        return make_grid(torch.stack(rows), nrow=2 * self.num_per_class + 1, padding=1, pad_value=1.0)
+        labels = [f"class {k}" for k in range(self.num_classes)]
+        return labelled_grid(torch.stack(rows), nrow=2 * self.num_per_class + 1, row_labels=labels)
 
     @rank_zero_only
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -1,12 +1,12 @@
-"""Fixed-seed sample grids in TensorBoard, one row per class."""
+"""Fixed-seed sample grids in TensorBoard, one labelled row per class."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid
 
+from plugguide.callbacks.labelled_grid import labelled_grid
 from plugguide.callbacks.periodic_grid import PeriodicGrid
 from plugguide.models import load_classifier
 from plugguide.pipelines.finite import check_cfg_scale, check_scale
@@ -18,8 +18,8 @@ class GuidedSampleGrid(PeriodicGrid):
     The noise comes from a generator seeded with `seed` at every call, so grids of different epochs
     start from the same noise and differ only by the model. The seed is saved in the checkpoint and
     restored on `--ckpt_path` resume, so a resumed run continues the same series even if the config's
-    seed changed. Rows are classes when the pipeline is guided or class-conditional, otherwise plain
-    samples. Drawn on global rank 0 only.
+    seed changed. Rows are classes, named in a column on their left, when the pipeline is guided or
+    class-conditional, otherwise plain samples; tiles are enlarged 4x (nearest neighbour). Drawn on global rank 0 only.
 
     Args:
         num_per_class: columns of the grid.
@@ -114,7 +114,8 @@ class GuidedSampleGrid(PeriodicGrid):
                 generator=generator,
                 output_type="pt",
             )
-        grid = make_grid(output.images, nrow=self.num_per_class, padding=1, pad_value=1.0)
+        rows = None if labels is None else [f"class {k}" for k in range(self.num_classes)]
+        grid = labelled_grid(output.images, nrow=self.num_per_class, row_labels=rows)
         step = trainer.global_step
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchvision.utils import save_image
 
+from plugguide.callbacks.run_folder import in_run_folder
 from plugguide.metrics.generation import unique_rows
 
 
@@ -25,7 +26,8 @@ class SampleWriter(BasePredictionWriter):
     rank 0 writes them in the order of their global `index`, each sample once, as one process would.
 
     Args:
-        output_dir: directory of the files; defaults to the trainer's log directory.
+        output_dir: directory of the files, relative to the run's folder (`<default_root_dir>/version_N`) or absolute;
+            default: the run's folder itself.
         nrow: images per grid row (the number of samples per class makes one class per row).
     """
 
@@ -46,10 +48,10 @@ class SampleWriter(BasePredictionWriter):
             rows = {name: torch.cat(gather_all_tensors(values.to(pl_module.device))).cpu() for name, values in rows.items()}
         rows = unique_rows(rows)
         images, labels = rows["images"], rows["labels"]
+        directory = in_run_folder(trainer, self.output_dir or "")  # on every process (rank 0's folder is broadcast)
         if not trainer.is_global_zero:
             return
         maps = {"target_maps": rows["target_maps"].numpy()} if "target_maps" in rows else {}
-        directory = self.output_dir or trainer.log_dir or trainer.default_root_dir
         os.makedirs(directory, exist_ok=True)
         npz, grid = os.path.join(directory, "samples.npz"), os.path.join(directory, "grid.png")
         np.savez(npz + ".tmp.npz", images=images.float().numpy(), labels=labels.long().numpy(), **maps)

@@ -1,9 +1,20 @@
-"""A progress bar for step-bounded training: one bar over the optimizer steps of the whole run."""
+"""A progress bar for step-bounded training (one bar over the optimizer steps of the whole run), and one over the
+denoising steps of a sampling batch in `test` and `predict`."""
 
 from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+def denoising_progress(trainer: L.Trainer | None) -> dict:
+    """The `set_progress_bar_config` of a pipeline sampling one `test`/`predict` batch: a bar over its denoising steps
+    beneath the trainer's `StepProgressBar` (a batch of DDPM-50 is 50 steps, not one tick of "1/1 batches"), none
+    under any other bar or none."""
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if not isinstance(bar, StepProgressBar) or bar.is_disabled:
+        return {"disable": True}
+    return {"desc": "Denoising", "unit": "steps", "leave": False, "position": 1, "dynamic_ncols": True}
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -12,7 +23,8 @@ class StepProgressBar(TQDMProgressBar):
     Lightning's bars count the batches of each epoch under "Epoch e/max_epochs - 1", which reads "Epoch 48/-2"
     when the run is bounded by `max_steps` alone (the project's training configs). This bar spans the run and
     resumes where a checkpoint left off: `Training (epoch 23): 730/1500 steps`. Runs bounded by epochs get
-    Lightning's own bar. The logger version (`v_num`) is left out: it is in the log directory's name.
+    Lightning's own bar. In `test` and `predict`, the jobs' pipelines show a second bar over each batch's denoising
+    steps (`denoising_progress`). The logger version (`v_num`) is left out: it is in the log directory's name.
 
     Args:
         refresh_rate: update the bar every n steps.

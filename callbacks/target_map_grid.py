@@ -5,8 +5,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid
 
+from plugguide.callbacks.labelled_grid import labelled_grid
 from plugguide.callbacks.periodic_grid import PeriodicGrid
 from plugguide.metrics import DenseMapMetrics
 from plugguide.metrics.figures import render_maps
@@ -77,7 +77,7 @@ class TargetMapGrid(PeriodicGrid):
             pipeline.set_progress_bar_config(disable=True)
             samples[name] = sample_batch(pipeline, targets, num_inference_steps=pl_module.hparams.num_inference_steps, classifier_scale=classifier_scale)
         columns = [render_maps(maps), (samples["naive"] / 2 + 0.5).expand(-1, 3, -1, -1), (samples["experts"] / 2 + 0.5).expand(-1, 3, -1, -1)]
-        grid = make_grid(torch.stack(columns, dim=1).flatten(0, 1), nrow=3, padding=1, pad_value=1.0)
+        grid = labelled_grid(torch.stack(columns, dim=1).flatten(0, 1), nrow=3)
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
             experiment.add_image(self.tag, grid, trainer.global_step)

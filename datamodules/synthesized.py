@@ -330,7 +330,18 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         shards = [datasets.load_from_disk(self.shard_path(shard)) for shard in range(self.num_shards)]
         return datasets.concatenate_datasets(shards).with_format("torch")
 
+    def check_trainer(self, trainer: L.Trainer, stage: str) -> None:
+        """Refuses a number of processes that leaves a rank without a batch; the CLI calls it before any synthesis."""
+        if stage == "fit" and self.hparams.batch_size * trainer.world_size > self.hparams.num_images:
+            raise ValueError(
+                f"Expected `data.batch_size` x processes to be at most `data.num_images`={self.hparams.num_images}, "
+                f"but got {self.hparams.batch_size} x {trainer.world_size} (`trainer.devices` x `trainer.num_nodes`): "
+                "a rank would get no complete batch."
+            )
+
     def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            self.check_trainer(self.trainer, stage)
         if self.labelled_data is not None:
             self.labelled_data.setup(stage)
         if stage not in (None, "fit") or self.dataset is not None:
@@ -346,12 +357,6 @@ class SynthesizedImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Rank r reads its own 1/W of each epoch's seeded permutation; the loader resumes mid-epoch.
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        if self.hparams.batch_size * world_size > self.hparams.num_images:
-            raise ValueError(
-                f"Expected `batch_size` x processes to be at most `num_images`={self.hparams.num_images}, but got "
-                f"{self.hparams.batch_size} x {world_size}: a rank would get no complete batch."
-            )
         return ResumableDataLoader(
             ArrowBatches(self.dataset), batch_size=self.hparams.batch_size, shuffle=True, drop_last=True, num_workers=self.hparams.num_workers, collate_fn=dequantize_images
         )

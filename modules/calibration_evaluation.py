@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from plugguide.callbacks.calibration_curve import log_curves
+from plugguide.callbacks.run_folder import in_run_folder
 from plugguide.metrics import calibration_curve, calibration_timesteps, write_curves_csv
 from plugguide.models import load_scheduler, load_unet
 from plugguide.pipelines.guidance import ClassifierGuidance
@@ -20,7 +19,8 @@ class CalibrationEvaluation(L.LightningModule):
     `ECE_t = sum_b |B_b| / n * |acc(B_b) - conf(B_b)|` of each guide on its own input at t (x_t, or x0_hat
     from the frozen diffusion model); integral calibration error = mean of ECE_t over the timesteps. At the
     end of `lightning validate` the curves are overlaid in one TensorBoard figure, each guide's integral
-    ECE is logged as `calibration/<name>/integral_ece`, and all curves are written to `<log_dir>/calibration_curves.csv`.
+    ECE is logged as `calibration/<name>/integral_ece`, and all curves are written to
+    `<run folder>/calibration_curves.csv`.
 
     Args:
         guides: the guides to compare (`ClassifierGuidance`s: naive, predicted-x0, PPAP experts, calibrated).
@@ -30,7 +30,8 @@ class CalibrationEvaluation(L.LightningModule):
         num_timesteps: timesteps measured, evenly spanning 0 .. T - 1 (paper's figures: ~20).
         n_bins: ECE confidence bins.
         seed: seed of the forward noise (the same noise for every guide).
-        csv_path: where the CSV goes; default `<log_dir>/calibration_curves.csv`.
+        csv_path: where the CSV goes, relative to the run's folder or absolute; default
+            `<run folder>/calibration_curves.csv`.
     """
 
     def __init__(
@@ -77,12 +78,11 @@ class CalibrationEvaluation(L.LightningModule):
         }
         for name, curve in self.curves.items():
             self.log(f"calibration/{name}/integral_ece", curve["integral_ece"][0])
-        self.write()
+        self.write(in_run_folder(self.trainer, self.hparams.csv_path or "calibration_curves.csv"))  # on every process
 
     @rank_zero_only
-    def write(self) -> None:
+    def write(self, path: str) -> None:
         log_curves(self.logger, self.curves, self.global_step, "calibration")
-        path = self.hparams.csv_path or os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "calibration_curves.csv")
         write_curves_csv(self.curves, path)
         summary = ", ".join(f"{name}: {curve['integral_ece'][0]:.4f}" for name, curve in self.curves.items())
         rank_zero_info(f"Integral calibration error: {summary}. Curves: {path}")

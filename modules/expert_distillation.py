@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import copy
-import os
 from typing import Literal
 
+import lightning as L
 import torch
 from diffusers import DDPMScheduler
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from plugguide.callbacks.step_progress_bar import denoising_progress
 from plugguide.datamodules.resumable_loader import step_generator
 from plugguide.datamodules.synthesized import image_seed
 from plugguide.metrics import DenseMapMetrics, GenerationMetrics, majority_digit
@@ -160,25 +161,19 @@ class ExpertDistillation(FrozenNetworksModule):
             f"({report['trainable_percent_of_backbone']:.1f}% of the {report['backbone_parameters']:,}-parameter backbone)"
         )
 
+    def check_trainer(self, trainer: L.Trainer, stage: str) -> None:
+        """Refuses a trainer this job cannot run under; the CLI calls it before any image is synthesized."""
+        if stage == "fit" and self.hparams.expert_schedule == "chain" and trainer.max_steps < self.experts.num_experts:
+            raise ValueError(
+                f"`model.expert_schedule`='chain' gives each of the `model.num_experts`={self.experts.num_experts} "
+                f"experts `trainer.max_steps` / `num_experts` steps, so it needs `trainer.max_steps` >= "
+                f"{self.experts.num_experts}, but got {trainer.max_steps}."
+            )
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        cached_teacher = getattr(datamodule, "hparams", {}).get("teacher_path") if datamodule is not None else None
-        other_teacher = cached_teacher and os.path.abspath(cached_teacher) != os.path.abspath(self.hparams.teacher_path)
-        if other_teacher and self.hparams.supervision == "teacher" and self.teacher.predicts != "class":
-            # The synthesized set caches a classifier's logits: a dense teacher's outputs are computed on every batch, and
-            # its experts learn from the very images the classifier's experts learn from (one cache, one synthesis).
-            rank_zero_info(f"The data caches the logits of `data.teacher_path`={cached_teacher!r}; the dense teacher runs on every batch instead.")
-        elif other_teacher and self.hparams.supervision == "teacher":
-            raise ValueError(
-                f"The data caches the logits of `data.teacher_path`={cached_teacher!r} but the experts distil "
-                f"`model.teacher_path`={self.hparams.teacher_path!r}; set both to the same classifier, or `data.teacher_path` to null."
-            )
-        if stage == "fit" and self.hparams.expert_schedule == "chain" and self.trainer.max_steps < self.experts.num_experts:
-            raise ValueError(
-                f"`expert_schedule`='chain' gives each of the {self.experts.num_experts} experts max_steps / N steps, so it needs "
-                f"`trainer.max_steps` >= N, but got {self.trainer.max_steps}."
-            )
+        if self._trainer is not None:
+            self.check_trainer(self.trainer, stage)
         strategy = self.trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, DDPStrategy) and self.experts.num_experts > 1 and not strategy._ddp_kwargs.get("find_unused_parameters"):
             # Set before the strategy wraps the module in DistributedDataParallel (after this hook).
@@ -292,8 +287,8 @@ class ExpertDistillation(FrozenNetworksModule):
         if self.trainer.ckpt_path is None and self.trainer.global_step == 0:
             raise ValueError(
                 "`lightning test` scores trained experts, but no checkpoint was loaded and these experts are untrained "
-                "(their guidance is the off-the-shelf classifier's): pass `--ckpt_path last` (the config's ModelCheckpoint "
-                "folder) or the path of a checkpoint."
+                "(their guidance is the off-the-shelf classifier's): pass `--ckpt_path last` (the last checkpoint of "
+                "the newest version folder under `trainer.default_root_dir`) or the path of a checkpoint."
             )
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -305,7 +300,7 @@ class ExpertDistillation(FrozenNetworksModule):
                 "and counts it once on any number of processes; ImageDataModule and DigitsDataModule provide it."
             )
         pipeline = self.sampling_pipeline()
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline.set_progress_bar_config(**denoising_progress(self._trainer))
         labels, indices = batch["label"], batch["index"]
         seeds = [image_seed(self.hparams.seed, int(index)) for index in indices]
         settings = dict(num_inference_steps=self.hparams.num_inference_steps, classifier_scale=self.hparams.classifier_scale)

@@ -6,6 +6,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from plugguide.callbacks.step_progress_bar import denoising_progress
 from plugguide.datamodules import TargetMapDataModule
 from plugguide.metrics import DenseMapMetrics, GenerationMetrics
 from plugguide.models import check_classifier_input, compile_denoiser, load_guide, load_scheduler, load_unet, load_vae, prompt_conditioning
@@ -137,7 +138,7 @@ class GuidedSampling(L.LightningModule):
                 raise ValueError(f"Expected `data.num_classes` to be at most the {classes} classes of `model.{setting}`{note}, but got {num_classes}.")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        self.pipeline.set_progress_bar_config(disable=True)
+        self.pipeline.set_progress_bar_config(**denoising_progress(self._trainer))
         scales = {"guidance_scale": self.hparams.guidance_scale}
         if self.hparams.guide_path is None:
             scales["classifier_scale"] = self.hparams.classifier_scale

@@ -52,7 +52,8 @@ class ProgressiveHalving(FrozenUNetGuideTraining):
     schedule, and s = t - T//(N/2), exactly the transitions that `GuideDistilledPipeline` takes with DDIM.
 
     Args:
-        guide_root: folder of the guide chains (the `ExportPretrained` directory of every stage).
+        guide_root: folder of the guide chains: the exported `guides/` of the run this stage starts from (guide
+            distillation's or the previous stage's).
         guide_name: the chain, "tiny" or "full": the teacher is `<guide_root>/<guide_name>/steps-<teacher_steps>`
             (written by `GuideDistillation` or the previous stage); the student is exported as
             `<guide_name>/steps-<teacher_steps/2>`.
@@ -69,7 +70,7 @@ class ProgressiveHalving(FrozenUNetGuideTraining):
 
     def __init__(
         self,
-        guide_root: str = "runs/guides",
+        guide_root: str = "runs/guide-distillation/version_0/guides",
         guide_name: str = "tiny",
         teacher_steps: int = 32,
         diffusion_model: str = "assets/digits/ddpm-cond",

@@ -1,8 +1,8 @@
 """Why naive dense guidance does not fail on the digits: what the off-the-shelf models and the experts see in x_t.
 
     python scripts/dense_guidance_diagnostics.py [--images 180] [--timesteps 100 300 500 700 900]
-                                                 [--segmentation-experts runs/ppap-segmentation/experts]
-                                                 [--depth-experts runs/ppap-depth/experts]
+                                                 [--segmentation-experts runs/ppap-segmentation/version_0/experts]
+                                                 [--depth-experts runs/ppap-depth/version_0/experts]
 
 On held-out real digits (the validation split) noised to x_t at each timestep, with the same noise for every model:
 - agreement: the off-the-shelf model's prediction on x_t against its own prediction on the clean digit (the class
@@ -46,8 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=180)
     parser.add_argument("--timesteps", type=int, nargs="+", default=[100, 300, 500, 700, 900])
-    parser.add_argument("--segmentation-experts", default="runs/ppap-segmentation/experts")
-    parser.add_argument("--depth-experts", default="runs/ppap-depth/experts")
+    parser.add_argument("--segmentation-experts", default="runs/ppap-segmentation/version_0/experts")
+    parser.add_argument("--depth-experts", default="runs/ppap-depth/version_0/experts")
     args = parser.parse_args()
 
     data = DigitsDataModule(batch_size=args.images)

@@ -57,14 +57,14 @@ HEADERS = {
 
 def train_experts(task: str, directory: str, max_steps: int) -> str:
     """PPAP-5 of `configs/ppap_<task>.yaml` (data-free, its synthesized cache), `max_steps` steps; returns the experts' directory."""
-    experts = os.path.join(directory, "experts")
+    # Absolute: ExportPretrained would take a relative directory under the run's version folder.
+    experts = os.path.abspath(os.path.join(directory, "experts"))
     if os.path.isfile(os.path.join(experts, "experts.json")):
         return experts
     os.makedirs(directory, exist_ok=True)
     overrides = {
         "trainer": {
             "max_steps": max_steps, "check_val_every_n_epoch": 10_000, "enable_progress_bar": False, "default_root_dir": directory,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": directory, "name": "logs"}},
             "callbacks": [{"class_path": "plugguide.callbacks.ExportPretrained", "init_args": {"directory": experts}}],
         },
     }

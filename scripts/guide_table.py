@@ -46,7 +46,8 @@ CHAINS = {
 
 def train_chain(guides: str, name: str) -> None:
     """Trains the missing stages of a guide chain (32 -> 16 -> 8 -> 4 DDIM steps) into `guides/<name>/steps-<n>`."""
-    common = ["--trainer.enable_progress_bar", "false", "--trainer.callbacks+=plugguide.callbacks.ExportPretrained", f"--trainer.callbacks.directory={guides}"]
+    export = ["--trainer.callbacks+=plugguide.callbacks.ExportPretrained", f"--trainer.callbacks.directory={os.path.abspath(guides)}"]
+    common = ["--trainer.enable_progress_bar", "false", *export]
     if not os.path.isdir(os.path.join(guides, name, "steps-32")):
         lightning(["fit", "-c", "configs/guide_distillation.yaml", *CHAINS[name]["distillation"], "--trainer.callbacks=[]", *common])
     for teacher, student in ((32, 16), (16, 8), (8, 4)):

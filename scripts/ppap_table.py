@@ -62,7 +62,8 @@ ROWS = {
 
 def train_row(directory: str, teacher: str, spec: dict, steps_per_expert: int) -> str:
     """Trains one row with `lightning fit -c configs/ppap.yaml` plus overrides; returns its experts directory."""
-    experts = os.path.join(directory, "experts")
+    # Absolute: ExportPretrained would take a relative directory under the run's version folder.
+    experts = os.path.abspath(os.path.join(directory, "experts"))
     if os.path.isfile(os.path.join(experts, "experts.json")):
         return experts
     os.makedirs(directory, exist_ok=True)
@@ -73,13 +74,11 @@ def train_row(directory: str, teacher: str, spec: dict, steps_per_expert: int) -
     if spec["supervision"] == "labels":
         data = {"class_path": "plugguide.datamodules.DigitsDataModule", "init_args": {"batch_size": 128}}
     else:
-        # Teacher logits are computed on the fly, so both teacher families share one cached image set.
-        data = {"init_args": {"teacher_path": None, "num_images": spec["num_images"]}}
+        data = {"init_args": {"num_images": spec["num_images"]}}  # the cache holds model.teacher_path's logits
     overrides = {
         "trainer": {
             "max_steps": steps_per_expert * spec["num_experts"], "check_val_every_n_epoch": 10_000, "enable_progress_bar": False,
             "default_root_dir": directory,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": directory, "name": "logs"}},
             "callbacks": [{"class_path": "plugguide.callbacks.ExportPretrained", "init_args": {"directory": experts}}],
         },
         "model": {"init_args": model},
@@ -100,7 +99,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDPM (ancestral) sampler steps")
     parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 10.0, 30.0, 100.0])
     parser.add_argument("--steps-per-expert", type=int, default=1000)
-    parser.add_argument("--experts", nargs="+", default=[], metavar="NAME=DIR", help="also score experts trained elsewhere, e.g. 'main job=runs/ppap/experts'")
+    parser.add_argument("--experts", nargs="+", default=[], metavar="NAME=DIR", help="also score experts trained elsewhere, e.g. 'main job=runs/ppap/version_0/experts'")
     parser.add_argument("--out", default="runs/ppap_table")
     add_page_arguments(parser, "ppap-table-per-expert")
     args = parser.parse_args()

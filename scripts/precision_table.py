@@ -1,6 +1,6 @@
 """Reduced precision and compilation of the UNet, measured for speed and for quality, printed as markdown.
 
-    python scripts/precision_table.py [--experts runs/ppap/experts] [--settings fp32 bf16 compile compile+bf16]
+    python scripts/precision_table.py [--experts runs/ppap/version_0/experts] [--settings fp32 bf16 compile compile+bf16]
                                       [--samples-per-class 50] [--timing-samples 100] [--repeats 3] [--out runs/precision_table]
 
 Two workloads, both DDPM-50 on `assets/digits/ddpm-uncond`: unguided sampling (the UNet alone, as in synthesis) and
@@ -66,7 +66,7 @@ def timings(runs: dict[str, GuidedDiffusionPipeline], scale: float, samples: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experts", default="runs/ppap/experts", help="the main job's exported experts")
+    parser.add_argument("--experts", default="runs/ppap/version_0/experts", help="the main job's exported experts")
     parser.add_argument("--scale", type=float, default=4.0, help="guidance scale of the PPAP workload (the main job's)")
     parser.add_argument("--settings", nargs="+", default=["fp32", "bf16", "compile", "compile+bf16"], choices=list(SETTINGS))
     parser.add_argument("--samples-per-class", type=int, default=50)

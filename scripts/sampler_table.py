@@ -1,6 +1,6 @@
 """The same guidance across model families and samplers, on the digits default, printed as markdown.
 
-    python scripts/sampler_table.py [--experts runs/ppap/experts] [--samples-per-class 50] [--out runs/sampler_table]
+    python scripts/sampler_table.py [--experts runs/ppap/version_0/experts] [--samples-per-class 50] [--out runs/sampler_table]
                                     [--samplers DDPM-50 ...] [--methods unguided calibrated PPAP-5] [--scales 1 3 10 30]
 
 Rows: unguided, calibrated off-the-shelf guidance (`CalibratedGuidance` on the ResNet, the paper's defaults) and
@@ -99,7 +99,7 @@ def write_table(results: dict, args, num_samples: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experts", default="runs/ppap/experts", help="PPAP-5 experts (lightning fit -c configs/ppap.yaml)")
+    parser.add_argument("--experts", default="runs/ppap/version_0/experts", help="PPAP-5 experts (lightning fit -c configs/ppap.yaml)")
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS[:3]), choices=METHODS)

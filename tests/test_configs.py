@@ -7,9 +7,7 @@ import os
 
 import pytest
 import yaml
-from lightning.pytorch.cli import LightningCLI
-
-from plugguide.cli import main
+from plugguide.cli import PlugGuideCLI, main
 from plugguide.models.diffusion_model import load_unet
 from plugguide.models.guides import TinyGuide
 
@@ -32,8 +30,8 @@ def with_base(config: str) -> list[str]:
 def earlier_job_outputs(config: str, directory) -> list[str]:
     """Overrides pointing a config at what an earlier job of its chain writes; a fresh clone has none of it.
 
-    A halving stage loads its teacher guide from `<guide_root>/tiny/steps-<n>` (written by guide distillation
-    or the stage before); zero-initialised TinyGuides of the embedded UNet stand in for them.
+    A halving stage loads its teacher guide from `<guide_root>/tiny/steps-<n>` (the `guides/` export of guide
+    distillation's run or of the stage before); zero-initialised TinyGuides of the embedded UNet stand in for them.
     """
     if not config.startswith(os.path.join("configs", "halving")):
         return []
@@ -51,7 +49,7 @@ def test_there_are_configs():
 def test_local_config_instantiates(config, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     args = [*with_base(config), *earlier_job_outputs(config, tmp_path), "--trainer.logger=false"]
-    cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=args, save_config_callback=None)
+    cli = PlugGuideCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=args, save_config_callback=None, auto_configure_optimizers=False)
     assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
 
 

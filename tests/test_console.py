@@ -33,7 +33,7 @@ def test_main_job_console_is_quiet_and_counts_steps(tiny_assets, tmp_path, monke
 def test_experts_train_with_batch_statistics_and_checkpoints_hold_no_frozen_network(tiny_assets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run("fit", "ppap.yaml", ppap_overrides(tiny_assets), tmp_path)
-    state = torch.load(tmp_path / "runs/ppap/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "runs/ppap/version_0/checkpoints/last.ckpt", weights_only=False)["state_dict"]
     assert not any(key.startswith(("teacher.", "unet.", "metrics.")) for key in state)
     expert_means = [v for k, v in state.items() if k.endswith("bn1.modules_to_save.expert_0.running_mean") and "layer" not in k]
     original = [v for k, v in state.items() if k.endswith("bn1.original_module.running_mean") and "layer" not in k]

@@ -68,7 +68,7 @@ def run_worker(out: str, assets: dict) -> None:
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from plugguide.callbacks import GuidedSampleGrid
+    from plugguide.callbacks import ExportPretrained, GuidedSampleGrid
     from plugguide.datamodules import DigitsDataModule, SynthesizedImageDataModule
     from plugguide.models import TimmClassifier
     from plugguide.modules import ClassifierPretraining, DiffusionPretraining, ExpertDistillation
@@ -137,7 +137,9 @@ def run_worker(out: str, assets: dict) -> None:
     module._ddp_test_extra = {"generated": generated, "draws": draws}
     # CalibrationCurve is left out: it computes torchmetrics objects on rank 0 only, and their compute()
     # all-gathers across ranks by default (sync_on_compute=True), so rank 0 waits forever (seen: a hang).
-    fit("expert_distillation", module, data, 6, [GuidedSampleGrid(num_per_class=1, num_classes=2, num_inference_steps=2)])
+    # ExportPretrained with a relative directory: every rank asks for the run folder (a broadcast), rank 0 writes.
+    grid = GuidedSampleGrid(num_per_class=1, num_classes=2, num_inference_steps=2)
+    fit("expert_distillation", module, data, 6, [grid, ExportPretrained("experts")])
 
     # Diffusion pretraining on the digits.
     L.seed_everything(0)
@@ -290,3 +292,10 @@ def test_building_a_guidance_leaves_the_experts_training(tiny_assets):
     GuidedSampleGrid(num_classes=10).setup(None, module, "fit")  # builds module.guidance()
     assert module.experts.training and all(m.training for m in module.experts.modules())
     assert {n for n, p in module.experts.named_parameters() if p.requires_grad} == trainable
+
+
+def test_the_experts_export_into_the_run_folder(ddp_run):
+    """A relative export directory is taken under rank 0's run folder (a hang when only rank 0 asked for it)."""
+    _, out, _, _ = ddp_run
+    (exported,) = (out / "expert_distillation").rglob("experts.json")
+    assert exported.parent.name == "experts" and exported.parent.parent.name == "version_0"

@@ -259,7 +259,7 @@ def dense_overrides(assets: dict, teacher: str) -> dict:
     return {
         "trainer": {"max_steps": 6, "check_val_every_n_epoch": 1, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
         "model": {"init_args": {"teacher_path": assets[teacher], "diffusion_model": assets["ddpm-uncond"], "evaluator_path": assets["evaluator"], "autoencoder_path": assets["autoencoder"], "num_inference_steps": 2, "lora_rank": 4}},
-        "data": {"init_args": {"diffusion_model": assets["ddpm-uncond"], "teacher_path": assets["classifier-resnet"], "num_images": 20, "num_inference_steps": 3, "batch_size": 4, "shard_size": 10, "labelled_data": {"class_path": "plugguide.datamodules.DigitsDataModule", "init_args": {"batch_size": 8}}}},
+        "data": {"init_args": {"num_images": 20, "num_inference_steps": 3, "batch_size": 4, "shard_size": 10, "labelled_data": {"class_path": "plugguide.datamodules.DigitsDataModule", "init_args": {"batch_size": 8}}}},
     }
 
 
@@ -271,8 +271,8 @@ def test_dense_ppap_configs_fit_export_log_target_map_grids_and_test(config, tea
     overrides = dense_overrides(tiny_assets, teacher)
     run("fit", config, overrides, tmp_path)
     name = config.removesuffix(".yaml").replace("_", "-")
-    assert (tmp_path / f"runs/{name}/experts/experts.json").is_file()
-    experts = MultiExpertClassifier.from_pretrained(str(tmp_path / f"runs/{name}/experts"))
+    assert (tmp_path / f"runs/{name}/version_0/experts/experts.json").is_file()
+    experts = MultiExpertClassifier.from_pretrained(str(tmp_path / f"runs/{name}/version_0/experts"))
     assert experts.predicts == ("class_map" if teacher == "segmenter" else "map")
     events = EventAccumulator(str(next((tmp_path / "runs" / name).rglob("events.out.tfevents*")))).Reload()
     assert f"{name}/target_maps" in events.Tags()["images"]
@@ -327,11 +327,11 @@ def test_depth_hub_config_runs_on_tiny_models_of_the_same_classes(hub_dense_mode
     overrides = {
         "trainer": {"max_steps": 4, "limit_val_batches": 1, "enable_progress_bar": False},
         "model": {"init_args": paths | {"teacher_path": hub_dense_models["dpt"], "num_inference_steps": 2, "lora_rank": 2}},
-        "data": {"init_args": paths | {
+        "data": {"init_args": {
             "num_images": 8, "num_inference_steps": 2, "generation_batch_size": 4, "shard_size": 4, "batch_size": 4,
             "labelled_data": {"init_args": {"source": str(tmp_path / "imagenet-1k"), "image_size": 32, "batch_size": 2}},
         }},
     }
     run("fit", ["ppap_depth.yaml", "hub/ppap_depth_imagenet256.yaml"], overrides, tmp_path)
-    experts = MultiExpertClassifier.from_pretrained(str(tmp_path / "runs/ppap-depth-imagenet256/experts"))
+    experts = MultiExpertClassifier.from_pretrained(str(tmp_path / "runs/ppap-depth-imagenet256/version_0/experts"))
     assert experts.num_experts == 5 and type(experts.frozen_backbone().model).__name__ == "DPTForDepthEstimation"

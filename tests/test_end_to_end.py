@@ -6,7 +6,7 @@ import os
 
 import pytest
 import yaml
-from lightning.pytorch.cli import LightningCLI
+from plugguide.cli import PlugGuideCLI
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,7 @@ def test_main_job_trains_experts_that_steer_the_sampler(tmp_path, monkeypatch):
         "data": {"init_args": {"cache_dir": str(tmp_path / "cache")}},
     }
     (tmp_path / "outputs.yaml").write_text(yaml.safe_dump(outputs))
-    cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["-c", "configs/ppap.yaml", "-c", str(tmp_path / "outputs.yaml")], save_config_callback=None)
+    cli = PlugGuideCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, auto_configure_optimizers=False, args=["-c", "configs/ppap.yaml", "-c", str(tmp_path / "outputs.yaml")], save_config_callback=None)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert (tmp_path / "experts" / "experts.json").is_file()
     (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule)
@@ -45,7 +45,7 @@ def test_segmentation_experts_steer_samples_onto_the_target_maps(tmp_path, monke
         "data": {"init_args": {"cache_dir": str(tmp_path / "cache")}},
     }
     (tmp_path / "outputs.yaml").write_text(yaml.safe_dump(outputs))
-    cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["-c", "configs/ppap_segmentation.yaml", "-c", str(tmp_path / "outputs.yaml")], save_config_callback=None)
+    cli = PlugGuideCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, auto_configure_optimizers=False, args=["-c", "configs/ppap_segmentation.yaml", "-c", str(tmp_path / "outputs.yaml")], save_config_callback=None)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert (tmp_path / "experts" / "experts.json").is_file()
     (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule)

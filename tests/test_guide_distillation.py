@@ -268,7 +268,8 @@ def run_cli(args: list[str]) -> None:
 
 
 def test_guide_distillation_and_halving_configs_run(digits_model, tmp_path, monkeypatch):
-    """The real configs, on the tiny UNet: distill, then the three halving stages, each from the previous export."""
+    """The real configs, on the tiny UNet: distill, then the three halving stages, each from the previous run's export
+    as its stage file names it (`guide_root`: version_0 of the run before)."""
     import yaml
 
     from plugguide.models.classifier import TimmClassifier
@@ -279,9 +280,8 @@ def test_guide_distillation_and_halving_configs_run(digits_model, tmp_path, monk
     overrides.write_text(yaml.safe_dump({
         "trainer": {
             "max_steps": 2, "log_every_n_steps": 1, "limit_val_batches": 1, "check_val_every_n_epoch": 1, "enable_progress_bar": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "tb"}},
             "callbacks": [
-                {"class_path": "plugguide.callbacks.ExportPretrained", "init_args": {"directory": "runs/guides"}},
+                {"class_path": "plugguide.callbacks.ExportPretrained", "init_args": {"directory": "guides"}},
                 {"class_path": "plugguide.callbacks.guide_grid.GuideSampleGrid", "init_args": {"guidance_scales": [3.0, 9.0], "num_per_class": 1, "num_inference_steps": 2, "evaluator_path": "evaluator"}},
             ],
         },
@@ -289,16 +289,16 @@ def test_guide_distillation_and_halving_configs_run(digits_model, tmp_path, monk
         "data": {"init_args": {"image_size": 8, "batch_size": 8}},
     }))
     run_cli(["fit", "-c", os.path.join(CONFIGS, "guide_distillation.yaml"), "-c", str(overrides), "--model.init_args.guide.init_args.hidden_dim=8"])
-    assert os.path.isfile("runs/guides/tiny/steps-32/model.safetensors")
+    assert os.path.isfile("runs/guide-distillation/version_0/guides/tiny/steps-32/model.safetensors")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(next((tmp_path / "runs" / "tb").glob("version_*"))))
+    events = EventAccumulator(str(tmp_path / "runs" / "guide-distillation" / "version_0"))
     events.Reload()
     assert {"guide_vs_cfg/g=3", "guide_vs_cfg/g=9"} <= set(events.Tags()["images"])
     assert "guide_vs_cfg/guided_accuracy_guide_g9" in events.Tags()["scalars"] and "train/loss" in events.Tags()["scalars"]
     for stage, steps in (("32to16", 16), ("16to8", 8), ("8to4", 4)):
         run_cli(["fit", "-c", os.path.join(CONFIGS, "halving", "base.yaml"), "-c", os.path.join(CONFIGS, "halving", f"{stage}.yaml"), "-c", str(overrides)])
-        assert os.path.isfile(f"runs/guides/tiny/steps-{steps}/model.safetensors")
+        assert os.path.isfile(f"runs/halving/{stage}/version_0/guides/tiny/steps-{steps}/model.safetensors")
 
 
 def test_finetune_config_loads_the_base_and_trains_on_thick_digits(tmp_path, monkeypatch):
@@ -314,9 +314,9 @@ def test_finetune_config_loads_the_base_and_trains_on_thick_digits(tmp_path, mon
     run_cli([
         "fit", "-c", os.path.join(CONFIGS, "pretrain", "ddpm_cond_finetune.yaml"), "--trainer.fast_dev_run=1", "--trainer.logger=false",
         "--model.init_args.pretrained_path=base", "--data.init_args.batch_size=8",
-        "--trainer.callbacks=plugguide.callbacks.ExportPretrained", "--trainer.callbacks.directory=thick",
+        "--trainer.callbacks=plugguide.callbacks.ExportPretrained", f"--trainer.callbacks.directory={tmp_path / 'thick'}",
     ])
-    tuned = UNet2DConditionModel.from_pretrained("thick", subfolder="unet")
+    tuned = UNet2DConditionModel.from_pretrained(str(tmp_path / "thick"), subfolder="unet")
     moved = [name for name, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[name])]
     assert moved and len(moved) < len(base.state_dict()) + 1  # started from the base's weights, then trained
     from plugguide.datamodules.digits import DigitsDataModule
@@ -346,7 +346,7 @@ def test_sd15_config_runs_on_tiny_components(text_model, tmp_path, monkeypatch):
         "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.val_fraction=0.34",
         "--trainer.callbacks=plugguide.callbacks.ExportPretrained", "--trainer.callbacks.directory=guides",
     ])
-    assert os.path.isfile("guides/tiny/steps-32/model.safetensors")
+    assert os.path.isfile("runs/guides-sd15/version_0/guides/tiny/steps-32/model.safetensors")
 
 
 @pytest.mark.parametrize(

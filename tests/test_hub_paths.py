@@ -39,15 +39,15 @@ def test_ppap_cifar10_config_runs_on_tiny_models_of_the_same_classes(cifar_like,
         "trainer": {"max_steps": 5, "check_val_every_n_epoch": 1, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
         "model": {"init_args": {"teacher_path": cifar_like["resnet18_cifar10"], "diffusion_model": cifar_like["ddpm-cifar10-32"], "evaluator_path": cifar_like["vit_cifar10"], "num_inference_steps": 2, "lora_rank": 2}},
         "data": {"init_args": {
-            "diffusion_model": cifar_like["ddpm-cifar10-32"], "teacher_path": cifar_like["resnet18_cifar10"], "num_images": 8, "num_inference_steps": 2,
+            "num_images": 8, "num_inference_steps": 2,
             "generation_batch_size": 4, "shard_size": 4, "batch_size": 4,
             "labelled_data": {"class_path": "plugguide.datamodules.ImageDataModule", "init_args": {"source": cifar_like["cifar10"], "image_column": "img", "image_size": 32, "channels": 3, "batch_size": 5}},
         }},
     }
     configs = ["ppap.yaml", "hub/ppap_cifar10.yaml"]
     run("fit", configs, overrides, tmp_path)
-    assert (tmp_path / "runs/ppap-cifar10/experts/experts.json").is_file()
-    run("test", configs, overrides, tmp_path, "--ckpt_path", str(next((tmp_path / "runs/ppap-cifar10").rglob("last.ckpt"))))
+    assert (tmp_path / "runs/ppap-cifar10/version_0/experts/experts.json").is_file()
+    run("test", configs, overrides, tmp_path, "--ckpt_path", "last")
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +75,16 @@ def test_ppap_imagenet256_config_runs_on_tiny_models_of_the_same_classes(imagene
     overrides = {
         "trainer": {"max_steps": 5, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
         "model": {"init_args": paths | {"evaluator_path": imagenet_like["convnext"], "num_inference_steps": 3, "lora_rank": 2}},
-        "data": {"init_args": paths | {
+        "data": {"init_args": {
             "num_images": 8, "num_inference_steps": 2, "generation_batch_size": 4, "shard_size": 4, "batch_size": 4,
             "labelled_data": {"init_args": {"source": imagenet_like["imagenet-1k"], "image_size": 32, "batch_size": 5}},
         }},
     }
     configs = ["ppap.yaml", "hub/ppap_imagenet256.yaml"]
     run("fit", configs, overrides, tmp_path)
-    experts = json.loads((tmp_path / "runs/ppap-imagenet256/experts/experts.json").read_text())
+    experts = json.loads((tmp_path / "runs/ppap-imagenet256/version_0/experts/experts.json").read_text())
     assert experts["num_experts"] == 5 and len(experts["timestep_boundaries"]) == 6
-    run("test", configs, overrides, tmp_path, "--ckpt_path", str(next((tmp_path / "runs/ppap-imagenet256").rglob("last.ckpt"))))
+    run("test", configs, overrides, tmp_path, "--ckpt_path", "last")
 
 
 def test_latent_sampling_job_decodes_through_a_vae(tmp_path, monkeypatch, tiny_assets):
@@ -171,12 +171,12 @@ def test_ppap_deepfloyd_if_config_runs_on_tiny_models_of_the_same_classes(deepfl
     overrides = {
         "trainer": {"max_steps": 5, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
         "model": {"init_args": paths | {"evaluator_path": imagenet_like["convnext"], "num_inference_steps": 3, "lora_rank": 2}},
-        "data": {"init_args": paths | {
+        "data": {"init_args": {
             "num_images": 8, "num_inference_steps": 2, "generation_batch_size": 4, "shard_size": 4, "batch_size": 4,
             "labelled_data": {"init_args": {"source": imagenet_like["imagenet-1k"], "image_size": 32, "batch_size": 5}},
         }},
     }
     configs = ["ppap.yaml", "hub/ppap_deepfloyd_if.yaml"]
     run("fit", configs, overrides, tmp_path)
-    assert (tmp_path / "runs/ppap-deepfloyd-if/experts/experts.json").is_file()
-    run("test", configs, overrides, tmp_path, "--ckpt_path", str(next((tmp_path / "runs/ppap-deepfloyd-if").rglob("last.ckpt"))))
+    assert (tmp_path / "runs/ppap-deepfloyd-if/version_0/experts/experts.json").is_file()
+    run("test", configs, overrides, tmp_path, "--ckpt_path", "last")

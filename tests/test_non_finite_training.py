@@ -75,13 +75,13 @@ def test_the_issues_learning_rate_stops_the_main_job_without_a_non_finite_checkp
     then last.ckpt with NaN experts and an error at the end-of-fit grid blaming the guidance scale."""
     monkeypatch.chdir(tmp_path)
     overrides = ppap_overrides(tiny_assets)
-    overrides["trainer"] |= {"max_steps": 50, "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "runs/ppap/checkpoints", "save_last": True, "every_n_train_steps": 1}}]}
+    overrides["trainer"] |= {"max_steps": 50, "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True, "every_n_train_steps": 1}}]}
     with pytest.raises(SystemExit) as exit_info:
         run("fit", "ppap.yaml", overrides, tmp_path, "--model.optimizer.init_args.lr", "1e6")
     assert exit_info.value.code == 1
     message = capsys.readouterr().err
     assert "FloatingPointError: Training stopped at step" in message and "now 1e+06" in message, message
-    saved = checkpoint_weights(tmp_path / "runs" / "ppap")
+    saved = checkpoint_weights(tmp_path / "runs" / "ppap" / "version_0")
     assert "last.ckpt" in saved
     for name, state in saved.items():
         assert all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point()), name

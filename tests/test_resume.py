@@ -88,8 +88,8 @@ def test_expert_distillation_resumes_exactly_mid_epoch(tiny_assets, tmp_path, mo
     grids = []
     import plugguide.callbacks.sample_grid as sample_grid
 
-    original = sample_grid.make_grid
-    monkeypatch.setattr(sample_grid, "make_grid", lambda images, **kw: (grids.append(images.clone()), original(images, **kw))[1])
+    original = sample_grid.labelled_grid
+    monkeypatch.setattr(sample_grid, "labelled_grid", lambda images, **kw: (grids.append(images.clone()), original(images, **kw))[1])
 
     def make_module():
         return ExpertDistillation(
