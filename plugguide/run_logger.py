@@ -34,7 +34,7 @@ class RunLogger(TensorBoardLogger):
 
     Lightning logs the module's `save_hyperparameters` alone, without the optimiser (a factory, not a value) or the
     data; this logger logs the run's whole `model` and `data` sections instead, flattened (`model.optimizer.lr`,
-    `model.guidance_scale`, `data.num_images`). No `hp_metric` placeholder: the jobs' metrics are their own scalars.
+    `model.classifier_scale`, `data.num_images`). No `hp_metric` placeholder: the jobs' metrics are their own scalars.
 
     Args:
         save_dir (str): the job's folder (`trainer.default_root_dir`); the run writes `<save_dir>/version_N/`.

@@ -162,7 +162,7 @@ def test_hparams_hold_the_runs_settings_and_no_placeholder_metric(tiny_assets, t
     )
     run("fit", "ppap.yaml", overrides, tmp_path)
     hparams = yaml.safe_load((tmp_path / "runs" / "version_0" / "hparams.yaml").read_text())
-    assert hparams["model.optimizer.lr"] == 0.001 and hparams["model.guidance_scale"] == 4.0
+    assert hparams["model.optimizer.lr"] == 0.001 and hparams["model.classifier_scale"] == 4.0
     assert hparams["data.num_images"] == 20 and hparams["data.teacher_path"] == tiny_assets["classifier-resnet"]
     events = EventAccumulator(str(tmp_path / "runs" / "version_0")).Reload()
     assert "lr-AdamW" in events.Tags()["scalars"] and "hp_metric" not in events.Tags()["scalars"]
