@@ -14,7 +14,9 @@ import warnings
 
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from plugguide.atomic_checkpoint import AtomicCheckpointIO, job_name
 from plugguide.callbacks.model_summary import ModelSummary as ConciseModelSummary
 from plugguide.callbacks.non_finite_guard import NonFiniteGuard
 from plugguide.callbacks.step_progress_bar import StepProgressBar
@@ -38,6 +40,8 @@ class PlugGuideCLI(LightningCLI):
     - Console: a step-counting progress bar and a summary without empty FLOPs, each added only where the config
       chose none of its own (and did not switch it off).
     - `NonFiniteGuard`: every trainer stops at the first NaN/inf loss, gradient or weight, before it is checkpointed.
+    - `AtomicCheckpointIO`: checkpoints are written whole or not at all, naming the job that wrote them (unless the
+      config chose a checkpoint plugin of its own); `--ckpt_path` never loads a damaged one (`checkpoint_file`).
     - `--ckpt_path`: Lightning replaces the model settings of the config and command line with the checkpoint's
       hyper-parameters, so `lightning test --model.guidance_scale 0 --ckpt_path run.ckpt` silently tested the trained
       scale. Here the run's settings stand; one line names those that differ from the checkpoint's, and a checkpoint
@@ -54,7 +58,11 @@ class PlugGuideCLI(LightningCLI):
             kwargs["enable_model_summary"] = False  # Lightning adds no summary of its own (and says nothing about ours)
         if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
             callbacks.append(NonFiniteGuard())
-        return super().instantiate_trainer(**kwargs, callbacks=callbacks)
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints whole or absent, naming their job
+            plugins.append(AtomicCheckpointIO(job=job_name(type(self.model))))
+        return super().instantiate_trainer(**kwargs, callbacks=callbacks, plugins=plugins)
 
     def _parse_ckpt_path(self) -> None:
         """Leaves the config alone: the checkpoint's hyper-parameters do not replace the run's settings (see the class)."""
@@ -63,6 +71,7 @@ class PlugGuideCLI(LightningCLI):
         path = checkpoint_file(self.config_init[subcommand].get("ckpt_path"), self.trainer)
         if path is not None:
             check_checkpoint_settings(path, self.model)
+            self.config_init[subcommand]["ckpt_path"] = path  # the intact file chosen, not Lightning's newest last.ckpt
         super()._run_subcommand(subcommand)
 
 
