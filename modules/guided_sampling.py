@@ -91,7 +91,7 @@ class GuidedSampling(L.LightningModule):
         channels, size = self.image_shape()
         if isinstance(guidance, ClassifierGuidance):
             timesteps = torch.zeros(1, dtype=torch.long)
-            check_classifier_input(guidance, channels, size, "guidance", classify=lambda images: guidance.logits(images, timesteps))
+            check_classifier_input(guidance, channels, size, "guidance", guidance.classifier_path, classify=lambda images: guidance.logits(images, timesteps))
         self.metrics = self.map_metrics = None
         if evaluator_path:
             self.metrics = GenerationMetrics.from_paths(evaluator_path)

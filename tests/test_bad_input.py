@@ -60,7 +60,7 @@ def experts(assets, **overrides) -> ExpertDistillation:
 
 
 def synthesized(assets, tmp_path, **overrides) -> SynthesizedImageDataModule:
-    settings = dict(diffusion_model=assets["ddpm-uncond"], num_inference_steps=2, num_images=8, shard_size=4, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    settings = dict(diffusion_model=assets["ddpm-uncond"], num_inference_steps=2, num_images=8, shard_size=4, batch_size=4, cache_dir=str(tmp_path / "cache"), max_saturated_fraction=None)
     return SynthesizedImageDataModule(**settings | overrides)
 
 
@@ -192,8 +192,8 @@ BAD_SETTINGS = [
     ("unknown-sampler", lambda a, t: experts(a, sampler="LMSDiscreteScheduler"), ValueError, "sampler", "LMSDiscreteScheduler"),
     ("noise-schedule-not-a-forward-process", lambda a, t: DiffusionPretraining(tiny_unet(), DDIMScheduler()), ValueError, "noise_scheduler", "DDIMScheduler"),
     ("prompt-for-a-model-without-text", lambda a, t: GuidedSampling(diffusion_model=a["ddpm-uncond"], prompt="a seven", evaluator_path=None), ValueError, "prompt", "a seven"),
-    ("sampler-of-another-model-family", lambda a, t: synthesized(a, t, scheduler="FlowMatchEulerDiscreteScheduler"), ValueError, "scheduler", "FlowMatchEulerDiscreteScheduler"),
-    ("unknown-synthesis-scheduler", lambda a, t: synthesized(a, t, scheduler="NoSuchScheduler"), ValueError, "scheduler", "NoSuchScheduler"),
+    ("sampler-of-another-model-family", lambda a, t: synthesized(a, t, scheduler="FlowMatchEulerDiscreteScheduler"), ValueError, "data.scheduler", "FlowMatchEulerDiscreteScheduler"),
+    ("unknown-synthesis-scheduler", lambda a, t: synthesized(a, t, scheduler="NoSuchScheduler"), ValueError, "data.scheduler", "NoSuchScheduler"),
     ("lora-targets-absent", lambda a, t: experts(a, target_modules=["no_such_layer"]), ValueError, "target_modules", "no_such_layer"),
     ("bad-temperature", lambda a, t: experts(a, temperature=0.0), ValueError, "temperature", "0.0"),
     ("bad-supervision", lambda a, t: experts(a, supervision="soft"), ValueError, "supervision", "soft"),
@@ -207,7 +207,7 @@ BAD_SETTINGS = [
     ("unknown-synthesis-autocast-dtype", lambda a, t: synthesized(a, t, autocast_dtype="float64"), ValueError, "autocast_dtype", "float64"),
     ("unknown-sampling-autocast-dtype", lambda a, t: GuidedSampling(diffusion_model=a["ddpm-uncond"], autocast_dtype="int8", evaluator_path=None), ValueError, "autocast_dtype", "int8"),
     ("unknown-image-storage-dtype", lambda a, t: synthesized(a, t, image_dtype="float16"), ValueError, "image_dtype", "float16"),
-    ("synthesis-teacher-channels-differ", lambda a, t: synthesized(a, t, teacher_path=a["classifier-rgb"]), ValueError, "teacher_path", "3 channels"),
+    ("synthesis-teacher-channels-differ", lambda a, t: synthesized(a, t, teacher_path=a["classifier-rgb"]), ValueError, "data.teacher_path", "3 channels"),
     ("label-dropout-out-of-range", lambda a, t: DiffusionPretraining(tiny_unet(), tiny_scheduler(), label_dropout=1.5), ValueError, "label_dropout", "1.5"),
     ("null-class-missing", lambda a, t: DiffusionPretraining(tiny_conditional_unet(), tiny_scheduler(), num_classes=11), ValueError, "num_classes", "11"),
     ("missing-pretrained-path", lambda a, t: DiffusionPretraining(tiny_unet(), tiny_scheduler(), pretrained_path="./no/such/pipeline"), FileNotFoundError, "pretrained_path", "./no/such/pipeline"),
@@ -238,7 +238,7 @@ BAD_SETTINGS = [
     ("sampling-classes-beyond-the-unet", sampling_classes_beyond_the_unet, ValueError, "data.num_classes", "11"),
     # Files and folders that name nothing when they fail.
     ("read-only-parent-of-new-cache-dir", read_only_parent_of_cache, ValueError, "cache_dir", "read-only"),
-    ("full-disk-while-synthesizing", full_disk, OSError, "cache_dir", "No space left on device"),
+    ("full-disk-while-synthesizing", full_disk, OSError, "data.cache_dir", "No space left on device"),
     ("truncated-classifier-weights", lambda a, t: experts(a, teacher_path=a["classifier-truncated"]), OSError, "teacher_path", "classifier-truncated"),
     ("truncated-unet-weights", lambda a, t: experts(a, diffusion_model=a["ddpm-truncated"]), OSError, "diffusion_model", "damaged"),
     ("experts-folder-missing-an-adapter", lambda a, t: ExpertGuidance(a["experts-missing-adapter"]), FileNotFoundError, "experts", "expert_1/"),

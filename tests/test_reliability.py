@@ -140,3 +140,94 @@ def test_another_jobs_checkpoint_is_refused_naming_the_job_that_wrote_it(tiny_as
         in printed
     ), printed
     assert "ExpertDistillation" in printed and "<unset>" not in printed and len(printed) < 600, printed
+
+
+# ------------------------------------------------------------------------------------------------------
+# Synthesized shards: bound to their set and position; a shard that is not what its manifest says is regenerated.
+# ------------------------------------------------------------------------------------------------------
+def synthesized(tiny_assets, tmp_path, **overrides):
+    from plugguide.datamodules import SynthesizedImageDataModule
+
+    settings = dict(
+        diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=8, shard_size=4, batch_size=4,
+        cache_dir=str(tmp_path / "cache"), max_saturated_fraction=None,  # an untrained test UNet synthesizes noise
+    )
+    return SynthesizedImageDataModule(**settings | overrides)
+
+
+def garbage_with_an_empty_file_list(module, tiny_assets, tmp_path) -> None:
+    import json
+    import shutil
+
+    shutil.rmtree(module.shard_path(1))
+    os.makedirs(module.shard_path(1))
+    with open(os.path.join(module.shard_path(1), "data-00000-of-00001.arrow"), "wb") as file:
+        file.write(os.urandom(4096))
+    with open(os.path.join(module.shard_path(1), "manifest.json"), "w") as file:
+        json.dump({"num_rows": 4, "files": {}}, file)
+
+
+def copy_of_shard_0(module, tiny_assets, tmp_path) -> None:
+    import shutil
+
+    shutil.rmtree(module.shard_path(1))
+    shutil.copytree(module.shard_path(0), module.shard_path(1))  # manifest included
+
+
+def unlisted_file(module, tiny_assets, tmp_path) -> None:
+    with open(os.path.join(module.shard_path(1), "data-00001-of-00002.arrow"), "wb") as file:
+        file.write(b"not listed")
+
+
+def listed_file_missing(module, tiny_assets, tmp_path) -> None:
+    os.remove(os.path.join(module.shard_path(1), "state.json"))
+
+
+def shard_of_another_set(module, tiny_assets, tmp_path) -> None:
+    import shutil
+
+    other = synthesized(tiny_assets, tmp_path / "other", seed=1)
+    other.generate()
+    shutil.rmtree(module.shard_path(1))
+    shutil.copytree(other.shard_path(1), module.shard_path(1))
+
+
+@pytest.mark.parametrize("damage", [garbage_with_an_empty_file_list, copy_of_shard_0, unlisted_file, listed_file_missing, shard_of_another_set])
+def test_a_shard_that_is_not_its_manifests_is_regenerated_never_read(tiny_assets, tmp_path, damage):
+    module = synthesized(tiny_assets, tmp_path)
+    module.generate()
+    expected = module.load()[:]
+    damage(module, tiny_assets, tmp_path)
+    assert not module.shard_is_complete(1)
+    with pytest.raises(RuntimeError, match=r"damaged shards \[1\]"):
+        module.load()
+    module.generate()
+    rows = module.load()[:]
+    assert rows["index"].tolist() == list(range(8))
+    torch.testing.assert_close(rows["image"], expected["image"])
+
+
+def test_images_outside_the_models_range_are_refused_naming_the_shard(tiny_assets, tmp_path, monkeypatch):
+    import plugguide.datamodules.synthesized as synthesized_module
+
+    real_call = synthesized_module.GuidedDiffusionPipeline.__call__
+
+    def blown_up(self, *args, **kwargs):
+        output = real_call(self, *args, **kwargs)
+        output.images = output.images * 3  # a writer that stored unclipped values: x0 up to 5
+        return output
+
+    monkeypatch.setattr(synthesized_module.GuidedDiffusionPipeline, "__call__", blown_up)
+    module = synthesized(tiny_assets, tmp_path)
+    module.generate()
+    with pytest.raises(RuntimeError, match=r"Shard .*shard-00000 holds pixel values in \[.*\], outside the model's range \[-1, 1\]"):
+        module.load()
+
+
+def test_the_disk_need_counts_every_byte_written_and_rounds_up(tiny_assets, tmp_path):
+    """The estimate a full disk's message gives is at least what the set takes, and not far above it."""
+    for settings in (dict(), dict(teacher_path=tiny_assets["classifier-resnet"]), dict(image_dtype="uint8", num_images=40, shard_size=20)):
+        module = synthesized(tiny_assets, tmp_path / str(len(os.listdir(tmp_path))), **settings)
+        module.generate()
+        written = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(module.cache_path) for name in names)
+        assert written <= module.disk_need() <= 1.5 * written, (settings, written, module.disk_need())
