@@ -231,3 +231,63 @@ def test_the_disk_need_counts_every_byte_written_and_rounds_up(tiny_assets, tmp_
         module.generate()
         written = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(module.cache_path) for name in names)
         assert written <= module.disk_need() <= 1.5 * written, (settings, written, module.disk_need())
+
+
+# ------------------------------------------------------------------------------------------------------
+# Guidance targets: checked against the guide's prediction, never broadcast over the image.
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("guide", ["depth", "segmenter"])
+@pytest.mark.parametrize("shape", [(4, 1, 16), (4, 1, 1), (4, 8, 8), (4, 16, 1)])
+def test_target_maps_of_another_shape_are_refused_naming_the_expected_shape(tiny_assets, guide, shape):
+    from plugguide.pipelines import GuidedDiffusionPipeline
+    from plugguide.pipelines.guidance import NaiveClassifierGuidance
+    from tests.conftest import tiny_scheduler, tiny_unet
+
+    pipeline = GuidedDiffusionPipeline(tiny_unet(), tiny_scheduler(), NaiveClassifierGuidance(tiny_assets[guide]))
+    pipeline.set_progress_bar_config(disable=True)
+    targets = torch.zeros(shape) if guide == "depth" else torch.zeros(shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"`targets` .*\(4, 16, 16\) \(one map per sample\), but got \({shape[0]}, {shape[1]}, {shape[2]}\)"):
+        pipeline(targets=targets, num_inference_steps=1, guidance_scale=1.0, output_type="pt")
+    right = torch.zeros(4, 16, 16) if guide == "depth" else torch.zeros(4, 16, 16, dtype=torch.long)
+    assert pipeline(targets=right, num_inference_steps=1, guidance_scale=1.0, output_type="pt").images.shape == (4, 1, 16, 16)
+
+
+# ------------------------------------------------------------------------------------------------------
+# A synthesized set that looks like noise is refused before training.
+# ------------------------------------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shipped_model_sampled_as(tmp_path, prediction_type: str) -> str:
+    """A copy of assets/digits/ddpm-uncond whose scheduler config says `prediction_type` (a wrong config's fault)."""
+    import json
+    import shutil
+
+    copy = str(tmp_path / f"ddpm-uncond-{prediction_type}")
+    shutil.copytree(os.path.join(ROOT, "assets/digits/ddpm-uncond"), copy)
+    config_path = os.path.join(copy, "scheduler", "scheduler_config.json")
+    with open(config_path) as file:
+        config = json.load(file)
+    with open(config_path, "w") as file:
+        json.dump(config | {"prediction_type": prediction_type}, file)
+    return copy
+
+
+def test_a_set_sampled_under_a_wrong_prediction_type_is_refused_before_training(tmp_path):
+    from plugguide.datamodules import SynthesizedImageDataModule
+
+    settings = dict(num_inference_steps=20, num_images=8, shard_size=8, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    wrong = SynthesizedImageDataModule(diffusion_model=shipped_model_sampled_as(tmp_path, "sample"), **settings)
+    with pytest.raises(ValueError, match=r"looks like noise.*`data.max_saturated_fraction`=0.4.*`data.diffusion_model`=.*ddpm-uncond-sample.*`prediction_type` is 'sample'"):
+        wrong.setup("fit")
+    right = SynthesizedImageDataModule(diffusion_model=os.path.join(ROOT, "assets/digits/ddpm-uncond"), **settings)
+    right.setup("fit")  # the shipped model as trained: images, accepted
+    assert len(right.dataset) == 8
+
+
+def test_an_untrained_models_noise_is_refused_unless_the_check_is_off(tiny_assets, tmp_path):
+    with pytest.raises(ValueError, match=r"looks like noise, not images: \d+% of its pixels are saturated"):
+        synthesized(tiny_assets, tmp_path, max_saturated_fraction=0.4).setup("fit")
+    module = synthesized(tiny_assets, tmp_path)  # max_saturated_fraction=None: the same cached set, read
+    module.setup("fit")
+    assert len(module.dataset) == 8
