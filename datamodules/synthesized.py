@@ -172,7 +172,9 @@ class SynthesizedImageDataModule(L.LightningDataModule):
             raise ValueError(f"Expected `batch_size` to be at most `num_images`={num_images} (incomplete batches are dropped), but got {batch_size}.")
         check_cache_dir(cache_dir)
         if max_saturated_fraction is not None and not 0 < max_saturated_fraction <= 1:
-            raise ValueError(f"Expected `data.max_saturated_fraction` to be in (0, 1] or null, but got {max_saturated_fraction}.")
+            raise ValueError(
+                f"Expected `data.max_saturated_fraction` to be in (0, 1] or null, but got {max_saturated_fraction}."
+            )
         # Not merged into the logger's hparams: they share names with the module's sampling settings
         # (`num_inference_steps`, `diffusion_model`) with other values; the CLI's config.yaml records them.
         self.save_hyperparameters(ignore=["labelled_data"], logger=False)
@@ -245,14 +247,19 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         try:
             with open(os.path.join(path, MANIFEST)) as file:
                 manifest = json.load(file)
-            files = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in dict(manifest["files"]).items()}
-            identity = (manifest["fingerprint"], manifest["shard"], manifest["start"], manifest["stop"], manifest["num_rows"])
+            listed = dict(manifest["files"]).items()
+            files = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in listed}
+            identity = tuple(manifest[key] for key in ("fingerprint", "shard", "start", "stop", "num_rows"))
             present = set(os.listdir(path)) - {MANIFEST}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, empty or garbled: the shard is written again
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, empty or garbled: written again
             return False
-        if identity != (self.fingerprint(), shard, indices.start, indices.stop, len(indices)) or not files or present != set(files):
+        expected = (self.fingerprint(), shard, indices.start, indices.stop, len(indices))
+        if identity != expected or not files or present != set(files):
             return False
-        return all(os.path.getsize(os.path.join(path, name)) == size and file_digest(os.path.join(path, name)) == digest for name, (size, digest) in files.items())
+        return all(
+            os.path.getsize(os.path.join(path, name)) == size and file_digest(os.path.join(path, name)) == digest
+            for name, (size, digest) in files.items()
+        )
 
     @torch.inference_mode()
     def generate_shard(self, shard: int, device: torch.device, progress: tqdm) -> None:
@@ -289,8 +296,12 @@ class SynthesizedImageDataModule(L.LightningDataModule):
                 dataset.save_to_disk(tmp)
             finally:
                 datasets.enable_progress_bars()
-            files = {name: {"size": os.path.getsize(os.path.join(tmp, name)), "sha256": file_digest(os.path.join(tmp, name))} for name in sorted(os.listdir(tmp))}
-            manifest = {"fingerprint": self.fingerprint(), "shard": shard, "start": indices[0], "stop": indices[-1] + 1, "num_rows": len(indices), "files": files}
+            paths = {name: os.path.join(tmp, name) for name in sorted(os.listdir(tmp))}
+            files = {name: {"size": os.path.getsize(path), "sha256": file_digest(path)} for name, path in paths.items()}
+            manifest = {
+                "fingerprint": self.fingerprint(), "shard": shard, "start": indices[0], "stop": indices[-1] + 1,
+                "num_rows": len(indices), "files": files,
+            }
             with open(os.path.join(tmp, MANIFEST), "w") as file:
                 json.dump(manifest, file)
 
@@ -309,7 +320,8 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         a few kB that `SHARD_FILES_BYTES` bounds.
         """
         channels, size = self.unet.config.in_channels, self.unet.config.sample_size
-        image = channels * size * size * (1 if self.hparams.image_dtype == "uint8" else 4) + 4 * (1 + channels + channels * size)
+        values = channels * size * size * (1 if self.hparams.image_dtype == "uint8" else 4)
+        image = values + 4 * (1 + channels + channels * size)
         logits = 4 * self.teacher.num_classes if self.teacher is not None else 0
         return self.hparams.num_images * (image + 8 + logits) + self.num_shards * SHARD_FILES_BYTES
 
@@ -317,8 +329,10 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         """`error` (a full disk, a read-only file system) with the setting to change named."""
         return OSError(
             error.errno,
-            f"Could not {action} the synthesized set under `data.cache_dir`={self.hparams.cache_dir!r} ({error.strerror or error}); "
-            f"the set takes up to {math.ceil(self.disk_need() / 2**20 * 10) / 10:,.1f} MiB: free space there or choose another `data.cache_dir` "
+            f"Could not {action} the synthesized set under `data.cache_dir`={self.hparams.cache_dir!r} "
+            f"({error.strerror or error}); the set takes up to {math.ceil(self.disk_need() / 2**20 * 10) / 10:,.1f} "
+            "MiB: "
+            "free space there or choose another `data.cache_dir` "
             "(finished shards are kept and reused).",
         )
 
@@ -374,7 +388,7 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         damaged = [shard for shard in range(self.num_shards) if not self.shard_is_complete(shard)]
         if damaged:
             raise RuntimeError(
-                f"Synthesized cache {self.cache_path} (under `cache_dir`={self.hparams.cache_dir!r}) has missing or damaged shards {damaged}; "
+                f"Synthesized cache {self.cache_path} (under `data.cache_dir`={self.hparams.cache_dir!r}) has missing or damaged shards {damaged}; "
                 "rerun to regenerate them."
             )
         shards = [self.load_shard(shard) for shard in range(self.num_shards)]
@@ -385,15 +399,19 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         dataset = datasets.load_from_disk(self.shard_path(shard))
         indices = np.concatenate([chunk_as_numpy(chunk, ()) for chunk in dataset.data.column("index").chunks])
         if not np.array_equal(indices, np.asarray(self.shard_indices(shard))):
-            raise RuntimeError(f"Shard {self.shard_path(shard)} holds rows {indices[:3].tolist()}..., not its images {self.shard_indices(shard)}: delete it to regenerate it.")
+            raise RuntimeError(
+                f"Shard {self.shard_path(shard)} holds rows {indices[:3].tolist()}..., not its images "
+                f"{self.shard_indices(shard)}: delete it to regenerate it."
+            )
         if dataset.features["image"].dtype != "uint8":  # 8-bit images are in range by construction
             shape = feature_shape(dataset.features["image"])
             for chunk in dataset.data.column("image").chunks:
                 images = chunk_as_numpy(chunk, shape)
                 if not (np.abs(images) <= 1 + IMAGE_RANGE_TOLERANCE).all():  # also false for NaN
                     raise RuntimeError(
-                        f"Shard {self.shard_path(shard)} holds pixel values in [{np.nanmin(images):.3g}, {np.nanmax(images):.3g}]{' and NaN' if np.isnan(images).any() else ''}, "
-                        f"outside the model's range [-1, 1]: it was not written by this module; delete it to regenerate it."
+                        f"Shard {self.shard_path(shard)} holds pixel values in [{np.nanmin(images):.3g}, "
+                        f"{np.nanmax(images):.3g}]{' and NaN' if np.isnan(images).any() else ''}, outside the model's "
+                        "range [-1, 1]: it was not written by this module; delete it to regenerate it."
                     )
         return dataset
 
@@ -431,12 +449,15 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         confidence = ""
         if "teacher_logits" in first:
             logits = first["teacher_logits"]
-            confidence = f"; the teacher's mean confidence on it is {float(logits.softmax(1).max(1).values.mean()):.2f} (chance: {1 / logits.shape[1]:.2f})"
+            mean_confidence = float(logits.softmax(1).max(1).values.mean())
+            chance = 1 / logits.shape[1]
+            confidence = f"; the teacher's mean confidence on it is {mean_confidence:.2f} (chance: {chance:.2f})"
         prediction_type = self.scheduler.config.get("prediction_type", "velocity (flow matching)")
         raise ValueError(
-            f"The synthesized set {self.shard_path(0)} looks like noise, not images: {saturated:.0%} of its pixels are saturated (|x| > 0.99), "
-            f"more than `data.max_saturated_fraction`={limit}{confidence}. Is `data.diffusion_model`={self.hparams.diffusion_model!r} sampled "
-            f"as it was trained? Its scheduler's `prediction_type` is {prediction_type!r}. Fix the model's scheduler config, or set "
+            f"The synthesized set {self.shard_path(0)} looks like noise, not images: {saturated:.0%} of its pixels are "
+            f"saturated (|x| > 0.99), more than `data.max_saturated_fraction`={limit}{confidence}. Is "
+            f"`data.diffusion_model`={self.hparams.diffusion_model!r} sampled as it was trained? Its scheduler's "
+            f"`prediction_type` is {prediction_type!r}. Fix the model's scheduler config, or set "
             "`data.max_saturated_fraction` to null if its images really are that saturated."
         )
 

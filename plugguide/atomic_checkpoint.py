@@ -1,4 +1,4 @@
-"""Checkpoints that are whole or absent: written to a temporary name beside the target and renamed; damaged ones named, never loaded."""
+"""Checkpoints whole or absent: written to a temporary name beside the target, then renamed; never loaded damaged."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ JOB_KEY = "plugguide_job"
 
 
 def job_name(module_class: type) -> str:
-    """A job's class as a config names it in `class_path`, e.g. `plugguide.modules.expert_distillation.ExpertDistillation`."""
+    """A job's class as its module path and name, e.g. `plugguide.modules.guided_sampling.GuidedSampling`."""
     return f"{module_class.__module__}.{module_class.__qualname__}"
 
 

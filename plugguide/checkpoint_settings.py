@@ -26,9 +26,13 @@ def checkpoint_file(ckpt_path: str | None, trainer: L.Trainer) -> str | None:
     if os.path.isfile(ckpt_path):
         damage = checkpoint_damage(ckpt_path)
         if damage is not None:
-            intact = [path for path in checkpoints_in(os.path.dirname(os.path.abspath(ckpt_path))) if checkpoint_damage(path) is None]
-            beside = f"; intact beside it: {', '.join(os.path.basename(path) for path in intact)}" if intact else ""
-            raise ValueError(f"`ckpt_path`={ckpt_path!r} is damaged ({damage}){beside}. Give an intact checkpoint, or `last` for the newest intact one.")
+            folder = os.path.dirname(os.path.abspath(ckpt_path))
+            intact = [os.path.basename(path) for path in checkpoints_in(folder) if checkpoint_damage(path) is None]
+            beside = f"; intact beside it: {', '.join(sorted(intact))}" if intact else ""
+            raise ValueError(
+                f"`ckpt_path`={ckpt_path!r} is damaged ({damage}){beside}. Give an intact checkpoint, or `last` for "
+                "the newest intact one."
+            )
         return ckpt_path
     if ckpt_path != "last":
         return None
@@ -44,11 +48,16 @@ def checkpoint_file(ckpt_path: str | None, trainer: L.Trainer) -> str | None:
     damaged = sorted(set(candidates) - set(intact))
     if not intact:
         raise ValueError(
-            f"`ckpt_path`='last': every checkpoint in {', '.join(map(repr, folders))} is damaged ({', '.join(map(os.path.basename, damaged))}; "
-            f"{os.path.basename(newest_last)}: {checkpoint_damage(newest_last)}). Delete them to start afresh, or give an intact checkpoint."
+            f"`ckpt_path`='last': every checkpoint in {', '.join(map(repr, folders))} is damaged "
+            f"({', '.join(map(os.path.basename, damaged))}; "
+            f"{os.path.basename(newest_last)}: {checkpoint_damage(newest_last)}). "
+            "Delete them to start afresh, or give an intact checkpoint."
         )
     chosen = max(intact, key=os.path.getmtime)
-    rank_zero_warn(f"`ckpt_path`='last': skipping damaged {', '.join(damaged)} ({checkpoint_damage(newest_last)}); resuming from {chosen}, the newest intact checkpoint.")
+    rank_zero_warn(
+        f"`ckpt_path`='last': skipping damaged {', '.join(damaged)} ({checkpoint_damage(newest_last)}); "
+        f"resuming from {chosen}, the newest intact checkpoint."
+    )
     return chosen
 
 
@@ -97,8 +106,9 @@ def check_checkpoint_settings(path: str, model: L.LightningModule) -> None:
         misfits = weights_that_do_not_fit(model, checkpoint.get("state_dict", {}))
         if misfits:
             raise ValueError(
-                f"`ckpt_path`={path!r} was written by the job {writer}, not by this run's {this_job} ({len(misfits)} weights "
-                f"do not fit, e.g. {misfits[0]!r}): give a checkpoint of a {type(model).__name__} run."
+                f"`ckpt_path`={path!r} was written by the job {writer}, not by this run's {this_job} "
+                f"({len(misfits)} weights do not fit, e.g. {misfits[0]!r}): give a checkpoint of a "
+                f"{type(model).__name__} run."
             )
     saved, used = flat(checkpoint.get("hyper_parameters", {})), flat(dict(model.hparams))
     differing = sorted(key for key in saved.keys() & used.keys() if saved[key] != used[key])
@@ -107,12 +117,20 @@ def check_checkpoint_settings(path: str, model: L.LightningModule) -> None:
         return
     was = ", ".join(f"{key}={saved[key]!r}" for key in differing) or "the same shared settings"
     now = ", ".join(f"{key}={used[key]!r}" for key in differing) or "the same"
-    unshared = "".join(f"; {len(keys)} settings only {side} has ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" for keys, side in ((only_saved, "the checkpoint"), (only_used, "this run")) if keys)
+    unshared = "".join(
+        f"; {len(keys)} settings only {side} has ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for keys, side in ((only_saved, "the checkpoint"), (only_used, "this run"))
+        if keys
+    )
     misfits = weights_that_do_not_fit(model, checkpoint.get("state_dict", {})) if misfits is None else misfits
     if misfits:
         written = f" (written by the job {writer})" if writer else ""
         raise ValueError(
-            f"`ckpt_path`={path!r}{written} holds weights of a model saved with {was}, which do not fit this run's {now}{unshared} "
-            f"({len(misfits)} weights differ, e.g. {misfits[0]!r}): run with the checkpoint's settings, or give a checkpoint made with these."
+            f"`ckpt_path`={path!r}{written} holds weights of a model saved with {was}, which do not fit this run's "
+            f"{now}{unshared} ({len(misfits)} weights differ, e.g. {misfits[0]!r}): run with the checkpoint's "
+            "settings, or give a checkpoint made with these."
         )
-    rank_zero_info(f"Checkpoint {path} was saved with model settings {was}; this run uses {now}{unshared} (the checkpoint gives the weights only).")
+    rank_zero_info(
+        f"Checkpoint {path} was saved with model settings {was}; this run uses {now}{unshared} "
+        "(the checkpoint gives the weights only)."
+    )

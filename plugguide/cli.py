@@ -71,7 +71,7 @@ class PlugGuideCLI(LightningCLI):
         path = checkpoint_file(self.config_init[subcommand].get("ckpt_path"), self.trainer)
         if path is not None:
             check_checkpoint_settings(path, self.model)
-            self.config_init[subcommand]["ckpt_path"] = path  # the intact file chosen, not Lightning's newest last.ckpt
+            self.config_init[subcommand]["ckpt_path"] = path  # the intact file, not Lightning's newest last.ckpt
         super()._run_subcommand(subcommand)
 
 

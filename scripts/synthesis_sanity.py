@@ -1,4 +1,4 @@
-"""The statistic that refuses a synthesized set looking like noise, measured on the shipped models, printed as markdown.
+"""The statistic that refuses a synthesized set that looks like noise, on the shipped models, printed as markdown.
 
     python scripts/synthesis_sanity.py [--images 256] [--steps 20]
 
@@ -16,7 +16,6 @@ import argparse
 import sys
 
 import torch
-
 from plugguide.datamodules.synthesized import MAX_SATURATED_FRACTION, image_seed, saturated_fraction
 from plugguide.metrics.reporting import markdown_table
 from plugguide.models import load_classifier, load_scheduler, load_unet
@@ -42,7 +41,9 @@ def first_shard(model: str, sampler: str, steps: int, prediction_type: str | Non
     pipeline = GuidedDiffusionPipeline(load_unet(model), load_scheduler(model, sampler, overrides=overrides))
     pipeline.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(image_seed(0, i)) for i in range(images)]
-    return pipeline(batch_size=images, num_inference_steps=steps, generator=generators, output_type="pt").images * 2 - 1
+    return (
+        pipeline(batch_size=images, num_inference_steps=steps, generator=generators, output_type="pt").images * 2 - 1
+    )
 
 
 def main() -> None:
@@ -58,15 +59,32 @@ def main() -> None:
             probabilities = teacher(images).softmax(1)
         saturated = saturated_fraction(images)
         trained = load_scheduler(model, sampler).config.get("prediction_type", "velocity (flow)")
-        rows.append([
-            model.split("/")[-1], f"{sampler.removesuffix('Scheduler')}-{steps or args.steps}", trained, prediction_type or trained,
-            f"{saturated:.3f}", f"{float(probabilities.max(1).values.mean()):.3f} (chance {1 / probabilities.shape[1]:.2f})",
-            "refused" if saturated > MAX_SATURATED_FRACTION else "accepted",
-        ])
+        rows.append(
+            [
+                model.split("/")[-1],
+                f"{sampler.removesuffix('Scheduler')}-{steps or args.steps}",
+                trained,
+                prediction_type or trained,
+                f"{saturated:.3f}",
+                f"{float(probabilities.max(1).values.mean()):.3f} (chance {1 / probabilities.shape[1]:.2f})",
+                "refused" if saturated > MAX_SATURATED_FRACTION else "accepted",
+            ]
+        )
         print(f"done: {rows[-1]}", file=sys.stderr)
-    print(f"`python scripts/synthesis_sanity.py --images {args.images} --steps {args.steps}`; {args.images} images per row (seeds of set 0), "
-          f"threshold `max_saturated_fraction` = {MAX_SATURATED_FRACTION}.\n")
-    headers = ["model", "sampler", "trained prediction_type", "sampled as", "saturated fraction (|x| > 0.99)", "teacher confidence", "check"]
+    print(
+        f"`python scripts/synthesis_sanity.py --images {args.images} --steps {args.steps}`; "
+        f"{args.images} images per row (seeds of set 0), "
+        f"threshold `max_saturated_fraction` = {MAX_SATURATED_FRACTION}.\n"
+    )
+    headers = [
+        "model",
+        "sampler",
+        "trained prediction_type",
+        "sampled as",
+        "saturated fraction (|x| > 0.99)",
+        "teacher confidence",
+        "check",
+    ]
     print(markdown_table(headers, rows))
 
 

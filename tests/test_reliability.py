@@ -50,7 +50,7 @@ def fit_classifier(tmp_path, max_epochs: int, *extra: str) -> None:
 
 
 def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch, caplog):
-    """ENOSPC while writing epoch 2's checkpoint: no partial file under any name, `--ckpt_path last` resumes from epoch 1."""
+    """ENOSPC while writing epoch 2's checkpoint: no partial file under any name; `--ckpt_path last` resumes."""
     import plugguide.atomic_checkpoint as atomic
 
     monkeypatch.chdir(tmp_path)
@@ -149,8 +149,13 @@ def synthesized(tiny_assets, tmp_path, **overrides):
     from plugguide.datamodules import SynthesizedImageDataModule
 
     settings = dict(
-        diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=8, shard_size=4, batch_size=4,
-        cache_dir=str(tmp_path / "cache"), max_saturated_fraction=None,  # an untrained test UNet synthesizes noise
+        diffusion_model=tiny_assets["ddpm-uncond"],
+        num_inference_steps=2,
+        num_images=8,
+        shard_size=4,
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
+        max_saturated_fraction=None,  # an untrained test UNet synthesizes noise
     )
     return SynthesizedImageDataModule(**settings | overrides)
 
@@ -192,7 +197,10 @@ def shard_of_another_set(module, tiny_assets, tmp_path) -> None:
     shutil.copytree(other.shard_path(1), module.shard_path(1))
 
 
-@pytest.mark.parametrize("damage", [garbage_with_an_empty_file_list, copy_of_shard_0, unlisted_file, listed_file_missing, shard_of_another_set])
+@pytest.mark.parametrize(
+    "damage",
+    [garbage_with_an_empty_file_list, copy_of_shard_0, unlisted_file, listed_file_missing, shard_of_another_set],
+)
 def test_a_shard_that_is_not_its_manifests_is_regenerated_never_read(tiny_assets, tmp_path, damage):
     module = synthesized(tiny_assets, tmp_path)
     module.generate()
@@ -220,16 +228,26 @@ def test_images_outside_the_models_range_are_refused_naming_the_shard(tiny_asset
     monkeypatch.setattr(synthesized_module.GuidedDiffusionPipeline, "__call__", blown_up)
     module = synthesized(tiny_assets, tmp_path)
     module.generate()
-    with pytest.raises(RuntimeError, match=r"Shard .*shard-00000 holds pixel values in \[.*\], outside the model's range \[-1, 1\]"):
+    with pytest.raises(
+        RuntimeError, match=r"Shard .*shard-00000 holds pixel values in \[.*\], outside the model's range \[-1, 1\]"
+    ):
         module.load()
 
 
 def test_the_disk_need_counts_every_byte_written_and_rounds_up(tiny_assets, tmp_path):
     """The estimate a full disk's message gives is at least what the set takes, and not far above it."""
-    for settings in (dict(), dict(teacher_path=tiny_assets["classifier-resnet"]), dict(image_dtype="uint8", num_images=40, shard_size=20)):
+    for settings in (
+        dict(),
+        dict(teacher_path=tiny_assets["classifier-resnet"]),
+        dict(image_dtype="uint8", num_images=40, shard_size=20),
+    ):
         module = synthesized(tiny_assets, tmp_path / str(len(os.listdir(tmp_path))), **settings)
         module.generate()
-        written = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(module.cache_path) for name in names)
+        written = sum(
+            os.path.getsize(os.path.join(root, name))
+            for root, _, names in os.walk(module.cache_path)
+            for name in names
+        )
         assert written <= module.disk_need() <= 1.5 * written, (settings, written, module.disk_need())
 
 
@@ -241,15 +259,24 @@ def test_the_disk_need_counts_every_byte_written_and_rounds_up(tiny_assets, tmp_
 def test_target_maps_of_another_shape_are_refused_naming_the_expected_shape(tiny_assets, guide, shape):
     from plugguide.pipelines import GuidedDiffusionPipeline
     from plugguide.pipelines.guidance import NaiveClassifierGuidance
+
     from tests.conftest import tiny_scheduler, tiny_unet
 
     pipeline = GuidedDiffusionPipeline(tiny_unet(), tiny_scheduler(), NaiveClassifierGuidance(tiny_assets[guide]))
     pipeline.set_progress_bar_config(disable=True)
     targets = torch.zeros(shape) if guide == "depth" else torch.zeros(shape, dtype=torch.long)
-    with pytest.raises(ValueError, match=rf"`targets` .*\(4, 16, 16\) \(one map per sample\), but got \({shape[0]}, {shape[1]}, {shape[2]}\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"`targets` .*\(4, 16, 16\) \(one map per sample\), but got \({shape[0]}, {shape[1]}, {shape[2]}\)",
+    ):
         pipeline(targets=targets, num_inference_steps=1, guidance_scale=1.0, output_type="pt")
     right = torch.zeros(4, 16, 16) if guide == "depth" else torch.zeros(4, 16, 16, dtype=torch.long)
-    assert pipeline(targets=right, num_inference_steps=1, guidance_scale=1.0, output_type="pt").images.shape == (4, 1, 16, 16)
+    assert pipeline(targets=right, num_inference_steps=1, guidance_scale=1.0, output_type="pt").images.shape == (
+        4,
+        1,
+        16,
+        16,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -276,9 +303,15 @@ def shipped_model_sampled_as(tmp_path, prediction_type: str) -> str:
 def test_a_set_sampled_under_a_wrong_prediction_type_is_refused_before_training(tmp_path):
     from plugguide.datamodules import SynthesizedImageDataModule
 
-    settings = dict(num_inference_steps=20, num_images=8, shard_size=8, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    settings = dict(
+        num_inference_steps=20, num_images=8, shard_size=8, batch_size=4, cache_dir=str(tmp_path / "cache")
+    )
     wrong = SynthesizedImageDataModule(diffusion_model=shipped_model_sampled_as(tmp_path, "sample"), **settings)
-    with pytest.raises(ValueError, match=r"looks like noise.*`data.max_saturated_fraction`=0.4.*`data.diffusion_model`=.*ddpm-uncond-sample.*`prediction_type` is 'sample'"):
+    with pytest.raises(
+        ValueError,
+        match=r"looks like noise.*`data.max_saturated_fraction`=0.4.*`data.diffusion_model`=.*ddpm-uncond-sample.*"
+        r"`prediction_type` is 'sample'",
+    ):
         wrong.setup("fit")
     right = SynthesizedImageDataModule(diffusion_model=os.path.join(ROOT, "assets/digits/ddpm-uncond"), **settings)
     right.setup("fit")  # the shipped model as trained: images, accepted
@@ -291,3 +324,26 @@ def test_an_untrained_models_noise_is_refused_unless_the_check_is_off(tiny_asset
     module = synthesized(tiny_assets, tmp_path)  # max_saturated_fraction=None: the same cached set, read
     module.setup("fit")
     assert len(module.dataset) == 8
+
+
+# ------------------------------------------------------------------------------------------------------
+# Messages name the section and the file.
+# ------------------------------------------------------------------------------------------------------
+def test_a_missing_model_of_the_data_section_is_named_as_such(tiny_assets, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"`data.diffusion_model`='./no/such/model' does not exist"):
+        synthesized(tiny_assets, tmp_path, diffusion_model="./no/such/model")
+
+
+def test_a_guidance_classifier_of_other_channels_is_named_by_its_path(tiny_assets, tmp_path):
+    from plugguide.models import TimmClassifier
+    from plugguide.modules import GuidedSampling
+    from plugguide.pipelines.guidance import NaiveClassifierGuidance
+
+    from tests.conftest import TINY_RESNET
+
+    rgb = str(tmp_path / "classifier-rgb")
+    TimmClassifier(**TINY_RESNET | dict(in_chans=3)).save_pretrained(rgb)
+    with pytest.raises(ValueError, match=rf"the classifier `guidance`='{rgb}' takes 3 channels"):
+        GuidedSampling(
+            diffusion_model=tiny_assets["ddpm-uncond"], guidance=NaiveClassifierGuidance(rgb), evaluator_path=None
+        )

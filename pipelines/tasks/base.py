@@ -54,7 +54,7 @@ class Task(ABC):
         """Fails, naming the problem, before sampling, on targets `log_likelihood` cannot take."""
 
     def check_target_shape(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        """Fails naming `targets` and the shape expected unless targets have exactly the shape of `prediction(outputs)`.
+        """Fails naming `targets` and the shape expected unless targets have the shape of `prediction(outputs)`.
 
         Only the guide's output says what size a map must have (a dense model may predict at another resolution than
         the image), so `log_likelihood` checks it on every call, before a map of another size is broadcast over the
@@ -63,6 +63,7 @@ class Task(ABC):
         expected = tuple(self.prediction(outputs).shape)
         if tuple(targets.shape) != expected:
             raise ValueError(
-                f"Expected `targets` of {type(self).__name__} guidance to have the shape of the guide's prediction on these images, "
-                f"{expected} (one {'map' if len(expected) > 1 else 'class'} per sample), but got {tuple(targets.shape)}."
+                f"Expected `targets` of {type(self).__name__} guidance to have the shape of the guide's prediction on "
+                f"these images, {expected} (one {'map' if len(expected) > 1 else 'class'} per sample), but got "
+                f"{tuple(targets.shape)}."
             )
