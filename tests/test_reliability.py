@@ -49,7 +49,7 @@ def fit_classifier(tmp_path, max_epochs: int, *extra: str) -> None:
     run("fit", "pretrain/classifier_resnet.yaml", classifier_overrides(max_epochs), tmp_path, *extra)
 
 
-def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch, caplog):
+def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     """ENOSPC while writing epoch 2's checkpoint: no partial file under any name; `--ckpt_path last` resumes."""
     import plugguide.atomic_checkpoint as atomic
 
@@ -81,7 +81,7 @@ def truncate(path: str, fraction: float = 0.9) -> None:
     )  # a copy cut short by a full disk, as Lightning's staging left it
 
 
-def test_a_truncated_last_checkpoint_is_skipped_for_the_newest_intact_one(tmp_path, monkeypatch, capsys):
+def test_a_truncated_last_checkpoint_is_skipped_for_the_newest_intact_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fit_classifier(tmp_path, 2)
     truncate(f"{CHECKPOINTS}/last.ckpt")
