@@ -200,7 +200,7 @@ BAD_SETTINGS = [
     ("bad-finetune", lambda a, t: experts(a, finetune="half"), ValueError, "finetune", "half"),
     ("negative-seed", lambda a, t: experts(a, seed=-1), ValueError, "seed", "-1"),
     ("unreadable-cache-dir", unreadable_cache, ValueError, "cache_dir", "cache"),
-    ("damaged-cache", damaged_cache, RuntimeError, "cache_dir", "[0, 1]"),
+    ("damaged-cache", damaged_cache, RuntimeError, "data.cache_dir", "[0, 1]"),
     ("empty-synthesized-set", lambda a, t: synthesized(a, t, num_images=0), ValueError, "num_images", "0"),
     ("batch-larger-than-synthesized-set", lambda a, t: synthesized(a, t, batch_size=16), ValueError, "batch_size", "16"),
     ("labelled-data-size-differs-from-unet", lambda a, t: synthesized(a, t, labelled_data=DigitsDataModule(image_size=32)), ValueError, "labelled_data.image_size", "32"),
