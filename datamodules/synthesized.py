@@ -103,8 +103,11 @@ class SynthesizedImageDataModule(L.LightningDataModule):
     the images (model weights, scheduler config, sampler, steps, count, seed, shard size, resolution, the
     teacher when its logits are cached). A second run with the same settings reuses it; any change
     makes a new one. Images are written in shards, each to a temporary name and renamed when complete,
-    with a manifest of checksums: an interrupted run resumes from the finished shards, and a truncated or
-    corrupted shard (or manifest) is detected, deleted and generated again. Under DDP, rank r generates shards
+    with a manifest that binds it to its identity (every file with its size and checksum, the shard's position and
+    index range, the set's fingerprint): an interrupted run resumes from the finished shards, and a truncated,
+    corrupted, misplaced or foreign shard (or manifest) is detected, deleted and generated again; rows are checked
+    against their shard's range and images against [-1, 1] when read. Before training, a first shard that looks
+    like noise is refused (`max_saturated_fraction`). Under DDP, rank r generates shards
     r, r + W, r + 2W, ...; image i always has noise seed `image_seed(seed, i)`, so the set is the same
     for any number of processes. All ranks then read the whole set. Two runs started on one cache share
     the work instead of both doing all of it: each shard is written under its own file lock, so a run
