@@ -81,7 +81,7 @@ def main() -> None:
         "sampler",
         "trained prediction_type",
         "sampled as",
-        "saturated fraction (|x| > 0.99)",
+        "saturated fraction (\\|x\\| > 0.99)",
         "teacher confidence",
         "check",
     ]
