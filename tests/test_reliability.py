@@ -347,3 +347,11 @@ def test_a_guidance_classifier_of_other_channels_is_named_by_its_path(tiny_asset
         GuidedSampling(
             diffusion_model=tiny_assets["ddpm-uncond"], guidance=NaiveClassifierGuidance(rgb), evaluator_path=None
         )
+
+
+def test_calibrated_guidance_keeps_the_path_of_the_classifier_it_loaded(tiny_assets):
+    from plugguide.pipelines.guidance import CalibratedGuidance, NaiveClassifierGuidance
+
+    path = tiny_assets["classifier-resnet"]
+    assert CalibratedGuidance(path).classifier_path == path
+    assert CalibratedGuidance(NaiveClassifierGuidance(path)).classifier_path == path  # a wrapped guidance passes it on
