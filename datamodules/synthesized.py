@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -18,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from plugguide.datamodules.arrow_batches import ArrowBatches
+from plugguide.datamodules.arrow_batches import ArrowBatches, chunk_as_numpy, feature_shape
 from plugguide.datamodules.image_folder import ImageDataModule
 from plugguide.datamodules.resumable_loader import ResumableDataLoader
 from plugguide.models import (
@@ -28,6 +29,15 @@ from plugguide.pipelines import GuidedDiffusionPipeline
 
 CACHE_FORMAT = 2  # bump when the shard layout changes, so old caches are not read as new ones
 IMAGE_DTYPES = ("float32", "uint8")
+MANIFEST = "manifest.json"
+# A shard's files besides its rows (Arrow schema and footer, state.json, dataset_info.json, the manifest): a few kB.
+SHARD_FILES_BYTES = 4096
+SATURATION_LEVEL = 0.99
+# Between the saturated fractions of sets the shipped models synthesize and of sets they synthesize under a wrong
+# `prediction_type`; scripts/synthesis_sanity.py measures both (docs/reliability.md).
+MAX_SATURATED_FRACTION = 0.4
+# Stored images are in [-1, 1]; float rounding of `images * 2 - 1` stays far inside this margin.
+IMAGE_RANGE_TOLERANCE = 1e-3
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -42,6 +52,12 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 def dequantize(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1
+
+
+def saturated_fraction(images: torch.Tensor) -> float:
+    """The fraction of pixel values with |x| > 0.99 in images of range [-1, 1]: low for images, high for noise that
+    a wrong `prediction_type` blows up and the sampler clips."""
+    return float((images.abs() > SATURATION_LEVEL).float().mean())
 
 
 def dequantize_images(batch: dict) -> dict:
@@ -87,8 +103,11 @@ class SynthesizedImageDataModule(L.LightningDataModule):
     the images (model weights, scheduler config, sampler, steps, count, seed, shard size, resolution, the
     teacher when its logits are cached). A second run with the same settings reuses it; any change
     makes a new one. Images are written in shards, each to a temporary name and renamed when complete,
-    with a manifest of checksums: an interrupted run resumes from the finished shards, and a truncated or
-    corrupted shard (or manifest) is detected, deleted and generated again. Under DDP, rank r generates shards
+    with a manifest that binds it to its identity (every file with its size and checksum, the shard's position and
+    index range, the set's fingerprint): an interrupted run resumes from the finished shards, and a truncated,
+    corrupted, misplaced or foreign shard (or manifest) is detected, deleted and generated again; rows are checked
+    against their shard's range and images against [-1, 1] when read. Before training, a first shard that looks
+    like noise is refused (`max_saturated_fraction`). Under DDP, rank r generates shards
     r, r + W, r + 2W, ...; image i always has noise seed `image_seed(seed, i)`, so the set is the same
     for any number of processes. All ranks then read the whole set. Two runs started on one cache share
     the work instead of both doing all of it: each shard is written under its own file lock, so a run
@@ -118,6 +137,11 @@ class SynthesizedImageDataModule(L.LightningDataModule):
             name: it changes the images); null: full precision.
         compile_unet: compile the UNet's forward with `torch.compile` (the same images up to float rounding, so
             not part of the cache's name).
+        max_saturated_fraction: before training, the set is refused when more than this fraction of the first
+            shard's pixels is saturated (|x| > 0.99, `saturated_fraction`): what a model sampled under a wrong
+            `prediction_type` synthesizes (noise clipped to the range), not images. docs/reliability.md gives the
+            measured fractions this default lies between; null: no check (a model whose images are mostly black and
+            white, or an untrained test model).
     """
 
     def __init__(
@@ -138,6 +162,7 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         prompt: str | None = None,
         autocast_dtype: str | None = None,
         compile_unet: bool = False,
+        max_saturated_fraction: float | None = MAX_SATURATED_FRACTION,
     ) -> None:
         super().__init__()
         parse_autocast_dtype(autocast_dtype)
@@ -149,21 +174,26 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         if batch_size > num_images:
             raise ValueError(f"Expected `batch_size` to be at most `num_images`={num_images} (incomplete batches are dropped), but got {batch_size}.")
         check_cache_dir(cache_dir)
+        if max_saturated_fraction is not None and not 0 < max_saturated_fraction <= 1:
+            raise ValueError(
+                f"Expected `data.max_saturated_fraction` to be in (0, 1] or null, but got {max_saturated_fraction}."
+            )
         # Not merged into the logger's hparams: they share names with the module's sampling settings
         # (`num_inference_steps`, `diffusion_model`) with other values; the CLI's config.yaml records them.
         self.save_hyperparameters(ignore=["labelled_data"], logger=False)
         self.labelled_data = labelled_data
         self.dataset: datasets.Dataset | None = None
+        self._fingerprint: str | None = None
         # Fail before any long work if a path or the sampler is wrong.
-        self.unet = load_unet(diffusion_model, "diffusion_model")
+        self.unet = load_unet(diffusion_model, "data.diffusion_model")
         if compile_unet:
             compile_denoiser(self.unet)
-        self.scheduler = load_scheduler(diffusion_model, scheduler, "scheduler")
+        self.scheduler = load_scheduler(diffusion_model, scheduler, "data.scheduler", "data.diffusion_model")
         self.conditioning = prompt_conditioning(diffusion_model, self.unet, prompt)
-        self.teacher = load_classifier(teacher_path, "teacher_path") if teacher_path else None
+        self.teacher = load_classifier(teacher_path, "data.teacher_path") if teacher_path else None
         size, channels = self.unet.config.sample_size, self.unet.config.in_channels
         if self.teacher is not None:
-            check_classifier_input(self.teacher, channels, size, "teacher_path", teacher_path)
+            check_classifier_input(self.teacher, channels, size, "data.teacher_path", teacher_path)
         labelled = getattr(labelled_data, "hparams", {})
         for name, expected in (("image_size", size), ("channels", channels)):
             if name in labelled and labelled[name] != expected:
@@ -177,7 +207,12 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         return -(-self.hparams.num_images // self.hparams.shard_size)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the generated set."""
+        """Hash of everything that changes the generated set (computed once: it hashes the model's files)."""
+        if self._fingerprint is None:
+            self._fingerprint = self.set_digest()
+        return self._fingerprint
+
+    def set_digest(self) -> str:
         model = self.hparams.diffusion_model
         parts = {
             "format": CACHE_FORMAT,
@@ -203,20 +238,31 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         return range(start, min(start + self.hparams.shard_size, self.hparams.num_images))
 
     def shard_is_complete(self, shard: int) -> bool:
-        """True when the shard exists, has its rows and matches its manifest's checksums."""
+        """True when the shard is this set's shard `shard`, whole: its manifest names this set's fingerprint, this
+        position and its index range, and lists exactly the files there are, each of its size and checksum.
+
+        The manifest is the shard's identity, not only its checksums: a shard copied over another (manifest included)
+        is at the wrong position, one of another set has another fingerprint, a file the manifest does not list (or
+        an empty file list beside garbage) is not trusted. Anything else is damage; the shard is written again.
+        """
         path = self.shard_path(shard)
-        manifest = os.path.join(path, "manifest.json")
+        indices = self.shard_indices(shard)
         try:
-            with open(manifest) as file:
-                expected = json.load(file)
-            files, num_rows = dict(expected["files"]), expected["num_rows"]
-        except (OSError, ValueError, KeyError, TypeError):  # missing, empty or garbled: the shard is written again
+            with open(os.path.join(path, MANIFEST)) as file:
+                manifest = json.load(file)
+            listed = dict(manifest["files"]).items()
+            files = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in listed}
+            identity = tuple(manifest[key] for key in ("fingerprint", "shard", "start", "stop", "num_rows"))
+            present = set(os.listdir(path)) - {MANIFEST}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, empty or garbled: written again
             return False
-        for name, digest in files.items():
-            full = os.path.join(path, name)
-            if not os.path.isfile(full) or file_digest(full) != digest:
-                return False
-        return num_rows == len(self.shard_indices(shard))
+        expected = (self.fingerprint(), shard, indices.start, indices.stop, len(indices))
+        if identity != expected or not files or present != set(files):
+            return False
+        return all(
+            os.path.getsize(os.path.join(path, name)) == size and file_digest(os.path.join(path, name)) == digest
+            for name, (size, digest) in files.items()
+        )
 
     @torch.inference_mode()
     def generate_shard(self, shard: int, device: torch.device, progress: tqdm) -> None:
@@ -253,22 +299,43 @@ class SynthesizedImageDataModule(L.LightningDataModule):
                 dataset.save_to_disk(tmp)
             finally:
                 datasets.enable_progress_bars()
-            files = {name: file_digest(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-            with open(os.path.join(tmp, "manifest.json"), "w") as file:
-                json.dump({"num_rows": len(indices), "files": files}, file)
+            paths = {name: os.path.join(tmp, name) for name in sorted(os.listdir(tmp))}
+            files = {name: {"size": os.path.getsize(path), "sha256": file_digest(path)} for name, path in paths.items()}
+            manifest = {
+                "fingerprint": self.fingerprint(), "shard": shard, "start": indices[0], "stop": indices[-1] + 1,
+                "num_rows": len(indices), "files": files,
+            }
+            with open(os.path.join(tmp, MANIFEST), "w") as file:
+                json.dump(manifest, file)
 
         try:
             save_atomically(self.shard_path(shard), write)
         except OSError as error:
             raise self.cache_error(error, f"write shard {shard} of") from error
 
+    def disk_need(self) -> int:
+        """Bytes the whole set takes on disk: every column of every row, Arrow's own per-row bookkeeping, and each
+        shard's small files, rounded up.
+
+        An image of C x H x W values is stored as nested lists (`datasets.Array3D`), so besides its values each row
+        holds one 4-byte offset per list: 1 + C + C H. Each row also holds its 8-byte index and, with a teacher, its
+        logits as float32. A shard adds its schema and footer, `state.json`, `dataset_info.json` and the manifest,
+        a few kB that `SHARD_FILES_BYTES` bounds.
+        """
+        channels, size = self.unet.config.in_channels, self.unet.config.sample_size
+        values = channels * size * size * (1 if self.hparams.image_dtype == "uint8" else 4)
+        image = values + 4 * (1 + channels + channels * size)
+        logits = 4 * self.teacher.num_classes if self.teacher is not None else 0
+        return self.hparams.num_images * (image + 8 + logits) + self.num_shards * SHARD_FILES_BYTES
+
     def cache_error(self, error: OSError, action: str) -> OSError:
         """`error` (a full disk, a read-only file system) with the setting to change named."""
-        image = self.unet.config.in_channels * self.unet.config.sample_size**2 * (1 if self.hparams.image_dtype == "uint8" else 4)
         return OSError(
             error.errno,
-            f"Could not {action} the synthesized set under `cache_dir`={self.hparams.cache_dir!r} ({error.strerror or error}); "
-            f"the set takes about {self.hparams.num_images * image / 2**20:,.0f} MiB: free space there or choose another `cache_dir` "
+            f"Could not {action} the synthesized set under `data.cache_dir`={self.hparams.cache_dir!r} "
+            f"({error.strerror or error}); the set takes up to {math.ceil(self.disk_need() / 2**20 * 10) / 10:,.1f} "
+            "MiB: "
+            "free space there or choose another `data.cache_dir` "
             "(finished shards are kept and reused).",
         )
 
@@ -324,10 +391,10 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         damaged = [shard for shard in range(self.num_shards) if not self.shard_is_complete(shard)]
         if damaged:
             raise RuntimeError(
-                f"Synthesized cache {self.cache_path} (under `cache_dir`={self.hparams.cache_dir!r}) has missing or damaged shards {damaged}; "
+                f"Synthesized cache {self.cache_path} (under `data.cache_dir`={self.hparams.cache_dir!r}) has missing or damaged shards {damaged}; "
                 "rerun to regenerate them."
             )
-        shards = [datasets.load_from_disk(self.shard_path(shard)) for shard in range(self.num_shards)]
+        shards = [self.load_shard(shard) for shard in range(self.num_shards)]
         return datasets.concatenate_datasets(shards).with_format("torch")
 
     def check_trainer(self, trainer: L.Trainer, stage: str) -> None:
@@ -338,6 +405,27 @@ class SynthesizedImageDataModule(L.LightningDataModule):
                 f"but got {self.hparams.batch_size} x {trainer.world_size} (`trainer.devices` x `trainer.num_nodes`): "
                 "a rank would get no complete batch."
             )
+
+    def load_shard(self, shard: int) -> datasets.Dataset:
+        """One checked shard, refused naming it when its rows are not its images or its images are not in [-1, 1]."""
+        dataset = datasets.load_from_disk(self.shard_path(shard))
+        indices = np.concatenate([chunk_as_numpy(chunk, ()) for chunk in dataset.data.column("index").chunks])
+        if not np.array_equal(indices, np.asarray(self.shard_indices(shard))):
+            raise RuntimeError(
+                f"Shard {self.shard_path(shard)} holds rows {indices[:3].tolist()}..., not its images "
+                f"{self.shard_indices(shard)}: delete it to regenerate it."
+            )
+        if dataset.features["image"].dtype != "uint8":  # 8-bit images are in range by construction
+            shape = feature_shape(dataset.features["image"])
+            for chunk in dataset.data.column("image").chunks:
+                images = chunk_as_numpy(chunk, shape)
+                if not (np.abs(images) <= 1 + IMAGE_RANGE_TOLERANCE).all():  # also false for NaN
+                    raise RuntimeError(
+                        f"Shard {self.shard_path(shard)} holds pixel values in [{np.nanmin(images):.3g}, "
+                        f"{np.nanmax(images):.3g}]{' and NaN' if np.isnan(images).any() else ''}, outside the model's "
+                        "range [-1, 1]: it was not written by this module; delete it to regenerate it."
+                    )
+        return dataset
 
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
@@ -354,6 +442,38 @@ class SynthesizedImageDataModule(L.LightningDataModule):
             trainer.strategy.barrier("synthesized-images")
         self.dataset = self.load()
         self.unet.to("cpu")
+        self.check_looks_like_images()
+
+    def check_looks_like_images(self) -> None:
+        """Refuses a set whose first shard looks like noise, naming the model and its scheduler's `prediction_type`.
+
+        A UNet sampled as if it predicted another quantity (`sample` for an epsilon model) runs without any error and
+        synthesizes noise clipped to [-1, 1]; experts distilled from it learn nothing. The fraction of saturated
+        pixels of one shard tells the two apart at no cost (`saturated_fraction`); the teacher's mean confidence,
+        when its logits are cached, is reported beside it.
+        """
+        limit = self.hparams.max_saturated_fraction
+        rows = len(self.shard_indices(0))
+        if limit is None or self.dataset is None:
+            return
+        first = self.dataset[:rows]
+        saturated = saturated_fraction(dequantize_images(first)["image"])
+        if saturated <= limit:
+            return
+        confidence = ""
+        if "teacher_logits" in first:
+            logits = first["teacher_logits"]
+            mean_confidence = float(logits.softmax(1).max(1).values.mean())
+            chance = 1 / logits.shape[1]
+            confidence = f"; the teacher's mean confidence on it is {mean_confidence:.2f} (chance: {chance:.2f})"
+        prediction_type = self.scheduler.config.get("prediction_type", "velocity (flow matching)")
+        raise ValueError(
+            f"The synthesized set {self.shard_path(0)} looks like noise, not images: {saturated:.0%} of its pixels are "
+            f"saturated (|x| > 0.99), more than `data.max_saturated_fraction`={limit}{confidence}. Is "
+            f"`data.diffusion_model`={self.hparams.diffusion_model!r} sampled as it was trained? Its scheduler's "
+            f"`prediction_type` is {prediction_type!r}. Fix the model's scheduler config, or set "
+            "`data.max_saturated_fraction` to null if its images really are that saturated."
+        )
 
     def train_dataloader(self) -> DataLoader:
         # Rank r reads its own 1/W of each epoch's seeded permutation; the loader resumes mid-epoch.

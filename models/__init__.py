@@ -13,11 +13,12 @@ from plugguide.models.diffusion_model import SCHEDULER_FAMILIES, SUPPORTED_SCHED
 from plugguide.models.guides import FullGuide, Guide, TinyGuide, load_guide, predict_guided_noise
 from plugguide.models.multi_expert_classifier import MultiExpertClassifier, expert_boundaries
 from plugguide.models.off_the_shelf import load_off_the_shelf
-from plugguide.models.saving import save_atomically
+from plugguide.models.saving import save_atomically, write_file_atomically
 from plugguide.models.text_encoder import encode_prompts, is_text_conditional, load_text_encoder, prompt_conditioning
 
 __all__ = [
     "AUTOCAST_DTYPES", "DenseModel", "FullGuide", "Guide", "MultiExpertClassifier", "SCHEDULER_FAMILIES", "SUPPORTED_SCHEDULERS", "TimmClassifier", "TinyGuide",
     "check_classifier_input", "compile_denoiser", "denoiser_autocast", "encode_prompts", "expert_boundaries", "is_text_conditional", "load_classifier", "load_dense_model", "load_guide",
     "load_off_the_shelf", "load_scheduler", "load_text_encoder", "load_unet", "load_vae", "parse_autocast_dtype", "predict_guided_noise", "prompt_conditioning", "save_atomically",
+    "write_file_atomically",
 ]

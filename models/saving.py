@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from typing import Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 from safetensors import SafetensorError
 
@@ -59,6 +60,30 @@ def save_atomically(directory: str, save: Callable[[str], object]) -> None:
         shutil.rmtree(old)
     else:
         os.rename(tmp, directory)
+    fsync_directory(parent)
+
+
+def write_file_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
+    """Calls `write(file)` on a temporary file beside `path`, flushes it to disk, then renames it to `path`.
+
+    The temporary file sits in the same folder, so the rename is atomic (never a copy across file systems): a
+    reader sees the old file or the whole new one. If `write` fails (a full disk, an interrupt) the temporary file
+    is removed and the old file is left as it was; one left by a killed process is named `<path>.tmp-*`.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     fsync_directory(parent)
 
 

@@ -58,8 +58,8 @@ class CalibrationEvaluation(L.LightningModule):
             names = [f"{name}_{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
         self.names = names
         self.guides = torch.nn.ModuleList(guides)
-        self.unet = load_unet(diffusion_model).eval().requires_grad_(False)
-        self.scheduler = load_scheduler(diffusion_model)
+        self.unet = load_unet(diffusion_model, "model.diffusion_model").eval().requires_grad_(False)
+        self.scheduler = load_scheduler(diffusion_model, path_setting="model.diffusion_model")
         self.timesteps = calibration_timesteps(num_timesteps, len(self.scheduler.alphas_cumprod))
         self.batches: list[dict] = []
         self.curves: dict[str, dict] = {}

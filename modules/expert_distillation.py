@@ -127,11 +127,11 @@ class ExpertDistillation(FrozenNetworksModule):
             raise ValueError(f"Expected `seed` to be >= 0, but got {seed}.")
         self.save_hyperparameters(ignore=["optimizer", "task"])  # the task's settings are in the run's config.yaml
         self.optimizer = optimizer
-        self.noise_scheduler = DDPMScheduler.from_config(load_scheduler(diffusion_model, "DDPMScheduler", "diffusion_model").config)
+        self.noise_scheduler = DDPMScheduler.from_config(load_scheduler(diffusion_model, "DDPMScheduler", "model.diffusion_model", "model.diffusion_model").config)
         num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
-        self.teacher = load_off_the_shelf(teacher_path, "teacher_path").eval().requires_grad_(False)
+        self.teacher = load_off_the_shelf(teacher_path, "model.teacher_path").eval().requires_grad_(False)
         self.experts = MultiExpertClassifier(
-            load_off_the_shelf(teacher_path, "teacher_path"),
+            load_off_the_shelf(teacher_path, "model.teacher_path"),
             num_experts=num_experts,
             num_train_timesteps=num_train_timesteps,
             finetune=finetune,
@@ -140,8 +140,8 @@ class ExpertDistillation(FrozenNetworksModule):
             target_modules=target_modules,
             per_expert_head=per_expert_head,
         )
-        self.unet = load_unet(diffusion_model, "diffusion_model").eval().requires_grad_(False)
-        self.scheduler = load_scheduler(diffusion_model, scheduler, "scheduler")
+        self.unet = load_unet(diffusion_model, "model.diffusion_model").eval().requires_grad_(False)
+        self.scheduler = load_scheduler(diffusion_model, scheduler, "model.scheduler", "model.diffusion_model")
         self.conditioning = prompt_conditioning(diffusion_model, self.unet, prompt)
         check_classifier_input(self.teacher, self.unet.config.in_channels, self.unet.config.sample_size, "teacher_path", teacher_path)
         self.metrics = self.map_metrics = None

@@ -58,10 +58,10 @@ class FrozenUNetGuideTraining(FrozenNetworksModule):
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
         self.optimizer = optimizer
         self.num_inference_steps = num_inference_steps
-        self.unet = load_unet(diffusion_model).requires_grad_(False).eval()
+        self.unet = load_unet(diffusion_model, "model.diffusion_model").requires_grad_(False).eval()
         if type(self.unet).__name__ != "UNet2DConditionModel":
             raise ValueError(f"`diffusion_model`={diffusion_model!r} holds a {type(self.unet).__name__}; guides need a conditional UNet2DConditionModel.")
-        self.noise_scheduler = load_scheduler(diffusion_model, "DDPMScheduler", "diffusion_model")
+        self.noise_scheduler = load_scheduler(diffusion_model, "DDPMScheduler", "model.diffusion_model", "model.diffusion_model")
         self.vae = self.text_encoder = self.tokenizer = None
         if vae is not None:
             from diffusers import AutoencoderKL

@@ -76,7 +76,8 @@ class GuidedSampling(L.LightningModule):
         if classifier_scale > 0 and guidance is None:
             raise ValueError(f"`model.classifier_scale`={classifier_scale} scales a guidance's gradient, but `model.guidance` is not set.")
         self.save_hyperparameters(ignore=["guidance"])
-        unet, sampler = load_unet(diffusion_model), load_scheduler(diffusion_model, scheduler, overrides=scheduler_config)
+        unet = load_unet(diffusion_model, "model.diffusion_model")
+        sampler = load_scheduler(diffusion_model, scheduler, "model.scheduler", "model.diffusion_model", overrides=scheduler_config)
         if guide_path is None:
             conditioning = prompt_conditioning(diffusion_model, unet, prompt)
             self.pipeline = GuidedDiffusionPipeline(
@@ -100,7 +101,7 @@ class GuidedSampling(L.LightningModule):
         channels, size = self.image_shape()
         if isinstance(guidance, ClassifierGuidance):
             timesteps = torch.zeros(1, dtype=torch.long)
-            check_classifier_input(guidance, channels, size, "guidance", classify=lambda images: guidance.logits(images, timesteps))
+            check_classifier_input(guidance, channels, size, "guidance", guidance.classifier_path, classify=lambda images: guidance.logits(images, timesteps))
         self.metrics = self.map_metrics = None
         if evaluator_path:
             self.metrics = GenerationMetrics.from_paths(evaluator_path)

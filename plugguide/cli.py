@@ -15,8 +15,10 @@ import warnings
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from plugguide.atomic_checkpoint import AtomicCheckpointIO, job_name
 from plugguide.callbacks.model_summary import ModelSummary as ConciseModelSummary
 from plugguide.callbacks.non_finite_guard import NonFiniteGuard
 from plugguide.callbacks.step_progress_bar import StepProgressBar
@@ -68,6 +70,9 @@ class PlugGuideCLI(LightningCLI):
     - Console: a step-counting progress bar and a summary without empty FLOPs, each added only where the config
       chose none of its own (and did not switch it off). `NonFiniteGuard`: every trainer stops at the first NaN/inf
       loss, gradient or weight, before it is checkpointed.
+    - `AtomicCheckpointIO`: checkpoints are written whole or not at all, naming the job that wrote them (unless the
+      config chose a checkpoint plugin of its own); `--ckpt_path` never loads a damaged one (`checkpoint_file`): named,
+      it is refused; under `last`, the newest intact checkpoint of that version is taken, and the console says so.
     - `--ckpt_path`: Lightning replaces the model settings of the config and command line with the checkpoint's
       hyper-parameters, so `--model.classifier_scale 0 --ckpt_path run.ckpt` silently used the trained scale. Here the
       run's settings stand; one line names those that differ from the checkpoint's, and a checkpoint whose weights do
@@ -131,15 +136,24 @@ class PlugGuideCLI(LightningCLI):
                 if isinstance(settings.get(key), Namespace):
                     sections[key] = settings[key].as_dict()
             kwargs["logger"] = RunLogger(self.run_folder.root, self.run_folder.version, sections)
-        return super().instantiate_trainer(**kwargs, callbacks=callbacks)
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints whole or absent, naming their job
+            plugins.append(AtomicCheckpointIO(job=job_name(type(self.model))))
+        return super().instantiate_trainer(**kwargs, callbacks=callbacks, plugins=plugins)
 
     def after_instantiate_classes(self) -> None:
         if self.subcommand is None:
             return
-        self.config_init[self.subcommand]["ckpt_path"] = self.run_folder.checkpoint
-        path = checkpoint_file(self.run_folder.checkpoint, self.trainer)
+        checkpoint = self.run_folder.checkpoint
+        if self.requested_ckpt_path == "last" and checkpoint is not None:
+            # the newest version's checkpoints: its last.ckpt, or the newest intact one when that is damaged
+            path = checkpoint_file("last", [os.path.dirname(checkpoint)])
+        else:
+            path = checkpoint_file(checkpoint, [])
         if path is not None:
             check_checkpoint_settings(path, self.model)
+        self.config_init[self.subcommand]["ckpt_path"] = path if path is not None else checkpoint
         self.announce_run_folder(path)
 
     def announce_run_folder(self, checkpoint: str | None) -> None:

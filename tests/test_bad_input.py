@@ -60,7 +60,7 @@ def experts(assets, **overrides) -> ExpertDistillation:
 
 
 def synthesized(assets, tmp_path, **overrides) -> SynthesizedImageDataModule:
-    settings = dict(diffusion_model=assets["ddpm-uncond"], num_inference_steps=2, num_images=8, shard_size=4, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    settings = dict(diffusion_model=assets["ddpm-uncond"], num_inference_steps=2, num_images=8, shard_size=4, batch_size=4, cache_dir=str(tmp_path / "cache"), max_saturated_fraction=None)
     return SynthesizedImageDataModule(**settings | overrides)
 
 
@@ -177,9 +177,9 @@ TINY_DEEPLABV3PLUS = TINY_SEGMENTER | dict(architecture="DeepLabV3Plus", model_k
 
 # (id, build, exception type, setting named in the message, value named in the message)
 BAD_SETTINGS = [
-    ("missing-teacher-path", lambda a, t: experts(a, teacher_path=str(t / "no-such-classifier")), FileNotFoundError, "teacher_path", "no-such-classifier"),
-    ("missing-diffusion-model", lambda a, t: experts(a, diffusion_model="./no/such/model"), FileNotFoundError, "diffusion_model", "./no/such/model"),
-    ("hub-id-without-network", hub_id_offline, OSError, "diffusion_model", "google/ddpm-cifar10-32"),
+    ("missing-teacher-path", lambda a, t: experts(a, teacher_path=str(t / "no-such-classifier")), FileNotFoundError, "model.teacher_path", "no-such-classifier"),
+    ("missing-diffusion-model", lambda a, t: experts(a, diffusion_model="./no/such/model"), FileNotFoundError, "model.diffusion_model", "./no/such/model"),
+    ("hub-id-without-network", hub_id_offline, OSError, "model.diffusion_model", "google/ddpm-cifar10-32"),
     ("missing-evaluator", lambda a, t: experts(a, evaluator_path=str(t / "gone")), FileNotFoundError, "evaluator_path", "gone"),
     ("num-experts-below-1", lambda a, t: experts(a, num_experts=0), ValueError, "num_experts", "0"),
     ("num-experts-above-T", lambda a, t: experts(a, num_experts=1001), ValueError, "num_experts", "1001"),
@@ -193,25 +193,25 @@ BAD_SETTINGS = [
     ("negative-guidance-scale-experts", lambda a, t: experts(a, classifier_scale=-1.0), ValueError, "classifier_scale", "-1.0"),
     ("negative-guidance-scale-sampling", lambda a, t: GuidedSampling(diffusion_model=a["ddpm-uncond"], classifier_scale=-0.5, evaluator_path=None), ValueError, "classifier_scale", "-0.5"),
     ("negative-guidance-scale-grid", lambda a, t: GuidedSampleGrid(classifier_scale=-2.0), ValueError, "classifier_scale", "-2.0"),
-    ("unknown-sampler", lambda a, t: experts(a, scheduler="LMSDiscreteScheduler"), ValueError, "scheduler", "LMSDiscreteScheduler"),
+    ("unknown-sampler", lambda a, t: experts(a, scheduler="LMSDiscreteScheduler"), ValueError, "model.scheduler", "LMSDiscreteScheduler"),
     ("noise-schedule-not-a-forward-process", lambda a, t: DiffusionPretraining(tiny_unet(), DDIMScheduler()), ValueError, "noise_scheduler", "DDIMScheduler"),
     ("prompt-for-a-model-without-text", lambda a, t: GuidedSampling(diffusion_model=a["ddpm-uncond"], prompt="a seven", evaluator_path=None), ValueError, "prompt", "a seven"),
-    ("sampler-of-another-model-family", lambda a, t: synthesized(a, t, scheduler="FlowMatchEulerDiscreteScheduler"), ValueError, "scheduler", "FlowMatchEulerDiscreteScheduler"),
-    ("unknown-synthesis-scheduler", lambda a, t: synthesized(a, t, scheduler="NoSuchScheduler"), ValueError, "scheduler", "NoSuchScheduler"),
+    ("sampler-of-another-model-family", lambda a, t: synthesized(a, t, scheduler="FlowMatchEulerDiscreteScheduler"), ValueError, "data.scheduler", "FlowMatchEulerDiscreteScheduler"),
+    ("unknown-synthesis-scheduler", lambda a, t: synthesized(a, t, scheduler="NoSuchScheduler"), ValueError, "data.scheduler", "NoSuchScheduler"),
     ("lora-targets-absent", lambda a, t: experts(a, target_modules=["no_such_layer"]), ValueError, "target_modules", "no_such_layer"),
     ("bad-temperature", lambda a, t: experts(a, temperature=0.0), ValueError, "temperature", "0.0"),
     ("bad-supervision", lambda a, t: experts(a, supervision="soft"), ValueError, "supervision", "soft"),
     ("bad-finetune", lambda a, t: experts(a, finetune="half"), ValueError, "finetune", "half"),
     ("negative-seed", lambda a, t: experts(a, seed=-1), ValueError, "seed", "-1"),
     ("unreadable-cache-dir", unreadable_cache, ValueError, "cache_dir", "cache"),
-    ("damaged-cache", damaged_cache, RuntimeError, "cache_dir", "[0, 1]"),
+    ("damaged-cache", damaged_cache, RuntimeError, "data.cache_dir", "[0, 1]"),
     ("empty-synthesized-set", lambda a, t: synthesized(a, t, num_images=0), ValueError, "num_images", "0"),
     ("batch-larger-than-synthesized-set", lambda a, t: synthesized(a, t, batch_size=16), ValueError, "batch_size", "16"),
     ("labelled-data-size-differs-from-unet", lambda a, t: synthesized(a, t, labelled_data=DigitsDataModule(image_size=32)), ValueError, "labelled_data.image_size", "32"),
     ("unknown-synthesis-autocast-dtype", lambda a, t: synthesized(a, t, autocast_dtype="float64"), ValueError, "autocast_dtype", "float64"),
     ("unknown-sampling-autocast-dtype", lambda a, t: GuidedSampling(diffusion_model=a["ddpm-uncond"], autocast_dtype="int8", evaluator_path=None), ValueError, "autocast_dtype", "int8"),
     ("unknown-image-storage-dtype", lambda a, t: synthesized(a, t, image_dtype="float16"), ValueError, "image_dtype", "float16"),
-    ("synthesis-teacher-channels-differ", lambda a, t: synthesized(a, t, teacher_path=a["classifier-rgb"]), ValueError, "teacher_path", "3 channels"),
+    ("synthesis-teacher-channels-differ", lambda a, t: synthesized(a, t, teacher_path=a["classifier-rgb"]), ValueError, "data.teacher_path", "3 channels"),
     ("label-dropout-out-of-range", lambda a, t: DiffusionPretraining(tiny_unet(), tiny_scheduler(), label_dropout=1.5), ValueError, "label_dropout", "1.5"),
     ("null-class-missing", lambda a, t: DiffusionPretraining(tiny_conditional_unet(), tiny_scheduler(), num_classes=11), ValueError, "num_classes", "11"),
     ("missing-pretrained-path", lambda a, t: DiffusionPretraining(tiny_unet(), tiny_scheduler(), pretrained_path="./no/such/pipeline"), FileNotFoundError, "pretrained_path", "./no/such/pipeline"),
@@ -248,9 +248,9 @@ BAD_SETTINGS = [
     ("sampling-classes-beyond-the-unet", sampling_classes_beyond_the_unet, ValueError, "data.num_classes", "11"),
     # Files and folders that name nothing when they fail.
     ("read-only-parent-of-new-cache-dir", read_only_parent_of_cache, ValueError, "cache_dir", "read-only"),
-    ("full-disk-while-synthesizing", full_disk, OSError, "cache_dir", "No space left on device"),
-    ("truncated-classifier-weights", lambda a, t: experts(a, teacher_path=a["classifier-truncated"]), OSError, "teacher_path", "classifier-truncated"),
-    ("truncated-unet-weights", lambda a, t: experts(a, diffusion_model=a["ddpm-truncated"]), OSError, "diffusion_model", "damaged"),
+    ("full-disk-while-synthesizing", full_disk, OSError, "data.cache_dir", "No space left on device"),
+    ("truncated-classifier-weights", lambda a, t: experts(a, teacher_path=a["classifier-truncated"]), OSError, "model.teacher_path", "classifier-truncated"),
+    ("truncated-unet-weights", lambda a, t: experts(a, diffusion_model=a["ddpm-truncated"]), OSError, "model.diffusion_model", "damaged"),
     ("experts-folder-missing-an-adapter", lambda a, t: ExpertGuidance(a["experts-missing-adapter"]), FileNotFoundError, "experts", "expert_1/"),
     ("rgb-classifier-guiding-the-sampling-job", lambda a, t: sample(a, guidance=NaiveClassifierGuidance(a["classifier-rgb"]), classifier_scale=1.0), ValueError, "guidance", "3 channels"),
     ("rgb-evaluator-of-the-sampling-job", lambda a, t: sample(a, evaluator_path=a["classifier-rgb"]), ValueError, "evaluator_path", "3 channels"),

@@ -34,7 +34,7 @@ def ppap_overrides(assets: dict) -> dict:
     return {
         "trainer": {"max_steps": 6, "check_val_every_n_epoch": 1, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
         "model": {"init_args": {"teacher_path": assets["classifier-resnet"], "diffusion_model": assets["ddpm-uncond"], "evaluator_path": assets["evaluator"], "autoencoder_path": assets["autoencoder"], "num_inference_steps": 2, "lora_rank": 4}},
-        "data": {"init_args": {"num_images": 20, "num_inference_steps": 3, "batch_size": 4, "shard_size": 10, "labelled_data": {"class_path": "plugguide.datamodules.DigitsDataModule", "init_args": {"batch_size": 8}}}},
+        "data": {"init_args": {"num_images": 20, "num_inference_steps": 3, "batch_size": 4, "shard_size": 10, "max_saturated_fraction": None, "labelled_data": {"class_path": "plugguide.datamodules.DigitsDataModule", "init_args": {"batch_size": 8}}}},
     }
 
 

@@ -129,6 +129,7 @@ def run_worker(out: str, assets: dict) -> None:
     data = SynthesizedImageDataModule(
         diffusion_model=assets["ddpm-uncond"], num_inference_steps=2, num_images=32, shard_size=8, batch_size=4,
         cache_dir=os.path.join(out, "cache"), teacher_path=assets["classifier-resnet"], labelled_data=DigitsDataModule(batch_size=8),
+        max_saturated_fraction=None,
     )
     generated, draws = [], []
     original_generate_shard, original_pipeline = data.generate_shard, module.sampling_pipeline

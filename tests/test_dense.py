@@ -259,7 +259,7 @@ def dense_overrides(assets: dict, teacher: str) -> dict:
     return {
         "trainer": {"max_steps": 6, "check_val_every_n_epoch": 1, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
         "model": {"init_args": {"teacher_path": assets[teacher], "diffusion_model": assets["ddpm-uncond"], "evaluator_path": assets["evaluator"], "autoencoder_path": assets["autoencoder"], "num_inference_steps": 2, "lora_rank": 4}},
-        "data": {"init_args": {"num_images": 20, "num_inference_steps": 3, "batch_size": 4, "shard_size": 10, "labelled_data": {"class_path": "plugguide.datamodules.DigitsDataModule", "init_args": {"batch_size": 8}}}},
+        "data": {"init_args": {"num_images": 20, "num_inference_steps": 3, "batch_size": 4, "shard_size": 10, "max_saturated_fraction": None, "labelled_data": {"class_path": "plugguide.datamodules.DigitsDataModule", "init_args": {"batch_size": 8}}}},
     }
 
 
@@ -328,7 +328,7 @@ def test_depth_hub_config_runs_on_tiny_models_of_the_same_classes(hub_dense_mode
         "trainer": {"max_steps": 4, "limit_val_batches": 1, "enable_progress_bar": False},
         "model": {"init_args": paths | {"teacher_path": hub_dense_models["dpt"], "num_inference_steps": 2, "lora_rank": 2}},
         "data": {"init_args": {
-            "num_images": 8, "num_inference_steps": 2, "generation_batch_size": 4, "shard_size": 4, "batch_size": 4,
+            "num_images": 8, "num_inference_steps": 2, "generation_batch_size": 4, "shard_size": 4, "batch_size": 4, "max_saturated_fraction": None,
             "labelled_data": {"init_args": {"source": str(tmp_path / "imagenet-1k"), "image_size": 32, "batch_size": 2}},
         }},
     }

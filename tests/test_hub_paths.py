@@ -40,7 +40,7 @@ def test_ppap_cifar10_config_runs_on_tiny_models_of_the_same_classes(cifar_like,
         "model": {"init_args": {"teacher_path": cifar_like["resnet18_cifar10"], "diffusion_model": cifar_like["ddpm-cifar10-32"], "evaluator_path": cifar_like["vit_cifar10"], "num_inference_steps": 2, "lora_rank": 2}},
         "data": {"init_args": {
             "num_images": 8, "num_inference_steps": 2,
-            "generation_batch_size": 4, "shard_size": 4, "batch_size": 4,
+            "generation_batch_size": 4, "shard_size": 4, "batch_size": 4, "max_saturated_fraction": None,
             "labelled_data": {"class_path": "plugguide.datamodules.ImageDataModule", "init_args": {"source": cifar_like["cifar10"], "image_column": "img", "image_size": 32, "channels": 3, "batch_size": 5}},
         }},
     }
@@ -76,7 +76,7 @@ def test_ppap_imagenet256_config_runs_on_tiny_models_of_the_same_classes(imagene
         "trainer": {"max_steps": 5, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
         "model": {"init_args": paths | {"evaluator_path": imagenet_like["convnext"], "num_inference_steps": 3, "lora_rank": 2}},
         "data": {"init_args": {
-            "num_images": 8, "num_inference_steps": 2, "generation_batch_size": 4, "shard_size": 4, "batch_size": 4,
+            "num_images": 8, "num_inference_steps": 2, "generation_batch_size": 4, "shard_size": 4, "batch_size": 4, "max_saturated_fraction": None,
             "labelled_data": {"init_args": {"source": imagenet_like["imagenet-1k"], "image_size": 32, "batch_size": 5}},
         }},
     }
@@ -172,7 +172,7 @@ def test_ppap_deepfloyd_if_config_runs_on_tiny_models_of_the_same_classes(deepfl
         "trainer": {"max_steps": 5, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
         "model": {"init_args": paths | {"evaluator_path": imagenet_like["convnext"], "num_inference_steps": 3, "lora_rank": 2}},
         "data": {"init_args": {
-            "num_images": 8, "num_inference_steps": 2, "generation_batch_size": 4, "shard_size": 4, "batch_size": 4,
+            "num_images": 8, "num_inference_steps": 2, "generation_batch_size": 4, "shard_size": 4, "batch_size": 4, "max_saturated_fraction": None,
             "labelled_data": {"init_args": {"source": imagenet_like["imagenet-1k"], "image_size": 32, "batch_size": 5}},
         }},
     }

@@ -137,7 +137,7 @@ def test_chained_experts_start_where_the_previous_expert_ended(tiny_assets, tmp_
         teacher_path=tiny_assets["classifier-resnet"], diffusion_model=tiny_assets["ddpm-uncond"], num_experts=2, lora_rank=4,
         evaluator_path=None, expert_schedule="chain", optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
     )
-    data = SynthesizedImageDataModule(diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=16, shard_size=16, batch_size=4, cache_dir=str(tmp_path))
+    data = SynthesizedImageDataModule(diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=16, shard_size=16, batch_size=4, cache_dir=str(tmp_path), max_saturated_fraction=None)
     snapshots = ChainSnapshots()
     trainer = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, callbacks=[snapshots])
     trainer.fit(module, data)

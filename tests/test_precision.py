@@ -44,7 +44,7 @@ def test_expert_distillation_bf16_mixed(tiny_assets, tmp_path):
         teacher_path=tiny_assets["classifier-resnet"], diffusion_model=tiny_assets["ddpm-uncond"], num_experts=3, lora_rank=4,
         num_inference_steps=2, evaluator_path=None,
     )
-    data = SynthesizedImageDataModule(diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=12, shard_size=12, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    data = SynthesizedImageDataModule(diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=12, shard_size=12, batch_size=4, cache_dir=str(tmp_path / "cache"), max_saturated_fraction=None)
     fit_bf16(module, data, tmp_path, module.experts)
     # Master weights stay float32 under autocast; only the compute runs in bfloat16.
     assert all(p.dtype == torch.float32 for p in module.experts.parameters())

@@ -100,7 +100,7 @@ def test_expert_distillation_resumes_exactly_mid_epoch(tiny_assets, tmp_path, mo
     def make_data():
         return SynthesizedImageDataModule(
             diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=24, shard_size=12, batch_size=4,
-            cache_dir=str(tmp_path / "cache"), teacher_path=tiny_assets["classifier-resnet"],
+            cache_dir=str(tmp_path / "cache"), teacher_path=tiny_assets["classifier-resnet"], max_saturated_fraction=None,
         )
 
     def make_grid_callback(resumed: bool = False):

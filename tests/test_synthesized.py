@@ -11,7 +11,7 @@ from plugguide.datamodules import SynthesizedImageDataModule
 
 
 def make(tiny_assets, tmp_path, **overrides) -> SynthesizedImageDataModule:
-    settings = dict(diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=10, shard_size=4, generation_batch_size=3, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    settings = dict(diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=10, shard_size=4, generation_batch_size=3, batch_size=4, cache_dir=str(tmp_path / "cache"), max_saturated_fraction=None)
     return SynthesizedImageDataModule(**settings | overrides)
 
 
@@ -266,7 +266,7 @@ def test_a_full_disk_names_cache_dir_and_leaves_no_partial_shard(tiny_assets, tm
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", save_until_full)
-    with pytest.raises(OSError, match=r"`cache_dir`=.*No space left on device.*free space") as info:
+    with pytest.raises(OSError, match=r"`data\.cache_dir`=.*No space left on device.*free space") as info:
         module.generate()
     assert info.value.errno == errno.ENOSPC
     assert not [name for name in os.listdir(module.cache_path) if ".tmp-" in name]

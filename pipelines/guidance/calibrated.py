@@ -120,6 +120,7 @@ class CalibratedGuidance(ClassifierGuidance):
             raise ValueError(f"Expected `sine_gamma` to be >= 0, but got {sine_gamma}.")
         if schedule not in SCHEDULES:
             raise ValueError(f"Expected `schedule` to be one of {SCHEDULES}, but got {schedule!r}.")
+        path = classifier if isinstance(classifier, str) else None
         classifier = as_classifier(classifier)
         wrapped = isinstance(classifier, ClassifierGuidance)
         if schedule == "edm" and input not in (None, "x_t"):
@@ -130,6 +131,7 @@ class CalibratedGuidance(ClassifierGuidance):
             classifier = copy.deepcopy(classifier)  # never change the caller's (possibly still training) model
             replace_relu_with_softplus(classifier.classifier if wrapped else classifier, softplus_beta)
         super().__init__(classifier, input=input, clip_gradient=clip_gradient, task=task)
+        self.classifier_path = path or self.classifier_path
         if not self.task.scores_classes and (joint_temperature != 1 or marginal_discount != 1):
             raise ValueError(
                 f"Temperatures act on class scores; a {type(self.task).__name__} has none, so `joint_temperature` and `marginal_discount` "

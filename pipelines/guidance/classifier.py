@@ -34,6 +34,9 @@ class ClassifierGuidance(Guidance):
 
     def __init__(self, classifier: nn.Module | str, input: GuidanceInput = "x_t", clip_gradient: float | None = None, task: Task | None = None) -> None:
         super().__init__(input=input, clip_gradient=clip_gradient)
+        # Where the model came from, for errors about it (a wrapped guidance passes its own on).
+        path = classifier if isinstance(classifier, str) else getattr(classifier, "classifier_path", None)
+        self.classifier_path = path
         classifier = as_classifier(classifier)
         self.classifier = classifier.eval().requires_grad_(False)
         self.num_classes = getattr(classifier, "num_classes", None)

@@ -52,3 +52,18 @@ class Task(ABC):
     @abstractmethod
     def check_targets(self, targets: torch.Tensor, num_classes: int | None) -> None:
         """Fails, naming the problem, before sampling, on targets `log_likelihood` cannot take."""
+
+    def check_target_shape(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Fails naming `targets` and the shape expected unless targets have the shape of `prediction(outputs)`.
+
+        Only the guide's output says what size a map must have (a dense model may predict at another resolution than
+        the image), so `log_likelihood` checks it on every call, before a map of another size is broadcast over the
+        image (a (B, 1, W) or (B, 1, 1) map) or fails with a bare tensor-size error.
+        """
+        expected = tuple(self.prediction(outputs).shape)
+        if tuple(targets.shape) != expected:
+            raise ValueError(
+                f"Expected `targets` of {type(self).__name__} guidance to have the shape of the guide's prediction on "
+                f"these images, {expected} (one {'map' if len(expected) > 1 else 'class'} per sample), but got "
+                f"{tuple(targets.shape)}."
+            )

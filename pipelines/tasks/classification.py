@@ -38,6 +38,7 @@ class ClassificationTask(Task):
         return F.cross_entropy(outputs, labels)
 
     def log_likelihood(self, outputs: torch.Tensor, targets: torch.Tensor, marginal_ratio: float = 1.0) -> torch.Tensor:
+        self.check_target_shape(outputs, targets)
         index = targets.unsqueeze(1)
         if marginal_ratio == 1.0:
             per_position = F.log_softmax(outputs, dim=1).gather(1, index).squeeze(1)

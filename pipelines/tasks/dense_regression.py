@@ -61,6 +61,7 @@ class DenseRegressionTask(Task):
         return self.squared_errors(outputs, labels).mean()
 
     def log_likelihood(self, outputs: torch.Tensor, targets: torch.Tensor, marginal_ratio: float = 1.0) -> torch.Tensor:
+        self.check_target_shape(outputs, targets)
         if marginal_ratio != 1.0:
             raise ValueError(f"A marginal temperature acts on class scores; a dense regression has none (`marginal_ratio`={marginal_ratio}, expected 1).")
         return -self.squared_errors(outputs, targets).sum(1)
