@@ -80,7 +80,7 @@ class MultiExpertClassifier(nn.Module):
     `finetune="full"` gives the paper's "multi-experts" rows instead: N full copies, all trainable.
 
     Args:
-        backbone: the off-the-shelf model (frozen): a `TimmClassifier` or a `DenseModel`.
+        backbone: the off-the-shelf model: a `TimmClassifier` or a `DenseModel`; the experts wrap a frozen copy of it.
         num_experts: N; experts split [0, T) into equal ranges unless `timestep_boundaries` is given.
         num_train_timesteps: T of the diffusion model.
         finetune: "lora" (parameter-efficient, PPAP) or "full" (one full copy per expert).
@@ -129,7 +129,7 @@ class MultiExpertClassifier(nn.Module):
             num_experts=num_experts, num_train_timesteps=num_train_timesteps, finetune=finetune, lora_rank=lora_rank,
             lora_alpha=lora_alpha, target_modules=target_modules, timestep_boundaries=boundaries, per_expert_head=per_expert_head,
         )
-        backbone.requires_grad_(False)
+        backbone = copy.deepcopy(backbone).requires_grad_(False)  # peft wraps layers in place: never the caller's model
         if finetune == "full":
             self.experts = nn.ModuleList(copy.deepcopy(backbone).requires_grad_(True) for _ in range(num_experts))
         else:

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from diffusers import DDPMScheduler
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.callbacks.step_progress_bar import denoising_progress
@@ -23,6 +23,20 @@ from plugguide.pipelines.finite import check_scale
 from plugguide.modules.frozen_networks import FrozenNetworksModule
 from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance
 from plugguide.pipelines.tasks import ClassificationTask, Task
+
+
+def check_unused_parameters(strategy: Strategy, num_experts: int) -> None:
+    """Refuses DDP without `find_unused_parameters` for more than one expert, naming the strategy that has it.
+
+    A step trains one expert, so the others' parameters get no gradient, and plain DDP waits for them and fails at the
+    second step. Read off the `DistributedDataParallel` wrapper, which the strategy has built before `on_fit_start`.
+    """
+    wrapper = strategy.model if isinstance(strategy, DDPStrategy) else None
+    if num_experts > 1 and wrapper is not None and getattr(wrapper, "find_unused_parameters", True) is False:
+        raise ValueError(
+            f"ExpertDistillation trains one of its {num_experts} experts per step, so the others' parameters get no gradient and "
+            "DDP must not wait for them: set `trainer.strategy` to 'ddp_find_unused_parameters_true' (or DDPStrategy(find_unused_parameters=True))."
+        )
 
 
 class ExpertDistillation(FrozenNetworksModule):
@@ -49,10 +63,9 @@ class ExpertDistillation(FrozenNetworksModule):
     step's t and noise come from a generator seeded by (`seed`, step, rank), so a run resumed mid-epoch
     draws exactly what an uninterrupted one would.
 
-    Under DDP the experts that do not train in a step get no gradient, which plain DDP rejects; `setup`
-    turns on `find_unused_parameters` for a `DDPStrategy` (`--trainer.strategy=ddp` just works, and
-    `ddp_find_unused_parameters_true` is the same). Parameters unused on every rank keep `grad=None`,
-    so AdamW leaves the inactive experts untouched, as on one device.
+    Under DDP the experts that do not train in a step get no gradient, which plain DDP rejects: run with
+    `--trainer.strategy ddp_find_unused_parameters_true` (plain `ddp` is refused by name before the first step).
+    Parameters unused on every rank keep `grad=None`, so AdamW leaves the inactive experts untouched, as on one device.
 
     `lightning test` evaluates guided generation: for every real test image it samples one image guided
     by the experts toward that image's label and reports guided accuracy, FID and IS from the
@@ -174,13 +187,9 @@ class ExpertDistillation(FrozenNetworksModule):
         super().setup(stage)
         if self._trainer is not None:
             self.check_trainer(self.trainer, stage)
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, DDPStrategy) and self.experts.num_experts > 1 and not strategy._ddp_kwargs.get("find_unused_parameters"):
-            # Set before the strategy wraps the module in DistributedDataParallel (after this hook).
-            strategy._ddp_kwargs["find_unused_parameters"] = True
-            rank_zero_info("ExpertDistillation trains one expert per step: DDP runs with find_unused_parameters=True.")
 
     def on_fit_start(self) -> None:
+        check_unused_parameters(self.trainer.strategy, self.experts.num_experts)
         if self.logger is not None:
             self.logger.log_metrics({f"params/{k}": float(v) for k, v in self.experts.parameter_report().items()}, 0)
 
@@ -264,17 +273,8 @@ class ExpertDistillation(FrozenNetworksModule):
             self.log(f"val/expert_{expert}/{name}", self.task.agreement(self.experts(x_t, timesteps), reference), on_epoch=True, sync_dist=True)
 
     def guidance(self) -> ExpertGuidance:
-        """The current experts as a guidance (for callbacks: grids, calibration curves)."""
-        trainable = [p for p in self.experts.parameters() if p.requires_grad]
-        modes = [(module, module.training) for module in self.experts.modules()]
-        guidance = ExpertGuidance(self.experts, task=self.task)
-        # The guidance freezes its classifier and puts it in eval mode; these experts keep training (and
-        # DDP keeps syncing them), so building a guidance must leave them as they were.
-        for parameter in trainable:
-            parameter.requires_grad_(True)
-        for module, training in modes:
-            module.training = training
-        return guidance
+        """The current experts as a guidance (for callbacks: grids, calibration curves); they keep training."""
+        return ExpertGuidance(self.experts, task=self.task)
 
     def sampling_pipeline(self) -> GuidedDiffusionPipeline:
         return GuidedDiffusionPipeline(self.unet, self.scheduler, self.guidance(), **self.conditioning)

@@ -172,7 +172,7 @@ def test_edm_gradient_is_the_authors_normalised_gradient(tiny_classifier):
     # The authors' code, line by line, on the same tensors.
     x_cur_norm = (x**2).mean((1, 2, 3)) ** 0.5
     x0 = torch.stack([x[i] / x_cur_norm[i] if x_cur_norm[i] > 1 else x[i] for i in range(2)]).requires_grad_(True)
-    logits = edm.classifier(x0)
+    logits = edm.classifier.eval()(x0)
     numerator = torch.exp(logits * 1.0)[torch.nn.functional.one_hot(targets, 10) != 0].unsqueeze(1)
     denominator = torch.exp(logits * 0.0).sum(1, keepdims=True)
     grads = torch.autograd.grad(torch.log(numerator / denominator).sum(), x0)[0]
@@ -213,7 +213,7 @@ def test_edm_algorithm_samples_as_the_authors_edm_sampler(tiny_classifier):
         with torch.enable_grad():
             x_cur_norm = ((x_cur**2).mean((1, 2, 3))) ** 0.5
             x0 = torch.stack([x_cur[k] / x_cur_norm[k] if x_cur_norm[k] > 1 else x_cur[k] for k in range(2)]).requires_grad_(True)
-            logits = guidance.classifier(x0)
+            logits = guidance.classifier.eval()(x0)
             selected = torch.log(torch.exp(logits)[torch.nn.functional.one_hot(labels, 10) != 0].unsqueeze(1) / torch.exp(logits * 0.0).sum(1, keepdims=True))
             current_guidance = max((max_guidance / len(t_steps)) * (len(t_steps) - i), 0.00001)
             current_guidance = current_guidance + math.sin(i / (len(t_steps) - 1) * math.pi) * max_guidance * 0.3

@@ -472,7 +472,7 @@ def test_lightning_predict_samples_each_family_guided(name, overrides, family_mo
 def test_jobs_refuse_a_model_of_another_family(family_models, tiny_assets):
     from plugguide.modules import ExpertDistillation, GuidedSampling
 
-    with pytest.raises(ValueError, match="flow matching.*`scheduler`='DDIMScheduler'.*Allowed: FlowMatchEulerDiscreteScheduler"):
+    with pytest.raises(ValueError, match="flow matching.*`model.scheduler`='DDIMScheduler'.*Allowed: FlowMatchEulerDiscreteScheduler"):
         GuidedSampling(family_models["flow"], "DDIMScheduler", evaluator_path=None)
     with pytest.raises(ValueError, match="was trained with FlowMatchEulerDiscreteScheduler .*this job needs a model trained with a DDPM noise schedule"):
         ExpertDistillation(teacher_path=tiny_assets["classifier-resnet"], diffusion_model=family_models["flow"], evaluator_path=None)

@@ -249,3 +249,31 @@ def test_non_finite_gradients_name_the_timestep():
         guidance.gradient(torch.randn(1, 1, 16, 16), torch.tensor([321]), torch.randn(1, 1, 16, 16), torch.tensor([0]))
     clipped = NaiveClassifierGuidance(Broken(), clip_gradient=1.0).gradient(torch.randn(1, 1, 16, 16), torch.tensor([321]), torch.randn(1, 1, 16, 16), torch.tensor([0]))
     assert torch.all(clipped == 0)
+
+
+def test_no_guidance_or_expert_wrapper_changes_the_module_it_is_handed():
+    """A guide handed a network that is still training leaves it training: same mode, same trainable parameters, same
+    BatchNorm statistics, while each guidance call runs it in eval mode."""
+    from plugguide.pipelines.guidance import CalibratedGuidance, PredictedCleanImageGuidance
+
+    torch.manual_seed(0)
+    classifier = TimmClassifier(**TINY_RESNET).train()
+    experts = MultiExpertClassifier(classifier, num_experts=2, lora_rank=2).train()
+    builders = {
+        "naive": lambda: NaiveClassifierGuidance(classifier),
+        "x0_hat": lambda: PredictedCleanImageGuidance(classifier),
+        "calibrated": lambda: CalibratedGuidance(classifier, softplus_beta=None),
+        "experts": lambda: ExpertGuidance(experts),
+    }
+    for name, build in builders.items():
+        handed = experts if name == "experts" else classifier
+        trainable = [p.requires_grad for p in handed.parameters()]
+        statistics = {k: v.clone() for k, v in handed.state_dict().items() if "running" in k}
+        guidance = build()
+        x = torch.randn(3, 1, 16, 16)
+        guidance.gradient(x, torch.tensor([10, 500, 900]), x, torch.tensor([1, 2, 3]))
+        assert handed.training and all(m.training for m in handed.modules()), name
+        assert [p.requires_grad for p in handed.parameters()] == trainable and any(trainable), name
+        for key, value in statistics.items():  # eval mode inside the call: running statistics untouched
+            torch.testing.assert_close(handed.state_dict()[key], value, rtol=0, atol=0, msg=f"{name}: {key}")
+    assert all(p.requires_grad for p in classifier.parameters())  # MultiExpertClassifier froze a copy, not this one

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from plugguide.pipelines.guidance.base import GuidanceInput, GuidanceStep, GuidanceTarget
-from plugguide.pipelines.guidance.classifier import ClassifierGuidance, as_classifier
+from plugguide.pipelines.guidance.classifier import ClassifierGuidance, as_classifier, evaluating
 from plugguide.pipelines.tasks import Task
 
 # ReLU-type activations that Softplus(beta) approximates (Softplus -> ReLU as beta -> inf).
@@ -149,7 +149,8 @@ class CalibratedGuidance(ClassifierGuidance):
         if isinstance(self.classifier, ClassifierGuidance):
             logits = self.classifier.logits(inputs, timesteps)
         else:
-            logits = self.classifier(inputs)
+            with evaluating(self.classifier):
+                logits = self.classifier(inputs)
         return logits * self.joint_temperature
 
     def log_likelihood(self, inputs: torch.Tensor, timesteps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -11,10 +14,27 @@ from plugguide.pipelines.tasks import Task, default_task
 
 
 def as_classifier(classifier: nn.Module | str, setting: str = "classifier") -> nn.Module:
-    """An off-the-shelf model, loading a saved `TimmClassifier` or `DenseModel` (or a hub model) when given its path."""
+    """An off-the-shelf model: the module itself, or, given a path, a saved `TimmClassifier` or `DenseModel` (or a hub
+    model) loaded frozen and in eval mode."""
     if isinstance(classifier, str):
-        classifier = load_off_the_shelf(classifier, setting)
+        classifier = load_off_the_shelf(classifier, setting).eval().requires_grad_(False)
     return classifier
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode for the block (BatchNorm reads its running statistics), every submodule's mode restored after.
+
+    A guide may be a network that is still training (PPAP experts read by a grid mid-fit): it is run as a guide without
+    being changed.
+    """
+    modes = [(child, child.training) for child in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for child, training in modes:
+            child.training = training
 
 
 class ClassifierGuidance(Guidance):
@@ -24,8 +44,9 @@ class ClassifierGuidance(Guidance):
     log-likelihood of a target label map and a dense regressor minus its loss to a target map (`pipelines.tasks`).
 
     Args:
-        classifier: a module returning logits, per-pixel logits or maps (or the path of a saved `TimmClassifier` or
-            `DenseModel`), kept frozen.
+        classifier (`nn.Module | str`): a module returning logits, per-pixel logits or maps, or the path of a saved
+            `TimmClassifier` or `DenseModel`. A module handed in is used as it is, never changed: it runs in eval mode
+            for each call (`evaluating`), and only the input's gradient is taken (its parameters may keep training).
         input: `"x_t"` or `"x0_hat"`.
         clip_gradient: see `Guidance`.
         task: what the model predicts and how a target is scored; None: the model's own (`default_task`: a
@@ -38,7 +59,7 @@ class ClassifierGuidance(Guidance):
         path = classifier if isinstance(classifier, str) else getattr(classifier, "classifier_path", None)
         self.classifier_path = path
         classifier = as_classifier(classifier)
-        self.classifier = classifier.eval().requires_grad_(False)
+        self.classifier = classifier
         self.num_classes = getattr(classifier, "num_classes", None)
         if task is None:
             task = classifier.task if isinstance(classifier, ClassifierGuidance) else default_task(classifier)
@@ -49,13 +70,11 @@ class ClassifierGuidance(Guidance):
         """Input channels of the classifier, where it says (a wrapped guidance passes its own on)."""
         return getattr(self.classifier, "in_chans", None)
 
-    def train(self, mode: bool = True) -> "ClassifierGuidance":
-        return super().train(False)  # a guide always runs in eval mode (BatchNorm running statistics)
-
     def logits(self, inputs: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The guide's output on its input at `timesteps`: class logits (what calibration curves measure), per-pixel
         logits or maps."""
-        return self.classifier(inputs)
+        with evaluating(self.classifier):
+            return self.classifier(inputs)
 
     def log_likelihood(self, inputs: torch.Tensor, timesteps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.task.log_likelihood(self.logits(inputs, timesteps), targets)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from plugguide.models import MultiExpertClassifier
-from plugguide.pipelines.guidance.classifier import ClassifierGuidance
+from plugguide.pipelines.guidance.classifier import ClassifierGuidance, evaluating
 from plugguide.pipelines.tasks import Task
 
 
@@ -38,4 +38,5 @@ class ExpertGuidance(ClassifierGuidance):
         super().__init__(experts, input="x_t", clip_gradient=clip_gradient, task=task)
 
     def logits(self, inputs: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.classifier(inputs, timesteps)
+        with evaluating(self.classifier):
+            return self.classifier(inputs, timesteps)
