@@ -5,10 +5,10 @@ from plugguide.datamodules.digit_maps import DigitMapsDataModule
 from plugguide.datamodules.image_folder import ImageDataModule
 from plugguide.datamodules.class_labels import ClassLabelDataModule
 from plugguide.datamodules.synthesized import SynthesizedImageDataModule
-from plugguide.datamodules.resumable_loader import ResumableDataLoader, ResumableSampler, step_generator
+from plugguide.datamodules.resumable_loader import ResumableDataLoader, ResumableSampler
 from plugguide.datamodules.captions import CaptionedImageDataModule
 from plugguide.datamodules.transformed_digits import ThickDigitsDataModule
 from plugguide.datamodules.target_maps import TargetMapDataModule
 
 
-__all__ = ["CaptionedImageDataModule", "DigitMapsDataModule", "TargetMapDataModule", "ThickDigitsDataModule", "ResumableDataLoader", "ResumableSampler", "step_generator", "SynthesizedImageDataModule", "ClassLabelDataModule", "DigitsDataModule", "ImageDataModule"]
+__all__ = ["CaptionedImageDataModule", "DigitMapsDataModule", "TargetMapDataModule", "ThickDigitsDataModule", "ResumableDataLoader", "ResumableSampler", "SynthesizedImageDataModule", "ClassLabelDataModule", "DigitsDataModule", "ImageDataModule"]

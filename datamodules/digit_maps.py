@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from plugguide.datamodules.digits import DigitsDataModule
 from plugguide.metrics.pixel_maps import digit_segmentation, distance_to_stroke

@@ -11,25 +11,14 @@ never stopped.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-
-def step_generator(seed: int, step: int, rank: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded by (seed, step, rank): each step's randomness, reproducible after a resume, distinct per rank."""
-    state = np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(1)[0]
-    return torch.Generator(device).manual_seed(int(state))
-
-
-def default_seed() -> int:
-    """The seed of `seed_everything` (Lightning exports it as PL_GLOBAL_SEED), else 0, like Lightning's own samplers."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+from plugguide.models.seeding import default_seed
 
 
 def distributed_rank() -> tuple[int, int]:

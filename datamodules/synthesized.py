@@ -25,6 +25,7 @@ from plugguide.datamodules.resumable_loader import ResumableDataLoader
 from plugguide.models import (
     check_classifier_input, compile_denoiser, load_classifier, load_scheduler, load_unet, parse_autocast_dtype, prompt_conditioning, save_atomically,
 )
+from plugguide.models.seeding import image_seed, seeded_generators
 from plugguide.pipelines import GuidedDiffusionPipeline
 
 CACHE_FORMAT = 2  # bump when the shard layout changes, so old caches are not read as new ones
@@ -38,11 +39,6 @@ SATURATION_LEVEL = 0.99
 MAX_SATURATED_FRACTION = 0.4
 # Stored images are in [-1, 1]; float rounding of `images * 2 - 1` stays far inside this margin.
 IMAGE_RANGE_TOLERANCE = 1e-3
-
-
-def image_seed(seed: int, index: int) -> int:
-    """The noise seed of image `index`: independent of batch size, shard size and number of processes."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
@@ -273,7 +269,7 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         images, logits = [], []
         for start in range(0, len(indices), self.hparams.generation_batch_size):
             batch = indices[start : start + self.hparams.generation_batch_size]
-            generators = [torch.Generator(device).manual_seed(image_seed(self.hparams.seed, i)) for i in batch]
+            generators = seeded_generators((image_seed(self.hparams.seed, i) for i in batch), device)
             x0 = pipeline(batch_size=len(batch), num_inference_steps=self.hparams.num_inference_steps, generator=generators, output_type="pt").images * 2 - 1
             if self.hparams.image_dtype == "uint8":
                 stored = quantize(x0)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from lightning.pytorch.cli import OptimizerCallable
 
-from plugguide.datamodules.resumable_loader import step_generator
+from plugguide.models.seeding import step_generator
 from plugguide.models import save_atomically
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
-from plugguide.datamodules.resumable_loader import step_generator
+from plugguide.models.seeding import step_generator
 from plugguide.models.classifier import TimmClassifier
 from plugguide.models.saving import save_atomically
 

@@ -12,7 +12,7 @@ from diffusers.training_utils import compute_snr
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from plugguide.datamodules.resumable_loader import step_generator
+from plugguide.models.seeding import step_generator
 from plugguide.models.diffusion_model import load_unet
 from plugguide.models.saving import save_atomically
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline

@@ -13,8 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.callbacks.step_progress_bar import denoising_progress
-from plugguide.datamodules.resumable_loader import step_generator
-from plugguide.datamodules.synthesized import image_seed
+from plugguide.models.seeding import image_seed, step_generator
 from plugguide.metrics import DenseMapMetrics, GenerationMetrics, majority_digit
 from plugguide.models import MultiExpertClassifier, check_classifier_input, load_off_the_shelf, load_scheduler, load_unet, prompt_conditioning
 from plugguide.models.multi_expert_classifier import Finetune

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from lightning.pytorch.cli import OptimizerCallable
 
-from plugguide.datamodules.resumable_loader import default_seed, step_generator
+from plugguide.models.seeding import default_seed, step_generator
 from plugguide.models.diffusion_model import load_scheduler, load_unet
 from plugguide.models.text_encoder import encode_prompts
 from plugguide.models.saving import save_atomically

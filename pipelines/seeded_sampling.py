@@ -6,13 +6,10 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from plugguide.models.seeding import seeded_generators
+
 # Samplers whose state is the variance-preserving x_t itself at the train timestep of `scheduler.timesteps`.
 TRAJECTORY_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
-
-
-def seeded_generators(seeds, device: torch.device) -> list[torch.Generator]:
-    """One `torch.Generator` per sample, seeded with its seed."""
-    return [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
 
 
 def sample_batch(pipeline: DiffusionPipeline, batch: dict, **call_kwargs) -> torch.Tensor:

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 
-import torch
 import yaml
 
 from plugguide.cli import main as lightning

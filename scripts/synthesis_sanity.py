@@ -16,7 +16,8 @@ import argparse
 import sys
 
 import torch
-from plugguide.datamodules.synthesized import MAX_SATURATED_FRACTION, image_seed, saturated_fraction
+from plugguide.datamodules.synthesized import MAX_SATURATED_FRACTION, saturated_fraction
+from plugguide.models.seeding import image_seed
 from plugguide.metrics.reporting import markdown_table
 from plugguide.models import load_classifier, load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline
