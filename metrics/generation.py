@@ -283,6 +283,3 @@ class GenerationMetrics(nn.Module):
     def reset(self) -> None:
         """Forgets the generated samples; the real reference set stays."""
         self.generated.reset()
-
-    def reset_real(self) -> None:
-        self.real.reset()

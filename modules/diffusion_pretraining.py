@@ -21,12 +21,36 @@ from plugguide.pipelines.model_family import ModelFamily
 EXPORT_DTYPES = ("float32", "float16")
 
 
+def training_example(family: ModelFamily, x0: torch.Tensor, noise: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy input, timesteps, regression target) of denoising training at integer `draws` in [0, T), for a
+    `DDPMScheduler` or `FlowMatchEulerDiscreteScheduler` that has not been `set_timesteps` (its training table).
+
+    vp: t = draw, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, target eps / v / x0 by `prediction_type`
+    (Ho et al., 2020; Salimans & Ho, 2022). flow: entry `draw` of the scheduler's training table (s, t = s T),
+    x = (1 - s) x0 + s eps, target the velocity eps - x0 (rectified flow, Liu et al., 2022; as diffusers' SD3 training).
+
+    Args:
+        family (`ModelFamily`): the forward process's family, built on the training scheduler.
+        x0 (`Tensor`): clean images (B, C, H, W).
+        noise (`Tensor`): standard-normal noise of the same shape.
+        draws (`Tensor`): integer draws in [0, T), one per image.
+    """
+    if family.kind == "flow":
+        timesteps = family.scheduler.timesteps.to(x0.device)[draws]
+        s = family.scheduler.sigmas.to(x0.device)[draws].view(-1, *[1] * (x0.dim() - 1))
+        return (1 - s) * x0 + s * noise, timesteps, noise - x0
+    target = {"epsilon": noise, "sample": x0}.get(family.prediction_type)
+    if target is None:
+        target = family.scheduler.get_velocity(x0, noise, draws)
+    return family.scheduler.add_noise(x0, noise, draws), draws, target
+
+
 class DiffusionPretraining(L.LightningModule):
     """Denoising score matching (Ho et al., 2020): minimise ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2,
     or rectified flow (Liu et al., 2022): ||(eps - x0) - v_theta((1 - s) x0 + s eps, s T)||^2.
 
     The noise schedule chooses: a `DDPMScheduler` trains its `prediction_type` (eps, v or x0), a
-    `FlowMatchEulerDiscreteScheduler` the flow velocity (`ModelFamily.training_example` holds both forward processes).
+    `FlowMatchEulerDiscreteScheduler` the flow velocity (`training_example` holds both forward processes).
 
     A `UNet2DModel` gives the unconditional model. A `UNet2DConditionModel` with
     `num_class_embeds = num_classes + 1` gives the class-conditional one: labels are replaced by the
@@ -103,7 +127,7 @@ class DiffusionPretraining(L.LightningModule):
         images = batch["image"]
         noise = torch.randn(images.shape, generator=generator, device=images.device)
         draws = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator, device=images.device)
-        noisy, timesteps, target = self.family.training_example(images, noise, draws)
+        noisy, timesteps, target = training_example(self.family, images, noise, draws)
         if self.conditional:
             labels = batch["label"]
             if stage == "train":

@@ -196,10 +196,6 @@ class ModelFamily:
         ax, b, _ = self.affine(level, x)
         return (x0 - ax) / b
 
-    def noise(self, x0: torch.Tensor, x: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
-        """eps = (x_t - alpha x0) / sigma."""
-        return (x / level.scale - level.alpha * x0) / level.sigma
-
     def noise_difference(self, difference: torch.Tensor, x: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
         """eps(o + difference) - eps(o) = -(alpha b / sigma) difference: an output difference (CFG's) in eps units."""
         _, b, _ = self.affine(level, x)
@@ -242,21 +238,3 @@ class ModelFamily:
         family = ModelFamily(type(self.scheduler).from_config(self.scheduler.config, clip_sample=False, thresholding=False))
         family.clipping = self.clipping
         return family
-
-    # -- training ------------------------------------------------------------------------------------------------
-    def training_example(self, x0: torch.Tensor, noise: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(noisy input, timesteps, regression target) of denoising training at integer `draws` in [0, T), for a
-        `DDPMScheduler` or `FlowMatchEulerDiscreteScheduler` that has not been `set_timesteps` (its training table).
-
-        vp: t = draw, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, target eps / v / x0 by `prediction_type`
-        (Ho et al., 2020; Salimans & Ho, 2022). flow: entry `draw` of the scheduler's training table (s, t = s T),
-        x = (1 - s) x0 + s eps, target the velocity eps - x0 (rectified flow, Liu et al., 2022; as diffusers' SD3 training).
-        """
-        if self.kind == "flow":
-            timesteps = self.scheduler.timesteps.to(x0.device)[draws]
-            s = self.scheduler.sigmas.to(x0.device)[draws].view(-1, *[1] * (x0.dim() - 1))
-            return (1 - s) * x0 + s * noise, timesteps, noise - x0
-        target = {"epsilon": noise, "sample": x0}.get(self.prediction_type)
-        if target is None:
-            target = self.scheduler.get_velocity(x0, noise, draws)
-        return self.scheduler.add_noise(x0, noise, draws), draws, target

@@ -127,7 +127,7 @@ def test_a_sample_counted_twice_counts_once_and_the_order_of_arrival_does_not_ma
     metrics.update_generated(generated, targets, torch.arange(9))
     expected = metrics.compute()
     metrics.reset()
-    metrics.reset_real()
+    metrics.real.reset()
     # Two "ranks" of a padded sampler: even indices + index 0 again, odd indices; arriving rank after rank.
     for part in ([0, 2, 4, 6, 8, 0], [1, 3, 5, 7]):
         metrics.update_real(real[part], None, torch.tensor(part))
