@@ -232,3 +232,169 @@ def test_guided_dit_pipeline_is_guided_diffusion_pipeline():
     ours = quiet(GuidedDiffusionPipeline(pipe.transformer, pipe.scheduler, guidance, vae=pipe.vae))
     expected = ours([1, 4], num_inference_steps=3, guidance_scale=200.0, generator=seeded(), output_type="np").images
     np.testing.assert_allclose(stock, expected, rtol=0, atol=1e-4)
+
+
+# -- a 2-D mixture of Gaussians: a stock pipeline guided by the exact classifier is the class-conditional model ---------
+
+
+class StockMixtureDenoiser(MixtureDenoiser):
+    """The mixture's exact denoiser called as a stock pipeline calls its UNet: it reads its noise level off the pipeline's
+    scheduler (`true_level`: diffusers' tables, not `ModelFamily`), at the step index (0 before a run's first step)."""
+
+    def __init__(self, kind: str, prediction_type: str):
+        super().__init__()
+        self.register_to_config(time_cond_proj_dim=None, patch_size=1)  # what SD's and SD3's pipelines read off their denoiser
+        self.kind, self.prediction_type, self.pipe = kind, prediction_type, []
+
+    def forward(self, sample, timestep, *args, return_dict=True, **kwargs):
+        scheduler = self.pipe[0].scheduler
+        index = getattr(scheduler, "step_index", None) or 0
+        self.level = true_level(scheduler, self.kind, index, scheduler.timesteps[index] if self.kind != "vp" else timestep)
+        self.output = output_function(scheduler, self.kind, self.prediction_type)
+        output = super().forward(sample, timestep)
+        return output if return_dict else (output.sample,)
+
+
+class StockMixtureTransformer(StockMixtureDenoiser):
+    """The same, called as SD3's pipeline calls its transformer (`hidden_states=`, `timestep=`)."""
+
+    def forward(self, hidden_states, timestep, *args, return_dict=True, **kwargs):
+        return super().forward(hidden_states, timestep, return_dict=return_dict)
+
+
+def mixture_pipeline(kind: str):
+    """(pipeline, call, denoiser, samples from the call's output) of the stock pipeline of each family on the mixture."""
+    config = DDPMScheduler(clip_sample=False).config  # linear betas, as test_model_families' exact-score test
+    embeds = lambda dim: torch.zeros(32, 1, dim)
+    if kind == "vp":
+        denoiser = StockMixtureDenoiser("vp", "epsilon")
+        pipe = DDIMPipeline(denoiser, DDPMScheduler.from_config(config))
+        return pipe, dict(batch_size=32, num_inference_steps=6, output_type="pt"), denoiser, lambda out: torch.as_tensor(out.images) * 2 - 1
+    if kind == "sigma":
+        denoiser = StockMixtureDenoiser("sigma", "v_prediction")
+        scheduler = EulerDiscreteScheduler.from_config(config, prediction_type="v_prediction")
+        pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=denoiser, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return pipe, dict(prompt_embeds=embeds(4), guidance_scale=1.0, num_inference_steps=6, output_type="latent"), denoiser, lambda out: out.images
+    denoiser = StockMixtureTransformer("flow", "flow")
+    pipe = StableDiffusion3Pipeline(transformer=denoiser, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    # Flow starts at s = 1, pure noise, which guidance leaves alone (test_model_families says why): start just below.
+    call = dict(prompt_embeds=embeds(4), pooled_prompt_embeds=torch.zeros(32, 4), guidance_scale=1.0, sigmas=[0.97, 0.8, 0.6, 0.4, 0.2, 0.1], output_type="latent")
+    return pipe, call, denoiser, lambda out: out.images
+
+
+@pytest.mark.parametrize("kind", ["vp", "sigma", "flow"])
+def test_exact_classifier_guides_a_stock_pipeline_to_the_class_conditional_model(kind):
+    """grad log p(x_t) + grad log p(y | x_t) = grad log p(x_t | y): DDIM (VP), Stable Diffusion's pipeline with Euler on a
+    v-prediction model (sigma) and SD3's pipeline (flow), guided at scale 1, give the conditional denoiser's samples."""
+    pipe, call, denoiser, samples = mixture_pipeline(kind)
+    quiet(pipe)
+    denoiser.pipe = [pipe]
+    targets = torch.arange(32) % 2
+    with guided(pipe, MixtureClassifier(denoiser), classifier_scale=1.0, targets=targets):
+        guided_samples = samples(pipe(**call, generator=seeded()))
+    denoiser.target = targets
+    conditional = samples(pipe(**call, generator=seeded()))
+    assert (guided_samples - conditional).abs().max() <= 1e-3 * conditional.abs().max()
+    assert (conditional.flatten(1) - MEANS[targets]).norm(dim=1).mean() < 3 * SPREAD  # the conditional run reached its class
+
+
+@pytest.mark.parametrize("model", ["segmenter", "depth"])
+def test_dense_guides_steer_ddim_pipeline_toward_target_maps_as_guided_diffusion_pipeline(model, tiny_assets):
+    from plugguide.models import load_off_the_shelf
+
+    pipe, call = ddim_pipeline()
+    guidance = PredictedCleanImageGuidance(load_off_the_shelf(tiny_assets[model]))
+    maps = torch.randint(0, 11, (2, 16, 16), generator=seeded()) if model == "segmenter" else torch.rand(2, 16, 16, generator=seeded())
+    with guided(pipe, guidance, classifier_scale=3.0, targets=maps):
+        stock = pipe(**call, generator=seeded(), output_type="np").images
+    ours = quiet(GuidedDiffusionPipeline(pipe.unet, pipe.scheduler, guidance))
+    expected = ours(targets=maps, num_inference_steps=4, guidance_scale=3.0, generator=seeded(), output_type="np").images
+    assert abs(expected - pipe(**call, generator=seeded(), output_type="np").images).max() > 1e-4
+    np.testing.assert_allclose(stock, expected, rtol=0, atol=1e-5)
+
+
+class CountingGuidance(NaiveClassifierGuidance):
+    """Records the batch of every gradient it is asked for."""
+
+    def log_likelihood(self, inputs, timesteps, targets):
+        self.batches.append(len(inputs))
+        return super().log_likelihood(inputs, timesteps, targets)
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionPipeline", "FluxPipeline", "DiTPipeline"])
+def test_under_cfg_the_shift_is_computed_once_per_sample_and_step(name, sd_path, if_path):
+    """SD and DiT double the batch (in either order), Flux's true CFG calls the transformer twice at one state: one gradient
+    of the 2 samples per guided step either way (Flux's first step, pure noise, is not guided)."""
+    pipe, call = build(name, sd_path, if_path)
+    guidance = CountingGuidance(rgb_classifier())
+    guidance.batches = []
+    with guided(pipe, guidance, classifier_scale=10.0, targets=[1, 4]):
+        images(pipe, call, **CFG[name])
+    assert guidance.batches == [2] * (2 if name == "FluxPipeline" else 3)
+
+
+# -- refusals, and the denoiser restored ----------------------------------------------------------------------------
+
+
+class PlainNetwork(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda pipe, classifier: (setattr(pipe, "scheduler", diffusers.LMSDiscreteScheduler()), pipe)[1], "`scheduler` LMSDiscreteScheduler is not handled"),
+    (lambda pipe, classifier: DDPMPipeline(PlainNetwork(), pipe.scheduler), r"`pipe.unet` PlainNetwork takes \(x\); guided needs a `sample` or `hidden_states` input and a `timestep`"),
+    (lambda pipe, classifier: diffusers.utils.BaseOutput(), "`pipe` BaseOutput has no denoiser `unet` or `transformer`"),
+])
+def test_pipelines_that_cannot_be_guided_are_refused_by_name(make, match, tiny_classifier):
+    pipe, _ = ddim_pipeline()
+    with pytest.raises(ValueError, match=match):
+        with guided(make(pipe, tiny_classifier), NaiveClassifierGuidance(tiny_classifier), classifier_scale=1.0, targets=[1, 4]):
+            pass
+
+
+def test_guides_that_move_the_sample_and_bad_settings_are_refused(tiny_classifier):
+    pipe, call = ddim_pipeline()
+    with pytest.raises(ValueError, match="moves the sample before the denoiser sees it"):
+        with guided(pipe, CalibratedGuidance(tiny_classifier, schedule="edm"), classifier_scale=1.0, targets=[1, 4]):
+            pass
+    with pytest.raises(ValueError, match="Expected `classifier_scale` to be a finite number >= 0, but got nan"):
+        with guided(pipe, NaiveClassifierGuidance(tiny_classifier), classifier_scale=float("nan"), targets=[1, 4]):
+            pass
+    with pytest.raises(ValueError, match="class 12"):
+        with guided(pipe, NaiveClassifierGuidance(tiny_classifier), classifier_scale=1.0, targets=[1, 12]):
+            pass
+
+
+def test_the_denoiser_and_scheduler_are_restored_after_an_error(tiny_classifier):
+    pipe, call = ddim_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=True)
+    scheduler = pipe.scheduler
+    with pytest.raises(ValueError, match="`targets` has 3 entries, but the denoiser was called on a batch of 2"):
+        with guided(pipe, NaiveClassifierGuidance(tiny_classifier), classifier_scale=1.0, targets=[1, 4, 5]):
+            assert pipe.scheduler is not scheduler and not pipe.scheduler.config.clip_sample  # steps unclipped inside
+            pipe(**call)
+    assert pipe.scheduler is scheduler and "forward" not in vars(pipe.unet)
+    with pytest.raises(ValueError, match="timestep 123, which is not one of the scheduler's timesteps"):
+        with guided(pipe, NaiveClassifierGuidance(tiny_classifier), classifier_scale=1.0, targets=[1, 4]):
+            pipe.scheduler.set_timesteps(4)
+            pipe.unet(torch.zeros(2, 1, 16, 16), torch.tensor(123))
+
+
+# -- the digits: a stock DDIMPipeline guided toward threes -----------------------------------------------------------
+
+
+def test_stock_ddim_pipeline_on_the_digits_draws_threes_as_guided_diffusion_pipeline():
+    """The shipped models: DDIMPipeline.from_pretrained("assets/digits/ddpm-uncond") under `guided` at scale 4 gives the
+    project's pipeline's samples, and the independent evaluator reads threes."""
+    pipe = quiet(DDIMPipeline.from_pretrained("assets/digits/ddpm-uncond"))
+    guidance = PredictedCleanImageGuidance("assets/digits/classifier-resnet")
+    with guided(pipe, guidance, classifier_scale=4, targets=[3] * 10):
+        stock = pipe(batch_size=10, num_inference_steps=25, generator=seeded(), output_type="np").images
+    ours = quiet(GuidedDiffusionPipeline(pipe.unet, pipe.scheduler, guidance))
+    expected = ours([3] * 10, num_inference_steps=25, guidance_scale=4, generator=seeded(), output_type="np").images
+    np.testing.assert_allclose(stock, expected, rtol=0, atol=1e-5)
+    evaluator = TimmClassifier.from_pretrained("assets/digits/evaluator").eval()
+    with torch.no_grad():
+        predicted = evaluator(torch.as_tensor(stock).permute(0, 3, 1, 2) * 2 - 1).argmax(1)
+    assert (predicted == 3).float().mean() >= 0.3  # unguided, about 1 in 10 is a three
