@@ -69,7 +69,8 @@ def guided(pipe: DiffusionPipeline, guidance: Guidance, classifier_scale: float,
             latents with its own `_unpack_latents`).
         guidance: any score-shifting `Guidance` of the project (classifier on x_t or x0_hat, calibrated, PPAP experts,
             dense guides); EluCD's EDM Algorithm 2 (`CalibratedGuidance(schedule="edm")`) moves the sample, not the
-            output, and is refused.
+            output, and is refused. It is moved to the denoiser's device and to the VAE's dtype (the denoiser's without
+            one), as pipelines move their components.
         classifier_scale: the guidance gradient scale s >= 0; 0 leaves the pipeline's outputs bitwise as they are.
         targets: one target per sample of the pipeline's batch (after `num_images_per_prompt`): a class, or a dense
             guide's target map.
@@ -97,7 +98,8 @@ def guided(pipe: DiffusionPipeline, guidance: Guidance, classifier_scale: float,
         pipe.scheduler = family.scheduler
     if classifier_scale > 0:
         guidance.check_targets(targets)
-        guidance.to(denoiser.device)
+        vae = getattr(pipe, "vae", None)
+        guidance.to(denoiser.device, (vae or denoiser).dtype)  # the guide sees the decoder's pixels (half precision too)
     had_forward, forward = "forward" in vars(denoiser), denoiser.forward
     denoiser.forward = GuidedDenoiser(pipe, denoiser, forward, input_name, family, guidance, classifier_scale, targets, clip_first)
     try:

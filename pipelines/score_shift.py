@@ -15,11 +15,11 @@ from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1] (unclipped) of latents through the VAE decoder, `vae.decode(latents / scaling + shift)`;
-    the shift (`shift_factor`, SD3 and Flux) only where the VAE has one; the identity without a VAE."""
+    """Pixels in [-1, 1] (unclipped) of latents through the VAE decoder, `vae.decode(latents / scaling + shift)`, in the
+    VAE's dtype; the shift (`shift_factor`, SD3 and Flux) only where the VAE has one; the identity without a VAE."""
     if vae is None:
         return latents
-    latents = latents / getattr(vae.config, "scaling_factor", 1.0)
+    latents = latents.to(vae.dtype) / getattr(vae.config, "scaling_factor", 1.0)
     shift = getattr(vae.config, "shift_factor", None)
     return vae.decode(latents if shift is None else latents + shift).sample
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import diffusers
 import numpy as np
 import pytest
@@ -398,3 +400,45 @@ def test_stock_ddim_pipeline_on_the_digits_draws_threes_as_guided_diffusion_pipe
     with torch.no_grad():
         predicted = evaluator(torch.as_tensor(stock).permute(0, 3, 1, 2) * 2 - 1).argmax(1)
     assert (predicted == 3).float().mean() >= 0.3  # unguided, about 1 in 10 is a three
+
+
+# -- scripts/guide_stock_pipeline.py: the SDXL / SD3 / Flux recipe's code paths -------------------------------------------
+
+
+def recipe_script():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "scripts" / "guide_stock_pipeline.py"
+    spec = importlib.util.spec_from_file_location("guide_stock_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline"])
+def test_recipe_guides_sdxl_sd3_and_flux_through_their_vae(name, sd_path, if_path, tmp_path):
+    """`generate` with a saved 3-channel classifier behind the decoder, 2 prompts' embeddings, the pipeline's own CFG."""
+    script = recipe_script()
+    pipe, call = build(name, sd_path, if_path)
+    rgb_classifier().save_pretrained(str(tmp_path / "classifier"))
+    call |= CFG[name] | {"output_type": "pt"}
+    runs = {scale: script.generate(pipe, script.make_guidance("calibrated", str(tmp_path / "classifier"), None), 7, 2, scale, **call) for scale in (0.0, 300.0)}
+    assert runs[0.0].shape == (2, 3, 16, 16) and torch.isfinite(runs[300.0]).all() and (runs[300.0] - runs[0.0]).abs().max() > 1e-3
+
+
+def test_recipe_script_runs_a_saved_pipeline_with_its_tokenizer_end_to_end(sd_path, tmp_path):
+    script = recipe_script()
+    pipe, _ = sd_pipeline(sd_path)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe.register_modules(text_encoder=CLIPTextModel.from_pretrained(sd_path, subfolder="text_encoder"), tokenizer=CLIPTokenizer.from_pretrained(sd_path, subfolder="tokenizer"))
+    pipe.save_pretrained(str(tmp_path / "pipeline"))
+    rgb_classifier().save_pretrained(str(tmp_path / "classifier"))
+    arguments = ["--pipeline-id", str(tmp_path / "pipeline"), "--classifier", str(tmp_path / "classifier"), "--class-id", "3", "--prompt", "a digit", "--steps", "2", "--num-images", "2", "--out", str(tmp_path / "out")]
+    paths = script.main(arguments)
+    assert [os.path.basename(path) for path in paths] == ["class3-000.png", "class3-001.png"] and all(os.path.isfile(path) for path in paths)
+    with pytest.raises(ValueError, match="`--method` ppap needs `--experts`"):
+        script.make_guidance("ppap", None, None)
+    with pytest.raises(ValueError, match="`--method` calibrated needs `--classifier`"):
+        script.make_guidance("calibrated", None, None)
