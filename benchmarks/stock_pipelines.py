@@ -40,14 +40,27 @@ def main() -> None:
 
     def run_stock(scale: float):
         with guided(stock, guidance, classifier_scale=scale, targets=labels):
-            return stock(batch_size=args.samples, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np")
+            return stock(
+                batch_size=args.samples,
+                num_inference_steps=STEPS,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+            )
 
     def run_project(scale: float):
-        return project(class_labels=labels, num_inference_steps=STEPS, guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="np")
+        return project(
+            class_labels=labels,
+            num_inference_steps=STEPS,
+            guidance_scale=scale,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        )
 
     runs = {
-        ("unguided", "stock + guided"): lambda: run_stock(0.0), ("unguided", "GuidedDiffusionPipeline"): lambda: run_project(0.0),
-        ("guided", "stock + guided"): lambda: run_stock(args.scale), ("guided", "GuidedDiffusionPipeline"): lambda: run_project(args.scale),
+        ("unguided", "stock + guided"): lambda: run_stock(0.0),
+        ("unguided", "GuidedDiffusionPipeline"): lambda: run_project(0.0),
+        ("guided", "stock + guided"): lambda: run_stock(args.scale),
+        ("guided", "GuidedDiffusionPipeline"): lambda: run_project(args.scale),
     }
     seconds = {name: [] for name in runs}
     for repeat in range(args.repeats + 1):
@@ -56,10 +69,18 @@ def main() -> None:
             run()
             if repeat:  # round 0 warms up
                 seconds[name].append(time.perf_counter() - started)
-    print(f"DDIM-25, {args.samples} samples per run, classifier_scale {args.scale:g}, torch threads: {torch.get_num_threads()}")
-    print("| run | stock DDIMPipeline + guided (ms per image) | GuidedDiffusionPipeline (ms per image) |\n|---|---|---|")
+    print(
+        f"DDIM-25, {args.samples} samples per run, classifier_scale {args.scale:g}, torch threads: "
+        f"{torch.get_num_threads()}"
+    )
+    print(
+        "| run | stock DDIMPipeline + guided (ms per image) | GuidedDiffusionPipeline (ms per image) |\n|---|---|---|"
+    )
     for kind in ("unguided", "guided"):
-        cells = [f"{1000 * statistics.median(seconds[(kind, pipeline)]) / args.samples:.1f}" for pipeline in ("stock + guided", "GuidedDiffusionPipeline")]
+        cells = [
+            f"{1000 * statistics.median(seconds[(kind, pipeline)]) / args.samples:.1f}"
+            for pipeline in ("stock + guided", "GuidedDiffusionPipeline")
+        ]
         print(f"| {kind} | {' | '.join(cells)} |")
 
 

@@ -6,7 +6,7 @@
 The pipeline's own loop, scheduler, CFG and VAE run unchanged; only its denoiser (`pipe.unet` or `pipe.transformer`)
 returns, at every evaluation, the output that predicts the guided noise of Dhariwal & Nichol (2021, "condition_score"),
 
-    eps' = eps - s sigma_t grad log p(y | .),   o' = o + (d o / d eps) (eps' - eps)   (`ModelFamily`, pipelines/model_family.py),
+    eps' = eps - s sigma_t grad log p(y | .),   o' = o + (d o / d eps) (eps' - eps)   (pipelines/model_family.py),
 
 at the noise level of the timestep the pipeline passes, under the pipeline's scheduler, with the same gradient as
 `GuidedDiffusionPipeline` (pipelines/score_shift.py: x_t or x0_hat, decoded by `pipe.vae` for latent models).
@@ -37,31 +37,34 @@ CONDITIONAL_FIRST = ("DiTPipeline",)
 
 
 @contextlib.contextmanager
-def guided(pipe: DiffusionPipeline, guidance: Guidance, classifier_scale: float, targets: Sequence | torch.Tensor) -> Iterator[DiffusionPipeline]:
-    """Guides every denoiser evaluation of `pipe` inside the `with` block; the denoiser is restored on exit, also on error.
+def guided(
+    pipe: DiffusionPipeline, guidance: Guidance, classifier_scale: float, targets: Sequence | torch.Tensor
+) -> Iterator[DiffusionPipeline]:
+    """Guides every denoiser call of `pipe` in the `with` block; the denoiser is restored on exit, also on error.
 
     Each call of the denoiser is placed in the run by the pipeline's scheduler: its step index (or, for samplers
-    without one, the timestep's position in `scheduler.timesteps`) names the noise level, which `ModelFamily.noise_level`
-    turns into (alpha, sigma, the train timestep PPAP experts route by); the state x is the denoiser's input divided by
-    the scheduler's `scale_model_input` factor (Euler and Heun scale it, flow samplers feed it as it is), and a
-    timestep that is not the scheduler's own at that index is refused. Flow's first step (s = 1, pure noise) is not
-    guided, as in `GuidedDiffusionPipeline`.
+    without one, the timestep's position in `scheduler.timesteps`) names the noise level, which
+    `ModelFamily.noise_level` turns into (alpha, sigma, the train timestep PPAP experts route by); the state x is the
+    denoiser's input divided by the scheduler's `scale_model_input` factor (Euler and Heun scale it, flow samplers feed
+    it as it is), and a timestep that is not the scheduler's own at that index is refused. Flow's first step (s = 1,
+    pure noise) is not guided, as in `GuidedDiffusionPipeline`.
 
-    Under CFG the pipeline doubles the batch; the shift d (in eps units) is computed once per sample, from the state and
-    the conditional half's x0_hat, and added to both halves. That equals shifting the combined output, since for any
-    CFG weight g
+    Under CFG the pipeline doubles the batch; the shift d (in eps units) is computed once per sample, from the state
+    and the conditional half's x0_hat, and added to both halves. That equals shifting the combined output, since for
+    any CFG weight g
 
         eps_u + g (eps_c - eps_u) + d = (eps_u + d) + g ((eps_c + d) - (eps_u + d)),
 
     and the same holds for Flux's true CFG, whose two calls at one state take the shift of the first (conditional)
-    call, and for SD3's skip-layer call. `GuidedDiffusionPipeline` takes x0_hat from the combined output instead (it knows
-    g); guides on x_t (PPAP experts) give both the same shift.
+    call, and for SD3's skip-layer call. `GuidedDiffusionPipeline` takes x0_hat from the combined output instead (it
+    knows g); guides on x_t (PPAP experts) give both the same shift.
 
     The ancestral DDPM step (`DDPMScheduler`) takes the score-shift form here, eps' = eps - s sigma_t grad, which moves
-    its mean by s (beta_t / sqrt(alpha_t)) grad (beta_t, alpha_t of the step), not by Dhariwal & Nichol's
-    `s Sigma_t grad` (Sigma_t = beta_t (1 - abar_prev) / (1 - abar_t)) that `GuidedDiffusionPipeline` applies there: a
-    denoiser wrapper returns an output and never sees the step's mean. Samplers that clip x0_hat (`clip_sample`, `thresholding`) step as
-    their unclipped copy inside the block (guided-diffusion's order: clip x0_hat, then shift), each CFG half clipped.
+    its mean by s (beta_t / sqrt(alpha_t)) grad (beta_t, alpha_t of the step), not by Dhariwal & Nichol's `s Sigma_t
+    grad` (Sigma_t = beta_t (1 - abar_prev) / (1 - abar_t)) that `GuidedDiffusionPipeline` applies there: a denoiser
+    wrapper returns an output and never sees the step's mean. Samplers that clip x0_hat (`clip_sample`, `thresholding`)
+    step as their unclipped copy inside the block (guided-diffusion's order: clip x0_hat, then shift), each CFG half
+    clipped.
 
     Args:
         pipe: a diffusers pipeline with a `unet` or `transformer` whose forward takes `sample` or `hidden_states` and
@@ -85,11 +88,17 @@ def guided(pipe: DiffusionPipeline, guidance: Guidance, classifier_scale: float,
     denoiser = getattr(pipe, name)
     family = ModelFamily(pipe.scheduler, sets_timesteps=False)  # refuses, by name, a sampler it cannot convert
     if guidance.shifts != "score":
-        raise ValueError(f"{type(guidance).__name__} moves the sample before the denoiser sees it (shifts={guidance.shifts!r}); a denoiser wrapper can only shift the output.")
+        raise ValueError(
+            f"{type(guidance).__name__} moves the sample before the denoiser sees it (shifts={guidance.shifts!r}); a "
+            f"denoiser wrapper can only shift the output."
+        )
     parameters = inspect.signature(denoiser.forward).parameters
     input_name = next((name for name in INPUT_NAMES if name in parameters), None)
     if input_name is None or "timestep" not in parameters:
-        raise ValueError(f"`pipe.{name}` {type(denoiser).__name__} takes ({', '.join(parameters)}); guided needs a `sample` or `hidden_states` input and a `timestep`.")
+        raise ValueError(
+            f"`pipe.{name}` {type(denoiser).__name__} takes ({', '.join(parameters)}); guided needs a `sample` or "
+            f"`hidden_states` input and a `timestep`."
+        )
     targets = torch.as_tensor(targets, device=denoiser.device)
     scheduler = pipe.scheduler
     clip_first = classifier_scale > 0 and not family.ancestral and family.clips_clean_image
@@ -99,9 +108,12 @@ def guided(pipe: DiffusionPipeline, guidance: Guidance, classifier_scale: float,
     if classifier_scale > 0:
         guidance.check_targets(targets)
         vae = getattr(pipe, "vae", None)
-        guidance.to(denoiser.device, (vae or denoiser).dtype)  # the guide sees the decoder's pixels (half precision too)
+        # The guide sees the decoder's pixels (or the denoiser's), in half precision too.
+        guidance.to(denoiser.device, (vae or denoiser).dtype)
     had_forward, forward = "forward" in vars(denoiser), denoiser.forward
-    denoiser.forward = GuidedDenoiser(pipe, denoiser, forward, input_name, family, guidance, classifier_scale, targets, clip_first)
+    denoiser.forward = GuidedDenoiser(
+        pipe, denoiser, forward, input_name, family, guidance, classifier_scale, targets, clip_first
+    )
     try:
         yield pipe
     finally:
@@ -127,9 +139,25 @@ class GuidedDenoiser:
         clip_first: the scheduler clips x0_hat and steps as its unclipped copy: clip before the shift.
     """
 
-    def __init__(self, pipe, denoiser: torch.nn.Module, forward, input_name: str, family: ModelFamily, guidance: Guidance, classifier_scale: float, targets: torch.Tensor, clip_first: bool) -> None:
+    def __init__(
+        self,
+        pipe,
+        denoiser: torch.nn.Module,
+        forward,
+        input_name: str,
+        family: ModelFamily,
+        guidance: Guidance,
+        classifier_scale: float,
+        targets: torch.Tensor,
+        clip_first: bool,
+    ) -> None:
         self.pipe, self.forward, self.input_name, self.family = pipe, forward, input_name, family
-        self.guidance, self.classifier_scale, self.targets, self.clip_first = guidance, classifier_scale, targets, clip_first
+        self.guidance, self.classifier_scale, self.targets, self.clip_first = (
+            guidance,
+            classifier_scale,
+            targets,
+            clip_first,
+        )
         self.signature = inspect.signature(forward)
         self.timestep_divisor = TIMESTEP_DIVISORS.get(type(denoiser).__name__, 1.0)
         self.conditional_half = 0 if type(pipe).__name__ in CONDITIONAL_FIRST else 1
@@ -162,46 +190,81 @@ class GuidedDenoiser:
         if index is None:  # a sampler without a step index (DDPM, DDIM, PNDM) or before its first step
             matches = (timesteps.double() - value).abs() <= 1e-4 * max(abs(value), 1.0)
             if not bool(matches.any()):
-                raise ValueError(f"The denoiser was called at timestep {value:g}, which is not one of the scheduler's timesteps; guided cannot place the evaluation.")
+                raise ValueError(
+                    f"The denoiser was called at timestep {value:g}, which is not one of the scheduler's timesteps; "
+                    f"guided cannot place the evaluation."
+                )
             first = int(matches.nonzero()[0, 0])
-            index = scheduler.index_for_timestep(timesteps[first]) if hasattr(scheduler, "index_for_timestep") else first
+            index = (
+                scheduler.index_for_timestep(timesteps[first]) if hasattr(scheduler, "index_for_timestep") else first
+            )
         if index >= len(timesteps) or not math.isclose(float(timesteps[index]), value, rel_tol=1e-4, abs_tol=1e-4):
             raise ValueError(
-                f"The denoiser was called at timestep {value:g}, but the scheduler's evaluation {index} is at timestep "
+                f"The denoiser was called at timestep {value:g}, but the scheduler's evaluation {index} is at "
+                f"timestep "
                 f"{float(timesteps[min(index, len(timesteps) - 1)]):g}; guided cannot place the evaluation."
             )
         return index, timesteps[index]
 
-    def guided_output(self, model_input: torch.Tensor, prediction: torch.Tensor, index: int, timestep: torch.Tensor, level: NoiseLevel, arguments: dict) -> torch.Tensor:
+    def guided_output(
+        self,
+        model_input: torch.Tensor,
+        prediction: torch.Tensor,
+        index: int,
+        timestep: torch.Tensor,
+        level: NoiseLevel,
+        arguments: dict,
+    ) -> torch.Tensor:
         """The prediction with the score shift of the conditional half's sample added to every CFG branch."""
         family, samples, batch = self.family, len(self.targets), model_input.shape[0]
         if batch % samples or batch // samples not in (1, 2):
-            raise ValueError(f"`targets` has {samples} entries, but the denoiser was called on a batch of {batch}; give one target per sample (the batch is doubled under CFG).")
+            raise ValueError(
+                f"`targets` has {samples} entries, but the denoiser was called on a batch of {batch}; give one target "
+                f"per sample (the batch is doubled under CFG)."
+            )
         branches = batch // samples
-        input_scale = float(family.model_input(torch.ones((), dtype=model_input.dtype, device=model_input.device), timestep))
+        input_scale = float(
+            family.model_input(torch.ones((), dtype=model_input.dtype, device=model_input.device), timestep)
+        )
         x = model_input if input_scale == 1 else model_input / input_scale
         extra = None
         if prediction.shape != model_input.shape:  # learned variance (ADM, DiT, IF): the channels after the prediction
             prediction, extra = prediction[:, : model_input.shape[1]], prediction[:, model_input.shape[1] :]
         x0_hat, prediction = clean_estimate(family, prediction, x, level, self.clip_first)
-        half = slice(self.conditional_half * samples, (self.conditional_half + 1) * samples) if branches == 2 else slice(None)
+        half = (
+            slice(self.conditional_half * samples, (self.conditional_half + 1) * samples)
+            if branches == 2
+            else slice(None)
+        )
         state = x[half]
         if self._last is not None and self._last[0] == index and torch.equal(self._last[1], state):
             shift = self._last[2]  # a second call at the same state (Flux's true CFG, SD3's skip-layer guidance)
         else:
-            grad = level_gradient(self.guidance, getattr(self.pipe, "vae", None), state, level, x0_hat[half], self.targets, self.decoder(arguments))
+            grad = level_gradient(
+                self.guidance,
+                getattr(self.pipe, "vae", None),
+                state,
+                level,
+                x0_hat[half],
+                self.targets,
+                self.decoder(arguments),
+            )
             shift = noise_shift(grad, level, self.guidance.step_scale(self.classifier_scale, level))
             self._last = (index, state, shift)
         guided = family.shift_output(prediction, shift.repeat(branches, *[1] * (shift.dim() - 1)), x, level)
         return guided if extra is None else torch.cat([guided, extra], dim=1)
 
     def decoder(self, arguments: dict):
-        """latents -> pixels for packed latents (Flux: (B, tokens, features), unpacked with the pipeline's own helper at
+        """latents -> pixels for packed latents (Flux: (B, tokens, features), unpacked with the pipeline's own helper
+        at
         the size its `img_ids` give); None: the VAE's own decode."""
         if arguments[self.input_name].dim() != 3:
             return None
         if not hasattr(self.pipe, "_unpack_latents") or "img_ids" not in arguments:
-            raise ValueError(f"{type(self.pipe).__name__} passes packed latents (B, tokens, features) without `_unpack_latents` and `img_ids`; guided cannot decode them.")
+            raise ValueError(
+                f"{type(self.pipe).__name__} passes packed latents (B, tokens, features) without `_unpack_latents` "
+                f"and `img_ids`; guided cannot decode them."
+            )
         ids, factor = arguments["img_ids"], self.pipe.vae_scale_factor
         height, width = (2 * (int(ids[..., axis].max()) + 1) * factor for axis in (1, 2))
         return lambda latents: decode_latents(self.pipe.vae, self.pipe._unpack_latents(latents, height, width, factor))
