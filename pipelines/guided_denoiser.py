@@ -81,6 +81,26 @@ def guided(
     Yields:
         `pipe`, guided.
     """
+    wrapper = guided_denoiser(pipe, guidance, classifier_scale, targets)
+    scheduler = pipe.scheduler
+    if wrapper.clip_first:
+        pipe.scheduler = wrapper.family.scheduler
+    wrapper.install()
+    try:
+        yield pipe
+    finally:
+        wrapper.uninstall()
+        pipe.scheduler = scheduler
+
+
+def guided_denoiser(
+    pipe, guidance: Guidance, classifier_scale: float, targets: Sequence | torch.Tensor
+) -> "GuidedDenoiser":
+    """The guided forward of `pipe`'s denoiser (arguments as for `guided`), checked and built, not yet installed.
+
+    A scheduler that clips x0_hat gets a family stepping as its unclipped copy (`clip_first`); `guided` puts that copy
+    in the pipeline while the forward is installed.
+    """
     check_scale("classifier_scale", classifier_scale)
     name = next((name for name in DENOISER_NAMES if isinstance(getattr(pipe, name, None), torch.nn.Module)), None)
     if name is None:
@@ -100,28 +120,15 @@ def guided(
             f"`hidden_states` input and a `timestep`."
         )
     targets = torch.as_tensor(targets, device=denoiser.device)
-    scheduler = pipe.scheduler
     clip_first = classifier_scale > 0 and not family.ancestral and family.clips_clean_image
     if clip_first:
         family = family.without_clipping()
-        pipe.scheduler = family.scheduler
     if classifier_scale > 0:
         guidance.check_targets(targets)
         vae = getattr(pipe, "vae", None)
         # The guide sees the decoder's pixels (or the denoiser's), in half precision too.
         guidance.to(denoiser.device, (vae or denoiser).dtype)
-    had_forward, forward = "forward" in vars(denoiser), denoiser.forward
-    denoiser.forward = GuidedDenoiser(
-        pipe, denoiser, forward, input_name, family, guidance, classifier_scale, targets, clip_first
-    )
-    try:
-        yield pipe
-    finally:
-        if had_forward:
-            denoiser.forward = forward
-        else:
-            del denoiser.forward
-        pipe.scheduler = scheduler
+    return GuidedDenoiser(pipe, denoiser, input_name, family, guidance, classifier_scale, targets, clip_first)
 
 
 class GuidedDenoiser:
@@ -129,8 +136,7 @@ class GuidedDenoiser:
 
     Args:
         pipe: the pipeline whose scheduler places each call and whose VAE decodes latents.
-        denoiser: the module whose forward this replaces.
-        forward: the denoiser's own forward.
+        denoiser: the module whose forward this replaces while installed (`install`, `uninstall`).
         input_name: its input's keyword, `sample` or `hidden_states`.
         family: `ModelFamily` of the pipeline's scheduler (built with `sets_timesteps=False`).
         guidance: the `Guidance`.
@@ -143,7 +149,6 @@ class GuidedDenoiser:
         self,
         pipe,
         denoiser: torch.nn.Module,
-        forward,
         input_name: str,
         family: ModelFamily,
         guidance: Guidance,
@@ -151,17 +156,32 @@ class GuidedDenoiser:
         targets: torch.Tensor,
         clip_first: bool,
     ) -> None:
-        self.pipe, self.forward, self.input_name, self.family = pipe, forward, input_name, family
+        self.pipe, self.denoiser, self.input_name, self.family = pipe, denoiser, input_name, family
+        self.forward, self.replaces_own_forward = (
+            denoiser.forward,
+            "forward" in vars(denoiser),
+        )  # e.g. an offload hook's
         self.guidance, self.classifier_scale, self.targets, self.clip_first = (
             guidance,
             classifier_scale,
             targets,
             clip_first,
         )
-        self.signature = inspect.signature(forward)
+        self.signature = inspect.signature(self.forward)
         self.timestep_divisor = TIMESTEP_DIVISORS.get(type(denoiser).__name__, 1.0)
         self.conditional_half = 0 if type(pipe).__name__ in CONDITIONAL_FIRST else 1
         self._last = None  # (index, state, eps shift) of the last evaluation, for a second call at the same state
+
+    def install(self) -> None:
+        """The denoiser's calls go through this guided forward."""
+        self.denoiser.forward = self
+
+    def uninstall(self) -> None:
+        """The denoiser's own forward again."""
+        if self.replaces_own_forward:
+            self.denoiser.forward = self.forward
+        else:
+            del self.denoiser.forward
 
     def __call__(self, *args, **kwargs):
         output = self.forward(*args, **kwargs)

@@ -713,3 +713,55 @@ def test_recipe_script_runs_a_saved_pipeline_with_its_tokenizer_end_to_end(sd_pa
         script.make_guidance("ppap", None, None)
     with pytest.raises(ValueError, match="`--method` calibrated needs `--classifier`"):
         script.make_guidance("calibrated", None, None)
+
+
+# -- the same shift as a diffusers guider of a modular pipeline -------------------------------------------------------
+
+
+def modular_sdxl(pipe: StableDiffusionXLPipeline):
+    """The modular SDXL pipeline (text-to-image blocks without the text encoders) on the stock pipeline's
+    components."""
+    from diffusers.modular_pipelines import SequentialPipelineBlocks, StableDiffusionXLAutoBlocks
+
+    blocks = StableDiffusionXLAutoBlocks().sub_blocks
+    modular = SequentialPipelineBlocks.from_blocks_dict(
+        {k: v for k, v in blocks.items() if k != "text_encoder"}
+    ).init_pipeline()
+    modular.update_components(unet=pipe.unet, vae=pipe.vae, scheduler=pipe.scheduler)
+    modular.set_progress_bar_config(disable=True)
+    return modular
+
+
+@pytest.mark.parametrize("method", ["CalibratedGuidance", "ExpertGuidance"])
+def test_gradient_guider_of_a_modular_pipeline_is_guided_on_the_stock_one(method):
+    """`GradientGuidance` (a `ClassifierFreeGuidance` that installs the guided forward around each of its batches) in
+    the modular SDXL pipeline gives the stock SDXL pipeline's samples under `guided`, with CFG; at scale 0 diffusers'
+    own
+    CFG guider's, bitwise."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from plugguide.pipelines import GradientGuidance
+
+    pipe, call = sdxl_pipeline()
+    modular = modular_sdxl(pipe)
+    guidance = guidance_of(method, rgb_classifier())
+    run = lambda: modular(**call, generator=seeded(), output_type="pt", output="images")  # noqa: E731
+    runs = {}
+    for scale in (0.0, 300.0):
+        modular.update_components(guider=GradientGuidance(modular, guidance, scale, [1, 4], guidance_scale=3.0))
+        runs[scale] = run()
+    modular.update_components(guider=ClassifierFreeGuidance(guidance_scale=3.0))
+    assert torch.equal(runs[0.0], run()) and "forward" not in vars(pipe.unet)
+    with guided(pipe, guidance, classifier_scale=300.0, targets=[1, 4]):
+        stock = pipe(**call, guidance_scale=3.0, generator=seeded(), output_type="pt").images
+    assert (stock - runs[0.0]).abs().max() > 1e-3
+    torch.testing.assert_close(runs[300.0], stock, rtol=0, atol=1e-5)
+
+
+def test_gradient_guider_refuses_a_scheduler_that_clips(tiny_classifier):
+    from plugguide.pipelines import GradientGuidance
+
+    pipe, _ = ddim_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=True)
+    with pytest.raises(ValueError, match="`scheduler` DDIMScheduler clips x0_hat inside its step"):
+        GradientGuidance(pipe, NaiveClassifierGuidance(tiny_classifier), 1.0, [1, 4])
