@@ -765,3 +765,29 @@ def test_gradient_guider_refuses_a_scheduler_that_clips(tiny_classifier):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=True)
     with pytest.raises(ValueError, match="`scheduler` DDIMScheduler clips x0_hat inside its step"):
         GradientGuidance(pipe, NaiveClassifierGuidance(tiny_classifier), 1.0, [1, 4])
+
+
+def test_ancestral_ddpm_pipeline_takes_the_score_shift_form():
+    """Inside a denoiser wrapper the DDPM step's mean moves by s (beta_t / sqrt(alpha_t)) grad, the score-shift form,
+    not by Dhariwal & Nichol's s Sigma_t grad: one step of DDPMPipeline (t = 0, where Sigma_t = 0 and no noise is
+    drawn)."""
+    denoiser = StockMixtureDenoiser("vp", "epsilon")
+    pipe = quiet(DDPMPipeline(denoiser, DDPMScheduler(clip_sample=False)))
+    denoiser.pipe = [pipe]
+    targets = torch.arange(32) % 2
+    run = lambda: torch.as_tensor(
+        pipe(batch_size=32, num_inference_steps=1, generator=seeded(), output_type="np").images
+    )  # noqa: E731
+    with guided(pipe, MixtureClassifier(denoiser), classifier_scale=0.5, targets=targets):
+        shifted = run()
+    unguided = run()
+    x = torch.randn(32, 2, 1, 1, generator=seeded())  # DDPMPipeline's initial noise
+    abar = float(pipe.scheduler.alphas_cumprod[0])
+    denoiser.level = true_level(pipe.scheduler, "vp", 0, torch.tensor(0))
+    with torch.enable_grad():
+        inputs = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(MixtureClassifier(denoiser).log_likelihood(inputs, None, targets).sum(), inputs)
+    expected = 0.5 * (1 - abar) / abar**0.5 * grad.permute(0, 2, 3, 1) / 2  # images are x / 2 + 0.5, unclamped here
+    inside = (unguided > 0) & (unguided < 1) & (shifted > 0) & (shifted < 1)
+    assert inside.float().mean() > 0.5 and expected[inside].abs().max() > 1e-4
+    torch.testing.assert_close((shifted - unguided)[inside], expected[inside], rtol=1e-3, atol=1e-6)
