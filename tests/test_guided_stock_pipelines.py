@@ -775,9 +775,10 @@ def test_ancestral_ddpm_pipeline_takes_the_score_shift_form():
     pipe = quiet(DDPMPipeline(denoiser, DDPMScheduler(clip_sample=False)))
     denoiser.pipe = [pipe]
     targets = torch.arange(32) % 2
-    run = lambda: torch.as_tensor(
-        pipe(batch_size=32, num_inference_steps=1, generator=seeded(), output_type="np").images
-    )  # noqa: E731
+
+    def run() -> torch.Tensor:
+        return torch.as_tensor(pipe(batch_size=32, num_inference_steps=1, generator=seeded(), output_type="np").images)
+
     with guided(pipe, MixtureClassifier(denoiser), classifier_scale=0.5, targets=targets):
         shifted = run()
     unguided = run()
