@@ -119,6 +119,17 @@ def guided_denoiser(
             f"`pipe.{name}` {type(denoiser).__name__} takes ({', '.join(parameters)}); guided needs a `sample` or "
             f"`hidden_states` input and a `timestep`."
         )
+    components = getattr(pipe, "components", {})
+    decoders = [
+        key
+        for key, value in components.items()
+        if key != "vae" and isinstance(value, torch.nn.Module) and hasattr(value, "decode")
+    ]
+    if decoders:
+        raise ValueError(
+            f"`pipe` {type(pipe).__name__} decodes its latents with `{decoders[0]}`; guided decodes latents with "
+            f"`pipe.vae` only."
+        )
     targets = torch.as_tensor(targets, device=denoiser.device)
     clip_first = classifier_scale > 0 and not family.ancestral and family.clips_clean_image
     if clip_first:
@@ -127,7 +138,7 @@ def guided_denoiser(
         guidance.check_targets(targets)
         vae = getattr(pipe, "vae", None)
         # The guide sees the decoder's pixels (or the denoiser's), in half precision too.
-        guidance.to(denoiser.device, (vae or denoiser).dtype)
+        guidance.to(denoiser.device, (denoiser if vae is None else vae).dtype)
     return GuidedDenoiser(pipe, denoiser, input_name, family, guidance, classifier_scale, targets, clip_first)
 
 

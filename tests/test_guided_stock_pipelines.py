@@ -584,6 +584,14 @@ class PlainNetwork(torch.nn.Module):
             lambda pipe, classifier: diffusers.utils.BaseOutput(),
             "`pipe` BaseOutput has no denoiser `unet` or `transformer`",
         ),
+        (
+            lambda pipe, classifier: diffusers.LDMPipeline(
+                diffusers.VQModel(block_out_channels=(8,), norm_num_groups=4, latent_channels=1),
+                pipe.unet,
+                pipe.scheduler,
+            ),
+            "`pipe` LDMPipeline decodes its latents with `vqvae`; guided decodes latents with `pipe.vae` only",
+        ),
     ],
 )
 def test_pipelines_that_cannot_be_guided_are_refused_by_name(make, match, tiny_classifier):
