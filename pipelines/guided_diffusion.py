@@ -18,6 +18,7 @@ from plugguide.models.text_encoder import encode_prompts, is_text_conditional
 from plugguide.pipelines.finite import check_cfg_scale, check_finite_samples, check_scale
 from plugguide.pipelines.guidance.base import Guidance
 from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
+from plugguide.pipelines.score_shift import clean_estimate, decode_latents, guidance_gradient, level_gradient, noise_shift
 
 # Denoisers whose call this pipeline knows (SD3/Flux transformers take pooled projections and are not handled).
 DENOISER_CLASSES = (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel)
@@ -220,21 +221,11 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] (unclipped) of latents through the VAE decoder; the identity without a VAE."""
-        if self.vae is None:
-            return latents
-        return self.vae.decode(latents / getattr(self.vae.config, "scaling_factor", 1.0)).sample
+        return decode_latents(self.vae, latents)
 
     def guidance_gradient(self, x: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The guidance gradient w.r.t. x_t's space; through the VAE decoder for latent UNets (a vector-Jacobian product)."""
-        timesteps = t.expand(x.shape[0])
-        if self.vae is None:
-            return self.guidance.gradient(x, timesteps, x0_hat, targets)
-        with torch.inference_mode(False), torch.enable_grad():
-            latent = (x if self.guidance.input == "x_t" else x0_hat).detach().clone().requires_grad_(True)
-            pixels = self.decode(latent).clamp(-1, 1)
-            pixel_grad = self.guidance.gradient(pixels, timesteps, pixels, targets)
-            (grad,) = torch.autograd.grad(pixels, latent, pixel_grad)
-        return grad
+        return guidance_gradient(self.guidance, self.vae, x, t, x0_hat, targets)
 
     def denoising_step(
         self, family: ModelFamily, x: torch.Tensor, index: int, t: torch.Tensor, labels: torch.Tensor,
@@ -272,24 +263,20 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         predicted_variance: torch.Tensor | None, targets: torch.Tensor, classifier_scale: float, cfg_weight: float, clip_first: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the guided network output, the ancestral step's mean shift or None): the score shift of model_family.py."""
-        x0_hat = family.predicted_clean(output, x, level)
-        if clip_first:
-            x0_hat = family.clip(x0_hat)
-            output = family.output_from_clean(x0_hat, x, level)
+        x0_hat, output = clean_estimate(family, output, x, level, clip_first)
         if family.ancestral:
             variance = step_variance(family.scheduler, int(t), predicted_variance)
             level = replace(level, variance=float(torch.as_tensor(variance).mean()))
-        guide_on = x0_hat if self.vae is not None else x0_hat.clamp(-1, 1)  # latents have no fixed range; their decoded pixels are clipped
-        grad = self.guidance_gradient(x / level.scale, torch.tensor(level.timestep, device=x.device), guide_on, targets)
+        grad = level_gradient(self.guidance, self.vae, x, level, x0_hat, targets)
         scale = self.guidance.step_scale(classifier_scale, level)
         if family.ancestral and difference is None:  # EluCD's sine term lives in the ancestral mean shift only
             return output, scale * (variance + self.guidance.variance_offset(level)) * grad
-        direction = -level.sigma * grad  # the score shift in eps units
         if difference is not None:  # cfg_guidance="normalized": scaled to the CFG difference, in eps units
+            direction = noise_shift(grad, level, 1.0)
             eps_difference = family.noise_difference(difference, x, level)
             ratio = eps_difference.flatten(1).norm(dim=1) / direction.flatten(1).norm(dim=1).clamp_min(1e-12)
             return family.shift_output(output, (1 + cfg_weight) * scale * ratio.view(-1, *[1] * (x.dim() - 1)) * direction, x, level), None
-        return family.shift_output(output, scale * direction, x, level), None
+        return family.shift_output(output, noise_shift(grad, level, scale), x, level), None
 
     def displace_sample(self, x: torch.Tensor, level: NoiseLevel, targets: torch.Tensor, classifier_scale: float) -> torch.Tensor:
         """EluCD's EDM algorithm (Ma et al., 2023, Algorithm 2): the guidance moves the sample itself, before the denoiser

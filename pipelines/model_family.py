@@ -71,9 +71,12 @@ class ModelFamily:
 
     Args:
         scheduler: a diffusers scheduler of `SCHEDULER_FAMILIES`.
+        sets_timesteps: True (default) where the family starts each run itself (`set_timesteps`, as
+            `GuidedDiffusionPipeline` does); False where the caller's own pipeline sets the scheduler's timesteps (a stock
+            pipeline under `guided`), which may pass dynamic shifting's `mu` (Flux), so `use_dynamic_shifting` is allowed.
     """
 
-    def __init__(self, scheduler: SchedulerMixin) -> None:
+    def __init__(self, scheduler: SchedulerMixin, sets_timesteps: bool = True) -> None:
         name = type(scheduler).__name__
         if name not in SCHEDULER_FAMILIES:
             raise ValueError(f"`scheduler` {name} is not handled by guided sampling; allowed: {', '.join(SCHEDULER_FAMILIES)}.")
@@ -83,7 +86,7 @@ class ModelFamily:
         if self.prediction_type not in allowed:
             raise ValueError(f"`prediction_type`={self.prediction_type!r} of {name} is not handled; allowed for this sampler: {', '.join(allowed)}.")
         if self.kind == "flow":
-            for setting in ("use_dynamic_shifting", "invert_sigmas", "stochastic_sampling"):
+            for setting in (("use_dynamic_shifting",) if sets_timesteps else ()) + ("invert_sigmas", "stochastic_sampling"):
                 if scheduler.config.get(setting):
                     raise ValueError(f"{name} with `{setting}`=True is not handled by guided sampling; set it to False.")
         if isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type == "fixed_large_log":

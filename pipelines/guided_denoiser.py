@@ -1,0 +1,301 @@
+"""Classifier-type guidance for the stock diffusers pipelines users already run, by wrapping their denoiser.
+
+    with guided(pipe, CalibratedGuidance("assets/digits/classifier-resnet"), classifier_scale=4, targets=[3] * 16):
+        images = pipe(batch_size=16, num_inference_steps=25).images
+
+The pipeline's own loop, scheduler, CFG and VAE run unchanged; only its denoiser (`pipe.unet` or `pipe.transformer`)
+returns, at every evaluation, the output that predicts the guided noise of Dhariwal & Nichol (2021, "condition_score"),
+
+    eps' = eps - s sigma_t grad log p(y | .),   o' = o + (d o / d eps) (eps' - eps)   (pipelines/model_family.py),
+
+at the noise level of the timestep the pipeline passes, under the pipeline's scheduler, with the same gradient as
+`GuidedDiffusionPipeline` (pipelines/score_shift.py: x_t or x0_hat, decoded by `pipe.vae` for latent models).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from typing import Iterator, Sequence
+
+import torch
+from diffusers import DiffusionPipeline
+
+from plugguide.pipelines.finite import check_scale
+from plugguide.pipelines.guidance.base import Guidance
+from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
+from plugguide.pipelines.score_shift import clean_estimate, decode_latents, level_gradient, noise_shift
+
+DENOISER_NAMES = ("unet", "transformer")
+INPUT_NAMES = ("sample", "hidden_states")
+# Denoisers that take the scheduler's timestep divided by 1000 (Flux reads sigma = t / 1000 itself).
+TIMESTEP_DIVISORS = {"FluxTransformer2DModel": 1000.0}
+# Under CFG diffusers' pipelines stack (unconditional, conditional), `noise_pred_uncond, noise_pred_text = chunk(2)`;
+# these stack the conditional half first.
+CONDITIONAL_FIRST = ("DiTPipeline",)
+
+
+@contextlib.contextmanager
+def guided(
+    pipe: DiffusionPipeline, guidance: Guidance, classifier_scale: float, targets: Sequence | torch.Tensor
+) -> Iterator[DiffusionPipeline]:
+    """Guides every denoiser call of `pipe` in the `with` block; the denoiser is restored on exit, also on error.
+
+    Each call of the denoiser is placed in the run by the pipeline's scheduler: its step index (or, for samplers
+    without one, the timestep's position in `scheduler.timesteps`) names the noise level, which
+    `ModelFamily.noise_level` turns into (alpha, sigma, the train timestep PPAP experts route by); the state x is the
+    denoiser's input divided by the scheduler's `scale_model_input` factor (Euler and Heun scale it, flow samplers feed
+    it as it is), and a timestep that is not the scheduler's own at that index is refused. Flow's first step (s = 1,
+    pure noise) is not guided, as in `GuidedDiffusionPipeline`.
+
+    Under CFG the pipeline doubles the batch; the shift d (in eps units) is computed once per sample, from the state
+    and the conditional half's x0_hat, and added to both halves. That equals shifting the combined output, since for
+    any CFG weight g
+
+        eps_u + g (eps_c - eps_u) + d = (eps_u + d) + g ((eps_c + d) - (eps_u + d)),
+
+    and the same holds for Flux's true CFG, whose two calls at one state take the shift of the first (conditional)
+    call, and for SD3's skip-layer call. `GuidedDiffusionPipeline` takes x0_hat from the combined output instead (it
+    knows g); guides on x_t (PPAP experts) give both the same shift.
+
+    The ancestral DDPM step (`DDPMScheduler`) takes the score-shift form here, eps' = eps - s sigma_t grad, which moves
+    its mean by s (beta_t / sqrt(alpha_t)) grad (beta_t, alpha_t of the step), not by Dhariwal & Nichol's `s Sigma_t
+    grad` (Sigma_t = beta_t (1 - abar_prev) / (1 - abar_t)) that `GuidedDiffusionPipeline` applies there: a denoiser
+    wrapper returns an output and never sees the step's mean. Samplers that clip x0_hat (`clip_sample`, `thresholding`)
+    step as their unclipped copy inside the block (guided-diffusion's order: clip x0_hat, then shift), each CFG half
+    clipped.
+
+    Args:
+        pipe: a diffusers pipeline with a `unet` or `transformer` whose forward takes `sample` or `hidden_states` and
+            `timestep`, and a scheduler of `SCHEDULER_FAMILIES`; latent pipelines decode with `pipe.vae` (Flux's packed
+            latents with its own `_unpack_latents`).
+        guidance: any score-shifting `Guidance` of the project (classifier on x_t or x0_hat, calibrated, PPAP experts,
+            dense guides); EluCD's EDM Algorithm 2 (`CalibratedGuidance(schedule="edm")`) moves the sample, not the
+            output, and is refused. It is moved to the denoiser's device and to the VAE's dtype (the denoiser's without
+            one), as pipelines move their components.
+        classifier_scale: the guidance gradient scale s >= 0; 0 leaves the pipeline's outputs bitwise as they are.
+        targets: one target per sample of the pipeline's batch (after `num_images_per_prompt`): a class, or a dense
+            guide's target map.
+
+    Yields:
+        `pipe`, guided.
+    """
+    wrapper = guided_denoiser(pipe, guidance, classifier_scale, targets)
+    scheduler = pipe.scheduler
+    if wrapper.clip_first:
+        pipe.scheduler = wrapper.family.scheduler
+    wrapper.install()
+    try:
+        yield pipe
+    finally:
+        wrapper.uninstall()
+        pipe.scheduler = scheduler
+
+
+def guided_denoiser(
+    pipe, guidance: Guidance, classifier_scale: float, targets: Sequence | torch.Tensor
+) -> "GuidedDenoiser":
+    """The guided forward of `pipe`'s denoiser (arguments as for `guided`), checked and built, not yet installed.
+
+    A scheduler that clips x0_hat gets a family stepping as its unclipped copy (`clip_first`); `guided` puts that copy
+    in the pipeline while the forward is installed.
+    """
+    check_scale("classifier_scale", classifier_scale)
+    name = next((name for name in DENOISER_NAMES if isinstance(getattr(pipe, name, None), torch.nn.Module)), None)
+    if name is None:
+        raise ValueError(f"`pipe` {type(pipe).__name__} has no denoiser `unet` or `transformer` to guide.")
+    denoiser = getattr(pipe, name)
+    family = ModelFamily(pipe.scheduler, sets_timesteps=False)  # refuses, by name, a sampler it cannot convert
+    if guidance.shifts != "score":
+        raise ValueError(
+            f"{type(guidance).__name__} moves the sample before the denoiser sees it (shifts={guidance.shifts!r}); a "
+            f"denoiser wrapper can only shift the output."
+        )
+    parameters = inspect.signature(denoiser.forward).parameters
+    input_name = next((name for name in INPUT_NAMES if name in parameters), None)
+    if input_name is None or "timestep" not in parameters:
+        raise ValueError(
+            f"`pipe.{name}` {type(denoiser).__name__} takes ({', '.join(parameters)}); guided needs a `sample` or "
+            f"`hidden_states` input and a `timestep`."
+        )
+    components = getattr(pipe, "components", {})
+    decoders = [
+        key
+        for key, value in components.items()
+        if key != "vae" and isinstance(value, torch.nn.Module) and hasattr(value, "decode")
+    ]
+    if decoders:
+        raise ValueError(
+            f"`pipe` {type(pipe).__name__} decodes its latents with `{decoders[0]}`; guided decodes latents with "
+            f"`pipe.vae` only."
+        )
+    targets = torch.as_tensor(targets, device=denoiser.device)
+    clip_first = classifier_scale > 0 and not family.ancestral and family.clips_clean_image
+    if clip_first:
+        family = family.without_clipping()
+    if classifier_scale > 0:
+        guidance.check_targets(targets)
+        vae = getattr(pipe, "vae", None)
+        # The guide sees the decoder's pixels (or the denoiser's), in half precision too.
+        guidance.to(denoiser.device, (denoiser if vae is None else vae).dtype)
+    return GuidedDenoiser(pipe, denoiser, input_name, family, guidance, classifier_scale, targets, clip_first)
+
+
+class GuidedDenoiser:
+    """A denoiser's forward that returns the guided output (see `guided`, which installs it and takes it away).
+
+    Args:
+        pipe: the pipeline whose scheduler places each call and whose VAE decodes latents.
+        denoiser: the module whose forward this replaces while installed (`install`, `uninstall`).
+        input_name: its input's keyword, `sample` or `hidden_states`.
+        family: `ModelFamily` of the pipeline's scheduler (built with `sets_timesteps=False`).
+        guidance: the `Guidance`.
+        classifier_scale: s.
+        targets: one per sample.
+        clip_first: the scheduler clips x0_hat and steps as its unclipped copy: clip before the shift.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        denoiser: torch.nn.Module,
+        input_name: str,
+        family: ModelFamily,
+        guidance: Guidance,
+        classifier_scale: float,
+        targets: torch.Tensor,
+        clip_first: bool,
+    ) -> None:
+        self.pipe, self.denoiser, self.input_name, self.family = pipe, denoiser, input_name, family
+        self.forward, self.replaces_own_forward = (
+            denoiser.forward,
+            "forward" in vars(denoiser),
+        )  # e.g. an offload hook's
+        self.guidance, self.classifier_scale, self.targets, self.clip_first = (
+            guidance,
+            classifier_scale,
+            targets,
+            clip_first,
+        )
+        self.signature = inspect.signature(self.forward)
+        self.timestep_divisor = TIMESTEP_DIVISORS.get(type(denoiser).__name__, 1.0)
+        self.conditional_half = 0 if type(pipe).__name__ in CONDITIONAL_FIRST else 1
+        self._last = None  # (index, state, eps shift) of the last evaluation, for a second call at the same state
+
+    def install(self) -> None:
+        """The denoiser's calls go through this guided forward."""
+        self.denoiser.forward = self
+
+    def uninstall(self) -> None:
+        """The denoiser's own forward again."""
+        if self.replaces_own_forward:
+            self.denoiser.forward = self.forward
+        else:
+            del self.denoiser.forward
+
+    def __call__(self, *args, **kwargs):
+        output = self.forward(*args, **kwargs)
+        if self.classifier_scale == 0:
+            return output
+        arguments = self.signature.bind(*args, **kwargs).arguments
+        index, timestep = self.evaluation(arguments["timestep"])
+        level = self.family.noise_level(index, timestep)
+        if level.alpha <= 0:  # pure noise: p(y | x_t) = p(y), the exact guidance term is zero
+            return output
+        prediction = output[0] if isinstance(output, tuple) else output.sample
+        guided = self.guided_output(arguments[self.input_name], prediction, index, timestep, level, arguments)
+        if isinstance(output, tuple):
+            return (guided, *output[1:])
+        output.sample = guided
+        return output
+
+    def evaluation(self, timestep) -> tuple[int, torch.Tensor]:
+        """(evaluation index, the scheduler's timestep) of a call at the denoiser's `timestep`."""
+        scheduler = self.family.scheduler
+        value = float(torch.as_tensor(timestep).flatten()[0]) * self.timestep_divisor
+        timesteps = scheduler.timesteps
+        index = getattr(scheduler, "step_index", None)
+        if index is None:
+            index = getattr(scheduler, "begin_index", None)
+        if index is None:  # a sampler without a step index (DDPM, DDIM, PNDM) or before its first step
+            matches = (timesteps.double() - value).abs() <= 1e-4 * max(abs(value), 1.0)
+            if not bool(matches.any()):
+                raise ValueError(
+                    f"The denoiser was called at timestep {value:g}, which is not one of the scheduler's timesteps; "
+                    f"guided cannot place the evaluation."
+                )
+            first = int(matches.nonzero()[0, 0])
+            index = (
+                scheduler.index_for_timestep(timesteps[first]) if hasattr(scheduler, "index_for_timestep") else first
+            )
+        if index >= len(timesteps) or not math.isclose(float(timesteps[index]), value, rel_tol=1e-4, abs_tol=1e-4):
+            raise ValueError(
+                f"The denoiser was called at timestep {value:g}, but the scheduler's evaluation {index} is at "
+                f"timestep "
+                f"{float(timesteps[min(index, len(timesteps) - 1)]):g}; guided cannot place the evaluation."
+            )
+        return index, timesteps[index]
+
+    def guided_output(
+        self,
+        model_input: torch.Tensor,
+        prediction: torch.Tensor,
+        index: int,
+        timestep: torch.Tensor,
+        level: NoiseLevel,
+        arguments: dict,
+    ) -> torch.Tensor:
+        """The prediction with the score shift of the conditional half's sample added to every CFG branch."""
+        family, samples, batch = self.family, len(self.targets), model_input.shape[0]
+        if batch % samples or batch // samples not in (1, 2):
+            raise ValueError(
+                f"`targets` has {samples} entries, but the denoiser was called on a batch of {batch}; give one target "
+                f"per sample (the batch is doubled under CFG)."
+            )
+        branches = batch // samples
+        input_scale = float(
+            family.model_input(torch.ones((), dtype=model_input.dtype, device=model_input.device), timestep)
+        )
+        x = model_input if input_scale == 1 else model_input / input_scale
+        extra = None
+        if prediction.shape != model_input.shape:  # learned variance (ADM, DiT, IF): the channels after the prediction
+            prediction, extra = prediction[:, : model_input.shape[1]], prediction[:, model_input.shape[1] :]
+        x0_hat, prediction = clean_estimate(family, prediction, x, level, self.clip_first)
+        half = (
+            slice(self.conditional_half * samples, (self.conditional_half + 1) * samples)
+            if branches == 2
+            else slice(None)
+        )
+        state = x[half]
+        if self._last is not None and self._last[0] == index and torch.equal(self._last[1], state):
+            shift = self._last[2]  # a second call at the same state (Flux's true CFG, SD3's skip-layer guidance)
+        else:
+            grad = level_gradient(
+                self.guidance,
+                getattr(self.pipe, "vae", None),
+                state,
+                level,
+                x0_hat[half],
+                self.targets,
+                self.decoder(arguments),
+            )
+            shift = noise_shift(grad, level, self.guidance.step_scale(self.classifier_scale, level))
+            self._last = (index, state, shift)
+        guided = family.shift_output(prediction, shift.repeat(branches, *[1] * (shift.dim() - 1)), x, level)
+        return guided if extra is None else torch.cat([guided, extra], dim=1)
+
+    def decoder(self, arguments: dict):
+        """latents -> pixels for packed latents (Flux: (B, tokens, features), unpacked with the pipeline's own helper
+        at
+        the size its `img_ids` give); None: the VAE's own decode."""
+        if arguments[self.input_name].dim() != 3:
+            return None
+        if not hasattr(self.pipe, "_unpack_latents") or "img_ids" not in arguments:
+            raise ValueError(
+                f"{type(self.pipe).__name__} passes packed latents (B, tokens, features) without `_unpack_latents` "
+                f"and `img_ids`; guided cannot decode them."
+            )
+        ids, factor = arguments["img_ids"], self.pipe.vae_scale_factor
+        height, width = (2 * (int(ids[..., axis].max()) + 1) * factor for axis in (1, 2))
+        return lambda latents: decode_latents(self.pipe.vae, self.pipe._unpack_latents(latents, height, width, factor))
