@@ -1,7 +1,7 @@
 """Guidance through diffusers' own pipeline (`guided`) beside the project's pipeline, on the same work, as markdown.
 
     python scripts/stock_pipeline_table.py [--experts runs/ppap/version_0/experts] [--samples-per-class 50] [--scale 3]
-                                           [--out runs/stock_pipeline_table] [--doc docs/results/stock_pipelines.md]
+                                           [--out runs/stock_pipeline_table] [--page docs/results/stock_pipelines.md]
 
 Rows: unguided, calibrated off-the-shelf guidance (`CalibratedGuidance` on the shipped ResNet, the paper's defaults)
 and, with `--experts`, PPAP-5 experts, each sampled twice on `assets/digits/ddpm-uncond` with DDIM-25: by the stock
@@ -13,7 +13,7 @@ samples of a method. Euler-25 has no row: no stock diffusers pipeline samples an
 sigma-space sampler (`DDIMPipeline` converts any scheduler to DDIM and passes it `eta`; `DDPMPipeline` neither scales
 the initial noise by `init_noise_sigma` nor the input by `scale_model_input`); `guided` runs Euler inside the pipelines
 that do (Stable Diffusion, SDXL, IF; tests/test_guided_stock_pipelines.py). Finished rows are kept in
-`<out>/results.json`, so the script resumes; the table is written between the markers of `--doc`.
+`<out>/results.json`, so the script resumes; `--page` rewrites the table between its markers.
 """
 
 from __future__ import annotations
@@ -29,14 +29,13 @@ from diffusers import DDIMPipeline
 from plugguide.metrics.reporting import markdown_table
 from plugguide.pipelines import GuidedDiffusionPipeline, guided, sample_batch
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance
-from plugguide.pipelines.seeded_sampling import seeded_generators
+from plugguide.models.seeding import seeded_generators
 from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
 
 MODEL = "assets/digits/ddpm-uncond"
 CLASSIFIER = "assets/digits/classifier-resnet"
 STEPS = 25
 PIPELINES = ("stock DDIMPipeline + guided", "GuidedDiffusionPipeline")
-BEGIN, END = "<!-- stock_pipeline_table:begin -->", "<!-- stock_pipeline_table:end -->"
 
 
 def stock_sampler(pipe: DDIMPipeline, guidance, scale: float):
@@ -68,20 +67,6 @@ def project_sampler(project: GuidedDiffusionPipeline, scale: float):
     return sample
 
 
-def write_between_markers(path: str, text: str, heading: str) -> None:
-    """Replaces what lies between `BEGIN` and `END` in `path` by `text` (a new page with `heading` if there is
-    none)."""
-    page = open(path).read() if os.path.isfile(path) else f"{heading}\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in page or END not in page:
-        raise ValueError(f"`--doc`={path!r} has no {BEGIN} ... {END} markers to write the table between.")
-    before, rest = page.split(BEGIN, 1)
-    page = f"{before}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as file:
-        file.write(page)
-    os.replace(path + ".tmp", path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -98,7 +83,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", default="runs/stock_pipeline_table")
-    parser.add_argument("--doc", default="docs/results/stock_pipelines.md")
+    add_page_arguments(parser, "stock-pipeline-table")
     args = parser.parse_args()
     if args.experts is not None and not os.path.isfile(os.path.join(args.experts, "experts.json")):
         parser.error(
@@ -172,7 +157,8 @@ def main() -> None:
             describe(len(labels), f"DDIM-25 on {MODEL}"),
             f"Command: `python scripts/stock_pipeline_table.py --samples-per-class {args.samples_per_class} --scale "
             f"{args.scale:g}"
-            + (f" --experts {args.experts}`" if args.experts else "`")
+            + (f" --experts {args.experts}" if args.experts else "")
+            + (f" --page {args.page}`" if args.page else "`")
             + " (time per image: `python benchmarks/stock_pipelines.py` on an idle machine).",
             "",
             markdown_table(
@@ -188,12 +174,8 @@ def main() -> None:
             ),
         ]
     )
-    write_between_markers(
-        args.doc,
-        text,
-        "# Guidance through stock diffusers pipelines\n\nHow to guide the pipelines you already run: "
-        "[docs/stock_pipelines.md](../stock_pipelines.md).",
-    )
+    if args.page:
+        write_between_markers(args.page, args.marker, text)
     print(text)
 
 
