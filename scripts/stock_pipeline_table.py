@@ -31,6 +31,7 @@ from plugguide.pipelines import GuidedDiffusionPipeline, guided, sample_batch
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance
 from plugguide.models.seeding import seeded_generators
 from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
+from results_page import add_page_arguments, write_between_markers
 
 MODEL = "assets/digits/ddpm-uncond"
 CLASSIFIER = "assets/digits/classifier-resnet"
