@@ -71,7 +71,7 @@ def guided(
             `timestep`, and a scheduler of `SCHEDULER_FAMILIES`; latent pipelines decode with `pipe.vae` (Flux's packed
             latents with its own `_unpack_latents`).
         guidance: any score-shifting `Guidance` of the project (classifier on x_t or x0_hat, calibrated, PPAP experts,
-            dense guides); EluCD's EDM Algorithm 2 (`CalibratedGuidance(schedule="edm")`) moves the sample, not the
+            dense guides); EluCD's EDM Algorithm 2 (`CalibratedEDMGuidance`) moves the sample, not the
             output, and is refused. It is moved to the denoiser's device and to the VAE's dtype (the denoiser's without
             one), as pipelines move their components.
         classifier_scale: the guidance gradient scale s >= 0; 0 leaves the pipeline's outputs bitwise as they are.

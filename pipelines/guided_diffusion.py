@@ -37,6 +37,50 @@ class GuidedSamplesOutput(BaseOutput):
     class_labels: torch.Tensor
 
 
+@dataclass
+class SamplingRun:
+    """What every denoiser evaluation of one sampling run shares, and the little it carries from step to step.
+
+    Args:
+        family (`ModelFamily`): the sampler's conversions (started for this run).
+        labels (`Tensor`): the condition of a class-conditional denoiser per sample (-1: none).
+        targets (`Tensor`): the guidance's targets per sample: classes, or a dense guide's maps.
+        classifier_scale (`float`): s, the guidance's gradient scale (0: unguided).
+        cfg_weight (`float`): w of `(1 + w) eps(c) - w eps(null)`, diffusers' `guidance_scale` - 1 (0: no CFG).
+        generator: the generator(s) of the stochastic steps.
+        clip_first (`bool`, defaults to False): the sampler clips x0_hat and steps as its unclipped copy.
+        max_variance (`float`, defaults to 0.0): the largest ancestral Sigma_t so far (EluCD's sine term reads it).
+    """
+
+    family: ModelFamily
+    labels: torch.Tensor
+    targets: torch.Tensor
+    classifier_scale: float
+    cfg_weight: float
+    generator: torch.Generator | list[torch.Generator] | None
+    clip_first: bool = False
+    max_variance: float = 0.0
+
+
+@dataclass(frozen=True)
+class DenoiserEvaluation:
+    """What one denoiser evaluation hands to guidance.
+
+    Args:
+        level (`NoiseLevel`): where the evaluation sits: alpha, sigma, train timestep, step.
+        x (`Tensor`): the sampler's state, `level.scale` x_t.
+        denoiser_output (`Tensor`): the network's output in its own parametrisation (eps, v, x0 or velocity), after CFG.
+        cfg_difference (`Tensor`, *optional*): `output(c) - output(null)` for `cfg_guidance="normalized"`, else None.
+        predicted_variance (`Tensor`, *optional*): the variance channels of a learned-variance UNet, else None.
+    """
+
+    level: NoiseLevel
+    x: torch.Tensor
+    denoiser_output: torch.Tensor
+    cfg_difference: torch.Tensor | None = None
+    predicted_variance: torch.Tensor | None = None
+
+
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 
@@ -227,63 +271,63 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         """The guidance gradient w.r.t. x_t's space; through the VAE decoder for latent UNets (a vector-Jacobian product)."""
         return guidance_gradient(self.guidance, self.vae, x, t, x0_hat, targets)
 
-    def denoising_step(
-        self, family: ModelFamily, x: torch.Tensor, index: int, t: torch.Tensor, labels: torch.Tensor,
-        classifier_scale: float, cfg_weight: float, generator, clip_first: bool = False, targets: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One denoiser evaluation `index` at the scheduler's timestep `t` and the scheduler step after it, guided.
+    def denoising_step(self, run: SamplingRun, x: torch.Tensor, index: int, t: torch.Tensor) -> torch.Tensor:
+        """One denoiser evaluation `index` of `run` at the scheduler's timestep `t`, and the scheduler step after it, guided.
 
-        `labels` condition a class-conditional UNet and are the guidance's targets unless `targets` (a dense guide's maps)
-        are given. `clip_first`: the sampler clips x0_hat (and runs as its unclipped copy): clip here, before the guidance shift.
+        With `run.clip_first` (the sampler clips x0_hat and runs as its unclipped copy) x0_hat is clipped here, before
+        the guidance shift.
         """
-        targets = labels if targets is None else targets
-        level = family.noise_level(index, t) if self.guidance is not None and classifier_scale > 0 else None
+        family = run.family
+        level = family.noise_level(index, t) if run.classifier_scale > 0 else None
         # At alpha = 0 (pure noise: flow's first step) p(y | x_t) = p(y), so the exact guidance term is zero.
         guided = level is not None and level.alpha > 0
         if guided and self.guidance.shifts == "sample" and level.first_evaluation:
-            x = self.displace_sample(x, level, targets, classifier_scale)
+            x = self.displace_sample(run, x, level)
         model_input = family.model_input(x, t)
         difference = None
         if guided and self.cfg_guidance == "normalized":
-            uncond, difference, predicted_variance = self.predict_noise(model_input, t, labels, cfg_weight, return_parts=True)
-            output = uncond + (1 + cfg_weight) * difference
+            uncond, difference, predicted_variance = self.predict_noise(model_input, t, run.labels, run.cfg_weight, return_parts=True)
+            output = uncond + (1 + run.cfg_weight) * difference
         else:
-            output, predicted_variance = self.predict_noise(model_input, t, labels, cfg_weight)
+            output, predicted_variance = self.predict_noise(model_input, t, run.labels, run.cfg_weight)
         mean_shift = None
         if guided and self.guidance.shifts == "score":
-            output, mean_shift = self.guide_output(family, x, level, t, output, difference, predicted_variance, targets, classifier_scale, cfg_weight, clip_first)
+            evaluation = DenoiserEvaluation(level, x, output, difference, predicted_variance)
+            output, mean_shift = self.guide_output(run, evaluation, t)
         # A learned-variance DDPM step reads the variance from the channels after eps, as diffusers splits them.
         if predicted_variance is not None and family.ancestral and family.scheduler.config.variance_type in LEARNED_VARIANCE_TYPES:
             output = torch.cat([output, predicted_variance], dim=1)
-        x = family.step(output, t, x, generator)
+        x = family.step(output, t, x, run.generator)
         return x if mean_shift is None else x + mean_shift
 
-    def guide_output(
-        self, family: ModelFamily, x: torch.Tensor, level: NoiseLevel, t: torch.Tensor, output: torch.Tensor, difference: torch.Tensor | None,
-        predicted_variance: torch.Tensor | None, targets: torch.Tensor, classifier_scale: float, cfg_weight: float, clip_first: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the guided network output, the ancestral step's mean shift or None): the score shift of model_family.py."""
-        x0_hat, output = clean_estimate(family, output, x, level, clip_first)
+    def guide_output(self, run: SamplingRun, evaluation: DenoiserEvaluation, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the guided network output, the ancestral step's mean shift or None): the score shift of model_family.py,
+        or on the ancestral DDPM step Dhariwal & Nichol's mean shift `s (Sigma_t + offset) grad`."""
+        family, level, x = run.family, evaluation.level, evaluation.x
+        x0_hat, output = clean_estimate(family, evaluation.denoiser_output, x, level, run.clip_first)
         if family.ancestral:
-            variance = step_variance(family.scheduler, int(t), predicted_variance)
-            level = replace(level, variance=float(torch.as_tensor(variance).mean()))
-        grad = level_gradient(self.guidance, self.vae, x, level, x0_hat, targets)
-        scale = self.guidance.step_scale(classifier_scale, level)
+            variance = step_variance(family.scheduler, int(t), evaluation.predicted_variance)
+            mean_variance = float(torch.as_tensor(variance).mean())
+            run.max_variance = max(run.max_variance, mean_variance)
+            level = replace(level, variance=mean_variance, max_variance=run.max_variance)
+        grad = level_gradient(self.guidance, self.vae, x, level, x0_hat, run.targets)
+        scale = self.guidance.step_scale(run.classifier_scale, level)
+        difference = evaluation.cfg_difference
         if family.ancestral and difference is None:  # EluCD's sine term lives in the ancestral mean shift only
             return output, scale * (variance + self.guidance.variance_offset(level)) * grad
         if difference is not None:  # cfg_guidance="normalized": scaled to the CFG difference, in eps units
             direction = noise_shift(grad, level, 1.0)
             eps_difference = family.noise_difference(difference, x, level)
             ratio = eps_difference.flatten(1).norm(dim=1) / direction.flatten(1).norm(dim=1).clamp_min(1e-12)
-            return family.shift_output(output, (1 + cfg_weight) * scale * ratio.view(-1, *[1] * (x.dim() - 1)) * direction, x, level), None
+            return family.shift_output(output, (1 + run.cfg_weight) * scale * ratio.view(-1, *[1] * (x.dim() - 1)) * direction, x, level), None
         return family.shift_output(output, noise_shift(grad, level, scale), x, level), None
 
-    def displace_sample(self, x: torch.Tensor, level: NoiseLevel, targets: torch.Tensor, classifier_scale: float) -> torch.Tensor:
-        """EluCD's EDM algorithm (Ma et al., 2023, Algorithm 2): the guidance moves the sample itself, before the denoiser
-        sees it, in the space the algorithm is written in, EDM's x0 + (sigma / alpha) eps = x_t / alpha."""
+    def displace_sample(self, run: SamplingRun, x: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
+        """A guidance that moves the sample (EluCD's Algorithm 2, `CalibratedEDMGuidance`) moves it here, before the
+        denoiser sees it, in the space the algorithm is written in, EDM's x0 + (sigma / alpha) eps = x_t / alpha."""
         x_edm = x / (level.scale * level.alpha)
-        grad = self.guidance_gradient(x_edm, torch.tensor(level.timestep, device=x.device), x_edm, targets)
-        return x + level.scale * level.alpha * self.guidance.step_scale(classifier_scale, level) * grad
+        grad = self.guidance_gradient(x_edm, torch.tensor(level.timestep, device=x.device), x_edm, run.targets)
+        return x + level.scale * level.alpha * self.guidance.step_scale(run.classifier_scale, level) * grad
 
     def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
         """(1 or B, L, D) hidden states of `prompt` by the pipeline's `text_encoder` and `tokenizer`."""
@@ -410,8 +454,9 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"Expected `latents` of shape {shape} (one noise image per sample), but got {tuple(latents.shape)}.")
         x = latents.to(device, self.unet.dtype) * family.init_noise_sigma
+        run = SamplingRun(family, labels, guidance_targets, classifier_scale, cfg_weight, generator, clip_first)
         for index, t in enumerate(self.progress_bar(family.scheduler.timesteps)):
-            x = self.denoising_step(family, x, index, t, labels, classifier_scale, cfg_weight, generator, clip_first, guidance_targets)
+            x = self.denoising_step(run, x, index, t)
             check_finite_samples(x, t, family.scheduler.timesteps)
             if callback_on_step_end is not None:
                 outputs = callback_on_step_end(self, index, t, {name: x for name in callback_on_step_end_tensor_inputs})

@@ -30,7 +30,7 @@ import os
 from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, markdown_table
 from plugguide.models import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
-from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance
+from plugguide.pipelines.guidance import CalibratedEDMGuidance, CalibratedGuidance, ExpertGuidance
 from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
 from results_page import add_page_arguments, write_between_markers
 
@@ -53,7 +53,7 @@ def guidance_for(method: str, experts: str):
     if method == "calibrated-no-sine":  # the paper's defaults without the sine term (sine_gamma = 0)
         return CalibratedGuidance(f"{ASSETS}/classifier-resnet", sine_gamma=0.0)
     if method == "calibrated-edm":  # Algorithm 2 with the authors' ImageNet-64 settings
-        return CalibratedGuidance(f"{ASSETS}/classifier-resnet", schedule="edm", softplus_beta=5.0, marginal_discount=0.0)
+        return CalibratedEDMGuidance(f"{ASSETS}/classifier-resnet", softplus_beta=5.0, marginal_discount=0.0)
     if method == "calibrated-edm-continuous":  # the EDM schedule as a function of t, on x0_hat and the score shift
         return CalibratedGuidance(f"{ASSETS}/classifier-resnet", schedule="edm_continuous")
     if method == "PPAP-5":

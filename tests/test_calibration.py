@@ -21,9 +21,10 @@ from plugguide.metrics.calibration import calibration_curve, expected_calibratio
 from plugguide.models.classifier import TimmClassifier
 from plugguide.pipelines.guidance.base import GuidanceStep
 from plugguide.pipelines.guidance.calibrated import CalibratedGuidance, replace_relu_with_softplus
+from plugguide.pipelines.guidance.calibrated_edm import CalibratedEDMGuidance
 from plugguide.pipelines.guidance.classifier import ClassifierGuidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
-from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline, step_variance
+from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline, SamplingRun, step_variance
 from plugguide.pipelines.model_family import ModelFamily
 from plugguide.pipelines.seeded_sampling import sample_batch, sample_trajectory
 from tests.conftest import TINY_DEIT, TINY_RESNET, TINY_UNET, learned_variance_model, tiny_conditional_unet, tiny_scheduler, tiny_unet
@@ -99,21 +100,25 @@ def test_equal_temperatures_reduce_to_log_softmax_and_the_discount_follows_the_f
     assert torch.allclose(discounted, expected, atol=1e-5)
 
 
-def step(t: int, variance: float = 0.01, index: int = 1, num_steps: int = 10) -> GuidanceStep:
-    return GuidanceStep(timestep=t, index=index, num_steps=num_steps, alpha=0.5, sigma=0.75**0.5, variance=variance, num_train_timesteps=1000)
+def step(t: int, variance: float = 0.01, index: int = 1, num_steps: int = 10, max_variance: float | None = None) -> GuidanceStep:
+    return GuidanceStep(
+        timestep=t, index=index, num_steps=num_steps, alpha=0.5, sigma=0.75**0.5, variance=variance, num_train_timesteps=1000,
+        max_variance=variance if max_variance is None else max_variance,
+    )
 
 
 def test_sine_schedule_is_the_authors_on_the_respaced_step(tiny_classifier):
-    """AlexMaOLS/EluCD DDPM `p_sample`: add_value = max(sin(pi t / n) max_var 0.3, 0), t the respaced step (n - 1 .. 0)."""
+    """AlexMaOLS/EluCD DDPM `p_sample`: add_value = max(sin(pi t / n) max_var 0.3, 0), t the respaced step (n - 1 .. 0),
+    max_var the largest variance of the run so far, which the pipeline keeps (the guidance holds no state)."""
     guidance = CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": 0.3})
     steps = [(980, 0.5), (750, 0.02), (500, 0.01), (250, 0.004), (0, 0.0)]
     max_variance = 0.0
     for index, (t, variance) in enumerate(steps):
         max_variance = max(max_variance, variance)
         expected = max(math.sin(math.pi * (len(steps) - 1 - index) / len(steps)) * max_variance * 0.3, 0)
-        assert guidance.variance_offset(step(t, variance, index, num_steps=len(steps))) == pytest.approx(expected)
+        assert guidance.variance_offset(step(t, variance, index, len(steps), max_variance)) == pytest.approx(expected)
         assert guidance.step_scale(2.0, step(t, variance, index, num_steps=len(steps))) == 2.0  # the offset is additive
-    # A new run (step 0) forgets the previous run's largest variance; at n = 300 the respaced sine is not sin(pi t / T).
+    # At n = 300 the respaced sine is not sin(pi t / T).
     assert guidance.variance_offset(step(999, 0.01, index=0, num_steps=300)) == pytest.approx(math.sin(math.pi * 299 / 300) * 0.01 * 0.3)
     assert guidance.variance_offset(step(500, 0.01, index=1, num_steps=300)) == pytest.approx(math.sin(math.pi * 298 / 300) * 0.01 * 0.3)
     continuous = CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": 0.3, "schedule": "edm_continuous"})
@@ -121,6 +126,24 @@ def test_sine_schedule_is_the_authors_on_the_respaced_step(tiny_classifier):
         assert continuous.step_scale(1.0, step(t)) == pytest.approx(max(t / 1000, 1e-5) + 0.3 * math.sin(math.pi * t / 1000))
         assert continuous.variance_offset(step(t)) == 0.0
     assert CalibratedGuidance(tiny_classifier, **OFF).variance_offset(step(500, index=4)) == 0.0
+
+
+def test_the_pipeline_carries_the_runs_largest_variance_and_no_run_leaks_into_the_next(tiny_classifier):
+    """The sine term reads the largest Sigma_t of the run so far, kept by the pipeline's run record: two runs of the
+    same seed give the same samples, and the offset at each step is the authors' with the run's running maximum."""
+    unet, scheduler = tiny_unet(), tiny_scheduler()
+    guidance = CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": 0.3})
+    seen = []
+    original = guidance.variance_offset
+    guidance.variance_offset = lambda level: (seen.append((level.index, level.variance, level.max_variance)), original(level))[1]
+    pipeline = GuidedDiffusionPipeline(unet, scheduler, guidance)
+    pipeline.set_progress_bar_config(disable=True)
+    run = lambda: pipeline([1, 7], num_inference_steps=5, classifier_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    first, second = run(), run()
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    records = seen[: len(seen) // 2]
+    assert [index for index, _, _ in records] == list(range(5)) and seen[len(seen) // 2 :] == records
+    assert [m for _, _, m in records] == [max(v for _, v, _ in records[: i + 1]) for i in range(5)]
 
 
 def test_sine_term_is_one_uniform_value_added_to_a_learned_per_pixel_variance(tiny_classifier):
@@ -133,7 +156,7 @@ def test_sine_term_is_one_uniform_value_added_to_a_learned_per_pixel_variance(ti
     t = scheduler.timesteps[index]
     x, targets = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 7])
     step_with = lambda guidance, scale: GuidedDiffusionPipeline(unet, scheduler, guidance).denoising_step(
-        family, x, index, t, targets, scale, 0.0, torch.Generator().manual_seed(1))
+        SamplingRun(family, targets, targets, scale, 0.0, torch.Generator().manual_seed(1)), x, index, t)
     unguided = step_with(None, 0.0)
     plain = step_with(CalibratedGuidance(tiny_classifier, **OFF), 5.0)
     sine = step_with(CalibratedGuidance(tiny_classifier, **{**OFF, "sine_gamma": 0.3}), 5.0)
@@ -153,7 +176,7 @@ def test_edm_schedule_is_the_authors_on_their_step_grid(tiny_classifier):
         current_guidance = max((max_guidance / t_steps) * (t_steps - i), 0.00001)
         return current_guidance + math.sin(i / (t_steps - 1) * math.pi) * max_guidance * add_factor
 
-    edm = CalibratedGuidance(tiny_classifier, schedule="edm", sine_gamma=0.3)
+    edm = CalibratedEDMGuidance(tiny_classifier, sine_gamma=0.3)
     for num_steps in (10, 18, 36):
         for i in range(num_steps):
             assert edm.step_scale(0.004, step(500, index=i, num_steps=num_steps)) == pytest.approx(authors(i, num_steps, 0.004, 0.3))
@@ -164,7 +187,7 @@ def test_edm_schedule_is_the_authors_on_their_step_grid(tiny_classifier):
 def test_edm_gradient_is_the_authors_normalised_gradient(tiny_classifier):
     """Algorithm 2: classifier input x / rms(x) where rms(x) > 1, else x; gradient rescaled to rms(x) (per sample)."""
     torch.manual_seed(0)
-    edm = CalibratedGuidance(tiny_classifier, schedule="edm", softplus_beta=5.0, marginal_discount=0.0)
+    edm = CalibratedEDMGuidance(tiny_classifier, softplus_beta=5.0, marginal_discount=0.0)
     assert edm.input == "x_t" and edm.shifts == "sample"
     x = torch.randn(2, 1, 16, 16) * torch.tensor([5.0, 0.5]).view(2, 1, 1, 1)  # one sample above unit RMS, one below
     targets = torch.tensor([3, 7])
@@ -179,8 +202,8 @@ def test_edm_gradient_is_the_authors_normalised_gradient(tiny_classifier):
     grads_norm = ((grads**2).mean((1, 2, 3))) ** 0.5
     expected = torch.stack([grads[i] / grads_norm[i] * x_cur_norm[i] for i in range(2)])
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="`input` must be 'x_t'"):
-        CalibratedGuidance(tiny_classifier, schedule="edm", input="x0_hat")
+    with pytest.raises(TypeError, match="input"):  # Algorithm 2 reads the sample itself: no other input to choose
+        CalibratedEDMGuidance(tiny_classifier, input="x0_hat")
 
 
 def test_edm_algorithm_samples_as_the_authors_edm_sampler(tiny_classifier):
@@ -191,7 +214,7 @@ def test_edm_algorithm_samples_as_the_authors_edm_sampler(tiny_classifier):
 
     unet = tiny_unet()
     scheduler = HeunDiscreteScheduler.from_config(tiny_scheduler().config, use_karras_sigmas=True)
-    guidance = CalibratedGuidance(tiny_classifier, schedule="edm", softplus_beta=5.0, marginal_discount=0.0)
+    guidance = CalibratedEDMGuidance(tiny_classifier, softplus_beta=5.0, marginal_discount=0.0)
     pipeline = GuidedDiffusionPipeline(unet, scheduler, guidance)
     pipeline.set_progress_bar_config(disable=True)
     labels, max_guidance, num_steps = torch.tensor([2, 7]), 0.05, 4

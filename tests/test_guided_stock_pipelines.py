@@ -33,6 +33,7 @@ from diffusers import (
 from plugguide.models import MultiExpertClassifier, TimmClassifier, prompt_conditioning
 from plugguide.pipelines import GuidedDiffusionPipeline, guided
 from plugguide.pipelines.guidance import (
+    CalibratedEDMGuidance,
     CalibratedGuidance,
     ExpertGuidance,
     NaiveClassifierGuidance,
@@ -606,7 +607,7 @@ def test_pipelines_that_cannot_be_guided_are_refused_by_name(make, match, tiny_c
 def test_guides_that_move_the_sample_and_bad_settings_are_refused(tiny_classifier):
     pipe, call = ddim_pipeline()
     with pytest.raises(ValueError, match="moves the sample before the denoiser sees it"):
-        with guided(pipe, CalibratedGuidance(tiny_classifier, schedule="edm"), classifier_scale=1.0, targets=[1, 4]):
+        with guided(pipe, CalibratedEDMGuidance(tiny_classifier), classifier_scale=1.0, targets=[1, 4]):
             pass
     with pytest.raises(ValueError, match="Expected `classifier_scale` to be a finite number >= 0, but got nan"):
         with guided(pipe, NaiveClassifierGuidance(tiny_classifier), classifier_scale=float("nan"), targets=[1, 4]):

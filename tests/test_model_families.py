@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, StableDiffusio
 
 from plugguide.models import SCHEDULER_FAMILIES, load_text_encoder, prompt_conditioning
 from plugguide.pipelines import GuidedDiffusionPipeline
+from plugguide.pipelines.guided_diffusion import SamplingRun
 from plugguide.pipelines.guidance.base import Guidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
 from plugguide.pipelines.model_family import ModelFamily
@@ -298,9 +299,10 @@ def test_guided_sampling_follows_the_exact_guided_score(name, prediction_type, o
         scheduler.set_timesteps(sigmas=[0.97, 0.8, 0.6, 0.4, 0.2, 0.1]) if kind == "flow" else scheduler.set_timesteps(6)
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(32, 2, 1, 1, generator=generator) * family.init_noise_sigma
+        run = SamplingRun(family, targets, targets, 1.0 if guided else 0.0, 0.0, generator)
         for index, t in enumerate(scheduler.timesteps):
             denoiser.level = true_level(scheduler, kind, index, t)
-            x = pipeline.denoising_step(family, x, index, t, targets, 1.0 if guided else 0.0, 0.0, generator)
+            x = pipeline.denoising_step(run, x, index, t)
         runs[guided] = x
     scale = runs[False].abs().max()
     assert (runs[True] - runs[False]).abs().max() <= 1e-3 * scale
@@ -321,7 +323,8 @@ def test_ancestral_ddpm_shifts_the_mean_by_the_step_variance_times_the_gradient(
     steps = {}
     for scale in (0.0, 2.0):
         pipeline = GuidedDiffusionPipeline(denoiser, scheduler, MixtureClassifier(denoiser))
-        steps[scale] = pipeline.denoising_step(ModelFamily(scheduler), x, index, t, targets, scale, 0.0, torch.Generator().manual_seed(0))
+        run = SamplingRun(ModelFamily(scheduler), targets, targets, scale, 0.0, torch.Generator().manual_seed(0))
+        steps[scale] = pipeline.denoising_step(run, x, index, t)
     abar, abar_prev = scheduler.alphas_cumprod[int(t)], scheduler.alphas_cumprod[int(scheduler.timesteps[index + 1])]
     beta = 1 - abar / abar_prev
     variance = beta if variance_type == "fixed_large" else (1 - abar_prev) / (1 - abar) * beta

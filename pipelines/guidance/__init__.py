@@ -6,6 +6,7 @@ from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidanc
 from plugguide.pipelines.guidance.ppap_experts import ExpertGuidance
 from plugguide.pipelines.guidance.predicted_x0_classifier import PredictedCleanImageGuidance
 from plugguide.pipelines.guidance.calibrated import CalibratedGuidance, replace_relu_with_softplus
+from plugguide.pipelines.guidance.calibrated_edm import CalibratedEDMGuidance
 
 
-__all__ = ["CalibratedGuidance", "replace_relu_with_softplus", "ExpertGuidance", "ClassifierGuidance", "Guidance", "NaiveClassifierGuidance", "PredictedCleanImageGuidance"]
+__all__ = ["CalibratedEDMGuidance", "CalibratedGuidance", "replace_relu_with_softplus", "ExpertGuidance", "ClassifierGuidance", "Guidance", "NaiveClassifierGuidance", "PredictedCleanImageGuidance"]

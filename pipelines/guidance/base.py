@@ -27,6 +27,8 @@ class GuidanceStep:
         sigma: its noise coefficient (alpha^2 + sigma^2 = 1).
         variance: Sigma_t of an ancestral DDPM step (the pipeline fills it in); 0 on every other sampler.
         num_train_timesteps: T.
+        max_variance: the largest Sigma_t of the run so far, this step's included (the pipeline keeps it, so a
+            guidance that reads it, EluCD's sine term, holds no state between calls); 0 on every other sampler.
     """
 
     timestep: int
@@ -36,6 +38,7 @@ class GuidanceStep:
     sigma: float
     variance: float
     num_train_timesteps: int
+    max_variance: float = 0.0
 
 
 class Guidance(nn.Module, ABC):
