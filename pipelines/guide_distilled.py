@@ -37,7 +37,7 @@ class GuideDistilledPipeline(DiffusionPipeline):
     """
 
     def __init__(
-        self, unet: UNet2DConditionModel, guide: Guide, scheduler, vae=None, text_encoder=None, tokenizer=None, autocast_dtype: str | None = None
+        self, unet: UNet2DConditionModel, guide: Guide, scheduler, vae=None, text_encoder=None, tokenizer=None, *, autocast_dtype: str | None = None
     ) -> None:
         super().__init__()
         self.autocast_dtype = parse_autocast_dtype(autocast_dtype)
@@ -71,6 +71,7 @@ class GuideDistilledPipeline(DiffusionPipeline):
         self,
         class_labels: Sequence[int] | torch.Tensor | None = None,
         prompt: str | Sequence[str] | None = None,
+        *,
         encoder_hidden_states: torch.Tensor | None = None,
         num_inference_steps: int = 32,
         guidance_scale: float = 9.0,

@@ -139,7 +139,7 @@ def guided_denoiser(
         vae = getattr(pipe, "vae", None)
         # The guide sees the decoder's pixels (or the denoiser's), in half precision too.
         guidance.to(denoiser.device, (denoiser if vae is None else vae).dtype)
-    return GuidedDenoiser(pipe, denoiser, input_name, family, guidance, classifier_scale, targets, clip_first)
+    return GuidedDenoiser(pipe, denoiser, input_name, family, guidance, classifier_scale=classifier_scale, targets=targets, clip_first=clip_first)
 
 
 class GuidedDenoiser:
@@ -163,6 +163,7 @@ class GuidedDenoiser:
         input_name: str,
         family: ModelFamily,
         guidance: Guidance,
+        *,
         classifier_scale: float,
         targets: torch.Tensor,
         clip_first: bool,
@@ -278,7 +279,7 @@ class GuidedDenoiser:
                 level,
                 x0_hat[half],
                 self.targets,
-                self.decoder(arguments),
+                decode=self.decoder(arguments),
             )
             shift = noise_shift(grad, level, self.guidance.step_scale(self.classifier_scale, level))
             self._last = (index, state, shift)

@@ -163,7 +163,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
-        self, unet, scheduler, guidance: Guidance | None = None, vae=None, cfg_guidance: str = "shift",
+        self, unet, scheduler, guidance: Guidance | None = None, vae=None, *, cfg_guidance: str = "shift",
         prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None, autocast_dtype: str | None = None,
         text_encoder=None, tokenizer=None,
     ) -> None:
@@ -341,6 +341,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
     def __call__(
         self,
         class_labels: Sequence[int] | torch.Tensor | None = None,
+        *,
         targets: torch.Tensor | None = None,
         batch_size: int | None = None,
         num_inference_steps: int = 50,

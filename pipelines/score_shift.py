@@ -16,8 +16,7 @@ from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Pixels in [-1, 1] (unclipped) of latents through the VAE decoder, `vae.decode(latents / scaling + shift)`, in
-    the
-    VAE's dtype; the shift (`shift_factor`, SD3 and Flux) only where the VAE has one; the identity without a VAE."""
+    the VAE's dtype; the shift (`shift_factor`, SD3 and Flux) only where the VAE has one; the identity without a VAE."""
     if vae is None:
         return latents
     latents = latents.to(vae.dtype) / getattr(vae.config, "scaling_factor", 1.0)
@@ -26,7 +25,7 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 def guidance_gradient(
-    guidance: Guidance, vae, x: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor, decode=None
+    guidance: Guidance, vae, x: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor, *, decode=None
 ) -> torch.Tensor:
     """The guidance gradient w.r.t. x_t's space; through the VAE decoder for latent models (a vector-Jacobian product).
 
@@ -55,8 +54,7 @@ def clean_estimate(
     family: ModelFamily, output: torch.Tensor, x: torch.Tensor, level: NoiseLevel, clip_first: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0_hat, output): with `clip_first` (a sampler that clips x0_hat, stepping as its unclipped copy) x0_hat is
-    clipped
-    as the sampler would and the output re-derived from it, guided-diffusion's order (clip, then shift)."""
+    clipped as the sampler would and the output re-derived from it, guided-diffusion's order (clip, then shift)."""
     x0_hat = family.predicted_clean(output, x, level)
     if clip_first:
         x0_hat = family.clip(x0_hat)
@@ -71,14 +69,14 @@ def level_gradient(
     level: NoiseLevel,
     x0_hat: torch.Tensor,
     targets: torch.Tensor,
+    *,
     decode=None,
 ) -> torch.Tensor:
     """grad log p(y | .) at one evaluation: on x_t = x / scale, or on x0_hat (clipped to [-1, 1] in pixel space;
-    latents
-    have no fixed range and their decoded pixels are clipped), at the level's train timestep."""
+    latents have no fixed range and their decoded pixels are clipped), at the level's train timestep."""
     guide_on = x0_hat if vae is not None else x0_hat.clamp(-1, 1)
     return guidance_gradient(
-        guidance, vae, x / level.scale, torch.tensor(level.timestep, device=x.device), guide_on, targets, decode
+        guidance, vae, x / level.scale, torch.tensor(level.timestep, device=x.device), guide_on, targets, decode=decode
     )
 
 

@@ -96,6 +96,7 @@ class CalibratedGuidance(ClassifierGuidance):
     def __init__(
         self,
         classifier: nn.Module | str,
+        *,
         input: GuidanceInput | None = None,
         softplus_beta: float | None = 3.0,
         joint_temperature: float = 1.0,

@@ -40,6 +40,7 @@ class CalibratedEDMGuidance(CalibratedGuidance):
     def __init__(
         self,
         classifier: nn.Module | str,
+        *,
         softplus_beta: float | None = 3.0,
         joint_temperature: float = 1.0,
         marginal_discount: float = 0.5,
