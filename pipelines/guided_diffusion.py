@@ -228,7 +228,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
                 output = self.unet(x, timesteps).sample
         return output.to(x.dtype)
 
-    def predict_noise(
+    def predict_output(
         self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, cfg_weight: float, return_parts: bool = False
     ) -> tuple[torch.Tensor, ...]:
         """(the denoiser's prediction, predicted variance), with classifier-free guidance when `cfg_weight` w > 0.
@@ -286,10 +286,10 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         model_input = family.model_input(x, t)
         difference = None
         if guided and self.cfg_guidance == "normalized":
-            uncond, difference, predicted_variance = self.predict_noise(model_input, t, run.labels, run.cfg_weight, return_parts=True)
+            uncond, difference, predicted_variance = self.predict_output(model_input, t, run.labels, run.cfg_weight, return_parts=True)
             output = uncond + (1 + run.cfg_weight) * difference
         else:
-            output, predicted_variance = self.predict_noise(model_input, t, run.labels, run.cfg_weight)
+            output, predicted_variance = self.predict_output(model_input, t, run.labels, run.cfg_weight)
         mean_shift = None
         if guided and self.guidance.shifts == "score":
             evaluation = DenoiserEvaluation(level, x, output, difference, predicted_variance)

@@ -54,12 +54,13 @@ class NoiseLevel(GuidanceStep):
 
     Args:
         scale: the state is `x = scale * x_t`.
-        edm_sigma: s of the sigma spaces (s = sigma / alpha), the noise level EDM's preconditioning reads.
+        sampler_sigma: the noise level s in the sampler's own table: x = x0 + s eps in the sigma spaces (s = sigma / alpha,
+            what EDM's preconditioning reads), x = (1 - s) x0 + s eps in flow matching; sqrt((1 - abar) / abar) in vp.
         first_evaluation: False for Heun's second (corrector) evaluation of a step.
     """
 
     scale: float = 1.0
-    edm_sigma: float = 0.0
+    sampler_sigma: float = 0.0
     first_evaluation: bool = True
 
 
@@ -170,13 +171,13 @@ class ModelFamily:
         return NoiseLevel(
             timestep=self.train_timestep(timestep, alpha, sigma, s), index=step, num_steps=num_steps, alpha=alpha, sigma=sigma,
             variance=0.0, num_train_timesteps=self.num_train_timesteps,
-            scale=scale, edm_sigma=s, first_evaluation=index % per_step == 0,
+            scale=scale, sampler_sigma=s, first_evaluation=index % per_step == 0,
         )
 
     # -- output <-> (eps, x0_hat) --------------------------------------------------------------------------------
     def affine(self, level: NoiseLevel, x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
         """(a x, b, d o / d eps) of `x0_hat = a x + b o` at `level` (see the module docstring; alpha > 0)."""
-        alpha, sigma, scale, s = level.alpha, level.sigma, level.scale, level.edm_sigma
+        alpha, sigma, scale, s = level.alpha, level.sigma, level.scale, level.sampler_sigma
         if self.kind == "edm":
             skip = self.scheduler.precondition_outputs(x, torch.zeros_like(x), s)  # c_skip x
             b = float(self.scheduler.precondition_outputs(torch.zeros(()), torch.ones(()), s))  # c_out

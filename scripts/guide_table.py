@@ -106,7 +106,7 @@ def main() -> None:
         unet_params = sum(p.numel() for p in unet.parameters())
         probe = (torch.randn(1, 1, 16, 16), torch.tensor(500), torch.tensor([3]))
         cfg_pipeline = GuidedDiffusionPipeline(unet, DDIMScheduler.from_config(scheduler_config))
-        cfg_flops = step_flops(lambda: cfg_pipeline.predict_noise(*probe, cfg_weight=4.0))
+        cfg_flops = step_flops(lambda: cfg_pipeline.predict_output(*probe, cfg_weight=4.0))
         for steps in args.steps:
             for method in args.methods:
                 if method == "CFG":

@@ -202,7 +202,7 @@ def test_flop_counting_shows_one_pass_saving():
             fn()
         return counter.get_total_flops()
 
-    cfg = flops(lambda: cfg_pipeline.predict_noise(x, t, labels, cfg_weight=4.0))
+    cfg = flops(lambda: cfg_pipeline.predict_output(x, t, labels, cfg_weight=4.0))
     tiny = flops(lambda: predict_guided_noise(unet, TinyGuide(unet), x, t, 4.0, labels))
     full = flops(lambda: predict_guided_noise(unet, FullGuide(unet), x, t, 4.0, labels))
     assert tiny <= 0.55 * cfg, tiny / cfg

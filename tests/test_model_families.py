@@ -179,7 +179,7 @@ def test_v_and_sample_prediction_give_the_epsilon_models_x0_hat(name):
         level = family.noise_level(index, t)
         x = level.scale * (level.alpha * x0 + level.sigma * eps)
         if family.kind == "edm":  # EDM's network output F: x0 = c_skip x + c_out F
-            skip, c_out = scheduler.precondition_outputs(x, torch.zeros_like(x), level.edm_sigma), scheduler.precondition_outputs(torch.zeros(()), torch.ones(()), level.edm_sigma)
+            skip, c_out = scheduler.precondition_outputs(x, torch.zeros_like(x), level.sampler_sigma), scheduler.precondition_outputs(torch.zeros(()), torch.ones(()), level.sampler_sigma)
             output = (x0 - skip) / c_out
         else:
             output = {"epsilon": eps, "v_prediction": level.alpha * eps - level.sigma * x0, "sample": x0}[prediction_type]

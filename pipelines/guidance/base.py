@@ -12,7 +12,7 @@ from torch import nn
 from plugguide.pipelines.finite import check_scale
 
 GuidanceInput = Literal["x_t", "x0_hat"]
-GuidanceTarget = Literal["score", "sample"]
+GuidanceShift = Literal["score", "sample"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class Guidance(nn.Module, ABC):
         """Per-sample log p(target | inputs) at `timesteps`, shape (B,)."""
 
     @property
-    def shifts(self) -> GuidanceTarget:
+    def shifts(self) -> GuidanceShift:
         return "score"
 
     def step_scale(self, scale: float, step: GuidanceStep) -> float:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from plugguide.pipelines.guidance.base import GuidanceStep, GuidanceTarget
+from plugguide.pipelines.guidance.base import GuidanceStep, GuidanceShift
 from plugguide.pipelines.guidance.calibrated import CalibratedGuidance
 from plugguide.pipelines.tasks import Task
 
@@ -54,7 +54,7 @@ class CalibratedEDMGuidance(CalibratedGuidance):
         )
 
     @property
-    def shifts(self) -> GuidanceTarget:
+    def shifts(self) -> GuidanceShift:
         return "sample"
 
     def gradient(self, x_t: torch.Tensor, timesteps: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
