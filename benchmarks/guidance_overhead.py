@@ -3,7 +3,8 @@
     python benchmarks/guidance_overhead.py [--experts runs/ppap/version_0/experts] [--samples 100] [--steps 50] [--repeats 3]
 
 The settings of docs/results/speed.md: the main job's exported experts (`lightning fit -c configs/ppap.yaml` writes
-them) at its guidance scale 4, and `CalibratedGuidance` on the ResNet with the paper's defaults at scale 10 (its best
+them) at its guidance scale 4, run as sampling runs them (each expert's LoRA update merged into the weights at its
+switch) and unmerged (the LoRA branches run at every step), and `CalibratedGuidance` on the ResNet with the paper's defaults at scale 10 (its best
 scale in docs/results/calibration.md). Same UNet, sampler, samples and seeds; the three are timed alternately in this one process,
 after a warm-up round, and the median time ratios guided / unguided are printed. The breakdown of each guided run
 (summed over the timed rounds, as a share of its time): the UNet, the guide's forward (its log-likelihood), its
@@ -47,6 +48,7 @@ def main() -> None:
     started = time.perf_counter()
     experts = ExpertGuidance(args.experts)
     build["PPAP-5 (loading the experts)"] = time.perf_counter() - started
+    unmerged = ExpertGuidance(args.experts, merge_adapters=False)
     started = time.perf_counter()
     calibrated = CalibratedGuidance(args.classifier)
     build["calibrated (loading the classifier, Softplus copy)"] = time.perf_counter() - started
@@ -56,11 +58,15 @@ def main() -> None:
     current = ["unguided"]
     for owner, name, key in (
         (unet, "forward", "UNet"), (experts, "log_likelihood", "guide forward"), (experts, "gradient", "guide gradient"),
+        (unmerged, "log_likelihood", "guide forward"), (unmerged, "gradient", "guide gradient"),
         (calibrated, "log_likelihood", "guide forward"), (calibrated, "gradient", "guide gradient"),
         (MultiExpertClassifier, "set_expert", "expert switches"), (ModelFamily, "predicted_clean", "x0_hat"),
     ):
         timed(owner, name, seconds, lambda key=key: (current[0], key))
-    runs = {"unguided": (None, 0.0), "PPAP-5": (experts, args.ppap_scale), "calibrated": (calibrated, args.calibrated_scale)}
+    runs = {
+        "unguided": (None, 0.0), "PPAP-5": (experts, args.ppap_scale), "PPAP-5 unmerged": (unmerged, args.ppap_scale),
+        "calibrated": (calibrated, args.calibrated_scale),
+    }
     pipelines = {name: GuidedDiffusionPipeline(unet, load_scheduler(args.model, "DDPMScheduler"), guide) for name, (guide, _) in runs.items()}
     labels = torch.arange(args.samples) % 10
     ratios = {name: [] for name in runs if name != "unguided"}
