@@ -21,7 +21,7 @@ class TargetMapGrid(PeriodicGrid):
     validation split), its target map (the teacher's map of it: colours per class, or grey levels of the depth
     stand-in, near = white), the sample guided by the teacher itself on x_t (naive) and the sample guided by the
     experts, both from the same seeded noise, so a row differs only by the guide. With an evaluator (the module's
-    `metrics`), the two samples' agreement with the maps, read off their pixels, is logged as
+    `scores`), the two samples' agreement with the maps, read off their pixels, is logged as
     `<tag>/<score>_naive` and `<tag>/<score>_experts` (`miou`, or `depth_correlation`). Drawn on global rank 0
     after every `every_n_epochs`-th validation and at the end of fit.
 
@@ -81,10 +81,10 @@ class TargetMapGrid(PeriodicGrid):
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
             experiment.add_image(self.tag, grid, trainer.global_step)
-        metrics = getattr(pl_module, "metrics", None)
-        if metrics is not None and trainer.logger is not None:
+        module_scores = getattr(pl_module, "scores", None)
+        if module_scores is not None and trainer.logger is not None:
             kind = "depth" if maps.is_floating_point() else "segmentation"
-            scores, score = DenseMapMetrics(kind, metrics.evaluator), "depth_correlation" if kind == "depth" else "miou"
+            scores, score = DenseMapMetrics(kind, module_scores.evaluator), "depth_correlation" if kind == "depth" else "miou"
             values = {f"{self.tag}/{score}_{name}": float(scores.scores(sampled, maps)[score].mean()) for name, sampled in samples.items()}
             trainer.logger.log_metrics(values, trainer.global_step)
         pl_module.train(was_training)

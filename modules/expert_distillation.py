@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.callbacks.step_progress_bar import denoising_progress
 from plugguide.models.seeding import image_seed, step_generator
-from plugguide.metrics import DenseMapMetrics, GenerationMetrics, majority_digit
+from plugguide.metrics import GuidedSampleScores, majority_digit
 from plugguide.models import MultiExpertClassifier, check_classifier_input, load_off_the_shelf, load_scheduler, load_unet, prompt_conditioning
 from plugguide.models.multi_expert_classifier import Finetune
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
@@ -101,7 +101,7 @@ class ExpertDistillation(FrozenNetworksModule):
             samples are drawn under; None: the empty prompt (unconditional, as the paper guides GLIDE).
     """
 
-    frozen_networks = ("teacher", "unet", "metrics", "map_metrics")
+    frozen_networks = ("teacher", "unet", "scores")
 
     def __init__(
         self,
@@ -156,13 +156,13 @@ class ExpertDistillation(FrozenNetworksModule):
         self.scheduler = load_scheduler(diffusion_model, scheduler, "model.scheduler", "model.diffusion_model")
         self.conditioning = prompt_conditioning(diffusion_model, self.unet, prompt)
         check_classifier_input(self.teacher, self.unet.config.in_channels, self.unet.config.sample_size, "teacher_path", teacher_path)
-        self.metrics = self.map_metrics = None
+        self.scores = None
         if evaluator_path:
-            self.metrics = GenerationMetrics.from_paths(evaluator_path, autoencoder_path)
-            evaluator = self.metrics.evaluator
-            if self.teacher.predicts != "class":  # dense experts: the evaluator reads the digit, the maps come from the pixels
-                self.map_metrics = DenseMapMetrics("segmentation" if self.teacher.predicts == "class_map" else "depth", evaluator)
-            elif evaluator.num_classes != self.teacher.num_classes or evaluator.in_chans != self.teacher.in_chans:
+            # Dense experts: the evaluator reads the digit, the maps come from the pixels.
+            map_kind = {"class": None, "class_map": "segmentation"}.get(self.teacher.predicts, "depth")
+            self.scores = GuidedSampleScores.from_paths(evaluator_path, autoencoder_path, map_kind)
+            evaluator = self.scores.evaluator
+            if map_kind is None and evaluator.num_classes != self.teacher.num_classes or evaluator.in_chans != self.teacher.in_chans:
                 raise ValueError(
                     f"`evaluator_path`={evaluator_path!r} scores {evaluator.num_classes} classes of {evaluator.in_chans}-channel images, "
                     f"but the experts guide toward {self.teacher.num_classes} classes of {self.teacher.in_chans}-channel images; they must match."
@@ -291,7 +291,7 @@ class ExpertDistillation(FrozenNetworksModule):
             )
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        if self.metrics is None:
+        if self.scores is None:
             raise ValueError("`lightning test` scores guided samples with the evaluator: set `evaluator_path`.")
         if "index" not in batch:
             raise ValueError(
@@ -303,24 +303,20 @@ class ExpertDistillation(FrozenNetworksModule):
         labels, indices = batch["label"], batch["index"]
         seeds = [image_seed(self.hparams.seed, int(index)) for index in indices]
         settings = dict(num_inference_steps=self.hparams.num_inference_steps, classifier_scale=self.hparams.classifier_scale)
-        self.metrics.update_real(batch["image"], labels, indices)
-        if self.map_metrics is None:
+        self.scores.update_real(batch["image"], labels, indices)
+        if self.teacher.predicts == "class":
             images = sample_batch(pipeline, {"label": labels, "seed": seeds}, **settings)
-            self.metrics.update_generated(images, labels, indices)
+            self.scores.update(images, labels, indices)
             return
         # Dense experts: toward the teacher's map of the real image (PPAP Sec. 5.2), scored from the samples' pixels.
         maps = self.task.prediction(self.teacher(batch["image"]))
         images = sample_batch(pipeline, {"label": torch.full_like(labels, -1), "seed": seeds, "target_map": maps}, **settings)
-        self.map_metrics.update(images, maps, indices)
         # The digit a segmentation map names is its majority stroke class; a depth map names none: the real digit's.
-        self.metrics.update_generated(images, majority_digit(maps) if self.teacher.predicts == "class_map" else labels, indices)
+        self.scores.update(images, majority_digit(maps) if self.teacher.predicts == "class_map" else labels, indices, target_maps=maps)
 
     def on_test_epoch_end(self) -> None:
-        results = self.metrics.compute() | (self.map_metrics.compute() if self.map_metrics is not None else {})
-        self.log_dict({f"test/{k}": v for k, v in results.items()})  # computed over every process's samples
-        self.metrics.reset()
-        if self.map_metrics is not None:
-            self.map_metrics.reset()
+        self.log_dict({f"test/{k}": v for k, v in self.scores.compute().items()})  # computed over every process's samples
+        self.scores.reset()
 
     def configure_optimizers(self):
         # All experts' parameters: peft marks only the active adapter trainable, and inactive experts get

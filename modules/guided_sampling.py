@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.callbacks.step_progress_bar import denoising_progress
 from plugguide.datamodules import TargetMapDataModule
-from plugguide.metrics import DenseMapMetrics, GenerationMetrics
+from plugguide.metrics import GuidedSampleScores
 from plugguide.models import check_classifier_input, compile_denoiser, load_guide, load_scheduler, load_unet, load_vae, prompt_conditioning
 from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, sample_batch
 from plugguide.pipelines.finite import check_cfg_scale, check_scale
@@ -102,10 +102,10 @@ class GuidedSampling(L.LightningModule):
         if isinstance(guidance, ClassifierGuidance):
             timesteps = torch.zeros(1, dtype=torch.long)
             check_classifier_input(guidance, channels, size, "guidance", guidance.classifier_path, classify=lambda images: guidance.logits(images, timesteps))
-        self.metrics = self.map_metrics = None
-        if evaluator_path:
-            self.metrics = GenerationMetrics.from_paths(evaluator_path)
-            check_classifier_input(self.metrics.evaluator, channels, size, "evaluator_path", evaluator_path)
+        self.scores = None
+        if evaluator_path:  # target maps are scored as segmentation (label maps) or depth (real-valued), by their dtype
+            self.scores = GuidedSampleScores.from_paths(evaluator_path)
+            check_classifier_input(self.scores.evaluator, channels, size, "evaluator_path", evaluator_path)
 
     def image_shape(self) -> tuple[int, int]:
         """(channels, side) of the images that classifiers see: the UNet's samples, or their decoding by the VAE."""
@@ -132,8 +132,8 @@ class GuidedSampling(L.LightningModule):
             limits.append(("diffusion_model", null, f" (index {null} is its null class, used for classifier-free guidance)"))
         if self.guidance is not None and self.hparams.classifier_scale > 0 and getattr(self.guidance, "num_classes", None):
             limits.append(("guidance", self.guidance.num_classes, ""))
-        if self.metrics is not None:
-            limits.append(("evaluator_path", self.metrics.num_classes, ""))
+        if self.scores is not None:
+            limits.append(("evaluator_path", self.scores.num_classes, ""))
         for setting, classes, note in limits:
             if num_classes > classes:
                 raise ValueError(f"Expected `data.num_classes` to be at most the {classes} classes of `model.{setting}`{note}, but got {num_classes}.")
@@ -147,19 +147,12 @@ class GuidedSampling(L.LightningModule):
         rows = {"images": images.cpu(), "labels": batch["label"].cpu(), "index": batch["index"].cpu()}
         if "target_map" in batch:
             rows["target_maps"] = batch["target_map"].cpu()
-        if self.metrics is not None:
-            self.metrics.update_generated(images, batch.get("target_class", batch["label"]), batch["index"])
-            if "target_map" in batch:
-                if self.map_metrics is None:  # label maps are scored as segmentation, real-valued maps as depth
-                    kind = "depth" if batch["target_map"].is_floating_point() else "segmentation"
-                    self.map_metrics = DenseMapMetrics(kind, self.metrics.evaluator).to(self.device)
-                self.map_metrics.update(images, batch["target_map"], batch["index"])
+        if self.scores is not None:
+            self.scores.update(images, batch.get("target_class", batch["label"]), batch["index"], target_maps=batch.get("target_map"))
         return rows
 
     def on_predict_epoch_end(self) -> None:
-        if self.metrics is not None:
-            results = self.metrics.compute() | (self.map_metrics.compute() if self.map_metrics is not None else {})
+        if self.scores is not None:
+            results = self.scores.compute()
             rank_zero_info("Sample metrics (evaluator): " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
-            self.metrics.reset()
-            if self.map_metrics is not None:
-                self.map_metrics.reset()
+            self.scores.reset()
