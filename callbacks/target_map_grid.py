@@ -84,7 +84,8 @@ class TargetMapGrid(PeriodicGrid):
         module_scores = getattr(pl_module, "scores", None)
         if module_scores is not None and trainer.logger is not None:
             kind = "depth" if maps.is_floating_point() else "segmentation"
-            scores, score = DenseMapMetrics(kind, module_scores.evaluator), "depth_correlation" if kind == "depth" else "miou"
+            scores = DenseMapMetrics(kind, module_scores.evaluator)
+            score = "depth_correlation" if kind == "depth" else "miou"
             values = {f"{self.tag}/{score}_{name}": float(scores.scores(sampled, maps)[score].mean()) for name, sampled in samples.items()}
             trainer.logger.log_metrics(values, trainer.global_step)
         pl_module.train(was_training)

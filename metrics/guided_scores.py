@@ -1,4 +1,4 @@
-"""The scores of one evaluation of guided samples: generation metrics, plus map scores where samples have target maps."""
+"""The scores of one evaluation of guided samples: generation metrics, and map scores for samples guided to maps."""
 
 from __future__ import annotations
 
@@ -28,8 +28,10 @@ class GuidedSampleScores(nn.Module):
         self.maps = DenseMapMetrics(map_kind, generation.evaluator) if map_kind is not None else None
 
     @classmethod
-    def from_paths(cls, evaluator_path: str, autoencoder_path: str | None = None, map_kind: MapKind | None = None) -> "GuidedSampleScores":
-        """Scores by a saved evaluator and, if given, an `AutoencoderKL` feature space (`GenerationMetrics.from_paths`)."""
+    def from_paths(
+        cls, evaluator_path: str, autoencoder_path: str | None = None, map_kind: MapKind | None = None
+    ) -> "GuidedSampleScores":
+        """A saved evaluator and an optional `AutoencoderKL` feature space (`GenerationMetrics.from_paths`)."""
         return cls(GenerationMetrics.from_paths(evaluator_path, autoencoder_path), map_kind)
 
     @property
@@ -40,14 +42,20 @@ class GuidedSampleScores(nn.Module):
     def num_classes(self) -> int:
         return self.generation.num_classes
 
-    def update_real(self, images: torch.Tensor, labels: torch.Tensor | None = None, indices: torch.Tensor | None = None) -> None:
+    def update_real(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, indices: torch.Tensor | None = None
+    ) -> None:
         """Records real reference images (FID, KID, precision/recall, diversity are measured against them)."""
         self.generation.update_real(images, labels, indices)
 
     def update(
-        self, images: torch.Tensor, targets: torch.Tensor | None = None, indices: torch.Tensor | None = None, target_maps: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
+        target_maps: torch.Tensor | None = None,
     ) -> None:
-        """Records generated images with their target classes, global indices and, if guided toward maps, those maps."""
+        """Records generated images with their target classes, global indices and, if guided to maps, those maps."""
         self.generation.update_generated(images, targets, indices)
         if target_maps is None:
             return

@@ -162,7 +162,8 @@ class ExpertDistillation(FrozenNetworksModule):
             map_kind = {"class": None, "class_map": "segmentation"}.get(self.teacher.predicts, "depth")
             self.scores = GuidedSampleScores.from_paths(evaluator_path, autoencoder_path, map_kind)
             evaluator = self.scores.evaluator
-            if map_kind is None and evaluator.num_classes != self.teacher.num_classes or evaluator.in_chans != self.teacher.in_chans:
+            mismatch = evaluator.num_classes != self.teacher.num_classes or evaluator.in_chans != self.teacher.in_chans
+            if map_kind is None and mismatch:
                 raise ValueError(
                     f"`evaluator_path`={evaluator_path!r} scores {evaluator.num_classes} classes of {evaluator.in_chans}-channel images, "
                     f"but the experts guide toward {self.teacher.num_classes} classes of {self.teacher.in_chans}-channel images; they must match."
@@ -312,10 +313,12 @@ class ExpertDistillation(FrozenNetworksModule):
         maps = self.task.prediction(self.teacher(batch["image"]))
         images = sample_batch(pipeline, {"label": torch.full_like(labels, -1), "seed": seeds, "target_map": maps}, **settings)
         # The digit a segmentation map names is its majority stroke class; a depth map names none: the real digit's.
-        self.scores.update(images, majority_digit(maps) if self.teacher.predicts == "class_map" else labels, indices, target_maps=maps)
+        targets = majority_digit(maps) if self.teacher.predicts == "class_map" else labels
+        self.scores.update(images, targets, indices, target_maps=maps)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict({f"test/{k}": v for k, v in self.scores.compute().items()})  # computed over every process's samples
+        # Computed over every process's samples.
+        self.log_dict({f"test/{k}": v for k, v in self.scores.compute().items()})
         self.scores.reset()
 
     def configure_optimizers(self):

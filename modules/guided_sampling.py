@@ -103,7 +103,7 @@ class GuidedSampling(L.LightningModule):
             timesteps = torch.zeros(1, dtype=torch.long)
             check_classifier_input(guidance, channels, size, "guidance", guidance.classifier_path, classify=lambda images: guidance.logits(images, timesteps))
         self.scores = None
-        if evaluator_path:  # target maps are scored as segmentation (label maps) or depth (real-valued), by their dtype
+        if evaluator_path:  # target maps are scored as segmentation (label maps) or depth (real-valued maps)
             self.scores = GuidedSampleScores.from_paths(evaluator_path)
             check_classifier_input(self.scores.evaluator, channels, size, "evaluator_path", evaluator_path)
 
@@ -148,7 +148,8 @@ class GuidedSampling(L.LightningModule):
         if "target_map" in batch:
             rows["target_maps"] = batch["target_map"].cpu()
         if self.scores is not None:
-            self.scores.update(images, batch.get("target_class", batch["label"]), batch["index"], target_maps=batch.get("target_map"))
+            targets = batch.get("target_class", batch["label"])
+            self.scores.update(images, targets, batch["index"], target_maps=batch.get("target_map"))
         return rows
 
     def on_predict_epoch_end(self) -> None:
