@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 from typing import Callable
 
 import timm
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from plugguide.models.saving import load_saved
+from plugguide.models.saving import HubModelMixin, load_saved
 
 
-class TimmClassifier(nn.Module, PyTorchModelHubMixin):
+class TimmClassifier(nn.Module, HubModelMixin):
     """A timm classifier with `save_pretrained` / `from_pretrained` (config.json + model.safetensors).
 
     The embedded digits classifiers and a hub ImageNet model go through the same class: the config
@@ -63,12 +60,6 @@ class TimmClassifier(nn.Module, PyTorchModelHubMixin):
 
     #: What the model predicts (`pipelines.tasks.default_task` reads it): one class per image.
     predicts = "class"
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> "TimmClassifier":
-        # huggingface_hub prints "Loading weights from local directory" on every local load.
-        with contextlib.redirect_stdout(io.StringIO()):
-            return super().from_pretrained(*args, **kwargs)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images to what the timm model expects (identity for the digits classifiers)."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 from typing import Literal
 
 import segmentation_models_pytorch as smp
@@ -11,10 +9,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import transformers
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from plugguide.models.saving import load_saved
+from plugguide.models.saving import HubModelMixin, load_saved
 
 Library = Literal["smp", "torchvision", "transformers"]
 LIBRARIES = ("smp", "torchvision", "transformers")
@@ -30,7 +27,7 @@ def build_library_model(library: str, architecture: str, num_classes: int | None
     return getattr(transformers, architecture)(config)
 
 
-class DenseModel(nn.Module, PyTorchModelHubMixin):
+class DenseModel(nn.Module, HubModelMixin):
     """A segmenter (a class per pixel) or a dense regressor (a value per pixel, e.g. depth), library-agnostic.
 
     The digits' segmenter and distance regressor (segmentation-models-pytorch with a timm encoder), torchvision's
@@ -92,12 +89,6 @@ class DenseModel(nn.Module, PyTorchModelHubMixin):
     def predicts(self) -> str:
         """"class_map" for a segmenter, "map" for a regressor (`pipelines.tasks.default_task` reads it)."""
         return "class_map" if self.num_classes else "map"
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> "DenseModel":
-        # huggingface_hub prints "Loading weights from local directory" on every local load.
-        with contextlib.redirect_stdout(io.StringIO()):
-            return super().from_pretrained(*args, **kwargs)
 
     def output_head(self) -> nn.Module:
         """The layer that turns features into the per-pixel output (a PPAP expert may own a copy of it)."""
