@@ -112,11 +112,12 @@ class TinyGuide(Guide):
     guidance number g, `c_time` the frozen UNet's timestep embedding, `c_cond` its class embedding (digits)
     or mean-pooled text hidden states (Stable Diffusion), `phi` a SiLU layer, and `Z_*` zero-initialised
     linear layers. `y` is split into one per-channel residual for each decoder skip connection and one for
-    the mid block (broadcast over space), so a fresh guide is an exact no-op and costs ~1% of a UNet pass.
+    the mid block (broadcast over space), so a fresh guide is an exact no-op; its size and cost are measured in
+    docs/results/guide_distillation.md.
 
     Args:
-        unet: the frozen `UNet2DConditionModel` to steer (read for its channels and embedding sizes).
-        hidden_dim: width of the embedding `gamma + Z_t(c_time) + Z_c(c_cond)`.
+        unet (`UNet2DConditionModel`): the frozen UNet to steer (read for its channels and embedding sizes).
+        hidden_dim (`int`, defaults to 64): width of the embedding `gamma + Z_t(c_time) + Z_c(c_cond)`.
     """
 
     def __init__(self, unet: UNet2DConditionModel, hidden_dim: int = 64) -> None:
@@ -149,12 +150,13 @@ class FullGuide(Guide):
     `ControlNetModel.from_unet` copies the UNet's encoder and mid block; its conditioning image is the
     guidance number g broadcast to (1, H, W); its zero convolutions give one residual per skip connection
     and the mid block, so `eps'(z_t, c) = UNet(z_t, t, c; residuals = ControlNet(z_t, t, c, g))` and a
-    fresh guide is an exact no-op. About 40-50% of the UNet's parameters.
+    fresh guide is an exact no-op. It copies the UNet's encoder, so it is far larger than `TinyGuide` (measured in
+    docs/results/guide_distillation.md).
 
     Args:
-        unet: the frozen `UNet2DConditionModel` to steer (its encoder initialises the ControlNet).
-        conditioning_channels: widths of the conditioning-map encoder; one entry keeps the map at the
-            sample's resolution (the guidance map is constant, so downsampling it buys nothing).
+        unet (`UNet2DConditionModel`): the frozen UNet to steer (its encoder initialises the ControlNet).
+        conditioning_channels (`list[int]`, defaults to `(16,)`): widths of the conditioning-map encoder; one entry
+            keeps the map at the sample's resolution (the guidance map is constant, so downsampling it buys nothing).
     """
 
     def __init__(self, unet: UNet2DConditionModel, conditioning_channels: list[int] | tuple[int, ...] = (16,)) -> None:
