@@ -29,13 +29,15 @@ class TargetMapGrid(PeriodicGrid):
     `num_inference_steps` and `classifier_scale` hyper-parameters (`ExpertDistillation` does).
 
     Args:
-        num_samples: rows of the grid.
-        classifier_scale: gradient scale of the experts; default: the module's `classifier_scale`.
-        naive_classifier_scale: gradient scale of the naive guide; default: the experts'. The off-the-shelf model's
-            gradients on noisy inputs grow large, so its best scale is much smaller (`scripts/dense_table.py` sweeps both).
-        every_n_epochs: draw after every n-th validation epoch.
-        seed: seed of the samples' noise (sample i: seed + i).
-        tag: TensorBoard tag.
+        num_samples (`int`, defaults to 8): rows of the grid.
+        classifier_scale (`float`, *optional*): gradient scale of the experts; default: the module's
+            `classifier_scale`.
+        naive_classifier_scale (`float`, *optional*): gradient scale of the naive guide; default: the experts'. The
+            off-the-shelf model's gradients on noisy inputs grow large, so its best scale is much smaller
+            (`scripts/dense_table.py` sweeps both).
+        every_n_epochs (`int`, defaults to 1): draw after every n-th validation epoch.
+        seed (`int`, defaults to 0): seed of the samples' noise (sample i: seed + i).
+        tag (`str`, defaults to `"target_maps"`): TensorBoard tag.
     """
 
     def __init__(

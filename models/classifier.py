@@ -22,13 +22,17 @@ class TimmClassifier(nn.Module, HubModelMixin):
     timm pretrained config itself, so guidance gradients flow through the normalisation and resizing.
 
     Args:
-        model_name: a timm model name (`timm.list_models()`), e.g. `resnet18`, or `hf-hub:<repo>`.
-        num_classes: classes of the head; None keeps the pretrained model's own head.
-        in_chans: input channels (1 for the digits).
-        pretrained: load timm's own pretrained weights (needs network access).
-        model_kwargs: extra keyword arguments for `timm.create_model` (widths, depths, image size, ...).
-        normalize_input: map [-1, 1] inputs to the timm pretrained config's mean/std and input size.
-        input_size: the side inputs are resized to when `normalize_input`; default: the pretrained config's.
+        model_name (`str`): a timm model name (`timm.list_models()`), e.g. `resnet18`, or `hf-hub:<repo>`.
+        num_classes (`int`, *optional*, defaults to 10): classes of the head; None keeps the pretrained model's own
+            head.
+        in_chans (`int`, defaults to 1): input channels (1 for the digits).
+        pretrained (`bool`, defaults to `False`): load timm's own pretrained weights (needs network access).
+        model_kwargs (`dict`, *optional*): extra keyword arguments for `timm.create_model` (widths, depths, image size,
+            ...).
+        normalize_input (`bool`, defaults to `False`): map [-1, 1] inputs to the timm pretrained config's mean/std and
+            input size.
+        input_size (`int`, *optional*): the side inputs are resized to when `normalize_input`; default: the pretrained
+            config's.
     """
 
     def __init__(

@@ -39,18 +39,20 @@ class DenseModel(nn.Module, HubModelMixin):
     resolution: per-pixel logits (B, C, H, W) for a segmenter, a map (B, H, W) for a regressor.
 
     Args:
-        library: "smp" (segmentation-models-pytorch), "torchvision" (`torchvision.models` segmentation models) or
-            "transformers".
-        architecture: an smp architecture ("Unet", "DeepLabV3Plus", ...), a torchvision model name
-            ("deeplabv3_resnet50"), or a transformers model class ("DPTForDepthEstimation").
-        num_classes: classes per pixel of a segmenter; None for a regressor (one value per pixel).
-        in_chans: input channels (1 for the digits).
-        model_kwargs: keyword arguments of the network: smp `create_model`'s (encoder name and depth, decoder
-            channels, and any timm encoder argument such as `layers` or `channels`), torchvision `get_model`'s, or the
-            transformers model config as a dict (with its `model_type`).
-        input_mean: per-channel mean of the network's [0, 1] inputs; None: the network takes [-1, 1] images as they are.
-        input_std: per-channel std, with `input_mean`.
-        input_size: the side the network sees (inputs are resized to it, outputs back); None: the input's own.
+        library (`str`, defaults to `"smp"`): "smp" (segmentation-models-pytorch), "torchvision" (`torchvision.models`
+            segmentation models) or "transformers".
+        architecture (`str`, defaults to `"Unet"`): an smp architecture ("Unet", "DeepLabV3Plus", ...), a torchvision
+            model name ("deeplabv3_resnet50"), or a transformers model class ("DPTForDepthEstimation").
+        num_classes (`int`, *optional*): classes per pixel of a segmenter; None for a regressor (one value per pixel).
+        in_chans (`int`, defaults to 1): input channels (1 for the digits).
+        model_kwargs (`dict`, *optional*): keyword arguments of the network: smp `create_model`'s (encoder name and
+            depth, decoder channels, and any timm encoder argument such as `layers` or `channels`), torchvision
+            `get_model`'s, or the transformers model config as a dict (with its `model_type`).
+        input_mean (`list[float]`, *optional*): per-channel mean of the network's [0, 1] inputs; None: the network
+            takes [-1, 1] images as they are.
+        input_std (`list[float]`, *optional*): per-channel std, with `input_mean`.
+        input_size (`int`, *optional*): the side the network sees (inputs are resized to it, outputs back); None: the
+            input's own.
     """
 
     def __init__(

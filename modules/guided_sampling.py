@@ -24,30 +24,38 @@ class GuidedSampling(L.LightningModule):
     for real-valued ones), and the evaluator's class agreement is with the digit each target names.
 
     Args:
-        diffusion_model: diffusers pipeline directory or hub id (`assets/digits/ddpm-uncond`, `google/ddpm-cifar10-32`).
-        scheduler: diffusers scheduler class used as sampler, any of `models.SUPPORTED_SCHEDULERS` that serves the model's
-            family: `DDIMScheduler`, `DDPMScheduler`, `DPMSolverMultistepScheduler`, `EulerDiscreteScheduler`,
-            `HeunDiscreteScheduler`, ... for DDPM-trained models, `EDMEulerScheduler` for EDM ones,
-            `FlowMatchEulerDiscreteScheduler` for flow-matching ones.
-        scheduler_config: entries that replace the model's scheduler config, e.g. `{use_karras_sigmas: true}` (Euler-Karras,
-            Heun with EDM's step sizes) or `{timestep_spacing: trailing}`.
-        num_inference_steps: sampler steps.
-        guidance: a `Guidance` (naive classifier, predicted-x0 classifier, PPAP experts, calibrated), or None.
-        classifier_scale: scale s of the guidance's gradient (guided-diffusion's name); needs `guidance`.
-        guidance_scale: classifier-free guidance weight g, as in diffusers (`eps(null) + g (eps(c) - eps(null))`,
-            1 = off): class-conditional models, text-conditional ones on a `prompt`, and distilled guides.
-        evaluator_path: independent classifier that scores the samples (guided accuracy, confidence, IS).
-        vae: for latent models, the `AutoencoderKL` (pipeline dir / hub id with `vae/`, or a bare VAE): the
-            guidance classifier sees the decoded x0_hat and the samples are decoded.
-        cfg_guidance: how classifier guidance combines with CFG: "shift" or "normalized" (the DiT rule).
-        guide_path: a guide trained by `GuideDistillation` / `ProgressiveHalving` (`Guide.save_pretrained`):
-            samples with one UNet + guide pass per step at `guidance_scale` (`GuideDistilledPipeline`).
-        prompt: for text-conditional UNets (Stable Diffusion, DeepFloyd-IF), the prompt, encoded once by the model's own
-            text encoder; None samples under the empty prompt (unconditional, as PPAP guides GLIDE). `guidance_scale` > 1
-            then guides toward it against the empty prompt.
-        autocast_dtype: "bfloat16" or "float16" runs the denoiser under autocast (guidance gradients stay in full
-            precision); null: full precision.
-        compile_unet: compile the denoiser's forward with `torch.compile` (each new batch shape compiles once).
+        diffusion_model (`str`, defaults to `"assets/digits/ddpm-uncond"`): diffusers pipeline directory or hub id
+            (`assets/digits/ddpm-uncond`, `google/ddpm-cifar10-32`).
+        scheduler (`str`, defaults to `"DDIMScheduler"`): diffusers scheduler class used as sampler, any of
+            `models.SUPPORTED_SCHEDULERS` that serves the model's family: `DDIMScheduler`, `DDPMScheduler`,
+            `DPMSolverMultistepScheduler`, `EulerDiscreteScheduler`, `HeunDiscreteScheduler`, ... for DDPM-trained
+            models, `EDMEulerScheduler` for EDM ones, `FlowMatchEulerDiscreteScheduler` for flow-matching ones.
+        scheduler_config (`dict`, *optional*): entries that replace the model's scheduler config, e.g.
+            `{use_karras_sigmas: true}` (Euler-Karras, Heun with EDM's step sizes) or `{timestep_spacing: trailing}`.
+        num_inference_steps (`int`, defaults to 50): sampler steps.
+        guidance (`Guidance`, *optional*): a `Guidance` (naive classifier, predicted-x0 classifier, PPAP experts,
+            calibrated), or None.
+        classifier_scale (`float`, defaults to 0.0): scale s of the guidance's gradient (guided-diffusion's name);
+            needs `guidance`.
+        guidance_scale (`float`, defaults to 1.0): classifier-free guidance weight g, as in diffusers (`eps(null) + g
+            (eps(c) - eps(null))`, 1 = off): class-conditional models, text-conditional ones on a `prompt`, and
+            distilled guides.
+        evaluator_path (`str`, *optional*, defaults to `"assets/digits/evaluator"`): independent classifier that scores
+            the samples (guided accuracy, confidence, IS).
+        vae (`str`, *optional*): for latent models, the `AutoencoderKL` (pipeline dir / hub id with `vae/`, or a bare
+            VAE): the guidance classifier sees the decoded x0_hat and the samples are decoded.
+        cfg_guidance (`str`, defaults to `"shift"`): how classifier guidance combines with CFG: "shift" or "normalized"
+            (the DiT rule).
+        guide_path (`str`, *optional*): a guide trained by `GuideDistillation` / `ProgressiveHalving`
+            (`Guide.save_pretrained`): samples with one UNet + guide pass per step at `guidance_scale`
+            (`GuideDistilledPipeline`).
+        prompt (`str`, *optional*): for text-conditional UNets (Stable Diffusion, DeepFloyd-IF), the prompt, encoded
+            once by the model's own text encoder; None samples under the empty prompt (unconditional, as PPAP guides
+            GLIDE). `guidance_scale` > 1 then guides toward it against the empty prompt.
+        autocast_dtype (`str`, *optional*): "bfloat16" or "float16" runs the denoiser under autocast (guidance
+            gradients stay in full precision); null: full precision.
+        compile_unet (`bool`, defaults to `False`): compile the denoiser's forward with `torch.compile` (each new batch
+            shape compiles once).
     """
 
     def __init__(
