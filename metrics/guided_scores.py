@@ -30,7 +30,7 @@ class GuidedSampleScores(nn.Module):
     @classmethod
     def from_paths(
         cls, evaluator_path: str, autoencoder_path: str | None = None, map_kind: MapKind | None = None
-    ) -> "GuidedSampleScores":
+    ) -> GuidedSampleScores:
         """A saved evaluator and an optional `AutoencoderKL` feature space (`GenerationMetrics.from_paths`)."""
         return cls(GenerationMetrics.from_paths(evaluator_path, autoencoder_path), map_kind)
 
