@@ -34,12 +34,12 @@ class CalibrationCurve(L.Callback):
     if it has one, else its own val split. x0_hat guides need `pl_module.unet`.
 
     Args:
-        num_timesteps: timesteps measured, evenly spanning 0 .. T - 1 (default 20).
-        n_bins: ECE confidence bins.
-        max_images: held-out images used (the first ones of the val split).
-        every_n_epochs: measure after every n-th validation epoch.
-        seed: seed of the forward noise.
-        tag: TensorBoard tag.
+        num_timesteps (`int`, defaults to 20): timesteps measured, evenly spanning 0 .. T - 1.
+        n_bins (`int`, defaults to 15): ECE confidence bins.
+        max_images (`int`, defaults to 180): held-out images used (the first ones of the val split).
+        every_n_epochs (`int`, defaults to 1): measure after every n-th validation epoch.
+        seed (`int`, defaults to 0): seed of the forward noise.
+        tag (`str`, defaults to `"calibration"`): TensorBoard tag.
     """
 
     def __init__(self, num_timesteps: int = 20, n_bins: int = 15, max_images: int = 180, every_n_epochs: int = 1, seed: int = 0, tag: str = "calibration") -> None:

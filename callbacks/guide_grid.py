@@ -23,14 +23,17 @@ class GuideSampleGrid(PeriodicGrid):
     Class-conditional models only.
 
     Args:
-        guidance_scales: the classifier-free guidance weights g to draw, as diffusers' `guidance_scale` (1 = off).
-        num_per_class: columns per side.
-        num_classes: rows.
-        num_inference_steps: DDIM steps; None uses the module's `num_inference_steps` (the halved count).
-        every_n_epochs: draw after every n-th validation epoch; the last grids are always drawn at fit end.
-        seed: seed of the grids' noise.
-        evaluator_path: optional independent classifier (`assets/digits/evaluator`).
-        tag: TensorBoard tag prefix.
+        guidance_scales (`list[float]`, defaults to `(3.0, 5.0, 9.0)`): the classifier-free guidance weights g to draw,
+            as diffusers' `guidance_scale` (1 = off).
+        num_per_class (`int`, defaults to 4): columns per side.
+        num_classes (`int`, defaults to 10): rows.
+        num_inference_steps (`int`, *optional*): DDIM steps; None uses the module's `num_inference_steps` (the halved
+            count).
+        every_n_epochs (`int`, defaults to 1): draw after every n-th validation epoch; the last grids are always drawn
+            at fit end.
+        seed (`int`, defaults to 0): seed of the grids' noise.
+        evaluator_path (`str`, *optional*): optional independent classifier (`assets/digits/evaluator`).
+        tag (`str`, defaults to `"guide_vs_cfg"`): TensorBoard tag prefix.
     """
 
     def __init__(

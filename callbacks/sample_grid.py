@@ -22,16 +22,20 @@ class GuidedSampleGrid(PeriodicGrid):
     class-conditional, otherwise plain samples; tiles are enlarged 4x (nearest neighbour). Drawn on global rank 0 only.
 
     Args:
-        num_per_class: columns of the grid.
-        num_classes: rows of the grid.
-        num_inference_steps: sampler steps; default: the module's `num_inference_steps` hyper-parameter, else 50.
-        classifier_scale: the guidance's gradient scale; default: the module's `classifier_scale`, else 0.
-        guidance_scale: classifier-free guidance weight g, as in diffusers (1 = off; class-conditional UNets).
-        every_n_epochs: sample after every n-th validation epoch; the last grid is always drawn at fit end.
-        seed: seed of the grid's noise.
-        evaluator_path: independent classifier whose agreement with the target rows is logged as
+        num_per_class (`int`, defaults to 8): columns of the grid.
+        num_classes (`int`, defaults to 10): rows of the grid.
+        num_inference_steps (`int`, *optional*): sampler steps; default: the module's `num_inference_steps`
+            hyper-parameter, else 50.
+        classifier_scale (`float`, *optional*): the guidance's gradient scale; default: the module's
+            `classifier_scale`, else 0.
+        guidance_scale (`float`, defaults to 1.0): classifier-free guidance weight g, as in diffusers (1 = off;
+            class-conditional UNets).
+        every_n_epochs (`int`, defaults to 1): sample after every n-th validation epoch; the last grid is always drawn
+            at fit end.
+        seed (`int`, defaults to 0): seed of the grid's noise.
+        evaluator_path (`str`, *optional*): independent classifier whose agreement with the target rows is logged as
             `<tag>/guided_accuracy`; default: the module's `evaluator_path`, if any.
-        tag: TensorBoard tag.
+        tag (`str`, defaults to `"samples"`): TensorBoard tag.
     """
 
     def __init__(

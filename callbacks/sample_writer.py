@@ -26,9 +26,9 @@ class SampleWriter(BasePredictionWriter):
     rank 0 writes them in the order of their global `index`, each sample once, as one process would.
 
     Args:
-        output_dir: directory of the files, relative to the run's folder (`<default_root_dir>/version_N`) or absolute;
-            default: the run's folder itself.
-        nrow: images per grid row (the number of samples per class makes one class per row).
+        output_dir (`str`, *optional*): directory of the files, relative to the run's folder
+            (`<default_root_dir>/version_N`) or absolute; default: the run's folder itself.
+        nrow (`int`, defaults to 8): images per grid row (the number of samples per class makes one class per row).
     """
 
     def __init__(self, output_dir: str | None = None, nrow: int = 8) -> None:

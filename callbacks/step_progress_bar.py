@@ -27,7 +27,7 @@ class StepProgressBar(TQDMProgressBar):
     steps (`denoising_progress`). The logger version (`v_num`) is left out: it is in the log directory's name.
 
     Args:
-        refresh_rate: update the bar every n steps.
+        refresh_rate (`int`, defaults to 1): update the bar every n steps.
     """
 
     def __init__(self, refresh_rate: int = 1) -> None:

@@ -21,7 +21,7 @@ class TargetMapGrid(PeriodicGrid):
     validation split), its target map (the teacher's map of it: colours per class, or grey levels of the depth
     stand-in, near = white), the sample guided by the teacher itself on x_t (naive) and the sample guided by the
     experts, both from the same seeded noise, so a row differs only by the guide. With an evaluator (the module's
-    `metrics`), the two samples' agreement with the maps, read off their pixels, is logged as
+    `scores`), the two samples' agreement with the maps, read off their pixels, is logged as
     `<tag>/<score>_naive` and `<tag>/<score>_experts` (`miou`, or `depth_correlation`). Drawn on global rank 0
     after every `every_n_epochs`-th validation and at the end of fit.
 
@@ -29,13 +29,15 @@ class TargetMapGrid(PeriodicGrid):
     `num_inference_steps` and `classifier_scale` hyper-parameters (`ExpertDistillation` does).
 
     Args:
-        num_samples: rows of the grid.
-        classifier_scale: gradient scale of the experts; default: the module's `classifier_scale`.
-        naive_classifier_scale: gradient scale of the naive guide; default: the experts'. The off-the-shelf model's
-            gradients on noisy inputs grow large, so its best scale is much smaller (`scripts/dense_table.py` sweeps both).
-        every_n_epochs: draw after every n-th validation epoch.
-        seed: seed of the samples' noise (sample i: seed + i).
-        tag: TensorBoard tag.
+        num_samples (`int`, defaults to 8): rows of the grid.
+        classifier_scale (`float`, *optional*): gradient scale of the experts; default: the module's
+            `classifier_scale`.
+        naive_classifier_scale (`float`, *optional*): gradient scale of the naive guide; default: the experts'. The
+            off-the-shelf model's gradients on noisy inputs grow large, so its best scale is much smaller
+            (`scripts/dense_table.py` sweeps both).
+        every_n_epochs (`int`, defaults to 1): draw after every n-th validation epoch.
+        seed (`int`, defaults to 0): seed of the samples' noise (sample i: seed + i).
+        tag (`str`, defaults to `"target_maps"`): TensorBoard tag.
     """
 
     def __init__(
@@ -81,10 +83,11 @@ class TargetMapGrid(PeriodicGrid):
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
             experiment.add_image(self.tag, grid, trainer.global_step)
-        metrics = getattr(pl_module, "metrics", None)
-        if metrics is not None and trainer.logger is not None:
+        module_scores = getattr(pl_module, "scores", None)
+        if module_scores is not None and trainer.logger is not None:
             kind = "depth" if maps.is_floating_point() else "segmentation"
-            scores, score = DenseMapMetrics(kind, metrics.evaluator), "depth_correlation" if kind == "depth" else "miou"
+            scores = DenseMapMetrics(kind, module_scores.evaluator)
+            score = "depth_correlation" if kind == "depth" else "miou"
             values = {f"{self.tag}/{score}_{name}": float(scores.scores(sampled, maps)[score].mean()) for name, sampled in samples.items()}
             trainer.logger.log_metrics(values, trainer.global_step)
         pl_module.train(was_training)

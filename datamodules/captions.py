@@ -11,16 +11,18 @@ class CaptionedImageDataModule(ImageDataModule):
     """Batches `{"image": float32 (B, 3, H, W) in [-1, 1], "caption": list[str]}` from a captioned image dataset.
 
     Args:
-        source: a hub dataset with an image and a text column (`lambdalabs/naruto-blip-captions`), or a
-            directory written by `save_to_disk`. Hub names need network access.
-        image_size: side of the square images (512 for Stable Diffusion 1.5).
-        caption_column: column holding the caption; a list of captions uses its first entry.
-        image_column: column holding the image.
-        val_fraction: fraction held out as `val` when the source has no such split.
-        test_fraction: fraction held out as `test` when the source has no such split.
-        split_seed: seed of the permutation that carves the missing splits.
-        batch_size: images per batch.
-        num_workers: DataLoader workers.
+        source (`str`, defaults to `"lambdalabs/naruto-blip-captions"`): a hub dataset with an image and a text column
+            (`lambdalabs/naruto-blip-captions`), or a directory written by `save_to_disk`. Hub names need network
+            access.
+        image_size (`int`, defaults to 512): side of the square images (512 for Stable Diffusion 1.5).
+        caption_column (`str`, defaults to `"text"`): column holding the caption; a list of captions uses its first
+            entry.
+        image_column (`str`, defaults to `"image"`): column holding the image.
+        val_fraction (`float`, defaults to 0.02): fraction held out as `val` when the source has no such split.
+        test_fraction (`float`, defaults to 0.0): fraction held out as `test` when the source has no such split.
+        split_seed (`int`, defaults to 0): seed of the permutation that carves the missing splits.
+        batch_size (`int`, defaults to 4): images per batch.
+        num_workers (`int`, defaults to 0): DataLoader workers.
     """
 
     def __init__(

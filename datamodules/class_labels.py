@@ -27,11 +27,11 @@ class ClassLabelDataModule(L.LightningDataModule):
     global `index`, so that rows a distributed sampler repeats are counted and written once.
 
     Args:
-        num_per_class: samples per class.
-        num_classes: classes 0..num_classes-1; 0 for unconditional samples (label -1).
-        num_unlabelled: samples when `num_classes` is 0.
-        batch_size: samples per batch.
-        seed: seed of sample 0.
+        num_per_class (`int`, defaults to 8): samples per class.
+        num_classes (`int`, defaults to 10): classes 0..num_classes-1; 0 for unconditional samples (label -1).
+        num_unlabelled (`int`, defaults to 80): samples when `num_classes` is 0.
+        batch_size (`int`, defaults to 80): samples per batch.
+        seed (`int`, defaults to 0): seed of sample 0.
     """
 
     def __init__(self, num_per_class: int = 8, num_classes: int = 10, num_unlabelled: int = 80, batch_size: int = 80, seed: int = 0) -> None:

@@ -17,10 +17,10 @@ class DigitsDataModule(ImageDataModule):
     so the shipped models' test accuracy is measured on the same images everywhere.
 
     Args:
-        image_size: side of the upsampled square image (16 for every embedded model).
-        batch_size: images per batch.
-        split_seed: seed of the fixed split permutation.
-        num_workers: DataLoader workers.
+        image_size (`int`, defaults to 16): side of the upsampled square image (16 for every embedded model).
+        batch_size (`int`, defaults to 128): images per batch.
+        split_seed (`int`, defaults to 0): seed of the fixed split permutation.
+        num_workers (`int`, defaults to 0): DataLoader workers.
     """
 
     def __init__(self, image_size: int = 16, batch_size: int = 128, split_seed: int = 0, num_workers: int = 0) -> None:

@@ -43,19 +43,22 @@ class ImageDataModule(L.LightningDataModule):
     Evaluation batches (`val`, `test`) also carry `"index"`, each image's position in its split (`IndexedRows`).
 
     Args:
-        source: a hub dataset name (`uoft-cs/cifar10`), a directory written by `save_to_disk`, or an
-            image folder (one sub-folder per class). Hub names need network access.
-        image_size: side of the square images the models see; images are resized to it.
-        channels: 1 (grayscale) or 3 (RGB); images are converted to it.
-        image_column: column holding the image.
-        label_column: column holding the integer class.
-        split_names: the source's names for this module's `train`, `val` and `test` splits. A split
-            missing from the source is carved out of `train` (`val_fraction`, `test_fraction`).
-        val_fraction: fraction of `train` held out as `val` when the source has no such split.
-        test_fraction: fraction of `train` held out as `test` when the source has no such split.
-        split_seed: seed of the permutation that carves the missing splits; fixed, so splits are stable.
-        batch_size: images per batch.
-        num_workers: DataLoader workers.
+        source (`str`, defaults to `""`): a hub dataset name (`uoft-cs/cifar10`), a directory written by
+            `save_to_disk`, or an image folder (one sub-folder per class). Hub names need network access.
+        image_size (`int`, defaults to 32): side of the square images the models see; images are resized to it.
+        channels (`int`, defaults to 3): 1 (grayscale) or 3 (RGB); images are converted to it.
+        image_column (`str`, defaults to `"image"`): column holding the image.
+        label_column (`str`, defaults to `"label"`): column holding the integer class.
+        split_names (`dict[str, str]`, *optional*): the source's names for this module's `train`, `val` and `test`
+            splits. A split missing from the source is carved out of `train` (`val_fraction`, `test_fraction`).
+        val_fraction (`float`, defaults to 0.1): fraction of `train` held out as `val` when the source has no such
+            split.
+        test_fraction (`float`, defaults to 0.2): fraction of `train` held out as `test` when the source has no such
+            split.
+        split_seed (`int`, defaults to 0): seed of the permutation that carves the missing splits; fixed, so splits are
+            stable.
+        batch_size (`int`, defaults to 128): images per batch.
+        num_workers (`int`, defaults to 0): DataLoader workers.
     """
 
     def __init__(

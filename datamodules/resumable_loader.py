@@ -34,12 +34,13 @@ class ResumableSampler(DistributedSampler):
     Being a `DistributedSampler`, Lightning neither replaces it under DDP nor forgets to call `set_epoch`.
 
     Args:
-        dataset: the map-style dataset.
-        num_replicas: world size W.
-        rank: this process's rank r.
-        shuffle: permute every epoch (else the natural order).
-        seed: seed of the permutations.
-        drop_last: drop the tail so that every rank gets the same number of indices (else pad by repeating).
+        dataset (`Dataset`): the map-style dataset.
+        num_replicas (`int`, defaults to 1): world size W.
+        rank (`int`, defaults to 0): this process's rank r.
+        shuffle (`bool`, defaults to `True`): permute every epoch (else the natural order).
+        seed (`int`, defaults to 0): seed of the permutations.
+        drop_last (`bool`, defaults to `True`): drop the tail so that every rank gets the same number of indices (else
+            pad by repeating).
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0, drop_last: bool = True) -> None:
@@ -60,13 +61,14 @@ class ResumableDataLoader(DataLoader):
     Batches are counted as they are handed to the training loop (not as workers prefetch them).
 
     Args:
-        dataset: the map-style dataset.
-        batch_size: samples per batch (per rank).
-        shuffle: permute every epoch.
-        seed: seed of the permutations; default: `seed_everything`'s seed (PL_GLOBAL_SEED), else 0.
-        drop_last: drop incomplete batches and the tail that does not split evenly across ranks.
-        num_replicas: world size; default: the initialised process group's, else 1.
-        rank: this process's rank; default: the process group's, else 0.
+        dataset (`Dataset`): the map-style dataset.
+        batch_size (`int`, defaults to 1): samples per batch (per rank).
+        shuffle (`bool`, defaults to `True`): permute every epoch.
+        seed (`int`, *optional*): seed of the permutations; default: `seed_everything`'s seed (PL_GLOBAL_SEED), else 0.
+        drop_last (`bool`, defaults to `True`): drop incomplete batches and the tail that does not split evenly across
+            ranks.
+        num_replicas (`int`, *optional*): world size; default: the initialised process group's, else 1.
+        rank (`int`, *optional*): this process's rank; default: the process group's, else 0.
         **kwargs: other `DataLoader` arguments (`num_workers`, `collate_fn`, ...), not `sampler`. `pin_memory`
             defaults to whether CUDA is available: batches then leave page-locked memory, and Lightning's
             copies to the GPU are non-blocking.

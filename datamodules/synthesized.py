@@ -112,32 +112,34 @@ class SynthesizedImageDataModule(L.LightningDataModule):
     Batches are `{"image": (B, C, H, W) in [-1, 1], "index": (B,)}` plus `"teacher_logits"` when cached.
 
     Args:
-        diffusion_model: diffusers pipeline directory or hub id of the frozen (unconditional) model.
-        scheduler: diffusers sampler class (`DDIMScheduler` as in the paper).
-        num_inference_steps: sampler steps (25 in the paper).
-        num_images: images in the set.
-        seed: seed of the set.
-        generation_batch_size: images per UNet batch while generating.
-        shard_size: images per shard (the unit of resuming).
-        image_dtype: how images are stored: "float32" (exact) or "uint8" (8 bits per channel, as a PNG would
-            keep them: a quarter of the disk, for large sets; the teacher's cached logits are then taken on
-            the stored image).
-        batch_size: training batch size.
-        cache_dir: root of the cache.
-        teacher_path: if set, this classifier's logits on every image are cached with it.
-        labelled_data: real labelled images for `val` and `test` (e.g. `DigitsDataModule`).
-        num_workers: DataLoader workers.
-        prompt: for a text-conditional model (DeepFloyd-IF, Stable Diffusion), the prompt it samples under; None: the
-            empty prompt, which samples it unconditionally (PPAP's GLIDE setting).
-        autocast_dtype: "bfloat16" or "float16" runs the UNet under autocast while generating (part of the cache's
-            name: it changes the images); null: full precision.
-        compile_unet: compile the UNet's forward with `torch.compile` (the same images up to float rounding, so
-            not part of the cache's name).
-        max_saturated_fraction: before training, the set is refused when more than this fraction of the first
-            shard's pixels is saturated (|x| > 0.99, `saturated_fraction`): what a model sampled under a wrong
-            `prediction_type` synthesizes (noise clipped to the range), not images. docs/reliability.md gives the
-            measured fractions this default lies between; null: no check (a model whose images are mostly black and
-            white, or an untrained test model).
+        diffusion_model (`str`, defaults to `"assets/digits/ddpm-uncond"`): diffusers pipeline directory or hub id of
+            the frozen (unconditional) model.
+        scheduler (`str`, defaults to `"DDIMScheduler"`): diffusers sampler class (`DDIMScheduler` as in the paper).
+        num_inference_steps (`int`, defaults to 25): sampler steps (25 in the paper).
+        num_images (`int`, defaults to 2000): images in the set.
+        seed (`int`, defaults to 0): seed of the set.
+        generation_batch_size (`int`, defaults to 250): images per UNet batch while generating.
+        shard_size (`int`, defaults to 500): images per shard (the unit of resuming).
+        image_dtype (`str`, defaults to `"float32"`): how images are stored: "float32" (exact) or "uint8" (8 bits per
+            channel, as a PNG would keep them: a quarter of the disk, for large sets; the teacher's cached logits are
+            then taken on the stored image).
+        batch_size (`int`, defaults to 128): training batch size.
+        cache_dir (`str`, defaults to `".cache/synthesized"`): root of the cache.
+        teacher_path (`str`, *optional*): if set, this classifier's logits on every image are cached with it.
+        labelled_data (`ImageDataModule`, *optional*): real labelled images for `val` and `test` (e.g.
+            `DigitsDataModule`).
+        num_workers (`int`, defaults to 0): DataLoader workers.
+        prompt (`str`, *optional*): for a text-conditional model (DeepFloyd-IF, Stable Diffusion), the prompt it
+            samples under; None: the empty prompt, which samples it unconditionally (PPAP's GLIDE setting).
+        autocast_dtype (`str`, *optional*): "bfloat16" or "float16" runs the UNet under autocast while generating (part
+            of the cache's name: it changes the images); null: full precision.
+        compile_unet (`bool`, defaults to `False`): compile the UNet's forward with `torch.compile` (the same images up
+            to float rounding, so not part of the cache's name).
+        max_saturated_fraction (`float`, *optional*, defaults to `MAX_SATURATED_FRACTION`): before training, the set is
+            refused when more than this fraction of the first shard's pixels is saturated (|x| > 0.99,
+            `saturated_fraction`): what a model sampled under a wrong `prediction_type` synthesizes (noise clipped to
+            the range), not images. docs/reliability.md gives the measured fractions this default lies between; null:
+            no check (a model whose images are mostly black and white, or an untrained test model).
     """
 
     def __init__(

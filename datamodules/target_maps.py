@@ -37,12 +37,14 @@ class TargetMapDataModule(L.LightningDataModule):
     map, which names none, the real digit's label; the evaluator's agreement with it is the samples' class score.
 
     Args:
-        model_path: the dense model (`DenseModel` directory, or `torchvision:` / `transformers:` hub id).
-        labelled_data: the real images (default: the digits).
-        splits: the splits whose images give targets, in order (held out from the dense model's training: "val", "test").
-        num_samples: the first N of those images; None: all of them.
-        batch_size: samples per batch.
-        seed: seed of sample 0.
+        model_path (`str`, defaults to `"assets/digits/segmenter"`): the dense model (`DenseModel` directory, or
+            `torchvision:` / `transformers:` hub id).
+        labelled_data (`ImageDataModule`, *optional*): the real images (default: the digits).
+        splits (`list[str]`, *optional*): the splits whose images give targets, in order (held out from the dense
+            model's training: "val", "test").
+        num_samples (`int`, *optional*): the first N of those images; None: all of them.
+        batch_size (`int`, defaults to 80): samples per batch.
+        seed (`int`, defaults to 0): seed of sample 0.
     """
 
     def __init__(

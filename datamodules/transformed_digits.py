@@ -15,11 +15,11 @@ class ThickDigitsDataModule(DigitsDataModule):
     side `stroke_kernel`, applied after resizing to `image_size`) thickens them by (k - 1) / 2 pixels each side.
 
     Args:
-        stroke_kernel: odd side of the dilation window (3 adds one pixel on each side at 16x16).
-        image_size: side of the upsampled square image.
-        batch_size: images per batch.
-        split_seed: seed of the fixed split permutation.
-        num_workers: DataLoader workers.
+        stroke_kernel (`int`, defaults to 3): odd side of the dilation window (3 adds one pixel on each side at 16x16).
+        image_size (`int`, defaults to 16): side of the upsampled square image.
+        batch_size (`int`, defaults to 128): images per batch.
+        split_seed (`int`, defaults to 0): seed of the fixed split permutation.
+        num_workers (`int`, defaults to 0): DataLoader workers.
     """
 
     def __init__(self, stroke_kernel: int = 3, image_size: int = 16, batch_size: int = 128, split_seed: int = 0, num_workers: int = 0) -> None:

@@ -72,13 +72,14 @@ def calibration_curve(
     clipped to [-1, 1], from the frozen `unet`; guides on `"x_t"` see x_t.
 
     Args:
-        guidance: any guide with `input`, `num_classes` and `logits(inputs, timesteps)` (the `ClassifierGuidance`s).
-        batches: an iterable of dicts with `image` (B, C, H, W) in [-1, 1] and `label` (B,).
-        timesteps: train timesteps to measure at.
-        alphas_cumprod: the diffusion model's abar (T,).
-        unet: the frozen diffusion model, needed for x0_hat guides.
-        n_bins: confidence bins of the ECE.
-        seed: seed of the forward noise.
+        guidance (`CalibratedInput`): any guide with `input`, `num_classes` and `logits(inputs, timesteps)` (the
+            `ClassifierGuidance`s).
+        batches (`Iterable[dict]`): an iterable of dicts with `image` (B, C, H, W) in [-1, 1] and `label` (B,).
+        timesteps (`list[int]`): train timesteps to measure at.
+        alphas_cumprod (`torch.Tensor`): the diffusion model's abar (T,).
+        unet (`nn.Module`, *optional*): the frozen diffusion model, needed for x0_hat guides.
+        n_bins (`int`, defaults to 15): confidence bins of the ECE.
+        seed (`int`, defaults to 0): seed of the forward noise.
 
     Returns:
         {"timestep": [...], "ece": [...], "accuracy": [...]} and "integral_ece" (mean ECE_t over t) as a one-item list.

@@ -37,8 +37,9 @@ class DenseMapMetrics(nn.Module):
     bootstrap interval.
 
     Args:
-        kind: "segmentation" or "depth".
-        evaluator: the independent classifier that reads each sample's digit (segmentation only).
+        kind (`str`): "segmentation" or "depth".
+        evaluator (`nn.Module`, *optional*): the independent classifier that reads each sample's digit (segmentation
+            only).
     """
 
     def __init__(self, kind: MapKind, evaluator: nn.Module | None = None) -> None:

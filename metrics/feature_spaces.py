@@ -15,7 +15,8 @@ class PooledPixels(nn.Module):
     the class) may not move at all.
 
     Args:
-        size: side of the pooled image (8 for the 16x16 digits: the resolution of the original UCI data).
+        size (`int`, defaults to 8): side of the pooled image (8 for the 16x16 digits: the resolution of the original
+            UCI data).
     """
 
     def __init__(self, size: int = 8) -> None:
@@ -35,7 +36,7 @@ class AutoencoderLatents(nn.Module):
     within-class artifacts; with Stable Diffusion's VAE the same class serves hub-scale images.
 
     Args:
-        autoencoder: the `AutoencoderKL` (frozen here), e.g. `assets/digits/autoencoder`.
+        autoencoder (`nn.Module`): the `AutoencoderKL` (frozen here), e.g. `assets/digits/autoencoder`.
     """
 
     def __init__(self, autoencoder: nn.Module) -> None:

@@ -178,11 +178,11 @@ class GenerationMetrics(nn.Module):
     FID is biased by the sample count: compare rows of equal size (KID is not).
 
     Args:
-        evaluator: a classifier with `features_and_logits()` (a `TimmClassifier`); frozen here.
-        num_classes: number of classes.
-        feature_spaces: extra named feature extractors (images -> (B, D)), e.g. {"autoencoder": AutoencoderLatents(vae)};
-            `evaluator` and `pixels` are always measured.
-        nearest_k: k of precision/recall/density/coverage.
+        evaluator (`nn.Module`): a classifier with `features_and_logits()` (a `TimmClassifier`); frozen here.
+        num_classes (`int`): number of classes.
+        feature_spaces (`dict[str, nn.Module]`, *optional*): extra named feature extractors (images -> (B, D)), e.g.
+            {"autoencoder": AutoencoderLatents(vae)}; `evaluator` and `pixels` are always measured.
+        nearest_k (`int`, defaults to 5): k of precision/recall/density/coverage.
     """
 
     def __init__(self, evaluator: nn.Module, num_classes: int, feature_spaces: dict[str, nn.Module] | None = None, nearest_k: int = 5) -> None:

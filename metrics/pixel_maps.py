@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
-# Images are in [-1, 1]: a pixel brighter than mid-grey is stroke (30% of the 1,797 digits' pixels at 16x16).
+# Images are in [-1, 1]: a pixel brighter than mid-grey is stroke.
 STROKE_THRESHOLD = 0.0
 # The digits' segmentation labels: 0 is background, 1 + k the stroke of digit k.
 BACKGROUND = 0

@@ -22,10 +22,10 @@ def best_scale(sweep: dict[str, dict], unguided: dict, distance: str = PRIMARY_D
     guidance is ranked by its map score (`score`: mIoU, or depth-map correlation) under the same bound.
 
     Args:
-        sweep: scale (as a string key) -> results with `score`, `distance` and `intervals`.
-        unguided: the unguided row's results, with `intervals[distance]`.
-        distance: the quality distance the bound is taken on.
-        score: what the best scale maximises (higher is better).
+        sweep (`dict[str, dict]`): scale (as a string key) -> results with `score`, `distance` and `intervals`.
+        unguided (`dict`): the unguided row's results, with `intervals[distance]`.
+        distance (`str`, defaults to `PRIMARY_DISTANCE`): the quality distance the bound is taken on.
+        score (`str`, defaults to `"guided_accuracy"`): what the best scale maximises (higher is better).
     """
     bound = unguided["intervals"][distance][1]
     admissible = {scale: r for scale, r in sweep.items() if r[distance] <= bound}

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 from typing import Callable
 
 import timm
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from plugguide.models.saving import load_saved
+from plugguide.models.saving import HubModelMixin, load_saved
 
 
-class TimmClassifier(nn.Module, PyTorchModelHubMixin):
+class TimmClassifier(nn.Module, HubModelMixin):
     """A timm classifier with `save_pretrained` / `from_pretrained` (config.json + model.safetensors).
 
     The embedded digits classifiers and a hub ImageNet model go through the same class: the config
@@ -25,13 +22,17 @@ class TimmClassifier(nn.Module, PyTorchModelHubMixin):
     timm pretrained config itself, so guidance gradients flow through the normalisation and resizing.
 
     Args:
-        model_name: a timm model name (`timm.list_models()`), e.g. `resnet18`, or `hf-hub:<repo>`.
-        num_classes: classes of the head; None keeps the pretrained model's own head.
-        in_chans: input channels (1 for the digits).
-        pretrained: load timm's own pretrained weights (needs network access).
-        model_kwargs: extra keyword arguments for `timm.create_model` (widths, depths, image size, ...).
-        normalize_input: map [-1, 1] inputs to the timm pretrained config's mean/std and input size.
-        input_size: the side inputs are resized to when `normalize_input`; default: the pretrained config's.
+        model_name (`str`): a timm model name (`timm.list_models()`), e.g. `resnet18`, or `hf-hub:<repo>`.
+        num_classes (`int`, *optional*, defaults to 10): classes of the head; None keeps the pretrained model's own
+            head.
+        in_chans (`int`, defaults to 1): input channels (1 for the digits).
+        pretrained (`bool`, defaults to `False`): load timm's own pretrained weights (needs network access).
+        model_kwargs (`dict`, *optional*): extra keyword arguments for `timm.create_model` (widths, depths, image size,
+            ...).
+        normalize_input (`bool`, defaults to `False`): map [-1, 1] inputs to the timm pretrained config's mean/std and
+            input size.
+        input_size (`int`, *optional*): the side inputs are resized to when `normalize_input`; default: the pretrained
+            config's.
     """
 
     def __init__(
@@ -63,12 +64,6 @@ class TimmClassifier(nn.Module, PyTorchModelHubMixin):
 
     #: What the model predicts (`pipelines.tasks.default_task` reads it): one class per image.
     predicts = "class"
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> "TimmClassifier":
-        # huggingface_hub prints "Loading weights from local directory" on every local load.
-        with contextlib.redirect_stdout(io.StringIO()):
-            return super().from_pretrained(*args, **kwargs)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images to what the timm model expects (identity for the digits classifiers)."""

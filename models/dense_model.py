@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 from typing import Literal
 
 import segmentation_models_pytorch as smp
@@ -11,10 +9,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import transformers
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from plugguide.models.saving import load_saved
+from plugguide.models.saving import HubModelMixin, load_saved
 
 Library = Literal["smp", "torchvision", "transformers"]
 LIBRARIES = ("smp", "torchvision", "transformers")
@@ -30,7 +27,7 @@ def build_library_model(library: str, architecture: str, num_classes: int | None
     return getattr(transformers, architecture)(config)
 
 
-class DenseModel(nn.Module, PyTorchModelHubMixin):
+class DenseModel(nn.Module, HubModelMixin):
     """A segmenter (a class per pixel) or a dense regressor (a value per pixel, e.g. depth), library-agnostic.
 
     The digits' segmenter and distance regressor (segmentation-models-pytorch with a timm encoder), torchvision's
@@ -42,18 +39,20 @@ class DenseModel(nn.Module, PyTorchModelHubMixin):
     resolution: per-pixel logits (B, C, H, W) for a segmenter, a map (B, H, W) for a regressor.
 
     Args:
-        library: "smp" (segmentation-models-pytorch), "torchvision" (`torchvision.models` segmentation models) or
-            "transformers".
-        architecture: an smp architecture ("Unet", "DeepLabV3Plus", ...), a torchvision model name
-            ("deeplabv3_resnet50"), or a transformers model class ("DPTForDepthEstimation").
-        num_classes: classes per pixel of a segmenter; None for a regressor (one value per pixel).
-        in_chans: input channels (1 for the digits).
-        model_kwargs: keyword arguments of the network: smp `create_model`'s (encoder name and depth, decoder
-            channels, and any timm encoder argument such as `layers` or `channels`), torchvision `get_model`'s, or the
-            transformers model config as a dict (with its `model_type`).
-        input_mean: per-channel mean of the network's [0, 1] inputs; None: the network takes [-1, 1] images as they are.
-        input_std: per-channel std, with `input_mean`.
-        input_size: the side the network sees (inputs are resized to it, outputs back); None: the input's own.
+        library (`str`, defaults to `"smp"`): "smp" (segmentation-models-pytorch), "torchvision" (`torchvision.models`
+            segmentation models) or "transformers".
+        architecture (`str`, defaults to `"Unet"`): an smp architecture ("Unet", "DeepLabV3Plus", ...), a torchvision
+            model name ("deeplabv3_resnet50"), or a transformers model class ("DPTForDepthEstimation").
+        num_classes (`int`, *optional*): classes per pixel of a segmenter; None for a regressor (one value per pixel).
+        in_chans (`int`, defaults to 1): input channels (1 for the digits).
+        model_kwargs (`dict`, *optional*): keyword arguments of the network: smp `create_model`'s (encoder name and
+            depth, decoder channels, and any timm encoder argument such as `layers` or `channels`), torchvision
+            `get_model`'s, or the transformers model config as a dict (with its `model_type`).
+        input_mean (`list[float]`, *optional*): per-channel mean of the network's [0, 1] inputs; None: the network
+            takes [-1, 1] images as they are.
+        input_std (`list[float]`, *optional*): per-channel std, with `input_mean`.
+        input_size (`int`, *optional*): the side the network sees (inputs are resized to it, outputs back); None: the
+            input's own.
     """
 
     def __init__(
@@ -92,12 +91,6 @@ class DenseModel(nn.Module, PyTorchModelHubMixin):
     def predicts(self) -> str:
         """"class_map" for a segmenter, "map" for a regressor (`pipelines.tasks.default_task` reads it)."""
         return "class_map" if self.num_classes else "map"
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> "DenseModel":
-        # huggingface_hub prints "Loading weights from local directory" on every local load.
-        with contextlib.redirect_stdout(io.StringIO()):
-            return super().from_pretrained(*args, **kwargs)
 
     def output_head(self) -> nn.Module:
         """The layer that turns features into the per-pixel output (a PPAP expert may own a copy of it)."""

@@ -14,8 +14,9 @@ from typing import Callable
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
 from torch import nn
+
+from plugguide.models.saving import HubModelMixin, load_saved
 
 
 def unet_signature(unet: UNet2DConditionModel) -> dict:
@@ -39,15 +40,18 @@ def unet_signature(unet: UNet2DConditionModel) -> dict:
     return {"down_channels": down, "mid_channels": channels[-1], "time_embed_dim": time_embed_dim, "condition_dim": condition_dim}
 
 
-class Guide(nn.Module):
+class Guide(nn.Module, HubModelMixin):
     """Base class of guide models: residuals for a frozen UNet's decoder, saved and loaded with that UNet.
 
-    Subclasses take the UNet as first argument (so configs can give them as `Callable[[UNet2DConditionModel], Guide]`)
-    and implement `residuals`.
+    Subclasses take the UNet as first argument (so configs can give them as `Callable[[UNet2DConditionModel], Guide]`),
+    set `init_args` to their other (JSON) arguments, and implement `residuals`. Saved like the classifiers, by
+    `huggingface_hub.PyTorchModelHubMixin` (model.safetensors); the config.json names the class, its `init_args` and
+    the UNet signature, since the UNet itself is not part of the guide: `load_guide` checks the signature and hands
+    the UNet to `from_pretrained` as a constructor argument.
 
     Args:
-        unet: the frozen UNet the guide is built for; only its configuration (and, for `FullGuide`, its
-            initial encoder weights) is used, it is not stored in the guide.
+        unet (`UNet2DConditionModel`): the frozen UNet the guide is built for; only its configuration (and, for
+            `FullGuide`, its initial encoder weights) is used, it is not stored in the guide.
     """
 
     def __init__(self, unet: UNet2DConditionModel) -> None:
@@ -78,13 +82,10 @@ class Guide(nn.Module):
         """(down_block_additional_residuals, mid_block_additional_residual) for this batch; g is (B,)."""
         raise NotImplementedError
 
-    def save_pretrained(self, directory: str) -> None:
-        """Writes config.json (class, arguments, UNet signature) and model.safetensors."""
-        os.makedirs(directory, exist_ok=True)
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Writes config.json (class, `init_args`, UNet signature) and model.safetensors (the hub mixin's)."""
         config = {"guide_class": type(self).__name__, "init_args": self.init_args, "unet_signature": self.signature}
-        with open(os.path.join(directory, "config.json"), "w") as file:
-            json.dump(config, file, indent=2)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, os.path.join(directory, "model.safetensors"))
+        super().save_pretrained(save_directory, config=config, **kwargs)
 
 
 def condition_embedding(unet: UNet2DConditionModel, class_labels: torch.Tensor | None, encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
@@ -111,11 +112,12 @@ class TinyGuide(Guide):
     guidance number g, `c_time` the frozen UNet's timestep embedding, `c_cond` its class embedding (digits)
     or mean-pooled text hidden states (Stable Diffusion), `phi` a SiLU layer, and `Z_*` zero-initialised
     linear layers. `y` is split into one per-channel residual for each decoder skip connection and one for
-    the mid block (broadcast over space), so a fresh guide is an exact no-op and costs ~1% of a UNet pass.
+    the mid block (broadcast over space), so a fresh guide is an exact no-op; its size and cost are measured in
+    docs/results/guide_distillation.md.
 
     Args:
-        unet: the frozen `UNet2DConditionModel` to steer (read for its channels and embedding sizes).
-        hidden_dim: width of the embedding `gamma + Z_t(c_time) + Z_c(c_cond)`.
+        unet (`UNet2DConditionModel`): the frozen UNet to steer (read for its channels and embedding sizes).
+        hidden_dim (`int`, defaults to 64): width of the embedding `gamma + Z_t(c_time) + Z_c(c_cond)`.
     """
 
     def __init__(self, unet: UNet2DConditionModel, hidden_dim: int = 64) -> None:
@@ -148,12 +150,13 @@ class FullGuide(Guide):
     `ControlNetModel.from_unet` copies the UNet's encoder and mid block; its conditioning image is the
     guidance number g broadcast to (1, H, W); its zero convolutions give one residual per skip connection
     and the mid block, so `eps'(z_t, c) = UNet(z_t, t, c; residuals = ControlNet(z_t, t, c, g))` and a
-    fresh guide is an exact no-op. About 40-50% of the UNet's parameters.
+    fresh guide is an exact no-op. It copies the UNet's encoder, so it is far larger than `TinyGuide` (measured in
+    docs/results/guide_distillation.md).
 
     Args:
-        unet: the frozen `UNet2DConditionModel` to steer (its encoder initialises the ControlNet).
-        conditioning_channels: widths of the conditioning-map encoder; one entry keeps the map at the
-            sample's resolution (the guidance map is constant, so downsampling it buys nothing).
+        unet (`UNet2DConditionModel`): the frozen UNet to steer (its encoder initialises the ControlNet).
+        conditioning_channels (`list[int]`, defaults to `(16,)`): widths of the conditioning-map encoder; one entry
+            keeps the map at the sample's resolution (the guidance map is constant, so downsampling it buys nothing).
     """
 
     def __init__(self, unet: UNet2DConditionModel, conditioning_channels: list[int] | tuple[int, ...] = (16,)) -> None:
@@ -196,9 +199,7 @@ def load_guide(path: str, unet: UNet2DConditionModel, setting: str = "guide_path
             f"`{setting}`={path!r} holds a guide built for a UNet with {config['unet_signature']}, but the UNet has "
             f"{unet_signature(unet)}; a guide only plugs into UNets of the same architecture."
         )
-    guide = GUIDES[config["guide_class"]](unet, **config["init_args"])
-    guide.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
-    return guide
+    return load_saved(GUIDES[config["guide_class"]], path, setting, "guide", unet=unet, **config["init_args"])
 
 
 def predict_guided_noise(

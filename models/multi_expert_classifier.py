@@ -40,8 +40,11 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 def expert_boundaries(num_experts: int, num_train_timesteps: int) -> list[int]:
     """[n T / N for n in 0..N], rounded: expert n covers timesteps [b_n, b_{n+1}).
 
-    The authors' code floors n T / N; the two agree whenever N divides T (N = 1, 2, 5, 10 at T = 1000) and
-    otherwise move a boundary by one timestep (N = 3: 667 here, 666 there).
+    The authors' code floors n T / N: the same boundaries whenever N divides T, one timestep apart otherwise.
+
+    Args:
+        num_experts (`int`): N, between 1 and T.
+        num_train_timesteps (`int`): T of the diffusion model.
     """
     if not 1 <= num_experts <= num_train_timesteps:
         raise ValueError(f"Expected `num_experts` to be between 1 and T={num_train_timesteps}, but got {num_experts}.")
@@ -59,39 +62,32 @@ def check_boundaries(boundaries: list[int], num_train_timesteps: int) -> list[in
 
 
 class MultiExpertClassifier(nn.Module):
-    """One frozen off-the-shelf model and N experts, expert n guiding timesteps [b_n, b_{n+1}).
+    """One frozen off-the-shelf model and N experts, expert n guiding timesteps [b_n, b_{n+1}) (PPAP, Go et al., 2023).
 
-    The model is a classifier (`TimmClassifier`) or a dense model (`DenseModel`: segmenter, depth regressor); the
-    experts return what it returns, whatever its shape (class logits, per-pixel logits, maps), so every task
-    (`pipelines.tasks`) shares this one wrapper.
+    The model is a classifier (`TimmClassifier`) or a dense model (`DenseModel`); the experts return what it returns
+    (class logits, per-pixel logits, maps), so every task (`pipelines.tasks`) shares this one wrapper.
 
-    PPAP's parameter-efficient experts (`finetune="lora"`): per expert a peft LoRA adapter on the chosen
-    weights (with its own LoRA bias where every targeted layer has a bias: ViT/DeiT attention, not ResNet
-    convs), its own copy of every normalisation layer (BatchNorm affine weights *and running statistics*,
-    which noise shifts) and, with `per_expert_head`, of the classifier head. The authors keep the head frozen
-    (riiid/PPAP `resnet_adapter.freeze_model`); the paper names bias, BatchNorm and LoRA parameters. A dense model's
-    head is its per-pixel output layer (`output_head()`).
-
-    Routing: timestep t goes to the expert whose range [b_n, b_{n+1}) holds it, so a step that lands exactly
-    on a boundary goes to the upper expert, the one trained on it. The authors' `MultiExpertWrapper` tests
-    `b_n <= t <= b_{n+1}` and sends such a step to the lower expert, which never trained on it (4 of the 50
-    DDPM-50 steps at N = 5). Switching experts
-    switches these small parameter sets (peft `set_adapter`); the backbone is never reloaded or changed.
-    `finetune="full"` gives the paper's "multi-experts" rows instead: N full copies, all trainable.
+    PPAP's parameter-efficient experts (`finetune="lora"`): per expert a peft LoRA adapter on the chosen weights
+    (W + (alpha / r) B A, with its own LoRA bias where every targeted layer has one), its own copy of every
+    normalisation layer (affine weights and BatchNorm running statistics, which noise shifts) and, with
+    `per_expert_head`, of the head (a dense model's per-pixel output layer). Switching experts switches these small
+    sets (peft `set_adapter`); the backbone is never reloaded. `finetune="full"` gives the paper's "multi-experts"
+    rows: N full trainable copies. A timestep on a boundary b_n goes to the upper expert, the one trained on it; where
+    this departs from the authors' code is listed in docs/methods.md.
 
     Args:
-        backbone: the off-the-shelf model: a `TimmClassifier` or a `DenseModel`; the experts wrap a frozen copy of it.
-        num_experts: N; experts split [0, T) into equal ranges unless `timestep_boundaries` is given.
-        num_train_timesteps: T of the diffusion model.
-        finetune: "lora" (parameter-efficient, PPAP) or "full" (one full copy per expert).
-        lora_rank: LoRA rank r.
-        lora_alpha: LoRA alpha (scaling alpha / r).
-        target_modules: regex or list of module names for LoRA; defaults per model family
-            (ResNet: stem conv + conv1/conv2 of each block; ViT/DeiT: attn.qkv and attn.proj; dense models: see
-            `DEFAULT_LORA_TARGETS`).
-        timestep_boundaries: custom ranges b_0=0 < b_1 < ... < b_N=T.
-        per_expert_head: each LoRA expert owns a copy of the model's head (True), or all share the frozen
-            off-the-shelf head (False, the authors' choice).
+        backbone (`TimmClassifier` or `DenseModel`): the off-the-shelf model; the experts wrap a frozen copy of it.
+        num_experts (`int`, defaults to 5): N; the experts split [0, T) into equal ranges unless
+            `timestep_boundaries` is given.
+        num_train_timesteps (`int`, defaults to 1000): T of the diffusion model.
+        finetune (`str`, defaults to `"lora"`): "lora" (parameter-efficient, PPAP) or "full" (one copy per expert).
+        lora_rank (`int`, defaults to 16): LoRA rank r.
+        lora_alpha (`float`, defaults to 8.0): LoRA alpha (the update is scaled by alpha / r).
+        target_modules (`str` or `list[str]`, *optional*): regex or module names for LoRA; None: the model family's
+            default (`DEFAULT_LORA_TARGETS`).
+        timestep_boundaries (`list[int]`, *optional*): custom ranges b_0 = 0 < b_1 < ... < b_N = T.
+        per_expert_head (`bool`, defaults to `True`): each LoRA expert owns a copy of the head, or (False, the
+            authors' choice) all share the frozen one.
     """
 
     def __init__(

@@ -3,13 +3,26 @@ with errors that name the setting it came from."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import uuid
 from collections.abc import Callable
 from typing import BinaryIO
 
+from huggingface_hub import PyTorchModelHubMixin
 from safetensors import SafetensorError
+
+
+class HubModelMixin(PyTorchModelHubMixin):
+    """`huggingface_hub.PyTorchModelHubMixin` (config.json + model.safetensors, loadable from a folder or the hub) that
+    loads without printing: the hub's own mixin prints "Loading weights from local directory" on every local load."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        with contextlib.redirect_stdout(io.StringIO()):
+            return super().from_pretrained(*args, **kwargs)
 
 
 def fsync_directory(path: str) -> None:
@@ -87,16 +100,22 @@ def write_file_atomically(path: str, write: Callable[[BinaryIO], object]) -> Non
     fsync_directory(parent)
 
 
-def load_saved(model_class, path: str, setting: str, what: str, embedded: str):
-    """`model_class.from_pretrained(path, strict=True)`; a missing folder or a damaged, truncated or foreign file
-    fails naming `setting`, what belongs there (`what`) and where the embedded ones are (`embedded`)."""
+def load_saved(model_class, path: str, setting: str, what: str, embedded: str | None = None, **model_kwargs):
+    """`model_class.from_pretrained(path, strict=True, **model_kwargs)`; a missing folder or a damaged, truncated or
+    foreign file fails naming `setting`, what belongs there (`what`) and where the embedded ones are (`embedded`, if
+    any).
+
+    `model_kwargs` reach the constructor beside the saved config (`PyTorchModelHubMixin.from_pretrained`): what a
+    config cannot hold, such as the frozen UNet a guide is built on.
+    """
     if not os.path.isfile(os.path.join(path, "config.json")):
+        where = f" (the embedded ones are {embedded})" if embedded else ""
         raise FileNotFoundError(
             f"`{setting}`={path!r} is not a saved {what}: expected a directory with config.json and model.safetensors "
-            f"written by `{model_class.__name__}.save_pretrained` (the embedded ones are {embedded})."
+            f"written by `{model_class.__name__}.save_pretrained`{where}."
         )
     try:
-        return model_class.from_pretrained(path, strict=True)
+        return model_class.from_pretrained(path, strict=True, **model_kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise OSError(
             f"`{setting}`={path!r} could not be loaded: its config.json or model.safetensors is damaged, truncated or "

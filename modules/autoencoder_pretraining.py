@@ -21,12 +21,13 @@ class AutoencoderPretraining(L.LightningModule):
     artifacts that keep the class. The same class loads Stable Diffusion's VAE for hub-scale evaluation.
 
     Args:
-        autoencoder: the `AutoencoderKL` to train, as its diffusers config (`AutoencoderKL.from_config`; its
+        autoencoder (`dict`): the `AutoencoderKL` to train, as its diffusers config (`AutoencoderKL.from_config`; its
             constructor annotates `block_out_channels` as a 1-tuple, which the CLI would enforce).
-        optimizer: optimiser factory.
-        kl_weight: weight of the KL term (small: a near-deterministic code, as in latent diffusion).
-        seed: seed of the posterior samples (with the step and the rank), so a resumed run draws what an
-            uninterrupted one would.
+        optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory.
+        kl_weight (`float`, defaults to 1e-4): weight of the KL term (small: a near-deterministic code, as in latent
+            diffusion).
+        seed (`int`, defaults to 0): seed of the posterior samples (with the step and the rank), so a resumed run draws
+            what an uninterrupted one would.
     """
 
     def __init__(self, autoencoder: dict, optimizer: OptimizerCallable = torch.optim.AdamW, kl_weight: float = 1e-4, seed: int = 0) -> None:

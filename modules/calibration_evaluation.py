@@ -23,15 +23,17 @@ class CalibrationEvaluation(L.LightningModule):
     `<run folder>/calibration_curves.csv`.
 
     Args:
-        guides: the guides to compare (`ClassifierGuidance`s: naive, predicted-x0, PPAP experts, calibrated).
-        names: a name per guide for the figure and CSV; default: the class names (numbered if repeated).
-        diffusion_model: diffusers pipeline directory or hub id; its schedule noises the images and its
-            UNet forms x0_hat for x0_hat guides.
-        num_timesteps: timesteps measured, evenly spanning 0 .. T - 1 (paper's figures: ~20).
-        n_bins: ECE confidence bins.
-        seed: seed of the forward noise (the same noise for every guide).
-        csv_path: where the CSV goes, relative to the run's folder or absolute; default
-            `<run folder>/calibration_curves.csv`.
+        guides (`list[ClassifierGuidance]`): the guides to compare (`ClassifierGuidance`s: naive, predicted-x0, PPAP
+            experts, calibrated).
+        names (`list[str]`, *optional*): a name per guide for the figure and CSV; default: the class names (numbered if
+            repeated).
+        diffusion_model (`str`, defaults to `"assets/digits/ddpm-uncond"`): diffusers pipeline directory or hub id; its
+            schedule noises the images and its UNet forms x0_hat for x0_hat guides.
+        num_timesteps (`int`, defaults to 20): timesteps measured, evenly spanning 0 .. T - 1 (paper's figures: ~20).
+        n_bins (`int`, defaults to 15): ECE confidence bins.
+        seed (`int`, defaults to 0): seed of the forward noise (the same noise for every guide).
+        csv_path (`str`, *optional*): where the CSV goes, relative to the run's folder or absolute; default `<run
+            folder>/calibration_curves.csv`.
     """
 
     def __init__(

@@ -33,13 +33,14 @@ class ClassifierPretraining(L.LightningModule):
     of another architecture that only scores generated images and is harder to fool.
 
     Args:
-        classifier: the network to train.
-        optimizer: optimiser factory, e.g. AdamW.
-        noise_std: maximum std of Gaussian noise added per image (drawn uniformly in [0, noise_std]).
-        max_shift: maximum translation in pixels.
-        label_smoothing: cross-entropy label smoothing.
-        seed: seed of the augmentation (with the step and the rank), so that a resumed run augments as an
-            uninterrupted one would.
+        classifier (`TimmClassifier`): the network to train.
+        optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory, e.g. AdamW.
+        noise_std (`float`, defaults to 0.0): maximum std of Gaussian noise added per image (drawn uniformly in [0,
+            noise_std]).
+        max_shift (`int`, defaults to 0): maximum translation in pixels.
+        label_smoothing (`float`, defaults to 0.0): cross-entropy label smoothing.
+        seed (`int`, defaults to 0): seed of the augmentation (with the step and the rank), so that a resumed run
+            augments as an uninterrupted one would.
     """
 
     def __init__(

@@ -22,11 +22,12 @@ class DensePretraining(L.LightningModule):
     carries under the task's `label_key` (per-pixel cross-entropy for a segmenter, the regression loss for a map).
 
     Args:
-        model: the network to train.
-        optimizer: optimiser factory, e.g. AdamW.
-        task: what the model predicts and its loss; None: the model's own (`default_task`).
-        export_dtype: the precision the exported weights are stored in: "float32", or "float16" to halve the asset
-            (loading casts them back to float32; `scripts/measure_assets.py` measures the stored model).
+        model (`DenseModel`): the network to train.
+        optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory, e.g. AdamW.
+        task (`Task`, *optional*): what the model predicts and its loss; None: the model's own (`default_task`).
+        export_dtype (`str`, defaults to `"float32"`): the precision the exported weights are stored in: "float32", or
+            "float16" to halve the asset (loading casts them back to float32; `scripts/measure_assets.py` measures the
+            stored model).
     """
 
     def __init__(

@@ -64,19 +64,22 @@ class DiffusionPretraining(L.LightningModule):
     x0-prediction, divided by SNR + 1 and 1, as in diffusers' training examples).
 
     Args:
-        unet: the denoiser.
-        noise_scheduler: the forward process (`DDPMScheduler`: betas, T; `FlowMatchEulerDiscreteScheduler`: flow), saved with the model.
-        optimizer: optimiser factory.
-        lr_scheduler: optional learning-rate schedule factory, stepped every optimizer step (e.g. `OneCycleLR`).
-        min_snr_gamma: gamma of Min-SNR loss weighting; None trains on the plain eps-MSE.
-        num_classes: number of real classes for a class-conditional UNet; None for unconditional.
-        label_dropout: probability of training a sample on the null class.
-        pretrained_path: diffusers pipeline directory whose UNet weights initialise `unet` (fine-tuning); the
-            architectures must match.
-        seed: seed of the training steps' noise, timesteps and label dropout (with the step and the rank), so
-            that a resumed run draws exactly what an uninterrupted one would.
-        export_dtype: the dtype the exported UNet weights are stored in: "float32", or "float16" for half the bytes
-            (diffusers loads them back as float32; flow-uncond's quality in docs/results/assets.md).
+        unet (`nn.Module`): the denoiser.
+        noise_scheduler (`SchedulerMixin`): the forward process (`DDPMScheduler`: betas, T;
+            `FlowMatchEulerDiscreteScheduler`: flow), saved with the model.
+        optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory.
+        lr_scheduler (`LRSchedulerCallable`, *optional*): optional learning-rate schedule factory, stepped every
+            optimizer step (e.g. `OneCycleLR`).
+        min_snr_gamma (`float`, *optional*): gamma of Min-SNR loss weighting; None trains on the plain eps-MSE.
+        num_classes (`int`, *optional*): number of real classes for a class-conditional UNet; None for unconditional.
+        label_dropout (`float`, defaults to 0.1): probability of training a sample on the null class.
+        pretrained_path (`str`, *optional*): diffusers pipeline directory whose UNet weights initialise `unet`
+            (fine-tuning); the architectures must match.
+        seed (`int`, defaults to 0): seed of the training steps' noise, timesteps and label dropout (with the step and
+            the rank), so that a resumed run draws exactly what an uninterrupted one would.
+        export_dtype (`str`, defaults to `"float32"`): the dtype the exported UNet weights are stored in: "float32", or
+            "float16" for half the bytes (diffusers loads them back as float32; flow-uncond's quality in
+            docs/results/assets.md).
     """
 
     def __init__(

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.callbacks.step_progress_bar import denoising_progress
 from plugguide.models.seeding import image_seed, step_generator
-from plugguide.metrics import DenseMapMetrics, GenerationMetrics, majority_digit
+from plugguide.metrics import GuidedSampleScores, majority_digit
 from plugguide.models import MultiExpertClassifier, check_classifier_input, load_off_the_shelf, load_scheduler, load_unet, prompt_conditioning
 from plugguide.models.multi_expert_classifier import Finetune
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
@@ -43,65 +43,55 @@ class ExpertDistillation(FrozenNetworksModule):
 
     For a clean image x0~ and expert n, with t ~ U[b_n, b_{n+1}) and x_t = sqrt(abar_t) x0~ + sqrt(1 - abar_t) eps:
         L_n = L( sg(f(x0~)), f_n(x_t) )                                         (Eq. 6)
-    f the frozen off-the-shelf model (teacher) and L the task's loss (`pipelines.tasks`). For a classifier (the
-    default task) it is Eq. 7, KL( softmax(f(x0~) / tau) || softmax(f_n(x_t)) ), tau its temperature; for a
-    segmenter the same KL at every pixel; for a depth regressor the squared error of the maps (the authors' MiDaS
-    loss) or its scale-and-shift-invariant form. With `supervision="labels"` the target is the real label instead
-    (the task's supervised loss, cross-entropy for a classifier), the paper's supervised rows. The KL is summed over
-    classes and averaged over the batch (`batchmean`, the KL itself); the authors' `KLDivLoss(reduction="none")`
-    followed by a mean over classes and batch is C times smaller (C classes): the same optimum and, under
-    AdamW, almost the same steps, but logged losses differ by that factor.
+    f the frozen off-the-shelf model (teacher) and L the task's loss (`pipelines.tasks`): for a classifier Eq. 7,
+    KL( softmax(f(x0~) / tau) || softmax(f_n(x_t)) ) (`batchmean`, the KL itself), per pixel for a segmenter, the
+    maps' squared error for a depth regressor. `supervision="labels"` trains on the real labels instead (the paper's
+    supervised rows).
 
-    Two schedules train the N experts in one run, each expert getting 1/N of `max_steps`:
-    - "round_robin": step k trains expert k mod N, every expert starting from the off-the-shelf classifier.
-      All experts improve together, so sample grids during `fit` mean something from the first epoch on.
-    - "chain" (the authors' `classifier_train.py`): experts one after another from the lowest noise range
-      up; expert n+1 starts from expert n's parameters, BatchNorm statistics and AdamW state, i.e. one model
-      trained on range after range, saved after each.
-    Both are functions of the step alone, so a resumed run trains the same expert at the same step, and a
-    step's t and noise come from a generator seeded by (`seed`, step, rank), so a run resumed mid-epoch
-    draws exactly what an uninterrupted one would.
+    Each expert gets 1/N of `max_steps`: "round_robin" trains expert k mod N at step k, all starting from the
+    teacher, so grids mean something from the first epoch; "chain" (the authors' schedule) trains them from the lowest
+    range up, expert n + 1 starting from expert n's parameters, BatchNorm statistics and AdamW state. Both depend on
+    the step alone and a step's t and noise on (`seed`, step, rank), so a resumed run draws what an uninterrupted one
+    would. Under DDP the idle experts get no gradient: run with `ddp_find_unused_parameters_true`.
 
-    Under DDP the experts that do not train in a step get no gradient, which plain DDP rejects: run with
-    `--trainer.strategy ddp_find_unused_parameters_true` (plain `ddp` is refused by name before the first step).
-    Parameters unused on every rank keep `grad=None`, so AdamW leaves the inactive experts untouched, as on one device.
-
-    `lightning test` evaluates guided generation: for every real test image it samples one image guided
-    by the experts toward that image's label and reports guided accuracy, FID and IS from the
-    independent evaluator. Dense experts are guided toward the teacher's map of that image instead, and the
-    samples scored by the maps read off their own pixels against it (`DenseMapMetrics`), the evaluator's agreement
-    with the digit the map names, FID and IS. Sample i's noise seed is `image_seed(seed, i)`, i its position in the
-    test set, and each image counts once, so one device and eight give the same numbers.
+    `lightning test` samples one image per real test image, guided toward its label (dense experts: toward the
+    teacher's map of it), seeded by `image_seed(seed, index)`, and scores them with `GuidedSampleScores` (guided
+    accuracy, FID, IS by the independent evaluator; map scores from the samples' pixels), so one device and eight give
+    the same numbers. Measured in docs/results/ppap.md and docs/results/dense.md.
 
     Args:
-        teacher_path: the off-the-shelf model (`TimmClassifier` or `DenseModel` directory, or a hub id); also the
-            experts' backbone.
-        diffusion_model: the frozen diffusion model whose noise schedule the experts learn (and which samples at test).
-        num_experts: N (1 = the paper's single noise-aware classifier).
-        finetune: "lora" (PPAP: LoRA + per-expert norms and head) or "full" (one full copy per expert).
-        lora_rank: LoRA rank.
-        lora_alpha: LoRA alpha.
-        target_modules: LoRA targets (default per model family, see `MultiExpertClassifier`).
-        per_expert_head: LoRA experts each own a copy of the classifier head (True) or share the frozen one (False, the authors').
-        expert_schedule: "round_robin" or "chain" (see above).
-        supervision: "teacher" (data-free, the task's loss to the teacher) or "labels" (the real labels the labelled
-            data carries under the task's `label_key`).
-        temperature: tau of the teacher's softmax, for the default task (a classifier's); a given `task` carries its own.
-        task: what the teacher predicts and the distillation loss (`ClassificationTask`, `SegmentationTask`,
+        teacher_path (`str`, defaults to `"assets/digits/classifier-resnet"`): the off-the-shelf model (`TimmClassifier`
+            or `DenseModel` directory, or a hub id); also the experts' backbone.
+        diffusion_model (`str`, defaults to `"assets/digits/ddpm-uncond"`): the frozen diffusion model whose noise
+            schedule the experts learn and which samples grids and tests.
+        num_experts (`int`, defaults to 5): N (1 = the paper's single noise-aware classifier).
+        finetune (`str`, defaults to `"lora"`): "lora" (LoRA + per-expert norms and head) or "full" (one copy each).
+        lora_rank (`int`, defaults to 16): LoRA rank r.
+        lora_alpha (`float`, defaults to 8.0): LoRA alpha (update scaled by alpha / r).
+        target_modules (`str` or `list[str]`, *optional*): LoRA targets; default per model family
+            (`MultiExpertClassifier`).
+        per_expert_head (`bool`, defaults to `True`): each LoRA expert owns a copy of the head (False: the authors'
+            shared frozen head).
+        expert_schedule (`str`, defaults to `"round_robin"`): "round_robin" or "chain" (see above).
+        supervision (`str`, defaults to `"teacher"`): "teacher" (data-free) or "labels" (the labelled data's
+            `label_key`).
+        temperature (`float`, defaults to 0.25): tau of the teacher's softmax for the default (classifier) task.
+        task (`Task`, *optional*): what the teacher predicts and the loss (`ClassificationTask`, `SegmentationTask`,
             `DenseRegressionTask`); None: image classification with `temperature`.
-        optimizer: optimiser factory (AdamW in the paper).
-        scheduler: diffusers scheduler class name for sample grids and tests (the synthesis has its own, `data.scheduler`).
-        num_inference_steps: sampler steps for grids and tests.
-        classifier_scale: scale s of the experts' gradient for grids and tests.
-        evaluator_path: independent classifier scoring test samples.
-        autoencoder_path: `AutoencoderKL` whose latents are one more feature space of the test's quality metrics.
-        seed: seed of the training steps' timesteps and noise (with the step and the rank), and of the test samples' noise
-            (with each sample's index).
-        prompt: for a text-conditional diffusion model (DeepFloyd-IF, Stable Diffusion), the prompt its grids and test
-            samples are drawn under; None: the empty prompt (unconditional, as the paper guides GLIDE).
+        optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory (AdamW in the paper).
+        scheduler (`str`, defaults to `"DDPMScheduler"`): diffusers sampler of grids and tests.
+        num_inference_steps (`int`, defaults to 50): sampler steps of grids and tests.
+        classifier_scale (`float`, defaults to 10.0): scale s of the experts' gradient for grids and tests.
+        evaluator_path (`str`, *optional*, defaults to `"assets/digits/evaluator"`): independent classifier that scores
+            test samples.
+        autoencoder_path (`str`, *optional*, defaults to `"assets/digits/autoencoder"`): `AutoencoderKL` whose latents
+            are one more feature space of the test's quality metrics.
+        seed (`int`, defaults to 0): seed of the training steps' timesteps and noise and of the test samples' noise.
+        prompt (`str`, *optional*): for a text-conditional diffusion model, the prompt of grids and tests; None: the
+            empty prompt (unconditional, as the paper guides GLIDE).
     """
 
-    frozen_networks = ("teacher", "unet", "metrics", "map_metrics")
+    frozen_networks = ("teacher", "unet", "scores")
 
     def __init__(
         self,
@@ -156,13 +146,14 @@ class ExpertDistillation(FrozenNetworksModule):
         self.scheduler = load_scheduler(diffusion_model, scheduler, "model.scheduler", "model.diffusion_model")
         self.conditioning = prompt_conditioning(diffusion_model, self.unet, prompt)
         check_classifier_input(self.teacher, self.unet.config.in_channels, self.unet.config.sample_size, "teacher_path", teacher_path)
-        self.metrics = self.map_metrics = None
+        self.scores = None
         if evaluator_path:
-            self.metrics = GenerationMetrics.from_paths(evaluator_path, autoencoder_path)
-            evaluator = self.metrics.evaluator
-            if self.teacher.predicts != "class":  # dense experts: the evaluator reads the digit, the maps come from the pixels
-                self.map_metrics = DenseMapMetrics("segmentation" if self.teacher.predicts == "class_map" else "depth", evaluator)
-            elif evaluator.num_classes != self.teacher.num_classes or evaluator.in_chans != self.teacher.in_chans:
+            # Dense experts: the evaluator reads the digit, the maps come from the pixels.
+            map_kind = {"class": None, "class_map": "segmentation"}.get(self.teacher.predicts, "depth")
+            self.scores = GuidedSampleScores.from_paths(evaluator_path, autoencoder_path, map_kind)
+            evaluator = self.scores.evaluator
+            mismatch = evaluator.num_classes != self.teacher.num_classes or evaluator.in_chans != self.teacher.in_chans
+            if map_kind is None and mismatch:
                 raise ValueError(
                     f"`evaluator_path`={evaluator_path!r} scores {evaluator.num_classes} classes of {evaluator.in_chans}-channel images, "
                     f"but the experts guide toward {self.teacher.num_classes} classes of {self.teacher.in_chans}-channel images; they must match."
@@ -291,7 +282,7 @@ class ExpertDistillation(FrozenNetworksModule):
             )
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        if self.metrics is None:
+        if self.scores is None:
             raise ValueError("`lightning test` scores guided samples with the evaluator: set `evaluator_path`.")
         if "index" not in batch:
             raise ValueError(
@@ -303,24 +294,22 @@ class ExpertDistillation(FrozenNetworksModule):
         labels, indices = batch["label"], batch["index"]
         seeds = [image_seed(self.hparams.seed, int(index)) for index in indices]
         settings = dict(num_inference_steps=self.hparams.num_inference_steps, classifier_scale=self.hparams.classifier_scale)
-        self.metrics.update_real(batch["image"], labels, indices)
-        if self.map_metrics is None:
+        self.scores.update_real(batch["image"], labels, indices)
+        if self.teacher.predicts == "class":
             images = sample_batch(pipeline, {"label": labels, "seed": seeds}, **settings)
-            self.metrics.update_generated(images, labels, indices)
+            self.scores.update(images, labels, indices)
             return
         # Dense experts: toward the teacher's map of the real image (PPAP Sec. 5.2), scored from the samples' pixels.
         maps = self.task.prediction(self.teacher(batch["image"]))
         images = sample_batch(pipeline, {"label": torch.full_like(labels, -1), "seed": seeds, "target_map": maps}, **settings)
-        self.map_metrics.update(images, maps, indices)
         # The digit a segmentation map names is its majority stroke class; a depth map names none: the real digit's.
-        self.metrics.update_generated(images, majority_digit(maps) if self.teacher.predicts == "class_map" else labels, indices)
+        targets = majority_digit(maps) if self.teacher.predicts == "class_map" else labels
+        self.scores.update(images, targets, indices, target_maps=maps)
 
     def on_test_epoch_end(self) -> None:
-        results = self.metrics.compute() | (self.map_metrics.compute() if self.map_metrics is not None else {})
-        self.log_dict({f"test/{k}": v for k, v in results.items()})  # computed over every process's samples
-        self.metrics.reset()
-        if self.map_metrics is not None:
-            self.map_metrics.reset()
+        # Computed over every process's samples.
+        self.log_dict({f"test/{k}": v for k, v in self.scores.compute().items()})
+        self.scores.reset()
 
     def configure_optimizers(self):
         # All experts' parameters: peft marks only the active adapter trainable, and inactive experts get

@@ -29,13 +29,17 @@ class FrozenUNetGuideTraining(FrozenNetworksModule):
     Subclasses set `self.guide` and implement `_loss(batch, generator)`.
 
     Args:
-        diffusion_model: diffusers pipeline directory or hub id with `unet/` and `scheduler/`.
-        optimizer: optimiser factory, applied to the guide's parameters only.
-        guidance_range: (low, high) of the guidance number g, drawn uniformly per example.
-        num_inference_steps: the sampling steps the trained guide is meant for; names its export `<kind>/steps-<n>`.
-        vae: sub-folder of `diffusion_model` holding an `AutoencoderKL` (latent models), or None.
-        text_encoder: sub-folder holding a CLIP text model (text-conditional UNets), or None.
-        tokenizer: sub-folder holding its tokenizer.
+        diffusion_model (`str`, defaults to `"assets/digits/ddpm-cond"`): diffusers pipeline directory or hub id with
+            `unet/` and `scheduler/`.
+        optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory, applied to the guide's
+            parameters only.
+        guidance_range (`tuple[float, float]`, defaults to `(2.0, 9.0)`): (low, high) of the guidance number g, drawn
+            uniformly per example.
+        num_inference_steps (`int`, defaults to 32): the sampling steps the trained guide is meant for; names its
+            export `<kind>/steps-<n>`.
+        vae (`str`, *optional*): sub-folder of `diffusion_model` holding an `AutoencoderKL` (latent models), or None.
+        text_encoder (`str`, *optional*): sub-folder holding a CLIP text model (text-conditional UNets), or None.
+        tokenizer (`str`, *optional*, defaults to `"tokenizer"`): sub-folder holding its tokenizer.
     """
 
     frozen_networks = ("unet", "vae", "text_encoder", "teacher")
@@ -152,14 +156,17 @@ class GuideDistillation(FrozenUNetGuideTraining):
     images (latents for Stable Diffusion). One guide serves every g.
 
     Args:
-        guide: the guide to train, given without its UNet (`plugguide.models.guides.TinyGuide` or `FullGuide`).
-        diffusion_model: diffusers pipeline directory or hub id of the frozen conditional UNet.
-        optimizer: optimiser factory for the guide's parameters.
-        guidance_range: (low, high) of g; the paper uses (2, 9).
-        num_inference_steps: steps the distilled guide is exported for (the first halving teacher).
-        vae: latent models: sub-folder of the `AutoencoderKL`.
-        text_encoder: text-conditional models: sub-folder of the CLIP text model.
-        tokenizer: its tokenizer's sub-folder.
+        guide (`GuideFactory`): the guide to train, given without its UNet (`plugguide.models.guides.TinyGuide` or
+            `FullGuide`).
+        diffusion_model (`str`, defaults to `"assets/digits/ddpm-cond"`): diffusers pipeline directory or hub id of the
+            frozen conditional UNet.
+        optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory for the guide's parameters.
+        guidance_range (`tuple[float, float]`, defaults to `(2.0, 9.0)`): (low, high) of g; the paper uses (2, 9).
+        num_inference_steps (`int`, defaults to 32): steps the distilled guide is exported for (the first halving
+            teacher).
+        vae (`str`, *optional*): latent models: sub-folder of the `AutoencoderKL`.
+        text_encoder (`str`, *optional*): text-conditional models: sub-folder of the CLIP text model.
+        tokenizer (`str`, *optional*, defaults to `"tokenizer"`): its tokenizer's sub-folder.
     """
 
     def __init__(

@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.callbacks.step_progress_bar import denoising_progress
 from plugguide.datamodules import TargetMapDataModule
-from plugguide.metrics import DenseMapMetrics, GenerationMetrics
+from plugguide.metrics import GuidedSampleScores
 from plugguide.models import check_classifier_input, compile_denoiser, load_guide, load_scheduler, load_unet, load_vae, prompt_conditioning
 from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, sample_batch
 from plugguide.pipelines.finite import check_cfg_scale, check_scale
@@ -24,30 +24,38 @@ class GuidedSampling(L.LightningModule):
     for real-valued ones), and the evaluator's class agreement is with the digit each target names.
 
     Args:
-        diffusion_model: diffusers pipeline directory or hub id (`assets/digits/ddpm-uncond`, `google/ddpm-cifar10-32`).
-        scheduler: diffusers scheduler class used as sampler, any of `models.SUPPORTED_SCHEDULERS` that serves the model's
-            family: `DDIMScheduler`, `DDPMScheduler`, `DPMSolverMultistepScheduler`, `EulerDiscreteScheduler`,
-            `HeunDiscreteScheduler`, ... for DDPM-trained models, `EDMEulerScheduler` for EDM ones,
-            `FlowMatchEulerDiscreteScheduler` for flow-matching ones.
-        scheduler_config: entries that replace the model's scheduler config, e.g. `{use_karras_sigmas: true}` (Euler-Karras,
-            Heun with EDM's step sizes) or `{timestep_spacing: trailing}`.
-        num_inference_steps: sampler steps.
-        guidance: a `Guidance` (naive classifier, predicted-x0 classifier, PPAP experts, calibrated), or None.
-        classifier_scale: scale s of the guidance's gradient (guided-diffusion's name); needs `guidance`.
-        guidance_scale: classifier-free guidance weight g, as in diffusers (`eps(null) + g (eps(c) - eps(null))`,
-            1 = off): class-conditional models, text-conditional ones on a `prompt`, and distilled guides.
-        evaluator_path: independent classifier that scores the samples (guided accuracy, confidence, IS).
-        vae: for latent models, the `AutoencoderKL` (pipeline dir / hub id with `vae/`, or a bare VAE): the
-            guidance classifier sees the decoded x0_hat and the samples are decoded.
-        cfg_guidance: how classifier guidance combines with CFG: "shift" or "normalized" (the DiT rule).
-        guide_path: a guide trained by `GuideDistillation` / `ProgressiveHalving` (`Guide.save_pretrained`):
-            samples with one UNet + guide pass per step at `guidance_scale` (`GuideDistilledPipeline`).
-        prompt: for text-conditional UNets (Stable Diffusion, DeepFloyd-IF), the prompt, encoded once by the model's own
-            text encoder; None samples under the empty prompt (unconditional, as PPAP guides GLIDE). `guidance_scale` > 1
-            then guides toward it against the empty prompt.
-        autocast_dtype: "bfloat16" or "float16" runs the denoiser under autocast (guidance gradients stay in full
-            precision); null: full precision.
-        compile_unet: compile the denoiser's forward with `torch.compile` (each new batch shape compiles once).
+        diffusion_model (`str`, defaults to `"assets/digits/ddpm-uncond"`): diffusers pipeline directory or hub id
+            (`assets/digits/ddpm-uncond`, `google/ddpm-cifar10-32`).
+        scheduler (`str`, defaults to `"DDIMScheduler"`): diffusers scheduler class used as sampler, any of
+            `models.SUPPORTED_SCHEDULERS` that serves the model's family: `DDIMScheduler`, `DDPMScheduler`,
+            `DPMSolverMultistepScheduler`, `EulerDiscreteScheduler`, `HeunDiscreteScheduler`, ... for DDPM-trained
+            models, `EDMEulerScheduler` for EDM ones, `FlowMatchEulerDiscreteScheduler` for flow-matching ones.
+        scheduler_config (`dict`, *optional*): entries that replace the model's scheduler config, e.g.
+            `{use_karras_sigmas: true}` (Euler-Karras, Heun with EDM's step sizes) or `{timestep_spacing: trailing}`.
+        num_inference_steps (`int`, defaults to 50): sampler steps.
+        guidance (`Guidance`, *optional*): a `Guidance` (naive classifier, predicted-x0 classifier, PPAP experts,
+            calibrated), or None.
+        classifier_scale (`float`, defaults to 0.0): scale s of the guidance's gradient (guided-diffusion's name);
+            needs `guidance`.
+        guidance_scale (`float`, defaults to 1.0): classifier-free guidance weight g, as in diffusers (`eps(null) + g
+            (eps(c) - eps(null))`, 1 = off): class-conditional models, text-conditional ones on a `prompt`, and
+            distilled guides.
+        evaluator_path (`str`, *optional*, defaults to `"assets/digits/evaluator"`): independent classifier that scores
+            the samples (guided accuracy, confidence, IS).
+        vae (`str`, *optional*): for latent models, the `AutoencoderKL` (pipeline dir / hub id with `vae/`, or a bare
+            VAE): the guidance classifier sees the decoded x0_hat and the samples are decoded.
+        cfg_guidance (`str`, defaults to `"shift"`): how classifier guidance combines with CFG: "shift" or "normalized"
+            (the DiT rule).
+        guide_path (`str`, *optional*): a guide trained by `GuideDistillation` / `ProgressiveHalving`
+            (`Guide.save_pretrained`): samples with one UNet + guide pass per step at `guidance_scale`
+            (`GuideDistilledPipeline`).
+        prompt (`str`, *optional*): for text-conditional UNets (Stable Diffusion, DeepFloyd-IF), the prompt, encoded
+            once by the model's own text encoder; None samples under the empty prompt (unconditional, as PPAP guides
+            GLIDE). `guidance_scale` > 1 then guides toward it against the empty prompt.
+        autocast_dtype (`str`, *optional*): "bfloat16" or "float16" runs the denoiser under autocast (guidance
+            gradients stay in full precision); null: full precision.
+        compile_unet (`bool`, defaults to `False`): compile the denoiser's forward with `torch.compile` (each new batch
+            shape compiles once).
     """
 
     def __init__(
@@ -102,10 +110,10 @@ class GuidedSampling(L.LightningModule):
         if isinstance(guidance, ClassifierGuidance):
             timesteps = torch.zeros(1, dtype=torch.long)
             check_classifier_input(guidance, channels, size, "guidance", guidance.classifier_path, classify=lambda images: guidance.logits(images, timesteps))
-        self.metrics = self.map_metrics = None
-        if evaluator_path:
-            self.metrics = GenerationMetrics.from_paths(evaluator_path)
-            check_classifier_input(self.metrics.evaluator, channels, size, "evaluator_path", evaluator_path)
+        self.scores = None
+        if evaluator_path:  # target maps are scored as segmentation (label maps) or depth (real-valued maps)
+            self.scores = GuidedSampleScores.from_paths(evaluator_path)
+            check_classifier_input(self.scores.evaluator, channels, size, "evaluator_path", evaluator_path)
 
     def image_shape(self) -> tuple[int, int]:
         """(channels, side) of the images that classifiers see: the UNet's samples, or their decoding by the VAE."""
@@ -132,8 +140,8 @@ class GuidedSampling(L.LightningModule):
             limits.append(("diffusion_model", null, f" (index {null} is its null class, used for classifier-free guidance)"))
         if self.guidance is not None and self.hparams.classifier_scale > 0 and getattr(self.guidance, "num_classes", None):
             limits.append(("guidance", self.guidance.num_classes, ""))
-        if self.metrics is not None:
-            limits.append(("evaluator_path", self.metrics.num_classes, ""))
+        if self.scores is not None:
+            limits.append(("evaluator_path", self.scores.num_classes, ""))
         for setting, classes, note in limits:
             if num_classes > classes:
                 raise ValueError(f"Expected `data.num_classes` to be at most the {classes} classes of `model.{setting}`{note}, but got {num_classes}.")
@@ -147,19 +155,13 @@ class GuidedSampling(L.LightningModule):
         rows = {"images": images.cpu(), "labels": batch["label"].cpu(), "index": batch["index"].cpu()}
         if "target_map" in batch:
             rows["target_maps"] = batch["target_map"].cpu()
-        if self.metrics is not None:
-            self.metrics.update_generated(images, batch.get("target_class", batch["label"]), batch["index"])
-            if "target_map" in batch:
-                if self.map_metrics is None:  # label maps are scored as segmentation, real-valued maps as depth
-                    kind = "depth" if batch["target_map"].is_floating_point() else "segmentation"
-                    self.map_metrics = DenseMapMetrics(kind, self.metrics.evaluator).to(self.device)
-                self.map_metrics.update(images, batch["target_map"], batch["index"])
+        if self.scores is not None:
+            targets = batch.get("target_class", batch["label"])
+            self.scores.update(images, targets, batch["index"], target_maps=batch.get("target_map"))
         return rows
 
     def on_predict_epoch_end(self) -> None:
-        if self.metrics is not None:
-            results = self.metrics.compute() | (self.map_metrics.compute() if self.map_metrics is not None else {})
+        if self.scores is not None:
+            results = self.scores.compute()
             rank_zero_info("Sample metrics (evaluator): " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
-            self.metrics.reset()
-            if self.map_metrics is not None:
-                self.map_metrics.reset()
+            self.scores.reset()

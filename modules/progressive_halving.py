@@ -52,20 +52,22 @@ class ProgressiveHalving(FrozenUNetGuideTraining):
     schedule, and s = t - T//(N/2), exactly the transitions that `GuideDistilledPipeline` takes with DDIM.
 
     Args:
-        guide_root: folder of the guide chains: the exported `guides/` of the run this stage starts from (guide
-            distillation's or the previous stage's).
-        guide_name: the chain, "tiny" or "full": the teacher is `<guide_root>/<guide_name>/steps-<teacher_steps>`
-            (written by `GuideDistillation` or the previous stage); the student is exported as
-            `<guide_name>/steps-<teacher_steps/2>`.
-        teacher_steps: N, the teacher's DDIM steps; even, >= 2.
-        diffusion_model: diffusers pipeline directory or hub id of the frozen conditional UNet.
-        optimizer: optimiser factory for the student guide's parameters.
-        guidance_range: (low, high) of g.
-        loss_weighting: "snr_truncation" (max of x- and eps-MSE, Salimans & Ho's truncated SNR weighting),
-            "x" (x-MSE) or "eps" (eps-MSE, i.e. SNR-weighted x-MSE).
-        vae: latent models: sub-folder of the `AutoencoderKL`.
-        text_encoder: text-conditional models: sub-folder of the CLIP text model.
-        tokenizer: its tokenizer's sub-folder.
+        guide_root (`str`, defaults to `"runs/guide-distillation/version_0/guides"`): folder of the guide chains: the
+            exported `guides/` of the run this stage starts from (guide distillation's or the previous stage's).
+        guide_name (`str`, defaults to `"tiny"`): the chain, "tiny" or "full": the teacher is
+            `<guide_root>/<guide_name>/steps-<teacher_steps>` (written by `GuideDistillation` or the previous stage);
+            the student is exported as `<guide_name>/steps-<teacher_steps/2>`.
+        teacher_steps (`int`, defaults to 32): N, the teacher's DDIM steps; even, >= 2.
+        diffusion_model (`str`, defaults to `"assets/digits/ddpm-cond"`): diffusers pipeline directory or hub id of the
+            frozen conditional UNet.
+        optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory for the student guide's
+            parameters.
+        guidance_range (`tuple[float, float]`, defaults to `(2.0, 9.0)`): (low, high) of g.
+        loss_weighting (`str`, defaults to `"snr_truncation"`): "snr_truncation" (max of x- and eps-MSE, Salimans &
+            Ho's truncated SNR weighting), "x" (x-MSE) or "eps" (eps-MSE, i.e. SNR-weighted x-MSE).
+        vae (`str`, *optional*): latent models: sub-folder of the `AutoencoderKL`.
+        text_encoder (`str`, *optional*): text-conditional models: sub-folder of the CLIP text model.
+        tokenizer (`str`, *optional*, defaults to `"tokenizer"`): its tokenizer's sub-folder.
     """
 
     def __init__(

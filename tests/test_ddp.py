@@ -51,8 +51,8 @@ def evaluate(out: str, assets: dict, checkpoint: str, devices: int) -> dict:
     tested = trainer().test(experts, DigitsDataModule(batch_size=64), ckpt_path=checkpoint, verbose=False)[0]
     sampling = GuidedSampling(diffusion_model=assets["ddpm-cond"], num_inference_steps=2, guidance_scale=4.0, evaluator_path=assets["evaluator"])
     predicted = []
-    compute = sampling.metrics.compute
-    sampling.metrics.compute = lambda: (predicted.append(compute()), predicted[-1])[1]
+    compute = sampling.scores.compute
+    sampling.scores.compute = lambda: (predicted.append(compute()), predicted[-1])[1]
     samples = os.path.join(out, f"samples-on-{devices}")
     trainer(callbacks=[SampleWriter(output_dir=samples)]).predict(sampling, ClassLabelDataModule(num_per_class=3, num_classes=7, batch_size=4), return_predictions=False)
     written = dict(np.load(os.path.join(samples, "samples.npz"))) if os.path.isfile(os.path.join(samples, "samples.npz")) else {}

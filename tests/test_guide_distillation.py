@@ -78,6 +78,21 @@ def test_guide_round_trips_and_refuses_another_unet(guide_class, tmp_path):
         GuideDistilledPipeline(tiny_class_unet(widths=(8, 8)), guide, DDIMScheduler())
 
 
+def test_a_guide_saved_before_the_hub_mixin_still_loads(tmp_path):
+    """Guides written as config.json + model.safetensors by a plain `safetensors.save_file` (no model card) load."""
+    import json
+
+    from safetensors.torch import save_file
+
+    guide = TinyGuide(tiny_class_unet(), hidden_dim=8)
+    torch.nn.init.normal_(guide.out.weight, std=0.1)
+    config = {"guide_class": "TinyGuide", "init_args": {"hidden_dim": 8}, "unet_signature": guide.signature}
+    (tmp_path / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in guide.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    loaded = load_guide(str(tmp_path), tiny_class_unet())
+    assert loaded.init_args == {"hidden_dim": 8} and torch.equal(loaded.out.weight, guide.out.weight)
+
+
 def test_only_guide_parameters_receive_gradients(digits_model):
     module = GuideDistillation(guide=lambda unet: TinyGuide(unet, hidden_dim=16), diffusion_model=digits_model)
     # A fresh TinyGuide's zero output layer blocks gradients to its inner layers for one step; perturb it.
