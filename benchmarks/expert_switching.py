@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from plugguide.models import MultiExpertClassifier
+from plugguide.models import MultiExpertModel
 from plugguide.models.classifier import load_classifier
 from plugguide.models.diffusion_model import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline
@@ -32,7 +32,7 @@ def main() -> None:
     unet = load_unet(args.model)
     pipelines = {}
     for experts in (10, 1):
-        guide = ExpertGuidance(MultiExpertClassifier(load_classifier(args.classifier), num_experts=experts, lora_rank=8))
+        guide = ExpertGuidance(MultiExpertModel(load_classifier(args.classifier), num_experts=experts, lora_rank=8))
         pipelines[experts] = GuidedDiffusionPipeline(unet, load_scheduler(args.model, "DDPMScheduler"), guide)
         pipelines[experts].set_progress_bar_config(disable=True)
     labels = torch.arange(args.samples) % 10
@@ -41,12 +41,22 @@ def main() -> None:
         timings = {}
         for experts, pipeline in pipelines.items():
             started = time.perf_counter()
-            pipeline(class_labels=labels, num_inference_steps=args.steps, classifier_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="pt")
+            pipeline(
+                class_labels=labels,
+                num_inference_steps=args.steps,
+                classifier_scale=1.0,
+                generator=torch.Generator().manual_seed(0),
+                output_type="pt",
+            )
             timings[experts] = time.perf_counter() - started
         if repeat:
             ratios.append(timings[10] / timings[1])
-            print(f"repeat {repeat}: PPAP-10 {timings[10]:.2f} s, single classifier {timings[1]:.2f} s, ratio {ratios[-1]:.3f}")
-    print(f"median time ratio (PPAP-10 / single classifier): {statistics.median(ratios):.3f}  [torch threads: {torch.get_num_threads()}]")
+            print(
+                f"repeat {repeat}: PPAP-10 {timings[10]:.2f} s, single classifier {timings[1]:.2f} s, ratio {ratios[-1]:.3f}"
+            )
+    print(
+        f"median time ratio (PPAP-10 / single classifier): {statistics.median(ratios):.3f}  [torch threads: {torch.get_num_threads()}]"
+    )
 
 
 if __name__ == "__main__":

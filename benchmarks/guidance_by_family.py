@@ -38,7 +38,9 @@ FAMILIES = {
 def plain_loop(unet, scheduler, batch: int, steps: int) -> torch.Tensor:
     """Unguided sampling as diffusers' own pipelines loop (no guidance code at all)."""
     config = unet.config
-    x = randn_tensor((batch, config.in_channels, config.sample_size, config.sample_size), generator=torch.Generator().manual_seed(0))
+    x = randn_tensor(
+        (batch, config.in_channels, config.sample_size, config.sample_size), generator=torch.Generator().manual_seed(0)
+    )
     scheduler.set_timesteps(steps)
     x = x * getattr(scheduler, "init_noise_sigma", 1.0)
     for t in scheduler.timesteps:
@@ -65,12 +67,26 @@ def main() -> None:
             continue
         unet = load_unet(paths[model]).eval()
         plain_scheduler = load_scheduler(paths[model], scheduler_name, overrides=overrides)
-        pipeline = GuidedDiffusionPipeline(unet, load_scheduler(paths[model], scheduler_name, overrides=overrides), guidance)
+        pipeline = GuidedDiffusionPipeline(
+            unet, load_scheduler(paths[model], scheduler_name, overrides=overrides), guidance
+        )
         pipeline.set_progress_bar_config(disable=True)
         runs = {
             "plain": lambda: plain_loop(unet, plain_scheduler, args.samples, steps),
-            "unguided": lambda: pipeline(class_labels=labels, num_inference_steps=steps, classifier_scale=0.0, generator=torch.Generator().manual_seed(0), output_type="pt"),
-            "guided": lambda: pipeline(class_labels=labels, num_inference_steps=steps, classifier_scale=10.0, generator=torch.Generator().manual_seed(0), output_type="pt"),
+            "unguided": lambda: pipeline(
+                class_labels=labels,
+                num_inference_steps=steps,
+                classifier_scale=0.0,
+                generator=torch.Generator().manual_seed(0),
+                output_type="pt",
+            ),
+            "guided": lambda: pipeline(
+                class_labels=labels,
+                num_inference_steps=steps,
+                classifier_scale=10.0,
+                generator=torch.Generator().manual_seed(0),
+                output_type="pt",
+            ),
         }
         ratios = {"guided / unguided": [], "unguided / plain": []}
         for repeat in range(args.repeats + 1):
@@ -83,7 +99,10 @@ def main() -> None:
                 ratios["guided / unguided"].append(seconds["guided"] / seconds["unguided"])
                 ratios["unguided / plain"].append(seconds["unguided"] / seconds["plain"])
         medians = ", ".join(f"{name} {statistics.median(values):.3f}" for name, values in ratios.items())
-        print(f"{family}: median time ratios {medians} (last round: {', '.join(f'{k} {v:.2f} s' for k, v in seconds.items())})", flush=True)
+        print(
+            f"{family}: median time ratios {medians} (last round: {', '.join(f'{k} {v:.2f} s' for k, v in seconds.items())})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ switch) and unmerged (the LoRA branches run at every step), and `CalibratedGuida
 scale in docs/results/calibration.md). Same UNet, sampler, samples and seeds; the three are timed alternately in this one process,
 after a warm-up round, and the median time ratios guided / unguided are printed. The breakdown of each guided run
 (summed over the timed rounds, as a share of its time): the UNet, the guide's forward (its log-likelihood), its
-backward (the rest of the gradient call: autograd, the input clone), expert switches (`MultiExpertClassifier.set_expert`), x0_hat formation and
+backward (the rest of the gradient call: autograd, the input clone), expert switches (`MultiExpertModel.set_expert`), x0_hat formation and
 the rest of the loop; and, once, what building each guide costs (loading the experts; the Softplus copy of the
 classifier).
 """
@@ -22,12 +22,12 @@ import statistics
 import time
 
 import torch
+from timers import timed
 
-from plugguide.models import MultiExpertClassifier, load_scheduler, load_unet
+from plugguide.models import MultiExpertModel, load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance
 from plugguide.pipelines.model_family import ModelFamily
-from timers import timed
 
 
 def main() -> None:
@@ -42,7 +42,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if not os.path.isfile(os.path.join(args.experts, "experts.json")):
-        parser.error(f"--experts {args.experts!r} holds no exported experts; run `lightning fit -c configs/ppap.yaml` first or point to them.")
+        parser.error(
+            f"--experts {args.experts!r} holds no exported experts; run `lightning fit -c configs/ppap.yaml` first or point to them."
+        )
 
     build = {}
     started = time.perf_counter()
@@ -57,17 +59,27 @@ def main() -> None:
     unet = load_unet(args.model).eval()
     current = ["unguided"]
     for owner, name, key in (
-        (unet, "forward", "UNet"), (experts, "log_likelihood", "guide forward"), (experts, "gradient", "guide gradient"),
-        (unmerged, "log_likelihood", "guide forward"), (unmerged, "gradient", "guide gradient"),
-        (calibrated, "log_likelihood", "guide forward"), (calibrated, "gradient", "guide gradient"),
-        (MultiExpertClassifier, "set_expert", "expert switches"), (ModelFamily, "predicted_clean", "x0_hat"),
+        (unet, "forward", "UNet"),
+        (experts, "log_likelihood", "guide forward"),
+        (experts, "gradient", "guide gradient"),
+        (unmerged, "log_likelihood", "guide forward"),
+        (unmerged, "gradient", "guide gradient"),
+        (calibrated, "log_likelihood", "guide forward"),
+        (calibrated, "gradient", "guide gradient"),
+        (MultiExpertModel, "set_expert", "expert switches"),
+        (ModelFamily, "predicted_clean", "x0_hat"),
     ):
         timed(owner, name, seconds, lambda key=key: (current[0], key))
     runs = {
-        "unguided": (None, 0.0), "PPAP-5": (experts, args.ppap_scale), "PPAP-5 unmerged": (unmerged, args.ppap_scale),
+        "unguided": (None, 0.0),
+        "PPAP-5": (experts, args.ppap_scale),
+        "PPAP-5 unmerged": (unmerged, args.ppap_scale),
         "calibrated": (calibrated, args.calibrated_scale),
     }
-    pipelines = {name: GuidedDiffusionPipeline(unet, load_scheduler(args.model, "DDPMScheduler"), guide) for name, (guide, _) in runs.items()}
+    pipelines = {
+        name: GuidedDiffusionPipeline(unet, load_scheduler(args.model, "DDPMScheduler"), guide)
+        for name, (guide, _) in runs.items()
+    }
     labels = torch.arange(args.samples) % 10
     ratios = {name: [] for name in runs if name != "unguided"}
     totals = collections.defaultdict(float)
@@ -77,7 +89,13 @@ def main() -> None:
             pipelines[name].set_progress_bar_config(disable=True)
             current[0] = name
             started = time.perf_counter()
-            pipelines[name](class_labels=labels, num_inference_steps=args.steps, classifier_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt")
+            pipelines[name](
+                class_labels=labels,
+                num_inference_steps=args.steps,
+                classifier_scale=scale,
+                generator=torch.Generator().manual_seed(0),
+                output_type="pt",
+            )
             timings[name] = time.perf_counter() - started
         if not repeat:  # round 0 warms up
             seconds.clear()
@@ -95,7 +113,9 @@ def main() -> None:
         if "guide gradient" in parts:  # the gradient call is the guide's forward and its backward
             parts["guide backward"] = parts.pop("guide gradient") - parts.get("guide forward", 0.0)
         rest = total - sum(parts.values())
-        shares = ", ".join(f"{key} {100 * value / total:.1f}%" for key, value in sorted(parts.items(), key=lambda item: -item[1]))
+        shares = ", ".join(
+            f"{key} {100 * value / total:.1f}%" for key, value in sorted(parts.items(), key=lambda item: -item[1])
+        )
         print(f"{name}: {shares}, rest {100 * rest / total:.1f}%")
     print("building the guides: " + ", ".join(f"{name} {value * 1e3:.0f} ms" for name, value in build.items()))
 

@@ -29,9 +29,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import datasets
 import torch
+from timers import timed
 
 from plugguide.datamodules import SynthesizedImageDataModule, synthesized
-from timers import timed
 
 MODEL = "assets/digits/ddpm-uncond"
 TEACHER = "assets/digits/classifier-resnet"
@@ -40,15 +40,28 @@ TEACHER = "assets/digits/classifier-resnet"
 def data_module(cache: str, images: int, batch_size: int, steps: int) -> SynthesizedImageDataModule:
     """The main job's data section (configs/ppap.yaml) with the count, batch size and steps given."""
     return SynthesizedImageDataModule(
-        MODEL, "DDIMScheduler", num_inference_steps=steps, num_images=images, generation_batch_size=batch_size, shard_size=500,
-        batch_size=min(128, images), cache_dir=cache, teacher_path=TEACHER,
+        MODEL,
+        "DDIMScheduler",
+        num_inference_steps=steps,
+        num_images=images,
+        generation_batch_size=batch_size,
+        shard_size=500,
+        batch_size=min(128, images),
+        cache_dir=cache,
+        teacher_path=TEACHER,
     )
 
 
 @torch.inference_mode()
 def bare_unet_seconds(unet, batch_size: int, steps: int, batches: int) -> float:
     """Seconds per image-step of the UNet alone: `batches` x `steps` forwards at `batch_size` on DDIM-N's timesteps."""
-    x = torch.randn(batch_size, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(
+        batch_size,
+        unet.config.in_channels,
+        unet.config.sample_size,
+        unet.config.sample_size,
+        generator=torch.Generator().manual_seed(0),
+    )
     started = time.perf_counter()
     for _ in range(batches):
         for t in torch.linspace(999, 0, steps).long():
@@ -59,7 +72,11 @@ def bare_unet_seconds(unet, batch_size: int, steps: int, batches: int) -> float:
 def rates(args: argparse.Namespace) -> None:
     """Bare UNet rate, synthesis rate and their ratio per repeat (after a warm-up round), then where synthesis spends its time."""
     seconds: dict[str, float] = collections.defaultdict(float)
-    for owner, name, key in ((datasets.Dataset, "from_dict", "Arrow table"), (datasets.Dataset, "save_to_disk", "Arrow write"), (synthesized, "file_digest", "checksums")):
+    for owner, name, key in (
+        (datasets.Dataset, "from_dict", "Arrow table"),
+        (datasets.Dataset, "save_to_disk", "Arrow write"),
+        (synthesized, "file_digest", "checksums"),
+    ):
         timed(owner, name, seconds, lambda key=key: key)
     ratios, total = [], 0.0
     with tempfile.TemporaryDirectory() as root:
@@ -87,9 +104,13 @@ def rates(args: argparse.Namespace) -> None:
                 f"DDIM-{args.steps}; synthesis {rate:.1f} images/s; ratio {ratios[-1]:.3f}",
                 flush=True,
             )
-    print(f"median ratio synthesis / bare-UNet bound: {statistics.median(ratios):.3f}  [torch threads: {torch.get_num_threads()}]")
+    print(
+        f"median ratio synthesis / bare-UNet bound: {statistics.median(ratios):.3f}  [torch threads: {torch.get_num_threads()}]"
+    )
     accounted = sum(seconds.values())
-    parts = ", ".join(f"{key} {100 * value / total:.1f}%" for key, value in sorted(seconds.items(), key=lambda item: -item[1]))
+    parts = ", ".join(
+        f"{key} {100 * value / total:.1f}%" for key, value in sorted(seconds.items(), key=lambda item: -item[1])
+    )
     print(f"synthesis time: {parts}, rest of the loop {100 * (total - accounted) / total:.1f}%")
 
 
@@ -120,7 +141,10 @@ def memory(args: argparse.Namespace) -> None:
     for images, batch in runs:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             loaded, peak = pool.submit(peak_memory, images, batch, args.memory_steps).result()
-        print(f"peak RSS, {images:,} images at batch {batch}: {loaded:,.0f} MiB loaded, {peak:,.0f} MiB after synthesis (+{peak - loaded:,.0f} MiB)", flush=True)
+        print(
+            f"peak RSS, {images:,} images at batch {batch}: {loaded:,.0f} MiB loaded, {peak:,.0f} MiB after synthesis (+{peak - loaded:,.0f} MiB)",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -129,7 +153,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--bare-batches", type=int, default=2, help="UNet batches of `--steps` forwards timed before and after each synthesis")
+    parser.add_argument(
+        "--bare-batches",
+        type=int,
+        default=2,
+        help="UNet batches of `--steps` forwards timed before and after each synthesis",
+    )
     parser.add_argument("--memory-batch-sizes", type=int, nargs="*", default=[50, 250, 1000])
     parser.add_argument("--memory-images", type=int, nargs="*", default=[2000, 8000])
     parser.add_argument("--memory-steps", type=int, default=2)

@@ -23,14 +23,20 @@ from plugguide.datamodules.arrow_batches import ArrowBatches
 
 def write_shards(root: str, num_images: int, shard_size: int, shape: tuple[int, ...]) -> datasets.Dataset:
     features = datasets.Features(
-        image=datasets.Array3D(shape=shape, dtype="float32"), index=datasets.Value("int64"), teacher_logits=datasets.List(datasets.Value("float32"), length=10)
+        image=datasets.Array3D(shape=shape, dtype="float32"),
+        index=datasets.Value("int64"),
+        teacher_logits=datasets.List(datasets.Value("float32"), length=10),
     )
     rng = np.random.default_rng(0)
     shards = []
     datasets.disable_progress_bars()
     for start in range(0, num_images, shard_size):
         rows = min(shard_size, num_images - start)
-        columns = {"image": rng.uniform(-1, 1, (rows, *shape)).astype(np.float32), "index": np.arange(start, start + rows), "teacher_logits": rng.normal(size=(rows, 10)).astype(np.float32)}
+        columns = {
+            "image": rng.uniform(-1, 1, (rows, *shape)).astype(np.float32),
+            "index": np.arange(start, start + rows),
+            "teacher_logits": rng.normal(size=(rows, 10)).astype(np.float32),
+        }
         datasets.Dataset.from_dict(columns, features=features).save_to_disk(f"{root}/shard-{start}")
         shards.append(datasets.load_from_disk(f"{root}/shard-{start}"))
     return datasets.concatenate_datasets(shards).with_format("torch")
@@ -51,7 +57,9 @@ def main() -> None:
         rng = np.random.default_rng(1)
         batches = [rng.permutation(args.images)[: args.batch_size].tolist() for _ in range(10)]
         reference = dataset[batches[0]]
-        assert all(torch.equal(fast.__getitems__(batches[0])[k], reference[k]) for k in reference), "the two readers disagree"
+        assert all(torch.equal(fast.__getitems__(batches[0])[k], reference[k]) for k in reference), (
+            "the two readers disagree"
+        )
         readers = {"datasets formatting": dataset.__getitems__, "ArrowBatches": fast.__getitems__}
         seconds = {name: [] for name in readers}
         for _ in range(args.repeats):
@@ -63,7 +71,9 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     for name, value in medians.items():
         print(f"{name:>20}: {value * 1e3:8.3f} ms per batch of {args.batch_size}")
-    print(f"median time ratio datasets / ArrowBatches: {medians['datasets formatting'] / medians['ArrowBatches']:.0f}x")
+    print(
+        f"median time ratio datasets / ArrowBatches: {medians['datasets formatting'] / medians['ArrowBatches']:.0f}x"
+    )
 
 
 if __name__ == "__main__":

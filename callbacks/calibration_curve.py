@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
-from torch import nn
 
 from plugguide.metrics import calibration_curve, calibration_figure, calibration_timesteps
 from plugguide.pipelines.guidance import ClassifierGuidance
@@ -29,7 +28,7 @@ class CalibrationCurve(L.Callback):
     accuracy_t against t and the integral ECE as a scalar, on global rank 0, in eval mode under no_grad,
     with forward noise from a generator seeded with `seed` (the same noise every epoch).
 
-    The guide is `pl_module.guidance()` (e.g. `ExpertDistillation`'s current experts), or
+    The guide is `pl_module.guidance` (e.g. `ExpertDistillation`'s current experts), or
     `pl_module.guidance` when it is a module. Held-out images: the datamodule's `labelled_data` val split
     if it has one, else its own val split. x0_hat guides need `pl_module.unet`.
 
@@ -42,7 +41,15 @@ class CalibrationCurve(L.Callback):
         tag (`str`, defaults to `"calibration"`): TensorBoard tag.
     """
 
-    def __init__(self, num_timesteps: int = 20, n_bins: int = 15, max_images: int = 180, every_n_epochs: int = 1, seed: int = 0, tag: str = "calibration") -> None:
+    def __init__(
+        self,
+        num_timesteps: int = 20,
+        n_bins: int = 15,
+        max_images: int = 180,
+        every_n_epochs: int = 1,
+        seed: int = 0,
+        tag: str = "calibration",
+    ) -> None:
         if num_timesteps < 2:
             raise ValueError(f"Expected `num_timesteps` to be >= 2, but got {num_timesteps}.")
         if every_n_epochs < 1:
@@ -60,10 +67,10 @@ class CalibrationCurve(L.Callback):
     @staticmethod
     def guide_of(pl_module: L.LightningModule) -> ClassifierGuidance:
         guidance = getattr(pl_module, "guidance", None)
-        if callable(guidance) and not isinstance(guidance, nn.Module):
-            guidance = guidance()
         if not isinstance(guidance, ClassifierGuidance):
-            raise ValueError(f"CalibrationCurve needs a ClassifierGuidance from `pl_module.guidance`, but {type(pl_module).__name__} gives {type(guidance).__name__}.")
+            raise ValueError(
+                f"CalibrationCurve needs a ClassifierGuidance from `pl_module.guidance`, but {type(pl_module).__name__} gives {type(guidance).__name__}."
+            )
         return guidance
 
     def held_out(self, trainer: L.Trainer) -> list[dict]:
@@ -73,7 +80,12 @@ class CalibrationCurve(L.Callback):
             source.setup("validate")
         batches, count = [], 0
         for batch in source.val_dataloader():
-            batches.append({"image": batch["image"][: self.max_images - count], "label": batch["label"][: self.max_images - count]})
+            batches.append(
+                {
+                    "image": batch["image"][: self.max_images - count],
+                    "label": batch["label"][: self.max_images - count],
+                }
+            )
             count += len(batches[-1]["label"])
             if count >= self.max_images:
                 break
@@ -91,7 +103,9 @@ class CalibrationCurve(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            curve = calibration_curve(guidance, self.held_out(trainer), timesteps, alphas_cumprod, unet, self.n_bins, self.seed)
+            curve = calibration_curve(
+                guidance, self.held_out(trainer), timesteps, alphas_cumprod, unet, self.n_bins, self.seed
+            )
         finally:
             pl_module.train(was_training)
         self.last_curves = {type(guidance).__name__: curve}

@@ -49,7 +49,9 @@ class GuideSampleGrid(PeriodicGrid):
     ) -> None:
         super().__init__(every_n_epochs)
         if not guidance_scales:
-            raise ValueError(f"Expected `guidance_scales` to be a non-empty list of finite numbers >= 1, but got {guidance_scales}.")
+            raise ValueError(
+                f"Expected `guidance_scales` to be a non-empty list of finite numbers >= 1, but got {guidance_scales}."
+            )
         for scale in guidance_scales:
             check_cfg_scale(scale, "guidance_scales")
         self.guidance_scales = list(guidance_scales)
@@ -61,7 +63,9 @@ class GuideSampleGrid(PeriodicGrid):
         self.tag = tag
         self._evaluator = None
 
-    def sample(self, pl_module: L.LightningModule, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(
+        self, pl_module: L.LightningModule, guidance_scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(guide images, CFG images, labels), images (B, C, H, W) in [0, 1] from the same noise."""
         steps = self.num_inference_steps or pl_module.num_inference_steps
         labels = torch.arange(self.num_classes).repeat_interleave(self.num_per_class)
@@ -69,7 +73,15 @@ class GuideSampleGrid(PeriodicGrid):
         for pipeline in (pl_module.sampling_pipeline(), pl_module.cfg_pipeline()):
             pipeline.set_progress_bar_config(disable=True)
             generator = torch.Generator(pl_module.device).manual_seed(self.seed)
-            outputs.append(pipeline(class_labels=labels, num_inference_steps=steps, generator=generator, output_type="pt", guidance_scale=guidance_scale).images)
+            outputs.append(
+                pipeline(
+                    class_labels=labels,
+                    num_inference_steps=steps,
+                    generator=generator,
+                    output_type="pt",
+                    guidance_scale=guidance_scale,
+                ).images
+            )
         return outputs[0], outputs[1], labels
 
     def side_by_side(self, guide: torch.Tensor, cfg: torch.Tensor) -> torch.Tensor:
@@ -97,7 +109,9 @@ class GuideSampleGrid(PeriodicGrid):
                     evaluator = self.evaluator(pl_module.device)
                     for name, images in (("guide", guide), ("cfg", cfg)):
                         predicted = evaluator(images * 2 - 1).argmax(-1).cpu()
-                        metrics[f"{self.tag}/guided_accuracy_{name}_g{g:g}"] = (predicted == labels).float().mean().item()
+                        metrics[f"{self.tag}/guided_accuracy_{name}_g{g:g}"] = (
+                            (predicted == labels).float().mean().item()
+                        )
         if metrics and trainer.logger is not None:
             trainer.logger.log_metrics(metrics, trainer.global_step)
         pl_module.train(was_training)

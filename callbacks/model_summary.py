@@ -17,11 +17,21 @@ class ModelSummary(LightningModelSummary):
     """
 
     @staticmethod
-    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, **summarize_kwargs) -> None:
+    def summarize(
+        summary_data,
+        total_parameters,
+        trainable_parameters,
+        model_size,
+        total_training_modes,
+        total_flops,
+        **summarize_kwargs,
+    ) -> None:
         counted = total_flops > 0
         if not counted:
             summary_data = [column for column in summary_data if column[0] != "FLOPs"]
-        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, *summary_data)
+        table = _format_summary_table(
+            total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, *summary_data
+        )
         if not counted:
             table = table.rsplit("\n", 1)[0]  # the last line is the FLOPs total
         rank_zero_info("\n" + table)

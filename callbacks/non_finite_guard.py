@@ -29,7 +29,9 @@ class NonFiniteGuard(L.Callback):
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self._losses.append(loss.detach().reshape(-1))  # kept on the device: no synchronisation until the step
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         losses, self._losses = (torch.cat(self._losses) if self._losses else torch.zeros(0)), []
         # fp16: the gradient scaler skips steps with inf gradients on purpose (and lowers its scale).
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
@@ -46,12 +48,19 @@ class NonFiniteGuard(L.Callback):
             what = "the loss or the gradients of another process are not finite"
         self.stop(what, trainer.global_step + 1, optimizer, "before the optimizer step; no weight was updated with it")
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
         if not self.all_ranks_finite(trainer, self.finite([p.detach() for _, p in named])):
             first = next((name for name, p in named if not bool(torch.isfinite(p).all())), "on another process")
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
-            self.stop(f"the weights became non-finite in the optimizer step (first: {first})", trainer.global_step, optimizer, "before this step's checkpoint")
+            self.stop(
+                f"the weights became non-finite in the optimizer step (first: {first})",
+                trainer.global_step,
+                optimizer,
+                "before this step's checkpoint",
+            )
 
     @staticmethod
     def finite(tensors: list[torch.Tensor]) -> torch.Tensor | bool:

@@ -55,7 +55,9 @@ class GuidedSampleGrid(PeriodicGrid):
             check_scale("classifier_scale", classifier_scale)
         check_cfg_scale(guidance_scale)
         if num_per_class < 1 or num_classes < 1:
-            raise ValueError(f"Expected `num_per_class` and `num_classes` to be >= 1, but got {num_per_class} and {num_classes}.")
+            raise ValueError(
+                f"Expected `num_per_class` and `num_classes` to be >= 1, but got {num_per_class} and {num_classes}."
+            )
         self.num_per_class = num_per_class
         self.num_classes = num_classes
         self.num_inference_steps = num_inference_steps
@@ -78,12 +80,12 @@ class GuidedSampleGrid(PeriodicGrid):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Fail before training, not at the first grid, when the rows ask for classes the guidance lacks.
-        guidance = getattr(pl_module, "guidance", None)
-        if callable(guidance) and not isinstance(guidance, torch.nn.Module):
-            guidance = guidance()  # ExpertDistillation.guidance() builds it from the current experts
+        guidance = getattr(pl_module, "guidance", None)  # ExpertDistillation's builds it from the current experts
         classes = getattr(guidance, "num_classes", None)
         if isinstance(classes, int) and self.num_classes > classes:
-            raise ValueError(f"Expected `num_classes` (grid rows) to be at most the guidance classifier's {classes} classes, but got {self.num_classes}.")
+            raise ValueError(
+                f"Expected `num_classes` (grid rows) to be at most the guidance classifier's {classes} classes, but got {self.num_classes}."
+            )
 
     @staticmethod
     def setting(value, pl_module: L.LightningModule, name: str, default):
@@ -93,7 +95,12 @@ class GuidedSampleGrid(PeriodicGrid):
         return pl_module.hparams.get(name, default)
 
     def labels(self, pipeline, classifier_scale: float) -> torch.Tensor | None:
-        targeted = pipeline.guidance is not None and classifier_scale > 0 or pipeline.is_class_conditional and self.guidance_scale > 1
+        targeted = (
+            pipeline.guidance is not None
+            and classifier_scale > 0
+            or pipeline.is_class_conditional
+            and self.guidance_scale > 1
+        )
         if not targeted:
             return None
         return torch.arange(self.num_classes).repeat_interleave(self.num_per_class)

@@ -40,12 +40,16 @@ class SampleWriter(BasePredictionWriter):
         rows = {
             "images": torch.cat([p["images"] for p in predictions]),
             "labels": torch.cat([p["labels"] for p in predictions]),
-            "index": torch.cat([p.get("index", torch.full((len(p["labels"]),), -1)) for p in predictions]),  # -1: kept in order
+            "index": torch.cat(
+                [p.get("index", torch.full((len(p["labels"]),), -1)) for p in predictions]
+            ),  # -1: kept in order
         }
         if "target_maps" in predictions[0]:
             rows["target_maps"] = torch.cat([p["target_maps"] for p in predictions])
         if trainer.world_size > 1:
-            rows = {name: torch.cat(gather_all_tensors(values.to(pl_module.device))).cpu() for name, values in rows.items()}
+            rows = {
+                name: torch.cat(gather_all_tensors(values.to(pl_module.device))).cpu() for name, values in rows.items()
+            }
         rows = unique_rows(rows)
         images, labels = rows["images"], rows["labels"]
         directory = in_run_folder(trainer, self.output_dir or "")  # on every process (rank 0's folder is broadcast)

@@ -41,13 +41,21 @@ class TargetMapGrid(PeriodicGrid):
     """
 
     def __init__(
-        self, num_samples: int = 8, classifier_scale: float | None = None, naive_classifier_scale: float | None = None, every_n_epochs: int = 1,
-        seed: int = 0, tag: str = "target_maps",
+        self,
+        num_samples: int = 8,
+        classifier_scale: float | None = None,
+        naive_classifier_scale: float | None = None,
+        every_n_epochs: int = 1,
+        seed: int = 0,
+        tag: str = "target_maps",
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"Expected `num_samples` to be >= 1, but got {num_samples}.")
         super().__init__(every_n_epochs)
-        for name, value in (("classifier_scale", classifier_scale), ("naive_classifier_scale", naive_classifier_scale)):
+        for name, value in (
+            ("classifier_scale", classifier_scale),
+            ("naive_classifier_scale", naive_classifier_scale),
+        ):
             if value is not None:
                 check_scale(name, value)
         self.num_samples = num_samples
@@ -71,14 +79,30 @@ class TargetMapGrid(PeriodicGrid):
         pl_module.eval()
         images = self.real_images(trainer).to(pl_module.device)
         maps = pl_module.task.prediction(pl_module.teacher(images))
-        targets = {"label": torch.full((len(images),), -1, device=pl_module.device), "seed": [self.seed + i for i in range(len(images))], "target_map": maps}
+        targets = {
+            "label": torch.full((len(images),), -1, device=pl_module.device),
+            "seed": [self.seed + i for i in range(len(images))],
+            "target_map": maps,
+        }
         scale = pl_module.hparams.classifier_scale if self.classifier_scale is None else self.classifier_scale
         naive_scale = scale if self.naive_classifier_scale is None else self.naive_classifier_scale
         samples = {}
-        for name, pipeline, classifier_scale in (("naive", pl_module.naive_sampling_pipeline(), naive_scale), ("experts", pl_module.sampling_pipeline(), scale)):
+        for name, pipeline, classifier_scale in (
+            ("naive", pl_module.naive_sampling_pipeline(), naive_scale),
+            ("experts", pl_module.sampling_pipeline(), scale),
+        ):
             pipeline.set_progress_bar_config(disable=True)
-            samples[name] = sample_batch(pipeline, targets, num_inference_steps=pl_module.hparams.num_inference_steps, classifier_scale=classifier_scale)
-        columns = [render_maps(maps), (samples["naive"] / 2 + 0.5).expand(-1, 3, -1, -1), (samples["experts"] / 2 + 0.5).expand(-1, 3, -1, -1)]
+            samples[name] = sample_batch(
+                pipeline,
+                targets,
+                num_inference_steps=pl_module.hparams.num_inference_steps,
+                classifier_scale=classifier_scale,
+            )
+        columns = [
+            render_maps(maps),
+            (samples["naive"] / 2 + 0.5).expand(-1, 3, -1, -1),
+            (samples["experts"] / 2 + 0.5).expand(-1, 3, -1, -1),
+        ]
         grid = labelled_grid(torch.stack(columns, dim=1).flatten(0, 1), nrow=3)
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
@@ -88,6 +112,9 @@ class TargetMapGrid(PeriodicGrid):
             kind = "depth" if maps.is_floating_point() else "segmentation"
             scores = DenseMapMetrics(kind, module_scores.evaluator)
             score = "depth_correlation" if kind == "depth" else "miou"
-            values = {f"{self.tag}/{score}_{name}": float(scores.scores(sampled, maps)[score].mean()) for name, sampled in samples.items()}
+            values = {
+                f"{self.tag}/{score}_{name}": float(scores.scores(sampled, maps)[score].mean())
+                for name, sampled in samples.items()
+            }
             trainer.logger.log_metrics(values, trainer.global_step)
         pl_module.train(was_training)

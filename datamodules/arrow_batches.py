@@ -43,7 +43,9 @@ class ArrowBatches(Dataset):
 
     def __init__(self, dataset: datasets.Dataset) -> None:
         if dataset._indices is not None:
-            raise ValueError("ArrowBatches reads the table as stored: flatten_indices() a selected or shuffled dataset first.")
+            raise ValueError(
+                "ArrowBatches reads the table as stored: flatten_indices() a selected or shuffled dataset first."
+            )
         self.num_rows = len(dataset)
         self.columns: dict[str, list[np.ndarray]] = {}
         for name, feature in dataset.features.items():
@@ -52,7 +54,9 @@ class ArrowBatches(Dataset):
         first = next(iter(self.columns.values()))
         self.chunk_starts = np.cumsum([0] + [len(chunk) for chunk in first])
         if self.chunk_starts[-1] != self.num_rows:
-            raise ValueError(f"Expected the column chunks to hold {self.num_rows} rows, but they hold {self.chunk_starts[-1]}.")
+            raise ValueError(
+                f"Expected the column chunks to hold {self.num_rows} rows, but they hold {self.chunk_starts[-1]}."
+            )
 
     def __len__(self) -> int:
         return self.num_rows

@@ -38,8 +38,16 @@ class CaptionedImageDataModule(ImageDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(
-            source=source, image_size=image_size, channels=3, image_column=image_column, label_column="label",
-            val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed, batch_size=batch_size, num_workers=num_workers,
+            source=source,
+            image_size=image_size,
+            channels=3,
+            image_column=image_column,
+            label_column="label",
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            split_seed=split_seed,
+            batch_size=batch_size,
+            num_workers=num_workers,
         )
         self.caption_column = caption_column
 
@@ -47,7 +55,9 @@ class CaptionedImageDataModule(ImageDataModule):
         loaded = super().load_source()
         for split in loaded.values():
             if self.caption_column not in split.column_names:
-                raise ValueError(f"`caption_column`={self.caption_column!r} is not a column of `source`; columns: {split.column_names}.")
+                raise ValueError(
+                    f"`caption_column`={self.caption_column!r} is not a column of `source`; columns: {split.column_names}."
+                )
         return loaded
 
     def _batch_transform(self, batch: dict) -> dict:
@@ -57,4 +67,3 @@ class CaptionedImageDataModule(ImageDataModule):
     @property
     def num_classes(self) -> int:
         raise AttributeError("A caption dataset has no classes.")
-

@@ -34,7 +34,14 @@ class ClassLabelDataModule(L.LightningDataModule):
         seed (`int`, defaults to 0): seed of sample 0.
     """
 
-    def __init__(self, num_per_class: int = 8, num_classes: int = 10, num_unlabelled: int = 80, batch_size: int = 80, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_per_class: int = 8,
+        num_classes: int = 10,
+        num_unlabelled: int = 80,
+        batch_size: int = 80,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if num_per_class < 1:
             raise ValueError(f"Expected `num_per_class` to be >= 1, but got {num_per_class}.")

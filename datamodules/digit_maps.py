@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from plugguide.datamodules.digits import DigitsDataModule
 from plugguide.metrics.pixel_maps import digit_segmentation, distance_to_stroke
 
@@ -21,4 +20,7 @@ class DigitMapsDataModule(DigitsDataModule):
 
     def _batch_transform(self, batch: dict) -> dict:
         rows = super()._batch_transform(batch)
-        return rows | {"segmentation": digit_segmentation(rows["image"], rows["label"]), "depth": distance_to_stroke(rows["image"])}
+        return rows | {
+            "segmentation": digit_segmentation(rows["image"], rows["label"]),
+            "depth": distance_to_stroke(rows["image"]),
+        }

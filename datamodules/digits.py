@@ -42,4 +42,6 @@ class DigitsDataModule(ImageDataModule):
         features = datasets.Features(
             image=datasets.Array3D(shape=(1, 8, 8), dtype="float32"), label=datasets.ClassLabel(num_classes=10)
         )
-        return datasets.DatasetDict(train=datasets.Dataset.from_dict({"image": images, "label": digits.target}, features=features))
+        return datasets.DatasetDict(
+            train=datasets.Dataset.from_dict({"image": images, "label": digits.target}, features=features)
+        )

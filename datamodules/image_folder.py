@@ -86,9 +86,17 @@ class ImageDataModule(L.LightningDataModule):
         # Saved explicitly: subclasses (DigitsDataModule) fix some of these arguments themselves.
         self.save_hyperparameters(
             dict(
-                source=source, image_size=image_size, channels=channels, image_column=image_column,
-                label_column=label_column, split_names=split_names, val_fraction=val_fraction,
-                test_fraction=test_fraction, split_seed=split_seed, batch_size=batch_size, num_workers=num_workers,
+                source=source,
+                image_size=image_size,
+                channels=channels,
+                image_column=image_column,
+                label_column=label_column,
+                split_names=split_names,
+                val_fraction=val_fraction,
+                test_fraction=test_fraction,
+                split_seed=split_seed,
+                batch_size=batch_size,
+                num_workers=num_workers,
             )
         )
         self.splits: datasets.DatasetDict | None = None
@@ -105,9 +113,13 @@ class ImageDataModule(L.LightningDataModule):
         """Reads the raw dataset; subclasses that build their data in memory override this."""
         source = self.hparams.source
         if not source:
-            raise ValueError("Expected `source` to name a hub dataset, a `save_to_disk` directory or an image folder, but got ''.")
+            raise ValueError(
+                "Expected `source` to name a hub dataset, a `save_to_disk` directory or an image folder, but got ''."
+            )
         if os.path.isdir(source):
-            if os.path.exists(os.path.join(source, "dataset_dict.json")) or os.path.exists(os.path.join(source, "dataset_info.json")):
+            if os.path.exists(os.path.join(source, "dataset_dict.json")) or os.path.exists(
+                os.path.join(source, "dataset_info.json")
+            ):
                 loaded = datasets.load_from_disk(source)
             else:
                 loaded = datasets.load_dataset("imagefolder", data_dir=source)
@@ -115,7 +127,9 @@ class ImageDataModule(L.LightningDataModule):
             try:
                 loaded = datasets.load_dataset(source)
             except Exception as error:  # noqa: BLE001 - re-raised with the setting named
-                raise ValueError(f"`source`={source!r} is neither a local directory nor a loadable hub dataset ({error}).") from error
+                raise ValueError(
+                    f"`source`={source!r} is neither a local directory nor a loadable hub dataset ({error})."
+                ) from error
         if isinstance(loaded, datasets.Dataset):
             loaded = datasets.DatasetDict(train=loaded)
         return loaded
@@ -127,7 +141,9 @@ class ImageDataModule(L.LightningDataModule):
         raw = self.load_source()
         names = {split: split for split in SPLITS} | (self.hparams.split_names or {})
         if names["train"] not in raw:
-            raise ValueError(f"The dataset has splits {list(raw)}; `split_names['train']`={names['train']!r} is not one of them.")
+            raise ValueError(
+                f"The dataset has splits {list(raw)}; `split_names['train']`={names['train']!r} is not one of them."
+            )
         train = raw[names["train"]]
         missing = [split for split in ("val", "test") if names[split] not in raw]
         order = np.random.default_rng(self.hparams.split_seed).permutation(len(train))
@@ -161,7 +177,9 @@ class ImageDataModule(L.LightningDataModule):
                 image = torch.from_numpy(image).reshape(image.shape[0], image.shape[1], -1).permute(2, 0, 1)
             else:
                 image = torch.as_tensor(np.asarray(image), dtype=torch.float32)
-            tensors.append(F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0])
+            tensors.append(
+                F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+            )
         return torch.stack(tensors)
 
     def _batch_transform(self, batch: dict) -> dict:
@@ -187,7 +205,11 @@ class ImageDataModule(L.LightningDataModule):
                 num_workers=self.hparams.num_workers,
                 drop_last=len(dataset) > self.hparams.batch_size,
             )
-        return DataLoader(IndexedRows(self.load_splits()[split]), batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        return DataLoader(
+            IndexedRows(self.load_splits()[split]),
+            batch_size=self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", shuffle=True)

@@ -43,8 +43,18 @@ class ResumableSampler(DistributedSampler):
             pad by repeating).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0, drop_last: bool = True) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
         self.start = 0
 
     def __iter__(self) -> Iterator[int]:
@@ -91,7 +101,9 @@ class ResumableDataLoader(DataLoader):
         rank = group_rank if rank is None else rank
         num_replicas = group_size if num_replicas is None else num_replicas
         seed = default_seed() if seed is None else seed
-        sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        sampler = ResumableSampler(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
         kwargs.setdefault("pin_memory", torch.cuda.is_available())
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
         self._epoch = 0
@@ -113,7 +125,12 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         """Where the current epoch stands: its number, the batches yielded, and the order's seed and world size."""
-        return {"epoch": self._epoch, "batches": self._batches, "seed": self.sampler.seed, "num_replicas": self.sampler.num_replicas}
+        return {
+            "epoch": self._epoch,
+            "batches": self._batches,
+            "seed": self.sampler.seed,
+            "num_replicas": self.sampler.num_replicas,
+        }
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Makes the next iteration of epoch `state_dict["epoch"]` skip the batches already yielded."""

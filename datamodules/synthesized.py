@@ -23,7 +23,14 @@ from plugguide.datamodules.arrow_batches import ArrowBatches, chunk_as_numpy, fe
 from plugguide.datamodules.image_folder import ImageDataModule
 from plugguide.datamodules.resumable_loader import ResumableDataLoader
 from plugguide.models import (
-    check_classifier_input, compile_denoiser, load_classifier, load_scheduler, load_unet, parse_autocast_dtype, prompt_conditioning, save_atomically,
+    check_classifier_input,
+    compile_denoiser,
+    load_classifier,
+    load_scheduler,
+    load_unet,
+    parse_autocast_dtype,
+    prompt_conditioning,
+    save_atomically,
 )
 from plugguide.models.seeding import image_seed, seeded_generators
 from plugguide.pipelines import GuidedDiffusionPipeline
@@ -89,7 +96,9 @@ def check_cache_dir(cache_dir: str) -> None:
         existing = os.path.dirname(existing)
     where = "" if existing == os.path.abspath(cache_dir) else f" ({existing!r}, where it would be created, is not)"
     if not (os.path.isdir(existing) and os.access(existing, os.R_OK | os.W_OK | os.X_OK)):
-        raise ValueError(f"Expected `cache_dir` to be a readable and writable directory (or a path to create), but got {cache_dir!r}{where}.")
+        raise ValueError(
+            f"Expected `cache_dir` to be a readable and writable directory (or a path to create), but got {cache_dir!r}{where}."
+        )
 
 
 class SynthesizedImageDataModule(L.LightningDataModule):
@@ -164,13 +173,21 @@ class SynthesizedImageDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         parse_autocast_dtype(autocast_dtype)
-        for name, value in (("num_images", num_images), ("num_inference_steps", num_inference_steps), ("generation_batch_size", generation_batch_size), ("shard_size", shard_size), ("batch_size", batch_size)):
+        for name, value in (
+            ("num_images", num_images),
+            ("num_inference_steps", num_inference_steps),
+            ("generation_batch_size", generation_batch_size),
+            ("shard_size", shard_size),
+            ("batch_size", batch_size),
+        ):
             if value < 1:
                 raise ValueError(f"Expected `{name}` to be >= 1, but got {value}.")
         if image_dtype not in IMAGE_DTYPES:
             raise ValueError(f"Unknown `image_dtype`={image_dtype!r}; allowed: {', '.join(IMAGE_DTYPES)}.")
         if batch_size > num_images:
-            raise ValueError(f"Expected `batch_size` to be at most `num_images`={num_images} (incomplete batches are dropped), but got {batch_size}.")
+            raise ValueError(
+                f"Expected `batch_size` to be at most `num_images`={num_images} (incomplete batches are dropped), but got {batch_size}."
+            )
         check_cache_dir(cache_dir)
         if max_saturated_fraction is not None and not 0 < max_saturated_fraction <= 1:
             raise ValueError(
@@ -219,7 +236,10 @@ class SynthesizedImageDataModule(L.LightningDataModule):
             "scheduler_config": {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")},
             "unet_config": {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")},
             "teacher": directory_digest(self.hparams.teacher_path) if self.hparams.teacher_path else None,
-        } | {key: self.hparams[key] for key in ("num_inference_steps", "num_images", "seed", "shard_size", "image_dtype")}
+        } | {
+            key: self.hparams[key]
+            for key in ("num_inference_steps", "num_images", "seed", "shard_size", "image_dtype")
+        }
         # Unset settings stay out, so existing caches keep their names.
         parts |= {key: self.hparams[key] for key in ("prompt", "autocast_dtype") if self.hparams[key] is not None}
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -265,14 +285,25 @@ class SynthesizedImageDataModule(L.LightningDataModule):
     @torch.inference_mode()
     def generate_shard(self, shard: int, device: torch.device, progress: tqdm) -> None:
         """Samples one shard and writes it under a temporary name, then renames it into place."""
-        pipeline = GuidedDiffusionPipeline(self.unet.to(device), self.scheduler, autocast_dtype=self.hparams.autocast_dtype, **self.conditioning)
+        pipeline = GuidedDiffusionPipeline(
+            self.unet.to(device), self.scheduler, autocast_dtype=self.hparams.autocast_dtype, **self.conditioning
+        )
         pipeline.set_progress_bar_config(disable=True)
         indices = list(self.shard_indices(shard))
         images, logits = [], []
         for start in range(0, len(indices), self.hparams.generation_batch_size):
             batch = indices[start : start + self.hparams.generation_batch_size]
             generators = seeded_generators((image_seed(self.hparams.seed, i) for i in batch), device)
-            x0 = pipeline(batch_size=len(batch), num_inference_steps=self.hparams.num_inference_steps, generator=generators, output_type="pt").images * 2 - 1
+            x0 = (
+                pipeline(
+                    batch_size=len(batch),
+                    num_inference_steps=self.hparams.num_inference_steps,
+                    generator=generators,
+                    output_type="pt",
+                ).images
+                * 2
+                - 1
+            )
             if self.hparams.image_dtype == "uint8":
                 stored = quantize(x0)
                 x0 = dequantize(stored)
@@ -285,10 +316,15 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         columns = {"image": torch.cat(images).numpy(), "index": np.asarray(indices, dtype=np.int64)}
         # Fixed-shape columns, so that `ArrowBatches` can read a batch as numpy views of the memory-mapped file
         # (inferred nested lists are tensorized element by element: slower than the training step itself).
-        features = {"image": datasets.Array3D(shape=tuple(columns["image"].shape[1:]), dtype=self.hparams.image_dtype), "index": datasets.Value("int64")}
+        features = {
+            "image": datasets.Array3D(shape=tuple(columns["image"].shape[1:]), dtype=self.hparams.image_dtype),
+            "index": datasets.Value("int64"),
+        }
         if logits:
             columns["teacher_logits"] = torch.cat(logits).numpy()
-            features["teacher_logits"] = datasets.List(datasets.Value("float32"), length=columns["teacher_logits"].shape[1])
+            features["teacher_logits"] = datasets.List(
+                datasets.Value("float32"), length=columns["teacher_logits"].shape[1]
+            )
         dataset = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
         def write(tmp: str) -> None:
@@ -298,10 +334,16 @@ class SynthesizedImageDataModule(L.LightningDataModule):
             finally:
                 datasets.enable_progress_bars()
             paths = {name: os.path.join(tmp, name) for name in sorted(os.listdir(tmp))}
-            files = {name: {"size": os.path.getsize(path), "sha256": file_digest(path)} for name, path in paths.items()}
+            files = {
+                name: {"size": os.path.getsize(path), "sha256": file_digest(path)} for name, path in paths.items()
+            }
             manifest = {
-                "fingerprint": self.fingerprint(), "shard": shard, "start": indices[0], "stop": indices[-1] + 1,
-                "num_rows": len(indices), "files": files,
+                "fingerprint": self.fingerprint(),
+                "shard": shard,
+                "start": indices[0],
+                "stop": indices[-1] + 1,
+                "num_rows": len(indices),
+                "files": files,
             }
             with open(os.path.join(tmp, MANIFEST), "w") as file:
                 json.dump(manifest, file)
@@ -352,7 +394,9 @@ class SynthesizedImageDataModule(L.LightningDataModule):
             if self.shard_is_complete(shard):  # written meanwhile by another process
                 progress.update(len(self.shard_indices(shard)))
             else:
-                for orphan in glob.glob(f"{glob.escape(self.shard_path(shard))}.tmp-*") + glob.glob(f"{glob.escape(self.shard_path(shard))}.old-*"):
+                for orphan in glob.glob(f"{glob.escape(self.shard_path(shard))}.tmp-*") + glob.glob(
+                    f"{glob.escape(self.shard_path(shard))}.old-*"
+                ):
                     shutil.rmtree(orphan, ignore_errors=True)
                 self.generate_shard(shard, device, progress)
         finally:
@@ -374,10 +418,16 @@ class SynthesizedImageDataModule(L.LightningDataModule):
         if not missing:
             return
         total = sum(len(self.shard_indices(s)) for s in missing)
-        rank_zero_info(f"Synthesizing {self.hparams.num_images} images into {self.cache_path} ({len(missing)} shards to write on rank 0)")
+        rank_zero_info(
+            f"Synthesizing {self.hparams.num_images} images into {self.cache_path} ({len(missing)} shards to write on rank 0)"
+        )
         started = time.perf_counter()
-        with tqdm(total=total, desc=f"synthesizing x0 (rank {rank})", unit="img", position=rank, dynamic_ncols=True) as progress:
-            busy = [shard for shard in missing if not self.write_shard(shard, torch.device(device), progress, wait=False)]
+        with tqdm(
+            total=total, desc=f"synthesizing x0 (rank {rank})", unit="img", position=rank, dynamic_ncols=True
+        ) as progress:
+            busy = [
+                shard for shard in missing if not self.write_shard(shard, torch.device(device), progress, wait=False)
+            ]
             if busy:
                 progress.write(f"Waiting for another process that is writing shards {busy} of {self.cache_path}")
             for shard in busy:
@@ -476,12 +526,19 @@ class SynthesizedImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Rank r reads its own 1/W of each epoch's seeded permutation; the loader resumes mid-epoch.
         return ResumableDataLoader(
-            ArrowBatches(self.dataset), batch_size=self.hparams.batch_size, shuffle=True, drop_last=True, num_workers=self.hparams.num_workers, collate_fn=dequantize_images
+            ArrowBatches(self.dataset),
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.hparams.num_workers,
+            collate_fn=dequantize_images,
         )
 
     def _labelled(self, split: str) -> DataLoader:
         if self.labelled_data is None:
-            raise ValueError(f"The {split} split needs real labelled images: set `labelled_data` (e.g. DigitsDataModule).")
+            raise ValueError(
+                f"The {split} split needs real labelled images: set `labelled_data` (e.g. DigitsDataModule)."
+            )
         return getattr(self.labelled_data, f"{split}_dataloader")()
 
     def val_dataloader(self) -> DataLoader:

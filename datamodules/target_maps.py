@@ -22,7 +22,11 @@ class _TargetMapsDataset(Dataset):
         return len(self.rows["target_map"])
 
     def __getitem__(self, index: int) -> dict:
-        return {name: values[index] for name, values in self.rows.items()} | {"label": -1, "seed": self.seed + index, "index": index}
+        return {name: values[index] for name, values in self.rows.items()} | {
+            "label": -1,
+            "seed": self.seed + index,
+            "index": index,
+        }
 
 
 class TargetMapDataModule(L.LightningDataModule):

@@ -22,7 +22,14 @@ class ThickDigitsDataModule(DigitsDataModule):
         num_workers (`int`, defaults to 0): DataLoader workers.
     """
 
-    def __init__(self, stroke_kernel: int = 3, image_size: int = 16, batch_size: int = 128, split_seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        stroke_kernel: int = 3,
+        image_size: int = 16,
+        batch_size: int = 128,
+        split_seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
         if stroke_kernel < 1 or stroke_kernel % 2 == 0:
             raise ValueError(f"Expected `stroke_kernel` to be an odd number >= 1, but got {stroke_kernel}.")
         super().__init__(image_size=image_size, batch_size=batch_size, split_seed=split_seed, num_workers=num_workers)

@@ -22,7 +22,11 @@ class CalibratedInput(Protocol):
 
 def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     """ECE = sum_b |B_b| / n * |acc(B_b) - conf(B_b)| over `n_bins` equal-width confidence bins."""
-    return float(multiclass_calibration_error(logits.softmax(-1), labels, num_classes=logits.shape[-1], n_bins=n_bins, norm="l1"))
+    return float(
+        multiclass_calibration_error(
+            logits.softmax(-1), labels, num_classes=logits.shape[-1], n_bins=n_bins, norm="l1"
+        )
+    )
 
 
 def calibration_timesteps(num_timesteps: int, num_train_timesteps: int) -> list[int]:
@@ -32,12 +36,16 @@ def calibration_timesteps(num_timesteps: int, num_train_timesteps: int) -> list[
     return torch.linspace(0, num_train_timesteps - 1, num_timesteps).round().long().tolist()
 
 
-def guide_input(guidance: CalibratedInput, x_t: torch.Tensor, t: int, abar: torch.Tensor, unet: nn.Module | None) -> torch.Tensor:
+def guide_input(
+    guidance: CalibratedInput, x_t: torch.Tensor, t: int, abar: torch.Tensor, unet: nn.Module | None
+) -> torch.Tensor:
     """What the guide reads at x_t: x_t itself, or `(x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)` clipped to [-1, 1]."""
     if guidance.input != "x0_hat":
         return x_t
     if unet is None:
-        raise ValueError(f"{type(guidance).__name__} guides on x0_hat: the calibration curve needs the diffusion `unet` to form it.")
+        raise ValueError(
+            f"{type(guidance).__name__} guides on x0_hat: the calibration curve needs the diffusion `unet` to form it."
+        )
     timestep = torch.full((len(x_t),), t, device=x_t.device, dtype=torch.long)
     eps = unet(x_t, timestep).sample[:, : x_t.shape[1]]
     return ((x_t - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
@@ -96,7 +104,9 @@ def calibration_curve(
             noise = torch.randn(images.shape, generator=generator, device=device)
             x_t = abar.sqrt() * images + (1 - abar).sqrt() * noise
             inputs = guide_input(guidance, x_t, t, abar, unet)
-            logits[t].append(guidance.logits(inputs, torch.full((len(images),), t, device=device, dtype=torch.long)).float().cpu())
+            logits[t].append(
+                guidance.logits(inputs, torch.full((len(images),), t, device=device, dtype=torch.long)).float().cpu()
+            )
     return curve_from_logits({t: torch.cat(values) for t, values in logits.items()}, torch.cat(labels), n_bins)
 
 
@@ -146,7 +156,9 @@ def read_curves_csv(path: str) -> dict[str, dict[str, list[float]]]:
     curves: dict[str, dict[str, list]] = {}
     with open(path, newline="") as file:
         for row in csv.DictReader(file):
-            curve = curves.setdefault(row["guide"], {"timestep": [], "ece": [], "accuracy": [], "integral_ece": [float(row["integral_ece"])]})
+            curve = curves.setdefault(
+                row["guide"], {"timestep": [], "ece": [], "accuracy": [], "integral_ece": [float(row["integral_ece"])]}
+            )
             curve["timestep"].append(int(row["timestep"]))
             curve["ece"].append(float(row["ece"]))
             curve["accuracy"].append(float(row["accuracy"]))

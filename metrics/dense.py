@@ -11,7 +11,13 @@ from torchmetrics.functional import pearson_corrcoef
 from torchmetrics.functional.segmentation import mean_iou
 
 from plugguide.metrics.generation import Records, unique_rows
-from plugguide.metrics.pixel_maps import BACKGROUND, NUM_SEGMENTATION_CLASSES, digit_segmentation, distance_to_stroke, stroke_mask
+from plugguide.metrics.pixel_maps import (
+    BACKGROUND,
+    NUM_SEGMENTATION_CLASSES,
+    digit_segmentation,
+    distance_to_stroke,
+    stroke_mask,
+)
 
 MapKind = Literal["segmentation", "depth"]
 SCORES = {"segmentation": ("miou", "stroke_iou"), "depth": ("depth_mae", "depth_rmse", "depth_correlation")}
@@ -47,7 +53,9 @@ class DenseMapMetrics(nn.Module):
         if kind not in SCORES:
             raise ValueError(f"Expected `kind` to be one of {tuple(SCORES)}, but got {kind!r}.")
         if kind == "segmentation" and evaluator is None:
-            raise ValueError("Segmentation scores label each sample's strokes with the evaluator's reading: give `evaluator`.")
+            raise ValueError(
+                "Segmentation scores label each sample's strokes with the evaluator's reading: give `evaluator`."
+            )
         self.kind = kind
         self.evaluator = evaluator.eval().requires_grad_(False) if evaluator is not None else None
         self.records = Records(*SCORES[kind], "index")
@@ -73,10 +81,18 @@ class DenseMapMetrics(nn.Module):
                 "stroke_iou": torch.where(union > 0, overlap / union.clamp_min(1), 1.0),  # two empty maps agree
             }
         error = (maps - targets).flatten(1)
-        return {"depth_mae": error.abs().mean(1), "depth_rmse": error.square().mean(1).sqrt(), "depth_correlation": map_correlation(maps, targets)}
+        return {
+            "depth_mae": error.abs().mean(1),
+            "depth_rmse": error.square().mean(1).sqrt(),
+            "depth_correlation": map_correlation(maps, targets),
+        }
 
     def update(self, images: torch.Tensor, target_maps: torch.Tensor, indices: torch.Tensor | None = None) -> None:
-        index = torch.full((len(images),), -1, device=images.device) if indices is None else torch.as_tensor(indices, device=images.device).long()
+        index = (
+            torch.full((len(images),), -1, device=images.device)
+            if indices is None
+            else torch.as_tensor(indices, device=images.device).long()
+        )
         self.records.update(**self.scores(images, target_maps), index=index)
 
     def per_sample(self) -> dict[str, torch.Tensor]:

@@ -34,11 +34,21 @@ def render_maps(maps: torch.Tensor) -> torch.Tensor:
         low, high = maps.min(), maps.max()
         grey = 1 - (maps - low) / (high - low).clamp_min(1e-12)
         return grey.unsqueeze(1).expand(-1, 3, -1, -1).float()
-    palette = torch.tensor([(0.0, 0.0, 0.0)] + [matplotlib.colormaps["tab20"](i)[:3] for i in range(int(maps.max()))], dtype=torch.float32, device=maps.device)
+    palette = torch.tensor(
+        [(0.0, 0.0, 0.0)] + [matplotlib.colormaps["tab20"](i)[:3] for i in range(int(maps.max()))],
+        dtype=torch.float32,
+        device=maps.device,
+    )
     return palette[maps.long()].permute(0, 3, 1, 2)
 
 
-def sweep_figure(sweeps: dict[str, dict[str, dict]], unguided: dict, scales: list[float], distance: str = "fid_autoencoder", score: str = "guided_accuracy"):
+def sweep_figure(
+    sweeps: dict[str, dict[str, dict]],
+    unguided: dict,
+    scales: list[float],
+    distance: str = "fid_autoencoder",
+    score: str = "guided_accuracy",
+):
     """A score (guided accuracy by default) against a quality distance for every row of a scale sweep (one line per
     row, one point per scale).
 
@@ -54,7 +64,9 @@ def sweep_figure(sweeps: dict[str, dict[str, dict]], unguided: dict, scales: lis
         for (x, y), scale in zip(points, scales):
             axis.annotate(f"{scale:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ylabel = "guided accuracy (independent evaluator)" if score == "guided_accuracy" else score
-    axis.set(xscale="log", xlabel=f"{distance} (lower is better)", ylabel=ylabel, ylim=(min(0, axis.get_ylim()[0]), 1.02))
+    axis.set(
+        xscale="log", xlabel=f"{distance} (lower is better)", ylabel=ylabel, ylim=(min(0, axis.get_ylim()[0]), 1.02)
+    )
     axis.legend(fontsize=7)
     figure.tight_layout()
     return figure

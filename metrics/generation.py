@@ -111,7 +111,9 @@ def inception_score(probabilities: torch.Tensor) -> float:
     return float((probabilities * (probabilities.log() - marginal.log())).sum(1).mean().exp())
 
 
-def precision_recall_density_coverage(real: torch.Tensor, generated: torch.Tensor, nearest_k: int = 5) -> dict[str, float]:
+def precision_recall_density_coverage(
+    real: torch.Tensor, generated: torch.Tensor, nearest_k: int = 5
+) -> dict[str, float]:
     """Fidelity (precision, density) and diversity (recall, coverage) of Kynkaanniemi et al. (2019) and Naeem et al. (2020).
 
     The authors' package `prdc` (k-nearest-neighbour balls around real and generated features).
@@ -132,7 +134,9 @@ def within_class_spread(features: torch.Tensor, classes: torch.Tensor) -> dict[i
     return spread
 
 
-def diversity_ratio(real: torch.Tensor, real_classes: torch.Tensor, generated: torch.Tensor, generated_classes: torch.Tensor) -> float:
+def diversity_ratio(
+    real: torch.Tensor, real_classes: torch.Tensor, generated: torch.Tensor, generated_classes: torch.Tensor
+) -> float:
     """Within-class spread of the samples over that of real images of the same class, averaged over classes.
 
     1 means the samples of a class vary as much as real digits of that class; a collapse toward one
@@ -185,7 +189,13 @@ class GenerationMetrics(nn.Module):
         nearest_k (`int`, defaults to 5): k of precision/recall/density/coverage.
     """
 
-    def __init__(self, evaluator: nn.Module, num_classes: int, feature_spaces: dict[str, nn.Module] | None = None, nearest_k: int = 5) -> None:
+    def __init__(
+        self,
+        evaluator: nn.Module,
+        num_classes: int,
+        feature_spaces: dict[str, nn.Module] | None = None,
+        nearest_k: int = 5,
+    ) -> None:
         super().__init__()
         self.evaluator = evaluator.eval().requires_grad_(False)
         self.num_classes = num_classes
@@ -200,7 +210,11 @@ class GenerationMetrics(nn.Module):
     def from_paths(cls, evaluator_path: str, autoencoder_path: str | None = None) -> "GenerationMetrics":
         """The evaluator (a saved `TimmClassifier`) and, if given, an `AutoencoderKL` as the `autoencoder` feature space."""
         evaluator = load_classifier(evaluator_path, "evaluator_path")
-        spaces = {"autoencoder": AutoencoderLatents(load_vae(autoencoder_path, "autoencoder_path"))} if autoencoder_path else {}
+        spaces = (
+            {"autoencoder": AutoencoderLatents(load_vae(autoencoder_path, "autoencoder_path"))}
+            if autoencoder_path
+            else {}
+        )
         return cls(evaluator, evaluator.num_classes, spaces)
 
     def train(self, mode: bool = True) -> "GenerationMetrics":
@@ -208,22 +222,37 @@ class GenerationMetrics(nn.Module):
 
     def features(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         evaluator_features, logits = self.evaluator.features_and_logits(images)
-        return {"evaluator": evaluator_features, **{name: space(images) for name, space in self.spaces.items()}}, logits
+        return {
+            "evaluator": evaluator_features,
+            **{name: space(images) for name, space in self.spaces.items()},
+        }, logits
 
     @staticmethod
     def _indices(images: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
-        return torch.full((len(images),), -1, device=images.device) if indices is None else torch.as_tensor(indices, device=images.device).long()
+        return (
+            torch.full((len(images),), -1, device=images.device)
+            if indices is None
+            else torch.as_tensor(indices, device=images.device).long()
+        )
 
     @torch.no_grad()
-    def update_real(self, images: torch.Tensor, labels: torch.Tensor | None = None, indices: torch.Tensor | None = None) -> None:
+    def update_real(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, indices: torch.Tensor | None = None
+    ) -> None:
         features, logits = self.features(images)
         labels = logits.argmax(-1) if labels is None else labels.to(images.device).long()
         self.real.update(**features, labels=labels, index=self._indices(images, indices))
 
     @torch.no_grad()
-    def update_generated(self, images: torch.Tensor, targets: torch.Tensor | None = None, indices: torch.Tensor | None = None) -> None:
+    def update_generated(
+        self, images: torch.Tensor, targets: torch.Tensor | None = None, indices: torch.Tensor | None = None
+    ) -> None:
         features, logits = self.features(images)
-        targets = torch.full((len(images),), -1, device=images.device) if targets is None else targets.to(images.device).long()
+        targets = (
+            torch.full((len(images),), -1, device=images.device)
+            if targets is None
+            else targets.to(images.device).long()
+        )
         self.generated.update(**features, logits=logits, targets=targets, index=self._indices(images, indices))
 
     def records(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -236,7 +265,11 @@ class GenerationMetrics(nn.Module):
         real, generated = self.records()
         probabilities = generated["logits"].softmax(-1)
         targets = generated["targets"]
-        results = {"num_samples": float(len(targets)), "evaluator_confidence": float(probabilities.max(-1).values.mean()), "inception_score": inception_score(probabilities)}
+        results = {
+            "num_samples": float(len(targets)),
+            "evaluator_confidence": float(probabilities.max(-1).values.mean()),
+            "inception_score": inception_score(probabilities),
+        }
         if bool((targets >= 0).all()):
             results["guided_accuracy"] = float((probabilities.argmax(-1) == targets).float().mean())
         if len(real.get("labels", ())) < 2 or len(targets) < 2:
@@ -247,7 +280,12 @@ class GenerationMetrics(nn.Module):
             for name, distance in DISTANCES.items():
                 results[f"{name}_{space}"] = distance(reference, generated[space])
             if min(len(real[space]), len(generated[space])) > self.nearest_k:  # k-NN balls need more than k points
-                results |= {f"{k}_{space}": v for k, v in precision_recall_density_coverage(real[space], generated[space], self.nearest_k).items()}
+                results |= {
+                    f"{k}_{space}": v
+                    for k, v in precision_recall_density_coverage(
+                        real[space], generated[space], self.nearest_k
+                    ).items()
+                }
             results[f"diversity_{space}"] = diversity_ratio(real[space], real["labels"], generated[space], classes)
         return results
 
@@ -275,9 +313,16 @@ class GenerationMetrics(nn.Module):
             reference = ReferenceStatistics(real[space])
             for name, distance in DISTANCES.items():
                 estimate = distance(reference, generated[space])
-                low, median, high = np.percentile([distance(reference, generated[space][draw]) for draw in draws], [2.5, 50, 97.5])
-                floor = 0.0 if name == "fid" else -math.inf  # FID is a squared distance; KID's unbiased estimate can be < 0
-                intervals[f"{name}_{space}"] = (max(floor, float(estimate - (median - low))), float(estimate + (high - median)))
+                low, median, high = np.percentile(
+                    [distance(reference, generated[space][draw]) for draw in draws], [2.5, 50, 97.5]
+                )
+                floor = (
+                    0.0 if name == "fid" else -math.inf
+                )  # FID is a squared distance; KID's unbiased estimate can be < 0
+                intervals[f"{name}_{space}"] = (
+                    max(floor, float(estimate - (median - low))),
+                    float(estimate + (high - median)),
+                )
         return intervals
 
     def reset(self) -> None:

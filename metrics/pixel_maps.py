@@ -37,12 +37,16 @@ def distance_to_stroke(images: torch.Tensor, threshold: float = STROKE_THRESHOLD
     return torch.as_tensor(np.stack(maps), dtype=torch.float32, device=images.device)
 
 
-def digit_segmentation(images: torch.Tensor, digits: torch.Tensor, threshold: float = STROKE_THRESHOLD) -> torch.Tensor:
+def digit_segmentation(
+    images: torch.Tensor, digits: torch.Tensor, threshold: float = STROKE_THRESHOLD
+) -> torch.Tensor:
     """(B, H, W) label maps: 1 + digit on each image's strokes, `BACKGROUND` elsewhere."""
     return torch.where(stroke_mask(images, threshold), digits.to(images.device).view(-1, 1, 1) + 1, BACKGROUND).long()
 
 
 def majority_digit(label_maps: torch.Tensor) -> torch.Tensor:
     """(B,) the digit whose stroke class covers most pixels of each label map; -1 for a map without strokes."""
-    counts = torch.stack([(label_maps == 1 + digit).flatten(1).sum(1) for digit in range(NUM_SEGMENTATION_CLASSES - 1)], dim=1)
+    counts = torch.stack(
+        [(label_maps == 1 + digit).flatten(1).sum(1) for digit in range(NUM_SEGMENTATION_CLASSES - 1)], dim=1
+    )
     return torch.where(counts.sum(1) > 0, counts.argmax(1), -1)

@@ -14,7 +14,9 @@ BEST_SCALE_RULE = (
 )
 
 
-def best_scale(sweep: dict[str, dict], unguided: dict, distance: str = PRIMARY_DISTANCE, score: str = "guided_accuracy") -> tuple[str, bool]:
+def best_scale(
+    sweep: dict[str, dict], unguided: dict, distance: str = PRIMARY_DISTANCE, score: str = "guided_accuracy"
+) -> tuple[str, bool]:
     """(scale key, whether it met the quality bound) for one guided row's sweep, by `BEST_SCALE_RULE`.
 
     Accuracy alone would pick a scale that sharpens every sample into its class prototype; the bound keeps the

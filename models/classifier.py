@@ -47,19 +47,27 @@ class TimmClassifier(nn.Module, HubModelMixin):
     ) -> None:
         super().__init__()
         if not (timm.is_model(model_name) or model_name.startswith("hf-hub:")):
-            raise ValueError(f"Unknown timm model `model_name`={model_name!r}; allowed: any name in `timm.list_models()` or 'hf-hub:<repo>'.")
+            raise ValueError(
+                f"Unknown timm model `model_name`={model_name!r}; allowed: any name in `timm.list_models()` or 'hf-hub:<repo>'."
+            )
         if num_classes is not None and num_classes < 2:
             raise ValueError(f"Expected `num_classes` to be at least 2, but got {num_classes}.")
         head = {} if num_classes is None else {"num_classes": num_classes}
-        self.model = timm.create_model(model_name, pretrained=pretrained, in_chans=in_chans, **head, **(model_kwargs or {}))
+        self.model = timm.create_model(
+            model_name, pretrained=pretrained, in_chans=in_chans, **head, **(model_kwargs or {})
+        )
         self.num_classes = self.model.num_classes
         self.in_chans = in_chans
         self.num_features = self.model.num_features
         self.input_size = None
         if normalize_input:
             config = timm.data.resolve_data_config(model=self.model)
-            self.register_buffer("input_mean", torch.tensor(config["mean"][:in_chans]).view(1, -1, 1, 1), persistent=False)
-            self.register_buffer("input_std", torch.tensor(config["std"][:in_chans]).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer(
+                "input_mean", torch.tensor(config["mean"][:in_chans]).view(1, -1, 1, 1), persistent=False
+            )
+            self.register_buffer(
+                "input_std", torch.tensor(config["std"][:in_chans]).view(1, -1, 1, 1), persistent=False
+            )
             self.input_size = (input_size, input_size) if input_size else tuple(config["input_size"][1:])
 
     #: What the model predicts (`pipelines.tasks.default_task` reads it): one class per image.
@@ -96,12 +104,19 @@ def load_classifier(path: str, setting: str = "classifier_path") -> TimmClassifi
         try:
             return TimmClassifier(name, num_classes=None, in_chans=3, pretrained=True, normalize_input=True)
         except Exception as error:  # noqa: BLE001 - re-raised with the setting named
-            raise OSError(f"`{setting}`={path!r} could not be loaded from the hub (network access needed): {error}") from error
+            raise OSError(
+                f"`{setting}`={path!r} could not be loaded from the hub (network access needed): {error}"
+            ) from error
     return load_saved(TimmClassifier, path, setting, "classifier", "under assets/digits/")
 
 
 def check_classifier_input(
-    classifier: nn.Module, channels: int, image_size: int, setting: str, path: str | None = None, classify: Callable[[torch.Tensor], torch.Tensor] | None = None
+    classifier: nn.Module,
+    channels: int,
+    image_size: int,
+    setting: str,
+    path: str | None = None,
+    classify: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Fails early, naming the setting, if `classifier` cannot take the diffusion model's images.
 
@@ -112,7 +127,9 @@ def check_classifier_input(
     named = f"`{setting}`" + (f"={path!r}" if path else "")
     in_chans = getattr(classifier, "in_chans", None) or channels
     if in_chans != channels:
-        raise ValueError(f"The diffusion model makes {channels}-channel images but the classifier {named} takes {in_chans} channels.")
+        raise ValueError(
+            f"The diffusion model makes {channels}-channel images but the classifier {named} takes {in_chans} channels."
+        )
     probe = torch.zeros(1, channels, image_size, image_size, device=next(classifier.parameters()).device)
     was_training = classifier.training
     try:

@@ -19,7 +19,9 @@ def parse_autocast_dtype(name: str | torch.dtype | None, setting: str = "autocas
     if name is None or isinstance(name, torch.dtype) and name in AUTOCAST_DTYPES.values():
         return name
     if name not in AUTOCAST_DTYPES:
-        raise ValueError(f"Unknown `{setting}`={name!r}; allowed: null (full precision), {', '.join(AUTOCAST_DTYPES)}.")
+        raise ValueError(
+            f"Unknown `{setting}`={name!r}; allowed: null (full precision), {', '.join(AUTOCAST_DTYPES)}."
+        )
     return AUTOCAST_DTYPES[name]
 
 

@@ -17,12 +17,18 @@ Library = Literal["smp", "torchvision", "transformers"]
 LIBRARIES = ("smp", "torchvision", "transformers")
 
 
-def build_library_model(library: str, architecture: str, num_classes: int | None, in_chans: int, model_kwargs: dict) -> nn.Module:
+def build_library_model(
+    library: str, architecture: str, num_classes: int | None, in_chans: int, model_kwargs: dict
+) -> nn.Module:
     """The bare network of `library`, randomly initialised (weights are loaded afterwards)."""
     if library == "smp":
-        return smp.create_model(architecture, encoder_weights=None, in_channels=in_chans, classes=num_classes or 1, **model_kwargs)
+        return smp.create_model(
+            architecture, encoder_weights=None, in_channels=in_chans, classes=num_classes or 1, **model_kwargs
+        )
     if library == "torchvision":
-        return torchvision.models.get_model(architecture, weights=None, weights_backbone=None, num_classes=num_classes, **model_kwargs)
+        return torchvision.models.get_model(
+            architecture, weights=None, weights_backbone=None, num_classes=num_classes, **model_kwargs
+        )
     config = transformers.AutoConfig.for_model(**model_kwargs)
     return getattr(transformers, architecture)(config)
 
@@ -70,13 +76,17 @@ class DenseModel(nn.Module, HubModelMixin):
         if library not in LIBRARIES:
             raise ValueError(f"Expected `library` to be one of {LIBRARIES}, but got {library!r}.")
         if num_classes is not None and num_classes < 2:
-            raise ValueError(f"Expected `num_classes` to be at least 2 (or None for a regressor), but got {num_classes}.")
+            raise ValueError(
+                f"Expected `num_classes` to be at least 2 (or None for a regressor), but got {num_classes}."
+            )
         if (input_mean is None) != (input_std is None):
             raise ValueError("Give both `input_mean` and `input_std`, or neither.")
         try:
             self.model = build_library_model(library, architecture, num_classes, in_chans, dict(model_kwargs or {}))
         except (ValueError, KeyError, AttributeError, TypeError) as error:
-            raise ValueError(f"`architecture`={architecture!r} of `library`={library!r} could not be built with `model_kwargs`={model_kwargs} ({error}).") from error
+            raise ValueError(
+                f"`architecture`={architecture!r} of `library`={library!r} could not be built with `model_kwargs`={model_kwargs} ({error})."
+            ) from error
         self.library = library
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -89,7 +99,7 @@ class DenseModel(nn.Module, HubModelMixin):
 
     @property
     def predicts(self) -> str:
-        """"class_map" for a segmenter, "map" for a regressor (`pipelines.tasks.default_task` reads it)."""
+        """ "class_map" for a segmenter, "map" for a regressor (`pipelines.tasks.default_task` reads it)."""
         return "class_map" if self.num_classes else "map"
 
     def output_head(self) -> nn.Module:
@@ -104,7 +114,9 @@ class DenseModel(nn.Module, HubModelMixin):
         if self.input_mean is not None:
             images = ((images + 1) / 2 - self.input_mean) / self.input_std
         if self.input_size is not None and tuple(images.shape[-2:]) != (self.input_size, self.input_size):
-            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+            images = F.interpolate(
+                images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False
+            )
         return images
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -131,7 +143,9 @@ def load_dense_model(path: str, setting: str = "model_path") -> DenseModel:
         try:
             return hub_dense_model(*path.split(":", 1))
         except Exception as error:  # noqa: BLE001 - re-raised with the setting named
-            raise OSError(f"`{setting}`={path!r} could not be loaded from the hub (network access needed): {error}") from error
+            raise OSError(
+                f"`{setting}`={path!r} could not be loaded from the hub (network access needed): {error}"
+            ) from error
     return load_saved(DenseModel, path, setting, "dense model", "assets/digits/segmenter and assets/digits/depth")
 
 
@@ -141,19 +155,33 @@ def hub_dense_model(library: str, name: str) -> DenseModel:
         weights = torchvision.models.get_model_weights(name).DEFAULT
         preprocessing = weights.transforms()
         model = DenseModel(
-            "torchvision", name, num_classes=len(weights.meta["categories"]), in_chans=3, model_kwargs={"aux_loss": False},
-            input_mean=list(preprocessing.mean), input_std=list(preprocessing.std), input_size=preprocessing.resize_size[0],
+            "torchvision",
+            name,
+            num_classes=len(weights.meta["categories"]),
+            in_chans=3,
+            model_kwargs={"aux_loss": False},
+            input_mean=list(preprocessing.mean),
+            input_std=list(preprocessing.std),
+            input_size=preprocessing.resize_size[0],
         )
         # The auxiliary head only serves training; the guide is the main output.
-        state = {k: v for k, v in weights.get_state_dict(progress=False).items() if not k.startswith("aux_classifier.")}
+        state = {
+            k: v for k, v in weights.get_state_dict(progress=False).items() if not k.startswith("aux_classifier.")
+        }
         model.model.load_state_dict(state)
         return model
     network = transformers.AutoModelForDepthEstimation.from_pretrained(name)
     processor = transformers.AutoImageProcessor.from_pretrained(name)
     size = processor.size.get("height") or processor.size.get("shortest_edge")
     model = DenseModel(
-        "transformers", type(network).__name__, num_classes=None, in_chans=3, model_kwargs=network.config.to_dict(),
-        input_mean=list(processor.image_mean), input_std=list(processor.image_std), input_size=size,
+        "transformers",
+        type(network).__name__,
+        num_classes=None,
+        in_chans=3,
+        model_kwargs=network.config.to_dict(),
+        input_mean=list(processor.image_mean),
+        input_std=list(processor.image_std),
+        input_size=size,
     )
     model.model.load_state_dict(network.state_dict())
     return model

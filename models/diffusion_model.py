@@ -49,7 +49,9 @@ def check_model_path(path: str, setting: str = "diffusion_model") -> None:
     if not isinstance(path, str) or not path:
         raise ValueError(f"Expected `{setting}` to be a pipeline directory or a hub id, but got {path!r}.")
     if not os.path.isdir(path) and (os.sep in path.strip("/").split("/", 1)[-1] or path.startswith((".", "/"))):
-        raise FileNotFoundError(f"`{setting}`={path!r} does not exist; give a pipeline directory (assets/digits/...) or a hub id.")
+        raise FileNotFoundError(
+            f"`{setting}`={path!r} does not exist; give a pipeline directory (assets/digits/...) or a hub id."
+        )
 
 
 # Where a diffusers pipeline keeps its denoiser: a UNet (DDPM, Stable Diffusion) or a transformer (DiT).
@@ -69,18 +71,26 @@ def load_unet(path: str, setting: str = "diffusion_model") -> nn.Module:
     if os.path.isdir(path):
         subfolder = next((f for f in DENOISER_FOLDERS if os.path.isdir(os.path.join(path, f))), None)
         if not os.path.isfile(os.path.join(path, subfolder or "", "config.json")):
-            raise FileNotFoundError(f"`{setting}`={path!r} holds no diffusers denoiser (expected unet/, transformer/ or config.json).")
+            raise FileNotFoundError(
+                f"`{setting}`={path!r} holds no diffusers denoiser (expected unet/, transformer/ or config.json)."
+            )
     try:
         if not os.path.isdir(path):
             components = DiffusionPipeline.load_config(path)  # model_index.json names the pipeline's parts
             subfolder = next((f for f in DENOISER_FOLDERS if f in components), "unet")
         return AutoModel.from_pretrained(path, subfolder=subfolder)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        raise OSError(f"`{setting}`={path!r} could not be loaded: {unloadable(path, 'denoiser')} ({error}).") from error
+        raise OSError(
+            f"`{setting}`={path!r} could not be loaded: {unloadable(path, 'denoiser')} ({error})."
+        ) from error
 
 
 def load_scheduler(
-    path: str, name: str = "DDPMScheduler", setting: str = "scheduler", path_setting: str = "diffusion_model", overrides: dict | None = None
+    path: str,
+    name: str = "DDPMScheduler",
+    setting: str = "scheduler",
+    path_setting: str = "diffusion_model",
+    overrides: dict | None = None,
 ) -> SchedulerMixin:
     """The pipeline's training noise schedule, as the sampler class `name` (a diffusers scheduler).
 
@@ -96,15 +106,23 @@ def load_scheduler(
     try:
         config = DDPMScheduler.load_config(path, subfolder=subfolder)
     except OSError as error:
-        where = "a directory needs scheduler/scheduler_config.json" if os.path.isdir(path) else "hub ids need network access"
+        where = (
+            "a directory needs scheduler/scheduler_config.json"
+            if os.path.isdir(path)
+            else "hub ids need network access"
+        )
         raise OSError(f"`{path_setting}`={path!r} has no loadable noise scheduler: {where} ({error}).") from error
     trained_with = config.get("_class_name", "DDPMScheduler")
     if training_family(trained_with) != training_family(name):
         trained = f"`{path_setting}`={path!r} was trained with {trained_with} ({TRAINING_FAMILIES[training_family(trained_with)]})"
         if setting == path_setting:  # a job's own forward process, not a sampler the user chose
-            raise ValueError(f"{trained}, but this job needs a model trained with {TRAINING_FAMILIES[training_family(name)]}.")
+            raise ValueError(
+                f"{trained}, but this job needs a model trained with {TRAINING_FAMILIES[training_family(name)]}."
+            )
         allowed = [n for n in SUPPORTED_SCHEDULERS if training_family(n) == training_family(trained_with)]
-        raise ValueError(f"{trained}; `{setting}`={name!r} samples models trained with {TRAINING_FAMILIES[training_family(name)]}. Allowed: {', '.join(allowed)}.")
+        raise ValueError(
+            f"{trained}; `{setting}`={name!r} samples models trained with {TRAINING_FAMILIES[training_family(name)]}. Allowed: {', '.join(allowed)}."
+        )
     return getattr(diffusers, name).from_config(config, **(overrides or {}))
 
 

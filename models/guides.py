@@ -36,8 +36,17 @@ def unet_signature(unet: UNet2DConditionModel) -> dict:
     if unet.class_embedding is not None:
         condition_dim = time_embed_dim
     else:
-        condition_dim = config.cross_attention_dim if isinstance(config.cross_attention_dim, int) else config.cross_attention_dim[0]
-    return {"down_channels": down, "mid_channels": channels[-1], "time_embed_dim": time_embed_dim, "condition_dim": condition_dim}
+        condition_dim = (
+            config.cross_attention_dim
+            if isinstance(config.cross_attention_dim, int)
+            else config.cross_attention_dim[0]
+        )
+    return {
+        "down_channels": down,
+        "mid_channels": channels[-1],
+        "time_embed_dim": time_embed_dim,
+        "condition_dim": condition_dim,
+    }
 
 
 class Guide(nn.Module, HubModelMixin):
@@ -57,7 +66,9 @@ class Guide(nn.Module, HubModelMixin):
     def __init__(self, unet: UNet2DConditionModel) -> None:
         super().__init__()
         if not isinstance(unet, UNet2DConditionModel):
-            raise TypeError(f"Guides steer a diffusers `UNet2DConditionModel`, but got `unet` of type {type(unet).__name__}.")
+            raise TypeError(
+                f"Guides steer a diffusers `UNet2DConditionModel`, but got `unet` of type {type(unet).__name__}."
+            )
         self.signature = unet_signature(unet)
         self.init_args: dict = {}
 
@@ -88,7 +99,9 @@ class Guide(nn.Module, HubModelMixin):
         super().save_pretrained(save_directory, config=config, **kwargs)
 
 
-def condition_embedding(unet: UNet2DConditionModel, class_labels: torch.Tensor | None, encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
+def condition_embedding(
+    unet: UNet2DConditionModel, class_labels: torch.Tensor | None, encoder_hidden_states: torch.Tensor | None
+) -> torch.Tensor:
     """The condition as one vector per example: the UNet's own class embedding, or mean-pooled text hidden states."""
     if unet.class_embedding is not None:
         if class_labels is None:
@@ -138,7 +151,11 @@ class TinyGuide(Guide):
     def residuals(self, unet, sample, timestep, guidance, class_labels=None, encoder_hidden_states=None):
         batch = sample.shape[0]
         gamma = guidance.to(sample.dtype).reshape(-1, 1).expand(batch, self.time_in.out_features)
-        hidden = gamma + self.time_in(time_embedding(unet, timestep, batch)) + self.condition_in(condition_embedding(unet, class_labels, encoder_hidden_states))
+        hidden = (
+            gamma
+            + self.time_in(time_embedding(unet, timestep, batch))
+            + self.condition_in(condition_embedding(unet, class_labels, encoder_hidden_states))
+        )
         outputs = self.out(self.mix(hidden)).split(self.split, dim=1)
         outputs = [output[:, :, None, None] for output in outputs]
         return tuple(outputs[:-1]), outputs[-1]
@@ -167,14 +184,21 @@ class FullGuide(Guide):
                 f"Expected `conditioning_channels` to have one entry (the guidance map has the sample's size), but got {conditioning_channels}."
             )
         self.init_args = {"conditioning_channels": list(conditioning_channels)}
-        self.controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels, conditioning_channels=1)
+        self.controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=conditioning_channels, conditioning_channels=1
+        )
 
     def residuals(self, unet, sample, timestep, guidance, class_labels=None, encoder_hidden_states=None):
         batch = sample.shape[0]
         guidance_map = guidance.to(sample.dtype).reshape(-1, 1, 1, 1).expand(batch, 1, *sample.shape[-2:])
         timestep = timestep.expand(batch) if timestep.ndim else timestep.reshape(1).expand(batch)
         down, mid = self.controlnet(
-            sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=guidance_map, class_labels=class_labels, return_dict=False
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=guidance_map,
+            class_labels=class_labels,
+            return_dict=False,
         )
         return tuple(down), mid
 
@@ -189,11 +213,15 @@ def load_guide(path: str, unet: UNet2DConditionModel, setting: str = "guide_path
     """Rebuilds a guide saved with `save_pretrained` for `unet`, checking that it was built for such a UNet."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"`{setting}`={path!r} is not a saved guide: expected config.json and model.safetensors written by `Guide.save_pretrained`.")
+        raise FileNotFoundError(
+            f"`{setting}`={path!r} is not a saved guide: expected config.json and model.safetensors written by `Guide.save_pretrained`."
+        )
     with open(config_file) as file:
         config = json.load(file)
     if config.get("guide_class") not in GUIDES:
-        raise ValueError(f"`{setting}`={path!r} holds guide class {config.get('guide_class')!r}; allowed: {', '.join(GUIDES)}.")
+        raise ValueError(
+            f"`{setting}`={path!r} holds guide class {config.get('guide_class')!r}; allowed: {', '.join(GUIDES)}."
+        )
     if config["unet_signature"] != unet_signature(unet):
         raise ValueError(
             f"`{setting}`={path!r} holds a guide built for a UNet with {config['unet_signature']}, but the UNet has "
@@ -221,7 +249,9 @@ def predict_guided_noise(
         guidance = guidance.expand(batch) if guidance.ndim == 0 else guidance
         down, mid = guide.residuals(unet, sample, timestep, guidance, class_labels, encoder_hidden_states)
         if len(down) != len(guide.signature["down_channels"]):
-            raise ValueError(f"`guide` gave {len(down)} skip residuals, but the UNet has {len(guide.signature['down_channels'])} skip connections.")
+            raise ValueError(
+                f"`guide` gave {len(down)} skip residuals, but the UNet has {len(guide.signature['down_channels'])} skip connections."
+            )
         residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     eps = unet(sample, timestep, encoder_hidden_states, class_labels=class_labels, **residuals).sample
     return eps[:, : sample.shape[1]]

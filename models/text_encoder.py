@@ -17,7 +17,11 @@ MAX_PROMPT_TOKENS = 77
 
 def is_text_conditional(unet: nn.Module) -> bool:
     """A `UNet2DConditionModel` without class embeddings: it is conditioned through cross-attention on text hidden states."""
-    return isinstance(unet, UNet2DConditionModel) and unet.config.num_class_embeds is None and unet.config.class_embed_type is None
+    return (
+        isinstance(unet, UNet2DConditionModel)
+        and unet.config.num_class_embeds is None
+        and unet.config.class_embed_type is None
+    )
 
 
 def load_text_encoder(path: str, setting: str = "diffusion_model") -> tuple[nn.Module, object]:
@@ -25,13 +29,17 @@ def load_text_encoder(path: str, setting: str = "diffusion_model") -> tuple[nn.M
     `architectures`, e.g. CLIPTextModel for Stable Diffusion, T5EncoderModel for DeepFloyd-IF) and `tokenizer/`."""
     check_model_path(path, setting)
     if os.path.isdir(path) and not os.path.isdir(os.path.join(path, "text_encoder")):
-        raise FileNotFoundError(f"`{setting}`={path!r} holds a text-conditional UNet but no text_encoder/ to encode its prompt.")
+        raise FileNotFoundError(
+            f"`{setting}`={path!r} holds a text-conditional UNet but no text_encoder/ to encode its prompt."
+        )
     try:
         config = transformers.AutoConfig.from_pretrained(path, subfolder="text_encoder")
         encoder = getattr(transformers, config.architectures[0]).from_pretrained(path, subfolder="text_encoder")
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
     except OSError as error:
-        raise OSError(f"`{setting}`={path!r}: its text encoder could not be loaded: hub ids need network access ({error}).") from error
+        raise OSError(
+            f"`{setting}`={path!r}: its text encoder could not be loaded: hub ids need network access ({error})."
+        ) from error
     return encoder.eval().requires_grad_(False), tokenizer
 
 
@@ -47,7 +55,9 @@ def encode_prompts(encoder: nn.Module, tokenizer, prompts: list[str]) -> torch.T
     return encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
 
 
-def prompt_conditioning(path: str, unet: nn.Module, prompt: str | None, setting: str = "prompt") -> dict[str, torch.Tensor]:
+def prompt_conditioning(
+    path: str, unet: nn.Module, prompt: str | None, setting: str = "prompt"
+) -> dict[str, torch.Tensor]:
     """The `prompt_embeds` / `negative_prompt_embeds` a `GuidedDiffusionPipeline` needs for `unet`, encoded once.
 
     Text-conditional UNets sample under `prompt` (None: the empty prompt, which samples them unconditionally, as
@@ -55,7 +65,9 @@ def prompt_conditioning(path: str, unet: nn.Module, prompt: str | None, setting:
     """
     if not is_text_conditional(unet):
         if prompt is not None:
-            raise ValueError(f"`{setting}`={prompt!r} needs a text-conditional UNet (cross-attention), but the model's is {type(unet).__name__} without one.")
+            raise ValueError(
+                f"`{setting}`={prompt!r} needs a text-conditional UNet (cross-attention), but the model's is {type(unet).__name__} without one."
+            )
         return {}
     encoder, tokenizer = load_text_encoder(path)
     prompt_embeds, empty = encode_prompts(encoder, tokenizer, [prompt or "", ""]).chunk(2)

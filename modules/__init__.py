@@ -10,4 +10,14 @@ from plugguide.modules.guide_distillation import GuideDistillation
 from plugguide.modules.guided_sampling import GuidedSampling
 from plugguide.modules.progressive_halving import ProgressiveHalving
 
-__all__ = ["AutoencoderPretraining", "CalibrationEvaluation", "ClassifierPretraining", "DensePretraining", "DiffusionPretraining", "ExpertDistillation", "GuideDistillation", "GuidedSampling", "ProgressiveHalving"]
+__all__ = [
+    "AutoencoderPretraining",
+    "CalibrationEvaluation",
+    "ClassifierPretraining",
+    "DensePretraining",
+    "DiffusionPretraining",
+    "ExpertDistillation",
+    "GuideDistillation",
+    "GuidedSampling",
+    "ProgressiveHalving",
+]

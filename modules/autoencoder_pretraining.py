@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from lightning.pytorch.cli import OptimizerCallable
 
-from plugguide.models.seeding import step_generator
 from plugguide.models import save_atomically
+from plugguide.models.seeding import step_generator
 
 
 class AutoencoderPretraining(L.LightningModule):
@@ -30,7 +30,13 @@ class AutoencoderPretraining(L.LightningModule):
             what an uninterrupted one would.
     """
 
-    def __init__(self, autoencoder: dict, optimizer: OptimizerCallable = torch.optim.AdamW, kl_weight: float = 1e-4, seed: int = 0) -> None:
+    def __init__(
+        self,
+        autoencoder: dict,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        kl_weight: float = 1e-4,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if kl_weight < 0:
             raise ValueError(f"Expected `kl_weight` to be >= 0, but got {kl_weight}.")
@@ -50,7 +56,11 @@ class AutoencoderPretraining(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", step_generator(self.hparams.seed, self.global_step, self.global_rank, batch["image"].device))
+        return self._step(
+            batch,
+            "train",
+            step_generator(self.hparams.seed, self.global_step, self.global_rank, batch["image"].device),
+        )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, "val")

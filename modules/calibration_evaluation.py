@@ -51,7 +51,9 @@ class CalibrationEvaluation(L.LightningModule):
             raise ValueError("Expected `guides` to hold at least one ClassifierGuidance, but got none.")
         for guide in guides:
             if not isinstance(guide, ClassifierGuidance):
-                raise ValueError(f"Expected every entry of `guides` to be a ClassifierGuidance, but got {type(guide).__name__}.")
+                raise ValueError(
+                    f"Expected every entry of `guides` to be a ClassifierGuidance, but got {type(guide).__name__}."
+                )
         if names is not None and len(names) != len(guides):
             raise ValueError(f"Expected `names` to have one entry per guide ({len(guides)}), but got {len(names)}.")
         self.save_hyperparameters(ignore=["guides"])
@@ -75,7 +77,9 @@ class CalibrationEvaluation(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         alphas_cumprod = self.scheduler.alphas_cumprod
         self.curves = {
-            name: calibration_curve(guide, self.batches, self.timesteps, alphas_cumprod, self.unet, self.hparams.n_bins, self.hparams.seed)
+            name: calibration_curve(
+                guide, self.batches, self.timesteps, alphas_cumprod, self.unet, self.hparams.n_bins, self.hparams.seed
+            )
             for name, guide in zip(self.names, self.guides)
         }
         for name, curve in self.curves.items():

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
-from plugguide.models.seeding import step_generator
 from plugguide.models.classifier import TimmClassifier
 from plugguide.models.saving import save_atomically
+from plugguide.models.seeding import step_generator
 
 
 def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -65,19 +65,27 @@ class ClassifierPretraining(L.LightningModule):
         self.classifier = classifier
         self.optimizer = optimizer
         # Keyed "<stage>_acc": a ModuleDict key "train" would shadow nn.Module.train.
-        self.accuracy = torch.nn.ModuleDict({f"{stage}_acc": MulticlassAccuracy(classifier.num_classes) for stage in ("train", "val", "test")})
+        self.accuracy = torch.nn.ModuleDict(
+            {f"{stage}_acc": MulticlassAccuracy(classifier.num_classes) for stage in ("train", "val", "test")}
+        )
 
     def augment(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.hparams.max_shift > 0:
             images = random_translate(images, self.hparams.max_shift, generator)
         if self.hparams.noise_std > 0:
-            std = torch.rand(images.shape[0], 1, 1, 1, generator=generator, device=images.device) * self.hparams.noise_std
+            std = (
+                torch.rand(images.shape[0], 1, 1, 1, generator=generator, device=images.device)
+                * self.hparams.noise_std
+            )
             images = images + std * torch.randn(images.shape, generator=generator, device=images.device)
         return images
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         if stage == "train":
-            images = self.augment(batch["image"], step_generator(self.hparams.seed, self.global_step, self.global_rank, batch["image"].device))
+            images = self.augment(
+                batch["image"],
+                step_generator(self.hparams.seed, self.global_step, self.global_rank, batch["image"].device),
+            )
         else:
             images = batch["image"]
         logits = self.classifier(images)

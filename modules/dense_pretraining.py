@@ -31,7 +31,11 @@ class DensePretraining(L.LightningModule):
     """
 
     def __init__(
-        self, model: DenseModel, optimizer: OptimizerCallable = torch.optim.AdamW, task: Task | None = None, export_dtype: Literal["float32", "float16"] = "float32"
+        self,
+        model: DenseModel,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        task: Task | None = None,
+        export_dtype: Literal["float32", "float16"] = "float32",
     ) -> None:
         super().__init__()
         if export_dtype not in ("float32", "float16"):
@@ -44,13 +48,22 @@ class DensePretraining(L.LightningModule):
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         key = self.task.label_key
         if key not in batch:
-            raise ValueError(f"{type(self.task).__name__} trains on the batches' {key!r} maps, but the data gives {sorted(batch)}; use DigitMapsDataModule.")
+            raise ValueError(
+                f"{type(self.task).__name__} trains on the batches' {key!r} maps, but the data gives {sorted(batch)}; use DigitMapsDataModule."
+            )
         outputs = self.model(batch["image"])
         loss = self.task.supervised_loss(outputs, batch[key])
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, prog_bar=on_step, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
         # Pixel accuracy for a segmenter, the maps' correlation for a regressor.
-        self.log(f"{stage}/agreement", self.task.agreement(outputs, batch[key]), prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        self.log(
+            f"{stage}/agreement",
+            self.task.agreement(outputs, batch[key]),
+            prog_bar=True,
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+        )
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -12,16 +12,18 @@ from diffusers.training_utils import compute_snr
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from plugguide.models.seeding import step_generator
 from plugguide.models.diffusion_model import load_unet
 from plugguide.models.saving import save_atomically
+from plugguide.models.seeding import step_generator
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
 from plugguide.pipelines.model_family import ModelFamily
 
 EXPORT_DTYPES = ("float32", "float16")
 
 
-def training_example(family: ModelFamily, x0: torch.Tensor, noise: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def training_example(
+    family: ModelFamily, x0: torch.Tensor, noise: torch.Tensor, draws: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noisy input, timesteps, regression target) of denoising training at integer `draws` in [0, T), for a
     `DDPMScheduler` or `FlowMatchEulerDiscreteScheduler` that has not been `set_timesteps` (its training table).
 
@@ -104,7 +106,9 @@ class DiffusionPretraining(L.LightningModule):
                     f"got num_class_embeds={unet.config.num_class_embeds}, num_classes={num_classes}."
                 )
         elif num_classes is not None:
-            raise ValueError(f"`num_classes`={num_classes} is only for a UNet2DConditionModel, but the UNet is {type(unet).__name__}.")
+            raise ValueError(
+                f"`num_classes`={num_classes} is only for a UNet2DConditionModel, but the UNet is {type(unet).__name__}."
+            )
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"Expected `label_dropout` to be in [0, 1), but got {label_dropout}.")
         if seed < 0:
@@ -119,9 +123,13 @@ class DiffusionPretraining(L.LightningModule):
         self.unet = unet
         self.family = ModelFamily(noise_scheduler)
         if not (self.family.ancestral or self.family.kind == "flow"):
-            raise ValueError(f"Expected `noise_scheduler` to be a DDPMScheduler or FlowMatchEulerDiscreteScheduler (the forward process), but got {type(noise_scheduler).__name__}.")
+            raise ValueError(
+                f"Expected `noise_scheduler` to be a DDPMScheduler or FlowMatchEulerDiscreteScheduler (the forward process), but got {type(noise_scheduler).__name__}."
+            )
         if min_snr_gamma is not None and self.family.kind == "flow":
-            raise ValueError("`min_snr_gamma` weights a DDPMScheduler's timesteps by their SNR; the flow objective has no such weighting here: set it to None.")
+            raise ValueError(
+                "`min_snr_gamma` weights a DDPMScheduler's timesteps by their SNR; the flow objective has no such weighting here: set it to None."
+            )
         self.noise_scheduler = noise_scheduler
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -129,12 +137,20 @@ class DiffusionPretraining(L.LightningModule):
     def _step(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
         images = batch["image"]
         noise = torch.randn(images.shape, generator=generator, device=images.device)
-        draws = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator, device=images.device)
+        draws = torch.randint(
+            0,
+            self.noise_scheduler.config.num_train_timesteps,
+            (images.shape[0],),
+            generator=generator,
+            device=images.device,
+        )
         noisy, timesteps, target = training_example(self.family, images, noise, draws)
         if self.conditional:
             labels = batch["label"]
             if stage == "train":
-                dropped = torch.rand(labels.shape, generator=generator, device=labels.device) < self.hparams.label_dropout
+                dropped = (
+                    torch.rand(labels.shape, generator=generator, device=labels.device) < self.hparams.label_dropout
+                )
                 labels = torch.where(dropped, torch.full_like(labels, self.hparams.num_classes), labels)
             prediction = self.unet(noisy, timesteps, None, class_labels=labels).sample
         else:
@@ -154,7 +170,11 @@ class DiffusionPretraining(L.LightningModule):
         return clipped / {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction_type]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", step_generator(self.hparams.seed, self.global_step, self.global_rank, batch["image"].device))
+        return self._step(
+            batch,
+            "train",
+            step_generator(self.hparams.seed, self.global_step, self.global_rank, batch["image"].device),
+        )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Fixed noise and timesteps, so validation losses of different epochs compare.
@@ -164,7 +184,10 @@ class DiffusionPretraining(L.LightningModule):
         optimizer = self.optimizer(self.unet.parameters())
         if self.lr_scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"},
+        }
 
     def sampling_pipeline(self) -> GuidedDiffusionPipeline:
         """The current model with a DDIM sampler (flow models: their own Euler sampler), for sample grids."""

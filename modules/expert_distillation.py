@@ -13,13 +13,20 @@ from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.callbacks.step_progress_bar import denoising_progress
-from plugguide.models.seeding import image_seed, step_generator
 from plugguide.metrics import GuidedSampleScores, majority_digit
-from plugguide.models import MultiExpertClassifier, check_classifier_input, load_off_the_shelf, load_scheduler, load_unet, prompt_conditioning
-from plugguide.models.multi_expert_classifier import Finetune
+from plugguide.models import (
+    MultiExpertModel,
+    check_classifier_input,
+    load_off_the_shelf,
+    load_scheduler,
+    load_unet,
+    prompt_conditioning,
+)
+from plugguide.models.multi_expert_model import Finetune
+from plugguide.models.seeding import image_seed, step_generator
+from plugguide.modules.frozen_networks import FrozenNetworksModule
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from plugguide.pipelines.finite import check_scale
-from plugguide.modules.frozen_networks import FrozenNetworksModule
 from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance
 from plugguide.pipelines.tasks import ClassificationTask, Task
 
@@ -69,7 +76,7 @@ class ExpertDistillation(FrozenNetworksModule):
         lora_rank (`int`, defaults to 16): LoRA rank r.
         lora_alpha (`float`, defaults to 8.0): LoRA alpha (update scaled by alpha / r).
         target_modules (`str` or `list[str]`, *optional*): LoRA targets; default per model family
-            (`MultiExpertClassifier`).
+            (`MultiExpertModel`).
         per_expert_head (`bool`, defaults to `True`): each LoRA expert owns a copy of the head (False: the authors'
             shared frozen head).
         expert_schedule (`str`, defaults to `"round_robin"`): "round_robin" or "chain" (see above).
@@ -120,7 +127,9 @@ class ExpertDistillation(FrozenNetworksModule):
         if supervision not in ("teacher", "labels"):
             raise ValueError(f"Expected `supervision` to be 'teacher' or 'labels', but got {supervision!r}.")
         if expert_schedule not in ("round_robin", "chain"):
-            raise ValueError(f"Expected `expert_schedule` to be 'round_robin' or 'chain', but got {expert_schedule!r}.")
+            raise ValueError(
+                f"Expected `expert_schedule` to be 'round_robin' or 'chain', but got {expert_schedule!r}."
+            )
         self.task = ClassificationTask(temperature) if task is None else task
         check_scale("classifier_scale", classifier_scale)
         if num_inference_steps < 1:
@@ -129,10 +138,12 @@ class ExpertDistillation(FrozenNetworksModule):
             raise ValueError(f"Expected `seed` to be >= 0, but got {seed}.")
         self.save_hyperparameters(ignore=["optimizer", "task"])  # the task's settings are in the run's config.yaml
         self.optimizer = optimizer
-        self.noise_scheduler = DDPMScheduler.from_config(load_scheduler(diffusion_model, "DDPMScheduler", "model.diffusion_model", "model.diffusion_model").config)
+        self.noise_scheduler = DDPMScheduler.from_config(
+            load_scheduler(diffusion_model, "DDPMScheduler", "model.diffusion_model", "model.diffusion_model").config
+        )
         num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         self.teacher = load_off_the_shelf(teacher_path, "model.teacher_path").eval().requires_grad_(False)
-        self.experts = MultiExpertClassifier(
+        self.experts = MultiExpertModel(
             load_off_the_shelf(teacher_path, "model.teacher_path"),
             num_experts=num_experts,
             num_train_timesteps=num_train_timesteps,
@@ -145,7 +156,9 @@ class ExpertDistillation(FrozenNetworksModule):
         self.unet = load_unet(diffusion_model, "model.diffusion_model").eval().requires_grad_(False)
         self.scheduler = load_scheduler(diffusion_model, scheduler, "model.scheduler", "model.diffusion_model")
         self.conditioning = prompt_conditioning(diffusion_model, self.unet, prompt)
-        check_classifier_input(self.teacher, self.unet.config.in_channels, self.unet.config.sample_size, "teacher_path", teacher_path)
+        check_classifier_input(
+            self.teacher, self.unet.config.in_channels, self.unet.config.sample_size, "teacher_path", teacher_path
+        )
         self.scores = None
         if evaluator_path:
             # Dense experts: the evaluator reads the digit, the maps come from the pixels.
@@ -183,7 +196,9 @@ class ExpertDistillation(FrozenNetworksModule):
         if self.logger is not None:
             self.logger.log_metrics({f"params/{k}": float(v) for k, v in self.experts.parameter_report().items()}, 0)
 
-    def noised(self, images: torch.Tensor, expert: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def noised(
+        self, images: torch.Tensor, expert: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t for t ~ U[b_n, b_{n+1}), expert n's range."""
         low, high = int(self.experts.boundaries[expert]), int(self.experts.boundaries[expert + 1])
         timesteps = torch.randint(low, high, (images.shape[0],), generator=generator, device=images.device)
@@ -260,18 +275,26 @@ class ExpertDistillation(FrozenNetworksModule):
             name, reference = "agreement", self.task.prediction(self.teacher(batch["image"]))
         for expert in range(self.experts.num_experts):
             x_t, timesteps = self.noised(batch["image"], expert, generator)
-            self.log(f"val/expert_{expert}/{name}", self.task.agreement(self.experts(x_t, timesteps), reference), on_epoch=True, sync_dist=True)
+            self.log(
+                f"val/expert_{expert}/{name}",
+                self.task.agreement(self.experts(x_t, timesteps), reference),
+                on_epoch=True,
+                sync_dist=True,
+            )
 
+    @property
     def guidance(self) -> ExpertGuidance:
         """The current experts as a guidance (for callbacks: grids, calibration curves); they keep training."""
         return ExpertGuidance(self.experts, task=self.task)
 
     def sampling_pipeline(self) -> GuidedDiffusionPipeline:
-        return GuidedDiffusionPipeline(self.unet, self.scheduler, self.guidance(), **self.conditioning)
+        return GuidedDiffusionPipeline(self.unet, self.scheduler, self.guidance, **self.conditioning)
 
     def naive_sampling_pipeline(self) -> GuidedDiffusionPipeline:
         """The same sampler guided by the teacher itself on x_t, the baseline the experts are compared with."""
-        return GuidedDiffusionPipeline(self.unet, self.scheduler, NaiveClassifierGuidance(self.teacher, task=self.task))
+        return GuidedDiffusionPipeline(
+            self.unet, self.scheduler, NaiveClassifierGuidance(self.teacher, task=self.task)
+        )
 
     def on_test_start(self) -> None:
         if self.trainer.ckpt_path is None and self.trainer.global_step == 0:
@@ -293,7 +316,9 @@ class ExpertDistillation(FrozenNetworksModule):
         pipeline.set_progress_bar_config(**denoising_progress(self._trainer))
         labels, indices = batch["label"], batch["index"]
         seeds = [image_seed(self.hparams.seed, int(index)) for index in indices]
-        settings = dict(num_inference_steps=self.hparams.num_inference_steps, classifier_scale=self.hparams.classifier_scale)
+        settings = dict(
+            num_inference_steps=self.hparams.num_inference_steps, classifier_scale=self.hparams.classifier_scale
+        )
         self.scores.update_real(batch["image"], labels, indices)
         if self.teacher.predicts == "class":
             images = sample_batch(pipeline, {"label": labels, "seed": seeds}, **settings)
@@ -301,7 +326,9 @@ class ExpertDistillation(FrozenNetworksModule):
             return
         # Dense experts: toward the teacher's map of the real image (PPAP Sec. 5.2), scored from the samples' pixels.
         maps = self.task.prediction(self.teacher(batch["image"]))
-        images = sample_batch(pipeline, {"label": torch.full_like(labels, -1), "seed": seeds, "target_map": maps}, **settings)
+        images = sample_batch(
+            pipeline, {"label": torch.full_like(labels, -1), "seed": seeds, "target_map": maps}, **settings
+        )
         # The digit a segmentation map names is its majority stroke class; a depth map names none: the real digit's.
         targets = majority_digit(maps) if self.teacher.predicts == "class_map" else labels
         self.scores.update(images, targets, indices, target_maps=maps)

@@ -45,8 +45,13 @@ class FrozenNetworksModule(L.LightningModule):
         inside = {id(module) for network in frozen.values() for module in network.modules()}
         in_eval = [module for module in self.modules() if not module.training]
         if in_eval and all(id(module) in inside for module in in_eval):
-            warnings.filterwarnings("ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start of training")
-        described = ", ".join(f"{name} ({type(net).__name__}, {sum(p.numel() for p in net.parameters()):,} parameters)" for name, net in frozen.items())
+            warnings.filterwarnings(
+                "ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start of training"
+            )
+        described = ", ".join(
+            f"{name} ({type(net).__name__}, {sum(p.numel() for p in net.parameters()):,} parameters)"
+            for name, net in frozen.items()
+        )
         rank_zero_info(f"Frozen, in eval mode and reloaded from their paths rather than checkpointed: {described}.")
 
     def _is_frozen_key(self, key: str) -> bool:

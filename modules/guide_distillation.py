@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from lightning.pytorch.cli import OptimizerCallable
 
-from plugguide.models.seeding import default_seed, step_generator
 from plugguide.models.diffusion_model import load_scheduler, load_unet
-from plugguide.models.text_encoder import encode_prompts
-from plugguide.models.saving import save_atomically
 from plugguide.models.guides import Guide, GuideFactory, predict_guided_noise
+from plugguide.models.saving import save_atomically
+from plugguide.models.seeding import default_seed, step_generator
+from plugguide.models.text_encoder import encode_prompts
 from plugguide.modules.frozen_networks import FrozenNetworksModule
 from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
@@ -57,15 +57,21 @@ class FrozenUNetGuideTraining(FrozenNetworksModule):
         super().__init__()
         low, high = guidance_range
         if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
-            raise ValueError(f"Expected `guidance_range` to be (low, high) with finite 0 <= low <= high, but got {guidance_range}.")
+            raise ValueError(
+                f"Expected `guidance_range` to be (low, high) with finite 0 <= low <= high, but got {guidance_range}."
+            )
         if num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
         self.optimizer = optimizer
         self.num_inference_steps = num_inference_steps
         self.unet = load_unet(diffusion_model, "model.diffusion_model").requires_grad_(False).eval()
         if type(self.unet).__name__ != "UNet2DConditionModel":
-            raise ValueError(f"`diffusion_model`={diffusion_model!r} holds a {type(self.unet).__name__}; guides need a conditional UNet2DConditionModel.")
-        self.noise_scheduler = load_scheduler(diffusion_model, "DDPMScheduler", "model.diffusion_model", "model.diffusion_model")
+            raise ValueError(
+                f"`diffusion_model`={diffusion_model!r} holds a {type(self.unet).__name__}; guides need a conditional UNet2DConditionModel."
+            )
+        self.noise_scheduler = load_scheduler(
+            diffusion_model, "DDPMScheduler", "model.diffusion_model", "model.diffusion_model"
+        )
         self.vae = self.text_encoder = self.tokenizer = None
         if vae is not None:
             from diffusers import AutoencoderKL
@@ -74,7 +80,9 @@ class FrozenUNetGuideTraining(FrozenNetworksModule):
         if text_encoder is not None:
             from transformers import CLIPTextModel, CLIPTokenizer
 
-            self.text_encoder = CLIPTextModel.from_pretrained(diffusion_model, subfolder=text_encoder).requires_grad_(False).eval()
+            self.text_encoder = (
+                CLIPTextModel.from_pretrained(diffusion_model, subfolder=text_encoder).requires_grad_(False).eval()
+            )
             self.tokenizer = CLIPTokenizer.from_pretrained(diffusion_model, subfolder=tokenizer)
         if (self.unet.class_embedding is None) != (self.text_encoder is not None):
             raise ValueError(
@@ -105,8 +113,12 @@ class FrozenUNetGuideTraining(FrozenNetworksModule):
         low, high = self.hparams.guidance_range
         return low + (high - low) * torch.rand(batch_size, generator=generator, device=self.device)
 
-    def guided_noise(self, guide: Guide, z_t: torch.Tensor, t: torch.Tensor, g: torch.Tensor, condition: dict) -> torch.Tensor:
-        return predict_guided_noise(self.unet, guide, z_t, t, g, condition.get("class_labels"), condition.get("encoder_hidden_states"))
+    def guided_noise(
+        self, guide: Guide, z_t: torch.Tensor, t: torch.Tensor, g: torch.Tensor, condition: dict
+    ) -> torch.Tensor:
+        return predict_guided_noise(
+            self.unet, guide, z_t, t, g, condition.get("class_labels"), condition.get("encoder_hidden_states")
+        )
 
     # -- Lightning --------------------------------------------------------------------------------
     def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
@@ -120,7 +132,9 @@ class FrozenUNetGuideTraining(FrozenNetworksModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # t, g and the noise are a function of (seed_everything's seed, step, rank), not of the global RNG,
         # which Lightning does not restore: a run resumed mid-epoch draws exactly what it would have drawn.
-        return self._step(batch, "train", step_generator(default_seed(), self.global_step, self.global_rank, self.device))
+        return self._step(
+            batch, "train", step_generator(default_seed(), self.global_step, self.global_rank, self.device)
+        )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Fixed noise, timesteps and g, so validation losses of different epochs compare.
@@ -135,7 +149,9 @@ class FrozenUNetGuideTraining(FrozenNetworksModule):
 
     def sampling_pipeline(self) -> GuideDistilledPipeline:
         """The frozen UNet steered by the current guide, one pass per DDIM step."""
-        return GuideDistilledPipeline(self.unet, self.guide, self.sampler(), self.vae, self.text_encoder, self.tokenizer)
+        return GuideDistilledPipeline(
+            self.unet, self.guide, self.sampler(), self.vae, self.text_encoder, self.tokenizer
+        )
 
     def cfg_pipeline(self) -> GuidedDiffusionPipeline:
         """The same frozen UNet with two-pass classifier-free guidance, for side-by-side grids."""
@@ -188,7 +204,9 @@ class GuideDistillation(FrozenUNetGuideTraining):
         x0, condition, null = self.encode_batch(batch, generator)
         batch_size = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=self.device)
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=self.device
+        )
         g = self.sample_guidance(batch_size, generator)
         z_t = self.noise_scheduler.add_noise(x0, noise, t)
         with torch.no_grad():

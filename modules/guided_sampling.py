@@ -9,7 +9,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from plugguide.callbacks.step_progress_bar import denoising_progress
 from plugguide.datamodules import TargetMapDataModule
 from plugguide.metrics import GuidedSampleScores
-from plugguide.models import check_classifier_input, compile_denoiser, load_guide, load_scheduler, load_unet, load_vae, prompt_conditioning
+from plugguide.models import (
+    check_classifier_input,
+    compile_denoiser,
+    load_guide,
+    load_scheduler,
+    load_unet,
+    load_vae,
+    prompt_conditioning,
+)
 from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, sample_batch
 from plugguide.pipelines.finite import check_cfg_scale, check_scale
 from plugguide.pipelines.guidance import ClassifierGuidance, Guidance
@@ -82,24 +90,42 @@ class GuidedSampling(L.LightningModule):
         check_scale("classifier_scale", classifier_scale)
         check_cfg_scale(guidance_scale)
         if classifier_scale > 0 and guidance is None:
-            raise ValueError(f"`model.classifier_scale`={classifier_scale} scales a guidance's gradient, but `model.guidance` is not set.")
+            raise ValueError(
+                f"`model.classifier_scale`={classifier_scale} scales a guidance's gradient, but `model.guidance` is not set."
+            )
         self.save_hyperparameters(ignore=["guidance"])
         unet = load_unet(diffusion_model, "model.diffusion_model")
-        sampler = load_scheduler(diffusion_model, scheduler, "model.scheduler", "model.diffusion_model", overrides=scheduler_config)
+        sampler = load_scheduler(
+            diffusion_model, scheduler, "model.scheduler", "model.diffusion_model", overrides=scheduler_config
+        )
         if guide_path is None:
             conditioning = prompt_conditioning(diffusion_model, unet, prompt)
             self.pipeline = GuidedDiffusionPipeline(
-                unet, sampler, guidance, vae=load_vae(vae) if vae else None, cfg_guidance=cfg_guidance, autocast_dtype=autocast_dtype, **conditioning
+                unet,
+                sampler,
+                guidance,
+                vae=load_vae(vae) if vae else None,
+                cfg_guidance=cfg_guidance,
+                autocast_dtype=autocast_dtype,
+                **conditioning,
             )
         elif guidance is not None:
-            raise ValueError(f"`guide_path`={guide_path!r} samples with a distilled guide; it cannot be combined with `guidance`={type(guidance).__name__}.")
+            raise ValueError(
+                f"`guide_path`={guide_path!r} samples with a distilled guide; it cannot be combined with `guidance`={type(guidance).__name__}."
+            )
         else:
-            self.pipeline = GuideDistilledPipeline(unet, load_guide(guide_path, unet), sampler, autocast_dtype=autocast_dtype)
+            self.pipeline = GuideDistilledPipeline(
+                unet, load_guide(guide_path, unet), sampler, autocast_dtype=autocast_dtype
+            )
         self.pipeline.unet.requires_grad_(False).eval()
         if compile_unet:
             compile_denoiser(self.pipeline.unet)
         self.unet = self.pipeline.unet  # registered, so Lightning moves it to the device
-        if guidance_scale > 1 and guide_path is None and not (self.pipeline.is_class_conditional or self.pipeline.is_text_conditional):
+        if (
+            guidance_scale > 1
+            and guide_path is None
+            and not (self.pipeline.is_class_conditional or self.pipeline.is_text_conditional)
+        ):
             raise ValueError(
                 f"`model.guidance_scale`={guidance_scale} (classifier-free guidance) needs a class- or text-conditional model, but "
                 f"`model.diffusion_model`={diffusion_model!r} is unconditional: leave it at 1, or guide with `model.guidance` and `model.classifier_scale`."
@@ -109,7 +135,14 @@ class GuidedSampling(L.LightningModule):
         channels, size = self.image_shape()
         if isinstance(guidance, ClassifierGuidance):
             timesteps = torch.zeros(1, dtype=torch.long)
-            check_classifier_input(guidance, channels, size, "guidance", guidance.classifier_path, classify=lambda images: guidance.logits(images, timesteps))
+            check_classifier_input(
+                guidance,
+                channels,
+                size,
+                "guidance",
+                guidance.classifier_path,
+                classify=lambda images: guidance.logits(images, timesteps),
+            )
         self.scores = None
         if evaluator_path:  # target maps are scored as segmentation (label maps) or depth (real-valued maps)
             self.scores = GuidedSampleScores.from_paths(evaluator_path)
@@ -137,14 +170,22 @@ class GuidedSampling(L.LightningModule):
         limits = []
         if isinstance(self.pipeline, GuidedDiffusionPipeline) and self.pipeline.is_class_conditional:
             null = self.pipeline.null_class
-            limits.append(("diffusion_model", null, f" (index {null} is its null class, used for classifier-free guidance)"))
-        if self.guidance is not None and self.hparams.classifier_scale > 0 and getattr(self.guidance, "num_classes", None):
+            limits.append(
+                ("diffusion_model", null, f" (index {null} is its null class, used for classifier-free guidance)")
+            )
+        if (
+            self.guidance is not None
+            and self.hparams.classifier_scale > 0
+            and getattr(self.guidance, "num_classes", None)
+        ):
             limits.append(("guidance", self.guidance.num_classes, ""))
         if self.scores is not None:
             limits.append(("evaluator_path", self.scores.num_classes, ""))
         for setting, classes, note in limits:
             if num_classes > classes:
-                raise ValueError(f"Expected `data.num_classes` to be at most the {classes} classes of `model.{setting}`{note}, but got {num_classes}.")
+                raise ValueError(
+                    f"Expected `data.num_classes` to be at most the {classes} classes of `model.{setting}`{note}, but got {num_classes}."
+                )
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         self.pipeline.set_progress_bar_config(**denoising_progress(self._trainer))

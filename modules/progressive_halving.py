@@ -8,13 +8,15 @@ import os
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from plugguide.modules.guide_distillation import FrozenUNetGuideTraining
 from plugguide.models.guides import load_guide
+from plugguide.modules.guide_distillation import FrozenUNetGuideTraining
 
 LOSS_WEIGHTINGS = ("snr_truncation", "x", "eps")
 
 
-def ddim_step(z_t: torch.Tensor, eps: torch.Tensor, alpha_t, sigma_t, alpha_s, sigma_s, clip: float | None = None) -> torch.Tensor:
+def ddim_step(
+    z_t: torch.Tensor, eps: torch.Tensor, alpha_t, sigma_t, alpha_s, sigma_s, clip: float | None = None
+) -> torch.Tensor:
     """Deterministic DDIM step z_t -> z_s = alpha_s x0_hat + sigma_s eps, as diffusers' `DDIMScheduler` (eta = 0).
 
     `x0_hat = (z_t - sigma_t eps) / alpha_t`, clipped to [-clip, clip] when `clip` is set (the scheduler's
@@ -84,15 +86,25 @@ class ProgressiveHalving(FrozenUNetGuideTraining):
         tokenizer: str | None = "tokenizer",
     ) -> None:
         if teacher_steps < 2 or teacher_steps % 2:
-            raise ValueError(f"Expected `teacher_steps` to be an even number >= 2 (a halving stage goes N -> N/2), but got {teacher_steps}.")
+            raise ValueError(
+                f"Expected `teacher_steps` to be an even number >= 2 (a halving stage goes N -> N/2), but got {teacher_steps}."
+            )
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"Unknown `loss_weighting`={loss_weighting!r}; allowed: {', '.join(LOSS_WEIGHTINGS)}.")
         super().__init__(diffusion_model, optimizer, guidance_range, teacher_steps // 2, vae, text_encoder, tokenizer)
         num_train = self.noise_scheduler.config.num_train_timesteps
         if teacher_steps > num_train:
-            raise ValueError(f"Expected `teacher_steps` to be at most the {num_train} training timesteps, but got {teacher_steps}.")
+            raise ValueError(
+                f"Expected `teacher_steps` to be at most the {num_train} training timesteps, but got {teacher_steps}."
+            )
         self.save_hyperparameters(ignore=["optimizer"])
-        self.teacher = load_guide(os.path.join(guide_root, guide_name, f"steps-{teacher_steps}"), self.unet, "guide_root/guide_name").requires_grad_(False).eval()
+        self.teacher = (
+            load_guide(
+                os.path.join(guide_root, guide_name, f"steps-{teacher_steps}"), self.unet, "guide_root/guide_name"
+            )
+            .requires_grad_(False)
+            .eval()
+        )
         self.guide = copy.deepcopy(self.teacher).requires_grad_(True)
         sampler = self.sampler()
         sampler.set_timesteps(teacher_steps // 2)
@@ -103,19 +115,27 @@ class ProgressiveHalving(FrozenUNetGuideTraining):
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha_t, sigma_t) shaped for broadcasting; t < 0 is the end of sampling (abar = `final_alpha_cumprod`)."""
-        abar = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.full_like(t, self.final_alpha_cumprod, dtype=torch.float))
+        abar = torch.where(
+            t >= 0,
+            self.alphas_cumprod[t.clamp(min=0)],
+            torch.full_like(t, self.final_alpha_cumprod, dtype=torch.float),
+        )
         abar = abar.view(-1, 1, 1, 1)
         return abar.sqrt(), (1 - abar).sqrt()
 
     def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
         x0, condition, _ = self.encode_batch(batch, generator)
         batch_size = x0.shape[0]
-        index = torch.randint(0, self.hparams.teacher_steps // 2, (batch_size,), generator=generator, device=self.device)
+        index = torch.randint(
+            0, self.hparams.teacher_steps // 2, (batch_size,), generator=generator, device=self.device
+        )
         g = self.sample_guidance(batch_size, generator)
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
         return self.halving_loss(x0, condition, index, g, noise)
 
-    def halving_loss(self, x0: torch.Tensor, condition: dict, index: torch.Tensor, g: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def halving_loss(
+        self, x0: torch.Tensor, condition: dict, index: torch.Tensor, g: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
         """The student's loss at its step `index` (per example) from z_t = alpha_t x0 + sigma_t noise, guidance number g.
 
         At the student's last step the teacher's midpoint is already the end of sampling (t' < 0): the teacher's
@@ -136,7 +156,9 @@ class ProgressiveHalving(FrozenUNetGuideTraining):
             z_mid = ddim_step(z_t, eps, alpha_t, sigma_t, alpha_mid, sigma_mid, self.clip)
             last = (t_mid < 0).view(-1, 1, 1, 1)
             eps_mid = self.guided_noise(self.teacher, z_mid, t_mid.clamp(min=0), g, condition)
-            z_s = torch.where(last, z_mid, ddim_step(z_mid, eps_mid, alpha_mid, sigma_mid, alpha_s, sigma_s, self.clip))
+            z_s = torch.where(
+                last, z_mid, ddim_step(z_mid, eps_mid, alpha_mid, sigma_mid, alpha_s, sigma_s, self.clip)
+            )
             x_target = halving_target(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s)
         eps_student = self.guided_noise(self.guide, z_t, t, g, condition)
         x_student = (z_t - sigma_t * eps_student) / alpha_t

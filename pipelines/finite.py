@@ -27,7 +27,9 @@ def check_cfg_scale(value: float, name: str = "guidance_scale") -> float:
     error naming `name`. diffusers switches CFG off silently below 1; here a value there is a mistake worth naming."""
     check_scale(name, value)
     if value < 1:
-        raise ValueError(f"Expected `{name}` (the classifier-free guidance weight g, 1 = off) to be >= 1, but got {value}.")
+        raise ValueError(
+            f"Expected `{name}` (the classifier-free guidance weight g, 1 = off) to be >= 1, but got {value}."
+        )
     return value
 
 

@@ -37,11 +37,21 @@ class GuideDistilledPipeline(DiffusionPipeline):
     """
 
     def __init__(
-        self, unet: UNet2DConditionModel, guide: Guide, scheduler, vae=None, text_encoder=None, tokenizer=None, *, autocast_dtype: str | None = None
+        self,
+        unet: UNet2DConditionModel,
+        guide: Guide,
+        scheduler,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        *,
+        autocast_dtype: str | None = None,
     ) -> None:
         super().__init__()
         self.autocast_dtype = parse_autocast_dtype(autocast_dtype)
-        family = ModelFamily(scheduler)  # refuses, by name, a sampler or setting no pipeline of the project steps correctly
+        family = ModelFamily(
+            scheduler
+        )  # refuses, by name, a sampler or setting no pipeline of the project steps correctly
         name = type(scheduler).__name__
         if family.kind != "vp":
             raise ValueError(
@@ -49,7 +59,9 @@ class GuideDistilledPipeline(DiffusionPipeline):
                 "use DDIM, DDPM, DPM-Solver, UniPC, DEIS or PNDM."
             )
         if family.prediction_type != "epsilon":
-            raise ValueError(f"`scheduler` has prediction_type={family.prediction_type!r}; guides are distilled for 'epsilon'.")
+            raise ValueError(
+                f"`scheduler` has prediction_type={family.prediction_type!r}; guides are distilled for 'epsilon'."
+            )
         if family.ancestral and scheduler.config.variance_type in LEARNED_VARIANCE_TYPES:
             raise ValueError(
                 f"`scheduler` has variance_type={scheduler.config.variance_type!r}, which reads a variance the UNet predicts; the guided "
@@ -62,8 +74,16 @@ class GuideDistilledPipeline(DiffusionPipeline):
     def encode_prompt(self, prompt: Sequence[str]) -> torch.Tensor:
         """CLIP hidden states of `prompt`, padded to the tokenizer's maximum length as in Stable Diffusion."""
         if self.tokenizer is None or self.text_encoder is None:
-            raise ValueError("`prompt` needs a pipeline with `tokenizer` and `text_encoder`; pass `encoder_hidden_states` instead.")
-        ids = self.tokenizer(list(prompt), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            raise ValueError(
+                "`prompt` needs a pipeline with `tokenizer` and `text_encoder`; pass `encoder_hidden_states` instead."
+            )
+        ids = self.tokenizer(
+            list(prompt),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return self.text_encoder(ids.to(self.unet.device))[0]
 
     @torch.no_grad()
@@ -107,7 +127,9 @@ class GuideDistilledPipeline(DiffusionPipeline):
                 raise ValueError("The UNet is class-conditional; pass `class_labels`.")
             labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).flatten()
             if bool((labels < 0).any()) or int(labels.max()) >= self.unet.config.num_class_embeds - 1:
-                raise ValueError(f"`class_labels` must lie in [0, {self.unet.config.num_class_embeds - 2}], but got {labels.tolist()}.")
+                raise ValueError(
+                    f"`class_labels` must lie in [0, {self.unet.config.num_class_embeds - 2}], but got {labels.tolist()}."
+                )
             batch = labels.shape[0]
         else:
             if encoder_hidden_states is None:
@@ -123,10 +145,20 @@ class GuideDistilledPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         x = x * self.scheduler.init_noise_sigma
         # Stochastic schedulers (DDPM, DDIM with eta > 0) draw their step noise from the same generator(s).
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        step_kwargs = (
+            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        )
         for t in self.progress_bar(self.scheduler.timesteps):
             with denoiser_autocast(x.device, self.autocast_dtype):
-                eps = predict_guided_noise(self.unet, self.guide, self.scheduler.scale_model_input(x, t), t, cfg_weight, labels, encoder_hidden_states)
+                eps = predict_guided_noise(
+                    self.unet,
+                    self.guide,
+                    self.scheduler.scale_model_input(x, t),
+                    t,
+                    cfg_weight,
+                    labels,
+                    encoder_hidden_states,
+                )
             eps = eps.to(x.dtype)
             x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
             check_finite_samples(x, t, self.scheduler.timesteps)

@@ -139,7 +139,16 @@ def guided_denoiser(
         vae = getattr(pipe, "vae", None)
         # The guide sees the decoder's pixels (or the denoiser's), in half precision too.
         guidance.to(denoiser.device, (denoiser if vae is None else vae).dtype)
-    return GuidedDenoiser(pipe, denoiser, input_name, family, guidance, classifier_scale=classifier_scale, targets=targets, clip_first=clip_first)
+    return GuidedDenoiser(
+        pipe,
+        denoiser,
+        input_name,
+        family,
+        guidance,
+        classifier_scale=classifier_scale,
+        targets=targets,
+        clip_first=clip_first,
+    )
 
 
 class GuidedDenoiser:

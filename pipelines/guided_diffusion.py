@@ -18,7 +18,13 @@ from plugguide.models.text_encoder import encode_prompts, is_text_conditional
 from plugguide.pipelines.finite import check_cfg_scale, check_finite_samples, check_scale
 from plugguide.pipelines.guidance.base import Guidance
 from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
-from plugguide.pipelines.score_shift import clean_estimate, decode_latents, guidance_gradient, level_gradient, noise_shift
+from plugguide.pipelines.score_shift import (
+    clean_estimate,
+    decode_latents,
+    guidance_gradient,
+    level_gradient,
+    noise_shift,
+)
 
 # Denoisers whose call this pipeline knows (SD3/Flux transformers take pooled projections and are not handled).
 DENOISER_CLASSES = (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel)
@@ -163,16 +169,31 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
-        self, unet, scheduler, guidance: Guidance | None = None, vae=None, *, cfg_guidance: str = "shift",
-        prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None, autocast_dtype: str | None = None,
-        text_encoder=None, tokenizer=None,
+        self,
+        unet,
+        scheduler,
+        guidance: Guidance | None = None,
+        vae=None,
+        *,
+        cfg_guidance: str = "shift",
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        autocast_dtype: str | None = None,
+        text_encoder=None,
+        tokenizer=None,
     ) -> None:
         super().__init__()
         self.autocast_dtype = parse_autocast_dtype(autocast_dtype)
         ModelFamily(scheduler)  # refuses, by name, a sampler or prediction type it cannot convert
         if not isinstance(unet, DENOISER_CLASSES):
-            raise ValueError(f"`unet` {type(unet).__name__} is not handled; allowed: {', '.join(c.__name__ for c in DENOISER_CLASSES)}.")
-        if isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type in LEARNED_VARIANCE_TYPES and unet.config.out_channels != 2 * unet.config.in_channels:
+            raise ValueError(
+                f"`unet` {type(unet).__name__} is not handled; allowed: {', '.join(c.__name__ for c in DENOISER_CLASSES)}."
+            )
+        if (
+            isinstance(scheduler, DDPMScheduler)
+            and scheduler.config.variance_type in LEARNED_VARIANCE_TYPES
+            and unet.config.out_channels != 2 * unet.config.in_channels
+        ):
             raise ValueError(
                 f"`scheduler` has variance_type={scheduler.config.variance_type!r}, which reads a predicted variance from the UNet, "
                 f"but the UNet has {unet.config.out_channels} output channels for {unet.config.in_channels} input channels (expected twice as many)."
@@ -184,10 +205,15 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         self.guidance = guidance
         self.cfg_guidance = cfg_guidance
         if (prompt_embeds is not None or negative_prompt_embeds is not None) and not self.is_text_conditional:
-            raise ValueError(f"`prompt_embeds` condition a text-conditional UNet (cross-attention), but the UNet is {type(unet).__name__} without one.")
+            raise ValueError(
+                f"`prompt_embeds` condition a text-conditional UNet (cross-attention), but the UNet is {type(unet).__name__} without one."
+            )
         self.prompt_embeds = prompt_embeds
         self.negative_prompt_embeds = negative_prompt_embeds
-        self._run_prompt_embeds = (prompt_embeds, negative_prompt_embeds)  # what this run's denoiser calls condition on
+        self._run_prompt_embeds = (
+            prompt_embeds,
+            negative_prompt_embeds,
+        )  # what this run's denoiser calls condition on
 
     @property
     def is_class_conditional(self) -> bool:
@@ -206,12 +232,19 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             return self.unet.config.num_class_embeds - 1
         return self.unet.config.num_embeds_ada_norm
 
-    def _conditions(self, batch_size: int, class_labels: torch.Tensor | None, device: torch.device) -> tuple[dict, dict]:
+    def _conditions(
+        self, batch_size: int, class_labels: torch.Tensor | None, device: torch.device
+    ) -> tuple[dict, dict]:
         """Keyword arguments of the denoiser for the condition and for CFG's null condition."""
         if self.is_text_conditional:
             prompt, negative = self._run_prompt_embeds
-            embeds = lambda e: e.to(device, self.unet.dtype).expand(batch_size, *e.shape[1:])
-            return {"encoder_hidden_states": embeds(prompt)}, {"encoder_hidden_states": embeds(negative) if negative is not None else None}
+
+            def embeds(e):
+                return e.to(device, self.unet.dtype).expand(batch_size, *e.shape[1:])
+
+            return {"encoder_hidden_states": embeds(prompt)}, {
+                "encoder_hidden_states": embeds(negative) if negative is not None else None
+            }
         if not self.is_class_conditional:
             return {}, {}
         null = torch.full((batch_size,), self.null_class, dtype=torch.long, device=device)
@@ -221,7 +254,9 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
     def _denoise(self, x: torch.Tensor, timesteps: torch.Tensor, condition: dict) -> torch.Tensor:
         with denoiser_autocast(x.device, self.autocast_dtype):
             if isinstance(self.unet, UNet2DConditionModel):
-                output = self.unet(x, timesteps, condition.get("encoder_hidden_states"), class_labels=condition.get("class_labels")).sample
+                output = self.unet(
+                    x, timesteps, condition.get("encoder_hidden_states"), class_labels=condition.get("class_labels")
+                ).sample
             elif condition:
                 output = self.unet(x, timestep=timesteps, class_labels=condition["class_labels"]).sample  # DiT
             else:
@@ -229,7 +264,12 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         return output.to(x.dtype)
 
     def predict_output(
-        self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, cfg_weight: float, return_parts: bool = False
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        cfg_weight: float,
+        return_parts: bool = False,
     ) -> tuple[torch.Tensor, ...]:
         """(the denoiser's prediction, predicted variance), with classifier-free guidance when `cfg_weight` w > 0.
 
@@ -267,7 +307,9 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         """Pixels in [-1, 1] (unclipped) of latents through the VAE decoder; the identity without a VAE."""
         return decode_latents(self.vae, latents)
 
-    def guidance_gradient(self, x: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def guidance_gradient(
+        self, x: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         """The guidance gradient w.r.t. x_t's space; through the VAE decoder for latent UNets (a vector-Jacobian product)."""
         return guidance_gradient(self.guidance, self.vae, x, t, x0_hat, targets)
 
@@ -286,7 +328,9 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         model_input = family.model_input(x, t)
         difference = None
         if guided and self.cfg_guidance == "normalized":
-            uncond, difference, predicted_variance = self.predict_output(model_input, t, run.labels, run.cfg_weight, return_parts=True)
+            uncond, difference, predicted_variance = self.predict_output(
+                model_input, t, run.labels, run.cfg_weight, return_parts=True
+            )
             output = uncond + (1 + run.cfg_weight) * difference
         else:
             output, predicted_variance = self.predict_output(model_input, t, run.labels, run.cfg_weight)
@@ -295,12 +339,18 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             evaluation = DenoiserEvaluation(level, x, output, difference, predicted_variance)
             output, mean_shift = self.guide_output(run, evaluation, t)
         # A learned-variance DDPM step reads the variance from the channels after eps, as diffusers splits them.
-        if predicted_variance is not None and family.ancestral and family.scheduler.config.variance_type in LEARNED_VARIANCE_TYPES:
+        if (
+            predicted_variance is not None
+            and family.ancestral
+            and family.scheduler.config.variance_type in LEARNED_VARIANCE_TYPES
+        ):
             output = torch.cat([output, predicted_variance], dim=1)
         x = family.step(output, t, x, run.generator)
         return x if mean_shift is None else x + mean_shift
 
-    def guide_output(self, run: SamplingRun, evaluation: DenoiserEvaluation, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def guide_output(
+        self, run: SamplingRun, evaluation: DenoiserEvaluation, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the guided network output, the ancestral step's mean shift or None): the score shift of model_family.py,
         or on the ancestral DDPM step Dhariwal & Nichol's mean shift `s (Sigma_t + offset) grad`."""
         family, level, x = run.family, evaluation.level, evaluation.x
@@ -319,7 +369,9 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             direction = noise_shift(grad, level, 1.0)
             eps_difference = family.noise_difference(difference, x, level)
             ratio = eps_difference.flatten(1).norm(dim=1) / direction.flatten(1).norm(dim=1).clamp_min(1e-12)
-            return family.shift_output(output, (1 + run.cfg_weight) * scale * ratio.view(-1, *[1] * (x.dim() - 1)) * direction, x, level), None
+            return family.shift_output(
+                output, (1 + run.cfg_weight) * scale * ratio.view(-1, *[1] * (x.dim() - 1)) * direction, x, level
+            ), None
         return family.shift_output(output, noise_shift(grad, level, scale), x, level), None
 
     def displace_sample(self, run: SamplingRun, x: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
@@ -332,9 +384,13 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
     def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
         """(1 or B, L, D) hidden states of `prompt` by the pipeline's `text_encoder` and `tokenizer`."""
         if not self.is_text_conditional:
-            raise ValueError(f"`prompt`={prompt!r} needs a text-conditional UNet (cross-attention), but the UNet is {type(self.unet).__name__} without one.")
+            raise ValueError(
+                f"`prompt`={prompt!r} needs a text-conditional UNet (cross-attention), but the UNet is {type(self.unet).__name__} without one."
+            )
         if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("`prompt` is encoded by the pipeline's `text_encoder` and `tokenizer`, and this pipeline has none: give `prompt_embeds`.")
+            raise ValueError(
+                "`prompt` is encoded by the pipeline's `text_encoder` and `tokenizer`, and this pipeline has none: give `prompt_embeds`."
+            )
         return encode_prompts(self.text_encoder, self.tokenizer, [prompt] if isinstance(prompt, str) else list(prompt))
 
     @torch.no_grad()
@@ -354,7 +410,10 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ) -> GuidedSamplesOutput | tuple:
         """Generates one image per entry of `class_labels` (or `batch_size` unlabelled ones).
@@ -393,14 +452,20 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         check_cfg_scale(guidance_scale)
         cfg_weight = guidance_scale - 1  # w of the (1 + w) eps(c) - w eps(null) form the denoising step computes
         if classifier_scale > 0 and self.guidance is None:
-            raise ValueError(f"`classifier_scale`={classifier_scale} scales the guidance's gradient, but the pipeline has no `guidance`.")
+            raise ValueError(
+                f"`classifier_scale`={classifier_scale} scales the guidance's gradient, but the pipeline has no `guidance`."
+            )
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Give `prompt` or `prompt_embeds`, not both.")
         if prompt is not None:
             prompt_embeds = self.encode_prompt(prompt)
-            negative_prompt_embeds = self.encode_prompt("") if negative_prompt_embeds is None else negative_prompt_embeds
+            negative_prompt_embeds = (
+                self.encode_prompt("") if negative_prompt_embeds is None else negative_prompt_embeds
+            )
         elif prompt_embeds is not None and not self.is_text_conditional:
-            raise ValueError(f"`prompt_embeds` condition a text-conditional UNet (cross-attention), but the UNet is {type(self.unet).__name__} without one.")
+            raise ValueError(
+                f"`prompt_embeds` condition a text-conditional UNet (cross-attention), but the UNet is {type(self.unet).__name__} without one."
+            )
         self._run_prompt_embeds = (
             self.prompt_embeds if prompt_embeds is None else prompt_embeds,
             self.negative_prompt_embeds if negative_prompt_embeds is None else negative_prompt_embeds,
@@ -411,16 +476,22 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
                 f"negative prompt; the UNet is {type(self.unet).__name__}. Leave it at 1 (off), or set `classifier_scale` for the guidance."
             )
         if self.is_text_conditional and self._run_prompt_embeds[0] is None:
-            raise ValueError("The UNet is text-conditional (cross-attention): give `prompt` or `prompt_embeds` (the empty prompt samples it unconditionally).")
+            raise ValueError(
+                "The UNet is text-conditional (cross-attention): give `prompt` or `prompt_embeds` (the empty prompt samples it unconditionally)."
+            )
         if self.cfg_guidance == "normalized" and classifier_scale > 0 and cfg_weight <= 0:
-            raise ValueError(f"`cfg_guidance`='normalized' adds the classifier gradient to the CFG difference and needs `guidance_scale` > 1, but got {guidance_scale}.")
+            raise ValueError(
+                f"`cfg_guidance`='normalized' adds the classifier gradient to the CFG difference and needs `guidance_scale` > 1, but got {guidance_scale}."
+            )
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"Expected `output_type` to be 'pil', 'np' or 'pt', but got {output_type!r}.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but got {unknown}.")
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but got {unknown}."
+            )
         device = self.unet.device
         if class_labels is None:
             batch_size = len(targets) if batch_size is None and targets is not None else batch_size
@@ -438,9 +509,13 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         guided = classifier_scale > 0
         guidance_targets = labels if targets is None else torch.as_tensor(targets, device=device)
         if len(guidance_targets) != len(labels):
-            raise ValueError(f"Expected one target per sample, but got {len(guidance_targets)} `targets` for {len(labels)} samples.")
+            raise ValueError(
+                f"Expected one target per sample, but got {len(guidance_targets)} `targets` for {len(labels)} samples."
+            )
         if guided:
-            self.guidance.check_targets(guidance_targets)  # a class per sample, or a map per sample: the guidance's task says
+            self.guidance.check_targets(
+                guidance_targets
+            )  # a class per sample, or a map per sample: the guidance's task says
             self.guidance.to(device)
 
         family = ModelFamily(self.scheduler)
@@ -453,14 +528,18 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"Expected `latents` of shape {shape} (one noise image per sample), but got {tuple(latents.shape)}.")
+            raise ValueError(
+                f"Expected `latents` of shape {shape} (one noise image per sample), but got {tuple(latents.shape)}."
+            )
         x = latents.to(device, self.unet.dtype) * family.init_noise_sigma
         run = SamplingRun(family, labels, guidance_targets, classifier_scale, cfg_weight, generator, clip_first)
         for index, t in enumerate(self.progress_bar(family.scheduler.timesteps)):
             x = self.denoising_step(run, x, index, t)
             check_finite_samples(x, t, family.scheduler.timesteps)
             if callback_on_step_end is not None:
-                outputs = callback_on_step_end(self, index, t, {name: x for name in callback_on_step_end_tensor_inputs})
+                outputs = callback_on_step_end(
+                    self, index, t, {name: x for name in callback_on_step_end_tensor_inputs}
+                )
                 x = outputs.pop("latents", x)
 
         if self.vae is not None:

@@ -44,8 +44,16 @@ from plugguide.pipelines.guidance.base import GuidanceStep
 # The network outputs each sampler's own `step` implements (diffusers 0.42), by family, and where a sampler has fewer.
 # PNDM accepts v_prediction but its linear multistep averages raw outputs taken at different timesteps, and v's relation
 # to eps changes with t: the average is the v of no state (an exact v copy of an eps model ends far off, even unguided).
-PREDICTION_TYPES = {"vp": ("epsilon", "v_prediction", "sample"), "sigma": ("epsilon", "v_prediction", "sample"), "edm": ("epsilon", "v_prediction"), "flow": ("flow",)}
-FEWER_PREDICTION_TYPES = {"PNDMScheduler": ("epsilon",), "EulerAncestralDiscreteScheduler": ("epsilon", "v_prediction")}
+PREDICTION_TYPES = {
+    "vp": ("epsilon", "v_prediction", "sample"),
+    "sigma": ("epsilon", "v_prediction", "sample"),
+    "edm": ("epsilon", "v_prediction"),
+    "flow": ("flow",),
+}
+FEWER_PREDICTION_TYPES = {
+    "PNDMScheduler": ("epsilon",),
+    "EulerAncestralDiscreteScheduler": ("epsilon", "v_prediction"),
+}
 
 
 @dataclass(frozen=True)
@@ -80,16 +88,25 @@ class ModelFamily:
     def __init__(self, scheduler: SchedulerMixin, sets_timesteps: bool = True) -> None:
         name = type(scheduler).__name__
         if name not in SCHEDULER_FAMILIES:
-            raise ValueError(f"`scheduler` {name} is not handled by guided sampling; allowed: {', '.join(SCHEDULER_FAMILIES)}.")
+            raise ValueError(
+                f"`scheduler` {name} is not handled by guided sampling; allowed: {', '.join(SCHEDULER_FAMILIES)}."
+            )
         self.kind = SCHEDULER_FAMILIES[name]
         self.prediction_type = "flow" if self.kind == "flow" else scheduler.config.prediction_type
         allowed = FEWER_PREDICTION_TYPES.get(name, PREDICTION_TYPES[self.kind])
         if self.prediction_type not in allowed:
-            raise ValueError(f"`prediction_type`={self.prediction_type!r} of {name} is not handled; allowed for this sampler: {', '.join(allowed)}.")
+            raise ValueError(
+                f"`prediction_type`={self.prediction_type!r} of {name} is not handled; allowed for this sampler: {', '.join(allowed)}."
+            )
         if self.kind == "flow":
-            for setting in (("use_dynamic_shifting",) if sets_timesteps else ()) + ("invert_sigmas", "stochastic_sampling"):
+            for setting in (("use_dynamic_shifting",) if sets_timesteps else ()) + (
+                "invert_sigmas",
+                "stochastic_sampling",
+            ):
                 if scheduler.config.get(setting):
-                    raise ValueError(f"{name} with `{setting}`=True is not handled by guided sampling; set it to False.")
+                    raise ValueError(
+                        f"{name} with `{setting}`=True is not handled by guided sampling; set it to False."
+                    )
         if isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type == "fixed_large_log":
             raise ValueError(
                 "DDPMScheduler with `variance_type`='fixed_large_log' is not handled: diffusers' `step` takes the square root of log(beta_t) < 0 "
@@ -103,7 +120,9 @@ class ModelFamily:
         self.scheduler = scheduler
         self.clipping = scheduler  # whose clip_sample / thresholding settings `clip` applies
         self.ancestral = isinstance(scheduler, DDPMScheduler)
-        self.reads_abar = self.kind == "vp" and not hasattr(scheduler, "sigmas")  # DDPM, DDIM, PNDM: abar of t, no sigma table
+        self.reads_abar = self.kind == "vp" and not hasattr(
+            scheduler, "sigmas"
+        )  # DDPM, DDIM, PNDM: abar of t, no sigma table
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         if self.kind == "edm":  # the training sigma table, T + 1 levels from sigma_max down to sigma_min
             self._train_log_sigmas = type(scheduler).from_config(scheduler.config).sigmas[:-1].double().log()
@@ -169,9 +188,16 @@ class ModelFamily:
         per_step = self.evaluations_per_step
         step, num_steps = index // per_step, -(-len(self.scheduler.timesteps) // per_step)
         return NoiseLevel(
-            timestep=self.train_timestep(timestep, alpha, sigma, s), index=step, num_steps=num_steps, alpha=alpha, sigma=sigma,
-            variance=0.0, num_train_timesteps=self.num_train_timesteps,
-            scale=scale, sampler_sigma=s, first_evaluation=index % per_step == 0,
+            timestep=self.train_timestep(timestep, alpha, sigma, s),
+            index=step,
+            num_steps=num_steps,
+            alpha=alpha,
+            sigma=sigma,
+            variance=0.0,
+            num_train_timesteps=self.num_train_timesteps,
+            scale=scale,
+            sampler_sigma=s,
+            first_evaluation=index % per_step == 0,
         )
 
     # -- output <-> (eps, x0_hat) --------------------------------------------------------------------------------
@@ -214,9 +240,13 @@ class ModelFamily:
     def step(self, output: torch.Tensor, timestep: torch.Tensor, x: torch.Tensor, generator) -> torch.Tensor:
         """`scheduler.step` to the next state; the generator goes only to samplers that draw noise (as diffusers' pipelines pass it)."""
         takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
-        return self.scheduler.step(output, timestep, x, **({"generator": generator} if takes_generator else {})).prev_sample
+        return self.scheduler.step(
+            output, timestep, x, **({"generator": generator} if takes_generator else {})
+        ).prev_sample
 
-    def shift_output(self, output: torch.Tensor, eps_shift: torch.Tensor, x: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
+    def shift_output(
+        self, output: torch.Tensor, eps_shift: torch.Tensor, x: torch.Tensor, level: NoiseLevel
+    ) -> torch.Tensor:
         """o' = o + (d o / d eps) * eps_shift: the output that predicts eps + eps_shift at the same x."""
         _, _, d_output = self.affine(level, x)
         return output + d_output * eps_shift
@@ -239,6 +269,8 @@ class ModelFamily:
     def without_clipping(self) -> "ModelFamily":
         """This family stepping through a copy of the sampler that neither clips nor thresholds x0_hat; its `clip` still
         clips as the original does. For guided runs that clip before the shift (guided-diffusion's order)."""
-        family = ModelFamily(type(self.scheduler).from_config(self.scheduler.config, clip_sample=False, thresholding=False))
+        family = ModelFamily(
+            type(self.scheduler).from_config(self.scheduler.config, clip_sample=False, thresholding=False)
+        )
         family.clipping = self.clipping
         return family

@@ -25,7 +25,14 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 def guidance_gradient(
-    guidance: Guidance, vae, x: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor, *, decode=None
+    guidance: Guidance,
+    vae,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    x0_hat: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    decode=None,
 ) -> torch.Tensor:
     """The guidance gradient w.r.t. x_t's space; through the VAE decoder for latent models (a vector-Jacobian product).
 

@@ -45,10 +45,14 @@ def sample_trajectory(pipeline: DiffusionPipeline, batch: dict, **call_kwargs) -
     """
     name = type(pipeline.scheduler).__name__
     if name not in TRAJECTORY_SCHEDULERS:
-        raise ValueError(f"`scheduler` {name} does not sample x_t at train timesteps; trajectories need one of {', '.join(TRAJECTORY_SCHEDULERS)}.")
+        raise ValueError(
+            f"`scheduler` {name} does not sample x_t at train timesteps; trajectories need one of {', '.join(TRAJECTORY_SCHEDULERS)}."
+        )
     device = pipeline.unet.device
     generators = seeded_generators(batch["seed"], device)
-    noise = randn_tensor(pipeline.noise_shape(len(generators)), generator=generators, device=device, dtype=pipeline.unet.dtype)
+    noise = randn_tensor(
+        pipeline.noise_shape(len(generators)), generator=generators, device=device, dtype=pipeline.unet.dtype
+    )
     trajectory, step_input = {}, [(noise * pipeline.scheduler.init_noise_sigma).cpu()]
 
     def record(pipe: DiffusionPipeline, index: int, timestep: torch.Tensor, tensors: dict) -> dict:
@@ -56,5 +60,12 @@ def sample_trajectory(pipeline: DiffusionPipeline, batch: dict, **call_kwargs) -
         step_input[0] = tensors["latents"].cpu()
         return tensors
 
-    pipeline(class_labels=batch["label"], generator=generators, latents=noise, output_type="pt", callback_on_step_end=record, **call_kwargs)
+    pipeline(
+        class_labels=batch["label"],
+        generator=generators,
+        latents=noise,
+        output_type="pt",
+        callback_on_step_end=record,
+        **call_kwargs,
+    )
     return trajectory

@@ -84,7 +84,9 @@ def weights_that_do_not_fit(model: L.LightningModule, state_dict: dict) -> list[
     probe = {"state_dict": dict(state_dict)}
     model.on_load_checkpoint(probe)
     stored, expected = probe["state_dict"], model.state_dict()
-    misfits = [key for key, value in stored.items() if key not in expected or tuple(expected[key].shape) != tuple(value.shape)]
+    misfits = [
+        key for key, value in stored.items() if key not in expected or tuple(expected[key].shape) != tuple(value.shape)
+    ]
     if model.strict_loading:
         misfits += [key for key in expected if key not in stored]
     return misfits

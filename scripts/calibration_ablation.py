@@ -28,17 +28,23 @@ import json
 import os
 
 import torch
+from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
+from results_page import add_page_arguments, write_between_markers
 from scipy.stats import spearmanr
 
 from plugguide.datamodules import DigitsDataModule
-from plugguide.metrics import calibration_curve, calibration_figure, calibration_timesteps, read_curves_csv, write_curves_csv
+from plugguide.metrics import (
+    calibration_curve,
+    calibration_figure,
+    calibration_timesteps,
+    read_curves_csv,
+    write_curves_csv,
+)
 from plugguide.metrics.calibration import reverse_process_calibration_curve
 from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, markdown_table
 from plugguide.models import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch, sample_trajectory
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance, NaiveClassifierGuidance
-from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
-from results_page import add_page_arguments, write_between_markers
 
 OFF = dict(softplus_beta=None, marginal_discount=1.0, sine_gamma=0.0)
 # The two definitions of ECE_t: the table column of their integral, the files of their curves and figure.
@@ -62,7 +68,9 @@ def rows(classifier: str, experts: str | None, experts_name: str) -> dict:
     }
     if experts:
         table[f"{experts_name} (x_t)"] = lambda: ExpertGuidance(experts)
-        table[f"{experts_name}, beta 3, discount 0.5"] = lambda: CalibratedGuidance(ExpertGuidance(experts), sine_gamma=0.0)
+        table[f"{experts_name}, beta 3, discount 0.5"] = lambda: CalibratedGuidance(
+            ExpertGuidance(experts), sine_gamma=0.0
+        )
         table[f"{experts_name}, beta 3, discount 0.5, gamma 0.3"] = lambda: CalibratedGuidance(ExpertGuidance(experts))
     return table
 
@@ -91,30 +99,46 @@ def save_figure(curves: dict, title: str, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--diffusion-model", default="assets/digits/ddpm-uncond")
-    parser.add_argument("--conditional-model", default="assets/digits/ddpm-cond", help="the class-conditional model whose sampler gives the reverse-process x_t")
+    parser.add_argument(
+        "--conditional-model",
+        default="assets/digits/ddpm-cond",
+        help="the class-conditional model whose sampler gives the reverse-process x_t",
+    )
     parser.add_argument("--classifier", default="assets/digits/classifier-resnet")
-    parser.add_argument("--experts", default=None, help="a saved MultiExpertClassifier directory (PPAP rows)")
+    parser.add_argument("--experts", default=None, help="a saved MultiExpertModel directory (PPAP rows)")
     parser.add_argument("--experts-name", default="PPAP-5 experts", help="row label of the expert rows")
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 10.0, 30.0])
     parser.add_argument("--timesteps", type=int, default=20, help="timesteps of the forward-noised ECE curve")
-    parser.add_argument("--trajectory-samples", type=int, default=200, help="reverse-process samples of the reverse ECE curve (a multiple of 10)")
+    parser.add_argument(
+        "--trajectory-samples",
+        type=int,
+        default=200,
+        help="reverse-process samples of the reverse ECE curve (a multiple of 10)",
+    )
     parser.add_argument("--out", default="runs/calibration_ablation")
     parser.add_argument("--only", default=None, help="run only the rows whose name contains this text (e.g. PPAP)")
     add_page_arguments(parser, "calibration-ablation")
     args = parser.parse_args()
     if args.trajectory_samples < 10 or args.trajectory_samples % 10:
-        parser.error(f"Expected `--trajectory-samples` to be a positive multiple of 10 (as many of each class), but got {args.trajectory_samples}.")
+        parser.error(
+            f"Expected `--trajectory-samples` to be a positive multiple of 10 (as many of each class), but got {args.trajectory_samples}."
+        )
     os.makedirs(args.out, exist_ok=True)
 
     unet = load_unet(args.diffusion_model).eval().requires_grad_(False)
     scheduler = load_scheduler(args.diffusion_model, "DDPMScheduler")
-    conditional = GuidedDiffusionPipeline(load_unet(args.conditional_model).eval().requires_grad_(False), load_scheduler(args.conditional_model, "DDPMScheduler"))
+    conditional = GuidedDiffusionPipeline(
+        load_unet(args.conditional_model).eval().requires_grad_(False),
+        load_scheduler(args.conditional_model, "DDPMScheduler"),
+    )
     conditional.set_progress_bar_config(disable=True)
     if not torch.equal(conditional.scheduler.alphas_cumprod, scheduler.alphas_cumprod):
         # x0_hat of an x0_hat guide is formed by the guided model at the trajectory's timesteps: the noise levels must agree.
-        parser.error(f"`--conditional-model` {args.conditional_model} has another noise schedule than `--diffusion-model` {args.diffusion_model}.")
+        parser.error(
+            f"`--conditional-model` {args.conditional_model} has another noise schedule than `--diffusion-model` {args.diffusion_model}."
+        )
     metrics = reference_metrics()
     data = DigitsDataModule(batch_size=180)
     data.setup("validate")
@@ -124,7 +148,9 @@ def main() -> None:
     results_path = os.path.join(args.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
     curves_paths = {definition: os.path.join(args.out, files["curves"]) for definition, files in DEFINITIONS.items()}
-    curves = {definition: read_curves_csv(path) if os.path.isfile(path) else {} for definition, path in curves_paths.items()}
+    curves = {
+        definition: read_curves_csv(path) if os.path.isfile(path) else {} for definition, path in curves_paths.items()
+    }
     trajectory_labels, trajectory_seeds = targets(args.trajectory_samples // 10)
     trajectory = {}  # sampled when a row first needs it
 
@@ -132,14 +158,24 @@ def main() -> None:
         if not trajectory:
             batch = {"label": trajectory_labels, "seed": trajectory_seeds}
             trajectory.update(sample_trajectory(conditional, batch, num_inference_steps=args.steps))
-        return reverse_process_calibration_curve(guidance, trajectory, trajectory_labels, scheduler.alphas_cumprod, unet)
+        return reverse_process_calibration_curve(
+            guidance, trajectory, trajectory_labels, scheduler.alphas_cumprod, unet
+        )
 
     def sample(guidance, scale: float, name: str) -> dict:
         pipeline = GuidedDiffusionPipeline(unet, scheduler, guidance)
         pipeline.set_progress_bar_config(disable=True)
         return measure(
-            metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=args.steps, classifier_scale=scale),
-            labels, seeds, grid_path=os.path.join(args.out, "grids", f"{slug(name)}-s{scale:g}.png"),
+            metrics,
+            lambda batch_labels, batch_seeds: sample_batch(
+                pipeline,
+                {"label": batch_labels, "seed": batch_seeds},
+                num_inference_steps=args.steps,
+                classifier_scale=scale,
+            ),
+            labels,
+            seeds,
+            grid_path=os.path.join(args.out, "grids", f"{slug(name)}-s{scale:g}.png"),
         )
 
     def save() -> None:
@@ -165,12 +201,21 @@ def main() -> None:
         for scale in [s for s in args.scales if str(s) not in sweep]:
             sweep[str(scale)] = sample(make(), scale, name)
             save()
-            print(name, scale, {k: round(v, 4) for k, v in sweep[str(scale)].items() if isinstance(v, float)}, flush=True)
+            print(
+                name, scale, {k: round(v, 4) for k, v in sweep[str(scale)].items() if isinstance(v, float)}, flush=True
+            )
         integrals = {definition: curves[definition][name]["integral_ece"][0] for definition in DEFINITIONS}
         scale, admissible = best_scale(sweep, unguided)
         every += [integrals | r for r in sweep.values()]
         chosen.append(integrals | sweep[scale])
-        table.append([name, *(f"{value:.3f}" for value in integrals.values()), f"{float(scale):g}" + ("" if admissible else "*"), *quality_cells(sweep[scale])])
+        table.append(
+            [
+                name,
+                *(f"{value:.3f}" for value in integrals.values()),
+                f"{float(scale):g}" + ("" if admissible else "*"),
+                *quality_cells(sweep[scale]),
+            ]
+        )
     save()
     shown = [row[0] for row in table[1:]]
     titles = {
@@ -178,16 +223,26 @@ def main() -> None:
         "reverse": f"ECE_t on reverse-process x_t of {args.conditional_model} (DDPM-{args.steps}, {args.trajectory_samples} samples, label = condition)",
     }
     for definition, files in DEFINITIONS.items():
-        save_figure({name: curves[definition][name] for name in shown}, titles[definition], os.path.join(args.out, files["figure"]))
+        save_figure(
+            {name: curves[definition][name] for name in shown},
+            titles[definition],
+            os.path.join(args.out, files["figure"]),
+        )
 
-    text = "\n".join([
-        describe(len(labels), f"DDPM-{args.steps}") + f" Scales swept: {', '.join(f'{s:g}' for s in args.scales)}.",
-        f"Scale: {BEST_SCALE_RULE}.",
-        "",
-        markdown_table(["row", *(files["column"] for files in DEFINITIONS.values()), "reported scale", *QUALITY_HEADERS], table),
-        "",
-        *correlations(chosen, every),
-    ])
+    text = "\n".join(
+        [
+            describe(len(labels), f"DDPM-{args.steps}")
+            + f" Scales swept: {', '.join(f'{s:g}' for s in args.scales)}.",
+            f"Scale: {BEST_SCALE_RULE}.",
+            "",
+            markdown_table(
+                ["row", *(files["column"] for files in DEFINITIONS.values()), "reported scale", *QUALITY_HEADERS],
+                table,
+            ),
+            "",
+            *correlations(chosen, every),
+        ]
+    )
     with open(os.path.join(args.out, "table.md"), "w") as file:
         file.write(text + "\n")
     if args.page:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, targets
 
 from plugguide.metrics.reporting import markdown_table
 from plugguide.models import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
-from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, targets
 
 
 def main() -> None:
@@ -36,7 +36,14 @@ def main() -> None:
             pipeline = GuidedDiffusionPipeline(load_unet(path), load_scheduler(path, sampler))
             pipeline.set_progress_bar_config(disable=True)
             row_labels = labels if pipeline.is_class_conditional else torch.full_like(labels, -1)
-            row = measure(metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=args.steps), row_labels, seeds)
+            row = measure(
+                metrics,
+                lambda batch_labels, batch_seeds: sample_batch(
+                    pipeline, {"label": batch_labels, "seed": batch_seeds}, num_inference_steps=args.steps
+                ),
+                row_labels,
+                seeds,
+            )
             rows.append([path, f"{sampler.removesuffix('Scheduler')}-{args.steps}", *quality_cells(row)])
             print(rows[-1], flush=True)
     print(f"\n{describe(len(labels), 'Unguided sampling')}\n")

@@ -24,7 +24,7 @@ from diffusers import DDPMScheduler
 
 from plugguide.datamodules import DigitsDataModule
 from plugguide.metrics.reporting import markdown_table
-from plugguide.models import MultiExpertClassifier, load_off_the_shelf, load_scheduler
+from plugguide.models import MultiExpertModel, load_off_the_shelf, load_scheduler
 from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance
 from plugguide.pipelines.tasks import ClassificationTask, DenseRegressionTask, SegmentationTask
 
@@ -65,27 +65,48 @@ def main() -> None:
     rows = []
     for name, path, experts_path, task in models:
         teacher = load_off_the_shelf(path).eval()
-        experts = MultiExpertClassifier.from_pretrained(experts_path) if experts_path else None
+        experts = MultiExpertModel.from_pretrained(experts_path) if experts_path else None
         with torch.no_grad():
             clean = task.prediction(teacher(images))
-        naive, ppap = NaiveClassifierGuidance(teacher, task=task), ExpertGuidance(experts, task=task) if experts else None
+        naive, ppap = (
+            NaiveClassifierGuidance(teacher, task=task),
+            ExpertGuidance(experts, task=task) if experts else None,
+        )
         for t in args.timesteps:
             timesteps = torch.full((len(images),), t)
             x_t = scheduler.add_noise(images, noises[t], timesteps)
             with torch.no_grad():
                 row = [name, str(t), f"{task.agreement(teacher(x_t), clean):.3f}"]
                 row.append(f"{task.agreement(experts(x_t, timesteps), clean):.3f}" if experts else "-")
-            if experts is None:  # a class target has no stroke pattern; the classifier row shows only what noise does to it
+            if (
+                experts is None
+            ):  # a class target has no stroke pattern; the classifier row shows only what noise does to it
                 rows.append(row + ["-"] * 4)
                 continue
-            naive_grad, ppap_grad = naive.gradient(x_t, timesteps, x_t, clean), ppap.gradient(x_t, timesteps, x_t, clean)
+            naive_grad, ppap_grad = (
+                naive.gradient(x_t, timesteps, x_t, clean),
+                ppap.gradient(x_t, timesteps, x_t, clean),
+            )
             pattern = stroke_pattern(clean)
-            rows.append(row + [
-                f"{naive_grad.flatten(1).norm(dim=1).mean():.1f} / {ppap_grad.flatten(1).norm(dim=1).mean():.1f}",
-                f"{cosine(naive_grad, ppap_grad):.2f}", f"{cosine(naive_grad, pattern):.2f}", f"{cosine(ppap_grad, pattern):.2f}",
-            ])
-    headers = ["model", "t", "agreement on x_t, off-the-shelf", "agreement, PPAP expert", "gradient norm, naive / PPAP",
-               "cos(naive, PPAP)", "cos(naive, strokes)", "cos(PPAP, strokes)"]
+            rows.append(
+                row
+                + [
+                    f"{naive_grad.flatten(1).norm(dim=1).mean():.1f} / {ppap_grad.flatten(1).norm(dim=1).mean():.1f}",
+                    f"{cosine(naive_grad, ppap_grad):.2f}",
+                    f"{cosine(naive_grad, pattern):.2f}",
+                    f"{cosine(ppap_grad, pattern):.2f}",
+                ]
+            )
+    headers = [
+        "model",
+        "t",
+        "agreement on x_t, off-the-shelf",
+        "agreement, PPAP expert",
+        "gradient norm, naive / PPAP",
+        "cos(naive, PPAP)",
+        "cos(naive, strokes)",
+        "cos(PPAP, strokes)",
+    ]
     print(f"{args.images} held-out digits (validation split), noised with the same noise for every model.\n")
     print(markdown_table(headers, rows))
 

@@ -27,6 +27,8 @@ import os
 
 import torch
 import yaml
+from protocol import measure, reference_metrics, slug
+from results_page import add_page_arguments, write_between_markers
 from torchvision.utils import save_image
 
 from plugguide.cli import main as lightning
@@ -36,22 +38,43 @@ from plugguide.metrics.figures import render_maps, sweep_figure
 from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, estimate, markdown_table
 from plugguide.models import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
-from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance, NaiveClassifierGuidance, PredictedCleanImageGuidance
+from plugguide.pipelines.guidance import (
+    CalibratedGuidance,
+    ExpertGuidance,
+    NaiveClassifierGuidance,
+    PredictedCleanImageGuidance,
+)
 from plugguide.pipelines.tasks import DenseRegressionTask, SegmentationTask
-from protocol import measure, reference_metrics, slug
-from results_page import add_page_arguments, write_between_markers
 
 DIFFUSION_MODEL = "assets/digits/ddpm-uncond"
 TASKS = {
-    "segmentation": dict(model="assets/digits/segmenter", task=SegmentationTask(0.25), score="miou", scores=("miou", "stroke_iou"), calibrated={}),
+    "segmentation": dict(
+        model="assets/digits/segmenter",
+        task=SegmentationTask(0.25),
+        score="miou",
+        scores=("miou", "stroke_iou"),
+        calibrated={},
+    ),
     "depth": dict(
-        model="assets/digits/depth", task=DenseRegressionTask("mse"), score="depth_correlation", scores=("depth_correlation", "depth_mae", "depth_rmse"),
-        calibrated={"marginal_discount": 1.0},  # a regressor has no class scores: Softplus, x0_hat and the schedule apply
+        model="assets/digits/depth",
+        task=DenseRegressionTask("mse"),
+        score="depth_correlation",
+        scores=("depth_correlation", "depth_mae", "depth_rmse"),
+        calibrated={
+            "marginal_discount": 1.0
+        },  # a regressor has no class scores: Softplus, x0_hat and the schedule apply
     ),
 }
 HEADERS = {
-    "miou": "mIoU", "stroke_iou": "stroke IoU", "depth_correlation": "depth correlation", "depth_mae": "depth MAE (px)", "depth_rmse": "depth RMSE (px)",
-    "guided_accuracy": "class agreement", "fid_autoencoder": "FID autoencoder", "fid_evaluator": "FID evaluator", "fid_pixels": "FID pixels",
+    "miou": "mIoU",
+    "stroke_iou": "stroke IoU",
+    "depth_correlation": "depth correlation",
+    "depth_mae": "depth MAE (px)",
+    "depth_rmse": "depth RMSE (px)",
+    "guided_accuracy": "class agreement",
+    "fid_autoencoder": "FID autoencoder",
+    "fid_evaluator": "FID evaluator",
+    "fid_pixels": "FID pixels",
 }
 
 
@@ -64,7 +87,10 @@ def train_experts(task: str, directory: str, max_steps: int) -> str:
     os.makedirs(directory, exist_ok=True)
     overrides = {
         "trainer": {
-            "max_steps": max_steps, "check_val_every_n_epoch": 10_000, "enable_progress_bar": False, "default_root_dir": directory,
+            "max_steps": max_steps,
+            "check_val_every_n_epoch": 10_000,
+            "enable_progress_bar": False,
+            "default_root_dir": directory,
             "callbacks": [{"class_path": "plugguide.callbacks.ExportPretrained", "init_args": {"directory": experts}}],
         },
     }
@@ -77,7 +103,9 @@ def train_experts(task: str, directory: str, max_steps: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--samples", type=int, default=500, help="held-out digits (validation, then test split) and samples per row")
+    parser.add_argument(
+        "--samples", type=int, default=500, help="held-out digits (validation, then test split) and samples per row"
+    )
     parser.add_argument("--steps", type=int, default=50, help="DDPM (ancestral) sampler steps")
     parser.add_argument("--scales", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
     parser.add_argument("--max-steps", type=int, default=1500, help="PPAP-5 training steps (the configs' own)")
@@ -103,7 +131,9 @@ def main() -> None:
             """The map scores of a row's samples, and a grid of its first 16 (target map | sample) pairs."""
             map_metrics.reset()
             map_metrics.update(images, maps, seeds)
-            pairs = torch.stack([render_maps(maps[:16]), (images[:16] / 2 + 0.5).expand(-1, 3, -1, -1)], dim=1).flatten(0, 1)
+            pairs = torch.stack(
+                [render_maps(maps[:16]), (images[:16] / 2 + 0.5).expand(-1, 3, -1, -1)], dim=1
+            ).flatten(0, 1)
             os.makedirs(os.path.dirname(grid_path), exist_ok=True)
             save_image(pairs, grid_path, nrow=8, padding=1, pad_value=1.0)
             return map_metrics.compute() | {"intervals": map_metrics.compute_intervals()}
@@ -115,27 +145,46 @@ def main() -> None:
             pipeline.set_progress_bar_config(disable=True)
             for scale in [s for s in scales if str(s) not in done]:
                 # Sample i: seed i, target map i (the "labels" are the digits the maps name, scored as class agreement).
-                draw = lambda labels, seeds: sample_batch(
-                    pipeline, {"label": torch.full_like(labels, -1), "seed": seeds, "target_map": maps[seeds]}, num_inference_steps=args.steps, classifier_scale=scale
-                )
+                def draw(labels, seeds):
+                    return sample_batch(
+                        pipeline,
+                        {"label": torch.full_like(labels, -1), "seed": seeds, "target_map": maps[seeds]},
+                        num_inference_steps=args.steps,
+                        classifier_scale=scale,
+                    )
+
                 grid = os.path.join(args.out, "grids", f"{slug(key)}-s{scale:g}.png")
-                done[str(scale)] = measure(metrics, draw, classes, seeds, on_images=lambda images: score_and_show(images, grid))
+                done[str(scale)] = measure(
+                    metrics, draw, classes, seeds, on_images=lambda images: score_and_show(images, grid)
+                )
                 os.makedirs(args.out, exist_ok=True)
                 with open(results_path + ".tmp", "w") as file:
                     json.dump(results, file, indent=1)
                 os.replace(results_path + ".tmp", results_path)
-                print(key, scale, {k: round(v, 4) for k, v in done[str(scale)].items() if isinstance(v, float)}, flush=True)
+                print(
+                    key,
+                    scale,
+                    {k: round(v, 4) for k, v in done[str(scale)].items() if isinstance(v, float)},
+                    flush=True,
+                )
             return {str(s): done[str(s)] for s in scales}  # scales of other runs kept in results.json play no part
 
         unguided = sweep(f"{name}/unguided", None, [0.0])["0.0"]
         rows = {
             "naive off-the-shelf": lambda: NaiveClassifierGuidance(spec["model"], task=spec["task"]),
             "gradients on x0_hat": lambda: PredictedCleanImageGuidance(spec["model"], task=spec["task"]),
-            "calibrated off-the-shelf": lambda: CalibratedGuidance(spec["model"], task=spec["task"], **spec["calibrated"]),
-            "PPAP-5 (data-free)": lambda: ExpertGuidance(train_experts(name, os.path.join(args.out, name, "ppap-5"), args.max_steps), task=spec["task"]),
+            "calibrated off-the-shelf": lambda: CalibratedGuidance(
+                spec["model"], task=spec["task"], **spec["calibrated"]
+            ),
+            "PPAP-5 (data-free)": lambda: ExpertGuidance(
+                train_experts(name, os.path.join(args.out, name, "ppap-5"), args.max_steps), task=spec["task"]
+            ),
         }
         columns = [spec["score"], *spec["scores"][1:], "guided_accuracy", "fid_autoencoder", "fid_evaluator"]
-        cells = lambda row: [estimate(row, key, 2 if key.startswith("fid") else 3) for key in columns]
+
+        def cells(row):
+            return [estimate(row, key, 2 if key.startswith("fid") else 3) for key in columns]
+
         table = [["unguided", "-", *cells(unguided)]]
         sweeps = {}
         for method, guidance in rows.items():
@@ -147,15 +196,25 @@ def main() -> None:
             table.append([method, f"{float(scale):g}" + ("" if admissible else "*"), *cells(sweeps[key][scale])])
         sweep_table = markdown_table(
             ["row", *(f"s={s:g}" for s in args.scales)],
-            [[key, *(f"{r[str(s)][spec['score']]:.3f} / {r[str(s)]['fid_autoencoder']:.1f}" for s in args.scales)] for key, r in sweeps.items()],
+            [
+                [key, *(f"{r[str(s)][spec['score']]:.3f} / {r[str(s)]['fid_autoencoder']:.1f}" for s in args.scales)]
+                for key, r in sweeps.items()
+            ],
         )
         sections += [
-            f"### {name}: toward {spec['model']}'s maps of {len(maps)} held-out digits", "",
-            markdown_table(["method", "best scale", *(HEADERS[key] for key in columns)], table), "",
-            f"Sweep ({HEADERS[spec['score']]} / FID autoencoder at each scale):", "", sweep_table, "",
+            f"### {name}: toward {spec['model']}'s maps of {len(maps)} held-out digits",
+            "",
+            markdown_table(["method", "best scale", *(HEADERS[key] for key in columns)], table),
+            "",
+            f"Sweep ({HEADERS[spec['score']]} / FID autoencoder at each scale):",
+            "",
+            sweep_table,
+            "",
         ]
         if sweeps:
-            sweep_figure(sweeps, unguided, args.scales, score=spec["score"]).savefig(os.path.join(args.out, f"sweep-{name}.png"), dpi=120)
+            sweep_figure(sweeps, unguided, args.scales, score=spec["score"]).savefig(
+                os.path.join(args.out, f"sweep-{name}.png"), dpi=120
+            )
 
     lines = [
         f"Sampler: DDPM-{args.steps} (ancestral, mean shift); sample i seeded with i and guided toward target map i, the same for every row; "

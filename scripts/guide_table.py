@@ -22,6 +22,8 @@ import os
 
 import torch
 from diffusers import DDIMScheduler
+from protocol import describe, measure, reference_metrics, targets
+from results_page import add_page_arguments, write_between_markers
 from torch.utils.flop_counter import FlopCounterMode
 
 from plugguide.cli import main as lightning
@@ -29,16 +31,22 @@ from plugguide.datamodules import DigitsDataModule, ThickDigitsDataModule
 from plugguide.metrics.reporting import estimate, markdown_table
 from plugguide.models import load_guide, load_scheduler, load_unet, predict_guided_noise
 from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, sample_batch
-from protocol import describe, measure, reference_metrics, targets
-from results_page import add_page_arguments, write_between_markers
 
-BASES = {"original": ("assets/digits/ddpm-cond", DigitsDataModule), "fine-tuned (thick)": ("assets/digits/ddpm-cond-thick", ThickDigitsDataModule)}
+BASES = {
+    "original": ("assets/digits/ddpm-cond", DigitsDataModule),
+    "fine-tuned (thick)": ("assets/digits/ddpm-cond-thick", ThickDigitsDataModule),
+}
 METHODS = ("CFG", "TinyGuide", "FullGuide")
 # The chains of docs/guide_distillation.md: CFG distillation to 32 steps, then three halving stages.
 CHAINS = {
     "tiny": {"distillation": [], "halving": []},
     "full": {
-        "distillation": ["--model.init_args.guide", "plugguide.models.guides.FullGuide", "--model.init_args.optimizer.init_args.lr", "0.0005"],
+        "distillation": [
+            "--model.init_args.guide",
+            "plugguide.models.guides.FullGuide",
+            "--model.init_args.optimizer.init_args.lr",
+            "0.0005",
+        ],
         "halving": ["--model.init_args.guide_name", "full", "--model.init_args.optimizer.init_args.lr", "0.0002"],
     },
 }
@@ -46,16 +54,37 @@ CHAINS = {
 
 def train_chain(guides: str, name: str) -> None:
     """Trains the missing stages of a guide chain (32 -> 16 -> 8 -> 4 DDIM steps) into `guides/<name>/steps-<n>`."""
-    export = ["--trainer.callbacks+=plugguide.callbacks.ExportPretrained", f"--trainer.callbacks.directory={os.path.abspath(guides)}"]
+    export = [
+        "--trainer.callbacks+=plugguide.callbacks.ExportPretrained",
+        f"--trainer.callbacks.directory={os.path.abspath(guides)}",
+    ]
     common = ["--trainer.enable_progress_bar", "false", *export]
     if not os.path.isdir(os.path.join(guides, name, "steps-32")):
-        lightning(["fit", "-c", "configs/guide_distillation.yaml", *CHAINS[name]["distillation"], "--trainer.callbacks=[]", *common])
+        lightning(
+            [
+                "fit",
+                "-c",
+                "configs/guide_distillation.yaml",
+                *CHAINS[name]["distillation"],
+                "--trainer.callbacks=[]",
+                *common,
+            ]
+        )
     for teacher, student in ((32, 16), (16, 8), (8, 4)):
         if not os.path.isdir(os.path.join(guides, name, f"steps-{student}")):
-            lightning([
-                "fit", "-c", "configs/halving/base.yaml", "-c", f"configs/halving/{teacher}to{student}.yaml", *CHAINS[name]["halving"],
-                f"--model.init_args.guide_root={guides}", "--trainer.callbacks=[]", *common,
-            ])
+            lightning(
+                [
+                    "fit",
+                    "-c",
+                    "configs/halving/base.yaml",
+                    "-c",
+                    f"configs/halving/{teacher}to{student}.yaml",
+                    *CHAINS[name]["halving"],
+                    f"--model.init_args.guide_root={guides}",
+                    "--trainer.callbacks=[]",
+                    *common,
+                ]
+            )
 
 
 def gap_table(results: dict, args: argparse.Namespace) -> list[str]:
@@ -63,15 +92,31 @@ def gap_table(results: dict, args: argparse.Namespace) -> list[str]:
     minus CFG's at the most: the targets of docs/results/guide_distillation.md."""
     if "CFG" not in args.methods:
         return []
-    accuracy = lambda base, g, steps, method: 100 * results[f"{base} | g={g:g} | {steps} steps | {method}"]["guided_accuracy"]
+
+    def accuracy(base, g, steps, method):
+        return 100 * results[f"{base} | g={g:g} | {steps} steps | {method}"]["guided_accuracy"]
+
     fewest, most = min(args.steps), max(args.steps)
     rows = [
-        [base, f"{g:g}", method, *(f"{accuracy(base, g, n, method) - accuracy(base, g, n, 'CFG'):+.1f}" for n in args.steps),
-         f"{accuracy(base, g, fewest, method) - accuracy(base, g, most, 'CFG'):+.1f}"]
-        for base in args.bases for g in args.scales for method in args.methods if method != "CFG"
+        [
+            base,
+            f"{g:g}",
+            method,
+            *(f"{accuracy(base, g, n, method) - accuracy(base, g, n, 'CFG'):+.1f}" for n in args.steps),
+            f"{accuracy(base, g, fewest, method) - accuracy(base, g, most, 'CFG'):+.1f}",
+        ]
+        for base in args.bases
+        for g in args.scales
+        for method in args.methods
+        if method != "CFG"
     ]
     headers = ["base", "g", "guide", *(f"vs CFG, {n} steps" for n in args.steps), f"{fewest} steps vs CFG at {most}"]
-    return ["", "Guided accuracy of each guide minus CFG's, in points (1 point = 5 of 500 samples):", "", markdown_table(headers, rows)]
+    return [
+        "",
+        "Guided accuracy of each guide minus CFG's, in points (1 point = 5 of 500 samples):",
+        "",
+        markdown_table(headers, rows),
+    ]
 
 
 def step_flops(fn) -> int:
@@ -83,7 +128,9 @@ def step_flops(fn) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bases", nargs="+", default=list(BASES), choices=list(BASES))
-    parser.add_argument("--guides", default="runs/guides", help="root of the guide chains (<root>/<tiny|full>/steps-<n>)")
+    parser.add_argument(
+        "--guides", default="runs/guides", help="root of the guide chains (<root>/<tiny|full>/steps-<n>)"
+    )
     parser.add_argument("--scales", nargs="+", type=float, default=[2.0, 4.0, 6.0, 8.0])
     parser.add_argument("--steps", nargs="+", type=int, default=[32, 16, 8, 4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -112,7 +159,11 @@ def main() -> None:
                 if method == "CFG":
                     pipeline, flops, params = cfg_pipeline, cfg_flops, 0.0
                 else:
-                    guide = load_guide(os.path.join(args.guides, method.removesuffix("Guide").lower(), f"steps-{steps}"), unet, "guides").eval()
+                    guide = load_guide(
+                        os.path.join(args.guides, method.removesuffix("Guide").lower(), f"steps-{steps}"),
+                        unet,
+                        "guides",
+                    ).eval()
                     pipeline = GuideDistilledPipeline(unet, guide, DDIMScheduler.from_config(scheduler_config))
                     flops = step_flops(lambda: predict_guided_noise(unet, guide, probe[0], probe[1], 4.0, probe[2]))
                     params = 100.0 * sum(p.numel() for p in guide.parameters()) / unet_params
@@ -121,28 +172,68 @@ def main() -> None:
                     key = f"{base} | g={g:g} | {steps} steps | {method}"
                     if key not in results:
                         results[key] = measure(
-                            metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=steps, guidance_scale=1 + g),
-                            labels, seeds, grid_path=os.path.join(args.out, "grids", f"{base.split()[0]}-g{g:g}-{steps}-{method}.png"),
+                            metrics,
+                            lambda batch_labels, batch_seeds: sample_batch(
+                                pipeline,
+                                {"label": batch_labels, "seed": batch_seeds},
+                                num_inference_steps=steps,
+                                guidance_scale=1 + g,
+                            ),
+                            labels,
+                            seeds,
+                            grid_path=os.path.join(
+                                args.out, "grids", f"{base.split()[0]}-g{g:g}-{steps}-{method}.png"
+                            ),
                         )
                         os.makedirs(args.out, exist_ok=True)
                         with open(results_path + ".tmp", "w") as file:
                             json.dump(results, file, indent=1)
                         os.replace(results_path + ".tmp", results_path)
-                        print(key, {k: round(v, 4) for k, v in results[key].items() if isinstance(v, float)}, flush=True)
+                        print(
+                            key, {k: round(v, 4) for k, v in results[key].items() if isinstance(v, float)}, flush=True
+                        )
                     r = results[key]
-                    rows.append([
-                        base, f"{g:g}", steps, method, estimate(r, "guided_accuracy", 3), estimate(r, "fid_autoencoder"), estimate(r, "fid_pixels"),
-                        estimate(r, "fid_evaluator"), f"{flops / 1e6:.1f}", f"{flops / cfg_flops:.2f}", f"{params:.1f}", f"{1000 * r['seconds_per_image']:.1f}",
-                    ])
-    text = "\n".join([
-        describe(len(labels), "DDIM (eta = 0)") + " The reference set of each base is its own digits (thick strokes for the fine-tuned base).",
-        "",
-        markdown_table(
-            ["base", "g", "steps", "method", "guided accuracy", "FID autoencoder", "FID pixels", "FID evaluator", "MFLOPs/step", "vs CFG", "guide params (% UNet)", "ms/image"],
-            rows,
-        ),
-        *gap_table(results, args),
-    ])
+                    rows.append(
+                        [
+                            base,
+                            f"{g:g}",
+                            steps,
+                            method,
+                            estimate(r, "guided_accuracy", 3),
+                            estimate(r, "fid_autoencoder"),
+                            estimate(r, "fid_pixels"),
+                            estimate(r, "fid_evaluator"),
+                            f"{flops / 1e6:.1f}",
+                            f"{flops / cfg_flops:.2f}",
+                            f"{params:.1f}",
+                            f"{1000 * r['seconds_per_image']:.1f}",
+                        ]
+                    )
+    text = "\n".join(
+        [
+            describe(len(labels), "DDIM (eta = 0)")
+            + " The reference set of each base is its own digits (thick strokes for the fine-tuned base).",
+            "",
+            markdown_table(
+                [
+                    "base",
+                    "g",
+                    "steps",
+                    "method",
+                    "guided accuracy",
+                    "FID autoencoder",
+                    "FID pixels",
+                    "FID evaluator",
+                    "MFLOPs/step",
+                    "vs CFG",
+                    "guide params (% UNet)",
+                    "ms/image",
+                ],
+                rows,
+            ),
+            *gap_table(results, args),
+        ]
+    )
     with open(os.path.join(args.out, "table.md"), "w") as file:
         file.write(text + "\n")
     if args.page:

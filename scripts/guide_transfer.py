@@ -35,7 +35,9 @@ def log_probability(classifier: torch.nn.Module, images: torch.Tensor, targets: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--guides", nargs="+", default=["assets/digits/classifier-resnet", "assets/digits/classifier-deit"])
+    parser.add_argument(
+        "--guides", nargs="+", default=["assets/digits/classifier-resnet", "assets/digits/classifier-deit"]
+    )
     parser.add_argument("--timesteps", type=int, nargs="+", default=[0, 300, 500, 700])
     parser.add_argument("--steps", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     args = parser.parse_args()
@@ -56,7 +58,11 @@ def main() -> None:
         noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(t))
         abar = alphas_cumprod[t]
         with torch.no_grad():
-            x0_hat = guide_input(x0_guidance, abar.sqrt() * images + (1 - abar).sqrt() * noise, t, abar, unet) if t else images
+            x0_hat = (
+                guide_input(x0_guidance, abar.sqrt() * images + (1 - abar).sqrt() * noise, t, abar, unet)
+                if t
+                else images
+            )
             evaluator_before = log_probability(evaluator, x0_hat, targets)
         for name, guide in guides.items():
             inputs = x0_hat.clone().requires_grad_(True)
@@ -67,17 +73,37 @@ def main() -> None:
                 accuracy = float((guide(x0_hat).argmax(-1) == labels).float().mean())
                 for eta in args.steps:
                     moved = x0_hat + eta * direction
-                    own_after, evaluator_after = log_probability(guide, moved, targets), log_probability(evaluator, moved, targets)
-                    rows.append([
-                        name, str(t), f"{accuracy:.3f}", f"{eta:g}",
-                        f"{float((own_after - own_before).mean()):+.2f}", f"{float((evaluator_after - evaluator_before).mean()):+.2f}",
-                        f"{float((guide(moved).argmax(-1) == targets).float().mean()):.3f}",
-                        f"{float((evaluator(moved).argmax(-1) == targets).float().mean()):.3f}",
-                    ])
-    print(markdown_table([
-        "guide", "t", "guide accuracy on x0_hat", "step (RMS per pixel)", "guide's own change of log p(target)",
-        "evaluator's change of log p(target)", "guide reads target", "evaluator reads target",
-    ], rows))
+                    own_after, evaluator_after = (
+                        log_probability(guide, moved, targets),
+                        log_probability(evaluator, moved, targets),
+                    )
+                    rows.append(
+                        [
+                            name,
+                            str(t),
+                            f"{accuracy:.3f}",
+                            f"{eta:g}",
+                            f"{float((own_after - own_before).mean()):+.2f}",
+                            f"{float((evaluator_after - evaluator_before).mean()):+.2f}",
+                            f"{float((guide(moved).argmax(-1) == targets).float().mean()):.3f}",
+                            f"{float((evaluator(moved).argmax(-1) == targets).float().mean()):.3f}",
+                        ]
+                    )
+    print(
+        markdown_table(
+            [
+                "guide",
+                "t",
+                "guide accuracy on x0_hat",
+                "step (RMS per pixel)",
+                "guide's own change of log p(target)",
+                "evaluator's change of log p(target)",
+                "guide reads target",
+                "evaluator reads target",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import json
 import os
 
 import torch
-
+from protocol import AUTOENCODER, QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, targets
+from results_page import add_page_arguments, write_between_markers
 from torchmetrics.functional.segmentation import mean_iou
 
 from plugguide.datamodules import DigitsDataModule
@@ -27,8 +28,6 @@ from plugguide.metrics.pixel_maps import NUM_SEGMENTATION_CLASSES
 from plugguide.metrics.reporting import markdown_table
 from plugguide.models import load_classifier, load_dense_model, load_scheduler, load_unet, load_vae
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
-from protocol import AUTOENCODER, QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, targets
-from results_page import add_page_arguments, write_between_markers
 
 ASSETS = "assets/digits"
 CLASSIFIERS = ("classifier-resnet", "classifier-deit", "evaluator")
@@ -60,7 +59,14 @@ def classifier_rows(images: torch.Tensor, labels: torch.Tensor) -> list[list[str
         classifier = load_classifier(os.path.join(ASSETS, name)).eval()
         accuracy = (classifier(images).argmax(-1) == labels).float().mean().item()
         params = sum(p.numel() for p in classifier.parameters())
-        rows.append([f"{name} ({type(classifier.model).__name__})", f"{params:,}", f"{size_mib(os.path.join(ASSETS, name)):.1f}", f"{accuracy:.4f}"])
+        rows.append(
+            [
+                f"{name} ({type(classifier.model).__name__})",
+                f"{params:,}",
+                f"{size_mib(os.path.join(ASSETS, name)):.1f}",
+                f"{accuracy:.4f}",
+            ]
+        )
     return rows
 
 
@@ -81,7 +87,14 @@ def dense_rows(images: torch.Tensor, labels: torch.Tensor) -> list[list[str]]:
             truth = distance_to_stroke(images)
             quality = f"MAE {(outputs - truth).abs().mean():.3f} px, correlation {map_correlation(outputs, truth).mean():.4f}"
         params = sum(p.numel() for p in model.parameters())
-        rows.append([f"{name} ({type(model.model).__name__})", f"{params:,}", f"{size_mib(os.path.join(ASSETS, name)):.1f}", quality])
+        rows.append(
+            [
+                f"{name} ({type(model.model).__name__})",
+                f"{params:,}",
+                f"{size_mib(os.path.join(ASSETS, name)):.1f}",
+                quality,
+            ]
+        )
     return rows
 
 
@@ -90,7 +103,12 @@ def autoencoder_row(images: torch.Tensor) -> list[str]:
     vae = load_vae(AUTOENCODER, "autoencoder").eval()
     reconstruction = vae.decode(vae.encode(images).latent_dist.mean).sample
     params = sum(p.numel() for p in vae.parameters())
-    return [f"autoencoder ({type(vae).__name__})", f"{params:,}", f"{size_mib(AUTOENCODER):.1f}", f"reconstruction MSE {torch.mean((reconstruction - images) ** 2):.4f}"]
+    return [
+        f"autoencoder ({type(vae).__name__})",
+        f"{params:,}",
+        f"{size_mib(AUTOENCODER):.1f}",
+        f"reconstruction MSE {torch.mean((reconstruction - images) ** 2):.4f}",
+    ]
 
 
 def main() -> None:
@@ -105,7 +123,9 @@ def main() -> None:
         parser.error("`--page` rewrites both asset tables; drop `--no-sampling`.")
     images, labels = test_split()
     rows = [*classifier_rows(images, labels), *dense_rows(images, labels), autoencoder_row(images)]
-    text = f"Assets: {size_mib(ASSETS):.1f} MiB in {ASSETS}/\n\n" + markdown_table(["model", "params", "MiB", "test split (359 digits)"], rows)
+    text = f"Assets: {size_mib(ASSETS):.1f} MiB in {ASSETS}/\n\n" + markdown_table(
+        ["model", "params", "MiB", "test split (359 digits)"], rows
+    )
     print(text)
     if args.no_sampling:
         return
@@ -117,7 +137,13 @@ def main() -> None:
     drawn = torch.randperm(len(real_images), generator=torch.Generator().manual_seed(0))[: len(sample_labels)]
     drawn = drawn[torch.argsort(real_labels[drawn], stable=True)]
     rows, results = [], {}
-    reference = measure(metrics, lambda l, s: real_images[drawn[s]], real_labels[drawn], seeds, grid_path=f"{args.out}/real.png")
+    reference = measure(
+        metrics,
+        lambda batch_labels, batch_seeds: real_images[drawn[batch_seeds]],
+        real_labels[drawn],
+        seeds,
+        grid_path=f"{args.out}/real.png",
+    )
     results["real digits"] = reference
     rows.append(["real digits (500 drawn from the reference set)", "-", "-", "-", *quality_cells(reference)])
     for name, sampler, cfg in DIFFUSION_ROWS:
@@ -129,8 +155,16 @@ def main() -> None:
         steps = f"{sampler.removesuffix('Scheduler')}-{args.steps}"
         label = f"{name}" + (f", CFG w={cfg:g}" if cfg else "")
         row = measure(
-            metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=args.steps, guidance_scale=1 + cfg),
-            row_labels, seeds, grid_path=f"{args.out}/{label.replace(' ', '_').replace(',', '')}-{steps}.png",
+            metrics,
+            lambda batch_labels, batch_seeds: sample_batch(
+                pipeline,
+                {"label": batch_labels, "seed": batch_seeds},
+                num_inference_steps=args.steps,
+                guidance_scale=1 + cfg,
+            ),
+            row_labels,
+            seeds,
+            grid_path=f"{args.out}/{label.replace(' ', '_').replace(',', '')}-{steps}.png",
         )
         results[f"{label} {steps}"] = row
         params = sum(p.numel() for p in pipeline.unet.parameters())

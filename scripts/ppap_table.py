@@ -22,15 +22,15 @@ import json
 import os
 
 import yaml
+from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
+from results_page import add_page_arguments, write_between_markers
 
 from plugguide.cli import main as lightning
 from plugguide.metrics.figures import sweep_figure
 from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, estimate, markdown_table
-from plugguide.models import MultiExpertClassifier, load_scheduler, load_unet
+from plugguide.models import MultiExpertModel, load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance, PredictedCleanImageGuidance
-from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
-from results_page import add_page_arguments, write_between_markers
 
 ASSETS = "assets/digits"
 DIFFUSION_MODEL = f"{ASSETS}/ddpm-uncond"
@@ -76,7 +76,9 @@ def train_row(directory: str, teacher: str, spec: dict, steps_per_expert: int) -
         data = {"init_args": {"num_images": spec["num_images"]}}  # the cache holds model.teacher_path's logits
     overrides = {
         "trainer": {
-            "max_steps": steps_per_expert * spec["num_experts"], "check_val_every_n_epoch": 10_000, "enable_progress_bar": False,
+            "max_steps": steps_per_expert * spec["num_experts"],
+            "check_val_every_n_epoch": 10_000,
+            "enable_progress_bar": False,
             "default_root_dir": directory,
             "callbacks": [{"class_path": "plugguide.callbacks.ExportPretrained", "init_args": {"directory": experts}}],
         },
@@ -98,7 +100,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDPM (ancestral) sampler steps")
     parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 10.0, 30.0, 100.0])
     parser.add_argument("--steps-per-expert", type=int, default=1000)
-    parser.add_argument("--experts", nargs="+", default=[], metavar="NAME=DIR", help="also score experts trained elsewhere, e.g. 'main job=runs/ppap/version_0/experts'")
+    parser.add_argument(
+        "--experts",
+        nargs="+",
+        default=[],
+        metavar="NAME=DIR",
+        help="also score experts trained elsewhere, e.g. 'main job=runs/ppap/version_0/experts'",
+    )
     parser.add_argument("--out", default="runs/ppap_table")
     add_page_arguments(parser, "ppap-table-per-expert")
     args = parser.parse_args()
@@ -116,14 +124,24 @@ def main() -> None:
         pipeline.set_progress_bar_config(disable=True)
         for scale in [s for s in scales if str(s) not in done]:
             done[str(scale)] = measure(
-                metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=args.steps, classifier_scale=scale),
-                labels, seeds, grid_path=os.path.join(args.out, "grids", f"{slug(key)}-s{scale:g}.png"),
+                metrics,
+                lambda batch_labels, batch_seeds: sample_batch(
+                    pipeline,
+                    {"label": batch_labels, "seed": batch_seeds},
+                    num_inference_steps=args.steps,
+                    classifier_scale=scale,
+                ),
+                labels,
+                seeds,
+                grid_path=os.path.join(args.out, "grids", f"{slug(key)}-s{scale:g}.png"),
             )
             os.makedirs(args.out, exist_ok=True)
             with open(results_path + ".tmp", "w") as file:
                 json.dump(results, file, indent=1)
             os.replace(results_path + ".tmp", results_path)
-            print(key, scale, {k: round(v, 4) for k, v in done[str(scale)].items() if isinstance(v, float)}, flush=True)
+            print(
+                key, scale, {k: round(v, 4) for k, v in done[str(scale)].items() if isinstance(v, float)}, flush=True
+            )
         return done
 
     unguided = sweep("unguided", None, [0.0])["0.0"]
@@ -136,39 +154,80 @@ def main() -> None:
                 if args.only and name not in args.only:
                     continue
                 if spec is None:
-                    guidance = NaiveClassifierGuidance(teacher) if name.startswith("naive") else PredictedCleanImageGuidance(teacher)
+                    guidance = (
+                        NaiveClassifierGuidance(teacher)
+                        if name.startswith("naive")
+                        else PredictedCleanImageGuidance(teacher)
+                    )
                     params, supervision = "0 (0%)", "none"
                 else:
                     directory = os.path.join(args.out, family, slug(name))
-                    experts = MultiExpertClassifier.from_pretrained(train_row(directory, teacher, spec, args.steps_per_expert))
+                    experts = MultiExpertModel.from_pretrained(
+                        train_row(directory, teacher, spec, args.steps_per_expert)
+                    )
                     report = experts.parameter_report()
                     guidance = ExpertGuidance(experts)
                     params = f"{report['trainable_total']:,} ({report['trainable_percent_of_backbone']:.0f}%)"
-                    supervision = "real labels" if spec["supervision"] == "labels" else f"data-free ({spec['num_images']:,} generated)"
+                    supervision = (
+                        "real labels"
+                        if spec["supervision"] == "labels"
+                        else f"data-free ({spec['num_images']:,} generated)"
+                    )
                 key = f"{family}/{name}"
                 sweeps[key] = sweep(key, guidance, args.scales)
                 scale, admissible = best_scale(sweeps[key], unguided)
-                table.append([family, name, params, supervision, f"{float(scale):g}" + ("" if admissible else "*"), *quality_cells(sweeps[key][scale])])
+                table.append(
+                    [
+                        family,
+                        name,
+                        params,
+                        supervision,
+                        f"{float(scale):g}" + ("" if admissible else "*"),
+                        *quality_cells(sweeps[key][scale]),
+                    ]
+                )
 
     for name, directory in (entry.split("=", 1) for entry in args.experts):
-        experts = MultiExpertClassifier.from_pretrained(directory)
+        experts = MultiExpertModel.from_pretrained(directory)
         report = experts.parameter_report()
         sweeps[name] = sweep(f"given/{name}", ExpertGuidance(experts), args.scales)
         scale, admissible = best_scale(sweeps[name], unguided)
         params = f"{report['trainable_total']:,} ({report['trainable_percent_of_backbone']:.0f}%)"
-        table.append([experts.backbone_config["model_name"], name, params, "as trained", f"{float(scale):g}" + ("" if admissible else "*"), *quality_cells(sweeps[name][scale])])
+        table.append(
+            [
+                experts.backbone_config["model_name"],
+                name,
+                params,
+                "as trained",
+                f"{float(scale):g}" + ("" if admissible else "*"),
+                *quality_cells(sweeps[name][scale]),
+            ]
+        )
 
     lines = [
-        describe(len(labels), f"DDPM-{args.steps} (ancestral, mean shift)") + f" Training: {args.steps_per_expert:,} steps per expert.",
+        describe(len(labels), f"DDPM-{args.steps} (ancestral, mean shift)")
+        + f" Training: {args.steps_per_expert:,} steps per expert.",
         f"Scale: {BEST_SCALE_RULE}.",
         "",
-        markdown_table(["teacher", "method", "trainable params (% of backbone)", "supervision", "best scale", *QUALITY_HEADERS], table),
+        markdown_table(
+            ["teacher", "method", "trainable params (% of backbone)", "supervision", "best scale", *QUALITY_HEADERS],
+            table,
+        ),
         "",
         "Sweep (guided accuracy / FID autoencoder at each scale):",
         "",
         markdown_table(
             ["row", *(f"s={s:g}" for s in args.scales)],
-            [[key, *(f"{estimate(r[str(s)], 'guided_accuracy', 2).split(' ')[0]} / {r[str(s)]['fid_autoencoder']:.1f}" for s in args.scales)] for key, r in sweeps.items()],
+            [
+                [
+                    key,
+                    *(
+                        f"{estimate(r[str(s)], 'guided_accuracy', 2).split(' ')[0]} / {r[str(s)]['fid_autoencoder']:.1f}"
+                        for s in args.scales
+                    ),
+                ]
+                for key, r in sweeps.items()
+            ],
         ),
     ]
     text = "\n".join(lines)

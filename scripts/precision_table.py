@@ -24,17 +24,23 @@ import statistics
 import time
 
 import torch
-
-from plugguide.metrics.reporting import markdown_table
-from plugguide.models import MultiExpertClassifier, compile_denoiser, load_scheduler, load_unet
-from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
-from plugguide.pipelines.guidance import ExpertGuidance
 from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, targets
 from results_page import add_page_arguments, write_between_markers
 
+from plugguide.metrics.reporting import markdown_table
+from plugguide.models import MultiExpertModel, compile_denoiser, load_scheduler, load_unet
+from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
+from plugguide.pipelines.guidance import ExpertGuidance
+
 MODEL = "assets/digits/ddpm-uncond"
 # name: (autocast dtype, compile the UNet)
-SETTINGS = {"fp32": (None, False), "bf16": ("bfloat16", False), "fp16": ("float16", False), "compile": (None, True), "compile+bf16": ("bfloat16", True)}
+SETTINGS = {
+    "fp32": (None, False),
+    "bf16": ("bfloat16", False),
+    "fp16": ("float16", False),
+    "compile": (None, True),
+    "compile+bf16": ("bfloat16", True),
+}
 STEPS = 50
 
 
@@ -46,12 +52,16 @@ def pipelines(settings: list[str], guidance) -> dict[str, GuidedDiffusionPipelin
         unet = load_unet(MODEL).eval().requires_grad_(False)
         if compiled:
             compile_denoiser(unet)
-        built[name] = GuidedDiffusionPipeline(unet, load_scheduler(MODEL, "DDPMScheduler"), guidance, autocast_dtype=dtype)
+        built[name] = GuidedDiffusionPipeline(
+            unet, load_scheduler(MODEL, "DDPMScheduler"), guidance, autocast_dtype=dtype
+        )
         built[name].set_progress_bar_config(disable=True)
     return built
 
 
-def timings(runs: dict[str, GuidedDiffusionPipeline], scale: float, samples: int, repeats: int) -> dict[str, list[float]]:
+def timings(
+    runs: dict[str, GuidedDiffusionPipeline], scale: float, samples: int, repeats: int
+) -> dict[str, list[float]]:
     """Seconds per image of each setting, per repeat, the settings interleaved (after a warm-up round)."""
     labels, seeds = torch.arange(samples) % 10, torch.arange(samples)
     seconds = {name: [] for name in runs}
@@ -67,8 +77,12 @@ def timings(runs: dict[str, GuidedDiffusionPipeline], scale: float, samples: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", default="runs/ppap/version_0/experts", help="the main job's exported experts")
-    parser.add_argument("--scale", type=float, default=4.0, help="guidance scale of the PPAP workload (the main job's)")
-    parser.add_argument("--settings", nargs="+", default=["fp32", "bf16", "compile", "compile+bf16"], choices=list(SETTINGS))
+    parser.add_argument(
+        "--scale", type=float, default=4.0, help="guidance scale of the PPAP workload (the main job's)"
+    )
+    parser.add_argument(
+        "--settings", nargs="+", default=["fp32", "bf16", "compile", "compile+bf16"], choices=list(SETTINGS)
+    )
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--timing-samples", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
@@ -77,7 +91,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.settings[0] != "fp32":
         parser.error("--settings must start with fp32, the reference of every ratio and interval")
-    workloads = {"unguided": (None, 0.0), "PPAP-5": (ExpertGuidance(MultiExpertClassifier.from_pretrained(args.experts)), args.scale)}
+    workloads = {
+        "unguided": (None, 0.0),
+        "PPAP-5": (ExpertGuidance(MultiExpertModel.from_pretrained(args.experts)), args.scale),
+    }
     metrics, (labels, seeds) = reference_metrics(), targets(args.samples_per_class)
     results, rows = {}, []
     for workload, (guidance, scale) in workloads.items():
@@ -86,20 +103,37 @@ def main() -> None:
         reference = statistics.median(seconds["fp32"])
         for name, pipeline in runs.items():
             quality = measure(
-                metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=STEPS, classifier_scale=scale),
-                labels, seeds, grid_path=os.path.join(args.out, "grids", f"{workload}-{name}.png"),
+                metrics,
+                lambda batch_labels, batch_seeds: sample_batch(
+                    pipeline,
+                    {"label": batch_labels, "seed": batch_seeds},
+                    num_inference_steps=STEPS,
+                    classifier_scale=scale,
+                ),
+                labels,
+                seeds,
+                grid_path=os.path.join(args.out, "grids", f"{workload}-{name}.png"),
             )
             median = statistics.median(seconds[name])
             results[f"{workload} | {name}"] = quality | {"timing_seconds_per_image": seconds[name]}
             rows.append([workload, name, f"{1000 * median:.1f}", f"{median / reference:.3f}", *quality_cells(quality)])
-            print(workload, name, f"{1000 * median:.1f} ms/image", f"ratio {median / reference:.3f}", f"accuracy {quality['guided_accuracy']:.3f}", flush=True)
-    text = "\n".join([
-        describe(len(labels), f"DDPM-{STEPS}") + f" PPAP-5: `{args.experts}` at s = {args.scale:g}.",
-        f"Speed: median of {args.repeats} interleaved repeats of {args.timing_samples} samples after a warm-up round "
-        f"(which compiles); torch threads: {torch.get_num_threads()}.",
-        "",
-        markdown_table(["workload", "setting", "ms per image", "time vs fp32", *QUALITY_HEADERS], rows),
-    ])
+            print(
+                workload,
+                name,
+                f"{1000 * median:.1f} ms/image",
+                f"ratio {median / reference:.3f}",
+                f"accuracy {quality['guided_accuracy']:.3f}",
+                flush=True,
+            )
+    text = "\n".join(
+        [
+            describe(len(labels), f"DDPM-{STEPS}") + f" PPAP-5: `{args.experts}` at s = {args.scale:g}.",
+            f"Speed: median of {args.repeats} interleaved repeats of {args.timing_samples} samples after a warm-up round "
+            f"(which compiles); torch threads: {torch.get_num_threads()}.",
+            "",
+            markdown_table(["workload", "setting", "ms per image", "time vs fp32", *QUALITY_HEADERS], rows),
+        ]
+    )
     os.makedirs(args.out, exist_ok=True)
     for name, content in (("results.json", json.dumps(results, indent=1)), ("table.md", text + "\n")):
         path = os.path.join(args.out, name)

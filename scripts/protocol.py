@@ -28,8 +28,13 @@ EVALUATOR = "assets/digits/evaluator"
 AUTOENCODER = "assets/digits/autoencoder"
 
 QUALITY_HEADERS = [
-    "guided accuracy", "FID autoencoder", "FID pixels", "FID evaluator", "KID autoencoder (x1e3)",
-    "precision / recall (autoencoder)", "diversity (pixels)",
+    "guided accuracy",
+    "FID autoencoder",
+    "FID pixels",
+    "FID evaluator",
+    "KID autoencoder (x1e3)",
+    "precision / recall (autoencoder)",
+    "diversity (pixels)",
 ]
 
 
@@ -71,7 +76,10 @@ def measure(
     images = torch.cat(images)
     for start in range(0, len(images), 500):
         metrics.update_generated(images[start : start + 500], labels[start : start + 500])
-    results = metrics.compute() | {"intervals": metrics.compute_intervals(), "seconds_per_image": seconds / len(labels)}
+    results = metrics.compute() | {
+        "intervals": metrics.compute_intervals(),
+        "seconds_per_image": seconds / len(labels),
+    }
     if on_images is not None:
         extra = on_images(images)
         results |= {key: value for key, value in extra.items() if key != "intervals"}

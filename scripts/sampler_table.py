@@ -27,12 +27,13 @@ import argparse
 import json
 import os
 
+from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
+from results_page import add_page_arguments, write_between_markers
+
 from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, markdown_table
 from plugguide.models import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from plugguide.pipelines.guidance import CalibratedEDMGuidance, CalibratedGuidance, ExpertGuidance
-from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
-from results_page import add_page_arguments, write_between_markers
 
 ASSETS = "assets/digits"
 # name: (model, sampler class, scheduler config overrides, steps)
@@ -77,19 +78,39 @@ def write_table(results: dict, args, num_samples: int) -> str:
             else:
                 scale, admissible = best_scale(sweep, unguided)
                 cell = f"{float(scale):g}" + ("" if admissible else "*")
-                sweeps.append([sampler, method, ", ".join(f"s={float(s):g}: {r['guided_accuracy']:.2f} / {r['fid_autoencoder']:.1f}" for s, r in sweep.items())])
+                sweeps.append(
+                    [
+                        sampler,
+                        method,
+                        ", ".join(
+                            f"s={float(s):g}: {r['guided_accuracy']:.2f} / {r['fid_autoencoder']:.1f}"
+                            for s, r in sweep.items()
+                        ),
+                    ]
+                )
             row = sweep[scale]
-            rows.append([sampler, SAMPLERS[sampler][0], method, cell, *quality_cells(row), f"{1000 * row['seconds_per_image']:.1f}"])
-    text = "\n".join([
-        describe(num_samples, "Samplers as named in each row (steps in the name)"),
-        f"Scale: {BEST_SCALE_RULE}; a guided row is judged against the unguided row of its own sampler.",
-        "",
-        markdown_table(["sampler", "model", "method", "best scale", *QUALITY_HEADERS, "ms per image"], rows),
-        "",
-        "Sweep (guided accuracy / FID autoencoder at each scale):",
-        "",
-        markdown_table(["sampler", "method", "sweep"], sweeps),
-    ])
+            rows.append(
+                [
+                    sampler,
+                    SAMPLERS[sampler][0],
+                    method,
+                    cell,
+                    *quality_cells(row),
+                    f"{1000 * row['seconds_per_image']:.1f}",
+                ]
+            )
+    text = "\n".join(
+        [
+            describe(num_samples, "Samplers as named in each row (steps in the name)"),
+            f"Scale: {BEST_SCALE_RULE}; a guided row is judged against the unguided row of its own sampler.",
+            "",
+            markdown_table(["sampler", "model", "method", "best scale", *QUALITY_HEADERS, "ms per image"], rows),
+            "",
+            "Sweep (guided accuracy / FID autoencoder at each scale):",
+            "",
+            markdown_table(["sampler", "method", "sweep"], sweeps),
+        ]
+    )
     path = os.path.join(args.out, "table.md")
     with open(path + ".tmp", "w") as file:
         file.write(text + "\n")
@@ -99,27 +120,47 @@ def write_table(results: dict, args, num_samples: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experts", default="runs/ppap/version_0/experts", help="PPAP-5 experts (lightning fit -c configs/ppap.yaml)")
+    parser.add_argument(
+        "--experts", default="runs/ppap/version_0/experts", help="PPAP-5 experts (lightning fit -c configs/ppap.yaml)"
+    )
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS[:3]), choices=METHODS)
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 10.0, 30.0], help="sweep of the score-shift methods")
-    parser.add_argument("--edm-scales", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3], help="sweep of calibrated-edm (a fraction of the sample's RMS per step)")
+    parser.add_argument(
+        "--scales", type=float, nargs="+", default=[1.0, 3.0, 10.0, 30.0], help="sweep of the score-shift methods"
+    )
+    parser.add_argument(
+        "--edm-scales",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.03, 0.1, 0.3],
+        help="sweep of calibrated-edm (a fraction of the sample's RMS per step)",
+    )
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", default="runs/sampler_table")
     add_page_arguments(parser, "sampler-table")
     args = parser.parse_args()
     if "PPAP-5" in args.methods and not os.path.isfile(os.path.join(args.experts, "experts.json")):
-        parser.error(f"`--experts`={args.experts!r} holds no experts.json; train them with `lightning fit -c configs/ppap.yaml` or drop PPAP-5 from --methods.")
-    args.methods = list(dict.fromkeys(["unguided", *args.methods]))  # every sampler's guided rows are judged against it
+        parser.error(
+            f"`--experts`={args.experts!r} holds no experts.json; train them with `lightning fit -c configs/ppap.yaml` or drop PPAP-5 from --methods."
+        )
+    args.methods = list(
+        dict.fromkeys(["unguided", *args.methods])
+    )  # every sampler's guided rows are judged against it
     labels, seeds = targets(args.samples_per_class)
     results_path = os.path.join(args.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
     if results.get("samples") not in (None, len(labels)):
-        parser.error(f"{results_path} holds {results['samples']} samples per entry; use another --out for {len(labels)}.")
-    stale = [key for key, sweep in results.items() if key != "samples" and any("intervals" not in r for r in sweep.values())]
+        parser.error(
+            f"{results_path} holds {results['samples']} samples per entry; use another --out for {len(labels)}."
+        )
+    stale = [
+        key for key, sweep in results.items() if key != "samples" and any("intervals" not in r for r in sweep.values())
+    ]
     if stale:
-        parser.error(f"{results_path} holds entries scored before scripts/protocol.py (e.g. {stale[0]!r}); use another --out.")
+        parser.error(
+            f"{results_path} holds entries scored before scripts/protocol.py (e.g. {stale[0]!r}); use another --out."
+        )
     results["samples"] = len(labels)
     os.makedirs(args.out, exist_ok=True)
 
@@ -135,17 +176,33 @@ def main() -> None:
             missing = [s for s in scales if str(s) not in done]
             if not missing:
                 continue
-            pipeline = GuidedDiffusionPipeline(unet, load_scheduler(path, scheduler_name, overrides=overrides), guidance_for(method, args.experts))
+            pipeline = GuidedDiffusionPipeline(
+                unet, load_scheduler(path, scheduler_name, overrides=overrides), guidance_for(method, args.experts)
+            )
             pipeline.set_progress_bar_config(disable=True)
             for scale in missing:
                 done[str(scale)] = measure(
-                    metrics, lambda l, s: sample_batch(pipeline, {"label": l, "seed": s}, num_inference_steps=steps, classifier_scale=scale),
-                    labels, seeds, batch_size=args.batch_size, grid_path=os.path.join(args.out, "grids", f"{slug(key)}-s{scale:g}.png"),
+                    metrics,
+                    lambda batch_labels, batch_seeds: sample_batch(
+                        pipeline,
+                        {"label": batch_labels, "seed": batch_seeds},
+                        num_inference_steps=steps,
+                        classifier_scale=scale,
+                    ),
+                    labels,
+                    seeds,
+                    batch_size=args.batch_size,
+                    grid_path=os.path.join(args.out, "grids", f"{slug(key)}-s{scale:g}.png"),
                 )
                 with open(f"{results_path}.tmp", "w") as file:
                     json.dump(results, file, indent=1)
                 os.replace(f"{results_path}.tmp", results_path)
-                print(key, scale, {k: round(v, 4) for k, v in done[str(scale)].items() if isinstance(v, float)}, flush=True)
+                print(
+                    key,
+                    scale,
+                    {k: round(v, 4) for k, v in done[str(scale)].items() if isinstance(v, float)},
+                    flush=True,
+                )
             write_table(results, args, len(labels))
     text = write_table(results, args, len(labels))
     if args.page:

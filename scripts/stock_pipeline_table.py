@@ -25,13 +25,13 @@ import os
 import numpy as np
 import torch
 from diffusers import DDIMPipeline
-
-from plugguide.metrics.reporting import markdown_table
-from plugguide.pipelines import GuidedDiffusionPipeline, guided, sample_batch
-from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance
-from plugguide.models.seeding import seeded_generators
 from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
 from results_page import add_page_arguments, write_between_markers
+
+from plugguide.metrics.reporting import markdown_table
+from plugguide.models.seeding import seeded_generators
+from plugguide.pipelines import GuidedDiffusionPipeline, guided, sample_batch
+from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance
 
 MODEL = "assets/digits/ddpm-uncond"
 CLASSIFIER = "assets/digits/classifier-resnet"

@@ -16,10 +16,11 @@ import argparse
 import sys
 
 import torch
+
 from plugguide.datamodules.synthesized import MAX_SATURATED_FRACTION, saturated_fraction
-from plugguide.models.seeding import image_seed
 from plugguide.metrics.reporting import markdown_table
 from plugguide.models import load_classifier, load_scheduler, load_unet
+from plugguide.models.seeding import image_seed
 from plugguide.pipelines import GuidedDiffusionPipeline
 
 TEACHER = "assets/digits/classifier-resnet"

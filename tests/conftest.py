@@ -10,15 +10,54 @@ from plugguide.models import DenseModel, TimmClassifier
 
 torch.set_num_threads(1)
 
-TINY_RESNET = dict(model_name="resnet18", num_classes=10, in_chans=1, model_kwargs=dict(layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], stem_width=8))
-TINY_DEIT = dict(model_name="deit_tiny_patch16_224", num_classes=10, in_chans=1, model_kwargs=dict(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2))
-TINY_CONVNEXT = dict(model_name="convnext_atto", num_classes=10, in_chans=1, model_kwargs=dict(depths=[1, 1, 1, 1], dims=[8, 8, 16, 16], patch_size=1))
+TINY_RESNET = dict(
+    model_name="resnet18",
+    num_classes=10,
+    in_chans=1,
+    model_kwargs=dict(layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], stem_width=8),
+)
+TINY_DEIT = dict(
+    model_name="deit_tiny_patch16_224",
+    num_classes=10,
+    in_chans=1,
+    model_kwargs=dict(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2),
+)
+TINY_CONVNEXT = dict(
+    model_name="convnext_atto",
+    num_classes=10,
+    in_chans=1,
+    model_kwargs=dict(depths=[1, 1, 1, 1], dims=[8, 8, 16, 16], patch_size=1),
+)
 # The digits' dense models in miniature: an smp U-Net with a timm ResNet encoder, 11 classes per pixel or one map.
-TINY_UNET_ENCODER = dict(encoder_name="tu-resnet18", encoder_depth=3, decoder_channels=[16, 8, 8], layers=[1, 1, 1, 1], channels=[8, 8, 16, 16])
+TINY_UNET_ENCODER = dict(
+    encoder_name="tu-resnet18",
+    encoder_depth=3,
+    decoder_channels=[16, 8, 8],
+    layers=[1, 1, 1, 1],
+    channels=[8, 8, 16, 16],
+)
 TINY_SEGMENTER = dict(library="smp", architecture="Unet", num_classes=11, in_chans=1, model_kwargs=TINY_UNET_ENCODER)
 TINY_DEPTH = dict(library="smp", architecture="Unet", num_classes=None, in_chans=1, model_kwargs=TINY_UNET_ENCODER)
-TINY_AUTOENCODER = dict(in_channels=1, out_channels=1, sample_size=16, block_out_channels=(4, 8), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=2, norm_num_groups=4)
-TINY_UNET = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4)
+TINY_AUTOENCODER = dict(
+    in_channels=1,
+    out_channels=1,
+    sample_size=16,
+    block_out_channels=(4, 8),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    latent_channels=2,
+    norm_num_groups=4,
+)
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(8, 16),
+    down_block_types=("DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=4,
+)
 
 
 def tiny_unet() -> UNet2DModel:
@@ -29,8 +68,16 @@ def tiny_unet() -> UNet2DModel:
 def tiny_conditional_unet() -> UNet2DConditionModel:
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type="UNetMidBlock2D", layers_per_block=1, norm_num_groups=4, num_class_embeds=11,
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D",
+        layers_per_block=1,
+        norm_num_groups=4,
+        num_class_embeds=11,
     )
 
 
@@ -41,7 +88,9 @@ def tiny_scheduler() -> DDPMScheduler:
 def learned_variance_model() -> tuple[UNet2DModel, DDPMScheduler]:
     """An ADM-style UNet that predicts its variance (2C outputs) with a learned-range DDPM schedule."""
     torch.manual_seed(0)
-    return UNet2DModel(**TINY_UNET | dict(out_channels=2)), DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range")
+    return UNet2DModel(**TINY_UNET | dict(out_channels=2)), DDPMScheduler(
+        num_train_timesteps=1000, variance_type="learned_range"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +101,11 @@ def tiny_assets(tmp_path_factory) -> dict[str, str]:
     for name, unet in (("ddpm-uncond", tiny_unet()), ("ddpm-cond", tiny_conditional_unet())):
         paths[name] = str(root / name)
         DDPMPipeline(unet=unet, scheduler=tiny_scheduler()).save_pretrained(paths[name])
-    for name, spec in (("classifier-resnet", TINY_RESNET), ("classifier-deit", TINY_DEIT), ("evaluator", TINY_CONVNEXT)):
+    for name, spec in (
+        ("classifier-resnet", TINY_RESNET),
+        ("classifier-deit", TINY_DEIT),
+        ("evaluator", TINY_CONVNEXT),
+    ):
         torch.manual_seed(0)
         paths[name] = str(root / name)
         TimmClassifier(**spec).save_pretrained(paths[name])

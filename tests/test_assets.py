@@ -25,7 +25,9 @@ def test_split() -> tuple[torch.Tensor, torch.Tensor]:
 def test_classifier_reaches_97_percent_on_the_test_split(name, test_split):
     images, labels = test_split
     with torch.no_grad():
-        accuracy = (load_classifier(os.path.join(ASSETS, name)).eval()(images).argmax(-1) == labels).float().mean().item()
+        accuracy = (
+            (load_classifier(os.path.join(ASSETS, name)).eval()(images).argmax(-1) == labels).float().mean().item()
+        )
     assert accuracy >= 0.97
 
 
@@ -41,9 +43,13 @@ def test_dense_models_read_the_maps_of_the_test_digits(test_split):
     with torch.no_grad():
         segmentation = load_dense_model(os.path.join(ASSETS, "segmenter")).eval()(images).argmax(1)
         depth = load_dense_model(os.path.join(ASSETS, "depth")).eval()(images)
-    assert mean_iou(segmentation, digit_segmentation(images, labels), num_classes=11, input_format="index").mean() >= 0.95
+    assert (
+        mean_iou(segmentation, digit_segmentation(images, labels), num_classes=11, input_format="index").mean() >= 0.95
+    )
     assert (majority_digit(segmentation) == labels).float().mean() >= 0.97
-    assert (depth - distance_to_stroke(images)).abs().mean() <= 0.25 and map_correlation(depth, distance_to_stroke(images)).mean() >= 0.98
+    assert (depth - distance_to_stroke(images)).abs().mean() <= 0.25 and map_correlation(
+        depth, distance_to_stroke(images)
+    ).mean() >= 0.98
 
 
 def test_assets_stay_under_30_mb():
@@ -97,7 +103,9 @@ def test_steps_that_flip_the_teacher_do_not_flip_the_evaluator(teacher_name, tes
     x = images.clone()
     for _ in range(10):
         x.requires_grad_(True)
-        (grad,) = torch.autograd.grad(torch.nn.functional.log_softmax(teacher(x), -1).gather(1, targets[:, None]).sum(), x)
+        (grad,) = torch.autograd.grad(
+            torch.nn.functional.log_softmax(teacher(x), -1).gather(1, targets[:, None]).sum(), x
+        )
         x = (x + 0.25 * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)).detach()
     with torch.no_grad():
         fooled_teacher = (teacher(x).argmax(-1) == targets).float().mean().item()

@@ -17,7 +17,11 @@ def run(command: str, configs: str | list[str], overrides: dict, tmp_path, *extr
     """`lightning <command> -c configs/<config> [-c ...] -c overrides.yaml`, run in `tmp_path`."""
     override_file = tmp_path / f"overrides-{command}.yaml"
     override_file.write_text(yaml.safe_dump(overrides))
-    layers = [arg for config in ([configs] if isinstance(configs, str) else configs) for arg in ("-c", os.path.join(CONFIGS, config))]
+    layers = [
+        arg
+        for config in ([configs] if isinstance(configs, str) else configs)
+        for arg in ("-c", os.path.join(CONFIGS, config))
+    ]
     main([command, *layers, "-c", str(override_file), *extra])
 
 
@@ -32,9 +36,36 @@ def refused(capsys, command: str, configs: str | list[str], overrides: dict, tmp
 
 def ppap_overrides(assets: dict) -> dict:
     return {
-        "trainer": {"max_steps": 6, "check_val_every_n_epoch": 1, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
-        "model": {"init_args": {"teacher_path": assets["classifier-resnet"], "diffusion_model": assets["ddpm-uncond"], "evaluator_path": assets["evaluator"], "autoencoder_path": assets["autoencoder"], "num_inference_steps": 2, "lora_rank": 4}},
-        "data": {"init_args": {"num_images": 20, "num_inference_steps": 3, "batch_size": 4, "shard_size": 10, "max_saturated_fraction": None, "labelled_data": {"class_path": "plugguide.datamodules.DigitsDataModule", "init_args": {"batch_size": 8}}}},
+        "trainer": {
+            "max_steps": 6,
+            "check_val_every_n_epoch": 1,
+            "limit_val_batches": 1,
+            "limit_test_batches": 1,
+            "enable_progress_bar": False,
+        },
+        "model": {
+            "init_args": {
+                "teacher_path": assets["classifier-resnet"],
+                "diffusion_model": assets["ddpm-uncond"],
+                "evaluator_path": assets["evaluator"],
+                "autoencoder_path": assets["autoencoder"],
+                "num_inference_steps": 2,
+                "lora_rank": 4,
+            }
+        },
+        "data": {
+            "init_args": {
+                "num_images": 20,
+                "num_inference_steps": 3,
+                "batch_size": 4,
+                "shard_size": 10,
+                "max_saturated_fraction": None,
+                "labelled_data": {
+                    "class_path": "plugguide.datamodules.DigitsDataModule",
+                    "init_args": {"batch_size": 8},
+                },
+            }
+        },
     }
 
 
@@ -58,8 +89,23 @@ def test_ppap_fit_then_test(tiny_assets, tmp_path, monkeypatch, capsys):
 def test_sample_job_writes_npz_and_grid(tiny_assets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     overrides = {
-        "trainer": {"enable_progress_bar": False, "callbacks": [{"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out"), "nrow": 2}}]},
-        "model": {"init_args": {"diffusion_model": tiny_assets["ddpm-cond"], "num_inference_steps": 2, "guidance_scale": 4.0, "evaluator_path": tiny_assets["evaluator"]}},
+        "trainer": {
+            "enable_progress_bar": False,
+            "callbacks": [
+                {
+                    "class_path": "plugguide.callbacks.SampleWriter",
+                    "init_args": {"output_dir": str(tmp_path / "out"), "nrow": 2},
+                }
+            ],
+        },
+        "model": {
+            "init_args": {
+                "diffusion_model": tiny_assets["ddpm-cond"],
+                "num_inference_steps": 2,
+                "guidance_scale": 4.0,
+                "evaluator_path": tiny_assets["evaluator"],
+            }
+        },
         "data": {"init_args": {"num_per_class": 2, "batch_size": 7}},
     }
     run("predict", "sample.yaml", overrides, tmp_path)
@@ -84,15 +130,30 @@ def test_sample_job_with_a_distilled_guide(tiny_assets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     TinyGuide(load_unet(tiny_assets["ddpm-cond"]), hidden_dim=8).save_pretrained(str(tmp_path / "guide"))
     overrides = {
-        "trainer": {"enable_progress_bar": False, "callbacks": [{"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}]},
-        "model": {"init_args": {"diffusion_model": tiny_assets["ddpm-cond"], "guide_path": str(tmp_path / "guide"), "num_inference_steps": 2, "guidance_scale": 5.0, "evaluator_path": tiny_assets["evaluator"]}},
+        "trainer": {
+            "enable_progress_bar": False,
+            "callbacks": [
+                {"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}
+            ],
+        },
+        "model": {
+            "init_args": {
+                "diffusion_model": tiny_assets["ddpm-cond"],
+                "guide_path": str(tmp_path / "guide"),
+                "num_inference_steps": 2,
+                "guidance_scale": 5.0,
+                "evaluator_path": tiny_assets["evaluator"],
+            }
+        },
         "data": {"init_args": {"num_per_class": 1, "batch_size": 10}},
     }
     run("predict", "sample.yaml", overrides, tmp_path)
     assert np.load(tmp_path / "out/samples.npz")["images"].shape == (10, 1, 16, 16)
 
 
-@pytest.mark.parametrize("config", ["ddpm_uncond", "ddpm_cond", "flow_uncond", "classifier_resnet", "classifier_deit", "evaluator"])
+@pytest.mark.parametrize(
+    "config", ["ddpm_uncond", "ddpm_cond", "flow_uncond", "classifier_resnet", "classifier_deit", "evaluator"]
+)
 def test_pretraining_configs_fast_dev_run(config, tmp_path, monkeypatch):
     """Each pretraining job runs one batch end to end and exports its model under its run folder, not over the shipped asset."""
     monkeypatch.chdir(tmp_path)
@@ -113,10 +174,16 @@ def test_a_settings_error_is_printed_plainly_with_the_traceback_on_request(tiny_
     """A constructor's error used to end ~70 lines of jsonargparse traceback with a Namespace dump."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PLUGGUIDE_TRACEBACK", raising=False)
-    overrides = {"model": {"init_args": {"diffusion_model": tiny_assets["ddpm-uncond"], "evaluator_path": tiny_assets["evaluator"]}}}
+    overrides = {
+        "model": {
+            "init_args": {"diffusion_model": tiny_assets["ddpm-uncond"], "evaluator_path": tiny_assets["evaluator"]}
+        }
+    }
     printed = refused(capsys, "predict", "sample.yaml", overrides, tmp_path, "--data.batch_size", "0")
     assert "ValueError: Expected `batch_size` to be >= 1, but got 0." in printed
-    assert "Traceback" not in printed and "Namespace(" not in printed and len(printed.strip().splitlines()) <= 3, printed
+    assert "Traceback" not in printed and "Namespace(" not in printed and len(printed.strip().splitlines()) <= 3, (
+        printed
+    )
     monkeypatch.setenv("PLUGGUIDE_TRACEBACK", "1")
     with pytest.raises(ValueError) as info:  # jsonargparse's error, with the project's as its cause
         run("predict", "sample.yaml", overrides, tmp_path, "--data.batch_size", "0")
@@ -145,17 +212,33 @@ def test_the_command_line_wins_over_the_checkpoints_settings(trained_experts, mo
     monkeypatch.setattr(ExpertDistillation, "test_step", lambda self, batch, batch_idx: None)
     monkeypatch.setattr(ExpertDistillation, "on_test_epoch_end", lambda self: None)
     for scale in ("0", "3.5"):
-        run("test", "ppap.yaml", overrides, directory, "--ckpt_path", "runs/ppap/version_0/checkpoints/last.ckpt", "--model.classifier_scale", scale)
+        run(
+            "test",
+            "ppap.yaml",
+            overrides,
+            directory,
+            "--ckpt_path",
+            "runs/ppap/version_0/checkpoints/last.ckpt",
+            "--model.classifier_scale",
+            scale,
+        )
     assert used == [0.0, 3.5]
-    assert "saved with model settings classifier_scale=4.0; this run uses classifier_scale=3.5 (the checkpoint gives the weights only)" in caplog.text
+    assert (
+        "saved with model settings classifier_scale=4.0; this run uses classifier_scale=3.5 (the checkpoint gives the weights only)"
+        in caplog.text
+    )
 
 
 @pytest.mark.parametrize("ckpt_path", ["runs/ppap/version_0/checkpoints/last.ckpt", "last"])
 @pytest.mark.parametrize(("setting", "value"), [("num_experts", "3"), ("lora_rank", "2")])
-def test_a_checkpoint_whose_weights_do_not_fit_the_settings_is_refused_naming_them(trained_experts, monkeypatch, capsys, ckpt_path, setting, value):
+def test_a_checkpoint_whose_weights_do_not_fit_the_settings_is_refused_naming_them(
+    trained_experts, monkeypatch, capsys, ckpt_path, setting, value
+):
     directory, overrides = trained_experts
     monkeypatch.chdir(directory)
-    printed = refused(capsys, "test", "ppap.yaml", overrides, directory, "--ckpt_path", ckpt_path, f"--model.{setting}", value)
+    printed = refused(
+        capsys, "test", "ppap.yaml", overrides, directory, "--ckpt_path", ckpt_path, f"--model.{setting}", value
+    )
     saved = {"num_experts": 5, "lora_rank": 4}[setting]
     assert f"saved with {setting}={saved}, which do not fit this run's {setting}={value}" in printed, printed
 
@@ -163,5 +246,9 @@ def test_a_checkpoint_whose_weights_do_not_fit_the_settings_is_refused_naming_th
 def test_the_plugguide_command_is_the_lightning_command():
     from importlib.metadata import entry_points
 
-    scripts = {entry.name: entry.value for entry in entry_points(group="console_scripts") if entry.name in ("plugguide", "lightning")}
+    scripts = {
+        entry.name: entry.value
+        for entry in entry_points(group="console_scripts")
+        if entry.name in ("plugguide", "lightning")
+    }
     assert scripts == {"plugguide": "plugguide.cli:main", "lightning": "plugguide.cli:main"}

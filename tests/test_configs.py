@@ -7,12 +7,15 @@ import os
 
 import pytest
 import yaml
+
 from plugguide.cli import PlugGuideCLI, main
 from plugguide.models.diffusion_model import load_unet
 from plugguide.models.guides import TinyGuide
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+CONFIGS = sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+)
 LOCAL = [c for c in CONFIGS if not c.startswith(os.path.join("configs", "hub"))]
 HUB = [c for c in CONFIGS if c.startswith(os.path.join("configs", "hub"))]
 
@@ -49,7 +52,14 @@ def test_there_are_configs():
 def test_local_config_instantiates(config, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     args = [*with_base(config), *earlier_job_outputs(config, tmp_path), "--trainer.logger=false"]
-    cli = PlugGuideCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=args, save_config_callback=None, auto_configure_optimizers=False)
+    cli = PlugGuideCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=args,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+    )
     assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
 
 

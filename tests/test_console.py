@@ -9,7 +9,14 @@ import torch
 from tests.test_cli import ppap_overrides, run
 
 # What the main job printed before, none of it about the user's run.
-NOISE = ("`lora_bias=True`", "module(s) in eval mode at the start of training", "InceptionScore", "degrees of freedom", "💡 Tip", "LeafSpec")
+NOISE = (
+    "`lora_bias=True`",
+    "module(s) in eval mode at the start of training",
+    "InceptionScore",
+    "degrees of freedom",
+    "💡 Tip",
+    "LeafSpec",
+)
 
 
 def test_main_job_console_is_quiet_and_counts_steps(tiny_assets, tmp_path, monkeypatch, capsys, caplog):
@@ -30,12 +37,16 @@ def test_main_job_console_is_quiet_and_counts_steps(tiny_assets, tmp_path, monke
     assert "Mode" in logged and "FLOPs" not in logged  # the summary, without a column nothing measured
 
 
-def test_experts_train_with_batch_statistics_and_checkpoints_hold_no_frozen_network(tiny_assets, tmp_path, monkeypatch):
+def test_experts_train_with_batch_statistics_and_checkpoints_hold_no_frozen_network(
+    tiny_assets, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     run("fit", "ppap.yaml", ppap_overrides(tiny_assets), tmp_path)
     state = torch.load(tmp_path / "runs/ppap/version_0/checkpoints/last.ckpt", weights_only=False)["state_dict"]
     assert not any(key.startswith(("teacher.", "unet.", "metrics.")) for key in state)
-    expert_means = [v for k, v in state.items() if k.endswith("bn1.modules_to_save.expert_0.running_mean") and "layer" not in k]
+    expert_means = [
+        v for k, v in state.items() if k.endswith("bn1.modules_to_save.expert_0.running_mean") and "layer" not in k
+    ]
     original = [v for k, v in state.items() if k.endswith("bn1.original_module.running_mean") and "layer" not in k]
     # The per-expert BatchNorm statistics moved in training (train mode); the backbone's own stayed.
     assert len(expert_means) == len(original) == 1 and not torch.allclose(expert_means[0], original[0])

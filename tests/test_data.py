@@ -35,21 +35,44 @@ def test_digits_batches_are_16x16_in_minus_one_one():
 
 
 def test_image_data_module_reads_save_to_disk_and_image_folders(tmp_path):
-    images = [PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)) for i in range(20)]
-    datasets.Dataset.from_dict({"img": images, "y": [i % 2 for i in range(20)]}, features=datasets.Features(img=datasets.Image(), y=datasets.Value("int64"))).save_to_disk(str(tmp_path / "saved"))
+    images = [
+        PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)) for i in range(20)
+    ]
+    datasets.Dataset.from_dict(
+        {"img": images, "y": [i % 2 for i in range(20)]},
+        features=datasets.Features(img=datasets.Image(), y=datasets.Value("int64")),
+    ).save_to_disk(str(tmp_path / "saved"))
     for label in (0, 1):
         (tmp_path / "folder" / f"class{label}").mkdir(parents=True)
         for i, image in enumerate(images[:4]):
             image.save(tmp_path / "folder" / f"class{label}" / f"{i}.png")
-    for source, columns in ((tmp_path / "saved", dict(image_column="img", label_column="y")), (tmp_path / "folder", {})):
-        data = ImageDataModule(source=str(source), image_size=8, channels=1, batch_size=4, val_fraction=0.25, test_fraction=0.25, **columns)
+    for source, columns in (
+        (tmp_path / "saved", dict(image_column="img", label_column="y")),
+        (tmp_path / "folder", {}),
+    ):
+        data = ImageDataModule(
+            source=str(source),
+            image_size=8,
+            channels=1,
+            batch_size=4,
+            val_fraction=0.25,
+            test_fraction=0.25,
+            **columns,
+        )
         data.setup("fit")
         batch = next(iter(data.train_dataloader()))
         assert batch["image"].shape == (4, 1, 8, 8) and batch["image"].min() >= -1 and batch["image"].max() <= 1
         assert data.num_classes == 2
 
 
-@pytest.mark.parametrize("bad, match", [(dict(channels=2), "`channels`"), (dict(image_size=2), "`image_size`"), (dict(val_fraction=1.5), "`val_fraction`")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(channels=2), "`channels`"),
+        (dict(image_size=2), "`image_size`"),
+        (dict(val_fraction=1.5), "`val_fraction`"),
+    ],
+)
 def test_image_data_module_rejects_bad_settings(bad, match):
     with pytest.raises(ValueError, match=match):
         ImageDataModule(source="x", **bad)

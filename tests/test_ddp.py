@@ -22,7 +22,13 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOBS = ("expert_distillation", "diffusion_pretraining", "classifier_pretraining", "guide_distillation", "progressive_halving")
+JOBS = (
+    "expert_distillation",
+    "diffusion_pretraining",
+    "classifier_pretraining",
+    "guide_distillation",
+    "progressive_halving",
+)
 
 
 def image_key(image: torch.Tensor) -> str:
@@ -41,21 +47,46 @@ def evaluate(out: str, assets: dict, checkpoint: str, devices: int) -> dict:
 
     def trainer(**extra) -> L.Trainer:
         strategy = "ddp" if devices > 1 else "auto"
-        return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False, enable_model_summary=False, **extra)
+        return L.Trainer(
+            accelerator="cpu",
+            devices=devices,
+            strategy=strategy,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            **extra,
+        )
 
     L.seed_everything(0)
     experts = ExpertDistillation(
-        teacher_path=assets["classifier-resnet"], diffusion_model=assets["ddpm-uncond"], num_experts=3, lora_rank=4,
-        num_inference_steps=2, classifier_scale=1.0, evaluator_path=assets["evaluator"], autoencoder_path=assets["autoencoder"],
+        teacher_path=assets["classifier-resnet"],
+        diffusion_model=assets["ddpm-uncond"],
+        num_experts=3,
+        lora_rank=4,
+        num_inference_steps=2,
+        classifier_scale=1.0,
+        evaluator_path=assets["evaluator"],
+        autoencoder_path=assets["autoencoder"],
     )
     tested = trainer().test(experts, DigitsDataModule(batch_size=64), ckpt_path=checkpoint, verbose=False)[0]
-    sampling = GuidedSampling(diffusion_model=assets["ddpm-cond"], num_inference_steps=2, guidance_scale=4.0, evaluator_path=assets["evaluator"])
+    sampling = GuidedSampling(
+        diffusion_model=assets["ddpm-cond"],
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        evaluator_path=assets["evaluator"],
+    )
     predicted = []
     compute = sampling.scores.compute
     sampling.scores.compute = lambda: (predicted.append(compute()), predicted[-1])[1]
     samples = os.path.join(out, f"samples-on-{devices}")
-    trainer(callbacks=[SampleWriter(output_dir=samples)]).predict(sampling, ClassLabelDataModule(num_per_class=3, num_classes=7, batch_size=4), return_predictions=False)
-    written = dict(np.load(os.path.join(samples, "samples.npz"))) if os.path.isfile(os.path.join(samples, "samples.npz")) else {}
+    trainer(callbacks=[SampleWriter(output_dir=samples)]).predict(
+        sampling, ClassLabelDataModule(num_per_class=3, num_classes=7, batch_size=4), return_predictions=False
+    )
+    written = (
+        dict(np.load(os.path.join(samples, "samples.npz")))
+        if os.path.isfile(os.path.join(samples, "samples.npz"))
+        else {}
+    )
     return {"test": {k: float(v) for k, v in tested.items()}, "predict": predicted[0], "samples": written}
 
 
@@ -91,19 +122,38 @@ def run_worker(out: str, assets: dict) -> None:
             self.find_unused_parameters = None
 
         def on_train_start(self, trainer, pl_module) -> None:
-            self.find_unused_parameters = trainer.strategy.model.find_unused_parameters  # the DistributedDataParallel wrapper
+            self.find_unused_parameters = (
+                trainer.strategy.model.find_unused_parameters
+            )  # the DistributedDataParallel wrapper
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             keys = batch["index"].tolist() if "index" in batch else [image_key(image) for image in batch["image"]]
             self.steps.append({"epoch": trainer.current_epoch, "keys": keys, "loss": float(outputs["loss"])})
 
-    def fit(job: str, module: L.LightningModule, data: L.LightningDataModule, max_steps: int, callbacks=(), strategy="ddp", **extra) -> None:
+    def fit(
+        job: str,
+        module: L.LightningModule,
+        data: L.LightningDataModule,
+        max_steps: int,
+        callbacks=(),
+        strategy="ddp",
+        **extra,
+    ) -> None:
         saves.clear()
         record = Record()
         trainer = L.Trainer(
-            accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps, default_root_dir=os.path.join(out, job),
-            logger=CSVLogger(os.path.join(out, job)), callbacks=[ModelCheckpoint(save_last=True), record, *callbacks],
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, **extra,
+            accelerator="cpu",
+            devices=2,
+            strategy=strategy,
+            max_steps=max_steps,
+            default_root_dir=os.path.join(out, job),
+            logger=CSVLogger(os.path.join(out, job)),
+            callbacks=[ModelCheckpoint(save_last=True), record, *callbacks],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=1,
+            **extra,
         )
         trainer.fit(module, data)
         recorded = getattr(module, "_ddp_test_extra", {})
@@ -123,41 +173,80 @@ def run_worker(out: str, assets: dict) -> None:
     # PPAP expert distillation on synthesized images: one expert trains per step, so DDP must find unused parameters.
     L.seed_everything(0)
     module = ExpertDistillation(
-        teacher_path=assets["classifier-resnet"], diffusion_model=assets["ddpm-uncond"], num_experts=3, lora_rank=4,
-        num_inference_steps=2, classifier_scale=1.0, evaluator_path=None,
+        teacher_path=assets["classifier-resnet"],
+        diffusion_model=assets["ddpm-uncond"],
+        num_experts=3,
+        lora_rank=4,
+        num_inference_steps=2,
+        classifier_scale=1.0,
+        evaluator_path=None,
     )
     data = SynthesizedImageDataModule(
-        diffusion_model=assets["ddpm-uncond"], num_inference_steps=2, num_images=32, shard_size=8, batch_size=4,
-        cache_dir=os.path.join(out, "cache"), teacher_path=assets["classifier-resnet"], labelled_data=DigitsDataModule(batch_size=8),
+        diffusion_model=assets["ddpm-uncond"],
+        num_inference_steps=2,
+        num_images=32,
+        shard_size=8,
+        batch_size=4,
+        cache_dir=os.path.join(out, "cache"),
+        teacher_path=assets["classifier-resnet"],
+        labelled_data=DigitsDataModule(batch_size=8),
         max_saturated_fraction=None,
     )
     generated, draws = [], []
     original_generate_shard, original_pipeline = data.generate_shard, module.sampling_pipeline
-    data.generate_shard = lambda shard, device, progress: (generated.append(shard), original_generate_shard(shard, device, progress))[1]
+    data.generate_shard = lambda shard, device, progress: (
+        generated.append(shard),
+        original_generate_shard(shard, device, progress),
+    )[1]
     module.sampling_pipeline = lambda: (draws.append(rank), original_pipeline())[1]
     module._ddp_test_extra = {"generated": generated, "draws": draws}
     # CalibrationCurve is left out: it computes torchmetrics objects on rank 0 only, and their compute()
     # all-gathers across ranks by default (sync_on_compute=True), so rank 0 waits forever (seen: a hang).
     # ExportPretrained with a relative directory: every rank asks for the run folder (a broadcast), rank 0 writes.
     grid = GuidedSampleGrid(num_per_class=1, num_classes=2, num_inference_steps=2)
-    fit("expert_distillation", module, data, 6, [grid, ExportPretrained("experts")], strategy="ddp_find_unused_parameters_true")
+    fit(
+        "expert_distillation",
+        module,
+        data,
+        6,
+        [grid, ExportPretrained("experts")],
+        strategy="ddp_find_unused_parameters_true",
+    )
 
     # Diffusion pretraining on the digits.
     L.seed_everything(0)
-    fit("diffusion_pretraining", DiffusionPretraining(tiny_unet(), tiny_scheduler()), DigitsDataModule(batch_size=8), 4, limit_train_batches=2)
+    fit(
+        "diffusion_pretraining",
+        DiffusionPretraining(tiny_unet(), tiny_scheduler()),
+        DigitsDataModule(batch_size=8),
+        4,
+        limit_train_batches=2,
+    )
 
     # Classifier pretraining on the digits (accuracy is a torchmetrics object, synced by itself).
     L.seed_everything(0)
-    fit("classifier_pretraining", ClassifierPretraining(TimmClassifier(**TINY_RESNET), noise_std=0.1, max_shift=1), DigitsDataModule(batch_size=8), 4, limit_train_batches=2)
+    fit(
+        "classifier_pretraining",
+        ClassifierPretraining(TimmClassifier(**TINY_RESNET), noise_std=0.1, max_shift=1),
+        DigitsDataModule(batch_size=8),
+        4,
+        limit_train_batches=2,
+    )
 
     # Guide distillation and a progressive-halving stage.
-    from plugguide.modules.guide_distillation import GuideDistillation
     from plugguide.models.guides import TinyGuide
+    from plugguide.modules.guide_distillation import GuideDistillation
     from plugguide.modules.progressive_halving import ProgressiveHalving
 
     L.seed_everything(0)
     guide_factory = lambda unet: TinyGuide(unet, hidden_dim=8)  # noqa: E731
-    fit("guide_distillation", GuideDistillation(guide=guide_factory, diffusion_model=assets["ddpm-cond"], num_inference_steps=4), DigitsDataModule(batch_size=8), 4, limit_train_batches=2)
+    fit(
+        "guide_distillation",
+        GuideDistillation(guide=guide_factory, diffusion_model=assets["ddpm-cond"], num_inference_steps=4),
+        DigitsDataModule(batch_size=8),
+        4,
+        limit_train_batches=2,
+    )
     guide_root = os.path.join(out, "guides")
     if rank == 0:
         from plugguide.models.diffusion_model import load_unet
@@ -168,14 +257,19 @@ def run_worker(out: str, assets: dict) -> None:
         teacher.save_pretrained(os.path.join(guide_root, "tiny", "steps-4"))
     torch.distributed.barrier()
     L.seed_everything(0)
-    halving = ProgressiveHalving(guide_root=guide_root, guide_name="tiny", teacher_steps=4, diffusion_model=assets["ddpm-cond"])
+    halving = ProgressiveHalving(
+        guide_root=guide_root, guide_name="tiny", teacher_steps=4, diffusion_model=assets["ddpm-cond"]
+    )
     fit("progressive_halving", halving, DigitsDataModule(batch_size=8), 4, limit_train_batches=2)
 
     # Test and predict: the pytest process runs the same on one process and compares.
     import glob
 
     (checkpoint,) = glob.glob(os.path.join(out, "expert_distillation", "**", "last.ckpt"), recursive=True)
-    torch.save(evaluate(out, assets, checkpoint, devices=2) | {"checkpoint": checkpoint}, os.path.join(out, f"evaluation-rank{rank}.pt"))
+    torch.save(
+        evaluate(out, assets, checkpoint, devices=2) | {"checkpoint": checkpoint},
+        os.path.join(out, f"evaluation-rank{rank}.pt"),
+    )
 
 
 if __name__ == "__main__":
@@ -190,11 +284,22 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def ddp_run(tiny_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.abspath(__file__), str(out), json.dumps(tiny_assets)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.abspath(__file__),
+        str(out),
+        json.dumps(tiny_assets),
+    ]
     env = os.environ | {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     started = time.perf_counter()
     # Own session: on a timeout (a collective that one rank never joins hangs), the whole group is killed.
-    process = subprocess.Popen(command, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -202,7 +307,10 @@ def ddp_run(tiny_assets, tmp_path_factory):
         stdout, stderr = process.communicate()
         pytest.fail("the DDP jobs did not finish in 300 s (a hang in a collective?):\n" + stderr[-6000:])
     assert process.returncode == 0, stdout[-3000:] + stderr[-6000:]
-    results = {job: [torch.load(out / f"{job}-rank{rank}.pt", weights_only=False) for rank in (0, 1)] for job in JOBS + ("evaluation",)}
+    results = {
+        job: [torch.load(out / f"{job}-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+        for job in JOBS + ("evaluation",)
+    }
     return results, out, time.perf_counter() - started, stdout + stderr
 
 
@@ -216,7 +324,9 @@ def assert_ranks_agree(ranks: list[dict]) -> None:
     assert first["metrics"] and first["metrics"] == second["metrics"], (first["metrics"], second["metrics"])
     for rank in ranks:
         assert all(math.isfinite(step["loss"]) for step in rank["steps"])
-    assert [s["loss"] for s in first["steps"]] != [s["loss"] for s in second["steps"]]  # each rank trains on its own batches
+    assert [s["loss"] for s in first["steps"]] != [
+        s["loss"] for s in second["steps"]
+    ]  # each rank trains on its own batches
 
 
 def assert_epoch_split(ranks: list[dict], epoch: int, expected: set) -> None:
@@ -238,7 +348,14 @@ def test_expert_distillation_and_synthesis_under_ddp(ddp_run, tiny_assets):
     assert {k for k in ranks[0]["metrics"]} >= {"val/expert_0/accuracy", "val/expert_2/accuracy"}
     # Synthesis: rank r wrote shards r, r + 2; the cache holds every index exactly once, same images as one process.
     assert ranks[0]["generated"] == [0, 2] and ranks[1]["generated"] == [1, 3]
-    settings = dict(diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=32, shard_size=8, batch_size=4, teacher_path=tiny_assets["classifier-resnet"])
+    settings = dict(
+        diffusion_model=tiny_assets["ddpm-uncond"],
+        num_inference_steps=2,
+        num_images=32,
+        shard_size=8,
+        batch_size=4,
+        teacher_path=tiny_assets["classifier-resnet"],
+    )
     cached = SynthesizedImageDataModule(cache_dir=str(out / "cache"), **settings).load()[:]
     assert cached["index"].tolist() == list(range(32))
     single = SynthesizedImageDataModule(cache_dir=str(out / "single"), **settings)
@@ -276,21 +393,36 @@ def test_one_process_and_two_give_the_same_scores_and_samples(ddp_run, tiny_asse
     for job in ("test", "predict"):
         assert one[job].keys() == two[job].keys() and one[job], job
         for name in one[job]:
-            assert one[job][name] == pytest.approx(two[job][name], rel=1e-5, abs=1e-6), (job, name, one[job][name], two[job][name])
+            assert one[job][name] == pytest.approx(two[job][name], rel=1e-5, abs=1e-6), (
+                job,
+                name,
+                one[job][name],
+                two[job][name],
+            )
     assert results["evaluation"][1]["test"] == two["test"]  # rank 1 reports the same synced numbers
-    assert two["samples"]["labels"].tolist() == one["samples"]["labels"].tolist() == [c for c in range(7) for _ in range(3)]
+    assert (
+        two["samples"]["labels"].tolist()
+        == one["samples"]["labels"].tolist()
+        == [c for c in range(7) for _ in range(3)]
+    )
     np.testing.assert_allclose(two["samples"]["images"], one["samples"]["images"], atol=1e-5)
 
 
 def test_building_a_guidance_leaves_the_experts_training(tiny_assets):
-    """Grids build `guidance()` mid-training: the experts must stay trainable (DDP registered them) and in train mode."""
+    """Grids build `guidance` mid-training: the experts must stay trainable (DDP registered them) and in train mode."""
     from plugguide.callbacks import GuidedSampleGrid
     from plugguide.modules import ExpertDistillation
 
-    module = ExpertDistillation(teacher_path=tiny_assets["classifier-resnet"], diffusion_model=tiny_assets["ddpm-uncond"], num_experts=2, lora_rank=4, evaluator_path=None)
+    module = ExpertDistillation(
+        teacher_path=tiny_assets["classifier-resnet"],
+        diffusion_model=tiny_assets["ddpm-uncond"],
+        num_experts=2,
+        lora_rank=4,
+        evaluator_path=None,
+    )
     module.train()
     trainable = {n for n, p in module.experts.named_parameters() if p.requires_grad}
-    GuidedSampleGrid(num_classes=10).setup(None, module, "fit")  # builds module.guidance()
+    GuidedSampleGrid(num_classes=10).setup(None, module, "fit")  # builds module.guidance
     assert module.experts.training and all(m.training for m in module.experts.modules())
     assert {n for n, p in module.experts.named_parameters() if p.requires_grad} == trainable
 

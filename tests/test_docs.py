@@ -65,7 +65,7 @@ def product_files() -> list[Path]:
 def quickstart_code() -> str:
     """The README's first python block under its "Quickstart" heading."""
     text = README.read_text()
-    section = text[text.index("\n## Quickstart"):]
+    section = text[text.index("\n## Quickstart") :]
     match = re.search(r"^```python\n(.*?)^```$", section, re.MULTILINE | re.DOTALL)
     assert match, "README.md: no ```python block under the Quickstart heading"
     return match.group(1)

@@ -6,8 +6,8 @@ import os
 
 import pytest
 import yaml
-from plugguide.cli import PlugGuideCLI
 
+from plugguide.cli import PlugGuideCLI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -19,13 +19,28 @@ def test_main_job_trains_experts_that_steer_the_sampler(tmp_path, monkeypatch):
     outputs = {
         "trainer": {
             "default_root_dir": str(tmp_path),
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path), "name": "ppap"}},
-            "callbacks": [{"class_path": "plugguide.callbacks.ExportPretrained", "init_args": {"directory": str(tmp_path / "experts")}}],
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path), "name": "ppap"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "plugguide.callbacks.ExportPretrained",
+                    "init_args": {"directory": str(tmp_path / "experts")},
+                }
+            ],
         },
         "data": {"init_args": {"cache_dir": str(tmp_path / "cache")}},
     }
     (tmp_path / "outputs.yaml").write_text(yaml.safe_dump(outputs))
-    cli = PlugGuideCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, auto_configure_optimizers=False, args=["-c", "configs/ppap.yaml", "-c", str(tmp_path / "outputs.yaml")], save_config_callback=None)
+    cli = PlugGuideCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        auto_configure_optimizers=False,
+        args=["-c", "configs/ppap.yaml", "-c", str(tmp_path / "outputs.yaml")],
+        save_config_callback=None,
+    )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert (tmp_path / "experts" / "experts.json").is_file()
     (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule)
@@ -39,13 +54,28 @@ def test_segmentation_experts_steer_samples_onto_the_target_maps(tmp_path, monke
     outputs = {
         "trainer": {
             "default_root_dir": str(tmp_path),
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path), "name": "ppap-segmentation"}},
-            "callbacks": [{"class_path": "plugguide.callbacks.ExportPretrained", "init_args": {"directory": str(tmp_path / "experts")}}],
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path), "name": "ppap-segmentation"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "plugguide.callbacks.ExportPretrained",
+                    "init_args": {"directory": str(tmp_path / "experts")},
+                }
+            ],
         },
         "data": {"init_args": {"cache_dir": str(tmp_path / "cache")}},
     }
     (tmp_path / "outputs.yaml").write_text(yaml.safe_dump(outputs))
-    cli = PlugGuideCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, auto_configure_optimizers=False, args=["-c", "configs/ppap_segmentation.yaml", "-c", str(tmp_path / "outputs.yaml")], save_config_callback=None)
+    cli = PlugGuideCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        auto_configure_optimizers=False,
+        args=["-c", "configs/ppap_segmentation.yaml", "-c", str(tmp_path / "outputs.yaml")],
+        save_config_callback=None,
+    )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert (tmp_path / "experts" / "experts.json").is_file()
     (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule)

@@ -15,7 +15,13 @@ def imported_packages(path: str) -> set[str]:
     """The `plugguide.<package>` names a file imports, at module level or inside functions."""
     packages = set()
     for node in ast.walk(ast.parse(open(path).read(), path)):
-        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        names = (
+            [alias.name for alias in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
         for name in names:
             parts = name.split(".")
             if parts[0] == "plugguide":
@@ -32,7 +38,9 @@ def upward_imports(root: str = ROOT) -> list[str]:
                 path = os.path.join(directory, name)
                 for target in imported_packages(path) - {package}:
                     if FLOORS[target] >= floor:
-                        found.append(f"{os.path.relpath(path, root)} (floor {floor}) -> {target} (floor {FLOORS[target]})")
+                        found.append(
+                            f"{os.path.relpath(path, root)} (floor {floor}) -> {target} (floor {FLOORS[target]})"
+                        )
     return found
 
 
@@ -44,8 +52,13 @@ def test_the_check_sees_an_upward_import_even_inside_a_function(tmp_path):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "net.py").write_text("def f():\n    from plugguide.modules.jobs import Job\n")
     (tmp_path / "pipelines").mkdir()
-    (tmp_path / "pipelines" / "p.py").write_text("from plugguide.metrics import fid\nfrom plugguide.models import net\n")
-    assert upward_imports(str(tmp_path)) == ["models/net.py (floor 0) -> modules (floor 3)", "pipelines/p.py (floor 1) -> metrics (floor 1)"]
+    (tmp_path / "pipelines" / "p.py").write_text(
+        "from plugguide.metrics import fid\nfrom plugguide.models import net\n"
+    )
+    assert upward_imports(str(tmp_path)) == [
+        "models/net.py (floor 0) -> modules (floor 3)",
+        "pipelines/p.py (floor 1) -> metrics (floor 1)",
+    ]
 
 
 @pytest.mark.parametrize("package", sorted(FLOORS))

@@ -10,13 +10,19 @@ from unittest import mock
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler, UNet2DConditionModel,
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UNet2DConditionModel,
 )
 from torch.utils.flop_counter import FlopCounterMode
 
-from plugguide.modules.guide_distillation import GuideDistillation
 from plugguide.models.guides import FullGuide, TinyGuide, load_guide, predict_guided_noise
+from plugguide.modules.guide_distillation import GuideDistillation
 from plugguide.modules.progressive_halving import ProgressiveHalving, ddim_step, halving_target
 from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
@@ -27,9 +33,16 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 def tiny_class_unet(seed: int = 0, widths=(8, 16)) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=widths, layers_per_block=1, norm_num_groups=4,
-        down_block_types=("DownBlock2D",) * len(widths), up_block_types=("UpBlock2D",) * len(widths),
-        mid_block_type="UNetMidBlock2D", num_class_embeds=11,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=widths,
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D",) * len(widths),
+        up_block_types=("UpBlock2D",) * len(widths),
+        mid_block_type="UNetMidBlock2D",
+        num_class_embeds=11,
     )
 
 
@@ -47,7 +60,10 @@ def digits_model(tmp_path_factory) -> str:
 
 def digits_batch(size: int = 8, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    return {"image": torch.rand(size, 1, 8, 8, generator=generator) * 2 - 1, "label": torch.randint(0, 10, (size,), generator=generator)}
+    return {
+        "image": torch.rand(size, 1, 8, 8, generator=generator) * 2 - 1,
+        "label": torch.randint(0, 10, (size,), generator=generator),
+    }
 
 
 @pytest.mark.parametrize("guide_class", [TinyGuide, FullGuide])
@@ -71,7 +87,9 @@ def test_guide_round_trips_and_refuses_another_unet(guide_class, tmp_path):
     loaded = load_guide(str(tmp_path), tiny_class_unet(seed=1))  # same architecture, other weights: plugs in
     x, t, g, labels = torch.randn(2, 1, 8, 8), torch.tensor([100, 700]), torch.tensor([3.0, 8.0]), torch.tensor([1, 2])
     with torch.no_grad():
-        assert torch.allclose(predict_guided_noise(unet, guide, x, t, g, labels), predict_guided_noise(unet, loaded, x, t, g, labels))
+        assert torch.allclose(
+            predict_guided_noise(unet, guide, x, t, g, labels), predict_guided_noise(unet, loaded, x, t, g, labels)
+        )
     with pytest.raises(ValueError, match="built for a UNet"):
         load_guide(str(tmp_path), tiny_class_unet(widths=(8, 8)))
     with pytest.raises(ValueError, match="built for a UNet"):
@@ -116,7 +134,9 @@ def test_only_guide_parameters_receive_gradients(digits_model):
 )
 def test_distillation_loss_falls_on_tiny_unet(digits_model, guide_factory, ratio):
     torch.manual_seed(0)
-    module = GuideDistillation(guide=guide_factory, diffusion_model=digits_model, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    module = GuideDistillation(
+        guide=guide_factory, diffusion_model=digits_model, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3)
+    )
     optimizer = module.configure_optimizers()
     batch = digits_batch(16)
 
@@ -141,7 +161,9 @@ def test_halving_target_is_the_teachers_two_step_result():
     (alpha_t, alpha_mid, alpha_s), (sigma_t, sigma_mid, sigma_s) = abar.sqrt(), (1 - abar).sqrt()
     z_t = torch.randn(4, 1, 8, 8, generator=generator)
     eps_1, eps_2 = torch.randn(2, 4, 1, 8, 8, generator=generator)
-    z_s = ddim_step(ddim_step(z_t, eps_1, alpha_t, sigma_t, alpha_mid, sigma_mid), eps_2, alpha_mid, sigma_mid, alpha_s, sigma_s)
+    z_s = ddim_step(
+        ddim_step(z_t, eps_1, alpha_t, sigma_t, alpha_mid, sigma_mid), eps_2, alpha_mid, sigma_mid, alpha_s, sigma_s
+    )
     x_target = halving_target(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s)
     # A student whose x-prediction is x_target predicts eps = (z_t - alpha_t x) / sigma_t; its single step:
     eps_student = (z_t - alpha_t * x_target) / sigma_t
@@ -155,7 +177,9 @@ def test_halving_stage_trains_a_copy_of_the_teacher(digits_model, tmp_path):
     teacher = TinyGuide(unet, hidden_dim=16)
     torch.nn.init.normal_(teacher.out.weight, std=0.01)
     teacher.save_pretrained(str(tmp_path / "tiny" / "steps-8"))
-    module = ProgressiveHalving(guide_root=str(tmp_path), guide_name="tiny", teacher_steps=8, diffusion_model=digits_model)
+    module = ProgressiveHalving(
+        guide_root=str(tmp_path), guide_name="tiny", teacher_steps=8, diffusion_model=digits_model
+    )
     assert module.num_inference_steps == 4 and module.student_timesteps.tolist() == [750, 500, 250, 0]
     loss = module._loss(digits_batch(), torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
@@ -177,7 +201,14 @@ def test_a_student_equal_to_its_teacher_has_zero_loss_at_the_last_step(set_alpha
     """
     model = str(tmp_path / "model")
     # Stable Diffusion 1.5's schedule: scaled-linear betas, timesteps offset by one, no clipping.
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        clip_sample=False,
+    )
     DDPMPipeline(unet=tiny_class_unet(), scheduler=scheduler).save_pretrained(model)
     config_path = os.path.join(model, "scheduler", "scheduler_config.json")
     config = json.load(open(config_path)) | {"set_alpha_to_one": set_alpha_to_one}
@@ -185,14 +216,28 @@ def test_a_student_equal_to_its_teacher_has_zero_loss_at_the_last_step(set_alpha
     teacher = TinyGuide(tiny_class_unet())
     torch.nn.init.normal_(teacher.out.weight, std=0.1)  # a trained-looking guide, not the zero no-op
     teacher.save_pretrained(str(tmp_path / "guides" / "tiny" / "steps-8"))
-    module = ProgressiveHalving(guide_root=str(tmp_path / "guides"), teacher_steps=8, diffusion_model=model, loss_weighting="eps")
+    module = ProgressiveHalving(
+        guide_root=str(tmp_path / "guides"), teacher_steps=8, diffusion_model=model, loss_weighting="eps"
+    )
     assert module.final_alpha_cumprod == (1.0 if set_alpha_to_one else pytest.approx(0.99915))
     batch = digits_batch(6)
     x0, condition, _ = module.encode_batch(batch)
     last = torch.full((6,), 3)
     with torch.no_grad():
-        loss = module.halving_loss(x0, condition, last, torch.full((6,), 4.0), torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
-        other = module.halving_loss(x0, condition, last - 1, torch.full((6,), 4.0), torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
+        loss = module.halving_loss(
+            x0,
+            condition,
+            last,
+            torch.full((6,), 4.0),
+            torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)),
+        )
+        other = module.halving_loss(
+            x0,
+            condition,
+            last - 1,
+            torch.full((6,), 4.0),
+            torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)),
+        )
     assert float(loss) < 1e-8 < float(other)  # two teacher steps differ from one student step elsewhere
 
 
@@ -201,8 +246,20 @@ def test_one_pass_sampling_matches_cfg_noise_and_fresh_guide_gives_conditional_s
     labels = torch.tensor([0, 1, 2])
     guided = GuideDistilledPipeline(unet, TinyGuide(unet), scheduler)
     plain = GuidedDiffusionPipeline(unet, DDIMScheduler.from_config(scheduler.config))
-    one_pass = guided(class_labels=labels, num_inference_steps=4, guidance_scale=6.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    conditional = plain(class_labels=labels, num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    one_pass = guided(
+        class_labels=labels,
+        num_inference_steps=4,
+        guidance_scale=6.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    conditional = plain(
+        class_labels=labels,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     assert one_pass.shape == (3, 1, 8, 8)
     assert torch.equal(one_pass, conditional)  # a fresh guide steers nothing; same seeds give the same noise
 
@@ -233,24 +290,55 @@ def write_tiny_text_to_image_pipeline(path: str) -> None:
 
     torch.manual_seed(0)
     UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
     ).save_pretrained(os.path.join(path, "unet"))
     AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
     ).save_pretrained(os.path.join(path, "vae"))
-    CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16)).save_pretrained(os.path.join(path, "text_encoder"))
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+        )
+    ).save_pretrained(os.path.join(path, "text_encoder"))
     letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1} | {c: 2 + i for i, c in enumerate(letters)} | {c + "</w>": 28 + i for i, c in enumerate(letters)}
+    vocab = (
+        {"<|startoftext|>": 0, "<|endoftext|>": 1}
+        | {c: 2 + i for i, c in enumerate(letters)}
+        | {c + "</w>": 28 + i for i, c in enumerate(letters)}
+    )
     os.makedirs(os.path.join(path, "tokenizer"))
     with open(os.path.join(path, "tokenizer", "vocab.json"), "w") as file:
         json.dump(vocab, file)
     with open(os.path.join(path, "tokenizer", "merges.txt"), "w") as file:
         file.write("#version: 0.2\n")
-    CLIPTokenizer(os.path.join(path, "tokenizer", "vocab.json"), os.path.join(path, "tokenizer", "merges.txt"), model_max_length=16).save_pretrained(os.path.join(path, "tokenizer"))
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(os.path.join(path, "scheduler"))
+    CLIPTokenizer(
+        os.path.join(path, "tokenizer", "vocab.json"),
+        os.path.join(path, "tokenizer", "merges.txt"),
+        model_max_length=16,
+    ).save_pretrained(os.path.join(path, "tokenizer"))
+    DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    ).save_pretrained(os.path.join(path, "scheduler"))
 
 
 @pytest.fixture(scope="module")
@@ -267,8 +355,19 @@ def test_text_to_image_latent_distillation_path(text_model, guide_class):
     loss = module._loss(batch, torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(not p.requires_grad for p in list(module.unet.parameters()) + list(module.text_encoder.parameters()) + list(module.vae.parameters()))
-    images = module.sampling_pipeline()(prompt=["a dog"], num_inference_steps=2, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert all(
+        not p.requires_grad
+        for p in list(module.unet.parameters())
+        + list(module.text_encoder.parameters())
+        + list(module.vae.parameters())
+    )
+    images = module.sampling_pipeline()(
+        prompt=["a dog"],
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     assert images.shape == (1, 3, 16, 16)
 
 
@@ -292,27 +391,65 @@ def test_guide_distillation_and_halving_configs_run(digits_model, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     TimmClassifier("resnet10t", num_classes=10, in_chans=1).save_pretrained("evaluator")
     overrides = tmp_path / "overrides.yaml"
-    overrides.write_text(yaml.safe_dump({
-        "trainer": {
-            "max_steps": 2, "log_every_n_steps": 1, "limit_val_batches": 1, "check_val_every_n_epoch": 1, "enable_progress_bar": False,
-            "callbacks": [
-                {"class_path": "plugguide.callbacks.ExportPretrained", "init_args": {"directory": "guides"}},
-                {"class_path": "plugguide.callbacks.guide_grid.GuideSampleGrid", "init_args": {"guidance_scales": [3.0, 9.0], "num_per_class": 1, "num_inference_steps": 2, "evaluator_path": "evaluator"}},
-            ],
-        },
-        "model": {"init_args": {"diffusion_model": digits_model}},
-        "data": {"init_args": {"image_size": 8, "batch_size": 8}},
-    }))
-    run_cli(["fit", "-c", os.path.join(CONFIGS, "guide_distillation.yaml"), "-c", str(overrides), "--model.init_args.guide.init_args.hidden_dim=8"])
+    overrides.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "max_steps": 2,
+                    "log_every_n_steps": 1,
+                    "limit_val_batches": 1,
+                    "check_val_every_n_epoch": 1,
+                    "enable_progress_bar": False,
+                    "callbacks": [
+                        {"class_path": "plugguide.callbacks.ExportPretrained", "init_args": {"directory": "guides"}},
+                        {
+                            "class_path": "plugguide.callbacks.guide_grid.GuideSampleGrid",
+                            "init_args": {
+                                "guidance_scales": [3.0, 9.0],
+                                "num_per_class": 1,
+                                "num_inference_steps": 2,
+                                "evaluator_path": "evaluator",
+                            },
+                        },
+                    ],
+                },
+                "model": {"init_args": {"diffusion_model": digits_model}},
+                "data": {"init_args": {"image_size": 8, "batch_size": 8}},
+            }
+        )
+    )
+    run_cli(
+        [
+            "fit",
+            "-c",
+            os.path.join(CONFIGS, "guide_distillation.yaml"),
+            "-c",
+            str(overrides),
+            "--model.init_args.guide.init_args.hidden_dim=8",
+        ]
+    )
     assert os.path.isfile("runs/guide-distillation/version_0/guides/tiny/steps-32/model.safetensors")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "runs" / "guide-distillation" / "version_0"))
     events.Reload()
     assert {"guide_vs_cfg/g=3", "guide_vs_cfg/g=9"} <= set(events.Tags()["images"])
-    assert "guide_vs_cfg/guided_accuracy_guide_g9" in events.Tags()["scalars"] and "train/loss" in events.Tags()["scalars"]
+    assert (
+        "guide_vs_cfg/guided_accuracy_guide_g9" in events.Tags()["scalars"]
+        and "train/loss" in events.Tags()["scalars"]
+    )
     for stage, steps in (("32to16", 16), ("16to8", 8), ("8to4", 4)):
-        run_cli(["fit", "-c", os.path.join(CONFIGS, "halving", "base.yaml"), "-c", os.path.join(CONFIGS, "halving", f"{stage}.yaml"), "-c", str(overrides)])
+        run_cli(
+            [
+                "fit",
+                "-c",
+                os.path.join(CONFIGS, "halving", "base.yaml"),
+                "-c",
+                os.path.join(CONFIGS, "halving", f"{stage}.yaml"),
+                "-c",
+                str(overrides),
+            ]
+        )
         assert os.path.isfile(f"runs/halving/{stage}/version_0/guides/tiny/steps-{steps}/model.safetensors")
 
 
@@ -322,15 +459,31 @@ def test_finetune_config_loads_the_base_and_trains_on_thick_digits(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     base = UNet2DConditionModel(
-        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D",) * 3,
-        up_block_types=("UpBlock2D",) * 3, mid_block_type="UNetMidBlock2D", layers_per_block=1, norm_num_groups=8, num_class_embeds=11,
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D",) * 3,
+        up_block_types=("UpBlock2D",) * 3,
+        mid_block_type="UNetMidBlock2D",
+        layers_per_block=1,
+        norm_num_groups=8,
+        num_class_embeds=11,
     )
     DDPMPipeline(unet=base, scheduler=tiny_scheduler()).save_pretrained("base")
-    run_cli([
-        "fit", "-c", os.path.join(CONFIGS, "pretrain", "ddpm_cond_finetune.yaml"), "--trainer.fast_dev_run=1", "--trainer.logger=false",
-        "--model.init_args.pretrained_path=base", "--data.init_args.batch_size=8",
-        "--trainer.callbacks=plugguide.callbacks.ExportPretrained", f"--trainer.callbacks.directory={tmp_path / 'thick'}",
-    ])
+    run_cli(
+        [
+            "fit",
+            "-c",
+            os.path.join(CONFIGS, "pretrain", "ddpm_cond_finetune.yaml"),
+            "--trainer.fast_dev_run=1",
+            "--trainer.logger=false",
+            "--model.init_args.pretrained_path=base",
+            "--data.init_args.batch_size=8",
+            "--trainer.callbacks=plugguide.callbacks.ExportPretrained",
+            f"--trainer.callbacks.directory={tmp_path / 'thick'}",
+        ]
+    )
     tuned = UNet2DConditionModel.from_pretrained(str(tmp_path / "thick"), subfolder="unet")
     moved = [name for name, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[name])]
     assert moved and len(moved) < len(base.state_dict()) + 1  # started from the base's weights, then trained
@@ -340,7 +493,10 @@ def test_finetune_config_loads_the_base_and_trains_on_thick_digits(tmp_path, mon
     thin.setup(), thick.setup()
     thin_batch, thick_batch = next(iter(thin.val_dataloader())), next(iter(thick.val_dataloader()))
     assert torch.equal(thin_batch["label"], thick_batch["label"])  # same split, same order
-    assert bool((thick_batch["image"] >= thin_batch["image"]).all()) and thick_batch["image"].mean() > thin_batch["image"].mean() + 0.1
+    assert (
+        bool((thick_batch["image"] >= thin_batch["image"]).all())
+        and thick_batch["image"].mean() > thin_batch["image"].mean() + 0.1
+    )
     with pytest.raises(ValueError, match="stroke_kernel"):
         ThickDigitsDataModule(stroke_kernel=2)
 
@@ -353,14 +509,29 @@ def test_sd15_config_runs_on_tiny_components(text_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     images = [PIL.Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(6)]
-    datasets.Dataset.from_dict({"image": images, "text": ["a red bird", "two cats", "a dog", "blue sky", "a tree", "the sea"]}).save_to_disk("captions")
-    run_cli([
-        "fit", "-c", os.path.join(CONFIGS, "hub", "sd15_guide_distillation.yaml"), "--trainer.fast_dev_run=1", "--trainer.logger=false",
-        "--trainer.precision=32", "--trainer.accumulate_grad_batches=1", f"--model.init_args.diffusion_model={text_model}",
-        "--model.init_args.guide.init_args.hidden_dim=8", "--data.init_args.source=captions", "--data.init_args.image_size=16",
-        "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.val_fraction=0.34",
-        "--trainer.callbacks=plugguide.callbacks.ExportPretrained", "--trainer.callbacks.directory=guides",
-    ])
+    datasets.Dataset.from_dict(
+        {"image": images, "text": ["a red bird", "two cats", "a dog", "blue sky", "a tree", "the sea"]}
+    ).save_to_disk("captions")
+    run_cli(
+        [
+            "fit",
+            "-c",
+            os.path.join(CONFIGS, "hub", "sd15_guide_distillation.yaml"),
+            "--trainer.fast_dev_run=1",
+            "--trainer.logger=false",
+            "--trainer.precision=32",
+            "--trainer.accumulate_grad_batches=1",
+            f"--model.init_args.diffusion_model={text_model}",
+            "--model.init_args.guide.init_args.hidden_dim=8",
+            "--data.init_args.source=captions",
+            "--data.init_args.image_size=16",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.val_fraction=0.34",
+            "--trainer.callbacks=plugguide.callbacks.ExportPretrained",
+            "--trainer.callbacks.directory=guides",
+        ]
+    )
     assert os.path.isfile("runs/guides-sd15/version_0/guides/tiny/steps-32/model.safetensors")
 
 
@@ -381,10 +552,20 @@ def test_guide_distilled_pipeline_refuses_by_name_what_it_would_step_wrongly(sch
         GuideDistilledPipeline(unet, TinyGuide(unet), scheduler())
 
 
-@pytest.mark.parametrize("scheduler", [DDPMScheduler(variance_type="fixed_large"), DPMSolverMultistepScheduler()], ids=["ddpm-fixed-large", "dpm-solver"])
+@pytest.mark.parametrize(
+    "scheduler",
+    [DDPMScheduler(variance_type="fixed_large"), DPMSolverMultistepScheduler()],
+    ids=["ddpm-fixed-large", "dpm-solver"],
+)
 def test_guide_distilled_pipeline_steps_the_vp_samplers_it_accepts(scheduler):
     unet = tiny_class_unet()
     pipeline = GuideDistilledPipeline(unet, TinyGuide(unet), scheduler)
     pipeline.set_progress_bar_config(disable=True)
-    images = pipeline(class_labels=[1, 2], num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    images = pipeline(
+        class_labels=[1, 2],
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     assert images.shape == (2, 1, unet.config.sample_size, unet.config.sample_size) and torch.isfinite(images).all()

@@ -30,7 +30,7 @@ from diffusers import (
     UNet2DModel,
 )
 
-from plugguide.models import MultiExpertClassifier, TimmClassifier, prompt_conditioning
+from plugguide.models import MultiExpertModel, TimmClassifier, prompt_conditioning
 from plugguide.pipelines import GuidedDiffusionPipeline, guided
 from plugguide.pipelines.guidance import (
     CalibratedEDMGuidance,
@@ -78,7 +78,7 @@ def guidance_of(method: str, classifier: TimmClassifier):
     """A `Guidance` of each kind on `classifier`; PPAP experts are two seeded LoRA experts on it."""
     if method == "ExpertGuidance":
         torch.manual_seed(0)
-        return ExpertGuidance(MultiExpertClassifier(classifier, num_experts=2, lora_rank=2))
+        return ExpertGuidance(MultiExpertModel(classifier, num_experts=2, lora_rank=2))
     return {
         "PredictedCleanImageGuidance": PredictedCleanImageGuidance,
         "CalibratedGuidance": CalibratedGuidance,

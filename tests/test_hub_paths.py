@@ -21,11 +21,38 @@ def cifar_like(tmp_path_factory) -> dict[str, str]:
     3-channel timm ResNet teacher and ViT evaluator with hub-style input normalisation, and a labelled set."""
     root = tmp_path_factory.mktemp("hub")
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4)
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")).save_pretrained(str(root / "ddpm-cifar10-32"))
-    TimmClassifier("resnet18", num_classes=10, in_chans=3, normalize_input=True, input_size=32, model_kwargs=dict(layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], stem_width=8)).save_pretrained(str(root / "resnet18_cifar10"))
-    TimmClassifier("vit_tiny_patch16_224", num_classes=10, in_chans=3, normalize_input=True, input_size=32, model_kwargs=dict(embed_dim=16, depth=1, num_heads=2, img_size=32, patch_size=8)).save_pretrained(str(root / "vit_cifar10"))
-    images = [PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)) for i in range(40)]
+    unet = UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")).save_pretrained(
+        str(root / "ddpm-cifar10-32")
+    )
+    TimmClassifier(
+        "resnet18",
+        num_classes=10,
+        in_chans=3,
+        normalize_input=True,
+        input_size=32,
+        model_kwargs=dict(layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], stem_width=8),
+    ).save_pretrained(str(root / "resnet18_cifar10"))
+    TimmClassifier(
+        "vit_tiny_patch16_224",
+        num_classes=10,
+        in_chans=3,
+        normalize_input=True,
+        input_size=32,
+        model_kwargs=dict(embed_dim=16, depth=1, num_heads=2, img_size=32, patch_size=8),
+    ).save_pretrained(str(root / "vit_cifar10"))
+    images = [
+        PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)) for i in range(40)
+    ]
     datasets.DatasetDict(
         train=datasets.Dataset.from_dict({"img": images[:30], "label": [i % 10 for i in range(30)]}),
         test=datasets.Dataset.from_dict({"img": images[30:], "label": list(range(10))}),
@@ -36,13 +63,42 @@ def cifar_like(tmp_path_factory) -> dict[str, str]:
 def test_ppap_cifar10_config_runs_on_tiny_models_of_the_same_classes(cifar_like, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     overrides = {
-        "trainer": {"max_steps": 5, "check_val_every_n_epoch": 1, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
-        "model": {"init_args": {"teacher_path": cifar_like["resnet18_cifar10"], "diffusion_model": cifar_like["ddpm-cifar10-32"], "evaluator_path": cifar_like["vit_cifar10"], "num_inference_steps": 2, "lora_rank": 2}},
-        "data": {"init_args": {
-            "num_images": 8, "num_inference_steps": 2,
-            "generation_batch_size": 4, "shard_size": 4, "batch_size": 4, "max_saturated_fraction": None,
-            "labelled_data": {"class_path": "plugguide.datamodules.ImageDataModule", "init_args": {"source": cifar_like["cifar10"], "image_column": "img", "image_size": 32, "channels": 3, "batch_size": 5}},
-        }},
+        "trainer": {
+            "max_steps": 5,
+            "check_val_every_n_epoch": 1,
+            "limit_val_batches": 1,
+            "limit_test_batches": 1,
+            "enable_progress_bar": False,
+        },
+        "model": {
+            "init_args": {
+                "teacher_path": cifar_like["resnet18_cifar10"],
+                "diffusion_model": cifar_like["ddpm-cifar10-32"],
+                "evaluator_path": cifar_like["vit_cifar10"],
+                "num_inference_steps": 2,
+                "lora_rank": 2,
+            }
+        },
+        "data": {
+            "init_args": {
+                "num_images": 8,
+                "num_inference_steps": 2,
+                "generation_batch_size": 4,
+                "shard_size": 4,
+                "batch_size": 4,
+                "max_saturated_fraction": None,
+                "labelled_data": {
+                    "class_path": "plugguide.datamodules.ImageDataModule",
+                    "init_args": {
+                        "source": cifar_like["cifar10"],
+                        "image_column": "img",
+                        "image_size": 32,
+                        "channels": 3,
+                        "batch_size": 5,
+                    },
+                },
+            }
+        },
     }
     configs = ["ppap.yaml", "hub/ppap_cifar10.yaml"]
     run("fit", configs, overrides, tmp_path)
@@ -57,11 +113,39 @@ def imagenet_like(tmp_path_factory) -> dict[str, str]:
     evaluator with hub-style normalisation, and a labelled set with a `validation` split."""
     root = tmp_path_factory.mktemp("imagenet")
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=6, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4)
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range")).save_pretrained(str(root / "adm"))
-    TimmClassifier("resnet50", num_classes=1000, in_chans=3, normalize_input=True, input_size=32, model_kwargs=dict(layers=[1, 1, 1, 1], channels=[4, 4, 8, 8], stem_width=8)).save_pretrained(str(root / "resnet50"))
-    TimmClassifier("convnext_tiny", num_classes=1000, in_chans=3, normalize_input=True, input_size=32, model_kwargs=dict(depths=[1, 1, 1, 1], dims=[8, 8, 16, 16])).save_pretrained(str(root / "convnext"))
-    images = [PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)) for i in range(30)]
+    unet = UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=6,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    DDPMPipeline(
+        unet=unet,
+        scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range"),
+    ).save_pretrained(str(root / "adm"))
+    TimmClassifier(
+        "resnet50",
+        num_classes=1000,
+        in_chans=3,
+        normalize_input=True,
+        input_size=32,
+        model_kwargs=dict(layers=[1, 1, 1, 1], channels=[4, 4, 8, 8], stem_width=8),
+    ).save_pretrained(str(root / "resnet50"))
+    TimmClassifier(
+        "convnext_tiny",
+        num_classes=1000,
+        in_chans=3,
+        normalize_input=True,
+        input_size=32,
+        model_kwargs=dict(depths=[1, 1, 1, 1], dims=[8, 8, 16, 16]),
+    ).save_pretrained(str(root / "convnext"))
+    images = [
+        PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)) for i in range(30)
+    ]
     datasets.DatasetDict(
         train=datasets.Dataset.from_dict({"image": images[:20], "label": [37 * i % 1000 for i in range(20)]}),
         validation=datasets.Dataset.from_dict({"image": images[20:], "label": [999 - i for i in range(10)]}),
@@ -74,11 +158,23 @@ def test_ppap_imagenet256_config_runs_on_tiny_models_of_the_same_classes(imagene
     paths = {"diffusion_model": imagenet_like["adm"], "teacher_path": imagenet_like["resnet50"]}
     overrides = {
         "trainer": {"max_steps": 5, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
-        "model": {"init_args": paths | {"evaluator_path": imagenet_like["convnext"], "num_inference_steps": 3, "lora_rank": 2}},
-        "data": {"init_args": {
-            "num_images": 8, "num_inference_steps": 2, "generation_batch_size": 4, "shard_size": 4, "batch_size": 4, "max_saturated_fraction": None,
-            "labelled_data": {"init_args": {"source": imagenet_like["imagenet-1k"], "image_size": 32, "batch_size": 5}},
-        }},
+        "model": {
+            "init_args": paths
+            | {"evaluator_path": imagenet_like["convnext"], "num_inference_steps": 3, "lora_rank": 2}
+        },
+        "data": {
+            "init_args": {
+                "num_images": 8,
+                "num_inference_steps": 2,
+                "generation_batch_size": 4,
+                "shard_size": 4,
+                "batch_size": 4,
+                "max_saturated_fraction": None,
+                "labelled_data": {
+                    "init_args": {"source": imagenet_like["imagenet-1k"], "image_size": 32, "batch_size": 5}
+                },
+            }
+        },
     }
     configs = ["ppap.yaml", "hub/ppap_imagenet256.yaml"]
     run("fit", configs, overrides, tmp_path)
@@ -93,17 +189,52 @@ def test_latent_sampling_job_decodes_through_a_vae(tmp_path, monkeypatch, tiny_a
 
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=2, norm_num_groups=4, sample_size=16)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type="UNetMidBlock2D", layers_per_block=1, norm_num_groups=4, num_class_embeds=11)
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=2,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=2,
+        out_channels=2,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D",
+        layers_per_block=1,
+        norm_num_groups=4,
+        num_class_embeds=11,
+    )
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(tmp_path / "latent"))
     vae.save_pretrained(str(tmp_path / "latent" / "vae"))
     overrides = {
-        "trainer": {"enable_progress_bar": False, "precision": "32-true", "callbacks": [{"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}]},
-        "model": {"init_args": {
-            "diffusion_model": str(tmp_path / "latent"), "vae": str(tmp_path / "latent"), "num_inference_steps": 2, "guidance_scale": 2.5, "classifier_scale": 1.0,
-            "guidance": {"class_path": "plugguide.pipelines.guidance.CalibratedGuidance", "init_args": {"classifier": tiny_assets["classifier-resnet"]}},
-            "evaluator_path": tiny_assets["evaluator"],
-        }},
+        "trainer": {
+            "enable_progress_bar": False,
+            "precision": "32-true",
+            "callbacks": [
+                {"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}
+            ],
+        },
+        "model": {
+            "init_args": {
+                "diffusion_model": str(tmp_path / "latent"),
+                "vae": str(tmp_path / "latent"),
+                "num_inference_steps": 2,
+                "guidance_scale": 2.5,
+                "classifier_scale": 1.0,
+                "guidance": {
+                    "class_path": "plugguide.pipelines.guidance.CalibratedGuidance",
+                    "init_args": {"classifier": tiny_assets["classifier-resnet"]},
+                },
+                "evaluator_path": tiny_assets["evaluator"],
+            }
+        },
         "data": {"init_args": {"num_per_class": 1, "num_classes": 10, "batch_size": 10}},
     }
     run("predict", ["sample.yaml", "hub/calibrated_latent.yaml"], overrides, tmp_path)
@@ -114,26 +245,51 @@ def write_tiny_deepfloyd_if(path: str) -> None:
     """The classes of DeepFloyd-IF stage I, tiny and offline: a pixel-space text-conditional UNet2DConditionModel (3 -> 6
     channels, learned-range variance, simple cross-attention on T5 states, as diffusers' own IF tests build it), a T5
     encoder, a T5 tokenizer, and IF's DDPM schedule (cosine, dynamic thresholding)."""
+    from diffusers import UNet2DConditionModel
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
-    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     UNet2DConditionModel(
-        sample_size=32, layers_per_block=1, block_out_channels=(8, 16), in_channels=3, out_channels=6, norm_num_groups=4,
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"), mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"), cross_attention_dim=32, encoder_hid_dim=32, attention_head_dim=4,
-        addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift", act_fn="gelu",
+        sample_size=32,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=6,
+        norm_num_groups=4,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        cross_attention_dim=32,
+        encoder_hid_dim=32,
+        attention_head_dim=4,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+        cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift",
+        act_fn="gelu",
     ).save_pretrained(f"{path}/unet")
     DDPMScheduler(
-        beta_schedule="squaredcos_cap_v2", thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5, variance_type="learned_range",
+        beta_schedule="squaredcos_cap_v2",
+        thresholding=True,
+        dynamic_thresholding_ratio=0.95,
+        sample_max_value=1.5,
+        variance_type="learned_range",
     ).save_pretrained(f"{path}/scheduler")
-    T5EncoderModel(T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(f"{path}/text_encoder")
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz"] + [("\u2581", -1.0)]
+    T5EncoderModel(T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(
+        f"{path}/text_encoder"
+    )
+    pieces = (
+        [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+        + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+        + [("\u2581", -1.0)]
+    )
     tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0).save_pretrained(f"{path}/tokenizer")
+    T5TokenizerFast(
+        tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0
+    ).save_pretrained(f"{path}/tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +299,9 @@ def deepfloyd_like(tmp_path_factory) -> str:
     return path
 
 
-@pytest.mark.parametrize("prompt, guidance_scale", [(None, 1.0), ("a red fish", 4.0)], ids=["empty-prompt", "cfg-on-a-prompt"])
+@pytest.mark.parametrize(
+    "prompt, guidance_scale", [(None, 1.0), ("a red fish", 4.0)], ids=["empty-prompt", "cfg-on-a-prompt"]
+)
 def test_deepfloyd_if_samples_as_diffusers_if_pipeline(deepfloyd_like, prompt, guidance_scale):
     """Unguided, the text model under the empty prompt (and with CFG on a prompt) gives diffusers' IFPipeline's samples."""
     from diffusers import IFPipeline, UNet2DConditionModel
@@ -151,30 +309,68 @@ def test_deepfloyd_if_samples_as_diffusers_if_pipeline(deepfloyd_like, prompt, g
     from plugguide.models import load_text_encoder, prompt_conditioning
     from plugguide.pipelines import GuidedDiffusionPipeline
 
-    unet, scheduler = UNet2DConditionModel.from_pretrained(deepfloyd_like, subfolder="unet"), DDPMScheduler.from_pretrained(deepfloyd_like, subfolder="scheduler")
+    unet, scheduler = (
+        UNet2DConditionModel.from_pretrained(deepfloyd_like, subfolder="unet"),
+        DDPMScheduler.from_pretrained(deepfloyd_like, subfolder="scheduler"),
+    )
     encoder, tokenizer = load_text_encoder(deepfloyd_like)
     conditioning = prompt_conditioning(deepfloyd_like, unet, prompt)
-    stock = IFPipeline(tokenizer=tokenizer, text_encoder=encoder, unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    stock = IFPipeline(
+        tokenizer=tokenizer,
+        text_encoder=encoder,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,
+        requires_safety_checker=False,
+    )
     stock.set_progress_bar_config(disable=True)
     # IFPipeline runs CFG when guidance_scale > 1, as eps("") + g (eps(prompt) - eps("")); the same g here
-    expected = stock(prompt=prompt or "", guidance_scale=guidance_scale, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    expected = stock(
+        prompt=prompt or "",
+        guidance_scale=guidance_scale,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     ours = GuidedDiffusionPipeline(unet, scheduler, **conditioning)
     ours.set_progress_bar_config(disable=True)
-    images = ours(batch_size=1, num_inference_steps=3, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = ours(
+        batch_size=1,
+        num_inference_steps=3,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert abs(images - expected).max() < 1e-5
 
 
-def test_ppap_deepfloyd_if_config_runs_on_tiny_models_of_the_same_classes(deepfloyd_like, imagenet_like, tmp_path, monkeypatch):
+def test_ppap_deepfloyd_if_config_runs_on_tiny_models_of_the_same_classes(
+    deepfloyd_like, imagenet_like, tmp_path, monkeypatch
+):
     """configs/hub/ppap_deepfloyd_if.yaml: synthesis under the empty prompt, experts, guided grids and the guided test."""
     monkeypatch.chdir(tmp_path)
     paths = {"diffusion_model": deepfloyd_like, "teacher_path": imagenet_like["resnet50"]}
     overrides = {
         "trainer": {"max_steps": 5, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
-        "model": {"init_args": paths | {"evaluator_path": imagenet_like["convnext"], "num_inference_steps": 3, "lora_rank": 2}},
-        "data": {"init_args": {
-            "num_images": 8, "num_inference_steps": 2, "generation_batch_size": 4, "shard_size": 4, "batch_size": 4, "max_saturated_fraction": None,
-            "labelled_data": {"init_args": {"source": imagenet_like["imagenet-1k"], "image_size": 32, "batch_size": 5}},
-        }},
+        "model": {
+            "init_args": paths
+            | {"evaluator_path": imagenet_like["convnext"], "num_inference_steps": 3, "lora_rank": 2}
+        },
+        "data": {
+            "init_args": {
+                "num_images": 8,
+                "num_inference_steps": 2,
+                "generation_batch_size": 4,
+                "shard_size": 4,
+                "batch_size": 4,
+                "max_saturated_fraction": None,
+                "labelled_data": {
+                    "init_args": {"source": imagenet_like["imagenet-1k"], "image_size": 32, "batch_size": 5}
+                },
+            }
+        },
     }
     configs = ["ppap.yaml", "hub/ppap_deepfloyd_if.yaml"]
     run("fit", configs, overrides, tmp_path)

@@ -8,7 +8,6 @@ import scipy.linalg
 import torch
 from torch import nn
 from torchmetrics.image.inception import InceptionScore
-
 from torchmetrics.image.kid import maximum_mean_discrepancy, poly_kernel
 
 from plugguide.metrics import GenerationMetrics, PooledPixels, frechet_distance, inception_score, kernel_distance
@@ -52,11 +51,16 @@ def test_one_pass_gives_the_classifiers_own_logits(spec):
 
 def test_kernel_distance_matches_torchmetrics_for_equal_sizes_and_is_unbiased_for_unequal_ones():
     generator = torch.Generator().manual_seed(2)
-    real, same = torch.randn(300, 6, generator=generator, dtype=torch.float64), torch.randn(300, 6, generator=generator, dtype=torch.float64)
+    real, same = (
+        torch.randn(300, 6, generator=generator, dtype=torch.float64),
+        torch.randn(300, 6, generator=generator, dtype=torch.float64),
+    )
     other = torch.randn(120, 6, generator=generator, dtype=torch.float64) + 1
     expected = maximum_mean_discrepancy(poly_kernel(real, real), poly_kernel(real, same), poly_kernel(same, same))
     assert kernel_distance(real, same) == pytest.approx(float(expected), rel=1e-6, abs=1e-9)
-    assert abs(kernel_distance(real, same[:100])) < 0.2 * kernel_distance(real, other)  # ~0 for one distribution, any size
+    assert abs(kernel_distance(real, same[:100])) < 0.2 * kernel_distance(
+        real, other
+    )  # ~0 for one distribution, any size
 
 
 def test_wilson_interval_matches_the_textbook_value():
@@ -69,13 +73,17 @@ def test_diversity_ratio_sees_a_collapse_onto_one_prototype_per_class():
     generator = torch.Generator().manual_seed(3)
     real, classes = torch.randn(200, 4, generator=generator), torch.arange(200) % 4
     assert diversity_ratio(real, classes, real, classes) == pytest.approx(1.0)
-    prototypes = torch.stack([real[classes == c].mean(0) for c in range(4)])[classes] + 0.01 * torch.randn(200, 4, generator=generator)
+    prototypes = torch.stack([real[classes == c].mean(0) for c in range(4)])[classes] + 0.01 * torch.randn(
+        200, 4, generator=generator
+    )
     assert diversity_ratio(real, classes, prototypes, classes) < 0.05
 
 
 def test_generation_metrics_score_accuracy_and_keep_the_real_set_across_resets():
     torch.manual_seed(0)
-    metrics = GenerationMetrics(TimmClassifier(**TINY_RESNET), num_classes=10, feature_spaces={"coarse": PooledPixels(4)})
+    metrics = GenerationMetrics(
+        TimmClassifier(**TINY_RESNET), num_classes=10, feature_spaces={"coarse": PooledPixels(4)}
+    )
     real = torch.randn(40, 1, 16, 16)
     predicted = metrics.evaluator(real).argmax(-1)
     metrics.update_real(real, predicted)
@@ -110,10 +118,16 @@ def test_intervals_hold_the_estimate_and_narrow_with_more_samples():
 
 def test_best_scale_takes_the_most_accurate_scale_within_unguided_quality():
     unguided = {"fid_autoencoder": 5.0, "intervals": {"fid_autoencoder": (4.0, 6.0)}}
-    sweep = {"3": {"guided_accuracy": 0.7, "fid_autoencoder": 4.5}, "10": {"guided_accuracy": 0.9, "fid_autoencoder": 5.9},
-             "30": {"guided_accuracy": 1.0, "fid_autoencoder": 9.0}}
+    sweep = {
+        "3": {"guided_accuracy": 0.7, "fid_autoencoder": 4.5},
+        "10": {"guided_accuracy": 0.9, "fid_autoencoder": 5.9},
+        "30": {"guided_accuracy": 1.0, "fid_autoencoder": 9.0},
+    }
     assert best_scale(sweep, unguided) == ("10", True)  # 30 is more accurate but leaves the unguided quality
-    assert best_scale({"30": sweep["30"], "100": {"guided_accuracy": 1.0, "fid_autoencoder": 20.0}}, unguided) == ("30", False)
+    assert best_scale({"30": sweep["30"], "100": {"guided_accuracy": 1.0, "fid_autoencoder": 20.0}}, unguided) == (
+        "30",
+        False,
+    )
     assert estimate({"fid": 1.234, "intervals": {"fid": (1.0, 1.5)}}, "fid") == "1.23 [1.00, 1.50]"
 
 

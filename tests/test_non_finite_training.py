@@ -41,20 +41,37 @@ class Line(L.LightningModule):
 
 def fit(module: L.LightningModule, tmp_path) -> L.Trainer:
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-        callbacks=[NonFiniteGuard(), ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), every_n_train_steps=1, save_last=True, save_top_k=-1)],
+        accelerator="cpu",
+        max_steps=6,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[
+            NonFiniteGuard(),
+            ModelCheckpoint(
+                dirpath=str(tmp_path / "checkpoints"), every_n_train_steps=1, save_last=True, save_top_k=-1
+            ),
+        ],
     )
     trainer.fit(module, DataLoader(torch.ones(64, 4), batch_size=8))
     return trainer
 
 
 def checkpoint_weights(tmp_path) -> dict[str, dict]:
-    return {os.path.basename(p): torch.load(p, weights_only=True)["state_dict"] for p in glob.glob(str(tmp_path / "checkpoints" / "*.ckpt"))}
+    return {
+        os.path.basename(p): torch.load(p, weights_only=True)["state_dict"]
+        for p in glob.glob(str(tmp_path / "checkpoints" / "*.ckpt"))
+    }
 
 
 @pytest.mark.parametrize(
     ("fault", "message"),
-    [("loss", "the training loss is nan"), ("gradient", r"the gradients are not finite \(first: layer.weight\)"), ("weight", r"the weights became non-finite in the optimizer step \(first: layer.bias\)")],
+    [
+        ("loss", "the training loss is nan"),
+        ("gradient", r"the gradients are not finite \(first: layer.weight\)"),
+        ("weight", r"the weights became non-finite in the optimizer step \(first: layer.bias\)"),
+    ],
 )
 def test_training_stops_at_the_faulty_step_and_every_checkpoint_is_finite(tmp_path, fault, message):
     with pytest.raises(FloatingPointError, match=rf"Training stopped at step 4: {message}.*learning rate"):
@@ -70,12 +87,22 @@ def test_a_finite_run_is_left_alone(tmp_path):
     assert trainer.global_step == 6 and len(checkpoint_weights(tmp_path)) == 7
 
 
-def test_the_issues_learning_rate_stops_the_main_job_without_a_non_finite_checkpoint(tiny_assets, tmp_path, monkeypatch, capsys):
+def test_the_issues_learning_rate_stops_the_main_job_without_a_non_finite_checkpoint(
+    tiny_assets, tmp_path, monkeypatch, capsys
+):
     """`lightning fit -c configs/ppap.yaml --model.optimizer.init_args.lr 1e6 --trainer.max_steps 50`: NaN from step ~10 on,
     then last.ckpt with NaN experts and an error at the end-of-fit grid blaming the guidance scale."""
     monkeypatch.chdir(tmp_path)
     overrides = ppap_overrides(tiny_assets)
-    overrides["trainer"] |= {"max_steps": 50, "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True, "every_n_train_steps": 1}}]}
+    overrides["trainer"] |= {
+        "max_steps": 50,
+        "callbacks": [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"save_last": True, "every_n_train_steps": 1},
+            }
+        ],
+    }
     with pytest.raises(SystemExit) as exit_info:
         run("fit", "ppap.yaml", overrides, tmp_path, "--model.optimizer.init_args.lr", "1e6")
     assert exit_info.value.code == 1

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from plugguide.models import TimmClassifier, load_classifier
+from plugguide.models.diffusion_model import load_scheduler, load_unet
 from plugguide.modules import ClassifierPretraining, DiffusionPretraining
 from plugguide.modules.classifier_pretraining import random_translate
-from plugguide.models.diffusion_model import load_scheduler, load_unet
 from tests.conftest import TINY_RESNET, tiny_conditional_unet, tiny_scheduler, tiny_unet
 
 
@@ -36,7 +36,10 @@ def test_diffusion_loss_falls_and_export_loads_back(tmp_path, conditional):
     assert sum(losses[-8:]) / 8 < 0.6 * sum(losses[:8]) / 8
     module.export(str(tmp_path / "model"))
     loaded = load_unet(str(tmp_path / "model"))
-    assert type(loaded) is type(unet) and load_scheduler(str(tmp_path / "model"), "DDIMScheduler").config.beta_schedule == "squaredcos_cap_v2"
+    assert (
+        type(loaded) is type(unet)
+        and load_scheduler(str(tmp_path / "model"), "DDIMScheduler").config.beta_schedule == "squaredcos_cap_v2"
+    )
     torch.testing.assert_close(loaded.state_dict(), unet.state_dict())
 
 
@@ -67,7 +70,9 @@ def test_translation_moves_pixels_by_whole_steps():
     assert len(positions) > 5 and all(abs(r - 3) <= 2 and abs(c - 3) <= 2 for r, c in positions)
 
 
-@pytest.mark.parametrize("bad, match", [(dict(model_name="resnet_does_not_exist"), "`model_name`"), (dict(num_classes=1), "`num_classes`")])
+@pytest.mark.parametrize(
+    "bad, match", [(dict(model_name="resnet_does_not_exist"), "`model_name`"), (dict(num_classes=1), "`num_classes`")]
+)
 def test_classifier_rejects_bad_settings(bad, match):
     with pytest.raises(ValueError, match=match):
         TimmClassifier(**TINY_RESNET | bad)

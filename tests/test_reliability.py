@@ -107,7 +107,9 @@ def test_an_explicitly_named_damaged_checkpoint_is_refused_naming_it_and_the_int
         "--ckpt_path",
         f"{CHECKPOINTS}/last.ckpt",
     )
-    assert "`ckpt_path`='runs/pretrain/classifier-resnet/version_0/checkpoints/last.ckpt' is damaged" in printed, printed
+    assert "`ckpt_path`='runs/pretrain/classifier-resnet/version_0/checkpoints/last.ckpt' is damaged" in printed, (
+        printed
+    )
     assert "intact beside it: epoch=0-step=2.ckpt" in printed and "PytorchStreamReader" not in printed, printed
     truncate(f"{CHECKPOINTS}/epoch=0-step=2.ckpt")
     printed = refused(
@@ -259,7 +261,6 @@ def test_the_disk_need_counts_every_byte_written_and_rounds_up(tiny_assets, tmp_
 def test_target_maps_of_another_shape_are_refused_naming_the_expected_shape(tiny_assets, guide, shape):
     from plugguide.pipelines import GuidedDiffusionPipeline
     from plugguide.pipelines.guidance import NaiveClassifierGuidance
-
     from tests.conftest import tiny_scheduler, tiny_unet
 
     pipeline = GuidedDiffusionPipeline(tiny_unet(), tiny_scheduler(), NaiveClassifierGuidance(tiny_assets[guide]))
@@ -338,7 +339,6 @@ def test_a_guidance_classifier_of_other_channels_is_named_by_its_path(tiny_asset
     from plugguide.models import TimmClassifier
     from plugguide.modules import GuidedSampling
     from plugguide.pipelines.guidance import NaiveClassifierGuidance
-
     from tests.conftest import TINY_RESNET
 
     rgb = str(tmp_path / "classifier-rgb")

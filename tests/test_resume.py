@@ -11,9 +11,9 @@ from plugguide.callbacks import GuidedSampleGrid
 from plugguide.datamodules import DigitsDataModule, SynthesizedImageDataModule
 from plugguide.datamodules.resumable_loader import ResumableDataLoader
 from plugguide.models import TimmClassifier
+from plugguide.models.guides import TinyGuide
 from plugguide.modules import ClassifierPretraining, DiffusionPretraining, ExpertDistillation
 from plugguide.modules.guide_distillation import GuideDistillation
-from plugguide.models.guides import TinyGuide
 from plugguide.modules.progressive_halving import ProgressiveHalving
 from tests.conftest import TINY_RESNET, tiny_scheduler, tiny_unet
 
@@ -49,30 +49,53 @@ class RecordBatches(L.Callback):
 
 def trainer(tmp_path, max_steps: int, *callbacks: L.Callback) -> L.Trainer:
     return L.Trainer(
-        default_root_dir=tmp_path, max_steps=max_steps, accelerator="cpu", devices=1, deterministic=True, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=[ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=1, save_top_k=0), *callbacks],
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[
+            ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=1, save_top_k=0),
+            *callbacks,
+        ],
     )
 
 
-def run_straight_and_resumed(tmp_path, make_module, make_data, *callbacks_factory) -> tuple[L.LightningModule, L.LightningModule, RecordBatches, RecordBatches]:
+def run_straight_and_resumed(
+    tmp_path, make_module, make_data, *callbacks_factory
+) -> tuple[L.LightningModule, L.LightningModule, RecordBatches, RecordBatches]:
     """Fits TOTAL_STEPS steps at once, and CRASH_AFTER steps, a crash, then a resume from last.ckpt to TOTAL_STEPS."""
     torch.manual_seed(0)
     straight, straight_batches = make_module(), RecordBatches()
     torch.manual_seed(101)  # global RNG state differs between the runs: training must not depend on it
-    trainer(tmp_path / "straight", TOTAL_STEPS, straight_batches, *[f() for f in callbacks_factory]).fit(straight, make_data())
+    trainer(tmp_path / "straight", TOTAL_STEPS, straight_batches, *[f() for f in callbacks_factory]).fit(
+        straight, make_data()
+    )
 
     torch.manual_seed(0)
     crashed, resumed_batches = make_module(), RecordBatches()
     torch.manual_seed(202)
     with pytest.raises(Crash):
-        trainer(tmp_path / "crashed", TOTAL_STEPS, CrashAfter(CRASH_AFTER), resumed_batches, *[f() for f in callbacks_factory]).fit(crashed, make_data())
+        trainer(
+            tmp_path / "crashed",
+            TOTAL_STEPS,
+            CrashAfter(CRASH_AFTER),
+            resumed_batches,
+            *[f() for f in callbacks_factory],
+        ).fit(crashed, make_data())
     last = tmp_path / "crashed/checkpoints/last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == CRASH_AFTER
     torch.manual_seed(1)
     resumed = make_module()  # a fresh process would build the module from the config again
     torch.manual_seed(303)
-    trainer(tmp_path / "crashed", TOTAL_STEPS, resumed_batches, *[f(resumed=True) for f in callbacks_factory]).fit(resumed, make_data(), ckpt_path=str(last))
+    trainer(tmp_path / "crashed", TOTAL_STEPS, resumed_batches, *[f(resumed=True) for f in callbacks_factory]).fit(
+        resumed, make_data(), ckpt_path=str(last)
+    )
     return straight, resumed, straight_batches, resumed_batches
 
 
@@ -80,7 +103,11 @@ def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
     """Largest absolute difference over all trainable parameters and buffers (BatchNorm statistics)."""
     state_a, state_b = a.state_dict(), b.state_dict()
     assert state_a.keys() == state_b.keys()
-    return max((state_a[k].double() - state_b[k].double()).abs().max().item() for k in state_a if state_a[k].is_floating_point())
+    return max(
+        (state_a[k].double() - state_b[k].double()).abs().max().item()
+        for k in state_a
+        if state_a[k].is_floating_point()
+    )
 
 
 @pytest.mark.parametrize("schedule", ["round_robin", "chain"])
@@ -89,24 +116,41 @@ def test_expert_distillation_resumes_exactly_mid_epoch(tiny_assets, tmp_path, mo
     import plugguide.callbacks.sample_grid as sample_grid
 
     original = sample_grid.labelled_grid
-    monkeypatch.setattr(sample_grid, "labelled_grid", lambda images, **kw: (grids.append(images.clone()), original(images, **kw))[1])
+    monkeypatch.setattr(
+        sample_grid, "labelled_grid", lambda images, **kw: (grids.append(images.clone()), original(images, **kw))[1]
+    )
 
     def make_module():
         return ExpertDistillation(
-            teacher_path=tiny_assets["classifier-resnet"], diffusion_model=tiny_assets["ddpm-uncond"], num_experts=3, lora_rank=4,
-            num_inference_steps=2, classifier_scale=1.0, evaluator_path=None, seed=7, expert_schedule=schedule,
+            teacher_path=tiny_assets["classifier-resnet"],
+            diffusion_model=tiny_assets["ddpm-uncond"],
+            num_experts=3,
+            lora_rank=4,
+            num_inference_steps=2,
+            classifier_scale=1.0,
+            evaluator_path=None,
+            seed=7,
+            expert_schedule=schedule,
         )  # chain: 4 steps per expert, so the crash falls inside expert 1 and expert 2 starts after the resume
 
     def make_data():
         return SynthesizedImageDataModule(
-            diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=24, shard_size=12, batch_size=4,
-            cache_dir=str(tmp_path / "cache"), teacher_path=tiny_assets["classifier-resnet"], max_saturated_fraction=None,
+            diffusion_model=tiny_assets["ddpm-uncond"],
+            num_inference_steps=2,
+            num_images=24,
+            shard_size=12,
+            batch_size=4,
+            cache_dir=str(tmp_path / "cache"),
+            teacher_path=tiny_assets["classifier-resnet"],
+            max_saturated_fraction=None,
         )
 
     def make_grid_callback(resumed: bool = False):
         return GuidedSampleGrid(num_per_class=1, num_classes=3, num_inference_steps=2, seed=0 if resumed else 5)
 
-    straight, resumed, straight_batches, resumed_batches = run_straight_and_resumed(tmp_path, make_module, make_data, make_grid_callback)
+    straight, resumed, straight_batches, resumed_batches = run_straight_and_resumed(
+        tmp_path, make_module, make_data, make_grid_callback
+    )
     # The resumed run saw the same batches, in the same order, as the straight one.
     assert resumed_batches.seen == straight_batches.seen and len(straight_batches.seen) == TOTAL_STEPS
     assert sorted(sum(straight_batches.seen[:6], [])) == list(range(24))  # epoch 0: every image once
@@ -124,7 +168,9 @@ def test_pretraining_resumes_exactly_mid_epoch(tmp_path, job):
     def make_module():
         if job == "diffusion":
             return DiffusionPretraining(tiny_unet(), tiny_scheduler(), seed=3)
-        return ClassifierPretraining(TimmClassifier(**TINY_RESNET), noise_std=0.2, max_shift=1, seed=3)  # random augmentation
+        return ClassifierPretraining(
+            TimmClassifier(**TINY_RESNET), noise_std=0.2, max_shift=1, seed=3
+        )  # random augmentation
 
     def make_data():
         return DigitsDataModule(batch_size=4, image_size=16)
@@ -152,7 +198,10 @@ def test_loader_resumes_mid_epoch_and_shards_per_rank():
     resumed.sampler.set_epoch(2)
     assert [b.tolist() for b in resumed] == order[2:]
     assert [b.tolist() for b in resumed] == order  # the offset applies to one epoch only
-    ranks = [[i for b in ResumableDataLoader(data, batch_size=2, seed=1, num_replicas=2, rank=r) for i in b.tolist()] for r in (0, 1)]
+    ranks = [
+        [i for b in ResumableDataLoader(data, batch_size=2, seed=1, num_replicas=2, rank=r) for i in b.tolist()]
+        for r in (0, 1)
+    ]
     assert len(ranks[0]) == len(ranks[1]) == 10 and not set(ranks[0]) & set(ranks[1])
 
 
@@ -176,8 +225,14 @@ def test_guide_jobs_resume_exactly_mid_epoch(tiny_assets, tmp_path, job):
 
     def make_module():
         if job == "guide_distillation":
-            return GuideDistillation(guide=lambda unet: TinyGuide(unet, hidden_dim=8), diffusion_model=tiny_assets["ddpm-cond"], num_inference_steps=4)
-        return ProgressiveHalving(guide_root=str(guide_root), guide_name="tiny", teacher_steps=4, diffusion_model=tiny_assets["ddpm-cond"])
+            return GuideDistillation(
+                guide=lambda unet: TinyGuide(unet, hidden_dim=8),
+                diffusion_model=tiny_assets["ddpm-cond"],
+                num_inference_steps=4,
+            )
+        return ProgressiveHalving(
+            guide_root=str(guide_root), guide_name="tiny", teacher_steps=4, diffusion_model=tiny_assets["ddpm-cond"]
+        )
 
     def make_data():
         return DigitsDataModule(batch_size=4, image_size=16)

@@ -11,7 +11,16 @@ from plugguide.datamodules import SynthesizedImageDataModule
 
 
 def make(tiny_assets, tmp_path, **overrides) -> SynthesizedImageDataModule:
-    settings = dict(diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=10, shard_size=4, generation_batch_size=3, batch_size=4, cache_dir=str(tmp_path / "cache"), max_saturated_fraction=None)
+    settings = dict(
+        diffusion_model=tiny_assets["ddpm-uncond"],
+        num_inference_steps=2,
+        num_images=10,
+        shard_size=4,
+        generation_batch_size=3,
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
+        max_saturated_fraction=None,
+    )
     return SynthesizedImageDataModule(**settings | overrides)
 
 
@@ -32,7 +41,16 @@ def test_second_run_reuses_the_cache(tiny_assets, tmp_path, monkeypatch):
     torch.testing.assert_close(second.dataset[:]["image"], images)
 
 
-@pytest.mark.parametrize("change", [dict(seed=1), dict(num_images=11), dict(num_inference_steps=3), dict(scheduler="DDPMScheduler"), dict(image_dtype="uint8")])
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(seed=1),
+        dict(num_images=11),
+        dict(num_inference_steps=3),
+        dict(scheduler="DDPMScheduler"),
+        dict(image_dtype="uint8"),
+    ],
+)
 def test_any_changed_setting_makes_a_new_cache(tiny_assets, tmp_path, change):
     assert make(tiny_assets, tmp_path).fingerprint() != make(tiny_assets, tmp_path, **change).fingerprint()
 
@@ -55,7 +73,10 @@ def test_interrupted_generation_resumes_from_finished_shards(tiny_assets, tmp_pa
     resumed = make(tiny_assets, tmp_path)
     regenerated = []
     original_resumed = resumed.generate_shard
-    resumed.generate_shard = lambda shard, device, progress: (regenerated.append(shard), original_resumed(shard, device, progress))
+    resumed.generate_shard = lambda shard, device, progress: (
+        regenerated.append(shard),
+        original_resumed(shard, device, progress),
+    )
     resumed.generate()
     assert regenerated == [1, 2]  # shard 0 was finished and kept
     torch.testing.assert_close(images_of(resumed), images_of(reference))
@@ -163,20 +184,43 @@ def test_two_runs_on_one_cache_write_each_shard_once_and_both_finish(tiny_assets
     import sys
     import time
 
-    settings = dict(diffusion_model=tiny_assets["ddpm-uncond"], num_inference_steps=2, num_images=24, shard_size=4, generation_batch_size=4, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    settings = dict(
+        diffusion_model=tiny_assets["ddpm-uncond"],
+        num_inference_steps=2,
+        num_images=24,
+        shard_size=4,
+        generation_batch_size=4,
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
+    )
     start = tmp_path / "start"
     env = os.environ | {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     runs = [
-        subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(settings), str(start), str(tmp_path / f"written-{n}")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, json.dumps(settings), str(start), str(tmp_path / f"written-{n}")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for n in range(2)
     ]
     deadline = time.monotonic() + 120
-    while not all((tmp_path / f"written-{n}.ready").exists() for n in range(2)) and time.monotonic() < deadline and all(run.poll() is None for run in runs):
+    while (
+        not all((tmp_path / f"written-{n}.ready").exists() for n in range(2))
+        and time.monotonic() < deadline
+        and all(run.poll() is None for run in runs)
+    ):
         time.sleep(0.05)
     start.touch()  # both have imported and built their module: they start together
     outputs = [run.communicate(timeout=240) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-3000:] for _, err in outputs]
-    written = [[int(line) for line in (tmp_path / f"written-{n}").read_text().split()] if (tmp_path / f"written-{n}").exists() else [] for n in range(2)]
+    written = [
+        [int(line) for line in (tmp_path / f"written-{n}").read_text().split()]
+        if (tmp_path / f"written-{n}").exists()
+        else []
+        for n in range(2)
+    ]
     assert sorted(written[0] + written[1]) == list(range(6))  # every shard written once, by one of the two
     assert written[0] and written[1]  # and the two shared the work
     shared = SynthesizedImageDataModule(**settings)
@@ -194,7 +238,9 @@ def test_temporary_shards_of_a_dead_run_are_removed(tiny_assets, tmp_path):
         os.makedirs(os.path.join(module.cache_path, orphan))
         (tmp_path / "cache" / module.fingerprint() / orphan / "data-00000-of-00001.arrow").write_bytes(b"half")
     module.generate()
-    assert sorted(name for name in os.listdir(module.cache_path) if name.startswith("shard-") and not name.endswith(".lock")) == ["shard-00000", "shard-00001", "shard-00002"]
+    assert sorted(
+        name for name in os.listdir(module.cache_path) if name.startswith("shard-") and not name.endswith(".lock")
+    ) == ["shard-00000", "shard-00001", "shard-00002"]
     assert images_of(module).shape == (10, 1, 16, 16)
 
 
@@ -217,7 +263,9 @@ def test_a_shard_another_process_writes_is_waited_for_and_its_files_are_left_alo
         time.sleep(0.05)
     assert module.shard_is_complete(0) and module.shard_is_complete(2)  # the free shards are written meanwhile
     time.sleep(0.3)
-    assert run.is_alive() and os.path.isdir(live) and not module.shard_is_complete(1)  # waiting; the writer's files untouched
+    assert (
+        run.is_alive() and os.path.isdir(live) and not module.shard_is_complete(1)
+    )  # waiting; the writer's files untouched
     writer.release()  # the writer died without finishing: this run writes shard 1 itself
     run.join(timeout=60)
     assert not run.is_alive() and module.shard_is_complete(1) and not os.path.exists(live)
@@ -239,11 +287,17 @@ def test_an_empty_or_garbled_manifest_means_the_shard_is_written_again(tiny_asse
 def test_shard_files_reach_the_disk_before_the_shard_is_renamed_into_place(tiny_assets, tmp_path, monkeypatch):
     events = []
     real_fsync, real_rename = os.fsync, os.rename
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
-    monkeypatch.setattr(os, "rename", lambda src, dst: (events.append(("rename", str(src), str(dst))), real_rename(src, dst))[1])
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1]
+    )
+    monkeypatch.setattr(
+        os, "rename", lambda src, dst: (events.append(("rename", str(src), str(dst))), real_rename(src, dst))[1]
+    )
     module = make(tiny_assets, tmp_path)
     module.generate()
-    renames = [i for i, event in enumerate(events) if event[0] == "rename" and os.path.basename(event[2]).startswith("shard-")]
+    renames = [
+        i for i, event in enumerate(events) if event[0] == "rename" and os.path.basename(event[2]).startswith("shard-")
+    ]
     assert len(renames) == 3
     for i in renames:
         source = events[i][1]

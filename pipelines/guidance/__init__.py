@@ -1,12 +1,20 @@
 """Guidance methods, one per file, on the small `Guidance` base class."""
 
 from plugguide.pipelines.guidance.base import Guidance
+from plugguide.pipelines.guidance.calibrated import CalibratedGuidance, replace_relu_with_softplus
+from plugguide.pipelines.guidance.calibrated_edm import CalibratedEDMGuidance
 from plugguide.pipelines.guidance.classifier import ClassifierGuidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
 from plugguide.pipelines.guidance.ppap_experts import ExpertGuidance
 from plugguide.pipelines.guidance.predicted_x0_classifier import PredictedCleanImageGuidance
-from plugguide.pipelines.guidance.calibrated import CalibratedGuidance, replace_relu_with_softplus
-from plugguide.pipelines.guidance.calibrated_edm import CalibratedEDMGuidance
 
-
-__all__ = ["CalibratedEDMGuidance", "CalibratedGuidance", "replace_relu_with_softplus", "ExpertGuidance", "ClassifierGuidance", "Guidance", "NaiveClassifierGuidance", "PredictedCleanImageGuidance"]
+__all__ = [
+    "CalibratedEDMGuidance",
+    "CalibratedGuidance",
+    "replace_relu_with_softplus",
+    "ExpertGuidance",
+    "ClassifierGuidance",
+    "Guidance",
+    "NaiveClassifierGuidance",
+    "PredictedCleanImageGuidance",
+]

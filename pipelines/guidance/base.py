@@ -90,7 +90,9 @@ class Guidance(nn.Module, ABC):
     def check_targets(self, targets: torch.Tensor) -> None:
         """Fails, naming the problem, on targets `log_likelihood` cannot take; the pipeline calls it before sampling."""
 
-    def gradient(self, x_t: torch.Tensor, timesteps: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def gradient(
+        self, x_t: torch.Tensor, timesteps: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         """d/d(input) of the summed log-likelihood, with a clear error if it is not finite."""
         # Samplers often run under inference mode (Lightning's test/predict loops): leave it and clone,
         # since inference tensors cannot take part in autograd.

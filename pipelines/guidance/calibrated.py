@@ -146,7 +146,9 @@ class CalibratedGuidance(ClassifierGuidance):
 
     def log_likelihood(self, inputs: torch.Tensor, timesteps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # tau1 * f_y - logsumexp(tau2 * f): the task takes tau1 * f and the ratio tau2 / tau1 (per pixel for a segmenter).
-        return self.task.log_likelihood(self.logits(inputs, timesteps), targets, marginal_ratio=self.marginal_temperature / self.joint_temperature)
+        return self.task.log_likelihood(
+            self.logits(inputs, timesteps), targets, marginal_ratio=self.marginal_temperature / self.joint_temperature
+        )
 
     def step_scale(self, scale: float, step: GuidanceStep) -> float:
         if self.schedule == "edm_continuous":

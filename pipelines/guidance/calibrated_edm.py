@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from plugguide.pipelines.guidance.base import GuidanceStep, GuidanceShift
+from plugguide.pipelines.guidance.base import GuidanceShift, GuidanceStep
 from plugguide.pipelines.guidance.calibrated import CalibratedGuidance
 from plugguide.pipelines.tasks import Task
 
@@ -49,15 +49,24 @@ class CalibratedEDMGuidance(CalibratedGuidance):
         task: Task | None = None,
     ) -> None:
         super().__init__(
-            classifier, input="x_t", softplus_beta=softplus_beta, joint_temperature=joint_temperature,
-            marginal_discount=marginal_discount, sine_gamma=sine_gamma, schedule="ddpm", clip_gradient=clip_gradient, task=task,
+            classifier,
+            input="x_t",
+            softplus_beta=softplus_beta,
+            joint_temperature=joint_temperature,
+            marginal_discount=marginal_discount,
+            sine_gamma=sine_gamma,
+            schedule="ddpm",
+            clip_gradient=clip_gradient,
+            task=task,
         )
 
     @property
     def shifts(self) -> GuidanceShift:
         return "sample"
 
-    def gradient(self, x_t: torch.Tensor, timesteps: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def gradient(
+        self, x_t: torch.Tensor, timesteps: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         """The normalised gradient of Algorithm 2 at the sample `x_t` (in EDM's space), per sample."""
         norm = x_t.square().flatten(1).mean(1).sqrt().view(-1, *[1] * (x_t.dim() - 1))
         inputs = x_t / norm.clamp_min(1.0)
@@ -67,7 +76,10 @@ class CalibratedEDMGuidance(CalibratedGuidance):
 
     def step_scale(self, scale: float, step: GuidanceStep) -> float:
         total = step.num_steps + 1  # the authors' len(t_steps): N levels and the final 0
-        return max(scale / total * (total - step.index), 1e-5) + math.sin(step.index / step.num_steps * math.pi) * scale * self.sine_gamma
+        return (
+            max(scale / total * (total - step.index), 1e-5)
+            + math.sin(step.index / step.num_steps * math.pi) * scale * self.sine_gamma
+        )
 
     def variance_offset(self, step: GuidanceStep) -> float:
         return 0.0

@@ -53,7 +53,13 @@ class ClassifierGuidance(Guidance):
             classifier's, a segmenter's or a regressor's), or the wrapped guidance's.
     """
 
-    def __init__(self, classifier: nn.Module | str, input: GuidanceInput = "x_t", clip_gradient: float | None = None, task: Task | None = None) -> None:
+    def __init__(
+        self,
+        classifier: nn.Module | str,
+        input: GuidanceInput = "x_t",
+        clip_gradient: float | None = None,
+        task: Task | None = None,
+    ) -> None:
         super().__init__(input=input, clip_gradient=clip_gradient)
         # Where the model came from, for errors about it (a wrapped guidance passes its own on).
         path = classifier if isinstance(classifier, str) else getattr(classifier, "classifier_path", None)

@@ -20,5 +20,7 @@ class NaiveClassifierGuidance(ClassifierGuidance):
         task: see `ClassifierGuidance`.
     """
 
-    def __init__(self, classifier: nn.Module | str, clip_gradient: float | None = None, task: Task | None = None) -> None:
+    def __init__(
+        self, classifier: nn.Module | str, clip_gradient: float | None = None, task: Task | None = None
+    ) -> None:
         super().__init__(classifier, input="x_t", clip_gradient=clip_gradient, task=task)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from plugguide.models import MultiExpertClassifier
+from plugguide.models import MultiExpertModel
 from plugguide.pipelines.guidance.classifier import ClassifierGuidance, evaluating
 from plugguide.pipelines.tasks import Task
 
@@ -18,21 +18,25 @@ class ExpertGuidance(ClassifierGuidance):
     regressor guide toward a target map the same way (the task's log-likelihood in place of the log-softmax).
 
     Args:
-        experts: a `MultiExpertClassifier`, or the directory it was saved to.
+        experts: a `MultiExpertModel`, or the directory it was saved to.
         clip_gradient: see `Guidance`.
         task: see `ClassifierGuidance` (None: the task of the experts' off-the-shelf model).
         merge_adapters: run each expert with its LoRA update merged into the frozen weights
-            (`MultiExpertClassifier.merge_adapters`), so a guided step costs what the off-the-shelf model costs.
+            (`MultiExpertModel.merge_adapters`), so a guided step costs what the off-the-shelf model costs.
             None: merged for experts loaded from a directory (sampling), unmerged for a module handed in (it may be
             training).
     """
 
     def __init__(
-        self, experts: nn.Module | str, clip_gradient: float | None = None, task: Task | None = None, merge_adapters: bool | None = None
+        self,
+        experts: nn.Module | str,
+        clip_gradient: float | None = None,
+        task: Task | None = None,
+        merge_adapters: bool | None = None,
     ) -> None:
         loaded = isinstance(experts, str)
         if loaded:
-            experts = MultiExpertClassifier.from_pretrained(experts)
+            experts = MultiExpertModel.from_pretrained(experts)
         if merge_adapters if merge_adapters is not None else loaded:
             experts.merge_adapters()
         super().__init__(experts, input="x_t", clip_gradient=clip_gradient, task=task)

@@ -18,4 +18,12 @@ def default_task(model: nn.Module) -> Task:
     return TASKS_BY_OUTPUT[getattr(model, "predicts", "class")]()
 
 
-__all__ = ["ClassificationTask", "DenseRegressionTask", "SegmentationTask", "TASKS_BY_OUTPUT", "Task", "align_scale_and_shift", "default_task"]
+__all__ = [
+    "ClassificationTask",
+    "DenseRegressionTask",
+    "SegmentationTask",
+    "TASKS_BY_OUTPUT",
+    "Task",
+    "align_scale_and_shift",
+    "default_task",
+]

@@ -34,7 +34,9 @@ class Task(ABC):
         """The scalar loss of a batch of outputs against real labels (pretraining, the paper's supervised rows)."""
 
     @abstractmethod
-    def log_likelihood(self, outputs: torch.Tensor, targets: torch.Tensor, marginal_ratio: float = 1.0) -> torch.Tensor:
+    def log_likelihood(
+        self, outputs: torch.Tensor, targets: torch.Tensor, marginal_ratio: float = 1.0
+    ) -> torch.Tensor:
         """Per-sample log p(target | input), shape (B,), whose gradient guides.
 
         `marginal_ratio` = tau2 / tau1 of calibrated guidance (Ma et al., 2023): tasks that score classes use it for

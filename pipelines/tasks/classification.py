@@ -37,7 +37,9 @@ class ClassificationTask(Task):
     def supervised_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, labels)
 
-    def log_likelihood(self, outputs: torch.Tensor, targets: torch.Tensor, marginal_ratio: float = 1.0) -> torch.Tensor:
+    def log_likelihood(
+        self, outputs: torch.Tensor, targets: torch.Tensor, marginal_ratio: float = 1.0
+    ) -> torch.Tensor:
         self.check_target_shape(outputs, targets)
         index = targets.unsqueeze(1)
         if marginal_ratio == 1.0:
@@ -55,8 +57,14 @@ class ClassificationTask(Task):
 
     def check_targets(self, targets: torch.Tensor, num_classes: int | None) -> None:
         if targets.dim() != 1:
-            raise ValueError(f"Classifier guidance takes one target class per sample, (B,), in `class_labels`, but got `targets` of shape {tuple(targets.shape)}.")
+            raise ValueError(
+                f"Classifier guidance takes one target class per sample, (B,), in `class_labels`, but got `targets` of shape {tuple(targets.shape)}."
+            )
         if bool((targets < 0).any()):
-            raise ValueError("Classifier guidance needs a target class for every sample; `class_labels` has -1 entries.")
+            raise ValueError(
+                "Classifier guidance needs a target class for every sample; `class_labels` has -1 entries."
+            )
         if num_classes is not None and targets.numel() and int(targets.max()) >= num_classes:
-            raise ValueError(f"`class_labels` has class {int(targets.max())}, but the guidance classifier has only {num_classes} classes.")
+            raise ValueError(
+                f"`class_labels` has class {int(targets.max())}, but the guidance classifier has only {num_classes} classes."
+            )

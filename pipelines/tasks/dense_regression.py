@@ -20,7 +20,9 @@ def align_scale_and_shift(prediction: torch.Tensor, target: torch.Tensor) -> tor
     """
     p, t = prediction.flatten(1), target.flatten(1)
     p_mean, t_mean = p.mean(1, keepdim=True), t.mean(1, keepdim=True)
-    scale = ((p - p_mean) * (t - t_mean)).sum(1, keepdim=True) / (p - p_mean).square().sum(1, keepdim=True).clamp_min(1e-12)
+    scale = ((p - p_mean) * (t - t_mean)).sum(1, keepdim=True) / (p - p_mean).square().sum(1, keepdim=True).clamp_min(
+        1e-12
+    )
     return (scale * (p - p_mean) + t_mean).view_as(prediction)
 
 
@@ -60,10 +62,14 @@ class DenseRegressionTask(Task):
     def supervised_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.squared_errors(outputs, labels).mean()
 
-    def log_likelihood(self, outputs: torch.Tensor, targets: torch.Tensor, marginal_ratio: float = 1.0) -> torch.Tensor:
+    def log_likelihood(
+        self, outputs: torch.Tensor, targets: torch.Tensor, marginal_ratio: float = 1.0
+    ) -> torch.Tensor:
         self.check_target_shape(outputs, targets)
         if marginal_ratio != 1.0:
-            raise ValueError(f"A marginal temperature acts on class scores; a dense regression has none (`marginal_ratio`={marginal_ratio}, expected 1).")
+            raise ValueError(
+                f"A marginal temperature acts on class scores; a dense regression has none (`marginal_ratio`={marginal_ratio}, expected 1)."
+            )
         return -self.squared_errors(outputs, targets).sum(1)
 
     def prediction(self, outputs: torch.Tensor) -> torch.Tensor:

@@ -28,5 +28,9 @@ class SegmentationTask(ClassificationTask):
                 f"Expected `targets` of segmentation guidance to be one integer label map per sample, (B, H, W) (TargetMapDataModule "
                 f"gives them to the sampling job), but got {targets.dtype} targets of shape {tuple(targets.shape)}."
             )
-        if targets.numel() and (int(targets.min()) < 0 or (num_classes is not None and int(targets.max()) >= num_classes)):
-            raise ValueError(f"`targets` hold classes {int(targets.min())}..{int(targets.max())}, but the segmenter knows classes 0..{num_classes - 1}.")
+        if targets.numel() and (
+            int(targets.min()) < 0 or (num_classes is not None and int(targets.max()) >= num_classes)
+        ):
+            raise ValueError(
+                f"`targets` hold classes {int(targets.min())}..{int(targets.max())}, but the segmenter knows classes 0..{num_classes - 1}."
+            )

@@ -53,7 +53,12 @@ def expert_boundaries(num_experts: int, num_train_timesteps: int) -> list[int]:
 
 def check_boundaries(boundaries: list[int], num_train_timesteps: int) -> list[int]:
     """Validates custom expert ranges: strictly increasing from 0 to T, so they cover [0, T) exactly once."""
-    if len(boundaries) < 2 or boundaries[0] != 0 or boundaries[-1] != num_train_timesteps or any(b <= a for a, b in zip(boundaries, boundaries[1:])):
+    if (
+        len(boundaries) < 2
+        or boundaries[0] != 0
+        or boundaries[-1] != num_train_timesteps
+        or any(b <= a for a, b in zip(boundaries, boundaries[1:]))
+    ):
         raise ValueError(
             f"`timestep_boundaries`={boundaries} must rise strictly from 0 to T={num_train_timesteps}, so that the "
             "expert ranges [b_n, b_{n+1}) cover [0, T) without gaps or overlaps."
@@ -61,7 +66,7 @@ def check_boundaries(boundaries: list[int], num_train_timesteps: int) -> list[in
     return list(boundaries)
 
 
-class MultiExpertClassifier(nn.Module):
+class MultiExpertModel(nn.Module):
     """One frozen off-the-shelf model and N experts, expert n guiding timesteps [b_n, b_{n+1}) (PPAP, Go et al., 2023).
 
     The model is a classifier (`TimmClassifier`) or a dense model (`DenseModel`); the experts return what it returns
@@ -122,10 +127,18 @@ class MultiExpertClassifier(nn.Module):
         self.backbone_config = dict(backbone._hub_mixin_config)
         self.register_buffer("boundaries", torch.tensor(boundaries), persistent=False)
         self.config = dict(
-            num_experts=num_experts, num_train_timesteps=num_train_timesteps, finetune=finetune, lora_rank=lora_rank,
-            lora_alpha=lora_alpha, target_modules=target_modules, timestep_boundaries=boundaries, per_expert_head=per_expert_head,
+            num_experts=num_experts,
+            num_train_timesteps=num_train_timesteps,
+            finetune=finetune,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            target_modules=target_modules,
+            timestep_boundaries=boundaries,
+            per_expert_head=per_expert_head,
         )
-        backbone = copy.deepcopy(backbone).requires_grad_(False)  # peft wraps layers in place: never the caller's model
+        backbone = copy.deepcopy(backbone).requires_grad_(
+            False
+        )  # peft wraps layers in place: never the caller's model
         if finetune == "full":
             self.experts = nn.ModuleList(copy.deepcopy(backbone).requires_grad_(True) for _ in range(num_experts))
         else:
@@ -142,7 +155,9 @@ class MultiExpertClassifier(nn.Module):
             self.peft_model = get_peft_model(backbone, lora_config, adapter_name=self.expert_name(0))
             for n in range(1, num_experts):
                 self.peft_model.add_adapter(self.expert_name(n), lora_config)
-            self.adapter_parameters = [p for key, p in self.peft_model.named_parameters() if "lora_" in key or ".modules_to_save." in key]
+            self.adapter_parameters = [
+                p for key, p in self.peft_model.named_parameters() if "lora_" in key or ".modules_to_save." in key
+            ]
         self.active_expert = -1
         self.merges_adapters = False
         self.set_expert(0)
@@ -152,9 +167,13 @@ class MultiExpertClassifier(nn.Module):
         return f"expert_{n}"
 
     @staticmethod
-    def lora_targets(backbone: TimmClassifier | DenseModel, target_modules: str | list[str] | None) -> tuple[str | list[str], list[nn.Module]]:
+    def lora_targets(
+        backbone: TimmClassifier | DenseModel, target_modules: str | list[str] | None
+    ) -> tuple[str | list[str], list[nn.Module]]:
         """The LoRA targets (given, or the default of the backbone's family) and the layers they match, at least one."""
-        layers = {name: module for name, module in backbone.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
+        layers = {
+            name: module for name, module in backbone.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))
+        }
         names = list(layers)
         if target_modules is None:
             family = type(backbone.model).__name__
@@ -174,18 +193,28 @@ class MultiExpertClassifier(nn.Module):
                 f"Candidates: {names[:12]}{' ...' if len(names) > 12 else ''}"
             )
         # peft builds a conv's LoRA branch without its dilation (huggingface/peft#3697): the branch's output has another size.
-        dilated = [name for name in matched if max(getattr(layers[name], "dilation", (1,))) > 1 and max(layers[name].kernel_size) > 1]
+        dilated = [
+            name
+            for name in matched
+            if max(getattr(layers[name], "dilation", (1,))) > 1 and max(layers[name].kernel_size) > 1
+        ]
         if dilated:
-            raise ValueError(f"LoRA `target_modules`={target_modules!r} matches dilated convolutions {dilated[:6]}, which peft's LoRA cannot adapt (it drops their dilation); leave them out.")
+            raise ValueError(
+                f"LoRA `target_modules`={target_modules!r} matches dilated convolutions {dilated[:6]}, which peft's LoRA cannot adapt (it drops their dilation); leave them out."
+            )
         return target_modules, [layers[name] for name in matched]
 
     @staticmethod
     def per_expert_modules(backbone: TimmClassifier | DenseModel, head: bool = True) -> list[str]:
         """Modules each expert owns a full copy of: every normalisation layer and, if `head`, the model's output head."""
         output_head = backbone.output_head() if head else None
-        return [name for name, module in backbone.named_modules() if isinstance(module, NORM_TYPES) or (module is output_head and name)]
+        return [
+            name
+            for name, module in backbone.named_modules()
+            if isinstance(module, NORM_TYPES) or (module is output_head and name)
+        ]
 
-    def merge_adapters(self, merged: bool = True) -> "MultiExpertClassifier":
+    def merge_adapters(self, merged: bool = True) -> "MultiExpertModel":
         """Runs each LoRA expert with its update merged into the frozen weights (`W + (alpha / r) B A`), or unmerged.
 
         Unmerged, every call of a LoRA layer also runs its low-rank branch; merged, an expert costs what the
@@ -221,7 +250,9 @@ class MultiExpertClassifier(nn.Module):
 
     def expert_index(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The expert whose range [b_n, b_{n+1}) holds each timestep."""
-        return torch.bucketize(timesteps.to(self.boundaries.device), self.boundaries[1:], right=True).clamp(max=self.num_experts - 1)
+        return torch.bucketize(timesteps.to(self.boundaries.device), self.boundaries[1:], right=True).clamp(
+            max=self.num_experts - 1
+        )
 
     def expert_module(self, n: int) -> nn.Module:
         self.set_expert(n)
@@ -296,7 +327,9 @@ class MultiExpertClassifier(nn.Module):
                     # peft takes any 1-D lora_B tensor for an ungathered ZeRO-3/FSDP shard; ours are the
                     # per-expert LoRA biases (lora_bias=True), saved whole.
                     warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape.*lora_B\.bias")
-                    self.peft_model.save_pretrained(tmp, selected_adapters=[self.expert_name(n) for n in range(self.num_experts)])
+                    self.peft_model.save_pretrained(
+                        tmp, selected_adapters=[self.expert_name(n) for n in range(self.num_experts)]
+                    )
                 self.frozen_backbone().save_pretrained(os.path.join(tmp, "backbone"))
 
         save_atomically(directory, save)
@@ -313,11 +346,13 @@ class MultiExpertClassifier(nn.Module):
         return backbone
 
     @classmethod
-    def from_pretrained(cls, directory: str, setting: str = "experts") -> "MultiExpertClassifier":
+    def from_pretrained(cls, directory: str, setting: str = "experts") -> "MultiExpertModel":
         """Loads experts saved by `save_pretrained`, without Lightning; errors name `setting`, the path and the missing part."""
         config_path = os.path.join(directory, "experts.json")
         if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"`{setting}`={directory!r} holds no experts.json; expected a directory written by MultiExpertClassifier.save_pretrained.")
+            raise FileNotFoundError(
+                f"`{setting}`={directory!r} holds no experts.json; expected a directory written by MultiExpertModel.save_pretrained."
+            )
         with open(config_path) as file:
             config = json.load(file)
         parts = ["backbone"] + [cls.expert_name(n) for n in range(len(config["timestep_boundaries"]) - 1)]
@@ -337,6 +372,8 @@ class MultiExpertClassifier(nn.Module):
                 else:
                     experts.peft_model.load_adapter(path, adapter_name=cls.expert_name(n))
             except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-                raise OSError(f"`{setting}`={directory!r}: expert {n} ({path}) could not be loaded, its files are damaged or truncated ({type(error).__name__}: {error}).") from error
+                raise OSError(
+                    f"`{setting}`={directory!r}: expert {n} ({path}) could not be loaded, its files are damaged or truncated ({type(error).__name__}: {error})."
+                ) from error
         experts.set_expert(0)
         return experts.eval()
