@@ -15,9 +15,10 @@ class NaiveClassifierGuidance(ClassifierGuidance):
     gradients on x_t are mostly useless.
 
     Args:
-        classifier: an off-the-shelf model (or the path of a saved `TimmClassifier` or `DenseModel`), kept frozen.
-        clip_gradient: see `Guidance`.
-        task: see `ClassifierGuidance`.
+        classifier (`nn.Module | str`): an off-the-shelf model, or the path of a saved `TimmClassifier` or `DenseModel`
+            (a module is used as handed, see `ClassifierGuidance`).
+        clip_gradient (`float`, *optional*): see `Guidance`.
+        task (`Task`, *optional*): see `ClassifierGuidance`.
     """
 
     def __init__(
