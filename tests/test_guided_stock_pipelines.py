@@ -171,6 +171,17 @@ def sdxl_pipeline() -> tuple[StableDiffusionXLPipeline, dict]:
     return quiet(pipe), dict(num_inference_steps=3, height=16, width=16, **embeds)
 
 
+def pooled_prompt_embeds() -> dict:
+    """Seeded prompt and pooled embeddings, with their negatives, as SD3 and Flux take them (2 samples, 4 tokens)."""
+    generator = seeded(1)
+    return dict(
+        prompt_embeds=torch.randn(2, 4, 16, generator=generator),
+        pooled_prompt_embeds=torch.randn(2, 16, generator=generator),
+        negative_prompt_embeds=torch.randn(2, 4, 16, generator=generator),
+        negative_pooled_prompt_embeds=torch.randn(2, 16, generator=generator),
+    )
+
+
 def sd3_pipeline() -> tuple[StableDiffusion3Pipeline, dict]:
     """diffusers' own tiny SD3 transformer and a VAE with SD3's scaling and shift factors."""
     torch.manual_seed(0)
@@ -198,14 +209,7 @@ def sd3_pipeline() -> tuple[StableDiffusion3Pipeline, dict]:
         text_encoder_3=None,
         tokenizer_3=None,
     )
-    generator = seeded(1)
-    embeds = dict(
-        prompt_embeds=torch.randn(2, 4, 16, generator=generator),
-        pooled_prompt_embeds=torch.randn(2, 16, generator=generator),
-        negative_prompt_embeds=torch.randn(2, 4, 16, generator=generator),
-        negative_pooled_prompt_embeds=torch.randn(2, 16, generator=generator),
-    )
-    return quiet(pipe), dict(num_inference_steps=3, height=16, width=16, **embeds)
+    return quiet(pipe), dict(num_inference_steps=3, height=16, width=16, **pooled_prompt_embeds())
 
 
 def flux_pipeline() -> tuple[FluxPipeline, dict]:
@@ -236,14 +240,7 @@ def flux_pipeline() -> tuple[FluxPipeline, dict]:
         tokenizer_2=None,
         transformer=transformer,
     )
-    generator = seeded(1)
-    embeds = dict(
-        prompt_embeds=torch.randn(2, 4, 16, generator=generator),
-        pooled_prompt_embeds=torch.randn(2, 16, generator=generator),
-        negative_prompt_embeds=torch.randn(2, 4, 16, generator=generator),
-        negative_pooled_prompt_embeds=torch.randn(2, 16, generator=generator),
-    )
-    return quiet(pipe), dict(num_inference_steps=3, height=16, width=16, **embeds)
+    return quiet(pipe), dict(num_inference_steps=3, height=16, width=16, **pooled_prompt_embeds())
 
 
 def dit_pipeline() -> tuple[DiTPipeline, dict]:
