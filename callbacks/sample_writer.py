@@ -11,8 +11,18 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchvision.utils import save_image
 
+from plugguide.callbacks.labelled_grid import labelled_grid
 from plugguide.callbacks.run_folder import in_run_folder
 from plugguide.metrics.generation import unique_rows
+
+
+def class_rows(labels: torch.Tensor, nrow: int) -> list[str] | None:
+    """ "class k" for each grid row whose samples all target class k; None (no label column) where any row is mixed
+    or untargeted."""
+    rows = [labels[start : start + nrow] for start in range(0, len(labels), nrow)]
+    if not all(int(row[0]) >= 0 and bool((row == row[0]).all()) for row in rows):
+        return None
+    return [f"class {int(row[0])}" for row in rows]
 
 
 class SampleWriter(BasePredictionWriter):
@@ -60,6 +70,6 @@ class SampleWriter(BasePredictionWriter):
         npz, grid = os.path.join(directory, "samples.npz"), os.path.join(directory, "grid.png")
         np.savez(npz + ".tmp.npz", images=images.float().numpy(), labels=labels.long().numpy(), **maps)
         os.replace(npz + ".tmp.npz", npz)
-        save_image(images / 2 + 0.5, grid + ".tmp.png", nrow=self.nrow, padding=1, pad_value=1.0)
+        save_image(labelled_grid(images / 2 + 0.5, self.nrow, class_rows(labels, self.nrow)), grid + ".tmp.png")
         os.replace(grid + ".tmp.png", grid)
         rank_zero_info(f"Wrote {len(images)} samples to {npz} and {grid}")

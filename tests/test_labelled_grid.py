@@ -26,3 +26,11 @@ def test_each_row_gets_a_label_on_its_left():
     for row in range(10):
         band = column[2 + row * 66 : 2 + row * 66 + 64]
         assert (band < 0.5).any(), f"row {row} has no label"
+
+
+def test_the_sample_writer_names_rows_only_when_each_row_targets_one_class():
+    from plugguide.callbacks.sample_writer import class_rows
+
+    assert class_rows(torch.arange(3).repeat_interleave(2), nrow=2) == ["class 0", "class 1", "class 2"]
+    assert class_rows(torch.tensor([0, 1, 1, 1]), nrow=2) is None  # a mixed row
+    assert class_rows(torch.full((4,), -1), nrow=2) is None  # unguided samples
