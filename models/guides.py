@@ -8,15 +8,13 @@ fine-tuned copies of it (same architecture) without retraining.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Callable
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import nn
 
-from plugguide.models.saving import HubModelMixin, load_saved
+from plugguide.models.saving import HubModelMixin, load_saved, read_saved_config
 
 
 def unet_signature(unet: UNet2DConditionModel) -> dict:
@@ -211,13 +209,7 @@ GuideFactory = Callable[[UNet2DConditionModel], Guide]
 
 def load_guide(path: str, unet: UNet2DConditionModel, setting: str = "guide_path") -> Guide:
     """Rebuilds a guide saved with `save_pretrained` for `unet`, checking that it was built for such a UNet."""
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(
-            f"`{setting}`={path!r} is not a saved guide: expected config.json and model.safetensors written by `Guide.save_pretrained`."
-        )
-    with open(config_file) as file:
-        config = json.load(file)
+    config = read_saved_config(path, "config.json", setting, "Guide.save_pretrained")
     if config.get("guide_class") not in GUIDES:
         raise ValueError(
             f"`{setting}`={path!r} holds guide class {config.get('guide_class')!r}; allowed: {', '.join(GUIDES)}."

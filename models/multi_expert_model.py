@@ -17,7 +17,7 @@ from torch import nn
 from plugguide.models.classifier import TimmClassifier
 from plugguide.models.dense_model import DenseModel
 from plugguide.models.off_the_shelf import load_off_the_shelf
-from plugguide.models.saving import save_atomically
+from plugguide.models.saving import read_saved_config, save_atomically
 
 Finetune = Literal["lora", "full"]
 
@@ -136,9 +136,8 @@ class MultiExpertModel(nn.Module):
             timestep_boundaries=boundaries,
             per_expert_head=per_expert_head,
         )
-        backbone = copy.deepcopy(backbone).requires_grad_(
-            False
-        )  # peft wraps layers in place: never the caller's model
+        # peft wraps layers in place: the experts wrap a frozen copy, never the caller's model.
+        backbone = copy.deepcopy(backbone).requires_grad_(False)
         if finetune == "full":
             self.experts = nn.ModuleList(copy.deepcopy(backbone).requires_grad_(True) for _ in range(num_experts))
         else:
@@ -348,13 +347,7 @@ class MultiExpertModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str, setting: str = "experts") -> "MultiExpertModel":
         """Loads experts saved by `save_pretrained`, without Lightning; errors name `setting`, the path and the missing part."""
-        config_path = os.path.join(directory, "experts.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(
-                f"`{setting}`={directory!r} holds no experts.json; expected a directory written by MultiExpertModel.save_pretrained."
-            )
-        with open(config_path) as file:
-            config = json.load(file)
+        config = read_saved_config(directory, "experts.json", setting, "MultiExpertModel.save_pretrained")
         parts = ["backbone"] + [cls.expert_name(n) for n in range(len(config["timestep_boundaries"]) - 1)]
         missing = [part for part in parts if not os.path.isdir(os.path.join(directory, part))]
         if missing:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import uuid
@@ -98,6 +99,24 @@ def write_file_atomically(path: str, write: Callable[[BinaryIO], object]) -> Non
             os.remove(tmp)
         raise
     fsync_directory(parent)
+
+
+def read_saved_config(directory: str, name: str, setting: str, written_by: str) -> dict:
+    """The JSON config `name` of a saved folder, or an error naming `setting`, the folder and what should have written it.
+
+    Args:
+        directory (`str`): the saved folder.
+        name (`str`): its config file, e.g. "config.json".
+        setting (`str`): the setting that named the folder, for the error.
+        written_by (`str`): the method that writes such folders, for the error.
+    """
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"`{setting}`={directory!r} holds no {name}; expected a directory written by `{written_by}`."
+        )
+    with open(path) as file:
+        return json.load(file)
 
 
 def load_saved(model_class, path: str, setting: str, what: str, embedded: str | None = None, **model_kwargs):

@@ -144,7 +144,7 @@ class ExpertDistillation(FrozenNetworksModule):
         num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         self.teacher = load_off_the_shelf(teacher_path, "model.teacher_path").eval().requires_grad_(False)
         self.experts = MultiExpertModel(
-            load_off_the_shelf(teacher_path, "model.teacher_path"),
+            self.teacher,  # the experts wrap a copy of the frozen teacher
             num_experts=num_experts,
             num_train_timesteps=num_train_timesteps,
             finetune=finetune,
