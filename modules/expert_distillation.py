@@ -143,6 +143,7 @@ class ExpertDistillation(FrozenNetworksModule):
         )
         num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         self.teacher = load_off_the_shelf(teacher_path, "model.teacher_path").eval().requires_grad_(False)
+        # The experts' settings, passed on by name: LightningCLI reads each from this job's own signature.
         self.experts = MultiExpertModel(
             self.teacher,  # the experts wrap a copy of the frozen teacher
             num_experts=num_experts,

@@ -26,11 +26,11 @@ class GradientGuidance(ClassifierFreeGuidance):
 
     Args:
         pipe: the modular pipeline (with `unet` or `transformer`, `scheduler`, and `vae` for latent models).
-        guidance: a score-shifting `Guidance` (see `guided`).
-        classifier_scale: the guidance gradient scale s >= 0.
-        targets: one target per sample of the pipeline's batch.
-        guidance_scale: the CFG weight g (1 = off), as `ClassifierFreeGuidance`.
-        guidance_rescale: see `ClassifierFreeGuidance`.
+        guidance (`Guidance`): a score-shifting `Guidance` (see `guided`).
+        classifier_scale (`float`): the guidance gradient scale s >= 0.
+        targets (`Sequence | torch.Tensor`): one target per sample of the pipeline's batch.
+        guidance_scale (`float`, defaults to 7.5): the CFG weight g (1 = off), as `ClassifierFreeGuidance`.
+        guidance_rescale (`float`, defaults to 0.0): see `ClassifierFreeGuidance`.
     """
 
     def __init__(

@@ -27,13 +27,13 @@ class GuideDistilledPipeline(DiffusionPipeline):
     (with `tokenizer` and `text_encoder`) or `encoder_hidden_states`, and a `vae` decodes their latents.
 
     Args:
-        unet: the frozen `UNet2DConditionModel`.
-        guide: a `TinyGuide` or `FullGuide` built for this UNet's architecture.
+        unet (`UNet2DConditionModel`): the frozen `UNet2DConditionModel`.
+        guide (`Guide`): a `TinyGuide` or `FullGuide` built for this UNet's architecture.
         scheduler: any diffusers scheduler that consumes eps (DDIM, DPM-Solver++, UniPC, PNDM, ...).
         vae: optional `AutoencoderKL` for latent models.
         text_encoder: optional CLIP text model for prompts.
         tokenizer: optional tokenizer of `text_encoder`.
-        autocast_dtype: "bfloat16" or "float16" runs the UNet and guide pass under autocast; None: full precision.
+        autocast_dtype (`str | None`, *optional*): "bfloat16" or "float16" runs the UNet and guide pass under autocast; None: full precision.
     """
 
     def __init__(
@@ -102,16 +102,16 @@ class GuideDistilledPipeline(DiffusionPipeline):
         """Generates one image per class label or prompt, one guided UNet pass per step.
 
         Args:
-            class_labels: target class per sample (class-conditional UNets).
-            prompt: text prompt(s) (text-conditional UNets).
-            encoder_hidden_states: precomputed text hidden states instead of `prompt`.
-            num_inference_steps: sampler steps (use the step count the guide was halved to).
-            guidance_scale: the classifier-free guidance weight g the guide imitates, as in diffusers:
+            class_labels (`Sequence[int] | torch.Tensor | None`, *optional*): target class per sample (class-conditional UNets).
+            prompt (`str | Sequence[str] | None`, *optional*): text prompt(s) (text-conditional UNets).
+            encoder_hidden_states (`torch.Tensor | None`, *optional*): precomputed text hidden states instead of `prompt`.
+            num_inference_steps (`int`, defaults to 32): sampler steps (use the step count the guide was halved to).
+            guidance_scale (`float`, defaults to 9.0): the classifier-free guidance weight g the guide imitates, as in diffusers:
                 `eps(null) + g (eps(c) - eps(null))`; the guide reads the paper's w = g - 1.
-            generator: torch generator(s) for the initial noise; the same seeds give the same noise as
+            generator (`torch.Generator | list[torch.Generator] | None`, *optional*): torch generator(s) for the initial noise; the same seeds give the same noise as
                 `GuidedDiffusionPipeline`, so one-pass and CFG samples compare image by image.
-            output_type: "pil", "np" (B, H, W, C) in [0, 1], or "pt" (B, C, H, W) in [0, 1].
-            return_dict: return a `GuidedSamplesOutput` instead of a tuple.
+            output_type (`str`, defaults to 'pil'): "pil", "np" (B, H, W, C) in [0, 1], or "pt" (B, C, H, W) in [0, 1].
+            return_dict (`bool`, defaults to True): return a `GuidedSamplesOutput` instead of a tuple.
         """
         if num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")

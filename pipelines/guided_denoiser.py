@@ -67,15 +67,15 @@ def guided(
     clipped.
 
     Args:
-        pipe: a diffusers pipeline with a `unet` or `transformer` whose forward takes `sample` or `hidden_states` and
+        pipe (`DiffusionPipeline`): a diffusers pipeline with a `unet` or `transformer` whose forward takes `sample` or `hidden_states` and
             `timestep`, and a scheduler of `SCHEDULER_FAMILIES`; latent pipelines decode with `pipe.vae` (Flux's packed
             latents with its own `_unpack_latents`).
-        guidance: any score-shifting `Guidance` of the project (classifier on x_t or x0_hat, calibrated, PPAP experts,
+        guidance (`Guidance`): any score-shifting `Guidance` of the project (classifier on x_t or x0_hat, calibrated, PPAP experts,
             dense guides); EluCD's EDM Algorithm 2 (`CalibratedEDMGuidance`) moves the sample, not the
             output, and is refused. It is moved to the denoiser's device and to the VAE's dtype (the denoiser's without
             one), as pipelines move their components.
-        classifier_scale: the guidance gradient scale s >= 0; 0 leaves the pipeline's outputs bitwise as they are.
-        targets: one target per sample of the pipeline's batch (after `num_images_per_prompt`): a class, or a dense
+        classifier_scale (`float`): the guidance gradient scale s >= 0; 0 leaves the pipeline's outputs bitwise as they are.
+        targets (`Sequence | torch.Tensor`): one target per sample of the pipeline's batch (after `num_images_per_prompt`): a class, or a dense
             guide's target map.
 
     Yields:
@@ -156,13 +156,13 @@ class GuidedDenoiser:
 
     Args:
         pipe: the pipeline whose scheduler places each call and whose VAE decodes latents.
-        denoiser: the module whose forward this replaces while installed (`install`, `uninstall`).
-        input_name: its input's keyword, `sample` or `hidden_states`.
-        family: `ModelFamily` of the pipeline's scheduler (built with `sets_timesteps=False`).
-        guidance: the `Guidance`.
-        classifier_scale: s.
-        targets: one per sample.
-        clip_first: the scheduler clips x0_hat and steps as its unclipped copy: clip before the shift.
+        denoiser (`torch.nn.Module`): the module whose forward this replaces while installed (`install`, `uninstall`).
+        input_name (`str`): its input's keyword, `sample` or `hidden_states`.
+        family (`ModelFamily`): `ModelFamily` of the pipeline's scheduler (built with `sets_timesteps=False`).
+        guidance (`Guidance`): the `Guidance`.
+        classifier_scale (`float`): s.
+        targets (`torch.Tensor`): one per sample.
+        clip_first (`bool`): the scheduler clips x0_hat and steps as its unclipped copy: clip before the shift.
     """
 
     def __init__(

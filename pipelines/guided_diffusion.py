@@ -35,8 +35,8 @@ class GuidedSamplesOutput(BaseOutput):
     """Samples of a guided run.
 
     Args:
-        images: PIL images, a (B, H, W, C) numpy array in [0, 1], or a (B, C, H, W) tensor in [0, 1].
-        class_labels: the target class of each sample, -1 where none.
+        images (`list[PIL.Image.Image] | np.ndarray | torch.Tensor`): PIL images, a (B, H, W, C) numpy array in [0, 1], or a (B, C, H, W) tensor in [0, 1].
+        class_labels (`torch.Tensor`): the target class of each sample, -1 where none.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -53,7 +53,7 @@ class SamplingRun:
         targets (`Tensor`): the guidance's targets per sample: classes, or a dense guide's maps.
         classifier_scale (`float`): s, the guidance's gradient scale (0: unguided).
         cfg_weight (`float`): w of `(1 + w) eps(c) - w eps(null)`, diffusers' `guidance_scale` - 1 (0: no CFG).
-        generator: the generator(s) of the stochastic steps.
+        generator (`torch.Generator | list[torch.Generator] | None`): the generator(s) of the stochastic steps.
         clip_first (`bool`, defaults to False): the sampler clips x0_hat and steps as its unclipped copy.
         max_variance (`float`, defaults to 0.0): the largest ancestral Sigma_t so far (EluCD's sine term reads it).
     """
@@ -151,15 +151,15 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         unet: `UNet2DModel` (unconditional), class- or text-conditional `UNet2DConditionModel`, or a class-conditional
             DiT (`DiTTransformer2DModel`, null class `num_embeds_ada_norm`).
         scheduler: a diffusers scheduler of `SCHEDULER_FAMILIES` (VP, sigma-space, EDM or flow matching).
-        guidance: a `Guidance`, or None for unguided / CFG-only sampling.
+        guidance (`Guidance | None`, *optional*): a `Guidance`, or None for unguided / CFG-only sampling.
         vae: an `AutoencoderKL` for latent UNets, or None for pixel-space UNets.
-        cfg_guidance: how classifier guidance combines with CFG: `"shift"` (the usual mean / eps shift on
+        cfg_guidance (`str`, defaults to 'shift'): how classifier guidance combines with CFG: `"shift"` (the usual mean / eps shift on
             the CFG noise) or `"normalized"` (the DiT rule above; needs `guidance_scale` > 1).
-        prompt_embeds: for a text-conditional UNet, the default text-encoder hidden states (1, L, D) it samples under
+        prompt_embeds (`torch.Tensor | None`, *optional*): for a text-conditional UNet, the default text-encoder hidden states (1, L, D) it samples under
             (`models.prompt_conditioning`; the empty prompt's for unconditional sampling); a call's `prompt` or
             `prompt_embeds` replaces them for that call.
-        negative_prompt_embeds: the default null condition of CFG on a prompt (the empty prompt's), same shape.
-        autocast_dtype: "bfloat16" or "float16" runs the denoiser (only) under autocast; None: full precision.
+        negative_prompt_embeds (`torch.Tensor | None`, *optional*): the default null condition of CFG on a prompt (the empty prompt's), same shape.
+        autocast_dtype (`str | None`, *optional*): "bfloat16" or "float16" runs the denoiser (only) under autocast; None: full precision.
         text_encoder: the text encoder of a text-conditional model (CLIP, T5), to encode a call's `prompt`; None: the
             pipeline takes embeddings only.
         tokenizer: the text encoder's tokenizer.

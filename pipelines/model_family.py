@@ -61,10 +61,10 @@ class NoiseLevel(GuidanceStep):
     """One denoiser evaluation: what guidance sees (`GuidanceStep`), plus how the sampler's state relates to it.
 
     Args:
-        scale: the state is `x = scale * x_t`.
-        sampler_sigma: the noise level s in the sampler's own table: x = x0 + s eps in the sigma spaces (s = sigma / alpha,
+        scale (`float`, defaults to 1.0): the state is `x = scale * x_t`.
+        sampler_sigma (`float`, defaults to 0.0): the noise level s in the sampler's own table: x = x0 + s eps in the sigma spaces (s = sigma / alpha,
             what EDM's preconditioning reads), x = (1 - s) x0 + s eps in flow matching; sqrt((1 - abar) / abar) in vp.
-        first_evaluation: False for Heun's second (corrector) evaluation of a step.
+        first_evaluation (`bool`, defaults to True): False for Heun's second (corrector) evaluation of a step.
     """
 
     scale: float = 1.0
@@ -79,8 +79,8 @@ class ModelFamily:
     it does not handle, and scheduler settings that would make the conversion wrong.
 
     Args:
-        scheduler: a diffusers scheduler of `SCHEDULER_FAMILIES`.
-        sets_timesteps: True (default) where the family starts each run itself (`set_timesteps`, as
+        scheduler (`SchedulerMixin`): a diffusers scheduler of `SCHEDULER_FAMILIES`.
+        sets_timesteps (`bool`, defaults to True): True (default) where the family starts each run itself (`set_timesteps`, as
             `GuidedDiffusionPipeline` does); False where the caller's own pipeline sets the scheduler's timesteps (a stock
             pipeline under `guided`), which may pass dynamic shifting's `mu` (Flux), so `use_dynamic_shifting` is allowed.
     """

@@ -37,12 +37,12 @@ def guidance_gradient(
     """The guidance gradient w.r.t. x_t's space; through the VAE decoder for latent models (a vector-Jacobian product).
 
     Args:
-        guidance: the `Guidance`.
+        guidance (`Guidance`): the `Guidance`.
         vae: an `AutoencoderKL` for latent models, or None in pixel space.
-        x: x_t (B, ...).
-        t: the train timestep, a 0-d tensor.
-        x0_hat: the predicted clean image (clipped to [-1, 1] in pixel space).
-        targets: one target per sample.
+        x (`torch.Tensor`): x_t (B, ...).
+        t (`torch.Tensor`): the train timestep, a 0-d tensor.
+        x0_hat (`torch.Tensor`): the predicted clean image (clipped to [-1, 1] in pixel space).
+        targets (`torch.Tensor`): one target per sample.
         decode: latents -> pixels; None: `decode_latents(vae, .)` (a pipeline whose latents are packed passes its own).
     """
     timesteps = t.expand(x.shape[0])

@@ -39,8 +39,8 @@ def sample_trajectory(pipeline: DiffusionPipeline, batch: dict, **call_kwargs) -
     condition.
 
     Args:
-        pipeline: a `GuidedDiffusionPipeline` whose scheduler is one of `TRAJECTORY_SCHEDULERS` (their state is x_t).
-        batch: `label` and `seed` per sample, as for `sample_batch`.
+        pipeline (`DiffusionPipeline`): a `GuidedDiffusionPipeline` whose scheduler is one of `TRAJECTORY_SCHEDULERS` (their state is x_t).
+        batch (`dict`): `label` and `seed` per sample, as for `sample_batch`.
         **call_kwargs: passed to the pipeline (`num_inference_steps`, `classifier_scale`, `guidance_scale`, ...).
     """
     name = type(pipeline.scheduler).__name__

@@ -20,14 +20,14 @@ class GuidanceStep:
     """Where one guided denoiser evaluation sits in its sampling run, the same for every model family.
 
     Args:
-        timestep: the discrete train timestep of this noise level (PPAP experts route by it).
-        index: the sampler step i (0-based; both evaluations of a Heun step share it).
-        num_steps: N, the sampler steps of the run.
-        alpha: signal coefficient of the variance-preserving x_t = alpha x0 + sigma eps.
-        sigma: its noise coefficient (alpha^2 + sigma^2 = 1).
-        variance: Sigma_t of an ancestral DDPM step (the pipeline fills it in); 0 on every other sampler.
-        num_train_timesteps: T.
-        max_variance: the largest Sigma_t of the run so far, this step's included (the pipeline keeps it, so a
+        timestep (`int`): the discrete train timestep of this noise level (PPAP experts route by it).
+        index (`int`): the sampler step i (0-based; both evaluations of a Heun step share it).
+        num_steps (`int`): N, the sampler steps of the run.
+        alpha (`float`): signal coefficient of the variance-preserving x_t = alpha x0 + sigma eps.
+        sigma (`float`): its noise coefficient (alpha^2 + sigma^2 = 1).
+        variance (`float`): Sigma_t of an ancestral DDPM step (the pipeline fills it in); 0 on every other sampler.
+        num_train_timesteps (`int`): T.
+        max_variance (`float`, defaults to 0.0): the largest Sigma_t of the run so far, this step's included (the pipeline keeps it, so a
             guidance that reads it, EluCD's sine term, holds no state between calls); 0 on every other sampler.
     """
 
@@ -57,8 +57,8 @@ class Guidance(nn.Module, ABC):
     then hands the method the sample in EDM's space, x_t / alpha = x0 + (sigma / alpha) eps.
 
     Args:
-        input: `"x_t"` or `"x0_hat"`, the tensor the log-likelihood is differentiated against.
-        clip_gradient: if set, gradients are clipped to this L2 norm per sample; non-finite gradients
+        input (`GuidanceInput`, defaults to 'x_t'): `"x_t"` or `"x0_hat"`, the tensor the log-likelihood is differentiated against.
+        clip_gradient (`float | None`, *optional*): if set, gradients are clipped to this L2 norm per sample; non-finite gradients
             then become zero instead of raising.
     """
 

@@ -26,9 +26,9 @@ def replace_relu_with_softplus(model: nn.Module, beta: float, threshold: float =
     ReLU-type module was found (e.g. GELU transformers such as DeiT), so the user knows nothing changed.
 
     Args:
-        model: the classifier to modify.
-        beta: Softplus sharpness, > 0.
-        threshold: Softplus reverts to the identity above `threshold / beta` (numerical stability).
+        model (`nn.Module`): the classifier to modify.
+        beta (`float`): Softplus sharpness, > 0.
+        threshold (`float`, defaults to 20.0): Softplus reverts to the identity above `threshold / beta` (numerical stability).
 
     Returns:
         The number of modules replaced.

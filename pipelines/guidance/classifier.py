@@ -47,9 +47,9 @@ class ClassifierGuidance(Guidance):
         classifier (`nn.Module | str`): a module returning logits, per-pixel logits or maps, or the path of a saved
             `TimmClassifier` or `DenseModel`. A module handed in is used as it is, never changed: it runs in eval mode
             for each call (`evaluating`), and only the input's gradient is taken (its parameters may keep training).
-        input: `"x_t"` or `"x0_hat"`.
-        clip_gradient: see `Guidance`.
-        task: what the model predicts and how a target is scored; None: the model's own (`default_task`: a
+        input (`GuidanceInput`, defaults to 'x_t'): `"x_t"` or `"x0_hat"`.
+        clip_gradient (`float | None`, *optional*): see `Guidance`.
+        task (`Task | None`, *optional*): what the model predicts and how a target is scored; None: the model's own (`default_task`: a
             classifier's, a segmenter's or a regressor's), or the wrapped guidance's.
     """
 

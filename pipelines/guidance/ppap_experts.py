@@ -18,10 +18,10 @@ class ExpertGuidance(ClassifierGuidance):
     regressor guide toward a target map the same way (the task's log-likelihood in place of the log-softmax).
 
     Args:
-        experts: a `MultiExpertModel`, or the directory it was saved to.
-        clip_gradient: see `Guidance`.
-        task: see `ClassifierGuidance` (None: the task of the experts' off-the-shelf model).
-        merge_adapters: run each expert with its LoRA update merged into the frozen weights
+        experts (`nn.Module | str`): a `MultiExpertModel`, or the directory it was saved to.
+        clip_gradient (`float | None`, *optional*): see `Guidance`.
+        task (`Task | None`, *optional*): see `ClassifierGuidance` (None: the task of the experts' off-the-shelf model).
+        merge_adapters (`bool | None`, *optional*): run each expert with its LoRA update merged into the frozen weights
             (`MultiExpertModel.merge_adapters`), so a guided step costs what the off-the-shelf model costs.
             None: merged for experts loaded from a directory (sampling), unmerged for a module handed in (it may be
             training).

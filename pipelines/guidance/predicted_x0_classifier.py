@@ -12,13 +12,8 @@ class PredictedCleanImageGuidance(ClassifierGuidance):
     """grad log softmax(f(x0_hat))_y, x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped, detached from the UNet.
 
     PPAP's "gradients on x0" row (Table 1): the classifier sees an image closer to its training data.
-    The gradient with respect to x0_hat is applied as the guidance gradient (Ma et al., 2023).
-
-    Args:
-        classifier (`nn.Module | str`): an off-the-shelf model, or the path of a saved `TimmClassifier` or `DenseModel`
-            (a module is used as handed, see `ClassifierGuidance`).
-        clip_gradient (`float`, *optional*): see `Guidance`.
-        task (`Task`, *optional*): see `ClassifierGuidance`.
+    The gradient with respect to x0_hat is applied as the guidance gradient (Ma et al., 2023). Its arguments are
+    `NaiveClassifierGuidance`'s: the two differ only in the input the classifier reads.
     """
 
     def __init__(

@@ -17,7 +17,7 @@ class ClassificationTask(Task):
     (`SegmentationTask`): the distillation loss is then averaged over them, the log-likelihood summed.
 
     Args:
-        temperature: tau of the teacher's softmax (PPAP: 0.25, on the teacher only).
+        temperature (`float`, defaults to 0.25): tau of the teacher's softmax (PPAP: 0.25, on the teacher only).
     """
 
     scores_classes = True

@@ -40,7 +40,7 @@ class DenseRegressionTask(Task):
     summed, like a segmenter's, so that each pixel's pull does not weaken with the resolution).
 
     Args:
-        loss: "mse" or "ssi".
+        loss (`RegressionLoss`, defaults to 'mse'): "mse" or "ssi".
     """
 
     label_key = "depth"
