@@ -145,7 +145,9 @@ class ExpertDistillation(FrozenNetworksModule):
         self.teacher = load_off_the_shelf(teacher_path, "model.teacher_path").eval().requires_grad_(False)
         # The experts' settings, passed on by name: LightningCLI reads each from this job's own signature.
         self.experts = MultiExpertModel(
-            self.teacher,  # the experts wrap a copy of the frozen teacher
+            # A second load, not `self.teacher`: building a model draws from the global RNG, which peft's LoRA
+            # initialisation reads next, so this load keeps the experts (and every table) as they were trained.
+            load_off_the_shelf(teacher_path, "model.teacher_path"),
             num_experts=num_experts,
             num_train_timesteps=num_train_timesteps,
             finetune=finetune,
