@@ -153,14 +153,18 @@ def imagenet_like(tmp_path_factory) -> dict[str, str]:
     return {name: str(root / name) for name in ("adm", "resnet50", "convnext", "imagenet-1k")}
 
 
-def test_ppap_imagenet256_config_runs_on_tiny_models_of_the_same_classes(imagenet_like, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    paths = {"diffusion_model": imagenet_like["adm"], "teacher_path": imagenet_like["resnet50"]}
-    overrides = {
+def tiny_imagenet_overrides(diffusion_model: str, imagenet_like: dict) -> dict:
+    """A hub PPAP config shrunk to tiny models of the same classes: 5 steps, 8 synthesized images, tiny ImageNet."""
+    return {
         "trainer": {"max_steps": 5, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
         "model": {
-            "init_args": paths
-            | {"evaluator_path": imagenet_like["convnext"], "num_inference_steps": 3, "lora_rank": 2}
+            "init_args": {
+                "diffusion_model": diffusion_model,
+                "teacher_path": imagenet_like["resnet50"],
+                "evaluator_path": imagenet_like["convnext"],
+                "num_inference_steps": 3,
+                "lora_rank": 2,
+            }
         },
         "data": {
             "init_args": {
@@ -176,6 +180,11 @@ def test_ppap_imagenet256_config_runs_on_tiny_models_of_the_same_classes(imagene
             }
         },
     }
+
+
+def test_ppap_imagenet256_config_runs_on_tiny_models_of_the_same_classes(imagenet_like, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    overrides = tiny_imagenet_overrides(imagenet_like["adm"], imagenet_like)
     configs = ["ppap.yaml", "hub/ppap_imagenet256.yaml"]
     run("fit", configs, overrides, tmp_path)
     experts = json.loads((tmp_path / "runs/ppap-imagenet256/version_0/experts/experts.json").read_text())
@@ -351,27 +360,7 @@ def test_ppap_deepfloyd_if_config_runs_on_tiny_models_of_the_same_classes(
 ):
     """configs/hub/ppap_deepfloyd_if.yaml: synthesis under the empty prompt, experts, guided grids and the guided test."""
     monkeypatch.chdir(tmp_path)
-    paths = {"diffusion_model": deepfloyd_like, "teacher_path": imagenet_like["resnet50"]}
-    overrides = {
-        "trainer": {"max_steps": 5, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
-        "model": {
-            "init_args": paths
-            | {"evaluator_path": imagenet_like["convnext"], "num_inference_steps": 3, "lora_rank": 2}
-        },
-        "data": {
-            "init_args": {
-                "num_images": 8,
-                "num_inference_steps": 2,
-                "generation_batch_size": 4,
-                "shard_size": 4,
-                "batch_size": 4,
-                "max_saturated_fraction": None,
-                "labelled_data": {
-                    "init_args": {"source": imagenet_like["imagenet-1k"], "image_size": 32, "batch_size": 5}
-                },
-            }
-        },
-    }
+    overrides = tiny_imagenet_overrides(deepfloyd_like, imagenet_like)
     configs = ["ppap.yaml", "hub/ppap_deepfloyd_if.yaml"]
     run("fit", configs, overrides, tmp_path)
     assert (tmp_path / "runs/ppap-deepfloyd-if/version_0/experts/experts.json").is_file()
