@@ -2,7 +2,7 @@
 
 Classifiers (`TimmClassifier`), dense models (`DenseModel`: segmenters, depth regressors) and the one loader of
 either (`load_off_the_shelf`), the PPAP multi-expert wrapper (`MultiExpertModel`), the guide networks
-of plug-and-play distillation (`TinyGuide`, `FullGuide`), and the loaders of diffusers denoisers,
+of plug-and-play distillation (`TinyGuide`, `FullGuide`) and of distilled gradient guidance (`ShiftGuide`), and the loaders of diffusers denoisers,
 schedulers, VAEs and text encoders, and their speed settings (autocast, compilation). Every other folder stands on this one.
 """
 
@@ -20,6 +20,7 @@ from plugguide.models.guides import FullGuide, Guide, TinyGuide, load_guide, pre
 from plugguide.models.multi_expert_model import MultiExpertModel, expert_boundaries
 from plugguide.models.off_the_shelf import load_off_the_shelf
 from plugguide.models.saving import save_atomically, write_file_atomically
+from plugguide.models.shift_guide import ShiftGuide, load_shift_guide
 from plugguide.models.text_encoder import encode_prompts, is_text_conditional, load_text_encoder, prompt_conditioning
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "MultiExpertModel",
     "SCHEDULER_FAMILIES",
     "SUPPORTED_SCHEDULERS",
+    "ShiftGuide",
     "TimmClassifier",
     "TinyGuide",
     "check_classifier_input",
@@ -43,6 +45,7 @@ __all__ = [
     "load_guide",
     "load_off_the_shelf",
     "load_scheduler",
+    "load_shift_guide",
     "load_text_encoder",
     "load_unet",
     "load_vae",

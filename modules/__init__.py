@@ -6,6 +6,8 @@ from plugguide.modules.classifier_pretraining import ClassifierPretraining
 from plugguide.modules.dense_pretraining import DensePretraining
 from plugguide.modules.diffusion_pretraining import DiffusionPretraining
 from plugguide.modules.expert_distillation import ExpertDistillation
+from plugguide.modules.guidance_distillation import GuidanceDistillation
+from plugguide.modules.guidance_halving import GuidanceHalving
 from plugguide.modules.guide_distillation import GuideDistillation
 from plugguide.modules.guided_sampling import GuidedSampling
 from plugguide.modules.progressive_halving import ProgressiveHalving
@@ -18,6 +20,8 @@ __all__ = [
     "DiffusionPretraining",
     "ExpertDistillation",
     "GuideDistillation",
+    "GuidanceDistillation",
+    "GuidanceHalving",
     "GuidedSampling",
     "ProgressiveHalving",
 ]

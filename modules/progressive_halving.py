@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import Callable
 
 import torch
+from diffusers import DDIMScheduler
 from lightning.pytorch.cli import OptimizerCallable
 
 from plugguide.models.guides import load_guide
@@ -38,7 +40,88 @@ def halving_target(z_t: torch.Tensor, z_s: torch.Tensor, alpha_t, sigma_t, alpha
     return (z_s - ratio * z_t) / (alpha_s - ratio * alpha_t)
 
 
-class ProgressiveHalving(FrozenUNetGuideTraining):
+class StepHalving:
+    """What every halving stage shares: the student's DDIM timesteps, and the loss that makes one student step land
+    where two teacher steps land (Salimans & Ho, 2022, Algorithm 2), for any way of predicting eps.
+
+    A LightningModule mixes it in and calls `setup_halving` in its constructor.
+    """
+
+    def setup_halving(self, scheduler_config, teacher_steps: int) -> None:
+        """Registers the student's timesteps (diffusers' `DDIMScheduler.set_timesteps(teacher_steps / 2)` on the
+        model's schedule) and the schedule's abar; reads the sampler's clipping."""
+        sampler = DDIMScheduler.from_config(scheduler_config)
+        sampler.set_timesteps(teacher_steps // 2)
+        self.teacher_steps = teacher_steps
+        self.register_buffer("student_timesteps", sampler.timesteps.clone().long(), persistent=False)
+        self.register_buffer("alphas_cumprod", sampler.alphas_cumprod.clone().float(), persistent=False)
+        self.final_alpha_cumprod = float(sampler.final_alpha_cumprod)
+        self.clip = float(sampler.config.clip_sample_range) if sampler.config.clip_sample else None
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) shaped for broadcasting; t < 0 is the end of sampling (abar = `final_alpha_cumprod`)."""
+        abar = torch.where(
+            t >= 0,
+            self.alphas_cumprod[t.clamp(min=0)],
+            torch.full_like(t, self.final_alpha_cumprod, dtype=torch.float),
+        )
+        abar = abar.view(-1, 1, 1, 1)
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def step_halving_loss(
+        self,
+        teacher_noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        student_noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        index: torch.Tensor,
+        loss_weighting: str,
+    ) -> torch.Tensor:
+        """The student's loss at its step `index` (per example) from z_t = alpha_t x0 + sigma_t noise.
+
+        `teacher_noise(z, t)` and `student_noise(z, t)` give eps at (z, t). At the student's last step the teacher's
+        midpoint is already the end of sampling (t' < 0): the teacher's one step lands on z_s = z_t' = alpha_final
+        x0_hat + sigma_final eps, and the general target with those (alpha_s, sigma_s) is exactly the teacher's x0_hat,
+        whatever the scheduler's final abar (1 with `set_alpha_to_one`, abar_0 = 0.99915 without, as Stable Diffusion's
+        scheduler).
+        """
+        num_train = self.alphas_cumprod.shape[0]
+        t = self.student_timesteps[index]
+        s = t - num_train // (self.teacher_steps // 2)
+        t_mid = t - num_train // self.teacher_steps
+        alpha_t, sigma_t = self.alpha_sigma(t)
+        alpha_mid, sigma_mid = self.alpha_sigma(t_mid)
+        alpha_s, sigma_s = self.alpha_sigma(s)
+        z_t = alpha_t * x0 + sigma_t * noise
+        with torch.no_grad():
+            z_mid = ddim_step(z_t, teacher_noise(z_t, t), alpha_t, sigma_t, alpha_mid, sigma_mid, self.clip)
+            last = (t_mid < 0).view(-1, 1, 1, 1)
+            eps_mid = teacher_noise(z_mid, t_mid.clamp(min=0))
+            z_s = torch.where(
+                last, z_mid, ddim_step(z_mid, eps_mid, alpha_mid, sigma_mid, alpha_s, sigma_s, self.clip)
+            )
+            x_target = halving_target(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s)
+        x_student = (z_t - sigma_t * student_noise(z_t, t)) / alpha_t
+        x_mse = (x_student - x_target).pow(2).flatten(1).mean(1)
+        eps_mse = x_mse * (alpha_t / sigma_t).flatten() ** 2  # eps-MSE = SNR * x-MSE at fixed z_t
+        if loss_weighting == "x":
+            return x_mse.mean()
+        if loss_weighting == "eps":
+            return eps_mse.mean()
+        return torch.maximum(x_mse, eps_mse).mean()
+
+
+def check_halving(teacher_steps: int, loss_weighting: str) -> None:
+    """Refuses a teacher step count that cannot be halved and an unknown loss weighting, by name."""
+    if teacher_steps < 2 or teacher_steps % 2:
+        raise ValueError(
+            f"Expected `teacher_steps` to be an even number >= 2 (a halving stage goes N -> N/2), but got {teacher_steps}."
+        )
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"Unknown `loss_weighting`={loss_weighting!r}; allowed: {', '.join(LOSS_WEIGHTINGS)}.")
+
+
+class ProgressiveHalving(StepHalving, FrozenUNetGuideTraining):
     """Progressive distillation of a guide-steered UNet, "Plug-and-Play Diffusion Distillation" (Hsiao et al., CVPR 2024), Sec. 3.3.
 
     Teacher = frozen UNet + frozen trained guide run with N = `teacher_steps` DDIM steps; student = the same
@@ -85,12 +168,7 @@ class ProgressiveHalving(FrozenUNetGuideTraining):
         text_encoder: str | None = None,
         tokenizer: str | None = "tokenizer",
     ) -> None:
-        if teacher_steps < 2 or teacher_steps % 2:
-            raise ValueError(
-                f"Expected `teacher_steps` to be an even number >= 2 (a halving stage goes N -> N/2), but got {teacher_steps}."
-            )
-        if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"Unknown `loss_weighting`={loss_weighting!r}; allowed: {', '.join(LOSS_WEIGHTINGS)}.")
+        check_halving(teacher_steps, loss_weighting)
         super().__init__(diffusion_model, optimizer, guidance_range, teacher_steps // 2, vae, text_encoder, tokenizer)
         num_train = self.noise_scheduler.config.num_train_timesteps
         if teacher_steps > num_train:
@@ -106,22 +184,7 @@ class ProgressiveHalving(FrozenUNetGuideTraining):
             .eval()
         )
         self.guide = copy.deepcopy(self.teacher).requires_grad_(True)
-        sampler = self.sampler()
-        sampler.set_timesteps(teacher_steps // 2)
-        self.register_buffer("student_timesteps", sampler.timesteps.clone().long(), persistent=False)
-        self.register_buffer("alphas_cumprod", sampler.alphas_cumprod.clone().float(), persistent=False)
-        self.final_alpha_cumprod = float(sampler.final_alpha_cumprod)
-        self.clip = float(sampler.config.clip_sample_range) if sampler.config.clip_sample else None
-
-    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha_t, sigma_t) shaped for broadcasting; t < 0 is the end of sampling (abar = `final_alpha_cumprod`)."""
-        abar = torch.where(
-            t >= 0,
-            self.alphas_cumprod[t.clamp(min=0)],
-            torch.full_like(t, self.final_alpha_cumprod, dtype=torch.float),
-        )
-        abar = abar.view(-1, 1, 1, 1)
-        return abar.sqrt(), (1 - abar).sqrt()
+        self.setup_halving(self.noise_scheduler.config, teacher_steps)
 
     def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
         x0, condition, _ = self.encode_batch(batch, generator)
@@ -136,36 +199,12 @@ class ProgressiveHalving(FrozenUNetGuideTraining):
     def halving_loss(
         self, x0: torch.Tensor, condition: dict, index: torch.Tensor, g: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
-        """The student's loss at its step `index` (per example) from z_t = alpha_t x0 + sigma_t noise, guidance number g.
-
-        At the student's last step the teacher's midpoint is already the end of sampling (t' < 0): the teacher's
-        one step lands on z_s = z_t' = alpha_final x0_hat + sigma_final eps, and the general target with those
-        (alpha_s, sigma_s) is exactly the teacher's x0_hat, whatever the scheduler's final abar (1 with
-        `set_alpha_to_one`, abar_0 = 0.99915 without, as Stable Diffusion's scheduler).
-        """
-        num_train = self.noise_scheduler.config.num_train_timesteps
-        t = self.student_timesteps[index]
-        s = t - num_train // (self.hparams.teacher_steps // 2)
-        t_mid = t - num_train // self.hparams.teacher_steps
-        alpha_t, sigma_t = self.alpha_sigma(t)
-        alpha_mid, sigma_mid = self.alpha_sigma(t_mid)
-        alpha_s, sigma_s = self.alpha_sigma(s)
-        z_t = alpha_t * x0 + sigma_t * noise
-        with torch.no_grad():
-            eps = self.guided_noise(self.teacher, z_t, t, g, condition)
-            z_mid = ddim_step(z_t, eps, alpha_t, sigma_t, alpha_mid, sigma_mid, self.clip)
-            last = (t_mid < 0).view(-1, 1, 1, 1)
-            eps_mid = self.guided_noise(self.teacher, z_mid, t_mid.clamp(min=0), g, condition)
-            z_s = torch.where(
-                last, z_mid, ddim_step(z_mid, eps_mid, alpha_mid, sigma_mid, alpha_s, sigma_s, self.clip)
-            )
-            x_target = halving_target(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s)
-        eps_student = self.guided_noise(self.guide, z_t, t, g, condition)
-        x_student = (z_t - sigma_t * eps_student) / alpha_t
-        x_mse = (x_student - x_target).pow(2).flatten(1).mean(1)
-        eps_mse = x_mse * (alpha_t / sigma_t).flatten() ** 2  # eps-MSE = SNR * x-MSE at fixed z_t
-        if self.hparams.loss_weighting == "x":
-            return x_mse.mean()
-        if self.hparams.loss_weighting == "eps":
-            return eps_mse.mean()
-        return torch.maximum(x_mse, eps_mse).mean()
+        """The student's loss at its step `index` (per example) from z_t = alpha_t x0 + sigma_t noise, guidance number g."""
+        return self.step_halving_loss(
+            lambda z, t: self.guided_noise(self.teacher, z, t, g, condition),
+            lambda z, t: self.guided_noise(self.guide, z, t, g, condition),
+            x0,
+            noise,
+            index,
+            self.hparams.loss_weighting,
+        )

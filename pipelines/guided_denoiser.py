@@ -25,7 +25,13 @@ from diffusers import DiffusionPipeline
 from plugguide.pipelines.finite import check_scale
 from plugguide.pipelines.guidance.base import Guidance
 from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
-from plugguide.pipelines.score_shift import clean_estimate, decode_latents, level_gradient, noise_shift
+from plugguide.pipelines.score_shift import (
+    clean_estimate,
+    decode_latents,
+    level_gradient,
+    noise_shift,
+    predicted_shift,
+)
 
 DENOISER_NAMES = ("unet", "transformer")
 INPUT_NAMES = ("sample", "hidden_states")
@@ -281,16 +287,15 @@ class GuidedDenoiser:
         if self._last is not None and self._last[0] == index and torch.equal(self._last[1], state):
             shift = self._last[2]  # a second call at the same state (Flux's true CFG, SD3's skip-layer guidance)
         else:
-            grad = level_gradient(
-                self.guidance,
-                getattr(self.pipe, "vae", None),
-                state,
-                level,
-                x0_hat[half],
-                self.targets,
-                decode=self.decoder(arguments),
+            vae = getattr(self.pipe, "vae", None)
+            shift = predicted_shift(
+                self.guidance, vae, state, level, x0_hat[half], self.targets, self.classifier_scale
             )
-            shift = noise_shift(grad, level, self.guidance.step_scale(self.classifier_scale, level))
+            if shift is None:  # a guidance with a gradient (a distilled guide predicts its shift in one pass)
+                grad = level_gradient(
+                    self.guidance, vae, state, level, x0_hat[half], self.targets, decode=self.decoder(arguments)
+                )
+                shift = noise_shift(grad, level, self.guidance.step_scale(self.classifier_scale, level))
             self._last = (index, state, shift)
         guided = family.shift_output(prediction, shift.repeat(branches, *[1] * (shift.dim() - 1)), x, level)
         return guided if extra is None else torch.cat([guided, extra], dim=1)

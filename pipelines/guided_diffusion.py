@@ -24,6 +24,7 @@ from plugguide.pipelines.score_shift import (
     guidance_gradient,
     level_gradient,
     noise_shift,
+    predicted_shift,
 )
 
 # Denoisers whose call this pipeline knows (SD3/Flux transformers take pooled projections and are not handled).
@@ -355,6 +356,9 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         or on the ancestral DDPM step Dhariwal & Nichol's mean shift `s (Sigma_t + offset) grad`."""
         family, level, x = run.family, evaluation.level, evaluation.x
         x0_hat, output = clean_estimate(family, evaluation.denoiser_output, x, level, run.clip_first)
+        predicted = predicted_shift(self.guidance, self.vae, x, level, x0_hat, run.targets, run.classifier_scale)
+        if predicted is not None:  # a distilled guide: the score shift on every sampler, no gradient
+            return family.shift_output(output, predicted, x, level), None
         if family.ancestral:
             variance = step_variance(family.scheduler, int(t), evaluation.predicted_variance)
             mean_variance = float(torch.as_tensor(variance).mean())

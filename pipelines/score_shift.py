@@ -87,6 +87,21 @@ def level_gradient(
     )
 
 
+def predicted_shift(
+    guidance: Guidance,
+    vae,
+    x: torch.Tensor,
+    level: NoiseLevel,
+    x0_hat: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float,
+) -> torch.Tensor | None:
+    """The eps shift a guidance predicts in one pass (`Guidance.predicted_shift`), from x_t = x / scale and x0_hat
+    (clipped to [-1, 1] in pixel space, as the gradient path sees it), or None for a guidance that takes a gradient."""
+    guide_on = x0_hat if vae is not None else x0_hat.clamp(-1, 1)
+    return guidance.predicted_shift(x / level.scale, level, guide_on, targets, scale)
+
+
 def noise_shift(grad: torch.Tensor, level: NoiseLevel, scale: float) -> torch.Tensor:
     """The score shift in eps units, s * (-sigma grad): eps' = eps + this."""
     return scale * (-level.sigma * grad)

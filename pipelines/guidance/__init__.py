@@ -4,6 +4,7 @@ from plugguide.pipelines.guidance.base import Guidance
 from plugguide.pipelines.guidance.calibrated import CalibratedGuidance, replace_relu_with_softplus
 from plugguide.pipelines.guidance.calibrated_edm import CalibratedEDMGuidance
 from plugguide.pipelines.guidance.classifier import ClassifierGuidance
+from plugguide.pipelines.guidance.distilled import DistilledGuidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
 from plugguide.pipelines.guidance.ppap_experts import ExpertGuidance
 from plugguide.pipelines.guidance.predicted_x0_classifier import PredictedCleanImageGuidance
@@ -14,6 +15,7 @@ __all__ = [
     "replace_relu_with_softplus",
     "ExpertGuidance",
     "ClassifierGuidance",
+    "DistilledGuidance",
     "Guidance",
     "NaiveClassifierGuidance",
     "PredictedCleanImageGuidance",

@@ -87,6 +87,13 @@ class Guidance(nn.Module, ABC):
         """A uniform value added to Sigma_t in the mean shift `s (Sigma_t + offset) grad` (EluCD's sine term); 0 here."""
         return 0.0
 
+    def predicted_shift(
+        self, x_t: torch.Tensor, step: GuidanceStep, x0_hat: torch.Tensor, targets: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
+        """The eps shift of this evaluation when the method predicts it in one pass (a distilled guide, no gradient);
+        None, the default: the pipeline differentiates `log_likelihood` and shifts eps by `-s sigma grad` itself."""
+        return None
+
     def check_targets(self, targets: torch.Tensor) -> None:
         """Fails, naming the problem, on targets `log_likelihood` cannot take; the pipeline calls it before sampling."""
 

@@ -1,0 +1,91 @@
+"""A one-pass guide for any denoiser: a small network that predicts classifier guidance's score shift itself."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+from plugguide.models.saving import HubModelMixin, load_saved
+
+
+class ShiftGuide(nn.Module, HubModelMixin):
+    """Predicts the shift `d = -s sigma_t grad_{x_t} log p(y | x_t)` that classifier guidance adds to a denoiser's eps.
+
+    Gradient guidance needs the guide's forward and backward pass at every step; this network is trained
+    (`GuidanceDistillation`) to give the same shift in one forward pass from what the step already has, so sampling
+    loads no classifier: `eps'(x_t) = eps(x_t) + d`, with
+
+        d = G(x_t, x0_hat, s; t, y),
+
+    x_t the variance-preserving sample, x0_hat the frozen denoiser's own clean estimate (`(x_t - sigma_t eps) /
+    alpha_t`), s the guidance scale given as a constant input map (so a halved guide, whose shift is not linear in s,
+    can still serve every s), t the train timestep and y the target class, both through diffusers `UNet2DModel`'s
+    timestep and class embeddings. The frozen denoiser is not part of the guide: one guide plugs into any denoiser
+    with the same noise schedule and sample shape (a fine-tuned copy), and needs no particular architecture, so
+    unconditional `UNet2DModel`s are served as well as conditional UNets and transformers. Its output convolution
+    starts at zero, so a fresh guide is an exact no-op. Saved by `huggingface_hub.PyTorchModelHubMixin`
+    (config.json + model.safetensors).
+
+    Args:
+        sample_size (`int`): side of the denoiser's (square) sample, pixels or latents.
+        channels (`int`): its channels.
+        num_classes (`int`): target classes y.
+        block_out_channels (`list[int]`, defaults to `(16, 32)`): widths of the guide's UNet levels.
+        layers_per_block (`int`, defaults to 1): residual blocks per level.
+    """
+
+    def __init__(
+        self,
+        sample_size: int,
+        channels: int,
+        num_classes: int,
+        block_out_channels: list[int] | tuple[int, ...] = (16, 32),
+        layers_per_block: int = 1,
+    ) -> None:
+        super().__init__()
+        for name, value in (("sample_size", sample_size), ("channels", channels), ("num_classes", num_classes)):
+            if value < 1:
+                raise ValueError(f"Expected `{name}` to be >= 1, but got {value}.")
+        widths = list(block_out_channels)
+        if not widths or min(widths) < 8 or any(width % 8 for width in widths):
+            raise ValueError(
+                f"Expected `block_out_channels` to be one or more multiples of 8 (group norm of 8 groups), but got {widths}."
+            )
+        self.num_classes = num_classes
+        self.net = UNet2DModel(
+            sample_size=sample_size,
+            in_channels=2 * channels + 1,
+            out_channels=channels,
+            block_out_channels=widths,
+            layers_per_block=layers_per_block,
+            down_block_types=("DownBlock2D",) * len(widths),
+            up_block_types=("UpBlock2D",) * len(widths),
+            norm_num_groups=8,
+            num_class_embeds=num_classes,
+            add_attention=False,
+        )
+        nn.init.zeros_(self.net.conv_out.weight)
+        nn.init.zeros_(self.net.conv_out.bias)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        x0_hat: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor,
+        scale: torch.Tensor | float,
+    ) -> torch.Tensor:
+        """The eps shift d (B, C, H, W) at the variance-preserving `sample` x_t, train `timesteps` (B,) or scalar,
+        target `class_labels` (B,) and guidance scale `scale` (B,) or scalar."""
+        batch = sample.shape[0]
+        scale = torch.as_tensor(scale, device=sample.device, dtype=sample.dtype).expand(batch)
+        scale_map = scale.view(-1, 1, 1, 1).expand(batch, 1, *sample.shape[-2:])
+        timesteps = torch.as_tensor(timesteps, device=sample.device).expand(batch)
+        inputs = torch.cat([sample, x0_hat.to(sample.dtype), scale_map], dim=1)
+        return self.net(inputs, timesteps, class_labels=class_labels.to(sample.device)).sample
+
+
+def load_shift_guide(path: str, setting: str = "guide") -> ShiftGuide:
+    """A `ShiftGuide` saved with `save_pretrained`; a wrong or damaged folder fails naming `setting`."""
+    return load_saved(ShiftGuide, path, setting, "ShiftGuide")

@@ -1,0 +1,92 @@
+"""Progressive halving of a distilled guidance's sampler: the guide learns to do in N/2 steps what it did in N."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from plugguide.models.shift_guide import load_shift_guide
+from plugguide.modules.guidance_distillation import FrozenDenoiserShiftTraining
+from plugguide.modules.progressive_halving import StepHalving, check_halving
+
+
+class GuidanceHalving(StepHalving, FrozenDenoiserShiftTraining):
+    """Progressive distillation (Salimans & Ho, 2022) of the guided sampler `eps + G(z_t, x0_hat, s; t, y)`, training only G.
+
+    Teacher = frozen denoiser + frozen `ShiftGuide` run with N = `teacher_steps` DDIM steps; student = the same
+    denoiser + a trainable copy of that guide, run with N/2 steps. For a student step t -> s the teacher takes two
+    DDIM steps and the student's x-prediction is regressed on the x that lands one step on the teacher's z_s
+    (`StepHalving.step_halving_loss`), with y ~ U{0..K-1} and s ~ U[scale_range] per example, so one guide keeps
+    serving every target and scale. The frozen denoiser never changes, so the guide also carries the unguided
+    sampler's halving: a halved guide is meant for DDIM with its own step count. As Hsiao et al. (CVPR 2024) halve
+    their CFG guides (`ProgressiveHalving`), here for gradient guidance, with no classifier at any stage.
+
+    Args:
+        guide_root (`str`, defaults to `"runs/guidance-distillation/version_0/guides"`): the exported `guides/` of the
+            run this stage starts from; the teacher is `<guide_root>/shift/steps-<teacher_steps>`, the student is
+            exported as `shift/steps-<teacher_steps / 2>`.
+        teacher_steps (`int`, defaults to 32): N, the teacher's DDIM steps; even, >= 2.
+        diffusion_model (`str`, defaults to `"assets/digits/ddpm-uncond"`): the frozen eps denoiser.
+        num_classes (`int`, defaults to 10): target classes K (the teacher guide's).
+        scale_range (`tuple[float, float]`, defaults to `(1.0, 10.0)`): (low, high) of s.
+        loss_weighting (`str`, defaults to `"snr_truncation"`): "snr_truncation", "x" or "eps" (`ProgressiveHalving`).
+        optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory for the student guide.
+        classifier_scale (`float`, defaults to 4.0): s of the grids.
+        vae (`str`, *optional*): latent models: the `AutoencoderKL`.
+        prompt (`str`, *optional*): text-conditional denoisers: the prompt they sample under.
+        evaluator_path (`str`, *optional*): independent classifier scoring the grids.
+    """
+
+    def __init__(
+        self,
+        guide_root: str = "runs/guidance-distillation/version_0/guides",
+        teacher_steps: int = 32,
+        diffusion_model: str = "assets/digits/ddpm-uncond",
+        num_classes: int = 10,
+        scale_range: tuple[float, float] = (1.0, 10.0),
+        loss_weighting: str = "snr_truncation",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        classifier_scale: float = 4.0,
+        vae: str | None = None,
+        prompt: str | None = None,
+        evaluator_path: str | None = None,
+    ) -> None:
+        check_halving(teacher_steps, loss_weighting)
+        super().__init__(
+            diffusion_model,
+            num_classes,
+            scale_range,
+            optimizer,
+            "DDIMScheduler",
+            teacher_steps // 2,
+            classifier_scale,
+            vae,
+            prompt,
+            evaluator_path,
+        )
+        self.save_hyperparameters(ignore=["optimizer"])
+        path = os.path.join(guide_root, "shift", f"steps-{teacher_steps}")
+        self.teacher = load_shift_guide(path, "model.guide_root").requires_grad_(False).eval()
+        if self.teacher.num_classes != num_classes:
+            raise ValueError(
+                f"`model.num_classes`={num_classes}, but the teacher guide at {path!r} knows {self.teacher.num_classes} classes."
+            )
+        self.guide = copy.deepcopy(self.teacher).requires_grad_(True)
+        self.setup_halving(self.noise_scheduler.config, teacher_steps)
+
+    def _loss(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        batch_size = x0.shape[0]
+        index = torch.randint(0, self.teacher_steps // 2, (batch_size,), generator=generator, device=self.device)
+        y, s = self.draw_targets(batch_size, generator)
+        noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        return self.step_halving_loss(
+            lambda z, t: self.guided_noise(self.teacher, z, t, y, s),
+            lambda z, t: self.guided_noise(self.guide, z, t, y, s),
+            x0,
+            noise,
+            index,
+            self.hparams.loss_weighting,
+        )
