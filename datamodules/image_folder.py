@@ -161,11 +161,16 @@ class ImageDataModule(L.LightningDataModule):
         )
         return self.splits
 
-    def all_images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every image of every split as one (N, C, H, W) tensor in [-1, 1] and its labels: a metrics reference set."""
-        splits = [self.load_splits()[split].with_format(None) for split in SPLITS]
-        images = torch.cat([self.to_tensor(split["image"]) for split in splits])
-        return images, torch.cat([torch.as_tensor(split["label"], dtype=torch.int64) for split in splits])
+    def split_images(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One split's images as one (N, C, H, W) tensor in [-1, 1] and their labels, e.g. a metrics reference set.
+
+        Args:
+            split (`str`): "train", "val" or "test".
+        """
+        if split not in SPLITS:
+            raise ValueError(f"Expected `split` to be one of {list(SPLITS)}, but got {split!r}.")
+        rows = self.load_splits()[split].with_format(None)
+        return self.to_tensor(rows["image"]), torch.as_tensor(rows["label"], dtype=torch.int64)
 
     def to_tensor(self, images: list) -> torch.Tensor:
         """PIL images or arrays to float32 (B, C, H, W) in [-1, 1] at `image_size`."""

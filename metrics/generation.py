@@ -148,6 +148,34 @@ def diversity_ratio(
     return float(np.mean(ratios)) if ratios else float("nan")
 
 
+def nearest_distances(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """For each image, the L2 distance in pixels to its nearest reference image (both (N, C, H, W)).
+
+    Computed pairwise rather than through the matrix-product expansion, whose rounding leaves a copy about 1e-3 away.
+    """
+    distances = torch.cdist(
+        images.flatten(1).float(), references.flatten(1).float(), compute_mode="donot_use_mm_for_euclid_dist"
+    )
+    return distances.min(1).values
+
+
+def median(values: torch.Tensor) -> torch.Tensor:
+    """The median of the last dimension, halfway between the middle two values of an even count."""
+    return torch.quantile(values.double(), 0.5, dim=-1)
+
+
+def interval_around(
+    estimate: float, resampled: list[float] | np.ndarray, floor: float = -math.inf
+) -> tuple[float, float]:
+    """A 95% interval: the bootstrap's spread placed around the estimate (see `GenerationMetrics.compute_intervals`).
+
+    The estimate minus and plus the distances from the resamples' median to their 2.5% and 97.5% points, no lower
+    than `floor`.
+    """
+    low, middle, high = np.percentile(resampled, [2.5, 50, 97.5])
+    return max(floor, float(estimate - (middle - low))), float(estimate + (high - middle))
+
+
 def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (stays informative at 0 and 1, where a bootstrap collapses to a point)."""
     if total == 0:
@@ -172,6 +200,13 @@ class GenerationMetrics(nn.Module):
     - `precision_<space>`, `recall_<space>`, `density_<space>`, `coverage_<space>` (fidelity and diversity apart);
     - `diversity_<space>`: within-class spread of the samples over that of real images of the same class
       (a sample's class is its target, or the evaluator's reading when it has none).
+    Memorisation, given the images the scored models trained on (`training_images`; the real reference images must
+    then be held out from them): `nearest_training_ratio`, the median over samples of the L2 distance in pixels to
+    the nearest training image, over the same median for the real reference images, with a bootstrap interval, and
+    `nearest_training_distance`, the samples' median itself. The data-copying comparison of Meehan et al. (2020),
+    as a ratio of medians: 1 means the samples sit as far from the training images as new real images do; well
+    below 1, they copy training images, which a distance to a reference set of real images can reward instead of
+    catch.
     The evaluator's features miss artifacts that keep the class (it is trained to ignore them); the pixel and
     autoencoder spaces do not, which is why every table reports them beside it.
 
@@ -187,6 +222,8 @@ class GenerationMetrics(nn.Module):
         feature_spaces (`dict[str, nn.Module]`, *optional*): extra named feature extractors (images -> (B, D)), e.g.
             {"autoencoder": AutoencoderLatents(vae)}; `evaluator` and `pixels` are always measured.
         nearest_k (`int`, defaults to 5): k of precision/recall/density/coverage.
+        training_images (`torch.Tensor`, *optional*): (N, C, H, W) images the scored models trained on, in [-1, 1]
+            at the size of the scored images; given, every recorded image gets its distance to the nearest of them.
     """
 
     def __init__(
@@ -195,6 +232,7 @@ class GenerationMetrics(nn.Module):
         num_classes: int,
         feature_spaces: dict[str, nn.Module] | None = None,
         nearest_k: int = 5,
+        training_images: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.evaluator = evaluator.eval().requires_grad_(False)
@@ -203,29 +241,42 @@ class GenerationMetrics(nn.Module):
         self.spaces = nn.ModuleDict({"pixels": PooledPixels(8), **(feature_spaces or {})})
         names = ["evaluator", *self.spaces]
         self.space_names = names
-        self.real = Records(*names, "labels", "index")
-        self.generated = Records(*names, "logits", "targets", "index")
+        self.real = Records(*names, "labels", "index", "nearest_training")
+        self.generated = Records(*names, "logits", "targets", "index", "nearest_training")
+        # A buffer, so that it follows the module to its device; not saved with a checkpoint of a module holding this.
+        self.register_buffer("training_images", training_images, persistent=False)
 
     @classmethod
-    def from_paths(cls, evaluator_path: str, autoencoder_path: str | None = None) -> "GenerationMetrics":
-        """The evaluator (a saved `TimmClassifier`) and, if given, an `AutoencoderKL` as the `autoencoder` feature space."""
+    def from_paths(
+        cls, evaluator_path: str, autoencoder_path: str | None = None, training_images: torch.Tensor | None = None
+    ) -> "GenerationMetrics":
+        """The evaluator (a saved `TimmClassifier`) and, if given, an `AutoencoderKL` as the `autoencoder` space.
+
+        `training_images`: see the class's Args.
+        """
         evaluator = load_classifier(evaluator_path, "evaluator_path")
         spaces = (
             {"autoencoder": AutoencoderLatents(load_vae(autoencoder_path, "autoencoder_path"))}
             if autoencoder_path
             else {}
         )
-        return cls(evaluator, evaluator.num_classes, spaces)
+        return cls(evaluator, evaluator.num_classes, spaces, training_images=training_images)
 
     def train(self, mode: bool = True) -> "GenerationMetrics":
         return super().train(False)  # the networks always run in eval mode
 
     def features(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(features in every space, plus the distance to the nearest training image when those were given; logits)."""
+        if self.training_images is not None and images.shape[1:] != self.training_images.shape[1:]:
+            raise ValueError(
+                f"Expected images of the shape of `training_images` {tuple(self.training_images.shape[1:])}, "
+                f"but got {tuple(images.shape[1:])}."
+            )
         evaluator_features, logits = self.evaluator.features_and_logits(images)
-        return {
-            "evaluator": evaluator_features,
-            **{name: space(images) for name, space in self.spaces.items()},
-        }, logits
+        features = {"evaluator": evaluator_features, **{name: space(images) for name, space in self.spaces.items()}}
+        if self.training_images is not None:
+            features["nearest_training"] = nearest_distances(images, self.training_images)
+        return features, logits
 
     @staticmethod
     def _indices(images: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
@@ -287,6 +338,10 @@ class GenerationMetrics(nn.Module):
                     ).items()
                 }
             results[f"diversity_{space}"] = diversity_ratio(real[space], real["labels"], generated[space], classes)
+        if "nearest_training" in real:
+            samples = median(generated["nearest_training"])
+            results["nearest_training_distance"] = float(samples)
+            results["nearest_training_ratio"] = float(samples / median(real["nearest_training"]))
         return results
 
     def compute_intervals(self, num_resamples: int = 200, seed: int = 0) -> dict[str, tuple[float, float]]:
@@ -312,17 +367,16 @@ class GenerationMetrics(nn.Module):
         for space in self.space_names:
             reference = ReferenceStatistics(real[space])
             for name, distance in DISTANCES.items():
-                estimate = distance(reference, generated[space])
-                low, median, high = np.percentile(
-                    [distance(reference, generated[space][draw]) for draw in draws], [2.5, 50, 97.5]
-                )
-                floor = (
-                    0.0 if name == "fid" else -math.inf
-                )  # FID is a squared distance; KID's unbiased estimate can be < 0
-                intervals[f"{name}_{space}"] = (
-                    max(floor, float(estimate - (median - low))),
-                    float(estimate + (high - median)),
-                )
+                resampled = [distance(reference, generated[space][draw]) for draw in draws]
+                # FID is a squared distance; KID's unbiased estimate can be < 0
+                floor = 0.0 if name == "fid" else -math.inf
+                intervals[f"{name}_{space}"] = interval_around(distance(reference, generated[space]), resampled, floor)
+        if "nearest_training" in real:
+            distances, held_out = generated["nearest_training"], float(median(real["nearest_training"]))
+            resampled = median(torch.stack([distances[draw] for draw in draws])).numpy()
+            low, high = interval_around(float(median(distances)), resampled, 0.0)
+            intervals["nearest_training_distance"] = (low, high)
+            intervals["nearest_training_ratio"] = (low / held_out, high / held_out)
         return intervals
 
     def reset(self) -> None:

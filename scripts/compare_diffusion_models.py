@@ -4,8 +4,8 @@
         [--samplers DDIMScheduler DDPMScheduler] [--steps 50] [--samples-per-class 50]
 
 What decides whether a retrained model replaces a shipped one: every model is sampled from the same
-seeds with each sampler and scored against all 1,797 digits (`scripts/protocol.py`); a row is better only where its
-95% interval clears the other's.
+seeds with each sampler and scored against the 359 held-out test digits (`scripts/protocol.py`); a row is better only
+where its 95% interval clears the other's, and a nearest-training ratio well below the other's means it copies more.
 """
 
 from __future__ import annotations

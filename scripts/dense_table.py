@@ -219,7 +219,8 @@ def main() -> None:
     lines = [
         f"Sampler: DDPM-{args.steps} (ancestral, mean shift); sample i seeded with i and guided toward target map i, the same for every row; "
         "maps read off each sample's pixels and compared with its target, 95% bootstrap intervals; class agreement by the independent "
-        "evaluator (Wilson interval); FID against all 1,797 digits in the autoencoder's and the evaluator's features.",
+        "evaluator (Wilson interval); FID against the 359 held-out test digits in the autoencoder's and the evaluator's "
+        "features.",
         f"Scale: {BEST_SCALE_RULE}, with the map score (mIoU; depth correlation) in place of guided accuracy.",
         "",
         *sections,

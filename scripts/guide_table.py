@@ -9,7 +9,7 @@ count, samples the same seeds with (g is the paper's `(1 + g) eps(c) - g eps(nul
   (`<guides>/<tiny|full>/steps-<n>`; the 32-step guide is the CFG-distilled one). Guides are always the ones
   trained on the original base: on the fine-tuned base they are plugged in without retraining.
 Missing guide chains are trained first, with the commands of docs/guide_distillation.md. Rows are scored under
-the protocol of `scripts/protocol.py` (the reference set is that base's own digits), plus FLOPs per sampling step
+the protocol of `scripts/protocol.py` (the reference set is that base's own test digits), plus FLOPs per sampling step
 per image (`torch.utils.flop_counter`), guide parameters as % of the UNet, and sampling time per image (on a busy
 machine only the ratios mean something). Raw results go to `<out>/results.json`, grids to `<out>/grids/`.
 """
@@ -212,7 +212,7 @@ def main() -> None:
     text = "\n".join(
         [
             describe(len(labels), "DDIM (eta = 0)")
-            + " The reference set of each base is its own digits (thick strokes for the fine-tuned base).",
+            + " The reference set of each base is its own test digits (thick strokes for the fine-tuned base).",
             "",
             markdown_table(
                 [

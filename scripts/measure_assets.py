@@ -6,8 +6,10 @@ Classifiers: accuracy on the fixed test split of `DigitsDataModule` (359 images)
 against the maps derived from each digit (`DigitMapsDataModule`): the segmenter's pixel accuracy, mean IoU and the
 accuracy of its majority stroke class as the digit; the depth stand-in's error in pixels and correlation.
 Autoencoder: reconstruction error on that split. Diffusion models: unguided (or class-conditional, or CFG) samples under the table protocol
-of `scripts/protocol.py`, with DDIM and DDPM samplers; real held-out digits are scored the same way as a
-reference row. The flow-matching model samples with its Euler sampler. Grids of every row go to `--out`.
+of `scripts/protocol.py`, with DDIM and DDPM samplers. Two floor rows score real digits outside the reference set the
+same way (`floor_sets`): the held-out val digits, what a generator of new digits would score, and training digits, what
+copying the training set scores. The flow-matching model samples with its Euler sampler. Grids of every row go to
+`--out`.
 """
 
 from __future__ import annotations
@@ -41,11 +43,24 @@ DIFFUSION_ROWS = (
 )
 
 
-def test_split() -> tuple[torch.Tensor, torch.Tensor]:
-    data = DigitsDataModule(batch_size=1000)
-    data.setup("test")
-    batch = next(iter(data.test_dataloader()))
-    return batch["image"], batch["label"]
+def floor_sets(data: DigitsDataModule, count: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Real digits outside the reference set (the test split), each set grouped by class, by the name of its row.
+
+    The val digits, which no model trained on: what a generator of genuinely new digits scores. `count` of the train
+    digits (drawn with seed 0): what a model that copies its training digits scores.
+    """
+    val_images, val_labels = data.split_images("val")
+    train_images, train_labels = data.split_images("train")
+    val_order = val_labels.argsort(stable=True)
+    drawn = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(0))[:count]
+    drawn = drawn[train_labels[drawn].argsort(stable=True)]
+    return {
+        f"held-out real digits (the {len(val_labels)} val digits)": (val_images[val_order], val_labels[val_order]),
+        f"training digits ({count} of the {len(train_labels):,} that trained the models)": (
+            train_images[drawn],
+            train_labels[drawn],
+        ),
+    }
 
 
 def size_mib(path: str) -> float:
@@ -116,37 +131,34 @@ def main() -> None:
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--out", default="runs/assets")
-    parser.add_argument("--no-sampling", action="store_true", help="only the first table (no diffusion-model samples)")
+    parser.add_argument(
+        "--no-sampling", action="store_true", help="no diffusion-model samples: the first table and the floor rows"
+    )
     add_page_arguments(parser, "assets-table")
     args = parser.parse_args()
     if args.page and args.no_sampling:
         parser.error("`--page` rewrites both asset tables; drop `--no-sampling`.")
-    images, labels = test_split()
+    data = DigitsDataModule()
+    images, labels = data.split_images("test")
     rows = [*classifier_rows(images, labels), *dense_rows(images, labels), autoencoder_row(images)]
     text = f"Assets: {size_mib(ASSETS):.1f} MiB in {ASSETS}/\n\n" + markdown_table(
         ["model", "params", "MiB", "test split (359 digits)"], rows
     )
     print(text)
-    if args.no_sampling:
-        return
 
-    metrics = reference_metrics()
+    metrics = reference_metrics(data)
     sample_labels, seeds = targets(args.samples_per_class)
-    # A floor for every distance: 500 real digits drawn from the reference set itself, grouped by class.
-    real_images, real_labels = DigitsDataModule().all_images()
-    drawn = torch.randperm(len(real_images), generator=torch.Generator().manual_seed(0))[: len(sample_labels)]
-    drawn = drawn[torch.argsort(real_labels[drawn], stable=True)]
     rows, results = [], {}
-    reference = measure(
-        metrics,
-        lambda batch_labels, batch_seeds: real_images[drawn[batch_seeds]],
-        real_labels[drawn],
-        seeds,
-        grid_path=f"{args.out}/real.png",
-    )
-    results["real digits"] = reference
-    rows.append(["real digits (500 drawn from the reference set)", "-", "-", "-", *quality_cells(reference)])
-    for name, sampler, cfg in DIFFUSION_ROWS:
+    for name, (real_images, real_labels) in floor_sets(data, len(sample_labels)).items():
+        results[name] = measure(
+            metrics,
+            lambda batch_labels, batch_seeds: real_images[batch_seeds],
+            real_labels,
+            torch.arange(len(real_labels)),
+            grid_path=f"{args.out}/{name.split()[0]}.png",
+        )
+        rows.append([name, "-", "-", "-", *quality_cells(results[name])])
+    for name, sampler, cfg in () if args.no_sampling else DIFFUSION_ROWS:
         path = os.path.join(ASSETS, name)
         pipeline = GuidedDiffusionPipeline(load_unet(path), load_scheduler(path, sampler))
         pipeline.set_progress_bar_config(disable=True)
@@ -170,7 +182,10 @@ def main() -> None:
         params = sum(p.numel() for p in pipeline.unet.parameters())
         rows.append([label, f"{params:,}", f"{size_mib(path):.1f}", steps, *quality_cells(row)])
     sampling = (
-        f"{describe(len(sample_labels), 'Unguided sampling')} Unconditional rows have no target class (accuracy n/a).\n\n"
+        f"{describe(len(sample_labels), 'Unguided sampling')} Unconditional rows have no target class (accuracy n/a). "
+        "The first two rows are floors, real digits outside the reference scored as samples: the val digits, what a "
+        "generator of new digits would score (FID is biased upward at their count against the 500-sample rows; KID "
+        "is not), and training digits, what copying the training set scores.\n\n"
         + markdown_table(["diffusion model", "params", "MiB", "sampler", *QUALITY_HEADERS], rows)
     )
     print(f"\n{sampling}")

@@ -1,12 +1,15 @@
 """The measurement protocol every results table follows, so rows of different tables mean the same thing.
 
-- Reference set: all 1,797 UCI digits, upsampled to 16x16 exactly as every model's training data
-  (`DigitsDataModule.all_images`; the thick-stroke base uses its own digits).
+- Reference set: the 359 held-out test digits of `DigitsDataModule`'s fixed split, upsampled to 16x16 exactly as
+  every model's training data (`split_images("test")`; the thick-stroke base uses its own, same split). No shipped
+  model trained on them or picked a checkpoint by them, so a model that copies its training digits gains nothing.
 - Samples: `--samples-per-class` per class (default 50: 500 per row), sample i seeded with i, so every row of a
   table starts from the same noise.
 - Scores (`plugguide.metrics.GenerationMetrics`): guided accuracy by the independent evaluator (Wilson 95%
   interval); FID and KID in three feature spaces (autoencoder latents, 8x8-pooled pixels, evaluator features)
-  with bootstrap 95% intervals; precision/recall (autoencoder) and within-class diversity (pixels).
+  with bootstrap 95% intervals; precision/recall (autoencoder) and within-class diversity (pixels); the memorisation
+  check `nearest_training_ratio` against the 1,258 training digits (median distance to the nearest training digit,
+  samples over held-out digits: 1 = as far as new real digits, near 0 = copies).
 - Best scale of a guided row: `plugguide.metrics.reporting.BEST_SCALE_RULE`.
 - A grid of the first samples of each class is saved beside every row's numbers, to look at.
 """
@@ -35,15 +38,22 @@ QUALITY_HEADERS = [
     "KID autoencoder (x1e3)",
     "precision / recall (autoencoder)",
     "diversity (pixels)",
+    "nearest-training distance (samples / held-out)",
 ]
+# The digits no shipped model trained on (`train`) or picked its checkpoint by (`val`).
+REFERENCE_SPLIT = "test"
 
 
-def reference_metrics(datamodule=None) -> GenerationMetrics:
-    """`GenerationMetrics` with the evaluator, the autoencoder space, and the reference set already loaded."""
-    metrics = GenerationMetrics.from_paths(EVALUATOR, AUTOENCODER)
-    images, labels = (datamodule or DigitsDataModule()).all_images()
-    for start in range(0, len(images), 500):
-        metrics.update_real(images[start : start + 500], labels[start : start + 500])
+def reference_metrics(datamodule: DigitsDataModule | None = None) -> GenerationMetrics:
+    """`GenerationMetrics` with the evaluator, the autoencoder space, the reference set and the training digits loaded.
+
+    Args:
+        datamodule (`DigitsDataModule`, *optional*): whose `REFERENCE_SPLIT` is the reference set and whose `train`
+            split the training digits of the memorisation check; defaults to `DigitsDataModule()`.
+    """
+    datamodule = datamodule or DigitsDataModule()
+    metrics = GenerationMetrics.from_paths(EVALUATOR, AUTOENCODER, datamodule.split_images("train")[0])
+    metrics.update_real(*datamodule.split_images(REFERENCE_SPLIT))
     return metrics
 
 
@@ -106,14 +116,19 @@ def quality_cells(results: dict) -> list[str]:
         estimate(results, "kid_autoencoder", 1, scale=1e3),
         f"{results['precision_autoencoder']:.2f} / {results['recall_autoencoder']:.2f}",
         f"{results['diversity_pixels']:.2f}",
+        estimate(results, "nearest_training_ratio"),
     ]
 
 
 def describe(num_samples: int, sampler: str) -> str:
     return (
         f"{sampler}, {num_samples} samples per row ({num_samples // 10} per class, seeds 0..{num_samples - 1}, the same for every row); "
-        "accuracy by the independent evaluator (assets/digits/evaluator) with a 95% Wilson interval; FID/KID against all 1,797 "
-        "real digits at 16x16 with 95% bootstrap intervals, in the latents of assets/digits/autoencoder, in 8x8-pooled pixels "
-        "and in the evaluator's features; precision/recall (k = 5) in the autoencoder space; diversity = within-class spread of "
-        "the samples over that of real digits of the class, in pixels (1 = as varied as real digits)."
+        "accuracy by the independent evaluator (assets/digits/evaluator) with a 95% Wilson interval; FID/KID against "
+        "the 359 held-out test digits at 16x16 (no model trained on them or picked a checkpoint by them) with 95% "
+        "bootstrap intervals, in the latents of assets/digits/autoencoder, in 8x8-pooled pixels and in the "
+        "evaluator's features; precision/recall (k = 5) in the autoencoder space; diversity = within-class spread of "
+        "the samples over that of real digits of the class, in pixels (1 = as varied as real digits); "
+        "nearest-training distance = median L2 pixel distance from each sample to its nearest training digit (the "
+        "1,258 of the train split) over the same median for the held-out digits, with a 95% bootstrap interval (1 = "
+        "as far from the training digits as new real digits; near 0 = copies of them)."
     )

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
 import torch
 
 from plugguide.datamodules import DigitsDataModule
+from plugguide.metrics import PooledPixels
 from plugguide.models.classifier import load_classifier
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = os.path.join(ROOT, "assets", "digits")
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,41 @@ def test_quality_metrics_rank_a_collapse_onto_class_prototypes_below_real_held_o
         assert collapsed[f"fid_{space}"] > 5 * held_out[f"fid_{space}"], space
         assert collapsed[f"recall_{space}"] < 0.5 * held_out[f"recall_{space}"], space
         assert collapsed[f"diversity_{space}"] < 0.01 < 0.8 < held_out[f"diversity_{space}"], space
+
+
+@pytest.fixture
+def table_scripts(monkeypatch) -> tuple:
+    """scripts/protocol.py and scripts/measure_assets.py (scripts/ is not a package: its modules import each other)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    return importlib.import_module("protocol"), importlib.import_module("measure_assets")
+
+
+def count_shared(images: torch.Tensor, others: torch.Tensor) -> int:
+    """How many rows of `images` (N, ...) are also rows of `others` (M, ...), exactly."""
+    distances = torch.cdist(images.flatten(1), others.flatten(1), compute_mode="donot_use_mm_for_euclid_dist")
+    return int((distances.min(1).values == 0).sum())
+
+
+def test_the_tables_reference_is_the_test_split_no_model_trained_or_picked_a_checkpoint_on(table_scripts):
+    """Every table's reference digits are the test split's: none is a train digit or a val digit."""
+    protocol, _ = table_scripts
+    data = DigitsDataModule()
+    reference = protocol.reference_metrics(data).real.compute()["pixels"]  # each reference digit pooled to 8x8
+    pooled = {split: PooledPixels(8)(data.split_images(split)[0]) for split in ("train", "val", "test")}
+    assert count_shared(reference, pooled["test"]) == len(reference) == len(pooled["test"]) == 359
+    assert count_shared(reference, pooled["train"]) == count_shared(reference, pooled["val"]) == 0
+
+
+def test_the_floor_rows_score_real_digits_outside_the_reference(table_scripts):
+    """Floors: the val digits (new real digits) and 500 train digits (copies), none a reference digit."""
+    protocol, measure_assets = table_scripts
+    data = DigitsDataModule()
+    reference, _ = data.split_images(protocol.REFERENCE_SPLIT)
+    (new, new_labels), (copies, _) = measure_assets.floor_sets(data, 500).values()
+    assert len(new) == 180 and len(copies) == 500 and bool((new_labels.diff() >= 0).all())  # grouped by class
+    assert count_shared(new, data.split_images("val")[0]) == 180
+    assert count_shared(copies, data.split_images("train")[0]) == 500
+    assert count_shared(new, reference) == count_shared(copies, reference) == 0
 
 
 @pytest.mark.parametrize("teacher_name", ["classifier-resnet", "classifier-deit"])

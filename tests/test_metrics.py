@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import maximum_mean_discrepancy, poly_kernel
 
+from plugguide.datamodules import DigitsDataModule
 from plugguide.metrics import GenerationMetrics, PooledPixels, frechet_distance, inception_score, kernel_distance
 from plugguide.metrics.generation import diversity_ratio, unique_rows, wilson_interval
 from plugguide.metrics.reporting import best_scale, estimate
@@ -114,6 +115,32 @@ def test_intervals_hold_the_estimate_and_narrow_with_more_samples():
             assert intervals[key][0] <= results[key] <= intervals[key][1], key
         widths.append(intervals["fid_pixels"][1] - intervals["fid_pixels"][0])
     assert widths[1] < widths[0]
+
+
+def test_nearest_training_ratio_is_one_for_new_digits_and_near_zero_for_copies_of_training_digits():
+    """The memorisation check: against held-out reference digits, other held-out digits sit as far from the training
+    digits (ratio ~1, inside its interval) and copies of training digits sit on them (ratio ~0)."""
+    data = DigitsDataModule()
+    (train, _), (val, val_labels), (test, test_labels) = (data.split_images(s) for s in ("train", "val", "test"))
+    torch.manual_seed(0)
+    metrics = GenerationMetrics(TimmClassifier(**TINY_RESNET), num_classes=10, training_images=train)
+    metrics.update_real(test, test_labels)
+    scores = {}
+    for name, samples in (("new", val), ("copies", train[: len(val)])):
+        metrics.reset()
+        metrics.update_generated(samples, val_labels)
+        scores[name] = metrics.compute() | {"intervals": metrics.compute_intervals(num_resamples=50)}
+    new, copies = scores["new"], scores["copies"]
+    low, high = new["intervals"]["nearest_training_ratio"]
+    assert 0.9 < new["nearest_training_ratio"] < 1.1 and low < 1.0 < high
+    assert new["nearest_training_distance"] > 1.0  # pixels in [-1, 1]: a new digit differs from every training one
+    assert copies["nearest_training_ratio"] == copies["nearest_training_distance"] == 0.0
+    with pytest.raises(ValueError, match="training_images"):
+        metrics.update_generated(torch.zeros(2, 1, 8, 8))
+    without = GenerationMetrics(metrics.evaluator, num_classes=10)
+    without.update_real(test, test_labels)
+    without.update_generated(val, val_labels)
+    assert "nearest_training_ratio" not in without.compute() | without.compute_intervals(num_resamples=2)
 
 
 def test_best_scale_takes_the_most_accurate_scale_within_unguided_quality():
