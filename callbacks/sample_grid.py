@@ -25,7 +25,7 @@ class GuidedSampleGrid(PeriodicGrid):
         num_per_class (`int`, defaults to 8): columns of the grid.
         num_classes (`int`, defaults to 10): rows of the grid.
         num_inference_steps (`int`, *optional*): sampler steps; default: the module's `num_inference_steps`
-            hyper-parameter, else 50.
+            hyper-parameter or attribute, else 50.
         classifier_scale (`float`, *optional*): the guidance's gradient scale; default: the module's
             `classifier_scale`, else 0.
         guidance_scale (`float`, defaults to 1.0): classifier-free guidance weight g, as in diffusers (1 = off;
@@ -89,10 +89,11 @@ class GuidedSampleGrid(PeriodicGrid):
 
     @staticmethod
     def setting(value, pl_module: L.LightningModule, name: str, default):
-        """The callback's own value, else the module's hyper-parameter of the same name, else `default`."""
+        """The callback's own value, else the module's hyper-parameter of the same name, else its attribute of that
+        name (a halving stage's step count follows from its teacher's), else `default`."""
         if value is not None:
             return value
-        return pl_module.hparams.get(name, default)
+        return pl_module.hparams.get(name, getattr(pl_module, name, default))
 
     def labels(self, pipeline, classifier_scale: float) -> torch.Tensor | None:
         targeted = (

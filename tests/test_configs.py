@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from plugguide.cli import PlugGuideCLI, main
+from plugguide.models import MultiExpertModel, ShiftGuide, load_classifier
 from plugguide.models.diffusion_model import load_unet
 from plugguide.models.guides import TinyGuide
 
@@ -33,15 +34,25 @@ def with_base(config: str) -> list[str]:
 def earlier_job_outputs(config: str, directory) -> list[str]:
     """Overrides pointing a config at what an earlier job of its chain writes; a fresh clone has none of it.
 
-    A halving stage loads its teacher guide from `<guide_root>/tiny/steps-<n>` (the `guides/` export of guide
-    distillation's run or of the stage before); zero-initialised TinyGuides of the embedded UNet stand in for them.
+    A CFG halving stage loads its teacher guide from `<guide_root>/tiny/steps-<n>` (the `guides/` export of guide
+    distillation's run or of the stage before), a distilled-guidance halving stage from `<guide_root>/shift/steps-<n>`,
+    and guidance distillation its teacher experts from the main job's `experts/`: zero-initialised guides and untrained
+    experts of the embedded models stand in for them.
     """
-    if not config.startswith(os.path.join("configs", "halving")):
-        return []
-    unet = load_unet(os.path.join(ROOT, "assets", "digits", "ddpm-cond"))
-    for steps in (32, 16, 8):
-        TinyGuide(unet).save_pretrained(str(directory / "tiny" / f"steps-{steps}"))
-    return [f"--model.init_args.guide_root={directory}"]
+    if config.startswith(os.path.join("configs", "halving")):
+        unet = load_unet(os.path.join(ROOT, "assets", "digits", "ddpm-cond"))
+        for steps in (32, 16, 8):
+            TinyGuide(unet).save_pretrained(str(directory / "tiny" / f"steps-{steps}"))
+        return [f"--model.init_args.guide_root={directory}"]
+    if config.startswith(os.path.join("configs", "guidance_halving")):
+        for steps in (32, 16, 8):
+            ShiftGuide(16, 1, 10).save_pretrained(str(directory / "shift" / f"steps-{steps}"))
+        return [f"--model.init_args.guide_root={directory}"]
+    if config == os.path.join("configs", "guidance_distillation.yaml"):
+        classifier = load_classifier(os.path.join(ROOT, "assets", "digits", "classifier-resnet"))
+        MultiExpertModel(classifier, num_experts=5, lora_rank=8).save_pretrained(str(directory / "experts"))
+        return [f"--model.init_args.guidance.init_args.experts={directory / 'experts'}"]
+    return []
 
 
 def test_there_are_configs():

@@ -35,11 +35,13 @@ from plugguide.pipelines import GuidedDiffusionPipeline, guided
 from plugguide.pipelines.guidance import (
     CalibratedEDMGuidance,
     CalibratedGuidance,
+    DistilledGuidance,
     ExpertGuidance,
     NaiveClassifierGuidance,
     PredictedCleanImageGuidance,
 )
 from tests.conftest import TINY_RESNET, TINY_UNET, tiny_scheduler
+from tests.test_guidance_distillation import random_shift_guide
 from tests.test_guide_distillation import write_tiny_text_to_image_pipeline
 from tests.test_hub_paths import write_tiny_deepfloyd_if
 from tests.test_model_families import MEANS, SPREAD, MixtureClassifier, MixtureDenoiser, output_function, true_level
@@ -79,6 +81,8 @@ def guidance_of(method: str, classifier: TimmClassifier):
     if method == "ExpertGuidance":
         torch.manual_seed(0)
         return ExpertGuidance(MultiExpertModel(classifier, num_experts=2, lora_rank=2))
+    if method == "DistilledGuidance":  # no classifier: a one-pass guide's predicted shift
+        return DistilledGuidance(random_shift_guide())
     return {
         "PredictedCleanImageGuidance": PredictedCleanImageGuidance,
         "CalibratedGuidance": CalibratedGuidance,
@@ -353,7 +357,14 @@ def test_unguided_samples_are_the_stock_pipelines_and_guided_ones_move(name, sd_
 
 
 @pytest.mark.parametrize(
-    "method", ["PredictedCleanImageGuidance", "CalibratedGuidance", "ExpertGuidance", "NaiveClassifierGuidance"]
+    "method",
+    [
+        "PredictedCleanImageGuidance",
+        "CalibratedGuidance",
+        "ExpertGuidance",
+        "NaiveClassifierGuidance",
+        "DistilledGuidance",
+    ],
 )
 def test_guided_ddim_pipeline_is_guided_diffusion_pipeline(method, tiny_classifier):
     pipe, call = ddim_pipeline()
