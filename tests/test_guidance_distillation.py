@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from plugguide.models import MultiExpertModel, ShiftGuide, TimmClassifier, load_shift_guide
+from plugguide.models import MultiExpertModel, ShiftGuide, TimmClassifier, load_classifier, load_shift_guide
 from plugguide.modules import GuidanceDistillation, GuidanceHalving
 from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.guidance import (
@@ -16,6 +16,9 @@ from plugguide.pipelines.guidance import (
     ExpertGuidance,
 )
 from tests.conftest import TINY_RESNET, tiny_scheduler, tiny_unet
+from tests.test_cli import run
+from tests.test_guide_distillation import text_model  # noqa: F401 (a fixture)
+from tests.test_hub_paths import imagenet_like, tiny_imagenet_overrides  # noqa: F401 (imagenet_like: a fixture)
 
 
 def random_shift_guide(channels: int = 1, sample_size: int = 16) -> ShiftGuide:
@@ -168,3 +171,140 @@ def test_halving_starts_from_the_exported_guide_and_learns_to_take_two_steps_in_
     assert all(p.grad is None for p in halving.teacher.parameters())
     halving.export(str(tmp_path / "halved"))
     assert (tmp_path / "halved" / "shift" / "steps-2" / "model.safetensors").is_file()
+
+
+def tiny_job_overrides(tiny_assets, experts: str) -> dict:
+    """The digits configs shrunk to the tiny models: 3 steps, 8 synthesized images, the tiny teacher experts."""
+    return {
+        "trainer": {
+            "max_steps": 3,
+            "check_val_every_n_epoch": 1,
+            "limit_val_batches": 1,
+            "enable_progress_bar": False,
+        },
+        "model": {
+            "init_args": {
+                "diffusion_model": tiny_assets["ddpm-uncond"],
+                "evaluator_path": tiny_assets["evaluator"],
+            }
+        },
+        "data": {
+            "init_args": {
+                "num_images": 8,
+                "num_inference_steps": 2,
+                "generation_batch_size": 4,
+                "shard_size": 4,
+                "batch_size": 4,
+                "max_saturated_fraction": None,
+                "teacher_path": tiny_assets["classifier-resnet"],
+            }
+        },
+    }
+
+
+def test_guidance_distillation_and_halving_configs_run(tiny_assets, tmp_path, monkeypatch):
+    """The real configs on tiny models: distil, then halve 32 -> 16 from the export the stage file names."""
+    monkeypatch.chdir(tmp_path)
+    overrides = tiny_job_overrides(tiny_assets, experts_teacher(tmp_path))
+    overrides["model"]["init_args"] |= {
+        "guidance": {"init_args": {"experts": str(tmp_path / "experts")}},
+        "block_out_channels": [8, 16],
+    }
+    run("fit", "guidance_distillation.yaml", overrides, tmp_path)
+    assert (tmp_path / "runs/guidance-distillation/version_0/guides/shift/steps-32/model.safetensors").is_file()
+    run(
+        "fit",
+        ["guidance_halving/base.yaml", "guidance_halving/32to16.yaml"],
+        tiny_job_overrides(tiny_assets, ""),
+        tmp_path,
+    )
+    halved = load_shift_guide(str(tmp_path / "runs/guidance-halving/32to16/version_0/guides/shift/steps-16"))
+    assert halved.num_classes == 10
+
+
+def test_guidance_distillation_imagenet256_config_runs_on_tiny_models_of_the_same_classes(
+    imagenet_like,  # noqa: F811 (the fixture imported above)
+    tmp_path,
+    monkeypatch,
+):
+    """ADM-style learned-variance UNet, 1000 classes, PPAP experts of the ResNet-50-family teacher."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    experts = str(tmp_path / "experts")
+    MultiExpertModel(load_classifier(imagenet_like["resnet50"]), num_experts=5, lora_rank=2).save_pretrained(experts)
+    overrides = {
+        "trainer": {"max_steps": 2, "limit_val_batches": 1, "enable_progress_bar": False, "precision": "32-true"},
+        "model": {
+            "init_args": {
+                "guidance": {"init_args": {"experts": experts}},
+                "diffusion_model": imagenet_like["adm"],
+                "evaluator_path": imagenet_like["convnext"],
+                "block_out_channels": [8, 16],
+                "num_inference_steps": 3,
+            }
+        },
+        "data": tiny_imagenet_overrides(imagenet_like["adm"], imagenet_like)["data"]
+        | {
+            "init_args": tiny_imagenet_overrides(imagenet_like["adm"], imagenet_like)["data"]["init_args"]
+            | {"teacher_path": imagenet_like["resnet50"]}
+        },
+    }
+    configs = ["guidance_distillation.yaml", "hub/guidance_distillation_imagenet256.yaml"]
+    run("fit", configs, overrides, tmp_path)
+    guide = load_shift_guide(str(tmp_path / "runs/guidance-distillation-imagenet256/version_0/guides/shift/steps-3"))
+    assert guide.num_classes == 1000 and guide.net.config.in_channels == 7  # x_t, x0_hat (3 each) and the scale map
+
+
+def test_guidance_distillation_sd15_config_runs_on_tiny_components(
+    text_model,  # noqa: F811 (the fixture imported above)
+    tiny_rgb_classifier,
+    tmp_path,
+    monkeypatch,
+):
+    """Latent, text-conditional UNet under the empty prompt; the teacher's gradient flows through the VAE decoder."""
+    import datasets
+    import numpy as np
+    import PIL.Image
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    images = [PIL.Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(6)]
+    datasets.Dataset.from_dict({"image": images, "text": ["a"] * 6}).save_to_disk("captions")
+    overrides = {
+        "trainer": {
+            "max_steps": 2,
+            "val_check_interval": 1.0,
+            "limit_val_batches": 1,
+            "enable_progress_bar": False,
+            "precision": "32-true",
+        },
+        "model": {
+            "init_args": {
+                "guidance": {"init_args": {"classifier": tiny_rgb_classifier}},
+                "diffusion_model": text_model,
+                "vae": text_model,
+                "evaluator_path": None,
+                "block_out_channels": [8, 16],
+            }
+        },
+        "data": {
+            "init_args": {
+                "source": "captions",
+                "image_size": 16,
+                "batch_size": 2,
+                "num_workers": 0,
+                "val_fraction": 0.34,
+            }
+        },
+    }
+    run("fit", ["guidance_distillation.yaml", "hub/guidance_distillation_sd15.yaml"], overrides, tmp_path)
+    guide = load_shift_guide(str(tmp_path / "runs/guidance-distillation-sd15/version_0/guides/shift/steps-32"))
+    assert guide.num_classes == 1000 and guide.net.config.sample_size == 8  # the latents' size, not the pixels'
+
+
+@pytest.fixture
+def tiny_rgb_classifier(tmp_path) -> str:
+    torch.manual_seed(0)
+    path = str(tmp_path / "resnet-rgb")
+    TimmClassifier(**TINY_RESNET | dict(num_classes=1000, in_chans=3)).save_pretrained(path)
+    return path
