@@ -36,6 +36,8 @@ class FrozenDenoiserShiftTraining(FrozenNetworksModule):
             learns, drawn uniformly per example.
         optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory, applied to the guide only.
         scheduler (`str`, defaults to `"DDIMScheduler"`): the sampler of grids and of `sampling_pipeline()`.
+        scheduler_config (`dict`, *optional*): entries replacing the sampler's saved config, e.g.
+            `{"timestep_spacing": "trailing"}` (halving stages follow the sampler's timesteps).
         num_inference_steps (`int`, defaults to 32): the sampling steps the trained guide is meant for; names its
             export `shift/steps-<n>`.
         classifier_scale (`float`, defaults to 4.0): s of the grids.
@@ -53,6 +55,7 @@ class FrozenDenoiserShiftTraining(FrozenNetworksModule):
         scale_range: tuple[float, float] = (1.0, 10.0),
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: str = "DDIMScheduler",
+        scheduler_config: dict | None = None,
         num_inference_steps: int = 32,
         classifier_scale: float = 4.0,
         vae: str | None = None,
@@ -81,7 +84,9 @@ class FrozenDenoiserShiftTraining(FrozenNetworksModule):
                 f"`model.diffusion_model`={diffusion_model!r} predicts {self.noise_scheduler.config.prediction_type!r}; "
                 "guidance distillation learns a shift of eps and needs an 'epsilon' model."
             )
-        self.sampler = load_scheduler(diffusion_model, scheduler, "model.scheduler", "model.diffusion_model")
+        self.sampler = load_scheduler(
+            diffusion_model, scheduler, "model.scheduler", "model.diffusion_model", scheduler_config
+        )
         self.vae = load_vae(vae, "model.vae").requires_grad_(False).eval() if vae is not None else None
         self.conditioning = prompt_conditioning(diffusion_model, self.unet, prompt, "model.prompt")
         self.denoiser = self.denoiser_pipeline(None)  # the frozen denoiser's predictions, for every family of UNet
@@ -196,6 +201,7 @@ class GuidanceDistillation(FrozenDenoiserShiftTraining):
         layers_per_block (`int`, defaults to 1): the guide's residual blocks per level.
         optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory for the guide.
         scheduler (`str`, defaults to `"DDIMScheduler"`): the sampler of grids.
+        scheduler_config (`dict`, *optional*): entries replacing the sampler's saved config.
         num_inference_steps (`int`, defaults to 32): the steps of grids and the export's name (the first halving
             teacher).
         classifier_scale (`float`, defaults to 4.0): s of the grids.
@@ -215,6 +221,7 @@ class GuidanceDistillation(FrozenDenoiserShiftTraining):
         layers_per_block: int = 1,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: str = "DDIMScheduler",
+        scheduler_config: dict | None = None,
         num_inference_steps: int = 32,
         classifier_scale: float = 4.0,
         vae: str | None = None,
@@ -227,6 +234,7 @@ class GuidanceDistillation(FrozenDenoiserShiftTraining):
             scale_range,
             optimizer,
             scheduler,
+            scheduler_config,
             num_inference_steps,
             classifier_scale,
             vae,

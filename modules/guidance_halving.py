@@ -33,6 +33,10 @@ class GuidanceHalving(StepHalving, FrozenDenoiserShiftTraining):
         num_classes (`int`, defaults to 10): target classes K (the teacher guide's).
         scale_range (`tuple[float, float]`, defaults to `(1.0, 10.0)`): (low, high) of s.
         loss_weighting (`str`, defaults to `"snr_truncation"`): "snr_truncation", "x" or "eps" (`ProgressiveHalving`).
+        scheduler_config (`dict`, *optional*): entries replacing the DDIM sampler's saved config; the student's
+            timesteps are that sampler's, e.g. `{"timestep_spacing": "trailing"}` starts every step count at t = T - 1,
+            from pure noise, where "leading" (diffusers' default) starts 4 steps at t = 750. Sample the halved guide
+            with the same setting.
         optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory for the student guide.
         classifier_scale (`float`, defaults to 4.0): s of the grids.
         vae (`str`, *optional*): latent models: the `AutoencoderKL`.
@@ -48,6 +52,7 @@ class GuidanceHalving(StepHalving, FrozenDenoiserShiftTraining):
         num_classes: int = 10,
         scale_range: tuple[float, float] = (1.0, 10.0),
         loss_weighting: str = "snr_truncation",
+        scheduler_config: dict | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         classifier_scale: float = 4.0,
         vae: str | None = None,
@@ -61,6 +66,7 @@ class GuidanceHalving(StepHalving, FrozenDenoiserShiftTraining):
             scale_range,
             optimizer,
             "DDIMScheduler",
+            scheduler_config,
             teacher_steps // 2,
             classifier_scale,
             vae,
@@ -75,7 +81,7 @@ class GuidanceHalving(StepHalving, FrozenDenoiserShiftTraining):
                 f"`model.num_classes`={num_classes}, but the teacher guide at {path!r} knows {self.teacher.num_classes} classes."
             )
         self.guide = copy.deepcopy(self.teacher).requires_grad_(True)
-        self.setup_halving(self.noise_scheduler.config, teacher_steps)
+        self.setup_halving(self.sampler.config, teacher_steps)
 
     def _loss(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         batch_size = x0.shape[0]

@@ -201,6 +201,11 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             )
         if cfg_guidance not in ("shift", "normalized"):
             raise ValueError(f"Expected `cfg_guidance` to be 'shift' or 'normalized', but got {cfg_guidance!r}.")
+        if cfg_guidance == "normalized" and getattr(guidance, "predicts_shift", False):
+            raise ValueError(
+                f"`cfg_guidance`='normalized' rescales a gradient to the CFG difference, but {type(guidance).__name__} "
+                "predicts its shift, which it learned at its own scale: use cfg_guidance='shift'."
+            )
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         self.guidance = guidance

@@ -5,17 +5,19 @@
                  16=runs/guidance-halving/32to16/version_0/guides/shift/steps-16 \
                  8=runs/guidance-halving/16to8/version_0/guides/shift/steps-8 \
                  4=runs/guidance-halving/8to4/version_0/guides/shift/steps-4 \
-        [--samples-per-class 50] [--out runs/guidance_distillation_table] [--page docs/results/guidance_distillation.md]
+        [--trailing-guides 16=... 8=... 4=...] [--samples-per-class 50] [--out runs/guidance_distillation_table] [--page docs/results/guidance_distillation.md]
 
 Rows, all on `assets/digits/ddpm-uncond` with the same seeds and scored under the protocol of `scripts/protocol.py`
 (held-out reference, independent evaluator): unguided sampling at DDPM-50, DDIM-25 and at each guide's step count;
 the teacher (PPAP-5 experts, gradient guidance) at DDPM-50 and DDIM-25; each distilled guide at DDIM with the steps
-it was trained or halved for, and the 32-step guide also at 8 steps without halving; then every guide plugged
+it was trained or halved for, and the 32-step guide also at 8 steps without halving; the guides halved on
+"trailing" timesteps (`--trailing-guides`, each sampled with that spacing beside unguided sampling with it); then
+every guide of the first chain plugged
 without retraining into the fine-tuned thick-stroke base (`assets/digits/ddpm-cond-thick`, sampled unconditionally
 through its null class), against that base's own held-out digits. Each guided row is swept over `--scales` and
 reported at the best scale by the rule of `plugguide.metrics.reporting`; the sweep is printed below the table.
-ms / image is the sampling time of the row on this machine (batch 250; 2 CPU threads unless set otherwise; the side
-by side timing is `benchmarks/distilled_guidance.py`). Finished rows are kept in `<out>/results.json`, so the script
+Time per image is not a column: it is measured side by side, alone on the machine, by
+`benchmarks/distilled_guidance.py`. Finished rows are kept in `<out>/results.json`, so the script
 resumes; `--page` rewrites the table between its markers.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
@@ -59,55 +62,100 @@ def sampler(pipeline: GuidedDiffusionPipeline, steps: int, scale: float):
     return sample
 
 
+@dataclass(frozen=True)
+class Row:
+    """One row: a base, a sampler with its timestep spacing and steps, and a method (a guide is named by its chain)."""
+
+    section: str  # "digits" or "thick": which reference set
+    base: str
+    scheduler: str
+    steps: int
+    method: str  # "unguided", "PPAP-5 (teacher, gradient)", or "distilled"
+    chain: str | None = None  # the distilled guide's chain: "leading" or "trailing"
+    guide_steps: int | None = None  # the step count the distilled guide was trained or halved for
+    spacing: str = "leading"
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}/{self.scheduler}-{self.steps}-{self.spacing}/{self.label}"
+
+    @property
+    def unguided_key(self) -> str:
+        return f"{self.section}/{self.scheduler}-{self.steps}-{self.spacing}/unguided/0"
+
+    @property
+    def label(self) -> str:
+        if self.method != "distilled":
+            return self.method
+        halved = "" if self.chain == "leading" and self.guide_steps == 32 else f", halved on {self.chain} timesteps"
+        return f"distilled, {self.guide_steps}-step guide{halved}"
+
+
+def parse_guides(items: list[str]) -> dict[int, str]:
+    return {int(steps): path for steps, path in (item.split("=", 1) for item in items)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", required=True, help="the teacher: the main job's exported PPAP-5 experts")
     parser.add_argument("--guides", nargs="+", required=True, help="STEPS=PATH of each exported ShiftGuide")
+    parser.add_argument(
+        "--trailing-guides", nargs="*", default=[], help="STEPS=PATH of guides halved on trailing timesteps"
+    )
     parser.add_argument("--scales", type=float, nargs="+", default=[2.0, 4.0, 10.0])
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", default="runs/guidance_distillation_table")
     add_page_arguments(parser, "guidance-distillation-table")
     args = parser.parse_args()
-    guides = {int(steps): path for steps, path in (item.split("=", 1) for item in args.guides)}
+    chains = {"leading": parse_guides(args.guides), "trailing": parse_guides(args.trailing_guides)}
+    first = max(chains["leading"])
     labels, seeds = targets(args.samples_per_class)
     results_path = os.path.join(args.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
     os.makedirs(args.out, exist_ok=True)
     teacher = ExpertGuidance(args.experts)
-    distilled = {steps: DistilledGuidance(path) for steps, path in guides.items()}
-    parameters = {steps: sum(p.numel() for p in g.guide.parameters()) for steps, g in distilled.items()}
-    # Every row of the table, in its order: (section, base, sampler, steps, method, the guide's own steps or None).
-    descending = sorted(guides, reverse=True)
-    rows = [
-        ("digits", BASE, "DDPMScheduler", 50, "unguided", None),
-        ("digits", BASE, "DDIMScheduler", 25, "unguided", None),
-    ]
-    rows += [("digits", BASE, "DDIMScheduler", steps, "unguided", None) for steps in descending]
-    rows += [("digits", BASE, sampler_, steps, "PPAP-5 (teacher, gradient)", None) for sampler_, steps in TEACHER_RUNS]
-    rows += [("digits", BASE, "DDIMScheduler", steps, f"distilled, {steps}-step guide", steps) for steps in descending]
-    if 8 in guides and max(guides) != 8:  # what halving buys: the first guide at 8 steps, not halved
-        rows.append(("digits", BASE, "DDIMScheduler", 8, f"distilled, {max(guides)}-step guide", max(guides)))
-    rows += [("thick", THICK, "DDIMScheduler", steps, "unguided", None) for steps in descending]
-    rows += [("thick", THICK, "DDIMScheduler", steps, f"distilled, {steps}-step guide", steps) for steps in descending]
+    distilled = {(c, n): DistilledGuidance(path) for c, guides in chains.items() for n, path in guides.items()}
+    parameters = {key: sum(p.numel() for p in g.guide.parameters()) for key, g in distilled.items()}
+
+    rows = [Row("digits", BASE, "DDPMScheduler", 50, "unguided"), Row("digits", BASE, "DDIMScheduler", 25, "unguided")]
+    for chain, guides in chains.items():
+        rows += [
+            Row("digits", BASE, "DDIMScheduler", n, "unguided", spacing=chain) for n in sorted(guides, reverse=True)
+        ]
+    rows += [Row("digits", BASE, scheduler, n, "PPAP-5 (teacher, gradient)") for scheduler, n in TEACHER_RUNS]
+    for chain, guides in chains.items():
+        rows += [
+            Row("digits", BASE, "DDIMScheduler", n, "distilled", chain, n, chain) for n in sorted(guides, reverse=True)
+        ]
+    if 8 in chains["leading"] and first != 8:  # what halving buys: the first guide at 8 steps, not halved
+        rows.append(Row("digits", BASE, "DDIMScheduler", 8, "distilled", "leading", first))
+    for n in sorted(chains["leading"], reverse=True):
+        rows += [
+            Row("thick", THICK, "DDIMScheduler", n, "unguided"),
+            Row("thick", THICK, "DDIMScheduler", n, "distilled", "leading", n),
+        ]
 
     metrics = {"digits": reference_metrics(), "thick": reference_metrics(ThickDigitsDataModule())}
     unets = {base: load_unet(base).eval() for base in (BASE, THICK)}
 
-    def guidance_of(method: str, guide_steps: int | None):
-        return distilled[guide_steps] if guide_steps else teacher if method.startswith("PPAP") else None
+    def guidance_of(row: Row):
+        if row.method == "distilled":
+            return distilled[(row.chain, row.guide_steps)]
+        return teacher if row.method.startswith("PPAP") else None
 
-    for section, base, scheduler, steps, method, guide_steps in rows:
-        guidance = guidance_of(method, guide_steps)
-        pipeline = GuidedDiffusionPipeline(unets[base], load_scheduler(base, scheduler), guidance)
+    for row in rows:
+        guidance = guidance_of(row)
+        scheduler = load_scheduler(row.base, row.scheduler, overrides={"timestep_spacing": row.spacing})
+        pipeline = GuidedDiffusionPipeline(unets[row.base], scheduler, guidance)
         pipeline.set_progress_bar_config(disable=True)
         for scale in [0.0] if guidance is None else args.scales:
-            key = f"{section}/{scheduler}-{steps}/{method}/{scale:g}"
+            key = f"{row.key}/{scale:g}"
             if key in results:
                 continue
             grid = os.path.join(args.out, "grids", f"{slug(key)}.png")
             results[key] = measure(
-                metrics[section], sampler(pipeline, steps, scale), labels, seeds, args.batch_size, grid
+                metrics[row.section], sampler(pipeline, row.steps, scale), labels, seeds, args.batch_size, grid
             )
             with open(f"{results_path}.tmp", "w") as file:
                 json.dump(results, file, indent=1)
@@ -115,32 +163,32 @@ def main() -> None:
             print(key, {k: round(v, 4) for k, v in results[key].items() if isinstance(v, float)}, flush=True)
 
     table, sweep = [], []
-    for section, base, scheduler, steps, method, guide_steps in rows:
-        prefix = f"{section}/{scheduler}-{steps}/{method}"
-        sampler_name = f"{scheduler.removesuffix('Scheduler')}-{steps}"
-        guided = guidance_of(method, guide_steps) is not None
+    for row in rows:
+        sampler_name = f"{row.scheduler.removesuffix('Scheduler')}-{row.steps}" + (
+            f" ({row.spacing})" if row.spacing != "leading" else ""
+        )
+        guided = guidance_of(row) is not None
         chosen, marker = "0", ""
         if guided:
-            swept = {f"{scale:g}": results[f"{prefix}/{scale:g}"] for scale in args.scales}
-            chosen, met = best_scale(swept, results[f"{section}/{scheduler}-{steps}/unguided/0"])
+            swept = {f"{scale:g}": results[f"{row.key}/{scale:g}"] for scale in args.scales}
+            chosen, met = best_scale(swept, results[row.unguided_key])
             marker = "" if met else "*"
             sweep.append(
-                f"- {base}, {sampler_name}, {method}: "
+                f"- {row.base}, {sampler_name}, {row.label}: "
                 + ", ".join(
                     f"s = {scale}: accuracy {r['guided_accuracy']:.3f}, FID {r['fid_autoencoder']:.2f}"
                     for scale, r in swept.items()
                 )
             )
-        row = results[f"{prefix}/{chosen}"]
+        measured = results[f"{row.key}/{chosen}"]
         table.append(
             [
-                base.removeprefix("assets/digits/"),
+                row.base.removeprefix("assets/digits/"),
                 sampler_name,
-                method,
+                row.label,
                 f"{chosen}{marker}" if guided else "-",
-                *quality_cells(row),
-                f"{1000 * row['seconds_per_image']:.1f}",
-                f"{parameters[guide_steps]:,}" if guide_steps else "-",
+                *quality_cells(measured),
+                f"{parameters[(row.chain, row.guide_steps)]:,}" if row.method == "distilled" else "-",
             ]
         )
     text = "\n".join(
@@ -149,7 +197,7 @@ def main() -> None:
             f"Best scale: {BEST_SCALE_RULE}. Scales swept: {', '.join(f'{s:g}' for s in args.scales)}.",
             "",
             markdown_table(
-                ["base", "sampler", "method", "classifier_scale", *QUALITY_HEADERS, "ms / image", "trainable params"],
+                ["base", "sampler", "method", "classifier_scale", *QUALITY_HEADERS, "trainable params"],
                 table,
             ),
             "",

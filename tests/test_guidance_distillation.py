@@ -76,10 +76,12 @@ def test_pipeline_adds_the_guides_shift_to_eps_at_every_step(scheduler_class):
     torch.testing.assert_close(output.images, expected, rtol=0, atol=1e-5)
 
 
-def test_a_distilled_guide_refuses_targets_it_does_not_know():
+def test_a_distilled_guide_refuses_targets_it_does_not_know_and_the_normalised_cfg_rule():
     pipeline = quiet(GuidedDiffusionPipeline(tiny_unet(), tiny_scheduler(), DistilledGuidance(random_shift_guide())))
     with pytest.raises(ValueError, match="knows classes 0..9"):
         pipeline([3, 10], num_inference_steps=2, classifier_scale=1.0)
+    with pytest.raises(ValueError, match="cfg_guidance"):
+        GuidedDiffusionPipeline(tiny_unet(), tiny_scheduler(), pipeline.guidance, cfg_guidance="normalized")
 
 
 def experts_teacher(tmp_path) -> str:
@@ -153,6 +155,10 @@ def test_halving_starts_from_the_exported_guide_and_learns_to_take_two_steps_in_
         GuidanceHalving(str(tmp_path / "guides"), 4, tiny_assets["ddpm-uncond"], num_classes=5)
     halving = GuidanceHalving(str(tmp_path / "guides"), teacher_steps=4, diffusion_model=tiny_assets["ddpm-uncond"])
     assert halving.student_timesteps.tolist() == [500, 0] and halving.num_inference_steps == 2
+    trailing = GuidanceHalving(
+        str(tmp_path / "guides"), 4, tiny_assets["ddpm-uncond"], scheduler_config={"timestep_spacing": "trailing"}
+    )
+    assert trailing.student_timesteps.tolist() == [999, 499]  # the first step starts from pure noise
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(
         halving.guide(x, x, torch.tensor([5, 5]), torch.tensor([1, 1]), 2.0),

@@ -87,6 +87,8 @@ class Guidance(nn.Module, ABC):
         """A uniform value added to Sigma_t in the mean shift `s (Sigma_t + offset) grad` (EluCD's sine term); 0 here."""
         return 0.0
 
+    predicts_shift = False  # True for a method that overrides `predicted_shift`
+
     def predicted_shift(
         self, x_t: torch.Tensor, step: GuidanceStep, x0_hat: torch.Tensor, targets: torch.Tensor, scale: float
     ) -> torch.Tensor | None:

@@ -22,6 +22,8 @@ class DistilledGuidance(Guidance):
         guide (`ShiftGuide | str`): the guide, or the folder it was exported to (`<run>/guides/shift/steps-<n>`).
     """
 
+    predicts_shift = True
+
     def __init__(self, guide: ShiftGuide | str) -> None:
         super().__init__(input="x0_hat")
         self.guide = load_shift_guide(guide, "guide").eval().requires_grad_(False) if isinstance(guide, str) else guide
