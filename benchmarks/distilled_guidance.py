@@ -1,11 +1,12 @@
 """What distilled guidance costs: a halved ShiftGuide at 8 steps, against PPAP-5 at DDPM-50 and unguided sampling.
 
     python benchmarks/distilled_guidance.py --guide runs/guidance-halving/16to8/version_0/guides/shift/steps-8 \
-        [--experts runs/ppap/version_0/experts] [--samples 250] [--repeats 3]
+        [--other-guides NAME=PATH ...] [--experts runs/ppap/version_0/experts] [--samples 250] [--repeats 3]
 
 Same UNet (`assets/digits/ddpm-uncond`), samples and seeds; the runs are timed alternately in this one process after a
 warm-up round, and the median time per image and the ratios are printed: distilled guide at DDIM-8 / unguided DDIM-8
-(target 1.10 at most), PPAP-5 at DDPM-50 / distilled at DDIM-8 (target 5 at least), plus unguided DDPM-50. Peak memory
+(target 1.10 at most), PPAP-5 at DDPM-50 / distilled at DDIM-8 (target 5 at least), plus unguided DDPM-50;
+`--other-guides` adds guides of other sizes at DDIM-8 (their time does not depend on their training). Peak memory
 of each run: on CUDA `torch.cuda.max_memory_allocated` of the run; on CPU the peak resident memory of a fresh process
 that loads what the run needs and samples once (`resource.getrusage`), so it includes the interpreter and libraries
 (the first row says how much that is).
@@ -32,9 +33,19 @@ MODEL = "assets/digits/ddpm-uncond"
 
 def runs(args) -> dict[str, tuple]:
     """name -> (scheduler, steps, guidance factory, classifier_scale)."""
+    others = dict(item.split("=", 1) for item in args.other_guides)
     return {
         "unguided DDIM-8": ("DDIMScheduler", 8, lambda: None, 0.0),
         "distilled guide DDIM-8": ("DDIMScheduler", 8, lambda: DistilledGuidance(args.guide), args.distilled_scale),
+        **{
+            f"distilled guide DDIM-8 ({name})": (
+                "DDIMScheduler",
+                8,
+                lambda path=path: DistilledGuidance(path),
+                args.distilled_scale,
+            )
+            for name, path in others.items()
+        },
         "unguided DDPM-50": ("DDPMScheduler", 50, lambda: None, 0.0),
         "PPAP-5 DDPM-50": ("DDPMScheduler", 50, lambda: ExpertGuidance(args.experts), args.ppap_scale),
     }
@@ -72,6 +83,7 @@ def peak_rss(args, name: str | None, queue) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--guide", required=True, help="the ShiftGuide halved to 8 steps (its export folder)")
+    parser.add_argument("--other-guides", nargs="*", default=[], help="NAME=PATH of more guides timed at DDIM-8")
     parser.add_argument("--experts", default="runs/ppap/version_0/experts", help="the main job's exported experts")
     parser.add_argument("--distilled-scale", type=float, default=4.0)
     parser.add_argument("--ppap-scale", type=float, default=4.0)
@@ -112,8 +124,10 @@ def main() -> None:
         print(f"| imports only | - | {peaks['imports only']:.0f} |")
     for name, value in median.items():
         print(f"| {name} | {1000 * value:.2f} | {peaks[name]:.0f} |")
+    for name in median:
+        if name.startswith("distilled"):
+            print(f"{name} / unguided DDIM-8: {median[name] / median['unguided DDIM-8']:.3f}")
     print(
-        f"distilled DDIM-8 / unguided DDIM-8: {median['distilled guide DDIM-8'] / median['unguided DDIM-8']:.3f}\n"
         f"PPAP-5 DDPM-50 / distilled DDIM-8: {median['PPAP-5 DDPM-50'] / median['distilled guide DDIM-8']:.2f}\n"
         f"PPAP-5 DDPM-50 / unguided DDPM-50: {median['PPAP-5 DDPM-50'] / median['unguided DDPM-50']:.3f}"
     )

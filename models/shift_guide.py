@@ -78,6 +78,12 @@ class ShiftGuide(nn.Module, HubModelMixin):
     ) -> torch.Tensor:
         """The eps shift d (B, C, H, W) at the variance-preserving `sample` x_t, train `timesteps` (B,) or scalar,
         target `class_labels` (B,) and guidance scale `scale` (B,) or scalar."""
+        channels, size = (self.net.config.in_channels - 1) // 2, self.net.config.sample_size
+        if sample.dim() != 4 or sample.shape[1] != channels:
+            raise ValueError(
+                f"The guide was built for samples of {channels} channels at {size}x{size} (B, C, H, W), but got a sample "
+                f"of shape {tuple(sample.shape)}; train a guide for this denoiser's samples."
+            )
         batch = sample.shape[0]
         scale = torch.as_tensor(scale, device=sample.device, dtype=sample.dtype).expand(batch)
         scale_map = scale.view(-1, 1, 1, 1).expand(batch, 1, *sample.shape[-2:])

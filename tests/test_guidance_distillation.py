@@ -45,6 +45,8 @@ def test_a_fresh_guide_is_a_no_op_and_a_saved_one_loads_bitwise(tmp_path):
     assert not torch.equal(guide(x, x0, t, y, 4.0), guide(x, x0, t, y, 2.0))  # the scale is an input
     with pytest.raises(ValueError, match="block_out_channels"):
         ShiftGuide(16, 1, 10, (12,))
+    with pytest.raises(ValueError, match="built for samples of 1 channels"):
+        guide(torch.randn(3, 4, 16, 16), x0, t, y, 4.0)
 
 
 @pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DDPMScheduler])
