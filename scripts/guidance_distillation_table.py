@@ -7,16 +7,16 @@
                  4=runs/guidance-halving/8to4/version_0/guides/shift/steps-4 \
         [--trailing-guides 16=... 8=... 4=...] [--samples-per-class 50] [--out runs/guidance_distillation_table] [--page docs/results/guidance_distillation.md]
 
-Rows, all on `assets/digits/ddpm-uncond` with the same seeds and scored under the protocol of `scripts/protocol.py`
-(held-out reference, independent evaluator): unguided sampling at DDPM-50, DDIM-25 and at each guide's step count;
-the teacher (PPAP-5 experts, gradient guidance) at DDPM-50 and DDIM-25; each distilled guide at DDIM with the steps
-it was trained or halved for, and the 32-step guide also at 8 steps without halving; the guides halved on
-"trailing" timesteps (`--trailing-guides`, each sampled with that spacing beside unguided sampling with it); then
-every guide of the first chain plugged
-without retraining into the fine-tuned thick-stroke base (`assets/digits/ddpm-cond-thick`, sampled unconditionally
-through its null class), against that base's own held-out digits. Each guided row is swept over `--scales` and
-reported at the best scale by the rule of `plugguide.metrics.reporting`; the sweep is printed below the table.
-Time per image is not a column: it is measured side by side, alone on the machine, by
+Rows, all with the same seeds and scored under the protocol of `scripts/protocol.py` (held-out reference,
+independent evaluator): on `assets/digits/ddpm-uncond`, unguided sampling at DDPM-50, DDIM-25 and at each guide's
+step count; the teacher (PPAP-5 experts, gradient guidance) at DDPM-50, DDIM-25 and DDIM-8; each distilled guide at
+DDIM with the steps it was trained or halved for, the 32-step guide also at 8 steps without halving, first-stage guides
+of other sizes (`--other-guides`), and the guides halved on "trailing" timesteps (`--trailing-guides`, sampled with
+that spacing beside unguided sampling with it); then, on the fine-tuned thick-stroke base
+(`assets/digits/ddpm-cond-thick`, sampled unconditionally through its null class, scored against its own held-out
+digits), the teacher at DDIM-32 and every guide of the first chain plugged in without retraining. Each guided row is
+swept over `--scales` and reported at the best scale by the rule of `plugguide.metrics.reporting`; the sweep is
+printed below the table. Time per image is not a column: it is measured side by side, alone on the machine, by
 `benchmarks/distilled_guidance.py`. Finished rows are kept in `<out>/results.json`, so the script
 resumes; `--page` rewrites the table between its markers.
 """
@@ -41,7 +41,8 @@ from plugguide.pipelines.guidance import DistilledGuidance, ExpertGuidance
 
 BASE = "assets/digits/ddpm-uncond"
 THICK = "assets/digits/ddpm-cond-thick"
-TEACHER_RUNS = (("DDPMScheduler", 50), ("DDIMScheduler", 25))
+TEACHER = "PPAP-5 (teacher, gradient)"
+SPACINGS = ("leading", "trailing")
 
 
 def sampler(pipeline: GuidedDiffusionPipeline, steps: int, scale: float):
@@ -87,6 +88,8 @@ class Row:
     def label(self) -> str:
         if self.method != "distilled":
             return self.method
+        if self.chain not in SPACINGS:
+            return f"distilled, {self.guide_steps}-step guide ({self.chain})"
         halved = "" if self.chain == "leading" and self.guide_steps == 32 else f", halved on {self.chain} timesteps"
         return f"distilled, {self.guide_steps}-step guide{halved}"
 
@@ -102,7 +105,10 @@ def main() -> None:
     parser.add_argument(
         "--trailing-guides", nargs="*", default=[], help="STEPS=PATH of guides halved on trailing timesteps"
     )
-    parser.add_argument("--scales", type=float, nargs="+", default=[2.0, 4.0, 10.0])
+    parser.add_argument(
+        "--other-guides", nargs="*", default=[], help="NAME=PATH of first-stage guides of other sizes, for comparison"
+    )
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 4.0, 10.0])
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", default="runs/guidance_distillation_table")
@@ -110,6 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     chains = {"leading": parse_guides(args.guides), "trailing": parse_guides(args.trailing_guides)}
     first = max(chains["leading"])
+    chains |= {name: {first: path} for name, path in (item.split("=", 1) for item in args.other_guides)}
     labels, seeds = targets(args.samples_per_class)
     results_path = os.path.join(args.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
@@ -118,19 +125,27 @@ def main() -> None:
     distilled = {(c, n): DistilledGuidance(path) for c, guides in chains.items() for n, path in guides.items()}
     parameters = {key: sum(p.numel() for p in g.guide.parameters()) for key, g in distilled.items()}
 
-    rows = [Row("digits", BASE, "DDPMScheduler", 50, "unguided"), Row("digits", BASE, "DDIMScheduler", 25, "unguided")]
-    for chain, guides in chains.items():
-        rows += [
-            Row("digits", BASE, "DDIMScheduler", n, "unguided", spacing=chain) for n in sorted(guides, reverse=True)
-        ]
-    rows += [Row("digits", BASE, scheduler, n, "PPAP-5 (teacher, gradient)") for scheduler, n in TEACHER_RUNS]
-    for chain, guides in chains.items():
-        rows += [
-            Row("digits", BASE, "DDIMScheduler", n, "distilled", chain, n, chain) for n in sorted(guides, reverse=True)
-        ]
-    if 8 in chains["leading"] and first != 8:  # what halving buys: the first guide at 8 steps, not halved
+    leading, trailing = (sorted(chains[c], reverse=True) for c in ("leading", "trailing"))
+    teacher_runs = [("DDPMScheduler", 50), ("DDIMScheduler", 25), ("DDIMScheduler", 8)]
+    rows = [Row("digits", BASE, scheduler, n, "unguided") for scheduler, n in teacher_runs[:2]]
+    rows += [Row("digits", BASE, "DDIMScheduler", n, "unguided") for n in leading if n != 25]
+    rows += [Row("digits", BASE, scheduler, n, TEACHER) for scheduler, n in teacher_runs]
+    rows += [Row("digits", BASE, "DDIMScheduler", n, "distilled", "leading", n) for n in leading]
+    if 8 in leading and first != 8:  # what halving buys: the first guide at 8 steps, not halved
         rows.append(Row("digits", BASE, "DDIMScheduler", 8, "distilled", "leading", first))
-    for n in sorted(chains["leading"], reverse=True):
+    # Other guides of the first stage (other sizes), at the step count they were trained for.
+    rows += [
+        Row("digits", BASE, "DDIMScheduler", first, "distilled", name, first)
+        for name in chains
+        if name not in SPACINGS
+    ]
+    for n in trailing:
+        rows += [
+            Row("digits", BASE, "DDIMScheduler", n, "unguided", spacing="trailing"),
+            Row("digits", BASE, "DDIMScheduler", n, "distilled", "trailing", n, "trailing"),
+        ]
+    rows.append(Row("thick", THICK, "DDIMScheduler", first, TEACHER))  # the teacher itself on the fine-tuned base
+    for n in leading:
         rows += [
             Row("thick", THICK, "DDIMScheduler", n, "unguided"),
             Row("thick", THICK, "DDIMScheduler", n, "distilled", "leading", n),
@@ -142,7 +157,7 @@ def main() -> None:
     def guidance_of(row: Row):
         if row.method == "distilled":
             return distilled[(row.chain, row.guide_steps)]
-        return teacher if row.method.startswith("PPAP") else None
+        return teacher if row.method == TEACHER else None
 
     for row in rows:
         guidance = guidance_of(row)
