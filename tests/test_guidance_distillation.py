@@ -257,8 +257,7 @@ def test_guidance_distillation_imagenet256_config_runs_on_tiny_models_of_the_sam
             | {"teacher_path": imagenet_like["resnet50"]}
         },
     }
-    configs = ["guidance_distillation.yaml", "hub/guidance_distillation_imagenet256.yaml"]
-    run("fit", configs, overrides, tmp_path)
+    run("fit", "hub/guidance_distillation_imagenet256.yaml", overrides, tmp_path)
     guide = load_shift_guide(str(tmp_path / "runs/guidance-distillation-imagenet256/version_0/guides/shift/steps-3"))
     assert guide.num_classes == 1000 and guide.net.config.in_channels == 7  # x_t, x0_hat (3 each) and the scale map
 
@@ -305,7 +304,7 @@ def test_guidance_distillation_sd15_config_runs_on_tiny_components(
             }
         },
     }
-    run("fit", ["guidance_distillation.yaml", "hub/guidance_distillation_sd15.yaml"], overrides, tmp_path)
+    run("fit", "hub/guidance_distillation_sd15.yaml", overrides, tmp_path)
     guide = load_shift_guide(str(tmp_path / "runs/guidance-distillation-sd15/version_0/guides/shift/steps-32"))
     assert guide.num_classes == 1000 and guide.net.config.sample_size == 8  # the latents' size, not the pixels'
 
