@@ -10,23 +10,23 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 
 from plugguide.models import load_scheduler, load_unet, load_vae, prompt_conditioning, save_atomically
-from plugguide.models.seeding import default_seed, step_generator
 from plugguide.models.shift_guide import ShiftGuide
 from plugguide.modules.frozen_networks import FrozenNetworksModule
+from plugguide.modules.guide_training_steps import GuideTrainingSteps
 from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.finite import check_scale
 from plugguide.pipelines.guidance import DistilledGuidance, Guidance
 from plugguide.pipelines.guidance.base import GuidanceStep
-from plugguide.pipelines.score_shift import guidance_gradient
+from plugguide.pipelines.score_shift import guidance_gradient, guided_clean_estimate
 
 
-class FrozenDenoiserShiftTraining(FrozenNetworksModule):
+class FrozenDenoiserShiftTraining(GuideTrainingSteps, FrozenNetworksModule):
     """What guidance distillation and its halving stages share: a frozen eps denoiser (+ VAE, prompt), one `ShiftGuide`.
 
     Batches are `{"image": (B, C, H, W) in [-1, 1]}`, clean images the frozen model generated
     (`SynthesizedImageDataModule`); no labels are read: targets y ~ U{0..K-1} and scales s ~ U[scale_range] are drawn
     per example. With `vae` set, training runs on `vae.encode(image) * scaling_factor`, the latents the denoiser
-    sees. Subclasses set `self.guide` and implement `_loss(x0, generator)`.
+    sees (`encode`). Subclasses set `self.guide` and implement `_loss(batch, generator)`.
 
     Args:
         diffusion_model (`str`, defaults to `"assets/digits/ddpm-uncond"`): diffusers pipeline directory or hub id of
@@ -123,7 +123,7 @@ class FrozenDenoiserShiftTraining(FrozenNetworksModule):
         eps, _ = self.denoiser.predict_output(z_t, t, None, 0.0)
         alpha, sigma = self.alpha_sigma(t)
         x0_hat = (z_t - sigma * eps) / alpha
-        return eps, x0_hat if self.vae is not None else x0_hat.clamp(-1, 1)
+        return eps, guided_clean_estimate(self.vae, x0_hat)
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         abar = self.noise_scheduler.alphas_cumprod.to(self.device)[t].float().view(-1, 1, 1, 1)
@@ -135,29 +135,6 @@ class FrozenDenoiserShiftTraining(FrozenNetworksModule):
         """eps'(z_t) = eps(z_t) + G(z_t, x0_hat, s; t, y): one pass of the frozen denoiser, one of the guide."""
         eps, x0_hat = self.predict_noise(z_t, t)
         return eps + guide(z_t, x0_hat, t, y, s)
-
-    # -- Lightning --------------------------------------------------------------------------------
-    def _loss(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _step(self, batch: dict, stage: str, generator: torch.Generator | None) -> torch.Tensor:
-        loss = self._loss(self.encode(batch["image"], generator), generator)
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=batch["image"].shape[0])
-        return loss
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # t, y, s and the noise are a function of (seed, step, rank), not of the global RNG, which Lightning does not
-        # restore: a run resumed mid-epoch draws exactly what it would have drawn.
-        return self._step(
-            batch, "train", step_generator(default_seed(), self.global_step, self.global_rank, self.device)
-        )
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # Fixed noise, timesteps, targets and scales, so validation losses of different epochs compare.
-        self._step(batch, "val", torch.Generator(self.device).manual_seed(batch_idx))
-
-    def configure_optimizers(self):
-        return self.optimizer(self.guide.parameters())
 
     # -- sampling and export ----------------------------------------------------------------------
     @property
@@ -252,7 +229,8 @@ class GuidanceDistillation(FrozenDenoiserShiftTraining):
         _, sigma = self.alpha_sigma(t)
         return -s.view(-1, 1, 1, 1) * sigma * grad
 
-    def _loss(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
+        x0 = self.encode(batch["image"], generator)
         batch_size = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
         t = torch.randint(

@@ -83,7 +83,8 @@ class GuidanceHalving(StepHalving, FrozenDenoiserShiftTraining):
         self.guide = copy.deepcopy(self.teacher).requires_grad_(True)
         self.setup_halving(self.sampler.config, teacher_steps)
 
-    def _loss(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
+        x0 = self.encode(batch["image"], generator)
         batch_size = x0.shape[0]
         index = torch.randint(0, self.teacher_steps // 2, (batch_size,), generator=generator, device=self.device)
         y, s = self.draw_targets(batch_size, generator)

@@ -13,14 +13,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from plugguide.models.diffusion_model import load_scheduler, load_unet
 from plugguide.models.guides import Guide, GuideFactory, predict_guided_noise
 from plugguide.models.saving import save_atomically
-from plugguide.models.seeding import default_seed, step_generator
 from plugguide.models.text_encoder import encode_prompts
 from plugguide.modules.frozen_networks import FrozenNetworksModule
+from plugguide.modules.guide_training_steps import GuideTrainingSteps
 from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
 
 
-class FrozenUNetGuideTraining(FrozenNetworksModule):
+class FrozenUNetGuideTraining(GuideTrainingSteps, FrozenNetworksModule):
     """What guide distillation and progressive halving share: a frozen conditional UNet (+ VAE, text encoder), one trained guide.
 
     Batches are `{"image": (B, C, H, W) in [-1, 1], "label": (B,)}` for class-conditional UNets (null class
@@ -119,29 +119,6 @@ class FrozenUNetGuideTraining(FrozenNetworksModule):
         return predict_guided_noise(
             self.unet, guide, z_t, t, g, condition.get("class_labels"), condition.get("encoder_hidden_states")
         )
-
-    # -- Lightning --------------------------------------------------------------------------------
-    def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _step(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
-        loss = self._loss(batch, generator)
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=batch["image"].shape[0])
-        return loss
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # t, g and the noise are a function of (seed_everything's seed, step, rank), not of the global RNG,
-        # which Lightning does not restore: a run resumed mid-epoch draws exactly what it would have drawn.
-        return self._step(
-            batch, "train", step_generator(default_seed(), self.global_step, self.global_rank, self.device)
-        )
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # Fixed noise, timesteps and g, so validation losses of different epochs compare.
-        self._step(batch, "val", torch.Generator(self.device).manual_seed(batch_idx))
-
-    def configure_optimizers(self):
-        return self.optimizer(self.guide.parameters())
 
     # -- sampling and export ----------------------------------------------------------------------
     def sampler(self) -> DDIMScheduler:

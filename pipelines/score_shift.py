@@ -79,12 +79,23 @@ def level_gradient(
     *,
     decode=None,
 ) -> torch.Tensor:
-    """grad log p(y | .) at one evaluation: on x_t = x / scale, or on x0_hat (clipped to [-1, 1] in pixel space;
-    latents have no fixed range and their decoded pixels are clipped), at the level's train timestep."""
-    guide_on = x0_hat if vae is not None else x0_hat.clamp(-1, 1)
+    """grad log p(y | .) at one evaluation: on x_t = x / scale, or on x0_hat (`guided_clean_estimate`), at the level's
+    train timestep."""
     return guidance_gradient(
-        guidance, vae, x / level.scale, torch.tensor(level.timestep, device=x.device), guide_on, targets, decode=decode
+        guidance,
+        vae,
+        x / level.scale,
+        torch.tensor(level.timestep, device=x.device),
+        guided_clean_estimate(vae, x0_hat),
+        targets,
+        decode=decode,
     )
+
+
+def guided_clean_estimate(vae, x0_hat: torch.Tensor) -> torch.Tensor:
+    """x0_hat as guidance reads it: clipped to [-1, 1] in pixel space; latents have no fixed range (their decoded
+    pixels are clipped)."""
+    return x0_hat if vae is not None else x0_hat.clamp(-1, 1)
 
 
 def predicted_shift(
@@ -97,9 +108,8 @@ def predicted_shift(
     scale: float,
 ) -> torch.Tensor | None:
     """The eps shift a guidance predicts in one pass (`Guidance.predicted_shift`), from x_t = x / scale and x0_hat
-    (clipped to [-1, 1] in pixel space, as the gradient path sees it), or None for a guidance that takes a gradient."""
-    guide_on = x0_hat if vae is not None else x0_hat.clamp(-1, 1)
-    return guidance.predicted_shift(x / level.scale, level, guide_on, targets, scale)
+    (`guided_clean_estimate`, as the gradient path sees it), or None for a guidance that takes a gradient."""
+    return guidance.predicted_shift(x / level.scale, level, guided_clean_estimate(vae, x0_hat), targets, scale)
 
 
 def noise_shift(grad: torch.Tensor, level: NoiseLevel, scale: float) -> torch.Tensor:

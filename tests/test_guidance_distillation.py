@@ -121,7 +121,7 @@ def test_distillation_fits_the_teachers_shift_and_exports_the_guide(tiny_assets,
     x0 = torch.rand(16, 1, 16, 16) * 2 - 1
     losses = []
     for _ in range(40):
-        loss = module._loss(x0, torch.Generator().manual_seed(0))  # one fixed draw of (t, y, s, noise)
+        loss = module._loss({"image": x0}, torch.Generator().manual_seed(0))  # one fixed draw of (t, y, s, noise)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -170,7 +170,7 @@ def test_halving_starts_from_the_exported_guide_and_learns_to_take_two_steps_in_
     x0 = torch.rand(16, 1, 16, 16) * 2 - 1
     losses = []
     for step in range(30):
-        loss = halving._loss(x0, torch.Generator().manual_seed(step % 3))
+        loss = halving._loss({"image": x0}, torch.Generator().manual_seed(step % 3))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
