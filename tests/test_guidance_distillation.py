@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from plugguide.callbacks import GuidedSampleGrid
 from plugguide.models import MultiExpertModel, ShiftGuide, TimmClassifier, load_classifier, load_shift_guide
 from plugguide.modules import GuidanceDistillation, GuidanceHalving
 from plugguide.pipelines import GuidedDiffusionPipeline
@@ -161,6 +162,8 @@ def test_halving_starts_from_the_exported_guide_and_learns_to_take_two_steps_in_
         str(tmp_path / "guides"), 4, tiny_assets["ddpm-uncond"], scheduler_config={"timestep_spacing": "trailing"}
     )
     assert trailing.student_timesteps.tolist() == [999, 499]  # the first step starts from pure noise
+    # Grids sample the student at its own step count, which no hyper-parameter names.
+    assert GuidedSampleGrid.setting(None, halving, "num_inference_steps", 50) == 2
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(
         halving.guide(x, x, torch.tensor([5, 5]), torch.tensor([1, 1]), 2.0),
