@@ -121,11 +121,12 @@ class FrozenDenoiserShiftTraining(GuideTrainingSteps, FrozenNetworksModule):
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, x0_hat) of the frozen denoiser at the variance-preserving z_t and train timesteps t (B,)."""
         eps, _ = self.denoiser.predict_output(z_t, t, None, 0.0)
-        alpha, sigma = self.alpha_sigma(t)
+        alpha, sigma = self.coefficients(t)
         x0_hat = (z_t - sigma * eps) / alpha
         return eps, guided_clean_estimate(self.vae, x0_hat)
 
-    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) of the training schedule at train timesteps t (B,), shaped for broadcasting."""
         abar = self.noise_scheduler.alphas_cumprod.to(self.device)[t].float().view(-1, 1, 1, 1)
         return abar.sqrt(), (1 - abar).sqrt()
 
@@ -226,7 +227,7 @@ class GuidanceDistillation(FrozenDenoiserShiftTraining):
     def teacher_shift(self, z_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, y, s) -> torch.Tensor:
         """The teacher's eps shift `-s sigma_t grad log p(y | .)`, through the VAE decoder for latent models."""
         grad = guidance_gradient(self.teacher, self.vae, z_t, t, x0_hat, y)
-        _, sigma = self.alpha_sigma(t)
+        _, sigma = self.coefficients(t)
         return -s.view(-1, 1, 1, 1) * sigma * grad
 
     def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
