@@ -28,6 +28,8 @@ JOBS = (
     "classifier_pretraining",
     "guide_distillation",
     "progressive_halving",
+    "guidance_distillation",
+    "guidance_halving",
 )
 
 
@@ -261,6 +263,30 @@ def run_worker(out: str, assets: dict) -> None:
         guide_root=guide_root, guide_name="tiny", teacher_steps=4, diffusion_model=assets["ddpm-cond"]
     )
     fit("progressive_halving", halving, DigitsDataModule(batch_size=8), 4, limit_train_batches=2)
+
+    # Gradient guidance distilled into a ShiftGuide, and a halving stage of it.
+    from plugguide.models import MultiExpertModel, ShiftGuide
+    from plugguide.modules import GuidanceDistillation, GuidanceHalving
+    from plugguide.pipelines.guidance import ExpertGuidance
+
+    L.seed_everything(0)
+    teacher = ExpertGuidance(MultiExpertModel(TimmClassifier(**TINY_RESNET), num_experts=2, lora_rank=2))
+    distillation = GuidanceDistillation(
+        teacher, diffusion_model=assets["ddpm-uncond"], block_out_channels=(8, 16), num_inference_steps=4
+    )
+    fit("guidance_distillation", distillation, DigitsDataModule(batch_size=8), 4, limit_train_batches=2)
+    shift_root = os.path.join(out, "shift-guides")
+    if rank == 0:
+        ShiftGuide(16, 1, 10, (8, 16)).save_pretrained(os.path.join(shift_root, "shift", "steps-4"))
+    torch.distributed.barrier()
+    L.seed_everything(0)
+    fit(
+        "guidance_halving",
+        GuidanceHalving(shift_root, teacher_steps=4, diffusion_model=assets["ddpm-uncond"]),
+        DigitsDataModule(batch_size=8),
+        4,
+        limit_train_batches=2,
+    )
 
     # Test and predict: the pytest process runs the same on one process and compares.
     import glob
