@@ -7,9 +7,8 @@ Same UNet (`assets/digits/ddpm-uncond`), samples and seeds; the runs are timed a
 warm-up round, and the median time per image and the ratios are printed: distilled guide at DDIM-8 / unguided DDIM-8
 (target 1.10 at most), PPAP-5 at DDPM-50 / distilled at DDIM-8 (target 5 at least), plus unguided DDPM-50;
 `--other-guides` adds guides of other sizes at DDIM-8 (their time does not depend on their training). Peak memory
-of each run: on CUDA `torch.cuda.max_memory_allocated` of the run; on CPU the peak resident memory of a fresh process
-that loads what the run needs and samples once (`resource.getrusage`), so it includes the interpreter and libraries
-(the first row says how much that is).
+of each run: on CUDA `torch.cuda.max_memory_allocated` of the run; on CPU, in a fresh process that loads what the run
+needs and samples once (1 thread), how far sampling raises the peak resident memory above what loading reached.
 """
 
 from __future__ import annotations
@@ -17,11 +16,11 @@ from __future__ import annotations
 import argparse
 import collections
 import multiprocessing
-import resource
 import statistics
 import time
 
 import torch
+from memory import peak_rss
 
 from plugguide.models import load_scheduler, load_unet
 from plugguide.models.seeding import seeded_generators
@@ -71,13 +70,13 @@ def build(args, name: str) -> tuple[GuidedDiffusionPipeline, int, float]:
     return pipeline, steps, scale
 
 
-def peak_rss(args, name: str | None, queue) -> None:
-    """Child process: the peak resident memory (MiB) after sampling run `name` once (None: imports only)."""
+def peak_memory(args, name: str, queue) -> None:
+    """Child process: (peak resident memory after loading run `name`'s models, after sampling it once), in MiB."""
     torch.set_num_threads(1)
-    if name is not None:
-        pipeline, steps, scale = build(args, name)
-        sample_once(pipeline, steps, scale, args.samples, args.device)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    pipeline, steps, scale = build(args, name)
+    loaded = peak_rss()
+    sample_once(pipeline, steps, scale, args.samples, args.device)
+    queue.put((loaded, peak_rss()))
 
 
 def main() -> None:
@@ -108,20 +107,19 @@ def main() -> None:
                 seconds[name].append((time.perf_counter() - started) / args.samples)
     if args.device != "cuda":
         context = multiprocessing.get_context("spawn")
-        for name in [None, *runs(args)]:
+        for name in runs(args):
             queue = context.Queue()
-            process = context.Process(target=peak_rss, args=(args, name, queue))
+            process = context.Process(target=peak_memory, args=(args, name, queue))
             process.start()
-            peaks[name or "imports only"] = queue.get()
+            loaded, peak = queue.get()
+            peaks[name] = peak - loaded
             process.join()
     median = {name: statistics.median(values) for name, values in seconds.items()}
-    memory = "peak GPU memory (MiB)" if args.device == "cuda" else "peak resident memory of a fresh process (MiB)"
+    memory = "peak GPU memory (MiB)" if args.device == "cuda" else "peak resident memory above the loaded models (MiB)"
     print(
         f"device {args.device}, {torch.get_num_threads()} threads, {args.samples} samples per run, median of {args.repeats}"
     )
     print(f"| run | ms / image | {memory} |\n|---|---|---|")
-    if "imports only" in peaks:
-        print(f"| imports only | - | {peaks['imports only']:.0f} |")
     for name, value in median.items():
         print(f"| {name} | {1000 * value:.2f} | {peaks[name]:.0f} |")
     for name in median:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import multiprocessing
-import resource
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import datasets
 import torch
+from memory import peak_rss
 from timers import timed
 
 from plugguide.datamodules import SynthesizedImageDataModule, synthesized
@@ -112,16 +112,6 @@ def rates(args: argparse.Namespace) -> None:
         f"{key} {100 * value / total:.1f}%" for key, value in sorted(seconds.items(), key=lambda item: -item[1])
     )
     print(f"synthesis time: {parts}, rest of the loop {100 * (total - accounted) / total:.1f}%")
-
-
-def peak_rss() -> float:
-    """Peak resident memory of this process in MiB: Linux's VmHWM (`ru_maxrss` survives exec, so a spawned process would
-    report its parent's peak), else `ru_maxrss`."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_memory(images: int, batch_size: int, steps: int) -> tuple[float, float]:
