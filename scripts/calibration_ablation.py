@@ -28,7 +28,16 @@ import json
 import os
 
 import torch
-from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
+from protocol import (
+    QUALITY_HEADERS,
+    describe,
+    measure,
+    pipeline_sampler,
+    quality_cells,
+    reference_metrics,
+    slug,
+    targets,
+)
 from results_page import add_page_arguments, write_between_markers
 from scipy.stats import spearmanr
 
@@ -43,7 +52,7 @@ from plugguide.metrics import (
 from plugguide.metrics.calibration import reverse_process_calibration_curve
 from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, markdown_table
 from plugguide.models import load_scheduler, load_unet
-from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch, sample_trajectory
+from plugguide.pipelines import GuidedDiffusionPipeline, sample_trajectory
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance, NaiveClassifierGuidance
 
 OFF = dict(softplus_beta=None, marginal_discount=1.0, sine_gamma=0.0)
@@ -167,12 +176,7 @@ def main() -> None:
         pipeline.set_progress_bar_config(disable=True)
         return measure(
             metrics,
-            lambda batch_labels, batch_seeds: sample_batch(
-                pipeline,
-                {"label": batch_labels, "seed": batch_seeds},
-                num_inference_steps=args.steps,
-                classifier_scale=scale,
-            ),
+            pipeline_sampler(pipeline, num_inference_steps=args.steps, classifier_scale=scale),
             labels,
             seeds,
             grid_path=os.path.join(args.out, "grids", f"{slug(name)}-s{scale:g}.png"),

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, targets
+from protocol import QUALITY_HEADERS, describe, measure, pipeline_sampler, quality_cells, reference_metrics, targets
 
 from plugguide.metrics.reporting import markdown_table
 from plugguide.models import load_scheduler, load_unet
-from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
+from plugguide.pipelines import GuidedDiffusionPipeline
 
 
 def main() -> None:
@@ -38,9 +38,7 @@ def main() -> None:
             row_labels = labels if pipeline.is_class_conditional else torch.full_like(labels, -1)
             row = measure(
                 metrics,
-                lambda batch_labels, batch_seeds: sample_batch(
-                    pipeline, {"label": batch_labels, "seed": batch_seeds}, num_inference_steps=args.steps
-                ),
+                pipeline_sampler(pipeline, num_inference_steps=args.steps),
                 row_labels,
                 seeds,
             )

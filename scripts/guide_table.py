@@ -22,7 +22,7 @@ import os
 
 import torch
 from diffusers import DDIMScheduler
-from protocol import describe, measure, reference_metrics, targets
+from protocol import describe, measure, pipeline_sampler, reference_metrics, targets
 from results_page import add_page_arguments, write_between_markers
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -30,7 +30,7 @@ from plugguide.cli import main as lightning
 from plugguide.datamodules import DigitsDataModule, ThickDigitsDataModule
 from plugguide.metrics.reporting import estimate, markdown_table
 from plugguide.models import load_guide, load_scheduler, load_unet, predict_guided_noise
-from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, sample_batch
+from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline
 
 BASES = {
     "original": ("assets/digits/ddpm-cond", DigitsDataModule),
@@ -173,12 +173,7 @@ def main() -> None:
                     if key not in results:
                         results[key] = measure(
                             metrics,
-                            lambda batch_labels, batch_seeds: sample_batch(
-                                pipeline,
-                                {"label": batch_labels, "seed": batch_seeds},
-                                num_inference_steps=steps,
-                                guidance_scale=1 + g,
-                            ),
+                            pipeline_sampler(pipeline, num_inference_steps=steps, guidance_scale=1 + g),
                             labels,
                             seeds,
                             grid_path=os.path.join(

@@ -19,7 +19,16 @@ import json
 import os
 
 import torch
-from protocol import AUTOENCODER, QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, targets
+from protocol import (
+    AUTOENCODER,
+    QUALITY_HEADERS,
+    describe,
+    measure,
+    pipeline_sampler,
+    quality_cells,
+    reference_metrics,
+    targets,
+)
 from results_page import add_page_arguments, write_between_markers
 from torchmetrics.functional.segmentation import mean_iou
 
@@ -29,7 +38,7 @@ from plugguide.metrics.dense import map_correlation
 from plugguide.metrics.pixel_maps import NUM_SEGMENTATION_CLASSES
 from plugguide.metrics.reporting import markdown_table
 from plugguide.models import load_classifier, load_dense_model, load_scheduler, load_unet, load_vae
-from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
+from plugguide.pipelines import GuidedDiffusionPipeline
 
 ASSETS = "assets/digits"
 CLASSIFIERS = ("classifier-resnet", "classifier-deit", "evaluator")
@@ -168,12 +177,7 @@ def main() -> None:
         label = f"{name}" + (f", CFG w={cfg:g}" if cfg else "")
         row = measure(
             metrics,
-            lambda batch_labels, batch_seeds: sample_batch(
-                pipeline,
-                {"label": batch_labels, "seed": batch_seeds},
-                num_inference_steps=args.steps,
-                guidance_scale=1 + cfg,
-            ),
+            pipeline_sampler(pipeline, num_inference_steps=args.steps, guidance_scale=1 + cfg),
             row_labels,
             seeds,
             grid_path=f"{args.out}/{label.replace(' ', '_').replace(',', '')}-{steps}.png",

@@ -22,14 +22,23 @@ import json
 import os
 
 import yaml
-from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
+from protocol import (
+    QUALITY_HEADERS,
+    describe,
+    measure,
+    pipeline_sampler,
+    quality_cells,
+    reference_metrics,
+    slug,
+    targets,
+)
 from results_page import add_page_arguments, write_between_markers
 
 from plugguide.cli import main as lightning
 from plugguide.metrics.figures import sweep_figure
 from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, estimate, markdown_table
 from plugguide.models import MultiExpertModel, load_scheduler, load_unet
-from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
+from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance, PredictedCleanImageGuidance
 
 ASSETS = "assets/digits"
@@ -125,12 +134,7 @@ def main() -> None:
         for scale in [s for s in scales if str(s) not in done]:
             done[str(scale)] = measure(
                 metrics,
-                lambda batch_labels, batch_seeds: sample_batch(
-                    pipeline,
-                    {"label": batch_labels, "seed": batch_seeds},
-                    num_inference_steps=args.steps,
-                    classifier_scale=scale,
-                ),
+                pipeline_sampler(pipeline, num_inference_steps=args.steps, classifier_scale=scale),
                 labels,
                 seeds,
                 grid_path=os.path.join(args.out, "grids", f"{slug(key)}-s{scale:g}.png"),

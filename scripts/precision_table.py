@@ -24,7 +24,7 @@ import statistics
 import time
 
 import torch
-from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, targets
+from protocol import QUALITY_HEADERS, describe, measure, pipeline_sampler, quality_cells, reference_metrics, targets
 from results_page import add_page_arguments, write_between_markers
 
 from plugguide.metrics.reporting import markdown_table
@@ -104,12 +104,7 @@ def main() -> None:
         for name, pipeline in runs.items():
             quality = measure(
                 metrics,
-                lambda batch_labels, batch_seeds: sample_batch(
-                    pipeline,
-                    {"label": batch_labels, "seed": batch_seeds},
-                    num_inference_steps=STEPS,
-                    classifier_scale=scale,
-                ),
+                pipeline_sampler(pipeline, num_inference_steps=STEPS, classifier_scale=scale),
                 labels,
                 seeds,
                 grid_path=os.path.join(args.out, "grids", f"{workload}-{name}.png"),

@@ -26,6 +26,7 @@ from torchvision.utils import save_image
 from plugguide.datamodules import DigitsDataModule
 from plugguide.metrics import GenerationMetrics
 from plugguide.metrics.reporting import estimate
+from plugguide.pipelines import sample_batch
 
 EVALUATOR = "assets/digits/evaluator"
 AUTOENCODER = "assets/digits/autoencoder"
@@ -61,6 +62,12 @@ def targets(samples_per_class: int, num_classes: int = 10) -> tuple[torch.Tensor
     """(labels, seeds): `samples_per_class` of each class in order, sample i seeded with i."""
     labels = torch.arange(num_classes).repeat_interleave(samples_per_class)
     return labels, torch.arange(len(labels))
+
+
+def pipeline_sampler(pipeline, **call_kwargs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`sample(labels, seeds)` for `measure`: `sample_batch` of `pipeline` (a generator per sample, seeded with its
+    seed) with `call_kwargs` (`num_inference_steps`, `classifier_scale`, `guidance_scale`, ...)."""
+    return lambda labels, seeds: sample_batch(pipeline, {"label": labels, "seed": seeds}, **call_kwargs)
 
 
 def measure(

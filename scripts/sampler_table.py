@@ -27,12 +27,21 @@ import argparse
 import json
 import os
 
-from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
+from protocol import (
+    QUALITY_HEADERS,
+    describe,
+    measure,
+    pipeline_sampler,
+    quality_cells,
+    reference_metrics,
+    slug,
+    targets,
+)
 from results_page import add_page_arguments, write_between_markers
 
 from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, markdown_table
 from plugguide.models import load_scheduler, load_unet
-from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
+from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.guidance import CalibratedEDMGuidance, CalibratedGuidance, ExpertGuidance
 
 ASSETS = "assets/digits"
@@ -183,12 +192,7 @@ def main() -> None:
             for scale in missing:
                 done[str(scale)] = measure(
                     metrics,
-                    lambda batch_labels, batch_seeds: sample_batch(
-                        pipeline,
-                        {"label": batch_labels, "seed": batch_seeds},
-                        num_inference_steps=steps,
-                        classifier_scale=scale,
-                    ),
+                    pipeline_sampler(pipeline, num_inference_steps=steps, classifier_scale=scale),
                     labels,
                     seeds,
                     batch_size=args.batch_size,

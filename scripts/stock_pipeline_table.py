@@ -25,12 +25,21 @@ import os
 import numpy as np
 import torch
 from diffusers import DDIMPipeline
-from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
+from protocol import (
+    QUALITY_HEADERS,
+    describe,
+    measure,
+    pipeline_sampler,
+    quality_cells,
+    reference_metrics,
+    slug,
+    targets,
+)
 from results_page import add_page_arguments, write_between_markers
 
 from plugguide.metrics.reporting import markdown_table
 from plugguide.models.seeding import seeded_generators
-from plugguide.pipelines import GuidedDiffusionPipeline, guided, sample_batch
+from plugguide.pipelines import GuidedDiffusionPipeline, guided
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance
 
 MODEL = "assets/digits/ddpm-uncond"
@@ -54,16 +63,6 @@ def stock_sampler(pipe: DDIMPipeline, guidance, scale: float):
                     batch_size=len(labels), generator=generators, num_inference_steps=STEPS, output_type="np"
                 ).images
         return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2) * 2 - 1
-
-    return sample
-
-
-def project_sampler(project: GuidedDiffusionPipeline, scale: float):
-    """sample(labels, seeds) -> images in [-1, 1] by the project's pipeline, one generator per sample."""
-
-    def sample(labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        batch = {"label": labels, "seed": seeds}
-        return sample_batch(project, batch, num_inference_steps=STEPS, classifier_scale=scale)
 
     return sample
 
@@ -114,7 +113,7 @@ def main() -> None:
         project.set_progress_bar_config(disable=True)
         samplers = {
             PIPELINES[0]: stock_sampler(stock, guidance, scale),
-            PIPELINES[1]: project_sampler(project, scale),
+            PIPELINES[1]: pipeline_sampler(project, num_inference_steps=STEPS, classifier_scale=scale),
         }
         for pipeline, sample in samplers.items():
             key = f"{method}/{pipeline}"
