@@ -130,13 +130,6 @@ class FrozenDenoiserShiftTraining(GuideTrainingSteps, FrozenNetworksModule):
         abar = self.noise_scheduler.alphas_cumprod.to(self.device)[t].float().view(-1, 1, 1, 1)
         return abar.sqrt(), (1 - abar).sqrt()
 
-    def guided_noise(
-        self, guide: ShiftGuide, z_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, s: torch.Tensor
-    ) -> torch.Tensor:
-        """eps'(z_t) = eps(z_t) + G(z_t, x0_hat, s; t, y): one pass of the frozen denoiser, one of the guide."""
-        eps, x0_hat = self.predict_noise(z_t, t)
-        return eps + guide(z_t, x0_hat, t, y, s)
-
     # -- sampling and export ----------------------------------------------------------------------
     @property
     def guidance(self) -> DistilledGuidance:

@@ -8,7 +8,7 @@ import os
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from plugguide.models.shift_guide import load_shift_guide
+from plugguide.models.shift_guide import ShiftGuide, load_shift_guide
 from plugguide.modules.guidance_distillation import FrozenDenoiserShiftTraining
 from plugguide.modules.progressive_halving import StepHalving, check_halving
 
@@ -89,11 +89,24 @@ class GuidanceHalving(StepHalving, FrozenDenoiserShiftTraining):
         index = torch.randint(0, self.teacher_steps // 2, (batch_size,), generator=generator, device=self.device)
         y, s = self.draw_targets(batch_size, generator)
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        at_z_t: dict = {}
+
+        def frozen_prediction(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # The teacher's first step and the student both read the frozen denoiser at z_t (the first call): one
+            # pass serves both; the teacher's midpoint gets its own.
+            if not at_z_t:
+                at_z_t.update(z=z, prediction=self.predict_noise(z, t))
+            return at_z_t["prediction"] if z is at_z_t["z"] else self.predict_noise(z, t)
+
+        def guided_noise(guide: ShiftGuide):
+            """eps'(z) = eps(z) + G(z, x0_hat, s; t, y)."""
+
+            def predict(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                eps, x0_hat = frozen_prediction(z, t)
+                return eps + guide(z, x0_hat, t, y, s)
+
+            return predict
+
         return self.step_halving_loss(
-            lambda z, t: self.guided_noise(self.teacher, z, t, y, s),
-            lambda z, t: self.guided_noise(self.guide, z, t, y, s),
-            x0,
-            noise,
-            index,
-            self.hparams.loss_weighting,
+            guided_noise(self.teacher), guided_noise(self.guide), x0, noise, index, self.hparams.loss_weighting
         )
