@@ -12,14 +12,18 @@ from typing import Literal
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from plugguide.models.classifier import TimmClassifier
 from plugguide.models.dense_model import DenseModel
+from plugguide.models.expert_biases import ExpertBias
+from plugguide.models.loralib_conv import LoralibConv2d
 from plugguide.models.off_the_shelf import load_off_the_shelf
 from plugguide.models.saving import read_saved_config, save_atomically
 
 Finetune = Literal["lora", "full"]
+ConvLora = Literal["peft", "loralib"]
 
 # LoRA targets of the authors' code (riiid/PPAP): ResNet stem conv and conv1/conv2 of every block
 # (not conv3, not the downsample convs); ViT/DeiT attention qkv and proj. Dense models, keyed by the library's class,
@@ -34,6 +38,7 @@ DEFAULT_LORA_TARGETS = {
     "DeepLabV3": r"model\.(backbone\.(conv1|layer[12]\.\d+\.conv[12]|layer[34]\.\d+\.conv1)|classifier\.(0\.(convs\.0\.0|convs\.4\.1|project\.0)|1))",
     "DPTForDepthEstimation": r"model\.(dpt\.encoder\.layer\.\d+\.attention\.(attention\.(query|key|value)|output\.dense)|neck\.fusion_stage\.layers\.\d+\.residual_layer[12]\.convolution[12])",
 }
+EXPERT_BIASES = "expert_biases.safetensors"  # per_expert_biases: an expert's bias deltas, beside its peft adapter
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -93,6 +98,11 @@ class MultiExpertModel(nn.Module):
         timestep_boundaries (`list[int]`, *optional*): custom ranges b_0 = 0 < b_1 < ... < b_N = T.
         per_expert_head (`bool`, defaults to `True`): each LoRA expert owns a copy of the head, or (False, the
             authors' choice) all share the frozen one.
+        conv_lora (`str`, defaults to `"peft"`): the form of LoRA on convolutions: "peft" (a k x k conv to r
+            channels, then 1 x 1 back: rank <= r) or "loralib" (`LoralibConv2d`, the authors' form: rank up to r k).
+        per_expert_biases (`bool`, defaults to `False`): each LoRA expert also owns every bias of the model that its
+            LoRA biases, norms and head do not already hold (`ExpertBias`), as the authors' ViT/DeiT adapters train
+            every bias (a ResNet's convs have none, so there it changes nothing).
     """
 
     def __init__(
@@ -106,10 +116,18 @@ class MultiExpertModel(nn.Module):
         target_modules: str | list[str] | None = None,
         timestep_boundaries: list[int] | None = None,
         per_expert_head: bool = True,
+        conv_lora: ConvLora = "peft",
+        per_expert_biases: bool = False,
     ) -> None:
         super().__init__()
         if finetune not in ("lora", "full"):
             raise ValueError(f"Expected `finetune` to be 'lora' or 'full', but got {finetune!r}.")
+        if conv_lora not in ("peft", "loralib"):
+            raise ValueError(f"Expected `conv_lora` to be 'peft' or 'loralib', but got {conv_lora!r}.")
+        if finetune == "full" and per_expert_biases:
+            raise ValueError(
+                "`per_expert_biases` adds biases to LoRA experts; `finetune`='full' trains every bias already."
+            )
         if lora_rank < 1:
             raise ValueError(f"Expected `lora_rank` to be >= 1, but got {lora_rank}.")
         if timestep_boundaries is None:
@@ -135,9 +153,12 @@ class MultiExpertModel(nn.Module):
             target_modules=target_modules,
             timestep_boundaries=boundaries,
             per_expert_head=per_expert_head,
+            conv_lora=conv_lora,
+            per_expert_biases=per_expert_biases,
         )
         # peft wraps layers in place: the experts wrap a frozen copy, never the caller's model.
         backbone = copy.deepcopy(backbone).requires_grad_(False)
+        self.expert_biases = nn.ModuleDict()
         if finetune == "full":
             self.experts = nn.ModuleList(copy.deepcopy(backbone).requires_grad_(True) for _ in range(num_experts))
         else:
@@ -151,12 +172,18 @@ class MultiExpertModel(nn.Module):
                 # BatchNorm, whose per-expert copy holds the bias) gets none, as in the authors' adapters.
                 lora_bias=all(module.bias is not None for module in targeted),
             )
+            if conv_lora == "loralib":
+                lora_config._register_custom_module({nn.Conv2d: LoralibConv2d})
+            shared_biases = self.shared_biases(backbone, targeted, lora_config) if per_expert_biases else {}
+            self.expert_biases = nn.ModuleDict(
+                {name.replace(".", "-"): ExpertBias(module, num_experts) for name, module in shared_biases.items()}
+            )
             self.peft_model = get_peft_model(backbone, lora_config, adapter_name=self.expert_name(0))
             for n in range(1, num_experts):
                 self.peft_model.add_adapter(self.expert_name(n), lora_config)
             self.adapter_parameters = [
                 p for key, p in self.peft_model.named_parameters() if "lora_" in key or ".modules_to_save." in key
-            ]
+            ] + list(self.expert_biases.parameters())
         self.active_expert = -1
         self.merges_adapters = False
         self.set_expert(0)
@@ -204,6 +231,23 @@ class MultiExpertModel(nn.Module):
         return target_modules, [layers[name] for name in matched]
 
     @staticmethod
+    def shared_biases(
+        backbone: TimmClassifier | DenseModel, targeted: list[nn.Module], lora_config: LoraConfig
+    ) -> dict[str, nn.Module]:
+        """The Linear/conv layers with a bias that no expert part holds yet: not inside a per-expert module (norms,
+        head), and not a LoRA target whose per-expert LoRA bias already shifts it."""
+        owned = tuple(lora_config.modules_to_save)
+        lora_biased = targeted if lora_config.lora_bias else []
+        return {
+            name: module
+            for name, module in backbone.named_modules()
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+            and module.bias is not None
+            and not any(name == o or name.startswith(o + ".") for o in owned)
+            and not any(module is t for t in lora_biased)
+        }
+
+    @staticmethod
     def per_expert_modules(backbone: TimmClassifier | DenseModel, head: bool = True) -> list[str]:
         """Modules each expert owns a full copy of: every normalisation layer and, if `head`, the model's output head."""
         output_head = backbone.output_head() if head else None
@@ -245,6 +289,8 @@ class MultiExpertModel(nn.Module):
             # An inactive expert is simply not in the graph and gets no gradient.
             for parameter in self.adapter_parameters:
                 parameter.requires_grad_(True)
+            for bias in self.expert_biases.values():
+                bias.active = n
         self.active_expert = n
 
     def expert_index(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -282,8 +328,10 @@ class MultiExpertModel(nn.Module):
             return list(zip(self.experts[source].parameters(), self.experts[target].parameters()))
         src, dst = f".{self.expert_name(source)}", f".{self.expert_name(target)}"
         tensors = dict(self.peft_model.named_parameters()) | dict(self.peft_model.named_buffers())
-        pairs = []
+        pairs = [(bias.deltas[source], bias.deltas[target]) for bias in self.expert_biases.values()]
         with torch.no_grad():
+            for parameter, twin in pairs:
+                twin.copy_(parameter)
             for key, tensor in tensors.items():
                 if f"{src}." in key or key.endswith(src):
                     twin = tensors[key.replace(f"{src}.", f"{dst}.") if f"{src}." in key else key[: -len(src)] + dst]
@@ -297,7 +345,10 @@ class MultiExpertModel(nn.Module):
         if self.finetune == "full":
             return list(self.experts[n].parameters())
         name = self.expert_name(n)
-        return [p for key, p in self.peft_model.named_parameters() if f".{name}." in key or key.endswith(f".{name}")]
+        adapters = [
+            p for key, p in self.peft_model.named_parameters() if f".{name}." in key or key.endswith(f".{name}")
+        ]
+        return adapters + [bias.deltas[n] for bias in self.expert_biases.values()]
 
     def parameter_report(self) -> dict[str, float]:
         """Trainable parameters, absolute and as % of the backbone, as the PPAP paper reports them."""
@@ -329,6 +380,9 @@ class MultiExpertModel(nn.Module):
                     self.peft_model.save_pretrained(
                         tmp, selected_adapters=[self.expert_name(n) for n in range(self.num_experts)]
                     )
+                for n in range(self.num_experts if self.expert_biases else 0):
+                    biases = {key: bias.deltas[n].detach().contiguous() for key, bias in self.expert_biases.items()}
+                    save_file(biases, os.path.join(tmp, self.expert_name(n), EXPERT_BIASES))
                 self.frozen_backbone().save_pretrained(os.path.join(tmp, "backbone"))
 
         save_atomically(directory, save)
@@ -364,7 +418,12 @@ class MultiExpertModel(nn.Module):
                     experts.experts[n].load_state_dict(type(backbone).from_pretrained(path, strict=True).state_dict())
                 else:
                     experts.peft_model.load_adapter(path, adapter_name=cls.expert_name(n))
-            except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+                    if experts.expert_biases:
+                        biases = load_file(os.path.join(path, EXPERT_BIASES))
+                        with torch.no_grad():
+                            for key, bias in experts.expert_biases.items():
+                                bias.deltas[n].copy_(biases[key])
+            except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
                 raise OSError(
                     f"`{setting}`={directory!r}: expert {n} ({path}) could not be loaded, its files are damaged or truncated ({type(error).__name__}: {error})."
                 ) from error

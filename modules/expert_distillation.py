@@ -22,7 +22,7 @@ from plugguide.models import (
     load_unet,
     prompt_conditioning,
 )
-from plugguide.models.multi_expert_model import Finetune
+from plugguide.models.multi_expert_model import ConvLora, Finetune
 from plugguide.models.seeding import image_seed, step_generator
 from plugguide.modules.frozen_networks import FrozenNetworksModule
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
@@ -79,6 +79,10 @@ class ExpertDistillation(FrozenNetworksModule):
             (`MultiExpertModel`).
         per_expert_head (`bool`, defaults to `True`): each LoRA expert owns a copy of the head (False: the authors'
             shared frozen head).
+        conv_lora (`str`, defaults to `"peft"`): LoRA on convolutions, "peft" (rank <= r) or "loralib" (the
+            authors' form, rank up to r k; `MultiExpertModel`).
+        per_expert_biases (`bool`, defaults to `False`): each expert also owns every bias its LoRA, norms and head
+            do not hold (the authors' ViT/DeiT adapters).
         expert_schedule (`str`, defaults to `"round_robin"`): "round_robin" or "chain" (see above).
         supervision (`str`, defaults to `"teacher"`): "teacher" (data-free) or "labels" (the labelled data's
             `label_key`).
@@ -110,6 +114,8 @@ class ExpertDistillation(FrozenNetworksModule):
         lora_alpha: float = 8.0,
         target_modules: str | list[str] | None = None,
         per_expert_head: bool = True,
+        conv_lora: ConvLora = "peft",
+        per_expert_biases: bool = False,
         expert_schedule: Literal["round_robin", "chain"] = "round_robin",
         supervision: Literal["teacher", "labels"] = "teacher",
         temperature: float = 0.25,
@@ -155,6 +161,8 @@ class ExpertDistillation(FrozenNetworksModule):
             lora_alpha=lora_alpha,
             target_modules=target_modules,
             per_expert_head=per_expert_head,
+            conv_lora=conv_lora,
+            per_expert_biases=per_expert_biases,
         )
         self.unet = load_unet(diffusion_model, "model.diffusion_model").eval().requires_grad_(False)
         self.scheduler = load_scheduler(diffusion_model, scheduler, "model.scheduler", "model.diffusion_model")

@@ -11,7 +11,7 @@ scored under the protocol of `scripts/protocol.py` (independent evaluator; FID/K
 Raw results (`results.json`), a grid per row and scale (`grids/`) and the sweep plot go to `--out`.
 
 Row groups: `table` (the paper's Table 1; PPAP experts chained, as the authors and the main job train them),
-`options` (the authors' frozen head, and round-robin experts),
+`options` (the authors' frozen head, conv LoRA and every-bias experts; round-robin experts; the paper's DDIM-25 data),
 `curves` (number of experts; parameter-efficient vs full fine-tuning at 500 and 4,000 synthesized images).
 """
 
@@ -57,6 +57,10 @@ ROWS = {
     "options": {
         "PPAP-5, frozen head (authors')": dict(PPAP, num_experts=5, per_expert_head=False),
         "PPAP-5, round robin": dict(PPAP, num_experts=5, expert_schedule="round_robin"),
+        "PPAP-5, DDIM-25 data (the paper's)": dict(PPAP, num_experts=5, synthesis_steps=25),
+        "PPAP-5, loralib conv LoRA (authors')": dict(PPAP, num_experts=5, conv_lora="loralib"),
+        "PPAP-5, authors' adapters": dict(PPAP, num_experts=5, conv_lora="loralib", per_expert_head=False),
+        "PPAP-5, every bias per expert (authors')": dict(PPAP, num_experts=5, per_expert_biases=True),
     },
     "curves": {
         "PPAP-1": dict(PPAP, num_experts=1),
@@ -76,13 +80,18 @@ def train_row(directory: str, teacher: str, spec: dict, steps_per_expert: int) -
         return experts
     os.makedirs(directory, exist_ok=True)
     model = {"teacher_path": teacher, **{k: spec[k] for k in ("num_experts", "finetune", "supervision")}}
-    model |= {k: spec[k] for k in ("per_expert_head", "expert_schedule") if k in spec}
+    model |= {
+        k: spec[k] for k in ("per_expert_head", "expert_schedule", "conv_lora", "per_expert_biases") if k in spec
+    }
     if spec["finetune"] == "full":
         model["optimizer"] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-4, "weight_decay": 0.05}}
     if spec["supervision"] == "labels":
         data = {"class_path": "plugguide.datamodules.DigitsDataModule", "init_args": {"batch_size": 128}}
     else:
-        data = {"init_args": {"num_images": spec["num_images"]}}  # the cache holds model.teacher_path's logits
+        # The cache holds model.teacher_path's logits; DDIM-20 synthesis unless the row names its steps.
+        data = {
+            "init_args": {"num_images": spec["num_images"], "num_inference_steps": spec.get("synthesis_steps", 20)}
+        }
     overrides = {
         "trainer": {
             "max_steps": steps_per_expert * spec["num_experts"],
