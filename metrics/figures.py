@@ -45,12 +45,12 @@ def render_maps(maps: torch.Tensor) -> torch.Tensor:
 def sweep_figure(
     sweeps: dict[str, dict[str, dict]],
     unguided: dict,
-    scales: list[float],
+    scales: list[float] | None,
     distance: str = "fid_autoencoder",
     score: str = "guided_accuracy",
 ):
     """A score (guided accuracy by default) against a quality distance for every row of a scale sweep (one line per
-    row, one point per scale).
+    row, one point per scale of `scales`, or of each row's own scales for None).
 
     The unguided model's 95% interval of the distance is shaded: the best-scale rule keeps a row's most accurate
     point left of its upper edge, so the plot shows what each row trades for accuracy.
@@ -59,10 +59,11 @@ def sweep_figure(
     low, high = unguided["intervals"][distance]
     axis.axvspan(low, high, color="grey", alpha=0.2, label="unguided, 95% interval")
     for name, sweep in sweeps.items():
-        points = [(sweep[str(s)][distance], sweep[str(s)][score]) for s in scales if str(s) in sweep]
+        shown = sorted((key for key in sweep if scales is None or float(key) in scales), key=float)
+        points = [(sweep[key][distance], sweep[key][score]) for key in shown]
         axis.plot(*zip(*points), marker="o", label=name)
-        for (x, y), scale in zip(points, scales):
-            axis.annotate(f"{scale:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        for (x, y), key in zip(points, shown):
+            axis.annotate(f"{float(key):g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ylabel = "guided accuracy (independent evaluator)" if score == "guided_accuracy" else score
     axis.set(
         xscale="log", xlabel=f"{distance} (lower is better)", ylabel=ylabel, ylim=(min(0, axis.get_ylim()[0]), 1.02)

@@ -142,6 +142,11 @@ def guided_denoiser(
         family = family.without_clipping()
     if classifier_scale > 0:
         guidance.check_targets(targets)
+        if guidance.normalize_gradient:
+            raise ValueError(
+                "`normalize_gradient` rescales the ancestral DDPM step's mean shift, which `GuidedDiffusionPipeline` "
+                "applies; inside a stock pipeline every step shifts the score. Leave it off here."
+            )
         vae = getattr(pipe, "vae", None)
         # The guide sees the decoder's pixels (or the denoiser's), in half precision too.
         guidance.to(denoiser.device, (denoiser if vae is None else vae).dtype)

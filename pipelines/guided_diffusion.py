@@ -91,6 +91,14 @@ class DenoiserEvaluation:
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 
+def step_coefficients(scheduler, timestep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(abar_t, abar_prev, beta_t) of the ancestral step t -> the scheduler's previous timestep (abar_prev = 1 past 0)."""
+    prev = scheduler.previous_timestep(timestep) if hasattr(scheduler, "previous_timestep") else timestep - 1
+    abar_t = scheduler.alphas_cumprod[timestep]
+    abar_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)
+    return abar_t, abar_prev, 1 - abar_t / abar_prev
+
+
 def step_variance(scheduler, timestep: int, predicted_variance: torch.Tensor | None = None) -> float | torch.Tensor:
     """Variance Sigma_t of the ancestral DDPM step t -> previous timestep, the one `DDPMScheduler.step` samples with.
 
@@ -102,10 +110,7 @@ def step_variance(scheduler, timestep: int, predicted_variance: torch.Tensor | N
     Without a predicted variance, the learned types fall back to beta tilde. "fixed_large_log" is refused where the
     pipeline is built (`ModelFamily`): diffusers' `step` takes the square root of log beta_t < 0 and samples NaN.
     """
-    prev = scheduler.previous_timestep(timestep) if hasattr(scheduler, "previous_timestep") else timestep - 1
-    abar_t = scheduler.alphas_cumprod[timestep]
-    abar_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)
-    beta_t = 1 - abar_t / abar_prev
+    abar_t, abar_prev, beta_t = step_coefficients(scheduler, timestep)
     beta_tilde = (1 - abar_prev) / (1 - abar_t) * beta_t
     variance_type = getattr(scheduler.config, "variance_type", None)
     if variance_type == "fixed_large":
@@ -117,6 +122,20 @@ def step_variance(scheduler, timestep: int, predicted_variance: torch.Tensor | N
     frac = (predicted_variance + 1) / 2
     beta_tilde, beta_t = beta_tilde.to(predicted_variance), beta_t.to(predicted_variance)
     return torch.exp(frac * beta_t.log() + (1 - frac) * beta_tilde.clamp_min(1e-20).log())
+
+
+def step_mean(scheduler, timestep: int, x0_hat: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """Mean of the ancestral DDPM step t -> previous timestep, as `DDPMScheduler.step` forms it from x0_hat:
+    mu = sqrt(abar_prev) beta_t / (1 - abar_t) x0_hat + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) x_t."""
+    abar_t, abar_prev, beta_t = step_coefficients(scheduler, timestep)
+    return (abar_prev.sqrt() * beta_t * x0_hat + (1 - beta_t).sqrt() * (1 - abar_prev) * x_t) / (1 - abar_t)
+
+
+def batch_normalized_gradient(grad: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """PPAP's DeepFloyd rule (riiid/PPAP `condition_mean`): grad ||mu_1|| / ||grad||, the norms over the first sample's
+    step mean and over the whole batch's gradient, so the scale no longer depends on the loss's magnitude. A sample's
+    shift then depends on the rest of its batch, which no other guidance here does."""
+    return grad * (mean[:1].norm() / grad.norm().clamp_min(1e-12))
 
 
 class GuidedDiffusionPipeline(DiffusionPipeline):
@@ -370,6 +389,13 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             run.max_variance = max(run.max_variance, mean_variance)
             level = replace(level, variance=mean_variance, max_variance=run.max_variance)
         grad = level_gradient(self.guidance, self.vae, x, level, x0_hat, run.targets)
+        if self.guidance.normalize_gradient:
+            if not family.ancestral:
+                raise ValueError(
+                    f"`normalize_gradient` rescales the gradient to the ancestral DDPM step's mean, but {type(family.scheduler).__name__} "
+                    "shifts the score; sample with DDPMScheduler or leave `normalize_gradient` off."
+                )
+            grad = batch_normalized_gradient(grad, step_mean(family.scheduler, int(t), x0_hat, x))
         scale = self.guidance.step_scale(run.classifier_scale, level)
         difference = evaluation.cfg_difference
         if family.ancestral and difference is None:  # EluCD's sine term lives in the ancestral mean shift only

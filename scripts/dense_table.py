@@ -112,6 +112,13 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=50, help="DDPM (ancestral) sampler steps")
     parser.add_argument("--scales", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+    parser.add_argument(
+        "--normalized-scales",
+        type=float,
+        nargs="+",
+        default=[1.0, 3.0, 10.0, 30.0, 100.0, 300.0],
+        help="scales of the PPAP-5 row with the authors' batch-normalised gradient (another unit than --scales)",
+    )
     parser.add_argument("--max-steps", type=int, default=1500, help="PPAP-5 training steps (the configs' own)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these methods (e.g. PPAP-5)")
     parser.add_argument("--out", default="runs/dense_table")
@@ -182,10 +189,16 @@ def main() -> None:
             "calibrated off-the-shelf": lambda: CalibratedGuidance(
                 spec["model"], task=spec["task"], **spec["calibrated"]
             ),
-            "PPAP-5 (data-free)": lambda: ExpertGuidance(
-                train_experts(name, os.path.join(args.out, name, "ppap-5"), args.max_steps), task=spec["task"]
+            "PPAP-5 (data-free)": lambda: ExpertGuidance(experts(), task=spec["task"]),
+            "PPAP-5, batch-normalised gradient (authors')": lambda: ExpertGuidance(
+                experts(), task=spec["task"], normalize_gradient=True
             ),
         }
+        row_scales = {"PPAP-5, batch-normalised gradient (authors')": args.normalized_scales}
+
+        def experts() -> str:
+            return train_experts(name, os.path.join(args.out, name, "ppap-5"), args.max_steps)
+
         columns = [spec["score"], *spec["scores"][1:], "guided_accuracy", "fid_autoencoder", "fid_evaluator"]
 
         def cells(row):
@@ -197,13 +210,13 @@ def main() -> None:
             if args.only and method not in args.only:
                 continue
             key = f"{name}/{method}"
-            sweeps[key] = sweep(key, guidance(), args.scales)
+            sweeps[key] = sweep(key, guidance(), row_scales.get(method, args.scales))
             scale, admissible = best_scale(sweeps[key], unguided, score=spec["score"])
             table.append([method, f"{float(scale):g}" + ("" if admissible else "*"), *cells(sweeps[key][scale])])
         sweep_table = markdown_table(
-            ["row", *(f"s={s:g}" for s in args.scales)],
+            ["row", "scales", *(f"s{i + 1}" for i in range(len(args.scales)))],
             [
-                [key, *(f"{r[str(s)][spec['score']]:.3f} / {r[str(s)]['fid_autoencoder']:.1f}" for s in args.scales)]
+                [key, " ".join(r), *(f"{v[spec['score']]:.3f} / {v['fid_autoencoder']:.1f}" for v in r.values())]
                 for key, r in sweeps.items()
             ],
         )
@@ -218,7 +231,7 @@ def main() -> None:
             "",
         ]
         if sweeps:
-            sweep_figure(sweeps, unguided, args.scales, score=spec["score"]).savefig(
+            sweep_figure(sweeps, unguided, None, score=spec["score"]).savefig(
                 os.path.join(args.out, f"sweep-{name}.png"), dpi=120
             )
 

@@ -88,6 +88,8 @@ class Guidance(nn.Module, ABC):
         return 0.0
 
     predicts_shift = False  # True for a method that overrides `predicted_shift`
+    # True: the ancestral DDPM mean shift uses PPAP's batch-normalised gradient (guided_diffusion.batch_normalized_gradient)
+    normalize_gradient = False
 
     def predicted_shift(
         self, x_t: torch.Tensor, step: GuidanceStep, x0_hat: torch.Tensor, targets: torch.Tensor, scale: float

@@ -25,6 +25,10 @@ class ExpertGuidance(ClassifierGuidance):
             (`MultiExpertModel.merge_adapters`), so a guided step costs what the off-the-shelf model costs.
             None: merged for experts loaded from a directory (sampling), unmerged for a module handed in (it may be
             training).
+        normalize_gradient (`bool`, defaults to `False`): the authors' DeepFloyd rule for dense experts: on the
+            ancestral DDPM step, rescale the batch's gradient to ||step mean of the first sample|| / ||gradient||
+            before the mean shift (`pipelines.guided_diffusion.batch_normalized_gradient`), so the scale is free of
+            the loss's magnitude; the default uses the raw gradient, as the classification guidance of every paper here.
     """
 
     def __init__(
@@ -33,6 +37,7 @@ class ExpertGuidance(ClassifierGuidance):
         clip_gradient: float | None = None,
         task: Task | None = None,
         merge_adapters: bool | None = None,
+        normalize_gradient: bool = False,
     ) -> None:
         loaded = isinstance(experts, str)
         if loaded:
@@ -40,6 +45,7 @@ class ExpertGuidance(ClassifierGuidance):
         if merge_adapters if merge_adapters is not None else loaded:
             experts.merge_adapters()
         super().__init__(experts, input="x_t", clip_gradient=clip_gradient, task=task)
+        self.normalize_gradient = normalize_gradient
 
     def logits(self, inputs: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         with evaluating(self.classifier):
