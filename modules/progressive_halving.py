@@ -150,6 +150,10 @@ class ProgressiveHalving(StepHalving, FrozenUNetGuideTraining):
         guidance_range (`tuple[float, float]`, defaults to `(2.0, 9.0)`): (low, high) of g.
         loss_weighting (`str`, defaults to `"snr_truncation"`): "snr_truncation" (max of x- and eps-MSE, Salimans &
             Ho's truncated SNR weighting), "x" (x-MSE) or "eps" (eps-MSE, i.e. SNR-weighted x-MSE).
+        scheduler_config (`dict`, *optional*): entries replacing the UNet's scheduler config for the student's DDIM
+            timesteps, e.g. `{"timestep_spacing": "trailing"}`, which starts every step count at t = T - 1 (pure
+            noise, as Salimans & Ho) where diffusers' default "leading" starts 4 steps at t = 750. Sample the halved
+            guide with the same setting.
         vae (`str`, *optional*): latent models: sub-folder of the `AutoencoderKL`.
         text_encoder (`str`, *optional*): text-conditional models: sub-folder of the CLIP text model.
         tokenizer (`str`, *optional*, defaults to `"tokenizer"`): its tokenizer's sub-folder.
@@ -164,6 +168,7 @@ class ProgressiveHalving(StepHalving, FrozenUNetGuideTraining):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         guidance_range: tuple[float, float] = (2.0, 9.0),
         loss_weighting: str = "snr_truncation",
+        scheduler_config: dict | None = None,
         vae: str | None = None,
         text_encoder: str | None = None,
         tokenizer: str | None = "tokenizer",
@@ -184,7 +189,7 @@ class ProgressiveHalving(StepHalving, FrozenUNetGuideTraining):
             .eval()
         )
         self.guide = copy.deepcopy(self.teacher).requires_grad_(True)
-        self.setup_halving(self.noise_scheduler.config, teacher_steps)
+        self.setup_halving({**self.noise_scheduler.config, **(scheduler_config or {})}, teacher_steps)
 
     def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
         x0, condition, _ = self.encode_batch(batch, generator)

@@ -1,6 +1,7 @@
 """The guide-distillation table of docs/results/guide_distillation.md: CFG (2 passes) vs TinyGuide vs FullGuide (1 pass).
 
     python scripts/guide_table.py [--samples-per-class 50] [--scales 2 4 6 8] [--steps 32 16 8 4] [--guides runs/guides]
+                                  [--spacing leading|trailing]
 
 For every base (the embedded digits model and its thick-stroke fine-tune), guidance number g and DDIM step
 count, samples the same seeds with (g is the paper's `(1 + g) eps(c) - g eps(null)`, diffusers' `guidance_scale` 1 + g)
@@ -12,6 +13,8 @@ Missing guide chains are trained first, with the commands of docs/guide_distilla
 the protocol of `scripts/protocol.py` (the reference set is that base's own test digits), plus FLOPs per sampling step
 per image (`torch.utils.flop_counter`), guide parameters as % of the UNet, and sampling time per image (on a busy
 machine only the ratios mean something). Raw results go to `<out>/results.json`, grids to `<out>/grids/`.
+`--spacing trailing` halves and samples on diffusers' "trailing" timesteps (every step count starts at t = T - 1)
+instead of the default "leading" ones, with its own chains under `<guides>-trailing`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 
 import torch
 from diffusers import DDIMScheduler
@@ -52,14 +56,22 @@ CHAINS = {
 }
 
 
-def train_chain(guides: str, name: str) -> None:
-    """Trains the missing stages of a guide chain (32 -> 16 -> 8 -> 4 DDIM steps) into `guides/<name>/steps-<n>`."""
+def train_chain(guides: str, name: str, spacing: str = "leading", leading_guides: str | None = None) -> None:
+    """Trains the missing stages of a guide chain (32 -> 16 -> 8 -> 4 DDIM steps) into `guides/<name>/steps-<n>`.
+
+    The halving stages take the student's timesteps with `spacing`; the 32-step CFG-distilled guide knows no spacing,
+    so a "trailing" chain starts from the leading chain's (`leading_guides`), trained there first where missing.
+    """
     export = [
         "--trainer.callbacks+=plugguide.callbacks.ExportPretrained",
         f"--trainer.callbacks.directory={os.path.abspath(guides)}",
     ]
     common = ["--trainer.enable_progress_bar", "false", *export]
-    if not os.path.isdir(os.path.join(guides, name, "steps-32")):
+    first = os.path.join(guides, name, "steps-32")
+    if spacing != "leading" and not os.path.isdir(first):
+        train_chain(leading_guides, name)
+        shutil.copytree(os.path.join(leading_guides, name, "steps-32"), first)
+    if not os.path.isdir(first):
         lightning(
             [
                 "fit",
@@ -70,6 +82,9 @@ def train_chain(guides: str, name: str) -> None:
                 *common,
             ]
         )
+    spacing_args = (
+        [] if spacing == "leading" else [f"--model.init_args.scheduler_config={{timestep_spacing: {spacing}}}"]
+    )
     for teacher, student in ((32, 16), (16, 8), (8, 4)):
         if not os.path.isdir(os.path.join(guides, name, f"steps-{student}")):
             lightning(
@@ -80,7 +95,9 @@ def train_chain(guides: str, name: str) -> None:
                     "-c",
                     f"configs/halving/{teacher}to{student}.yaml",
                     *CHAINS[name]["halving"],
+                    *spacing_args,
                     f"--model.init_args.guide_root={guides}",
+                    f"--trainer.default_root_dir=runs/halving-{spacing}/{name}/{teacher}to{student}",
                     "--trainer.callbacks=[]",
                     *common,
                 ]
@@ -134,12 +151,20 @@ def main() -> None:
     parser.add_argument("--scales", nargs="+", type=float, default=[2.0, 4.0, 6.0, 8.0])
     parser.add_argument("--steps", nargs="+", type=int, default=[32, 16, 8, 4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--spacing",
+        default="leading",
+        choices=["leading", "trailing"],
+        help="DDIM timestep spacing of the halving stages and of sampling; trailing chains go to <guides>-trailing",
+    )
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--out", default="runs/guide_table")
     add_page_arguments(parser, "guide-table")
     args = parser.parse_args()
-    for method in args.methods[1:] if args.methods[0] == "CFG" else args.methods:
-        train_chain(args.guides, method.removesuffix("Guide").lower())
+    guides = args.guides if args.spacing == "leading" else f"{args.guides}-{args.spacing}"
+    for method in args.methods:
+        if method != "CFG":
+            train_chain(guides, method.removesuffix("Guide").lower(), args.spacing, args.guides)
 
     labels, seeds = targets(args.samples_per_class)
     results_path = os.path.join(args.out, "results.json")
@@ -148,7 +173,8 @@ def main() -> None:
     for base in args.bases:
         path, datamodule_class = BASES[base]
         unet = load_unet(path).eval().requires_grad_(False)
-        scheduler_config = load_scheduler(path, "DDIMScheduler").config
+        spacing = {} if args.spacing == "leading" else {"timestep_spacing": args.spacing}
+        scheduler_config = load_scheduler(path, "DDIMScheduler", overrides=spacing).config
         metrics = reference_metrics(datamodule_class())
         unet_params = sum(p.numel() for p in unet.parameters())
         probe = (torch.randn(1, 1, 16, 16), torch.tensor(500), torch.tensor([3]))
@@ -160,7 +186,7 @@ def main() -> None:
                     pipeline, flops, params = cfg_pipeline, cfg_flops, 0.0
                 else:
                     guide = load_guide(
-                        os.path.join(args.guides, method.removesuffix("Guide").lower(), f"steps-{steps}"),
+                        os.path.join(guides, method.removesuffix("Guide").lower(), f"steps-{steps}"),
                         unet,
                         "guides",
                     ).eval()
@@ -206,7 +232,7 @@ def main() -> None:
                     )
     text = "\n".join(
         [
-            describe(len(labels), "DDIM (eta = 0)")
+            describe(len(labels), f"DDIM (eta = 0, {args.spacing} timesteps)")
             + " The reference set of each base is its own test digits (thick strokes for the fine-tuned base).",
             "",
             markdown_table(

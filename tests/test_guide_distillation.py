@@ -190,6 +190,13 @@ def test_halving_stage_trains_a_copy_of_the_teacher(digits_model, tmp_path):
     assert os.path.isfile(tmp_path / "tiny" / "steps-4" / "model.safetensors")
     with pytest.raises(ValueError, match="`teacher_steps` to be an even number"):
         ProgressiveHalving(guide_root=str(tmp_path), teacher_steps=5, diffusion_model=digits_model)
+    trailing = ProgressiveHalving(
+        guide_root=str(tmp_path),
+        teacher_steps=8,
+        diffusion_model=digits_model,
+        scheduler_config={"timestep_spacing": "trailing"},
+    )
+    assert trailing.student_timesteps.tolist() == [999, 749, 499, 249]  # the first step starts from pure noise
 
 
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
