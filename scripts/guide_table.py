@@ -62,26 +62,14 @@ def train_chain(guides: str, name: str, spacing: str = "leading", leading_guides
     The halving stages take the student's timesteps with `spacing`; the 32-step CFG-distilled guide knows no spacing,
     so a "trailing" chain starts from the leading chain's (`leading_guides`), trained there first where missing.
     """
-    export = [
-        "--trainer.callbacks+=plugguide.callbacks.ExportPretrained",
-        f"--trainer.callbacks.directory={os.path.abspath(guides)}",
-    ]
-    common = ["--trainer.enable_progress_bar", "false", *export]
     first = os.path.join(guides, name, "steps-32")
     if spacing != "leading" and not os.path.isdir(first):
-        train_chain(leading_guides, name)
-        shutil.copytree(os.path.join(leading_guides, name, "steps-32"), first)
+        leading_first = os.path.join(leading_guides, name, "steps-32")
+        if not os.path.isdir(leading_first):
+            train_distilled_guide(leading_guides, name)
+        shutil.copytree(leading_first, first)
     if not os.path.isdir(first):
-        lightning(
-            [
-                "fit",
-                "-c",
-                "configs/guide_distillation.yaml",
-                *CHAINS[name]["distillation"],
-                "--trainer.callbacks=[]",
-                *common,
-            ]
-        )
+        train_distilled_guide(guides, name)
     spacing_args = (
         [] if spacing == "leading" else [f"--model.init_args.scheduler_config={{timestep_spacing: {spacing}}}"]
     )
@@ -99,9 +87,33 @@ def train_chain(guides: str, name: str, spacing: str = "leading", leading_guides
                     f"--model.init_args.guide_root={guides}",
                     f"--trainer.default_root_dir=runs/halving-{spacing}/{name}/{teacher}to{student}",
                     "--trainer.callbacks=[]",
-                    *common,
+                    *quiet_export(guides),
                 ]
             )
+
+
+def quiet_export(guides: str) -> list[str]:
+    """Overrides that export a stage's guide under `guides` and turn the progress bar off."""
+    return [
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks+=plugguide.callbacks.ExportPretrained",
+        f"--trainer.callbacks.directory={os.path.abspath(guides)}",
+    ]
+
+
+def train_distilled_guide(guides: str, name: str) -> None:
+    """The chain's first stage, CFG distillation to a 32-step guide, exported to `guides/<name>/steps-32`."""
+    lightning(
+        [
+            "fit",
+            "-c",
+            "configs/guide_distillation.yaml",
+            *CHAINS[name]["distillation"],
+            "--trainer.callbacks=[]",
+            *quiet_export(guides),
+        ]
+    )
 
 
 def gap_table(results: dict, args: argparse.Namespace) -> list[str]:
