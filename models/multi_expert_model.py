@@ -82,8 +82,13 @@ class MultiExpertModel(nn.Module):
     normalisation layer (affine weights and BatchNorm running statistics, which noise shifts) and, with
     `per_expert_head`, of the head (a dense model's per-pixel output layer). Switching experts switches these small
     sets (peft `set_adapter`); the backbone is never reloaded. `finetune="full"` gives the paper's "multi-experts"
-    rows: N full trainable copies. A timestep on a boundary b_n goes to the upper expert, the one trained on it; where
-    this departs from the authors' code is listed in docs/methods.md.
+    rows: N full trainable copies. A timestep on a boundary b_n goes to the upper expert, the one trained on it.
+
+    Where this departs from the authors' code (riiid/PPAP; measured in docs/methods.md): convolutions take peft's
+    LoRA (rank <= r) unless `conv_lora="loralib"` (theirs, rank up to r k); a ViT/DeiT expert owns the biases of its
+    LoRA layers, norms and head, and all others only with `per_expert_biases` (theirs); the head is per expert unless
+    `per_expert_head=False` (theirs); the update is always scaled by alpha / r, where their unmerged `LoRALinear`
+    leaves it out (the same at their alpha = r).
 
     Args:
         backbone (`TimmClassifier` or `DenseModel`): the off-the-shelf model; the experts wrap a frozen copy of it.
