@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datasets
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
@@ -123,3 +126,79 @@ def tiny_assets(tmp_path_factory) -> dict[str, str]:
 def tiny_classifier() -> TimmClassifier:
     torch.manual_seed(0)
     return TimmClassifier(**TINY_RESNET)
+
+
+@pytest.fixture(scope="session")
+def imagenet_like(tmp_path_factory) -> dict[str, str]:
+    """The classes of configs/hub/ppap_imagenet256.yaml, tiny: an ADM-style `UNet2DModel` that predicts its variance
+    (6 output channels, learned-range DDPM schedule), a 1000-class timm ResNet-50-family teacher and ConvNeXt
+    evaluator with hub-style normalisation, and a labelled set with a `validation` split."""
+    root = tmp_path_factory.mktemp("imagenet")
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=6,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    DDPMPipeline(
+        unet=unet,
+        scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range"),
+    ).save_pretrained(str(root / "adm"))
+    TimmClassifier(
+        "resnet50",
+        num_classes=1000,
+        in_chans=3,
+        normalize_input=True,
+        input_size=32,
+        model_kwargs=dict(layers=[1, 1, 1, 1], channels=[4, 4, 8, 8], stem_width=8),
+    ).save_pretrained(str(root / "resnet50"))
+    TimmClassifier(
+        "convnext_tiny",
+        num_classes=1000,
+        in_chans=3,
+        normalize_input=True,
+        input_size=32,
+        model_kwargs=dict(depths=[1, 1, 1, 1], dims=[8, 8, 16, 16]),
+    ).save_pretrained(str(root / "convnext"))
+    images = [
+        PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)) for i in range(30)
+    ]
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"image": images[:20], "label": [37 * i % 1000 for i in range(20)]}),
+        validation=datasets.Dataset.from_dict({"image": images[20:], "label": [999 - i for i in range(10)]}),
+    ).cast_column("image", datasets.Image()).save_to_disk(str(root / "imagenet-1k"))
+    return {name: str(root / name) for name in ("adm", "resnet50", "convnext", "imagenet-1k")}
+
+
+def tiny_imagenet_overrides(diffusion_model: str, imagenet_like: dict) -> dict:
+    """A hub PPAP config shrunk to tiny models of the same classes: 5 steps, 8 synthesized images, tiny ImageNet."""
+    return {
+        "trainer": {"max_steps": 5, "limit_val_batches": 1, "limit_test_batches": 1, "enable_progress_bar": False},
+        "model": {
+            "init_args": {
+                "diffusion_model": diffusion_model,
+                "teacher_path": imagenet_like["resnet50"],
+                "evaluator_path": imagenet_like["convnext"],
+                "num_inference_steps": 3,
+                "lora_rank": 2,
+            }
+        },
+        "data": {
+            "init_args": {
+                "num_images": 8,
+                "num_inference_steps": 2,
+                "generation_batch_size": 4,
+                "shard_size": 4,
+                "batch_size": 4,
+                "max_saturated_fraction": None,
+                "labelled_data": {
+                    "init_args": {"source": imagenet_like["imagenet-1k"], "image_size": 32, "batch_size": 5}
+                },
+            }
+        },
+    }

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import datasets
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 
 from plugguide.datamodules import DigitMapsDataModule, TargetMapDataModule
 from plugguide.metrics import DenseMapMetrics, digit_segmentation, distance_to_stroke, majority_digit, stroke_mask
@@ -17,7 +15,7 @@ from plugguide.modules import ExpertDistillation
 from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance, NaiveClassifierGuidance
 from plugguide.pipelines.tasks import ClassificationTask, DenseRegressionTask, SegmentationTask, default_task
-from tests.conftest import TINY_DEPTH, TINY_SEGMENTER, tiny_scheduler, tiny_unet
+from tests.conftest import TINY_DEPTH, TINY_SEGMENTER, tiny_imagenet_overrides, tiny_scheduler, tiny_unet
 from tests.test_cli import run
 from tests.test_ppap import perturb
 
@@ -436,51 +434,15 @@ def test_hub_dense_models_load_by_path_and_make_experts_with_their_default_lora_
     assert early.shape == images.shape and late.abs().sum() > 0 and not torch.allclose(early, late)
 
 
-def test_depth_hub_config_runs_on_tiny_models_of_the_same_classes(hub_dense_models, tmp_path, monkeypatch):
+def test_depth_hub_config_runs_on_tiny_models_of_the_same_classes(
+    hub_dense_models, imagenet_like, tmp_path, monkeypatch
+):
     """configs/hub/ppap_depth_imagenet256.yaml with a tiny ADM-style UNet (learned variance), the tiny DPT, and an ImageNet-like set."""
     monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=6,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
-    DDPMPipeline(
-        unet=unet,
-        scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range"),
-    ).save_pretrained(str(tmp_path / "adm"))
-    images = [
-        PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)) for i in range(12)
-    ]
-    datasets.DatasetDict(
-        train=datasets.Dataset.from_dict({"image": images[:8], "label": list(range(8))}),
-        validation=datasets.Dataset.from_dict({"image": images[8:], "label": list(range(4))}),
-    ).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "imagenet-1k"))
-    paths = {"diffusion_model": str(tmp_path / "adm")}
-    overrides = {
-        "trainer": {"max_steps": 4, "limit_val_batches": 1, "enable_progress_bar": False},
-        "model": {
-            "init_args": paths | {"teacher_path": hub_dense_models["dpt"], "num_inference_steps": 2, "lora_rank": 2}
-        },
-        "data": {
-            "init_args": {
-                "num_images": 8,
-                "num_inference_steps": 2,
-                "generation_batch_size": 4,
-                "shard_size": 4,
-                "batch_size": 4,
-                "max_saturated_fraction": None,
-                "labelled_data": {
-                    "init_args": {"source": str(tmp_path / "imagenet-1k"), "image_size": 32, "batch_size": 2}
-                },
-            }
-        },
-    }
+    overrides = tiny_imagenet_overrides(imagenet_like["adm"], imagenet_like)
+    overrides["trainer"] = {"max_steps": 4, "limit_val_batches": 1, "enable_progress_bar": False}
+    overrides["model"]["init_args"] |= {"teacher_path": hub_dense_models["dpt"], "num_inference_steps": 2}
+    del overrides["model"]["init_args"]["evaluator_path"]  # the config's own: none for depth maps of ImageNet
     run("fit", ["ppap_depth.yaml", "hub/ppap_depth_imagenet256.yaml"], overrides, tmp_path)
     experts = MultiExpertModel.from_pretrained(str(tmp_path / "runs/ppap-depth-imagenet256/version_0/experts"))
     assert experts.num_experts == 5 and type(experts.frozen_backbone().model).__name__ == "DPTForDepthEstimation"

@@ -16,10 +16,9 @@ from plugguide.pipelines.guidance import (
     DistilledGuidance,
     ExpertGuidance,
 )
-from tests.conftest import TINY_RESNET, tiny_scheduler, tiny_unet
+from tests.conftest import TINY_RESNET, tiny_imagenet_overrides, tiny_scheduler, tiny_unet
 from tests.test_cli import run
 from tests.test_guide_distillation import text_model  # noqa: F401 (a fixture)
-from tests.test_hub_paths import imagenet_like, tiny_imagenet_overrides  # noqa: F401 (imagenet_like: a fixture)
 
 
 def random_shift_guide(channels: int = 1, sample_size: int = 16) -> ShiftGuide:
@@ -234,7 +233,7 @@ def test_guidance_distillation_and_halving_configs_run(tiny_assets, tmp_path, mo
 
 
 def test_guidance_distillation_imagenet256_config_runs_on_tiny_models_of_the_same_classes(
-    imagenet_like,  # noqa: F811 (the fixture imported above)
+    imagenet_like,
     tmp_path,
     monkeypatch,
 ):
