@@ -68,20 +68,10 @@ def tiny_unet() -> UNet2DModel:
     return UNet2DModel(**TINY_UNET)
 
 
-def tiny_conditional_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        mid_block_type="UNetMidBlock2D",
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_class_embeds=11,
-    )
+def tiny_conditional_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
+    """`TINY_UNET` as a class-conditional `UNet2DConditionModel` (10 classes + the null class), with `overrides`."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**TINY_UNET | dict(mid_block_type="UNetMidBlock2D", num_class_embeds=11) | overrides)
 
 
 def tiny_scheduler() -> DDPMScheduler:
@@ -135,16 +125,7 @@ def imagenet_like(tmp_path_factory) -> dict[str, str]:
     evaluator with hub-style normalisation, and a labelled set with a `validation` split."""
     root = tmp_path_factory.mktemp("imagenet")
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=6,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
+    unet = UNet2DModel(**TINY_UNET | dict(sample_size=32, in_channels=3, out_channels=6))
     DDPMPipeline(
         unet=unet,
         scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range"),

@@ -203,20 +203,7 @@ def halving(assets, tmp_path, teacher_steps: int = 4, guide_unet=None) -> None:
 
 
 def guide_for_another_unet(assets, tmp_path) -> None:
-    from diffusers import UNet2DConditionModel
-
-    other = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 8),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        mid_block_type="UNetMidBlock2D",
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_class_embeds=11,
-    )
+    other = tiny_conditional_unet(block_out_channels=(8, 8))
     halving(assets, tmp_path, guide_unet=other)
 
 

@@ -32,6 +32,7 @@ from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline, Sampli
 from plugguide.pipelines.model_family import ModelFamily
 from plugguide.pipelines.seeded_sampling import sample_batch, sample_trajectory
 from tests.conftest import (
+    TINY_AUTOENCODER,
     TINY_DEIT,
     TINY_RESNET,
     TINY_UNET,
@@ -398,16 +399,7 @@ def test_cfg_plus_normalized_classifier_guidance(tiny_classifier):
 
 def test_latent_guidance_decodes_x0_hat_and_backpropagates_through_the_vae(tiny_classifier):
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=2,
-        norm_num_groups=4,
-        sample_size=16,
-    )
+    vae = AutoencoderKL(**TINY_AUTOENCODER | dict(block_out_channels=(8, 8)))
     unet = UNet2DModel(**{**TINY_UNET, "sample_size": 8, "in_channels": 2, "out_channels": 2})
     pipeline = GuidedDiffusionPipeline(
         unet, DDIMScheduler.from_config(tiny_scheduler().config), CalibratedGuidance(tiny_classifier), vae=vae

@@ -26,23 +26,18 @@ from plugguide.modules.guide_distillation import GuideDistillation
 from plugguide.modules.progressive_halving import ProgressiveHalving, ddim_step, halving_target
 from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
+from tests.conftest import tiny_conditional_unet
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def tiny_class_unet(seed: int = 0, widths=(8, 16)) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
+    return tiny_conditional_unet(
+        seed,
         sample_size=8,
-        in_channels=1,
-        out_channels=1,
         block_out_channels=widths,
-        layers_per_block=1,
-        norm_num_groups=4,
         down_block_types=("DownBlock2D",) * len(widths),
         up_block_types=("UpBlock2D",) * len(widths),
-        mid_block_type="UNetMidBlock2D",
-        num_class_embeds=11,
     )
 
 

@@ -12,7 +12,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from plugguide.models import TimmClassifier
-from tests.conftest import tiny_imagenet_overrides
+from tests.conftest import TINY_AUTOENCODER, TINY_UNET, tiny_conditional_unet, tiny_imagenet_overrides
 from tests.test_cli import run
 
 
@@ -22,16 +22,7 @@ def cifar_like(tmp_path_factory) -> dict[str, str]:
     3-channel timm ResNet teacher and ViT evaluator with hub-style input normalisation, and a labelled set."""
     root = tmp_path_factory.mktemp("hub")
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
+    unet = UNet2DModel(**TINY_UNET | dict(sample_size=32, in_channels=3, out_channels=3))
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")).save_pretrained(
         str(root / "ddpm-cifar10-32")
     )
@@ -119,32 +110,12 @@ def test_ppap_imagenet256_config_runs_on_tiny_models_of_the_same_classes(imagene
 
 def test_latent_sampling_job_decodes_through_a_vae(tmp_path, monkeypatch, tiny_assets):
     """The calibrated_latent.yaml code path: a latent class-conditional denoiser + AutoencoderKL, loaded by path."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=2,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=2,
-        out_channels=2,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        mid_block_type="UNetMidBlock2D",
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_class_embeds=11,
-    )
+    vae = AutoencoderKL(**TINY_AUTOENCODER | dict(block_out_channels=(8, 8)))
+    unet = tiny_conditional_unet(sample_size=8, in_channels=2, out_channels=2)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(tmp_path / "latent"))
     vae.save_pretrained(str(tmp_path / "latent" / "vae"))
     overrides = {
