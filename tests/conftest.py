@@ -118,6 +118,13 @@ def tiny_classifier() -> TimmClassifier:
     return TimmClassifier(**TINY_RESNET)
 
 
+def hub_style_classifier(model_name: str, num_classes: int, **model_kwargs) -> TimmClassifier:
+    """A tiny 3-channel timm classifier of a hub class, at 32x32 with ImageNet input normalisation."""
+    return TimmClassifier(
+        model_name, num_classes=num_classes, in_chans=3, normalize_input=True, input_size=32, model_kwargs=model_kwargs
+    )
+
+
 @pytest.fixture(scope="session")
 def imagenet_like(tmp_path_factory) -> dict[str, str]:
     """The classes of configs/hub/ppap_imagenet256.yaml, tiny: an ADM-style `UNet2DModel` that predicts its variance
@@ -130,22 +137,12 @@ def imagenet_like(tmp_path_factory) -> dict[str, str]:
         unet=unet,
         scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range"),
     ).save_pretrained(str(root / "adm"))
-    TimmClassifier(
-        "resnet50",
-        num_classes=1000,
-        in_chans=3,
-        normalize_input=True,
-        input_size=32,
-        model_kwargs=dict(layers=[1, 1, 1, 1], channels=[4, 4, 8, 8], stem_width=8),
-    ).save_pretrained(str(root / "resnet50"))
-    TimmClassifier(
-        "convnext_tiny",
-        num_classes=1000,
-        in_chans=3,
-        normalize_input=True,
-        input_size=32,
-        model_kwargs=dict(depths=[1, 1, 1, 1], dims=[8, 8, 16, 16]),
-    ).save_pretrained(str(root / "convnext"))
+    hub_style_classifier("resnet50", 1000, layers=[1, 1, 1, 1], channels=[4, 4, 8, 8], stem_width=8).save_pretrained(
+        str(root / "resnet50")
+    )
+    hub_style_classifier("convnext_tiny", 1000, depths=[1, 1, 1, 1], dims=[8, 8, 16, 16]).save_pretrained(
+        str(root / "convnext")
+    )
     images = [
         PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)) for i in range(30)
     ]

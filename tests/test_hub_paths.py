@@ -11,8 +11,13 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from plugguide.models import TimmClassifier
-from tests.conftest import TINY_AUTOENCODER, TINY_UNET, tiny_conditional_unet, tiny_imagenet_overrides
+from tests.conftest import (
+    TINY_AUTOENCODER,
+    TINY_UNET,
+    hub_style_classifier,
+    tiny_conditional_unet,
+    tiny_imagenet_overrides,
+)
 from tests.test_cli import run
 
 
@@ -26,21 +31,11 @@ def cifar_like(tmp_path_factory) -> dict[str, str]:
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")).save_pretrained(
         str(root / "ddpm-cifar10-32")
     )
-    TimmClassifier(
-        "resnet18",
-        num_classes=10,
-        in_chans=3,
-        normalize_input=True,
-        input_size=32,
-        model_kwargs=dict(layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], stem_width=8),
-    ).save_pretrained(str(root / "resnet18_cifar10"))
-    TimmClassifier(
-        "vit_tiny_patch16_224",
-        num_classes=10,
-        in_chans=3,
-        normalize_input=True,
-        input_size=32,
-        model_kwargs=dict(embed_dim=16, depth=1, num_heads=2, img_size=32, patch_size=8),
+    hub_style_classifier("resnet18", 10, layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], stem_width=8).save_pretrained(
+        str(root / "resnet18_cifar10")
+    )
+    hub_style_classifier(
+        "vit_tiny_patch16_224", 10, embed_dim=16, depth=1, num_heads=2, img_size=32, patch_size=8
     ).save_pretrained(str(root / "vit_cifar10"))
     images = [
         PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)) for i in range(40)
