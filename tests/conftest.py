@@ -51,6 +51,15 @@ TINY_AUTOENCODER = dict(
     latent_channels=2,
     norm_num_groups=4,
 )
+# A synthesized set small enough for a test: 8 images of 2 DDIM steps, in shards and batches of 4.
+TINY_SYNTHESIS = dict(
+    num_images=8,
+    num_inference_steps=2,
+    generation_batch_size=4,
+    shard_size=4,
+    batch_size=4,
+    max_saturated_fraction=None,
+)
 TINY_UNET = dict(
     sample_size=16,
     in_channels=1,
@@ -168,12 +177,7 @@ def tiny_imagenet_overrides(diffusion_model: str, imagenet_like: dict) -> dict:
         },
         "data": {
             "init_args": {
-                "num_images": 8,
-                "num_inference_steps": 2,
-                "generation_batch_size": 4,
-                "shard_size": 4,
-                "batch_size": 4,
-                "max_saturated_fraction": None,
+                **TINY_SYNTHESIS,
                 "labelled_data": {
                     "init_args": {"source": imagenet_like["imagenet-1k"], "image_size": 32, "batch_size": 5}
                 },

@@ -16,7 +16,7 @@ from plugguide.pipelines.guidance import (
     DistilledGuidance,
     ExpertGuidance,
 )
-from tests.conftest import TINY_RESNET, tiny_imagenet_overrides, tiny_scheduler, tiny_unet
+from tests.conftest import TINY_RESNET, TINY_SYNTHESIS, tiny_imagenet_overrides, tiny_scheduler, tiny_unet
 from tests.test_cli import run
 from tests.test_guide_distillation import text_model  # noqa: F401 (a fixture)
 
@@ -200,12 +200,7 @@ def tiny_job_overrides(tiny_assets, experts: str) -> dict:
         },
         "data": {
             "init_args": {
-                "num_images": 8,
-                "num_inference_steps": 2,
-                "generation_batch_size": 4,
-                "shard_size": 4,
-                "batch_size": 4,
-                "max_saturated_fraction": None,
+                **TINY_SYNTHESIS,
                 "teacher_path": tiny_assets["classifier-resnet"],
             }
         },

@@ -13,6 +13,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from tests.conftest import (
     TINY_AUTOENCODER,
+    TINY_SYNTHESIS,
     TINY_UNET,
     hub_style_classifier,
     tiny_conditional_unet,
@@ -68,12 +69,7 @@ def test_ppap_cifar10_config_runs_on_tiny_models_of_the_same_classes(cifar_like,
         },
         "data": {
             "init_args": {
-                "num_images": 8,
-                "num_inference_steps": 2,
-                "generation_batch_size": 4,
-                "shard_size": 4,
-                "batch_size": 4,
-                "max_saturated_fraction": None,
+                **TINY_SYNTHESIS,
                 "labelled_data": {
                     "class_path": "plugguide.datamodules.ImageDataModule",
                     "init_args": {
