@@ -191,6 +191,7 @@ class MultiExpertModel(nn.Module):
             ] + list(self.expert_biases.parameters())
         self.active_expert = -1
         self.merges_adapters = False
+        self.merged_expert: int | None = None  # the expert whose LoRA update is in the frozen weights now
         self.set_expert(0)
 
     @staticmethod
@@ -270,25 +271,33 @@ class MultiExpertModel(nn.Module):
         the new expert's adapters at each switch (peft's `merge_adapter`, after `unmerge_adapter` of the last one)
         is cheap. For sampling only: merged weights take no gradient to the adapters, so training stays unmerged.
         Merge and unmerge add and subtract the same update, which returns the weights to within float rounding.
+
+        peft merges in place (`weight.data += delta`), which autograd does not see: a backward pass reads the weights
+        as they are when it runs. A call whose batch spans several noise ranges with gradients enabled therefore runs
+        unmerged (`forward`), and a later single-range call merges again.
         """
-        if self.finetune == "lora" and merged != self.merges_adapters:
-            if merged:
-                self.peft_model.merge_adapter([self.expert_name(self.active_expert)])
-            else:
-                self.peft_model.unmerge_adapter()
         self.merges_adapters = merged
+        self._hold_merged(merged)
         return self
+
+    def _hold_merged(self, merged: bool) -> None:
+        """Puts the active expert's LoRA update into the frozen weights (`merged`) or takes the one there out."""
+        if self.finetune != "lora":
+            return
+        if self.merged_expert is not None and (not merged or self.merged_expert != self.active_expert):
+            self.peft_model.unmerge_adapter()
+            self.merged_expert = None
+        if merged and self.merged_expert is None:
+            self.peft_model.merge_adapter([self.expert_name(self.active_expert)])
+            self.merged_expert = self.active_expert
 
     def set_expert(self, n: int) -> None:
         """Makes expert n the one that runs (and, when training, the one whose parameters train)."""
         if not 0 <= n < self.num_experts:
             raise ValueError(f"Expected an expert index in [0, {self.num_experts}), but got {n}.")
         if n != self.active_expert and self.finetune == "lora":
-            if self.merges_adapters:
-                self.peft_model.unmerge_adapter()
+            self._hold_merged(False)
             self.peft_model.set_adapter(self.expert_name(n))
-            if self.merges_adapters:
-                self.peft_model.merge_adapter([self.expert_name(n)])
             # peft freezes inactive adapters; keep every expert trainable instead, so that DDP (which
             # registers the parameters that require grad when it wraps the model) syncs all of them.
             # An inactive expert is simply not in the graph and gets no gradient.
@@ -304,20 +313,27 @@ class MultiExpertModel(nn.Module):
             max=self.num_experts - 1
         )
 
-    def expert_module(self, n: int) -> nn.Module:
+    def expert_module(self, n: int, merged: bool | None = None) -> nn.Module:
+        """Expert n, ready to run: merged or not as `merged` says (None: as `merge_adapters` set)."""
         self.set_expert(n)
+        self._hold_merged(self.merges_adapters if merged is None else merged)
         return self.experts[n] if self.finetune == "full" else self.peft_model
 
     def forward(self, images: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The model's output (logits, per-pixel logits, maps), each sample seen by the expert of its timestep (one
-        expert runs per distinct range)."""
+        expert runs per distinct range).
+
+        A batch that spans several ranges runs unmerged while gradients are enabled: each part's backward must read
+        its own expert's weights, and in-place merging would leave the last expert's there for all of them.
+        """
         timesteps = timesteps.expand(images.shape[0]) if timesteps.dim() == 0 else timesteps
         index = self.expert_index(timesteps)
         experts = index.unique().tolist()
         if len(experts) == 1:
             return self.expert_module(experts[0])(images)
+        merged = self.merges_adapters and not torch.is_grad_enabled()
         masks = [index == n for n in experts]
-        parts = [self.expert_module(n)(images[mask]) for n, mask in zip(experts, masks)]
+        parts = [self.expert_module(n, merged)(images[mask]) for n, mask in zip(experts, masks)]
         outputs = parts[0].new_empty(images.shape[0], *parts[0].shape[1:])
         for mask, part in zip(masks, parts):
             outputs[mask] = part

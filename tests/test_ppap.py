@@ -63,6 +63,33 @@ def test_merged_adapters_sample_as_the_unmerged_experts(spec, tmp_path):
         torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("spec", [TINY_RESNET, TINY_DEIT], ids=["resnet", "deit"])
+def test_merged_experts_give_each_noise_range_its_own_input_gradient(spec, tmp_path):
+    """A batch spanning every noise range (a distillation teacher's t per example): merged experts give the unmerged
+    experts' input gradients, and each sample's gradient is the one its expert gives it alone."""
+    torch.manual_seed(0)
+    experts = MultiExpertModel(TimmClassifier(**spec), num_experts=5, lora_rank=4).eval()
+    for n in range(5):
+        perturb(experts, n, scale=0.3)
+    experts.save_pretrained(str(tmp_path / "experts"))
+    x = torch.randn(10, spec["in_chans"], 16, 16)
+    t = torch.arange(10) * 100 + 50  # two samples in each of the five ranges, interleaved with the others
+    targets = torch.arange(10) % 3
+    unmerged, merged = ExpertGuidance(experts), ExpertGuidance(str(tmp_path / "experts"))
+    assert merged.classifier.merges_adapters and not unmerged.classifier.merges_adapters
+    reference = unmerged.gradient(x, t, x, targets)
+    alone = torch.cat(
+        [merged.gradient(x[i : i + 1], t[i : i + 1], x[i : i + 1], targets[i : i + 1]) for i in range(10)]
+    )
+    mixed = merged.gradient(x, t, x, targets)
+    scale = reference.abs().max()
+    torch.testing.assert_close(alone / scale, reference / scale, rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed / scale, reference / scale, rtol=0, atol=1e-5)
+    single = merged.gradient(x[:1], t[:1], x[:1], targets[:1])  # single-range calls merge again afterwards
+    assert merged.classifier.merged_expert == 0
+    torch.testing.assert_close(single / scale, reference[:1] / scale, rtol=0, atol=1e-5)
+
+
 def test_boundaries_split_the_timesteps_evenly():
     assert expert_boundaries(5, 1000) == [0, 200, 400, 600, 800, 1000]
     experts = MultiExpertModel(TimmClassifier(**TINY_RESNET), num_experts=5)
