@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from diffusers import UNet2DModel
 from torch import nn
@@ -25,7 +28,8 @@ class ShiftGuide(nn.Module, HubModelMixin):
     with the same noise schedule and sample shape (a fine-tuned copy), and needs no particular architecture, so
     unconditional `UNet2DModel`s are served as well as conditional UNets and transformers. Its output convolution
     starts at zero, so a fresh guide is an exact no-op. Saved by `huggingface_hub.PyTorchModelHubMixin`
-    (config.json + model.safetensors).
+    (config.json + model.safetensors); the config also holds the scales the guide was trained on and what it was
+    distilled from, so a sampler can refuse a scale the guide never saw (`DistilledGuidance`).
 
     Args:
         sample_size (`int`): side of the denoiser's (square) sample, pixels or latents.
@@ -33,6 +37,10 @@ class ShiftGuide(nn.Module, HubModelMixin):
         num_classes (`int`): target classes y.
         block_out_channels (`list[int]`, defaults to `(16, 32)`): widths of the guide's UNet levels.
         layers_per_block (`int`, defaults to 1): residual blocks per level.
+        scale_range (`tuple[float, float]`, *optional*): (low, high) of the scales s the guide was trained on; None:
+            unknown (a guide saved before the range was recorded, or one built by hand).
+        distilled_from (`dict`, *optional*): the teacher guidance it learned, as `describe_teacher` writes it (its
+            class, where its classifier or experts came from, its settings that shape the shift).
     """
 
     def __init__(
@@ -42,8 +50,12 @@ class ShiftGuide(nn.Module, HubModelMixin):
         num_classes: int,
         block_out_channels: list[int] | tuple[int, ...] = (16, 32),
         layers_per_block: int = 1,
+        scale_range: Sequence[float] | None = None,
+        distilled_from: dict | None = None,
     ) -> None:
         super().__init__()
+        if scale_range is not None:
+            check_scale_range(scale_range)
         for name, value in (("sample_size", sample_size), ("channels", channels), ("num_classes", num_classes)):
             if value < 1:
                 raise ValueError(f"Expected `{name}` to be >= 1, but got {value}.")
@@ -53,6 +65,8 @@ class ShiftGuide(nn.Module, HubModelMixin):
                 f"Expected `block_out_channels` to be one or more multiples of 8 (group norm of 8 groups), but got {widths}."
             )
         self.num_classes = num_classes
+        self.scale_range = None if scale_range is None else (float(scale_range[0]), float(scale_range[1]))
+        self.distilled_from = distilled_from
         self.net = UNet2DModel(
             sample_size=sample_size,
             in_channels=2 * channels + 1,
@@ -78,11 +92,12 @@ class ShiftGuide(nn.Module, HubModelMixin):
     ) -> torch.Tensor:
         """The eps shift d (B, C, H, W) at the variance-preserving `sample` x_t, train `timesteps` (B,) or scalar,
         target `class_labels` (B,) and guidance scale `scale` (B,) or scalar."""
-        channels, size = (self.net.config.in_channels - 1) // 2, self.net.config.sample_size
-        if sample.dim() != 4 or sample.shape[1] != channels:
+        channels, size = self.net.config.out_channels, self.net.config.sample_size
+        if tuple(sample.shape[1:]) != (channels, size, size) or x0_hat.shape != sample.shape:
             raise ValueError(
                 f"The guide was built for samples of {channels} channels at {size}x{size} (B, C, H, W), but got a sample "
-                f"of shape {tuple(sample.shape)}; train a guide for this denoiser's samples."
+                f"of shape {tuple(sample.shape)} and an x0_hat of shape {tuple(x0_hat.shape)}; train a guide for this "
+                "denoiser's samples."
             )
         batch = sample.shape[0]
         scale = torch.as_tensor(scale, device=sample.device, dtype=sample.dtype).expand(batch)
@@ -90,6 +105,29 @@ class ShiftGuide(nn.Module, HubModelMixin):
         timesteps = torch.as_tensor(timesteps, device=sample.device).expand(batch)
         inputs = torch.cat([sample, x0_hat.to(sample.dtype), scale_map], dim=1)
         return self.net(inputs, timesteps, class_labels=class_labels.to(sample.device)).sample
+
+    def with_scale_range(self, scale_range: Sequence[float]) -> ShiftGuide:
+        """A copy of this guide (same weights, same teacher) that will be trained further on `scale_range`, and says
+        so when saved: a halving stage's student."""
+        config = self.net.config
+        guide = ShiftGuide(
+            config.sample_size,
+            config.out_channels,
+            self.num_classes,
+            list(config.block_out_channels),
+            config.layers_per_block,
+            scale_range,
+            self.distilled_from,
+        )
+        guide.load_state_dict(self.state_dict())
+        return guide.to(self.net.device, self.net.dtype).train(self.training)
+
+
+def check_scale_range(scale_range: Sequence[float], setting: str = "scale_range") -> None:
+    """Fails, naming `setting`, unless `scale_range` is (low, high) with finite 0 < low <= high."""
+    values = list(scale_range)
+    if len(values) != 2 or not all(math.isfinite(value) and value > 0 for value in values) or values[0] > values[1]:
+        raise ValueError(f"Expected `{setting}` to be (low, high) with finite 0 < low <= high, but got {scale_range}.")
 
 
 def load_shift_guide(path: str, setting: str = "guide") -> ShiftGuide:

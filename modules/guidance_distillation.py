@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -10,13 +9,14 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 
 from plugguide.models import load_scheduler, load_unet, load_vae, prompt_conditioning, save_atomically
-from plugguide.models.shift_guide import ShiftGuide
+from plugguide.models.shift_guide import ShiftGuide, check_scale_range
 from plugguide.modules.frozen_networks import FrozenNetworksModule
 from plugguide.modules.guide_training_steps import GuideTrainingSteps
 from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.finite import check_scale
 from plugguide.pipelines.guidance import DistilledGuidance, Guidance
 from plugguide.pipelines.guidance.base import GuidanceStep
+from plugguide.pipelines.guidance.distilled import describe_teacher
 from plugguide.pipelines.score_shift import guidance_gradient, guided_clean_estimate
 
 
@@ -33,14 +33,14 @@ class FrozenDenoiserShiftTraining(GuideTrainingSteps, FrozenNetworksModule):
             the frozen denoiser, which predicts eps (its learned-variance channels, if any, are ignored).
         num_classes (`int`, defaults to 10): target classes K of the guide.
         scale_range (`tuple[float, float]`, defaults to `(1.0, 10.0)`): (low, high) of the guidance scale s the guide
-            learns, drawn uniformly per example.
+            learns, drawn uniformly per example; saved with the guide, whose sampler refuses scales outside it.
         optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory, applied to the guide only.
         scheduler (`str`, defaults to `"DDIMScheduler"`): the sampler of grids and of `sampling_pipeline()`.
         scheduler_config (`dict`, *optional*): entries replacing the sampler's saved config, e.g.
             `{"timestep_spacing": "trailing"}` (halving stages follow the sampler's timesteps).
         num_inference_steps (`int`, defaults to 32): the sampling steps the trained guide is meant for; names its
             export `shift/steps-<n>`.
-        classifier_scale (`float`, defaults to 4.0): s of the grids.
+        classifier_scale (`float`, defaults to 4.0): s of the grids, 0 or within `scale_range`.
         vae (`str`, *optional*): latent models: the `AutoencoderKL`'s pipeline directory or hub id (`vae/` inside).
         prompt (`str`, *optional*): text-conditional denoisers sample under this prompt (None: the empty prompt).
         evaluator_path (`str`, *optional*): independent classifier whose agreement with the grids' rows is logged.
@@ -63,16 +63,17 @@ class FrozenDenoiserShiftTraining(GuideTrainingSteps, FrozenNetworksModule):
         evaluator_path: str | None = None,
     ) -> None:
         super().__init__()
-        low, high = scale_range
-        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
-            raise ValueError(
-                f"Expected `model.scale_range` to be (low, high) with finite 0 < low <= high, but got {scale_range}."
-            )
+        check_scale_range(scale_range, "model.scale_range")
         if num_inference_steps < 1:
             raise ValueError(f"Expected `model.num_inference_steps` to be >= 1, but got {num_inference_steps}.")
         if num_classes < 1:
             raise ValueError(f"Expected `model.num_classes` to be >= 1, but got {num_classes}.")
         check_scale("classifier_scale", classifier_scale)
+        if classifier_scale > 0 and not scale_range[0] <= classifier_scale <= scale_range[1]:
+            raise ValueError(
+                f"`model.classifier_scale`={classifier_scale}, the grids' scale, lies outside `model.scale_range`="
+                f"{list(scale_range)}, the scales the guide learns; choose one inside it."
+            )
         self.optimizer = optimizer
         self.num_inference_steps = num_inference_steps
         self.unet = load_unet(diffusion_model, "model.diffusion_model").requires_grad_(False).eval()
@@ -94,10 +95,16 @@ class FrozenDenoiserShiftTraining(GuideTrainingSteps, FrozenNetworksModule):
         self.guide: ShiftGuide | None = None
 
     def new_guide(self, block_out_channels: list[int], layers_per_block: int) -> ShiftGuide:
-        """A fresh `ShiftGuide` for the frozen denoiser's sample shape."""
+        """A fresh `ShiftGuide` for the frozen denoiser's sample shape, whose config names `scale_range` and the teacher."""
         config = self.unet.config
         return ShiftGuide(
-            config.sample_size, config.in_channels, self.hparams.num_classes, block_out_channels, layers_per_block
+            config.sample_size,
+            config.in_channels,
+            self.hparams.num_classes,
+            block_out_channels,
+            layers_per_block,
+            scale_range=[float(value) for value in self.hparams.scale_range],
+            distilled_from=describe_teacher(self.teacher),
         )
 
     def denoiser_pipeline(self, guidance: Guidance | None) -> GuidedDiffusionPipeline:
@@ -141,7 +148,8 @@ class FrozenDenoiserShiftTraining(GuideTrainingSteps, FrozenNetworksModule):
         return self.denoiser_pipeline(self.guidance)
 
     def export(self, directory: str) -> None:
-        """Writes the guide (config.json + model.safetensors) to `<directory>/shift/steps-<num_inference_steps>`."""
+        """Writes the guide (config.json + model.safetensors) to `<directory>/shift/steps-<num_inference_steps>`; its
+        config carries the scale range it was trained on and what it was distilled from."""
         save_atomically(
             os.path.join(directory, "shift", f"steps-{self.num_inference_steps}"), self.guide.save_pretrained
         )

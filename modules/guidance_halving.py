@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -31,7 +30,8 @@ class GuidanceHalving(StepHalving, FrozenDenoiserShiftTraining):
         teacher_steps (`int`, defaults to 32): N, the teacher's DDIM steps; even, >= 2.
         diffusion_model (`str`, defaults to `"assets/digits/ddpm-uncond"`): the frozen eps denoiser.
         num_classes (`int`, defaults to 10): target classes K (the teacher guide's).
-        scale_range (`tuple[float, float]`, defaults to `(1.0, 10.0)`): (low, high) of s.
+        scale_range (`tuple[float, float]`, defaults to `(1.0, 10.0)`): (low, high) of s, within the range the teacher
+            guide was trained on (where its config records one); saved with the student.
         loss_weighting (`str`, defaults to `"snr_truncation"`): "snr_truncation", "x" or "eps" (`ProgressiveHalving`).
         scheduler_config (`dict`, *optional*): entries replacing the DDIM sampler's saved config; the student's
             timesteps are that sampler's, e.g. `{"timestep_spacing": "trailing"}` starts every step count at t = T - 1,
@@ -80,7 +80,13 @@ class GuidanceHalving(StepHalving, FrozenDenoiserShiftTraining):
             raise ValueError(
                 f"`model.num_classes`={num_classes}, but the teacher guide at {path!r} knows {self.teacher.num_classes} classes."
             )
-        self.guide = copy.deepcopy(self.teacher).requires_grad_(True)
+        trained = self.teacher.scale_range
+        if trained is not None and not trained[0] <= scale_range[0] <= scale_range[1] <= trained[1]:
+            raise ValueError(
+                f"`model.scale_range`={list(scale_range)} reaches outside the scales the teacher guide at {path!r} was "
+                f"trained on, {list(trained)}; halve within them."
+            )
+        self.guide = self.teacher.with_scale_range(scale_range).requires_grad_(True)
         self.setup_halving(self.sampler.config, teacher_steps)
 
     def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:

@@ -93,6 +93,8 @@ class GuidedSampling(L.LightningModule):
             raise ValueError(
                 f"`model.classifier_scale`={classifier_scale} scales a guidance's gradient, but `model.guidance` is not set."
             )
+        if classifier_scale > 0:
+            guidance.check_classifier_scale(classifier_scale, "model.classifier_scale")
         self.save_hyperparameters(ignore=["guidance"])
         unet = load_unet(diffusion_model, "model.diffusion_model")
         sampler = load_scheduler(

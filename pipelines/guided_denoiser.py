@@ -142,6 +142,7 @@ def guided_denoiser(
         family = family.without_clipping()
     if classifier_scale > 0:
         guidance.check_targets(targets)
+        guidance.check_classifier_scale(classifier_scale)
         if guidance.normalize_gradient:
             raise ValueError(
                 "`normalize_gradient` rescales the ancestral DDPM step's mean shift, which `GuidedDiffusionPipeline` "

@@ -551,6 +551,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             self.guidance.check_targets(
                 guidance_targets
             )  # a class per sample, or a map per sample: the guidance's task says
+            self.guidance.check_classifier_scale(classifier_scale)
             self.guidance.to(device)
 
         family = ModelFamily(self.scheduler)

@@ -101,6 +101,10 @@ class Guidance(nn.Module, ABC):
     def check_targets(self, targets: torch.Tensor) -> None:
         """Fails, naming the problem, on targets `log_likelihood` cannot take; the pipeline calls it before sampling."""
 
+    def check_classifier_scale(self, scale: float, setting: str = "classifier_scale") -> None:
+        """Fails, naming `setting`, on a scale s > 0 this method cannot serve (a distilled guide outside the scales it
+        was trained on); the pipeline calls it once per run, before sampling."""
+
     def gradient(
         self, x_t: torch.Tensor, timesteps: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from plugguide.models.shift_guide import ShiftGuide, load_shift_guide
@@ -18,6 +20,12 @@ class DistilledGuidance(Guidance):
     Dhariwal & Nichol's variance-scaled mean shift. A guide halved to N steps (`GuidanceHalving`) is meant for DDIM
     with those N steps.
 
+    A `classifier_scale` outside the scales the guide was trained on (its saved `scale_range`) is refused, once per
+    run before the first step, never extrapolated: s reaches the guide as an input map, and outside [low, high] its
+    output is a network's answer to an input it never saw, not the teacher's shift (not even linear in s once
+    halved), so a sweep would report numbers for a method that was never trained there. Train the guide on a range
+    that holds the scale instead. A guide saved without a range is not checked (a warning says so).
+
     Args:
         guide (`ShiftGuide | str`): the guide, or the folder it was exported to (`<run>/guides/shift/steps-<n>`).
     """
@@ -28,6 +36,12 @@ class DistilledGuidance(Guidance):
         super().__init__(input="x0_hat")
         self.guide = load_shift_guide(guide, "guide").eval().requires_grad_(False) if isinstance(guide, str) else guide
         self.num_classes = self.guide.num_classes
+        if self.guide.scale_range is None:
+            warnings.warn(
+                "The distilled guide's config records no trained `scale_range`; `classifier_scale` is not checked "
+                "against it.",
+                stacklevel=2,
+            )
 
     def log_likelihood(self, inputs: torch.Tensor, timesteps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(
@@ -39,6 +53,16 @@ class DistilledGuidance(Guidance):
     ) -> torch.Tensor:
         return self.guide(x_t, x0_hat, torch.tensor(step.timestep, device=x_t.device), targets, scale)
 
+    def check_classifier_scale(self, scale: float, setting: str = "classifier_scale") -> None:
+        if self.guide.scale_range is None:
+            return
+        low, high = self.guide.scale_range
+        if not low <= scale <= high:
+            raise ValueError(
+                f"`{setting}`={scale} is outside the scales the distilled guide was trained on, [{low:g}, {high:g}] "
+                "(its `scale_range`); sample within them, or distil a guide whose `scale_range` holds this scale."
+            )
+
     def check_targets(self, targets: torch.Tensor) -> None:
         if targets.dim() != 1 or targets.is_floating_point():
             raise ValueError(
@@ -49,3 +73,29 @@ class DistilledGuidance(Guidance):
                 f"`class_labels` hold classes {int(targets.min())}..{int(targets.max())}, but the distilled guide "
                 f"knows classes 0..{self.num_classes - 1}."
             )
+
+
+def describe_teacher(guidance: Guidance) -> dict:
+    """What a guide is distilled from, for its saved config: the teacher's class path, where its classifier or experts
+    came from (`classifier_path`; None for a module handed in), and the settings that shape its shift, read as its
+    public numbers, strings and flags (input, temperatures, Softplus beta, schedule, clipping, its task's own)."""
+
+    def scalars(obj) -> dict:
+        return {
+            name: value
+            for name, value in vars(obj).items()
+            if not name.startswith("_")
+            and name != "training"
+            and isinstance(value, (bool, int, float, str, type(None)))
+        }
+
+    settings = scalars(guidance)
+    source = settings.pop("classifier_path", None)
+    task = getattr(guidance, "task", None)
+    if task is not None:
+        settings["task"] = {"class": type(task).__name__, **scalars(task)}
+    return {
+        "class_path": f"{type(guidance).__module__}.{type(guidance).__qualname__}",
+        "source": source,
+        "settings": settings,
+    }

@@ -39,12 +39,14 @@ class ExpertGuidance(ClassifierGuidance):
         merge_adapters: bool | None = None,
         normalize_gradient: bool = False,
     ) -> None:
-        loaded = isinstance(experts, str)
+        path = experts if isinstance(experts, str) else None
+        loaded = path is not None
         if loaded:
             experts = MultiExpertModel.from_pretrained(experts)
         if merge_adapters if merge_adapters is not None else loaded:
             experts.merge_adapters()
         super().__init__(experts, input="x_t", clip_gradient=clip_gradient, task=task)
+        self.classifier_path = path or self.classifier_path
         self.normalize_gradient = normalize_gradient
 
     def logits(self, inputs: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
