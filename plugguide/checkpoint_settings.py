@@ -17,8 +17,9 @@ def checkpoint_file(ckpt_path: str | None, folders: list[str]) -> str | None:
     """The intact file `ckpt_path` names: itself, or for "last" the newest intact checkpoint of `folders` (the newest
     `last*.ckpt`, unless it is damaged); None when there is none yet or the name is another keyword ("best", ...).
 
-    A damaged file (`checkpoint_damage`) is never returned: named explicitly it is refused, naming it and the intact
-    checkpoints beside it; under "last" it is skipped with a message saying so.
+    A damaged file (`checkpoint_damage`: truncated, or bytes that no longer match their checksum) is never returned:
+    named explicitly it is refused, naming it and the intact checkpoints beside it; under "last" it is skipped with a
+    message saying so.
     """
     if not ckpt_path:
         return None
@@ -40,23 +41,24 @@ def checkpoint_file(ckpt_path: str | None, folders: list[str]) -> str | None:
     if not last:
         return None
     newest_last = max(last, key=os.path.getmtime)
-    if checkpoint_damage(newest_last) is None:
+    damage = checkpoint_damage(newest_last)
+    if damage is None:
         return newest_last
-    intact = [path for path in candidates if checkpoint_damage(path) is None]
-    damaged = sorted(set(candidates) - set(intact))
-    if not intact:
-        raise ValueError(
-            f"`ckpt_path`='last': every checkpoint in {', '.join(map(repr, folders))} is damaged "
-            f"({', '.join(map(os.path.basename, damaged))}; "
-            f"{os.path.basename(newest_last)}: {checkpoint_damage(newest_last)}). "
-            "Delete them to start afresh, or give an intact checkpoint."
-        )
-    chosen = max(intact, key=os.path.getmtime)
-    rank_zero_warn(
-        f"`ckpt_path`='last': skipping damaged {', '.join(damaged)} ({checkpoint_damage(newest_last)}); "
-        f"resuming from {chosen}, the newest intact checkpoint."
+    # Newest first, stopping at the first intact one: judging a checkpoint reads it whole.
+    damaged = [newest_last]
+    for path in sorted(set(candidates) - {newest_last}, key=os.path.getmtime, reverse=True):
+        if checkpoint_damage(path) is None:
+            rank_zero_warn(
+                f"`ckpt_path`='last': skipping damaged {', '.join(sorted(damaged))} ({damage}); "
+                f"resuming from {path}, the newest intact checkpoint."
+            )
+            return path
+        damaged.append(path)
+    raise ValueError(
+        f"`ckpt_path`='last': every checkpoint in {', '.join(map(repr, folders))} is damaged "
+        f"({', '.join(sorted(map(os.path.basename, damaged)))}; {os.path.basename(newest_last)}: {damage}). "
+        "Delete them to start afresh, or give an intact checkpoint."
     )
-    return chosen
 
 
 def checkpoints_in(folder: str) -> list[str]:

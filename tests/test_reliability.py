@@ -49,8 +49,9 @@ def fit_classifier(tmp_path, max_epochs: int, *extra: str) -> None:
     run("fit", "pretrain/classifier_resnet.yaml", classifier_overrides(max_epochs), tmp_path, *extra)
 
 
-def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
-    """ENOSPC while writing epoch 2's checkpoint: no partial file under any name; `--ckpt_path last` resumes."""
+def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing epoch 2's checkpoint: one message naming the file, its size and the folder's free space,
+    no partial file under any name; `--ckpt_path last` resumes."""
     import plugguide.atomic_checkpoint as atomic
 
     monkeypatch.chdir(tmp_path)
@@ -64,15 +65,30 @@ def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_whole(tm
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(atomic.torch, "save", save_until_full)
-    with pytest.raises(OSError, match="No space left"):
-        fit_classifier(tmp_path, 2, "--ckpt_path", "last")
+    printed = refused(
+        capsys, "fit", "pretrain/classifier_resnet.yaml", classifier_overrides(2), tmp_path, "--ckpt_path", "last"
+    )
     monkeypatch.setattr(atomic.torch, "save", real_save)
     assert saves, "the patched save was never reached"
+    folder = os.path.abspath(CHECKPOINTS)
+    assert "Could not write the checkpoint" in printed and "(No space left on device)" in printed, printed
+    assert f"MiB and {folder} has " in printed and "MiB free" in printed and "`trainer.default_root_dir`" in printed
+    assert "Traceback" not in printed, printed
     names = sorted(os.listdir(CHECKPOINTS))
     assert names == ["epoch=0-step=2.ckpt", "last.ckpt"], names  # no temporary file left, nothing overwritten
     assert torch.load(f"{CHECKPOINTS}/last.ckpt", weights_only=False)["epoch"] == 0
     fit_classifier(tmp_path, 2, "--ckpt_path", "last")  # disk freed: the run resumes from the whole checkpoint
     assert torch.load(f"{CHECKPOINTS}/last.ckpt", weights_only=False)["global_step"] == 4
+
+
+def test_the_disk_full_message_gives_the_checkpoints_size_rounded_up():
+    from plugguide.atomic_checkpoint import AtomicCheckpointIO, checkpoint_bytes
+
+    weight = torch.zeros(1024, 1024)  # 4 MiB, held twice (a view shares its storage)
+    checkpoint = {"state_dict": {"w": weight, "w_t": weight.T}, "optimizer_states": [{"m": torch.zeros(10)}]}
+    assert checkpoint_bytes(checkpoint) == 4 * 2**20 + 40
+    message = AtomicCheckpointIO.write_error(OSError(errno.ENOSPC, "No space left on device"), "x.ckpt", checkpoint)
+    assert "it takes about 4.1 MiB" in message, message
 
 
 def truncate(path: str, fraction: float = 0.9) -> None:
@@ -127,6 +143,65 @@ def test_checkpoint_damage_finds_every_cut(tmp_path, cut):
     assert checkpoint_damage(path) is None
     os.truncate(path, cut if isinstance(cut, int) else int(os.path.getsize(path) * cut))
     assert checkpoint_damage(path) is not None
+
+
+def flip(path: str, num_bytes: int = 64) -> None:
+    """Inverts `num_bytes` bytes in the middle of the file, its size unchanged (a bad disk block, a bad copy)."""
+    middle = os.path.getsize(path) // 2
+    with open(path, "r+b") as file:
+        file.seek(middle)
+        changed = bytes(byte ^ 0xFF for byte in file.read(num_bytes))
+        file.seek(middle)
+        file.write(changed)
+
+
+def test_a_last_checkpoint_with_flipped_bytes_is_skipped_for_the_newest_intact_one(tmp_path, monkeypatch):
+    """Same size, same zip layout, 64 bytes changed: torch.load reads it without a word; the checksums do not."""
+    monkeypatch.chdir(tmp_path)
+    fit_classifier(tmp_path, 2)
+    size = os.path.getsize(f"{CHECKPOINTS}/last.ckpt")
+    flip(f"{CHECKPOINTS}/last.ckpt")
+    assert os.path.getsize(f"{CHECKPOINTS}/last.ckpt") == size
+    torch.load(f"{CHECKPOINTS}/last.ckpt", weights_only=False)  # what resuming did before: no error
+    with pytest.warns(
+        UserWarning, match=r"skipping damaged .*last\.ckpt .*changed bytes.*resuming from .*epoch=1-step=4\.ckpt"
+    ):
+        fit_classifier(tmp_path, 3, "--ckpt_path", "last")
+    resumed = torch.load(f"{CHECKPOINTS}/epoch=2-step=6.ckpt", weights_only=False)
+    intact = torch.load(f"{CHECKPOINTS}/epoch=1-step=4.ckpt", weights_only=False)
+    assert resumed["global_step"] == 6 and intact["global_step"] == 4  # resumed at step 4, from intact weights
+
+
+@pytest.mark.parametrize("where", [0.3, 0.5, 0.7, 0.95])
+def test_checkpoint_damage_finds_flipped_bytes_in_every_entry(tmp_path, where):
+    from plugguide.atomic_checkpoint import checkpoint_damage
+
+    path = str(tmp_path / "model.ckpt")
+    torch.save({"state_dict": {"weight": torch.randn(64, 64), "bias": torch.randn(64)}, "epoch": 3}, path)
+    assert checkpoint_damage(path) is None
+    with open(path, "r+b") as file:
+        file.seek(int(os.path.getsize(path) * where))
+        byte = file.read(1)
+        file.seek(-1, os.SEEK_CUR)
+        file.write(bytes([byte[0] ^ 0x01]))  # one bit
+    assert "changed bytes" in checkpoint_damage(path)
+
+
+def test_a_checkpoint_without_checksums_resumes_with_a_warning_naming_it(tmp_path, monkeypatch):
+    """torch's `compute_crc32` off (CRCs of 0): nothing to verify against, so it loads, saying so."""
+    from torch.utils.serialization import config
+
+    from plugguide.atomic_checkpoint import AtomicCheckpointIO, checkpoint_damage, checkpoint_without_checksums
+
+    path = str(tmp_path / "old.ckpt")
+    with config.patch({"save.compute_crc32": False}):
+        torch.save({"state_dict": {"weight": torch.ones(8)}, "epoch": 1}, path)
+    assert checkpoint_damage(path) is None and checkpoint_without_checksums(path)
+    with pytest.warns(UserWarning, match=r"`ckpt_path`='.*old\.ckpt' holds no CRC-32 checksums"):
+        assert AtomicCheckpointIO().load_checkpoint(path)["epoch"] == 1
+    with config.patch({"save.compute_crc32": False}):  # the project's own checkpoints carry them regardless
+        AtomicCheckpointIO().save_checkpoint({"epoch": 2}, str(tmp_path / "new.ckpt"))
+    assert not checkpoint_without_checksums(str(tmp_path / "new.ckpt"))
 
 
 def test_another_jobs_checkpoint_is_refused_naming_the_job_that_wrote_it(tiny_assets, tmp_path, monkeypatch, capsys):
