@@ -15,12 +15,14 @@ at the noise level of the timestep the pipeline passes, under the pipeline's sch
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, DiTPipeline, FluxTransformer2DModel
+from diffusers.utils.torch_utils import unwrap_module
 
 from plugguide.pipelines.finite import check_scale
 from plugguide.pipelines.guidance.base import Guidance
@@ -31,15 +33,17 @@ from plugguide.pipelines.score_shift import (
     level_gradient,
     noise_shift,
     predicted_shift,
+    upcast_decoder,
 )
 
 DENOISER_NAMES = ("unet", "transformer")
 INPUT_NAMES = ("sample", "hidden_states")
-# Denoisers that take the scheduler's timestep divided by 1000 (Flux reads sigma = t / 1000 itself).
-TIMESTEP_DIVISORS = {"FluxTransformer2DModel": 1000.0}
+# Denoisers whose forward multiplies the timestep it is given by 1000 (`FluxTransformer2DModel.forward`:
+# `timestep * 1000`), so their pipelines pass the scheduler's timestep / 1000 (the flow sigma); subclasses count.
+TIMESTEP_MULTIPLIERS = ((FluxTransformer2DModel, 1000.0),)
 # Under CFG diffusers' pipelines stack (unconditional, conditional), `noise_pred_uncond, noise_pred_text = chunk(2)`;
-# these stack the conditional half first.
-CONDITIONAL_FIRST = ("DiTPipeline",)
+# these stack the conditional half first (DiT: `torch.cat([class_labels, class_null])`); subclasses count.
+CONDITIONAL_FIRST = (DiTPipeline,)
 
 
 @contextlib.contextmanager
@@ -72,17 +76,25 @@ def guided(
     step as their unclipped copy inside the block (guided-diffusion's order: clip x0_hat, then shift), each CFG half
     clipped.
 
+    Devices and precision: the guidance and the targets go to the pipeline's execution device
+    (`pipe._execution_device`, which follows `enable_model_cpu_offload` and sequential offload), the guidance as a copy
+    where it is not there already, so the module handed in keeps its device and dtype. A classifier runs in its own
+    dtype (its input is cast to it, its shift back to the denoiser's); a distilled guide, which reads the denoiser's
+    latents, runs in the denoiser's dtype. A float16 VAE whose config sets `force_upcast` (SDXL's) decodes in float32
+    inside the gradient, as diffusers' SDXL pipeline decodes. A compiled denoiser (`torch.compile`) and subclasses of
+    the stock pipelines, denoisers and schedulers are guided as the stock ones.
+
     Args:
-        pipe (`DiffusionPipeline`): a diffusers pipeline with a `unet` or `transformer` whose forward takes `sample` or `hidden_states` and
-            `timestep`, and a scheduler of `SCHEDULER_FAMILIES`; latent pipelines decode with `pipe.vae` (Flux's packed
-            latents with its own `_unpack_latents`).
-        guidance (`Guidance`): any score-shifting `Guidance` of the project (classifier on x_t or x0_hat, calibrated, PPAP experts,
-            dense guides); EluCD's EDM Algorithm 2 (`CalibratedEDMGuidance`) moves the sample, not the
-            output, and is refused. It is moved to the denoiser's device and to the VAE's dtype (the denoiser's without
-            one), as pipelines move their components.
-        classifier_scale (`float`): the guidance gradient scale s >= 0; 0 leaves the pipeline's outputs bitwise as they are.
-        targets (`Sequence | torch.Tensor`): one target per sample of the pipeline's batch (after `num_images_per_prompt`): a class, or a dense
-            guide's target map.
+        pipe (`DiffusionPipeline`): a diffusers pipeline with a `unet` or `transformer` whose forward takes `sample` or
+            `hidden_states` and `timestep`, and a scheduler of `SCHEDULER_FAMILIES`; latent pipelines decode with
+            `pipe.vae` (Flux's packed latents with its own `_unpack_latents`).
+        guidance (`Guidance`): any score-shifting `Guidance` of the project (classifier on x_t or x0_hat, calibrated,
+            PPAP experts, dense guides, distilled guides); EluCD's EDM Algorithm 2 (`CalibratedEDMGuidance`) moves the
+            sample, not the output, and is refused.
+        classifier_scale (`float`): the guidance gradient scale s >= 0; 0 leaves the pipeline's outputs bitwise as they
+            are.
+        targets (`Sequence | torch.Tensor`): one target per image of the pipeline's batch, in the pipeline's order
+            (prompt by prompt, `num_images_per_prompt` images each): a class, or a dense guide's target map.
 
     Yields:
         `pipe`, guided.
@@ -112,13 +124,13 @@ def guided_denoiser(
     if name is None:
         raise ValueError(f"`pipe` {type(pipe).__name__} has no denoiser `unet` or `transformer` to guide.")
     denoiser = getattr(pipe, name)
-    family = ModelFamily(pipe.scheduler, sets_timesteps=False)  # refuses, by name, a sampler it cannot convert
+    family = ModelFamily(pipe.scheduler, sets_timesteps=False)  # refuses a sampler it cannot convert
     if guidance.shifts != "score":
         raise ValueError(
             f"{type(guidance).__name__} moves the sample before the denoiser sees it (shifts={guidance.shifts!r}); a "
             f"denoiser wrapper can only shift the output."
         )
-    parameters = inspect.signature(denoiser.forward).parameters
+    parameters = inspect.signature(unwrap_module(denoiser).forward).parameters  # a compiled module's own forward
     input_name = next((name for name in INPUT_NAMES if name in parameters), None)
     if input_name is None or "timestep" not in parameters:
         raise ValueError(
@@ -136,10 +148,11 @@ def guided_denoiser(
             f"`pipe` {type(pipe).__name__} decodes its latents with `{decoders[0]}`; guided decodes latents with "
             f"`pipe.vae` only."
         )
-    targets = torch.as_tensor(targets, device=denoiser.device)
+    targets = torch.as_tensor(targets)
     clip_first = classifier_scale > 0 and not family.ancestral and family.clips_clean_image
     if clip_first:
         family = family.without_clipping()
+    device = pipe._execution_device
     if classifier_scale > 0:
         guidance.check_targets(targets)
         guidance.check_classifier_scale(classifier_scale)
@@ -148,9 +161,7 @@ def guided_denoiser(
                 "`normalize_gradient` rescales the ancestral DDPM step's mean shift, which `GuidedDiffusionPipeline` "
                 "applies; inside a stock pipeline every step shifts the score. Leave it off here."
             )
-        vae = getattr(pipe, "vae", None)
-        # The guide sees the decoder's pixels (or the denoiser's), in half precision too.
-        guidance.to(denoiser.device, (denoiser if vae is None else vae).dtype)
+        guidance = guidance_on(guidance, device, floating_dtype(denoiser) if guidance.predicts_shift else None)
     return GuidedDenoiser(
         pipe,
         denoiser,
@@ -158,9 +169,48 @@ def guided_denoiser(
         family,
         guidance,
         classifier_scale=classifier_scale,
-        targets=targets,
+        targets=targets.to(device),
         clip_first=clip_first,
     )
+
+
+def floating_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of `module`'s first floating-point parameter or buffer; None for a module without one."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return next((tensor.dtype for tensor in tensors if tensor.is_floating_point()), None)
+
+
+def guidance_on(guidance: Guidance, device: torch.device, dtype: torch.dtype | None = None) -> Guidance:
+    """`guidance` on `device` (and in `dtype`, where given): the module handed in where it already is, else a copy.
+
+    Moving or casting the caller's module in place would outlast the `with` block, and restoring a cast to half
+    precision would not give the weights back (float32 -> float16 -> float32 rounds).
+    """
+    device = torch.device(device)
+
+    def placed(tensor: torch.Tensor) -> bool:
+        on_device = tensor.device.type == device.type and device.index in (None, tensor.device.index)
+        return on_device and (dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype)
+
+    if all(placed(tensor) for tensor in [*guidance.parameters(), *guidance.buffers()]):
+        return guidance
+    return copy.deepcopy(guidance).to(device=device, dtype=dtype)
+
+
+def split_learned_variance(prediction: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prediction, variance): learned-variance denoisers (ADM, DiT, IF) return the variance channels after the
+    prediction's `channels`; None for the rest."""
+    if prediction.shape[1] == channels:
+        return prediction, None
+    return prediction[:, :channels], prediction[:, channels:]
+
+
+class CachedShift(NamedTuple):
+    """The shift of the last evaluation, for a second denoiser call at the same state."""
+
+    index: int
+    state: torch.Tensor
+    shift: torch.Tensor
 
 
 class GuidedDenoiser:
@@ -168,12 +218,13 @@ class GuidedDenoiser:
 
     Args:
         pipe: the pipeline whose scheduler places each call and whose VAE decodes latents.
-        denoiser (`torch.nn.Module`): the module whose forward this replaces while installed (`install`, `uninstall`).
+        denoiser (`torch.nn.Module`): the module whose forward this replaces while installed (`install`, `uninstall`);
+            a `torch.compile` wrapper is read through to its module.
         input_name (`str`): its input's keyword, `sample` or `hidden_states`.
         family (`ModelFamily`): `ModelFamily` of the pipeline's scheduler (built with `sets_timesteps=False`).
-        guidance (`Guidance`): the `Guidance`.
+        guidance (`Guidance`): the `Guidance`, on the pipeline's execution device.
         classifier_scale (`float`): s.
-        targets (`torch.Tensor`): one per sample.
+        targets (`torch.Tensor`): one per sample, on the pipeline's execution device.
         clip_first (`bool`): the scheduler clips x0_hat and steps as its unclipped copy: clip before the shift.
     """
 
@@ -189,21 +240,25 @@ class GuidedDenoiser:
         targets: torch.Tensor,
         clip_first: bool,
     ) -> None:
-        self.pipe, self.denoiser, self.input_name, self.family = pipe, denoiser, input_name, family
-        self.forward, self.replaces_own_forward = (
-            denoiser.forward,
-            "forward" in vars(denoiser),
-        )  # e.g. an offload hook's
-        self.guidance, self.classifier_scale, self.targets, self.clip_first = (
-            guidance,
-            classifier_scale,
-            targets,
-            clip_first,
+        self.pipe = pipe
+        self.vae = getattr(pipe, "vae", None)
+        self.denoiser = denoiser
+        self.forward = denoiser.forward
+        self.replaces_own_forward = "forward" in vars(denoiser)  # an offload hook's or torch.compile's forward
+        self.signature = inspect.signature(unwrap_module(denoiser).forward)
+        self.input_name = input_name
+        self.family = family
+        self.guidance = guidance
+        self.guidance_dtype = floating_dtype(guidance)
+        self.classifier_scale = classifier_scale
+        self.targets = targets
+        self.clip_first = clip_first
+        module = unwrap_module(denoiser)
+        self.timestep_multiplier = next(
+            (multiplier for kind, multiplier in TIMESTEP_MULTIPLIERS if isinstance(module, kind)), 1.0
         )
-        self.signature = inspect.signature(self.forward)
-        self.timestep_divisor = TIMESTEP_DIVISORS.get(type(denoiser).__name__, 1.0)
-        self.conditional_half = 0 if type(pipe).__name__ in CONDITIONAL_FIRST else 1
-        self._last = None  # (index, state, eps shift) of the last evaluation, for a second call at the same state
+        self.conditional_half = 0 if isinstance(pipe, CONDITIONAL_FIRST) else 1
+        self._last: CachedShift | None = None
 
     def install(self) -> None:
         """The denoiser's calls go through this guided forward."""
@@ -235,7 +290,7 @@ class GuidedDenoiser:
     def evaluation(self, timestep) -> tuple[int, torch.Tensor]:
         """(evaluation index, the scheduler's timestep) of a call at the denoiser's `timestep`."""
         scheduler = self.family.scheduler
-        value = float(torch.as_tensor(timestep).flatten()[0]) * self.timestep_divisor
+        value = float(torch.as_tensor(timestep).flatten()[0]) * self.timestep_multiplier
         timesteps = scheduler.timesteps
         index = getattr(scheduler, "step_index", None)
         if index is None:
@@ -254,8 +309,7 @@ class GuidedDenoiser:
         if index >= len(timesteps) or not math.isclose(float(timesteps[index]), value, rel_tol=1e-4, abs_tol=1e-4):
             raise ValueError(
                 f"The denoiser was called at timestep {value:g}, but the scheduler's evaluation {index} is at "
-                f"timestep "
-                f"{float(timesteps[min(index, len(timesteps) - 1)]):g}; guided cannot place the evaluation."
+                f"timestep {float(timesteps[min(index, len(timesteps) - 1)]):g}; guided cannot place the evaluation."
             )
         return index, timesteps[index]
 
@@ -269,49 +323,90 @@ class GuidedDenoiser:
         arguments: dict,
     ) -> torch.Tensor:
         """The prediction with the score shift of the conditional half's sample added to every CFG branch."""
-        family, samples, batch = self.family, len(self.targets), model_input.shape[0]
+        branches = self.cfg_branches(model_input.shape[0])
+        x = self.sampler_state(model_input, timestep)
+        prediction, variance = split_learned_variance(prediction, x.shape[1])
+        x0_hat, prediction = clean_estimate(self.family, prediction, x, level, self.clip_first)
+        state = self.conditional_half_of(x, branches)
+        shift = self.shift(index, state, self.conditional_half_of(x0_hat, branches), level, arguments)
+        shift = shift.to(prediction.dtype).repeat(branches, *[1] * (shift.dim() - 1))
+        guided = self.family.shift_output(prediction, shift, x, level)
+        return guided if variance is None else torch.cat([guided, variance], dim=1)
+
+    def cfg_branches(self, batch: int) -> int:
+        """2 where the pipeline doubled the batch for CFG, else 1; any other batch has no target per sample."""
+        samples = len(self.targets)
         if batch % samples or batch // samples not in (1, 2):
             raise ValueError(
                 f"`targets` has {samples} entries, but the denoiser was called on a batch of {batch}; give one target "
                 f"per sample (the batch is doubled under CFG)."
             )
-        branches = batch // samples
-        input_scale = float(
-            family.model_input(torch.ones((), dtype=model_input.dtype, device=model_input.device), timestep)
-        )
-        x = model_input if input_scale == 1 else model_input / input_scale
-        extra = None
-        if prediction.shape != model_input.shape:  # learned variance (ADM, DiT, IF): the channels after the prediction
-            prediction, extra = prediction[:, : model_input.shape[1]], prediction[:, model_input.shape[1] :]
-        x0_hat, prediction = clean_estimate(family, prediction, x, level, self.clip_first)
-        half = (
-            slice(self.conditional_half * samples, (self.conditional_half + 1) * samples)
-            if branches == 2
-            else slice(None)
-        )
-        state = x[half]
-        if self._last is not None and self._last[0] == index and torch.equal(self._last[1], state):
-            shift = self._last[2]  # a second call at the same state (Flux's true CFG, SD3's skip-layer guidance)
-        else:
-            vae = getattr(self.pipe, "vae", None)
-            shift = predicted_shift(
-                self.guidance, vae, state, level, x0_hat[half], self.targets, self.classifier_scale
-            )
-            if shift is None:  # a guidance with a gradient (a distilled guide predicts its shift in one pass)
-                grad = level_gradient(
-                    self.guidance, vae, state, level, x0_hat[half], self.targets, decode=self.decoder(arguments)
-                )
-                shift = noise_shift(grad, level, self.guidance.step_scale(self.classifier_scale, level))
-            self._last = (index, state, shift)
-        guided = family.shift_output(prediction, shift.repeat(branches, *[1] * (shift.dim() - 1)), x, level)
-        return guided if extra is None else torch.cat([guided, extra], dim=1)
+        return batch // samples
 
-    def decoder(self, arguments: dict):
-        """latents -> pixels for packed latents (Flux: (B, tokens, features), unpacked with the pipeline's own helper
-        at
-        the size its `img_ids` give); None: the VAE's own decode."""
+    def sampler_state(self, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The sampler's state x: the denoiser's input divided by the scheduler's `scale_model_input` factor (read off
+        a scaled one)."""
+        one = torch.ones((), dtype=model_input.dtype, device=model_input.device)
+        input_scale = float(self.family.model_input(one, timestep))
+        return model_input if input_scale == 1 else model_input / input_scale
+
+    def conditional_half_of(self, tensor: torch.Tensor, branches: int) -> torch.Tensor:
+        """The conditional CFG half of a doubled batch (`CONDITIONAL_FIRST` says which half); all of it without CFG."""
+        if branches == 1:
+            return tensor
+        samples = len(self.targets)
+        return tensor[self.conditional_half * samples : (self.conditional_half + 1) * samples]
+
+    def shift(
+        self, index: int, state: torch.Tensor, x0_hat: torch.Tensor, level: NoiseLevel, arguments: dict
+    ) -> torch.Tensor:
+        """The eps shift d of the samples at `state`, reused by a second call at the same state (Flux's true CFG, SD3's
+        skip-layer guidance)."""
+        last = self._last
+        if last is not None and last.index == index and torch.equal(last.state, state):
+            return last.shift
+        shift = self.guidance_shift(state, x0_hat, level, arguments)
+        self._last = CachedShift(index, state, shift)
+        return shift
+
+    def guidance_shift(
+        self, state: torch.Tensor, x0_hat: torch.Tensor, level: NoiseLevel, arguments: dict
+    ) -> torch.Tensor:
+        """d = the shift a distilled guide predicts in one pass, or -s sigma grad log p(y | .) (`noise_shift`) of a
+        guidance with a gradient, the guide reading its input in its own dtype."""
+        if self.guidance.predicts_shift:
+            return predicted_shift(
+                self.guidance,
+                self.vae,
+                self.guidance_input(state),
+                level,
+                self.guidance_input(x0_hat),
+                self.targets,
+                self.classifier_scale,
+            )
+        if self.vae is None:
+            state, x0_hat = self.guidance_input(state), self.guidance_input(x0_hat)
+        with upcast_decoder(self.vae):
+            grad = level_gradient(
+                self.guidance,
+                self.vae,
+                state,
+                level,
+                x0_hat,
+                self.targets,
+                decode=None if self.vae is None else self.decoder(arguments),
+            )
+        return noise_shift(grad, level, self.guidance.step_scale(self.classifier_scale, level))
+
+    def guidance_input(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` in the guidance's dtype (a guidance without weights reads it as it is)."""
+        return tensor if self.guidance_dtype is None else tensor.to(self.guidance_dtype)
+
+    def decoder(self, arguments: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+        """latents -> pixels in the guidance's dtype, through `pipe.vae`; packed latents (Flux: (B, tokens, features))
+        are unpacked first with the pipeline's own helper, at the size its `img_ids` give."""
         if arguments[self.input_name].dim() != 3:
-            return None
+            return lambda latents: self.guidance_input(decode_latents(self.vae, latents))
         if not hasattr(self.pipe, "_unpack_latents") or "img_ids" not in arguments:
             raise ValueError(
                 f"{type(self.pipe).__name__} passes packed latents (B, tokens, features) without `_unpack_latents` "
@@ -319,4 +414,6 @@ class GuidedDenoiser:
             )
         ids, factor = arguments["img_ids"], self.pipe.vae_scale_factor
         height, width = (2 * (int(ids[..., axis].max()) + 1) * factor for axis in (1, 2))
-        return lambda latents: decode_latents(self.pipe.vae, self.pipe._unpack_latents(latents, height, width, factor))
+        return lambda latents: self.guidance_input(
+            decode_latents(self.vae, self.pipe._unpack_latents(latents, height, width, factor))
+        )

@@ -19,12 +19,32 @@ from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Pixels in [-1, 1] (unclipped) of latents through the VAE decoder, `vae.decode(latents / scaling + shift)`, in
-    the VAE's dtype; the shift (`shift_factor`, SD3 and Flux) only where the VAE has one; the identity without a VAE."""
+    the VAE's dtype (float32 inside `upcast_decoder` for a float16 VAE that sets `force_upcast`); the shift
+    (`shift_factor`, SD3 and Flux) only where the VAE has one; the identity without a VAE."""
     if vae is None:
         return latents
     latents = latents.to(vae.dtype) / getattr(vae.config, "scaling_factor", 1.0)
     shift = getattr(vae.config, "shift_factor", None)
     return vae.decode(latents if shift is None else latents + shift).sample
+
+
+@contextlib.contextmanager
+def upcast_decoder(vae) -> Iterator[None]:
+    """A float16 VAE whose config sets `force_upcast` (SDXL's) in float32 for the block, float16 again after it.
+
+    diffusers' SDXL pipeline decodes so because that decoder's activations overflow float16 (inf, then NaN after its
+    group norms); a guidance gradient through it needs the same, for the forward pass and for the backward pass
+    (which re-runs checkpointed blocks), so the block holds both. The cast is exact both ways (every float16 is a
+    float32). Any other VAE, or None, is left as it is.
+    """
+    if vae is None or vae.dtype != torch.float16 or not getattr(vae.config, "force_upcast", False):
+        yield
+        return
+    vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        vae.to(torch.float16)
 
 
 def check_decoder_options(
