@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 
 import pytest
@@ -353,6 +354,66 @@ def test_target_maps_of_another_shape_are_refused_naming_the_expected_shape(tiny
         16,
         16,
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "target_range", "message"),
+    [
+        (
+            1e20,
+            None,
+            r"lie in \[-3\.646e\+17, 3\.646e\+17\] \(beyond \+-3\.65e\+17 the squared error over a 16x16 map ",
+        ),
+        (
+            -5.0,
+            (-1.0, 23.0),
+            r"lie in \[-1, 23\] \(`target_range`=\[-1\.0, 23\.0\]: the values the regressor predicts\), but got values from -5 to 1",
+        ),
+        (1e20, (0.0, math.inf), r"lie in \[0, 3\.646e\+17\] \(beyond"),
+    ],
+    ids=["overflowing", "below-the-range", "open-range-overflowing"],
+)
+def test_depth_targets_outside_the_range_are_refused_naming_the_value_and_the_range(
+    tiny_assets, value, target_range, message
+):
+    """A 1e20 map used to fail mid-sampling with a FloatingPointError blaming the scale; -5 was taken silently."""
+    from plugguide.pipelines import GuidedDiffusionPipeline
+    from plugguide.pipelines.guidance import NaiveClassifierGuidance
+    from plugguide.pipelines.tasks import DenseRegressionTask
+    from tests.conftest import tiny_scheduler, tiny_unet
+
+    task = DenseRegressionTask() if target_range is None else DenseRegressionTask(target_range=target_range)
+    guidance = NaiveClassifierGuidance(tiny_assets["depth"], task=task)
+    pipeline = GuidedDiffusionPipeline(tiny_unet(), tiny_scheduler(), guidance)
+    pipeline.set_progress_bar_config(disable=True)
+    targets = torch.ones(2, 16, 16)
+    targets[1, 3, 4] = value
+    with pytest.raises(ValueError, match=rf"`targets` of dense regression guidance to {message}"):
+        pipeline(targets=targets, num_inference_steps=2, classifier_scale=1.0, output_type="pt")
+    images = pipeline(targets=torch.ones(2, 16, 16), num_inference_steps=2, classifier_scale=1.0, output_type="pt")
+    assert bool(torch.isfinite(images.images).all())
+
+
+def test_the_depth_jobs_target_range_holds_the_shipped_regressors_maps_of_held_out_digits():
+    """configs/ppap_depth.yaml's range takes every map the shipped depth regressor makes of the test digits (what
+    `TargetMapDataModule` gives the sampling job), and refuses a negative depth."""
+    import yaml
+
+    from plugguide.datamodules import DigitsDataModule
+    from plugguide.models import load_dense_model
+    from plugguide.pipelines.tasks import DenseRegressionTask
+
+    with open(os.path.join(ROOT, "configs/ppap_depth.yaml")) as file:
+        task = yaml.safe_load(file)["model"]["init_args"]["task"]
+    task = DenseRegressionTask(**task["init_args"])
+    data = DigitsDataModule(batch_size=400)
+    data.setup("test")
+    model = load_dense_model(os.path.join(ROOT, "assets/digits/depth")).eval().float()
+    with torch.no_grad():
+        maps = torch.cat([model(batch["image"].float()) for batch in data.test_dataloader()])
+    task.check_targets(maps, None)
+    with pytest.raises(ValueError, match="target_range"):
+        task.check_targets(torch.full_like(maps[:1], -5.0), None)
 
 
 # ------------------------------------------------------------------------------------------------------

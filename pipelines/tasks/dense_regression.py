@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -39,16 +40,35 @@ class DenseRegressionTask(Task):
     toward a target map (log-likelihood of a Gaussian of fixed variance at every pixel, up to scale and constant;
     summed, like a segmenter's, so that each pixel's pull does not weaken with the resolution).
 
+    Targets are refused outside `target_range`, the values the regressor predicts: a map it cannot produce asks for
+    no image, and its gradient, 2 (prediction - target) per pixel, grows with the distance. Whatever the range, a
+    target whose squared error over the map would overflow float32 is refused (`overflow_bound`): the gradient would
+    be inf, and the error would blame the guidance scale.
+
     Args:
         loss (`RegressionLoss`, defaults to 'mse'): "mse" or "ssi".
+        target_range (`tuple[float, float]`, *optional*): the lowest and highest value a target map may hold, the range
+            of the regressor's maps: for the digits' depth stand-in, distances in pixels from 0 to the image's diagonal
+            (`metrics.pixel_maps.distance_to_stroke`), less the regressor's error; for MiDaS's relative inverse depth,
+            0 up (its head ends in a ReLU). None: any value below `overflow_bound` (a regressor's range is a fact
+            about the regressor, which neither the task nor its saved config states).
     """
 
     label_key = "depth"
 
-    def __init__(self, loss: RegressionLoss = "mse") -> None:
+    def __init__(self, loss: RegressionLoss = "mse", target_range: tuple[float, float] | None = None) -> None:
         if loss not in ("mse", "ssi"):
             raise ValueError(f"Expected `loss` to be 'mse' or 'ssi', but got {loss!r}.")
+        if target_range is not None and not (len(target_range) == 2 and target_range[0] < target_range[1]):
+            raise ValueError(f"Expected `target_range` to be (low, high) with low < high, but got {target_range}.")
         self.loss = loss
+        self.target_range = None if target_range is None else (float(target_range[0]), float(target_range[1]))
+
+    @staticmethod
+    def overflow_bound(map_shape: tuple[int, ...]) -> float:
+        """The largest |target| whose squared error, summed over a map of `map_shape`, float32 holds with room to spare
+        (a tenth of its largest value): sqrt(max / (10 H W))."""
+        return math.sqrt(torch.finfo(torch.float32).max / (10 * math.prod(map_shape)))
 
     def squared_errors(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(B, H W): each pixel's squared error, after the scale-and-shift alignment for "ssi"."""
@@ -87,3 +107,21 @@ class DenseRegressionTask(Task):
             )
         if not bool(torch.isfinite(targets).all()):
             raise ValueError("`targets` of dense regression guidance hold NaN or inf values.")
+        if not targets.numel():
+            return
+        bound = self.overflow_bound(tuple(targets.shape[1:]))
+        range_low, range_high = self.target_range or (-math.inf, math.inf)
+        low, high = max(range_low, -bound), min(range_high, bound)
+        found_low, found_high = float(targets.min()), float(targets.max())
+        if found_low < low or found_high > high:
+            by_range = (found_low < low and range_low >= -bound) or (found_high > high and range_high <= bound)
+            why = (
+                f"`target_range`={list(self.target_range)}: the values the regressor predicts"
+                if by_range
+                else f"beyond +-{bound:.3g} the squared error over a {'x'.join(map(str, targets.shape[1:]))} map "
+                "overflows float32"
+            )
+            raise ValueError(
+                f"Expected `targets` of dense regression guidance to lie in [{low:.4g}, {high:.4g}] ({why}), but got "
+                f"values from {found_low:.4g} to {found_high:.4g}."
+            )
