@@ -16,6 +16,7 @@ from plugguide.models.diffusion_model import (
     load_unet,
     load_vae,
 )
+from plugguide.models.grid_ddim import GridDDIMScheduler, sampler_on_grid
 from plugguide.models.guides import FullGuide, Guide, TinyGuide, load_guide, predict_guided_noise
 from plugguide.models.multi_expert_model import MultiExpertModel, expert_boundaries
 from plugguide.models.off_the_shelf import load_off_the_shelf
@@ -28,6 +29,7 @@ __all__ = [
     "DenseModel",
     "FullGuide",
     "Guide",
+    "GridDDIMScheduler",
     "MultiExpertModel",
     "SCHEDULER_FAMILIES",
     "SUPPORTED_SCHEDULERS",
@@ -45,6 +47,7 @@ __all__ = [
     "load_guide",
     "load_off_the_shelf",
     "load_scheduler",
+    "sampler_on_grid",
     "load_shift_guide",
     "load_text_encoder",
     "load_unet",

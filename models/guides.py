@@ -69,6 +69,7 @@ class Guide(nn.Module, HubModelMixin):
             )
         self.signature = unet_signature(unet)
         self.init_args: dict = {}
+        self.timesteps: list[int] | None = None  # a halved guide's sampler grid (`ProgressiveHalving`); None: any
 
     def check_unet(self, unet: UNet2DConditionModel) -> None:
         """Raises if `unet` has other skip connections or embeddings than the UNet the guide was built for."""
@@ -92,8 +93,14 @@ class Guide(nn.Module, HubModelMixin):
         raise NotImplementedError
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Writes config.json (class, `init_args`, UNet signature) and model.safetensors (the hub mixin's)."""
-        config = {"guide_class": type(self).__name__, "init_args": self.init_args, "unet_signature": self.signature}
+        """Writes config.json (class, `init_args`, UNet signature, sampler grid) and model.safetensors (the hub
+        mixin's)."""
+        config = {
+            "guide_class": type(self).__name__,
+            "init_args": self.init_args,
+            "unet_signature": self.signature,
+            "timesteps": self.timesteps,
+        }
         super().save_pretrained(save_directory, config=config, **kwargs)
 
 
@@ -219,7 +226,9 @@ def load_guide(path: str, unet: UNet2DConditionModel, setting: str = "guide_path
             f"`{setting}`={path!r} holds a guide built for a UNet with {config['unet_signature']}, but the UNet has "
             f"{unet_signature(unet)}; a guide only plugs into UNets of the same architecture."
         )
-    return load_saved(GUIDES[config["guide_class"]], path, setting, "guide", unet=unet, **config["init_args"])
+    guide = load_saved(GUIDES[config["guide_class"]], path, setting, "guide", unet=unet, **config["init_args"])
+    guide.timesteps = config.get("timesteps")  # absent in guides saved before halved guides recorded their grid
+    return guide
 
 
 def predict_guided_noise(

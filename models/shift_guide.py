@@ -41,6 +41,8 @@ class ShiftGuide(nn.Module, HubModelMixin):
             unknown (a guide saved before the range was recorded, or one built by hand).
         distilled_from (`dict`, *optional*): the teacher guidance it learned, as `describe_teacher` writes it (its
             class, where its classifier or experts came from, its settings that shape the shift).
+        timesteps (`list[int]`, *optional*): a halved guide's sampler grid, the DDIM timesteps it was halved on
+            (`GuidanceHalving`); it samples with `GridDDIMScheduler` on exactly these. None: trained at every timestep.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class ShiftGuide(nn.Module, HubModelMixin):
         layers_per_block: int = 1,
         scale_range: Sequence[float] | None = None,
         distilled_from: dict | None = None,
+        timesteps: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if scale_range is not None:
@@ -67,6 +70,7 @@ class ShiftGuide(nn.Module, HubModelMixin):
         self.num_classes = num_classes
         self.scale_range = None if scale_range is None else (float(scale_range[0]), float(scale_range[1]))
         self.distilled_from = distilled_from
+        self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
         self.net = UNet2DModel(
             sample_size=sample_size,
             in_channels=2 * channels + 1,
@@ -106,9 +110,9 @@ class ShiftGuide(nn.Module, HubModelMixin):
         inputs = torch.cat([sample, x0_hat.to(sample.dtype), scale_map], dim=1)
         return self.net(inputs, timesteps, class_labels=class_labels.to(sample.device)).sample
 
-    def with_scale_range(self, scale_range: Sequence[float]) -> ShiftGuide:
-        """A copy of this guide (same weights, same teacher) that will be trained further on `scale_range`, and says
-        so when saved: a halving stage's student."""
+    def halving_student(self, scale_range: Sequence[float], timesteps: Sequence[int]) -> ShiftGuide:
+        """A copy of this guide (same weights, same teacher) that a halving stage trains further on `scale_range` and
+        the sampler grid `timesteps`, and says so when saved."""
         config = self.net.config
         guide = ShiftGuide(
             config.sample_size,
@@ -118,6 +122,7 @@ class ShiftGuide(nn.Module, HubModelMixin):
             config.layers_per_block,
             scale_range,
             self.distilled_from,
+            timesteps,
         )
         guide.load_state_dict(self.state_dict())
         return guide.to(self.net.device, self.net.dtype).train(self.training)

@@ -7,7 +7,7 @@ import os
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from plugguide.models.shift_guide import ShiftGuide, load_shift_guide
+from plugguide.models.shift_guide import load_shift_guide
 from plugguide.modules.guidance_distillation import FrozenDenoiserShiftTraining
 from plugguide.modules.progressive_halving import StepHalving, check_halving
 
@@ -86,8 +86,8 @@ class GuidanceHalving(StepHalving, FrozenDenoiserShiftTraining):
                 f"`model.scale_range`={list(scale_range)} reaches outside the scales the teacher guide at {path!r} was "
                 f"trained on, {list(trained)}; halve within them."
             )
-        self.guide = self.teacher.with_scale_range(scale_range).requires_grad_(True)
-        self.setup_halving(self.sampler.config, teacher_steps)
+        self.setup_halving(self.sampler.config, teacher_steps, self.teacher.timesteps)
+        self.guide = self.teacher.halving_student(scale_range, self.student_timesteps.tolist()).requires_grad_(True)
 
     def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
         x0 = self.encode(batch["image"], generator)
@@ -95,24 +95,16 @@ class GuidanceHalving(StepHalving, FrozenDenoiserShiftTraining):
         index = torch.randint(0, self.teacher_steps // 2, (batch_size,), generator=generator, device=self.device)
         y, s = self.draw_targets(batch_size, generator)
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
-        at_z_t: dict = {}
+        step = self.halving_start(x0, noise, index)
+        # The teacher's first step and the student both start from the frozen denoiser's one pass at z_t.
+        eps, x0_hat = self.predict_noise(step.z_t, step.t)
+        with torch.no_grad():
+            teacher_eps = eps + self.teacher(step.z_t, x0_hat, step.t, y, s)
 
-        def frozen_prediction(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # The teacher's first step and the student both read the frozen denoiser at z_t (the first call): one
-            # pass serves both; the teacher's midpoint gets its own.
-            if not at_z_t:
-                at_z_t.update(z=z, prediction=self.predict_noise(z, t))
-            return at_z_t["prediction"] if z is at_z_t["z"] else self.predict_noise(z, t)
+        def teacher_noise(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            """eps'(z) = eps(z) + G(z, x0_hat, s; t, y) at the teacher's midpoint."""
+            eps_mid, x0_hat_mid = self.predict_noise(z, t)
+            return eps_mid + self.teacher(z, x0_hat_mid, t, y, s)
 
-        def guided_noise(guide: ShiftGuide):
-            """eps'(z) = eps(z) + G(z, x0_hat, s; t, y)."""
-
-            def predict(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                eps, x0_hat = frozen_prediction(z, t)
-                return eps + guide(z, x0_hat, t, y, s)
-
-            return predict
-
-        return self.step_halving_loss(
-            guided_noise(self.teacher), guided_noise(self.guide), x0, noise, index, self.hparams.loss_weighting
-        )
+        student_eps = eps + self.guide(step.z_t, x0_hat, step.t, y, s)
+        return self.step_halving_loss(step, teacher_eps, teacher_noise, student_eps, self.hparams.loss_weighting)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Callable
+from collections.abc import Sequence
+from typing import Callable, NamedTuple
 
 import torch
 from diffusers import DDIMScheduler
 from lightning.pytorch.cli import OptimizerCallable
 
+from plugguide.models.grid_ddim import check_grid, halved_grid, halving_offset
 from plugguide.models.guides import load_guide
 from plugguide.modules.guide_distillation import FrozenUNetGuideTraining
 
@@ -40,6 +42,15 @@ def halving_target(z_t: torch.Tensor, z_s: torch.Tensor, alpha_t, sigma_t, alpha
     return (z_s - ratio * z_t) / (alpha_s - ratio * alpha_t)
 
 
+class HalvingStep(NamedTuple):
+    """One student step per example: t -> s, the teacher's midpoint t' (-1: the end of sampling) and z_t."""
+
+    t: torch.Tensor
+    t_mid: torch.Tensor
+    s: torch.Tensor
+    z_t: torch.Tensor
+
+
 class StepHalving:
     """What every halving stage shares: the student's DDIM timesteps, and the loss that makes one student step land
     where two teacher steps land (Salimans & Ho, 2022, Algorithm 2), for any way of predicting eps.
@@ -47,13 +58,37 @@ class StepHalving:
     A LightningModule mixes it in and calls `setup_halving` in its constructor.
     """
 
-    def setup_halving(self, scheduler_config, teacher_steps: int) -> None:
-        """Registers the student's timesteps (diffusers' `DDIMScheduler.set_timesteps(teacher_steps / 2)` on the
-        model's schedule) and the schedule's abar; reads the sampler's clipping."""
+    def setup_halving(
+        self, scheduler_config, teacher_steps: int, teacher_timesteps: Sequence[int] | None = None
+    ) -> None:
+        """Registers the teacher's and the student's DDIM timesteps and the schedule's abar; reads the sampler's
+        clipping.
+
+        The teacher samples on `teacher_timesteps`, the grid its guide was halved on (a halving stage's export), or,
+        for a first-stage guide (trained at every timestep), diffusers' `DDIMScheduler.set_timesteps(teacher_steps)`
+        on the model's schedule. The student's grid is every other one of those (`halved_grid`), so the teacher is
+        only ever queried where it was taught; the exported student samples with `GridDDIMScheduler` on that grid.
+        """
         sampler = DDIMScheduler.from_config(scheduler_config)
-        sampler.set_timesteps(teacher_steps // 2)
+        if teacher_timesteps is None:
+            sampler.set_timesteps(teacher_steps)
+            teacher_timesteps = sampler.timesteps.tolist()
+        teacher_timesteps = check_grid(teacher_timesteps, sampler.config.num_train_timesteps, "teacher timesteps")
+        if len(teacher_timesteps) != teacher_steps:
+            raise ValueError(
+                f"`teacher_steps`={teacher_steps}, but the teacher guide was halved on {len(teacher_timesteps)} "
+                f"timesteps {teacher_timesteps}; set `teacher_steps` to {len(teacher_timesteps)}."
+            )
         self.teacher_steps = teacher_steps
-        self.register_buffer("student_timesteps", sampler.timesteps.clone().long(), persistent=False)
+        # The student's t_i = teacher[2i + o] (o = `halving_offset`): the teacher steps to teacher[2i + o + 1] and
+        # teacher[2i + o + 2]; -1 past the grid's end is the end of sampling.
+        padded = torch.tensor(teacher_timesteps + [-1, -1])
+        self.register_buffer("teacher_timesteps", padded, persistent=False)
+        spacing = sampler.config.timestep_spacing
+        self.halving_offset = halving_offset(spacing)
+        self.register_buffer(
+            "student_timesteps", torch.tensor(halved_grid(teacher_timesteps, spacing)), persistent=False
+        )
         self.register_buffer("alphas_cumprod", sampler.alphas_cumprod.clone().float(), persistent=False)
         self.final_alpha_cumprod = float(sampler.final_alpha_cumprod)
         self.clip = float(sampler.config.clip_sample_range) if sampler.config.clip_sample else None
@@ -68,40 +103,43 @@ class StepHalving:
         abar = abar.view(-1, 1, 1, 1)
         return abar.sqrt(), (1 - abar).sqrt()
 
+    def halving_start(self, x0: torch.Tensor, noise: torch.Tensor, index: torch.Tensor) -> HalvingStep:
+        """The student's step `index` (per example): its timesteps, the teacher's midpoint on the teacher's grid
+        (`setup_halving`), and z_t = alpha_t x0 + sigma_t noise."""
+        t, t_mid, s = (self.teacher_timesteps[2 * index + self.halving_offset + k] for k in range(3))
+        alpha_t, sigma_t = self.alpha_sigma(t)
+        return HalvingStep(t, t_mid, s, alpha_t * x0 + sigma_t * noise)
+
     def step_halving_loss(
         self,
+        step: HalvingStep,
+        teacher_eps: torch.Tensor,
         teacher_noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        student_noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        x0: torch.Tensor,
-        noise: torch.Tensor,
-        index: torch.Tensor,
+        student_eps: torch.Tensor,
         loss_weighting: str,
     ) -> torch.Tensor:
-        """The student's loss at its step `index` (per example) from z_t = alpha_t x0 + sigma_t noise.
+        """The student's loss at `step`: its one step t -> s must land where the teacher's two land, t -> t' -> s.
 
-        `teacher_noise(z, t)` and `student_noise(z, t)` give eps at (z, t). At the student's last step the teacher's
-        midpoint is already the end of sampling (t' < 0): the teacher's one step lands on z_s = z_t' = alpha_final
-        x0_hat + sigma_final eps, and the general target with those (alpha_s, sigma_s) is exactly the teacher's x0_hat,
-        whatever the scheduler's final abar (1 with `set_alpha_to_one`, abar_0 = 0.99915 without, as Stable Diffusion's
-        scheduler).
+        `teacher_eps` and `student_eps` are both predictions of eps at (z_t, t) (the caller may share what they have
+        in common, such as a frozen denoiser's pass); `teacher_noise(z, t)` gives the teacher's eps at its midpoint.
+        At the student's last step under leading spacing the teacher's midpoint is already the end of sampling
+        (t' < 0): the teacher's one step lands on z_s = z_t' = alpha_final x0_hat + sigma_final eps, and the general
+        target with those (alpha_s, sigma_s) is exactly the teacher's x0_hat, whatever the scheduler's final abar (1
+        with `set_alpha_to_one`, abar_0 = 0.99915 without, as Stable Diffusion's scheduler).
         """
-        num_train = self.alphas_cumprod.shape[0]
-        t = self.student_timesteps[index]
-        s = t - num_train // (self.teacher_steps // 2)
-        t_mid = t - num_train // self.teacher_steps
-        alpha_t, sigma_t = self.alpha_sigma(t)
-        alpha_mid, sigma_mid = self.alpha_sigma(t_mid)
-        alpha_s, sigma_s = self.alpha_sigma(s)
-        z_t = alpha_t * x0 + sigma_t * noise
+        z_t = step.z_t
+        alpha_t, sigma_t = self.alpha_sigma(step.t)
+        alpha_mid, sigma_mid = self.alpha_sigma(step.t_mid)
+        alpha_s, sigma_s = self.alpha_sigma(step.s)
         with torch.no_grad():
-            z_mid = ddim_step(z_t, teacher_noise(z_t, t), alpha_t, sigma_t, alpha_mid, sigma_mid, self.clip)
-            last = (t_mid < 0).view(-1, 1, 1, 1)
-            eps_mid = teacher_noise(z_mid, t_mid.clamp(min=0))
+            z_mid = ddim_step(z_t, teacher_eps, alpha_t, sigma_t, alpha_mid, sigma_mid, self.clip)
+            last = (step.t_mid < 0).view(-1, 1, 1, 1)
+            eps_mid = teacher_noise(z_mid, step.t_mid.clamp(min=0))
             z_s = torch.where(
                 last, z_mid, ddim_step(z_mid, eps_mid, alpha_mid, sigma_mid, alpha_s, sigma_s, self.clip)
             )
             x_target = halving_target(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s)
-        x_student = (z_t - sigma_t * student_noise(z_t, t)) / alpha_t
+        x_student = (z_t - sigma_t * student_eps) / alpha_t
         x_mse = (x_student - x_target).pow(2).flatten(1).mean(1)
         eps_mse = x_mse * (alpha_t / sigma_t).flatten() ** 2  # eps-MSE = SNR * x-MSE at fixed z_t
         if loss_weighting == "x":
@@ -188,8 +226,11 @@ class ProgressiveHalving(StepHalving, FrozenUNetGuideTraining):
             .requires_grad_(False)
             .eval()
         )
+        self.setup_halving(
+            {**self.noise_scheduler.config, **(scheduler_config or {})}, teacher_steps, self.teacher.timesteps
+        )
         self.guide = copy.deepcopy(self.teacher).requires_grad_(True)
-        self.setup_halving({**self.noise_scheduler.config, **(scheduler_config or {})}, teacher_steps)
+        self.guide.timesteps = self.student_timesteps.tolist()
 
     def _loss(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
         x0, condition, _ = self.encode_batch(batch, generator)
@@ -205,11 +246,13 @@ class ProgressiveHalving(StepHalving, FrozenUNetGuideTraining):
         self, x0: torch.Tensor, condition: dict, index: torch.Tensor, g: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
         """The student's loss at its step `index` (per example) from z_t = alpha_t x0 + sigma_t noise, guidance number g."""
+        step = self.halving_start(x0, noise, index)
+        with torch.no_grad():
+            teacher_eps = self.guided_noise(self.teacher, step.z_t, step.t, g, condition)
         return self.step_halving_loss(
+            step,
+            teacher_eps,
             lambda z, t: self.guided_noise(self.teacher, z, t, g, condition),
-            lambda z, t: self.guided_noise(self.guide, z, t, g, condition),
-            x0,
-            noise,
-            index,
+            self.guided_noise(self.guide, step.z_t, step.t, g, condition),
             self.hparams.loss_weighting,
         )

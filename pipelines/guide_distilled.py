@@ -9,7 +9,7 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from plugguide.models import Guide, denoiser_autocast, parse_autocast_dtype, predict_guided_noise
+from plugguide.models import Guide, denoiser_autocast, parse_autocast_dtype, predict_guided_noise, sampler_on_grid
 from plugguide.pipelines.finite import check_cfg_scale, check_finite_samples
 from plugguide.pipelines.guided_diffusion import LEARNED_VARIANCE_TYPES, GuidedSamplesOutput
 from plugguide.pipelines.model_family import ModelFamily
@@ -142,26 +142,25 @@ class GuideDistilledPipeline(DiffusionPipeline):
         config = self.unet.config
         shape = (batch, config.in_channels, config.sample_size, config.sample_size)
         x = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        x = x * self.scheduler.init_noise_sigma
+        scheduler = sampler_on_grid(self.scheduler, self.guide.timesteps)  # a halved guide: the grid it was halved on
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        x = x * scheduler.init_noise_sigma
         # Stochastic schedulers (DDPM, DDIM with eta > 0) draw their step noise from the same generator(s).
-        step_kwargs = (
-            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        )
-        for t in self.progress_bar(self.scheduler.timesteps):
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        for t in self.progress_bar(scheduler.timesteps):
             with denoiser_autocast(x.device, self.autocast_dtype):
                 eps = predict_guided_noise(
                     self.unet,
                     self.guide,
-                    self.scheduler.scale_model_input(x, t),
+                    scheduler.scale_model_input(x, t),
                     t,
                     cfg_weight,
                     labels,
                     encoder_hidden_states,
                 )
             eps = eps.to(x.dtype)
-            x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
-            check_finite_samples(x, t, self.scheduler.timesteps)
+            x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+            check_finite_samples(x, t, scheduler.timesteps)
 
         if self.vae is not None:
             x = self.vae.decode(x / self.vae.config.scaling_factor).sample

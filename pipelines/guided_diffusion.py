@@ -14,6 +14,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from plugguide.models.denoiser_speed import denoiser_autocast, parse_autocast_dtype
+from plugguide.models.grid_ddim import sampler_on_grid
 from plugguide.models.text_encoder import encode_prompts, is_text_conditional
 from plugguide.pipelines.finite import check_cfg_scale, check_finite_samples, check_scale
 from plugguide.pipelines.guidance.base import Guidance
@@ -554,7 +555,8 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             self.guidance.check_classifier_scale(classifier_scale)
             self.guidance.to(device)
 
-        family = ModelFamily(self.scheduler)
+        # A halved distilled guide samples on the DDIM grid it was halved on.
+        family = ModelFamily(sampler_on_grid(self.scheduler, self.guidance.timesteps if guided else None))
         # Guided samplers that clip x0_hat step as their unclipped copy: `denoising_step` clips before the shift.
         clip_first = guided and self.guidance.shifts == "score" and not family.ancestral and family.clips_clean_image
         if clip_first:

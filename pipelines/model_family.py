@@ -31,6 +31,7 @@ pure noise, p(y | x_t) = p(y) carries no information and d o / d eps is infinite
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass
@@ -86,10 +87,12 @@ class ModelFamily:
     """
 
     def __init__(self, scheduler: SchedulerMixin, sets_timesteps: bool = True) -> None:
-        name = type(scheduler).__name__
-        if name not in SCHEDULER_FAMILIES:
+        # The nearest stock sampler the scheduler's class is or derives from: subclasses step as their base does.
+        name = next((base.__name__ for base in type(scheduler).__mro__ if base.__name__ in SCHEDULER_FAMILIES), None)
+        if name is None:
             raise ValueError(
-                f"`scheduler` {name} is not handled by guided sampling; allowed: {', '.join(SCHEDULER_FAMILIES)}."
+                f"`scheduler` {type(scheduler).__name__} is not handled by guided sampling; allowed: "
+                f"{', '.join(SCHEDULER_FAMILIES)} and their subclasses."
             )
         self.kind = SCHEDULER_FAMILIES[name]
         self.prediction_type = "flow" if self.kind == "flow" else scheduler.config.prediction_type
@@ -269,8 +272,8 @@ class ModelFamily:
     def without_clipping(self) -> "ModelFamily":
         """This family stepping through a copy of the sampler that neither clips nor thresholds x0_hat; its `clip` still
         clips as the original does. For guided runs that clip before the shift (guided-diffusion's order)."""
-        family = ModelFamily(
-            type(self.scheduler).from_config(self.scheduler.config, clip_sample=False, thresholding=False)
-        )
+        unclipped = copy.deepcopy(self.scheduler)  # with whatever the instance holds beside its config (a grid)
+        unclipped.register_to_config(clip_sample=False, thresholding=False)
+        family = ModelFamily(unclipped)
         family.clipping = self.clipping
         return family

@@ -88,6 +88,8 @@ class Guidance(nn.Module, ABC):
         return 0.0
 
     predicts_shift = False  # True for a method that overrides `predicted_shift`
+    # The sampler grid the method was made for (a halved distilled guide's DDIM timesteps); None: any sampler.
+    timesteps: list[int] | None = None
     # True: the ancestral DDPM mean shift uses PPAP's batch-normalised gradient (guided_diffusion.batch_normalized_gradient)
     normalize_gradient = False
 

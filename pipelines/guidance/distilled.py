@@ -48,9 +48,19 @@ class DistilledGuidance(Guidance):
             "A distilled guide has no likelihood to differentiate: it predicts the score shift itself (`predicted_shift`)."
         )
 
+    @property
+    def timesteps(self) -> list[int] | None:
+        """A halved guide's DDIM grid (the pipelines sample it there with `GridDDIMScheduler`); None: any sampler."""
+        return self.guide.timesteps
+
     def predicted_shift(
         self, x_t: torch.Tensor, step: GuidanceStep, x0_hat: torch.Tensor, targets: torch.Tensor, scale: float
     ) -> torch.Tensor:
+        if self.timesteps is not None and step.timestep not in self.timesteps:
+            raise ValueError(
+                f"The distilled guide was halved on the DDIM timesteps {self.timesteps} and is asked for a shift at "
+                f"timestep {step.timestep}: sample it with `GridDDIMScheduler` on its grid (`sampler_on_grid`)."
+            )
         return self.guide(x_t, x0_hat, torch.tensor(step.timestep, device=x_t.device), targets, scale)
 
     def check_classifier_scale(self, scale: float, setting: str = "classifier_scale") -> None:
