@@ -2,29 +2,42 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+import yaml
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from plugguide.callbacks import GuidedSampleGrid
-from plugguide.models import MultiExpertModel, ShiftGuide, TimmClassifier, load_classifier, load_shift_guide
-from plugguide.modules import GuidanceDistillation, GuidanceHalving
-from plugguide.pipelines import GuidedDiffusionPipeline
+from plugguide.models import (
+    MultiExpertModel,
+    ShiftGuide,
+    TimmClassifier,
+    load_classifier,
+    load_scheduler,
+    load_shift_guide,
+    load_unet,
+)
+from plugguide.modules import GuidanceDistillation, GuidanceHalving, GuidedSampling
+from plugguide.pipelines import GuidedDiffusionPipeline, guided
 from plugguide.pipelines.guidance import (
     CalibratedEDMGuidance,
     CalibratedGuidance,
     DistilledGuidance,
     ExpertGuidance,
 )
-from tests.conftest import TINY_RESNET, TINY_SYNTHESIS, tiny_imagenet_overrides, tiny_scheduler, tiny_unet
-from tests.test_cli import run
+from plugguide.pipelines.guidance.distilled import describe_teacher
+from tests.conftest import TINY_RESNET, TINY_SYNTHESIS, TINY_UNET, tiny_imagenet_overrides, tiny_scheduler, tiny_unet
+from tests.test_cli import CONFIGS, run
 from tests.test_guide_distillation import text_model  # noqa: F401 (a fixture)
 
 
-def random_shift_guide(channels: int = 1, sample_size: int = 16) -> ShiftGuide:
+def random_shift_guide(channels: int = 1, sample_size: int = 16, **settings) -> ShiftGuide:
     """A ShiftGuide for the tiny UNet whose output convolution is random (a fresh one is a no-op)."""
     torch.manual_seed(0)
-    guide = ShiftGuide(sample_size, channels, 10, block_out_channels=(8, 16))
+    guide = ShiftGuide(sample_size, channels, 10, block_out_channels=(8, 16), **settings)
     torch.nn.init.normal_(guide.net.conv_out.weight, std=0.1)
     return guide.eval()
 
@@ -84,6 +97,58 @@ def test_a_distilled_guide_refuses_targets_it_does_not_know_and_the_normalised_c
         pipeline([3, 10], num_inference_steps=2, classifier_scale=1.0)
     with pytest.raises(ValueError, match="cfg_guidance"):
         GuidedDiffusionPipeline(tiny_unet(), tiny_scheduler(), pipeline.guidance, cfg_guidance="normalized")
+
+
+def test_a_saved_guide_keeps_its_scale_range_and_teacher_and_one_saved_without_them_still_loads(tmp_path):
+    teacher = {"class_path": "plugguide.pipelines.guidance.ExpertGuidance", "source": "experts", "settings": {}}
+    ShiftGuide(16, 1, 10, (8, 16), scale_range=(1.0, 10.0), distilled_from=teacher).save_pretrained(tmp_path / "g")
+    loaded = load_shift_guide(str(tmp_path / "g"))
+    assert loaded.scale_range == (1.0, 10.0) and loaded.distilled_from == teacher
+    config_path = tmp_path / "g" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["scale_range"], config["distilled_from"]  # as a guide saved before they were recorded
+    config_path.write_text(json.dumps(config))
+    old = load_shift_guide(str(tmp_path / "g"))
+    assert old.scale_range is None and old.distilled_from is None
+    with pytest.warns(UserWarning, match="no trained `scale_range`"):
+        DistilledGuidance(old)
+    with pytest.raises(ValueError, match="`scale_range`"):
+        ShiftGuide(16, 1, 10, (8, 16), scale_range=(10.0, 1.0))
+
+
+def test_a_distilled_guide_refuses_a_scale_outside_its_trained_range_before_the_first_step():
+    """In the pipeline, in a stock pipeline (`guided`) and in the sampling job's config, naming the setting."""
+    guidance = DistilledGuidance(random_shift_guide(scale_range=(2.0, 5.0)))
+    unet = tiny_unet().eval()
+    denoiser_calls = []
+    unet.register_forward_hook(lambda *_: denoiser_calls.append(1))
+    pipeline = quiet(GuidedDiffusionPipeline(unet, tiny_scheduler(), guidance))
+    for scale in (1.0, 6.0):
+        with pytest.raises(ValueError, match=rf"`classifier_scale`={scale} is outside .* \[2, 5\]"):
+            pipeline([1, 7], num_inference_steps=2, classifier_scale=scale)
+    assert not denoiser_calls  # checked once, before sampling
+    pipeline([1, 7], num_inference_steps=2, classifier_scale=5.0)  # the range holds its ends
+    pipeline([1, 7], num_inference_steps=2, classifier_scale=0.0)  # unguided: the guide is not asked
+    stock = DDIMPipeline(unet, DDIMScheduler.from_config(tiny_scheduler().config))
+    with pytest.raises(ValueError, match=r"`classifier_scale`=8.0 is outside"):
+        with guided(stock, guidance, classifier_scale=8.0, targets=[1, 7]):
+            pass
+    with pytest.raises(ValueError, match=r"`model.classifier_scale`=8.0 is outside"):
+        GuidedSampling(guidance=guidance, classifier_scale=8.0)
+
+
+def test_a_guide_refuses_samples_of_another_size_than_it_was_built_for():
+    guide, t, y = random_shift_guide(), torch.tensor([10, 500]), torch.tensor([0, 4])  # 1 channel at 16 x 16
+    small = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"built for samples of 1 channels at 16x16 .* shape \(2, 1, 8, 8\)"):
+        guide(small, small, t, y, 4.0)
+    with pytest.raises(ValueError, match=r"x0_hat of shape \(2, 1, 8, 8\)"):
+        guide(torch.randn(2, 1, 16, 16), small, t, y, 4.0)
+    torch.manual_seed(0)
+    denoiser = UNet2DModel(**TINY_UNET | dict(sample_size=8))  # a denoiser of smaller samples
+    pipeline = quiet(GuidedDiffusionPipeline(denoiser, tiny_scheduler(), DistilledGuidance(guide)))
+    with pytest.raises(ValueError, match="built for samples of 1 channels at 16x16"):
+        pipeline([1, 7], num_inference_steps=2, classifier_scale=4.0)
 
 
 def experts_teacher(tmp_path) -> str:
@@ -183,6 +248,33 @@ def test_halving_starts_from_the_exported_guide_and_learns_to_take_two_steps_in_
     assert (tmp_path / "halved" / "shift" / "steps-2" / "model.safetensors").is_file()
 
 
+def test_the_scale_range_and_the_teacher_travel_with_every_export(tiny_assets, tiny_classifier, tmp_path):
+    """The first export and each halving stage's; a grid scale or a halving range outside them is refused."""
+    with pytest.raises(ValueError, match=r"`model.classifier_scale`=12.0.*`model.scale_range`=\[1.0, 10.0\]"):
+        tiny_distillation(tiny_assets, tmp_path, classifier_scale=12.0)
+    module = tiny_distillation(tiny_assets, tmp_path, scale_range=(2.0, 8.0))
+    module.export(str(tmp_path / "guides"))
+    first = load_shift_guide(str(tmp_path / "guides" / "shift" / "steps-4"))
+    assert first.scale_range == (2.0, 8.0)
+    teacher = first.distilled_from
+    assert teacher["class_path"] == "plugguide.pipelines.guidance.ppap_experts.ExpertGuidance"
+    assert teacher["source"] == str(tmp_path / "experts")
+    assert teacher["settings"]["input"] == "x_t" and teacher["settings"]["normalize_gradient"] is False
+    assert teacher["settings"]["task"]["class"] == "ClassificationTask"
+    with pytest.raises(ValueError, match=r"`model.scale_range`=\[1.0, 8.0\] reaches outside"):
+        GuidanceHalving(str(tmp_path / "guides"), 4, tiny_assets["ddpm-uncond"], scale_range=(1.0, 8.0))
+    halving = GuidanceHalving(str(tmp_path / "guides"), 4, tiny_assets["ddpm-uncond"], scale_range=(3.0, 6.0))
+    halving.export(str(tmp_path / "guides"))
+    halved = load_shift_guide(str(tmp_path / "guides" / "shift" / "steps-2"))
+    assert halved.scale_range == (3.0, 6.0) and halved.distilled_from == teacher
+    # A calibrated teacher is described by where its classifier came from and the settings that shape its shift.
+    path = str(tmp_path / "classifier")
+    tiny_classifier.save_pretrained(path)
+    calibrated = describe_teacher(CalibratedGuidance(path, joint_temperature=2.0, softplus_beta=5.0))
+    assert calibrated["source"] == path and calibrated["class_path"].endswith("CalibratedGuidance")
+    assert calibrated["settings"]["joint_temperature"] == 2.0 and calibrated["settings"]["softplus_beta"] == 5.0
+
+
 def tiny_job_overrides(tiny_assets, experts: str) -> dict:
     """The digits configs shrunk to the tiny models: 3 steps, 8 synthesized images, the tiny teacher experts."""
     return {
@@ -207,6 +299,38 @@ def tiny_job_overrides(tiny_assets, experts: str) -> dict:
     }
 
 
+def config_scale_range(*configs: str) -> list[float]:
+    """`model.init_args.scale_range` of the config files, the last one that names it."""
+    ranges = []
+    for config in configs:
+        with open(os.path.join(CONFIGS, config)) as file:
+            ranges.append(yaml.safe_load(file)["model"]["init_args"].get("scale_range"))
+    return [value for value in ranges if value is not None][-1]
+
+
+def movement_by_guide(diffusion_model: str, guide: str, num_inference_steps: int) -> float:
+    """max |guided - unguided| of DDIM samples at the same seed, the exported guide at the middle of its range.
+
+    DDIM without clipping: a clipping sampler steps guided runs as its unclipped copy (`clip_first`), which moves
+    samples even where the guide's shift is zero."""
+    unet = load_unet(diffusion_model).eval()
+    scheduler = load_scheduler(diffusion_model, "DDIMScheduler", overrides={"clip_sample": False})
+    pipeline = quiet(GuidedDiffusionPipeline(unet, scheduler, DistilledGuidance(guide)))
+    low, high = pipeline.guidance.guide.scale_range
+
+    def sample(scale: float) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return pipeline(
+            [1, 7],
+            num_inference_steps=num_inference_steps,
+            classifier_scale=scale,
+            generator=generator,
+            output_type="pt",
+        ).images
+
+    return (sample((low + high) / 2) - sample(0.0)).abs().max().item()
+
+
 def test_guidance_distillation_and_halving_configs_run(tiny_assets, tmp_path, monkeypatch):
     """The real configs on tiny models: distil, then halve 32 -> 16 from the export the stage file names."""
     monkeypatch.chdir(tmp_path)
@@ -216,15 +340,20 @@ def test_guidance_distillation_and_halving_configs_run(tiny_assets, tmp_path, mo
         "block_out_channels": [8, 16],
     }
     run("fit", "guidance_distillation.yaml", overrides, tmp_path)
-    assert (tmp_path / "runs/guidance-distillation/version_0/guides/shift/steps-32/model.safetensors").is_file()
-    run(
-        "fit",
-        ["guidance_halving/base.yaml", "guidance_halving/32to16.yaml"],
-        tiny_job_overrides(tiny_assets, ""),
-        tmp_path,
-    )
-    halved = load_shift_guide(str(tmp_path / "runs/guidance-halving/32to16/version_0/guides/shift/steps-16"))
+    exported = str(tmp_path / "runs/guidance-distillation/version_0/guides/shift/steps-32")
+    guide = load_shift_guide(exported)
+    assert list(guide.scale_range) == config_scale_range("guidance_distillation.yaml")
+    assert guide.distilled_from["class_path"].endswith("ExpertGuidance")
+    assert guide.distilled_from["source"] == str(tmp_path / "experts")
+    assert movement_by_guide(tiny_assets["ddpm-uncond"], exported, 32) > 1e-3
+    halving_configs = ["guidance_halving/base.yaml", "guidance_halving/32to16.yaml"]
+    run("fit", halving_configs, tiny_job_overrides(tiny_assets, ""), tmp_path)
+    exported = str(tmp_path / "runs/guidance-halving/32to16/version_0/guides/shift/steps-16")
+    halved = load_shift_guide(exported)
     assert halved.num_classes == 10
+    assert list(halved.scale_range) == config_scale_range(*halving_configs)
+    assert halved.distilled_from == guide.distilled_from
+    assert movement_by_guide(tiny_assets["ddpm-uncond"], exported, 16) > 1e-3
 
 
 def test_guidance_distillation_imagenet256_config_runs_on_tiny_models_of_the_same_classes(
@@ -255,8 +384,12 @@ def test_guidance_distillation_imagenet256_config_runs_on_tiny_models_of_the_sam
         },
     }
     run("fit", "hub/guidance_distillation_imagenet256.yaml", overrides, tmp_path)
-    guide = load_shift_guide(str(tmp_path / "runs/guidance-distillation-imagenet256/version_0/guides/shift/steps-3"))
+    exported = str(tmp_path / "runs/guidance-distillation-imagenet256/version_0/guides/shift/steps-3")
+    guide = load_shift_guide(exported)
     assert guide.num_classes == 1000 and guide.net.config.in_channels == 7  # x_t, x0_hat (3 each) and the scale map
+    assert list(guide.scale_range) == config_scale_range("hub/guidance_distillation_imagenet256.yaml")
+    assert guide.distilled_from["class_path"].endswith("ExpertGuidance") and guide.distilled_from["source"] == experts
+    assert movement_by_guide(imagenet_like["adm"], exported, 3) > 1e-3
 
 
 def test_guidance_distillation_sd15_config_runs_on_tiny_components(
@@ -304,6 +437,10 @@ def test_guidance_distillation_sd15_config_runs_on_tiny_components(
     run("fit", "hub/guidance_distillation_sd15.yaml", overrides, tmp_path)
     guide = load_shift_guide(str(tmp_path / "runs/guidance-distillation-sd15/version_0/guides/shift/steps-32"))
     assert guide.num_classes == 1000 and guide.net.config.sample_size == 8  # the latents' size, not the pixels'
+    assert list(guide.scale_range) == config_scale_range("hub/guidance_distillation_sd15.yaml")
+    teacher = guide.distilled_from
+    assert teacher["class_path"].endswith("CalibratedGuidance") and teacher["source"] == tiny_rgb_classifier
+    assert teacher["settings"]["input"] == "x0_hat" and teacher["settings"]["schedule"] == "ddpm"
 
 
 @pytest.fixture
