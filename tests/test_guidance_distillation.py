@@ -449,3 +449,31 @@ def tiny_rgb_classifier(tmp_path) -> str:
     path = str(tmp_path / "resnet-rgb")
     TimmClassifier(**TINY_RESNET | dict(num_classes=1000, in_chans=3)).save_pretrained(path)
     return path
+
+
+def test_the_distillation_target_of_a_batch_across_noise_ranges_is_each_experts_own_shift(tiny_assets, tmp_path):
+    """The default teacher runs merged experts on a batch whose t spans every range: each sample's target is the
+    shift its own expert gives it alone, unmerged, -s sigma_t grad (sigma_t from the schedule's abar)."""
+    torch.manual_seed(0)
+    experts = MultiExpertModel(TimmClassifier(**TINY_RESNET), num_experts=4, lora_rank=2).eval()
+    with torch.no_grad():
+        for n in range(4):  # distinct experts: non-zero LoRA B, their own biases and norms
+            for parameter in experts.expert_parameters(n):
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    experts.save_pretrained(str(tmp_path / "experts"))
+    module = GuidanceDistillation(
+        ExpertGuidance(str(tmp_path / "experts")),
+        diffusion_model=tiny_assets["ddpm-uncond"],
+        block_out_channels=(8, 16),
+    )
+    assert module.teacher.classifier.merges_adapters
+    z_t, t = torch.randn(8, 1, 16, 16), torch.tensor([900, 100, 600, 300, 50, 950, 450, 700])
+    y, s = torch.arange(8) % 10, torch.linspace(1.0, 8.0, 8)
+    _, x0_hat = module.predict_noise(z_t, t)
+    shift = module.teacher_shift(z_t, x0_hat, t, y, s)
+    alone = ExpertGuidance(experts)  # the same experts, unmerged, one sample (one range) at a time
+    abar = DDPMScheduler.from_pretrained(tiny_assets["ddpm-uncond"], subfolder="scheduler").alphas_cumprod
+    for i in range(8):
+        grad = alone.gradient(z_t[i : i + 1], t[i : i + 1], x0_hat[i : i + 1], y[i : i + 1])
+        expected = -s[i] * (1 - abar[t[i]]).sqrt() * grad
+        torch.testing.assert_close(shift[i : i + 1], expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
