@@ -29,6 +29,9 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from plugguide.models import MultiExpertModel, TimmClassifier, prompt_conditioning
 from plugguide.pipelines import GuidedDiffusionPipeline, guided
@@ -37,14 +40,17 @@ from plugguide.pipelines.guidance import (
     CalibratedGuidance,
     DistilledGuidance,
     ExpertGuidance,
+    Guidance,
     NaiveClassifierGuidance,
     PredictedCleanImageGuidance,
 )
+from plugguide.pipelines.guided_denoiser import guided_denoiser
 from tests.conftest import TINY_RESNET, TINY_UNET, tiny_scheduler
 from tests.test_guidance_distillation import random_shift_guide
 from tests.test_guide_distillation import write_tiny_text_to_image_pipeline
 from tests.test_hub_paths import write_tiny_deepfloyd_if
 from tests.test_model_families import MEANS, SPREAD, MixtureClassifier, MixtureDenoiser, output_function, true_level
+from tests.test_ppap import perturb
 
 TINY_VAE = dict(
     in_channels=3,
@@ -77,10 +83,14 @@ def rgb_classifier() -> TimmClassifier:
 
 
 def guidance_of(method: str, classifier: TimmClassifier):
-    """A `Guidance` of each kind on `classifier`; PPAP experts are two seeded LoRA experts on it."""
+    """A `Guidance` of each kind on `classifier`; PPAP experts are two seeded LoRA experts on it, each perturbed on its
+    own (a fresh LoRA expert is the backbone itself, so routing by timestep would go untested)."""
     if method == "ExpertGuidance":
         torch.manual_seed(0)
-        return ExpertGuidance(MultiExpertModel(classifier, num_experts=2, lora_rank=2))
+        experts = MultiExpertModel(classifier, num_experts=2, lora_rank=2)
+        for n in range(2):
+            perturb(experts, n, scale=0.3)
+        return ExpertGuidance(experts)
     if method == "DistilledGuidance":  # no classifier: a one-pass guide's predicted shift
         return DistilledGuidance(random_shift_guide())
     return {
@@ -377,6 +387,8 @@ def test_guided_ddim_pipeline_is_guided_diffusion_pipeline(method, tiny_classifi
     assert pipe.scheduler.config.clip_sample  # the user's scheduler is back
     ours = quiet(GuidedDiffusionPipeline(pipe.unet, pipe.scheduler, guidance))
     expected = ours([1, 4], num_inference_steps=4, classifier_scale=30.0, generator=seeded(), output_type="np").images
+    unguided = pipe(**call, generator=seeded(), output_type="np").images
+    assert abs(stock - unguided).max() > 1e-3  # guidance moved the samples, so the equality below says something
     np.testing.assert_allclose(stock, expected, rtol=0, atol=1e-5)
 
 
@@ -418,6 +430,8 @@ def test_guided_dit_pipeline_is_guided_diffusion_pipeline():
         stock = pipe(**call, guidance_scale=1.0, generator=seeded(), output_type="np").images
     ours = quiet(GuidedDiffusionPipeline(pipe.transformer, pipe.scheduler, guidance, vae=pipe.vae))
     expected = ours([1, 4], num_inference_steps=3, classifier_scale=200.0, generator=seeded(), output_type="np").images
+    unguided = pipe(**call, guidance_scale=1.0, generator=seeded(), output_type="np").images
+    assert abs(stock - unguided).max() > 1e-3  # guidance moved the samples, so the equality below says something
     np.testing.assert_allclose(stock, expected, rtol=0, atol=1e-4)
 
 
@@ -570,6 +584,252 @@ def test_under_cfg_the_shift_is_computed_once_per_sample_and_step(name, sd_path,
     assert guidance.batches == [2] * (2 if name == "FluxPipeline" else 3)
 
 
+class RecordingGuidance(Guidance):
+    """A one-pass guide that shifts nothing and records the x_t and x0_hat of every shift it is asked for."""
+
+    predicts_shift = True
+
+    def __init__(self):
+        super().__init__(input="x0_hat")
+        self.seen = []
+
+    def log_likelihood(self, inputs, timesteps, targets):
+        raise NotImplementedError
+
+    def predicted_shift(self, x_t, step, x0_hat, targets, scale):
+        self.seen.append((x_t.clone(), x0_hat.clone()))
+        return torch.zeros_like(x_t)
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionPipeline", "DiTPipeline"])
+def test_under_cfg_the_shift_reads_the_conditional_half(name, sd_path, if_path):
+    """SD stacks (unconditional, conditional), DiT (conditional, unconditional): at the first step, whose state is the
+    same in every run, the x0_hat guidance reads under CFG is the conditional-only run's, not the unconditional's."""
+    pipe, call = build(name, sd_path, if_path)
+    if name == "StableDiffusionPipeline":
+        unconditional = call | {"prompt_embeds": call["negative_prompt_embeds"]}
+    else:
+        unconditional = call | {"class_labels": [1000, 1000]}  # DiT's null class
+    first_x0_hat = {}
+    for run, (arguments, cfg) in {
+        "cfg": (call, 3.0),
+        "conditional": (call, 1.0),
+        "unconditional": (unconditional, 1.0),
+    }.items():
+        guidance = RecordingGuidance()
+        with guided(pipe, guidance, classifier_scale=1.0, targets=[1, 4]):
+            images(pipe, arguments, guidance_scale=cfg)
+        first_x0_hat[run] = guidance.seen[0][1]
+    assert (first_x0_hat["conditional"] - first_x0_hat["unconditional"]).abs().max() > 1e-2
+    torch.testing.assert_close(first_x0_hat["cfg"], first_x0_hat["conditional"], rtol=0, atol=1e-5)
+
+
+def test_flux_true_cfg_shift_reads_the_conditional_call():
+    """Flux's true CFG calls the transformer at one state with the prompt, then with the negative prompt: the x0_hat of
+    each guided step is x - s v of the first call (flow matching, x = (1 - s) x0 + s eps, v = eps - x0), not the
+    second's."""
+    pipe, call = flux_pipeline()
+    calls = []
+
+    def record(module, args, kwargs, output):
+        sigma = float(pipe.scheduler.sigmas[pipe.scheduler.step_index or 0])  # None before the first step
+        calls.append(kwargs["hidden_states"] - sigma * output[0])
+
+    handle = pipe.transformer.register_forward_hook(record, with_kwargs=True)
+    guidance = RecordingGuidance()
+    with guided(pipe, guidance, classifier_scale=1.0, targets=[1, 4]):
+        images(pipe, call, true_cfg_scale=3.0)
+    handle.remove()
+    assert len(calls) == 6 and len(guidance.seen) == 2  # 3 steps of 2 calls; the first step (pure noise) unguided
+    for step, (_, x0_hat) in enumerate(guidance.seen, start=1):
+        conditional, unconditional = calls[2 * step], calls[2 * step + 1]
+        assert (conditional - unconditional).abs().max() > 1e-2
+        torch.testing.assert_close(x0_hat, conditional, rtol=0, atol=1e-5)
+
+
+# -- devices, precision, compiled and subclassed components, batches of prompts -------------------------------------
+
+
+def test_guidance_and_targets_go_to_the_pipelines_execution_device(monkeypatch, tiny_classifier):
+    """Under model or sequential offload the denoiser's weights sit on the CPU (or the meta device) between calls; the
+    pipeline computes on `_execution_device`, where the guide and the targets must be. The guide handed in stays."""
+    pipe, _ = ddim_pipeline()
+    monkeypatch.setattr(DDIMPipeline, "_execution_device", property(lambda self: torch.device("meta")))
+    guidance = NaiveClassifierGuidance(tiny_classifier)
+    wrapper = guided_denoiser(pipe, guidance, 1.0, [1, 4])
+    assert wrapper.targets.device.type == "meta" and pipe.unet.device.type == "cpu"
+    assert all(parameter.device.type == "meta" for parameter in wrapper.guidance.parameters())
+    assert all(parameter.device.type == "cpu" for parameter in guidance.parameters())
+
+
+def test_half_precision_pipeline_leaves_the_guides_handed_in_as_they_were(tiny_classifier):
+    """A float16 DDIM pipeline: the float32 classifier runs as it is on float32 inputs; a distilled guide, which reads
+    the denoiser's own tensors, runs as a float16 copy; both guides are float32 after the block, and the samples move."""
+    pipe, call = ddim_pipeline()
+    pipe.to(torch.float16)
+    unguided = pipe(**call, generator=seeded(), output_type="np").images
+    for guidance, module, dtype in (
+        (NaiveClassifierGuidance(tiny_classifier), tiny_classifier, torch.float32),
+        (DistilledGuidance(random_shift_guide()), None, torch.float16),
+    ):
+        module = module or guidance.guide
+        runs = []
+        handle = module.register_forward_pre_hook(
+            lambda ran, args: runs.append((ran is module, args[0].dtype, next(ran.parameters()).dtype))
+        )  # hooks travel with a copy
+        with guided(pipe, guidance, classifier_scale=30.0, targets=[1, 4]):
+            samples = pipe(**call, generator=seeded(), output_type="np").images
+        handle.remove()
+        assert runs and all(run == (dtype == torch.float32, dtype, dtype) for run in runs), runs
+        assert {parameter.dtype for parameter in guidance.parameters()} == {torch.float32}
+        assert np.isfinite(samples).all() and abs(samples - unguided).max() > 1e-2
+
+
+def overflowing_decoder(vae: AutoencoderKL) -> AutoencoderKL:
+    """`vae` whose decoder's first activations exceed float16's range (65504) before its first group norm, as SDXL's
+    own VAE does at 1024 px: float16 decodes to NaN, float32 normalises them away."""
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e5)
+    return vae
+
+
+def test_float16_sdxl_with_force_upcast_vae_decodes_the_gradient_in_float32():
+    """SDXL in float16 with a VAE that overflows float16 and says so (`force_upcast`, SDXL's config): the guidance
+    gradient decodes in float32, as the pipeline's own final decode does; the VAE is float16 again after the block and
+    the classifier float32 throughout; the samples are near the float32 pipeline's guided ones."""
+    pipe, call = sdxl_pipeline()
+    overflowing_decoder(pipe.vae)
+    guidance = CalibratedGuidance(rgb_classifier())
+    with guided(pipe, guidance, classifier_scale=30.0, targets=[1, 4]):
+        full = pipe(**call, guidance_scale=3.0, generator=seeded(), output_type="pt").images
+    pipe.to(torch.float16)
+    assert pipe.vae.config.force_upcast
+    with torch.no_grad():
+        assert not torch.isfinite(pipe.vae.decode(torch.randn(1, 4, 8, 8, dtype=torch.float16)).sample).all()
+    call = {key: value.half() if torch.is_tensor(value) else value for key, value in call.items()}
+    unguided = pipe(**call, guidance_scale=3.0, generator=seeded(), output_type="pt").images
+    with guided(pipe, guidance, classifier_scale=30.0, targets=[1, 4]):
+        half = pipe(**call, guidance_scale=3.0, generator=seeded(), output_type="pt").images
+    assert pipe.vae.dtype == torch.float16 and {p.dtype for p in guidance.parameters()} == {torch.float32}
+    assert torch.isfinite(half).all() and (half.float() - unguided.float()).abs().max() > 1e-2
+    torch.testing.assert_close(half.float(), full, rtol=0, atol=5e-3)
+
+
+def test_bfloat16_stable_diffusion_is_guided_as_in_float32(sd_path):
+    """Stable Diffusion in bfloat16 with a float32 classifier behind the decoder: the classifier stays float32 and the
+    samples are near the float32 pipeline's guided ones (bfloat16 keeps 8 bits of mantissa)."""
+    pipe, call = sd_pipeline(sd_path)
+    guidance = CalibratedGuidance(rgb_classifier())
+    with guided(pipe, guidance, classifier_scale=200.0, targets=[1, 4]):
+        full = pipe(**call, guidance_scale=3.0, generator=seeded(), output_type="pt").images
+    unguided_full = pipe(**call, guidance_scale=3.0, generator=seeded(), output_type="pt").images
+    pipe.to(torch.bfloat16)
+    call = {key: value.bfloat16() if torch.is_tensor(value) else value for key, value in call.items()}
+    with guided(pipe, guidance, classifier_scale=200.0, targets=[1, 4]):
+        half = pipe(**call, guidance_scale=3.0, generator=seeded(), output_type="pt").images.float()
+    assert {p.dtype for p in guidance.parameters()} == {torch.float32}
+    moved = (full - unguided_full).abs().max()
+    assert moved > 1e-2 and (half - full).abs().max() < 0.2 * moved
+
+
+class SubclassedDiTPipeline(DiTPipeline):
+    """A user's DiT pipeline: DiT's CFG order (conditional first) without DiT's class name."""
+
+
+class SubclassedFluxTransformer(FluxTransformer2DModel):
+    """A user's Flux transformer: it takes t / 1000 without Flux's class name."""
+
+
+class SubclassedEulerScheduler(EulerDiscreteScheduler):
+    """A user's Euler sampler: Euler's sigma space and input scaling without Euler's class name."""
+
+
+def subclassed_scheduler(pipe):
+    pipe.scheduler = SubclassedEulerScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def subclassed_dit(pipe):
+    return quiet(SubclassedDiTPipeline(**pipe.components))
+
+
+def subclassed_flux_transformer(pipe):
+    transformer = SubclassedFluxTransformer.from_config(pipe.transformer.config)
+    transformer.load_state_dict(pipe.transformer.state_dict())
+    pipe.transformer = transformer.eval()
+    return pipe
+
+
+def compiled_denoiser(pipe):
+    name = "unet" if hasattr(pipe, "unet") else "transformer"
+    setattr(pipe, name, torch.compile(getattr(pipe, name), backend="eager"))  # dynamo's wrapper, no code generation
+    return pipe
+
+
+@pytest.mark.parametrize(
+    "name, change",
+    [
+        ("DDIMPipeline", compiled_denoiser),
+        ("FluxPipeline", compiled_denoiser),
+        ("FluxPipeline", subclassed_flux_transformer),
+        ("DiTPipeline", subclassed_dit),
+        ("StableDiffusionPipeline", subclassed_scheduler),
+    ],
+    ids=[
+        "compiled-unet",
+        "compiled-flux",
+        "subclassed-flux-transformer",
+        "subclassed-dit-pipeline",
+        "subclassed-euler",
+    ],
+)
+def test_compiled_and_subclassed_components_are_guided_as_the_stock_ones(name, change, sd_path, if_path):
+    """`torch.compile(pipe.unet)` and subclasses of the stock classes are read by what they are, not by class name: the
+    same guided samples as the stock pipeline (with its CFG), and the denoiser's own forward after the block."""
+    pipe, call = build(name, sd_path, if_path)
+    call |= CFG.get(name, {})
+    guidance = CalibratedGuidance(rgb_classifier() if name != "DDIMPipeline" else TimmClassifier(**TINY_RESNET))
+    unguided = images(pipe, call)
+    with guided(pipe, guidance, classifier_scale=200.0, targets=[1, 4]):
+        stock = images(pipe, call)
+    pipe = change(pipe)
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    forward = denoiser.forward
+    with guided(pipe, guidance, classifier_scale=200.0, targets=[1, 4]):
+        changed = images(pipe, call)
+    assert denoiser.forward == forward
+    assert (stock - unguided).abs().max() > 1e-3
+    torch.testing.assert_close(changed, stock, rtol=0, atol=1e-5)
+
+
+def test_each_image_of_a_batch_of_prompts_is_guided_to_its_own_target(sd_path):
+    """2 prompts x `num_images_per_prompt` 2, four targets: each image is the one a single-image run with its prompt,
+    its initial latents and its target gives (the pipeline orders the batch prompt by prompt)."""
+    pipe, _ = sd_pipeline(sd_path)
+    embeds = {
+        "prompt_embeds": torch.cat([prompt_conditioning(sd_path, pipe.unet, p)["prompt_embeds"] for p in PROMPTS]),
+        "negative_prompt_embeds": prompt_conditioning(sd_path, pipe.unet, None)["prompt_embeds"].expand(2, -1, -1),
+    }
+    latents = torch.randn(4, 4, 8, 8, generator=seeded())
+    targets = [1, 4, 7, 2]
+    guidance = CalibratedGuidance(rgb_classifier())
+    call = dict(num_inference_steps=3, guidance_scale=3.0, output_type="pt")
+    unguided = pipe(**call, **embeds, num_images_per_prompt=2, latents=latents).images
+    with guided(pipe, guidance, classifier_scale=200.0, targets=targets):
+        batch = pipe(**call, **embeds, num_images_per_prompt=2, latents=latents).images
+    singles = []
+    for i, target in enumerate(targets):
+        with guided(pipe, guidance, classifier_scale=200.0, targets=[target]):
+            prompt = {key: value[i // 2 : i // 2 + 1] for key, value in embeds.items()}
+            singles.append(pipe(**call, **prompt, latents=latents[i : i + 1]).images)
+    singles = torch.cat(singles)
+    assert (batch - unguided).abs().max() > 1e-2
+    torch.testing.assert_close(batch, singles, rtol=0, atol=1e-4)
+
+
+PROMPTS = ("a digit", "a seven")
+
+
 # -- refusals, and the denoiser restored ----------------------------------------------------------------------------
 
 
@@ -674,25 +934,32 @@ def recipe_script():
     return module
 
 
-@pytest.mark.parametrize("name", ["StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline"])
-def test_recipe_guides_sdxl_sd3_and_flux_through_their_vae(name, sd_path, if_path, tmp_path):
-    """`generate` with a saved 3-channel classifier behind the decoder, 2 prompts' embeddings, the pipeline's own
-    CFG."""
+@pytest.mark.parametrize(
+    "name", ["StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline", "IFPipeline"]
+)
+def test_recipe_raises_the_guides_log_likelihood_of_the_class(name, sd_path, if_path, tmp_path):
+    """`generate` with a saved 3-channel classifier (behind the decoder for SDXL, SD3 and Flux), 2 prompts'
+    embeddings and the pipeline's own CFG: the guide's own log-likelihood of the class on the final images rises
+    against the unguided run at the same seeds, image by image.
+
+    s = 10 is the recipe's default. The tiny random decoders and classifier pass back small gradients, so at s = 10
+    the log-likelihood of the tiny SDXL and Flux moves by a few 1e-3 per image over 6 steps (SD3 and IF by 1e-2 to
+    1e-1), and by as much downward with the gradient's sign flipped; s = 3 moves SDXL and Flux by under 1e-3.
+    """
     script = recipe_script()
     pipe, call = build(name, sd_path, if_path)
     rgb_classifier().save_pretrained(str(tmp_path / "classifier"))
-    call |= CFG[name] | {"output_type": "pt"}
-    runs = {
-        scale: script.generate(
-            pipe, script.make_guidance("calibrated", str(tmp_path / "classifier"), None), 7, 2, scale, **call
-        )
-        for scale in (0.0, 300.0)
-    }
-    assert (
-        runs[0.0].shape == (2, 3, 16, 16)
-        and torch.isfinite(runs[300.0]).all()
-        and (runs[300.0] - runs[0.0]).abs().max() > 1e-3
-    )
+    guidance = script.make_guidance("calibrated", str(tmp_path / "classifier"), None)
+    call |= CFG[name] | {"output_type": "pt", "num_inference_steps": 6}
+    targets = torch.full((2,), 7)
+    log_likelihood = {}
+    for scale in (0.0, 10.0):
+        samples = script.generate(pipe, guidance, 7, 2, scale, **call)
+        assert samples.shape[:2] == (2, 3) and torch.isfinite(samples).all()
+        with torch.no_grad():
+            log_likelihood[scale] = guidance.log_likelihood(samples * 2 - 1, torch.zeros(2), targets)
+    rise = log_likelihood[10.0] - log_likelihood[0.0]
+    assert (rise > 0).all() and rise.mean() > 1e-3, rise
 
 
 def test_recipe_script_runs_a_saved_pipeline_with_its_tokenizer_end_to_end(sd_path, tmp_path):
@@ -782,6 +1049,54 @@ def test_gradient_guider_refuses_a_scheduler_that_clips(tiny_classifier):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=True)
     with pytest.raises(ValueError, match="`scheduler` DDIMScheduler clips x0_hat inside its step"):
         GradientGuidance(pipe, NaiveClassifierGuidance(tiny_classifier), 1.0, [1, 4])
+
+
+class GaussianDataDenoiser(ModelMixin, ConfigMixin):
+    """The exact eps of data x0 ~ N(0, c^2 I) on DDIM's table: E[eps | x_t] = sqrt(1 - abar_t) x_t / (abar_t c^2 + 1 -
+    abar_t)."""
+
+    @register_to_config
+    def __init__(self, sample_size: int = 2, in_channels: int = 1, spread: float = 0.3):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", DDIMScheduler().alphas_cumprod.clone())
+
+    def forward(self, sample, timestep, return_dict=True):
+        abar = self.alphas_cumprod[int(timestep)]
+        eps = (1 - abar).sqrt() * sample / (abar * self.config.spread**2 + 1 - abar)
+        return UNet2DOutput(sample=eps) if return_dict else (eps,)
+
+
+class GaussianLikelihood(Guidance):
+    """log p(y | x_t) = -|x_t - mu_y|^2 / 2, whose gradient is mu_y - x_t."""
+
+    def __init__(self, means: torch.Tensor):
+        super().__init__(input="x_t")
+        self.means = means
+
+    def log_likelihood(self, inputs, timesteps, targets):
+        return -0.5 * (inputs - self.means[targets]).pow(2).flatten(1).sum(1)
+
+
+def test_ddim_pipeline_steps_with_the_hand_computed_guided_eps():
+    """DDIMPipeline, 2 steps (t = 500, then 0), computed by hand from diffusers' abar table and DDIM's update
+    (eta 0): eps' = eps - s sqrt(1 - abar_t) (mu_y - x_t), x0' = (x_t - sqrt(1 - abar_t) eps') / sqrt(abar_t),
+    x_prev = sqrt(abar_prev) x0' + sqrt(1 - abar_prev) eps' (abar_prev = 1 after the last step)."""
+    pipe = quiet(DDIMPipeline(GaussianDataDenoiser(), DDIMScheduler(clip_sample=False)))
+    means = torch.tensor([-0.3, 0.4]).view(2, 1, 1, 1).expand(2, 1, 2, 2)
+    targets, scale = torch.arange(8) % 2, 0.1
+    with guided(pipe, GaussianLikelihood(means), classifier_scale=scale, targets=targets):
+        samples = pipe(batch_size=8, num_inference_steps=2, generator=seeded(), output_type="np").images
+    abar = DDIMScheduler().alphas_cumprod.double()
+    x = torch.randn(8, 1, 2, 2, generator=seeded()).double()  # DDIMPipeline's initial noise
+    for t, abar_prev in ((500, abar[0]), (0, torch.tensor(1.0, dtype=torch.float64))):
+        eps = (1 - abar[t]).sqrt() * x / (abar[t] * 0.3**2 + 1 - abar[t])
+        eps = eps - scale * (1 - abar[t]).sqrt() * (means[targets].double() - x)
+        x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+        x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+    expected = (x / 2 + 0.5).permute(0, 2, 3, 1).numpy()
+    unguided = pipe(batch_size=8, num_inference_steps=2, generator=seeded(), output_type="np").images
+    assert ((expected > 0) & (expected < 1)).all() and abs(expected - unguided).max() > 0.05
+    np.testing.assert_allclose(samples, expected, rtol=0, atol=1e-5)
 
 
 def test_ancestral_ddpm_pipeline_takes_the_score_shift_form():

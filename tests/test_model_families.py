@@ -622,6 +622,28 @@ def test_unhandled_samplers_and_prediction_types_name_themselves(make, match):
         GuidedDiffusionPipeline(UNet2DModel(**TINY_UNET), make())
 
 
+@pytest.mark.parametrize("name", SCHEDULER_FAMILIES)
+def test_a_subclass_of_a_stock_sampler_converts_as_the_sampler_it_extends(name):
+    """A subclass of any handled sampler (made here, under another class name) gets its base's family, noise levels
+    and output conversion, and its base's fewer prediction types (PNDM's subclass still refuses v-prediction)."""
+    base = getattr(diffusers, name)
+    subclass = type(f"Subclassed{name}", (base,), {})
+    if name == "PNDMScheduler":
+        with pytest.raises(ValueError, match="`prediction_type`='v_prediction' of PNDMScheduler"):
+            ModelFamily(subclass(prediction_type="v_prediction"))
+    stock, derived = ModelFamily(base()), ModelFamily(subclass())
+    for family in (stock, derived):
+        family.set_timesteps(4)
+    assert (derived.kind, derived.prediction_type) == (stock.kind, stock.prediction_type)
+    x, output = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)).unbind(0)
+    for index, timestep in enumerate(stock.scheduler.timesteps[:2]):
+        level = stock.noise_level(index, timestep)
+        if level.alpha <= 0:  # flow's first evaluation, pure noise
+            continue
+        assert derived.noise_level(index, timestep) == level
+        torch.testing.assert_close(derived.predicted_clean(output, x, level), stock.predicted_clean(output, x, level))
+
+
 # -- the sampling job runs every sampler, guided and unguided --------------------------------------------------------
 
 
