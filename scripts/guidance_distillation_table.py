@@ -34,7 +34,7 @@ from results_page import add_page_arguments, write_between_markers
 
 from plugguide.datamodules import ThickDigitsDataModule
 from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, markdown_table
-from plugguide.models import load_scheduler, load_unet
+from plugguide.models import load_scheduler, load_unet, sampler_on_grid
 from plugguide.models.seeding import seeded_generators
 from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.guidance import DistilledGuidance, ExpertGuidance
@@ -75,14 +75,19 @@ class Row:
     chain: str | None = None  # the distilled guide's chain: "leading" or "trailing"
     guide_steps: int | None = None  # the step count the distilled guide was trained or halved for
     spacing: str = "leading"
+    grid: tuple[int, ...] | None = None  # a halved guide's own DDIM timesteps, where they are not DDIM's spacing's
+
+    @property
+    def sampler(self) -> str:
+        return f"{self.scheduler}-{self.steps}-{self.spacing}" + ("-halving-grid" if self.grid else "")
 
     @property
     def key(self) -> str:
-        return f"{self.section}/{self.scheduler}-{self.steps}-{self.spacing}/{self.label}"
+        return f"{self.section}/{self.sampler}/{self.label}"
 
     @property
     def unguided_key(self) -> str:
-        return f"{self.section}/{self.scheduler}-{self.steps}-{self.spacing}/unguided/0"
+        return f"{self.section}/{self.sampler}/unguided/0"
 
     @property
     def label(self) -> str:
@@ -92,6 +97,16 @@ class Row:
             return f"distilled, {self.guide_steps}-step guide ({self.chain})"
         halved = "" if self.chain == "leading" and self.guide_steps == 32 else f", halved on {self.chain} timesteps"
         return f"distilled, {self.guide_steps}-step guide{halved}"
+
+
+def own_grid(guidance: DistilledGuidance, steps: int, spacing: str) -> tuple[int, ...] | None:
+    """The DDIM timesteps a halved guide samples on, unless DDIM samples them itself: leading spacing on its own grid.
+    (DDIM steps t -> t - T // N, which leaves a trailing grid: 999 -> 937 -> 875, where 16 trailing steps are at 874.)"""
+    if guidance.timesteps is None:
+        return None
+    own = load_scheduler(BASE, "DDIMScheduler", overrides={"timestep_spacing": spacing})
+    own.set_timesteps(steps)
+    return None if spacing == "leading" and own.timesteps.tolist() == guidance.timesteps else tuple(guidance.timesteps)
 
 
 def parse_guides(items: list[str]) -> dict[int, str]:
@@ -124,13 +139,24 @@ def main() -> None:
     teacher = ExpertGuidance(args.experts)
     distilled = {(c, n): DistilledGuidance(path) for c, guides in chains.items() for n, path in guides.items()}
     parameters = {key: sum(p.numel() for p in g.guide.parameters()) for key, g in distilled.items()}
+    grids = {
+        key: own_grid(g, key[1], spacing) for key, g in distilled.items() for spacing in SPACINGS if key[0] == spacing
+    }
 
     leading, trailing = (sorted(chains[c], reverse=True) for c in ("leading", "trailing"))
     teacher_runs = [("DDPMScheduler", 50), ("DDIMScheduler", 25), ("DDIMScheduler", 8)]
     rows = [Row("digits", BASE, scheduler, n, "unguided") for scheduler, n in teacher_runs[:2]]
     rows += [Row("digits", BASE, "DDIMScheduler", n, "unguided") for n in leading if n != 25]
     rows += [Row("digits", BASE, scheduler, n, TEACHER) for scheduler, n in teacher_runs]
-    rows += [Row("digits", BASE, "DDIMScheduler", n, "distilled", "leading", n) for n in leading]
+    # A guide halved on a grid that is not DDIM's own samples there, beside unguided DDIM on the same timesteps.
+    rows += [
+        Row("digits", BASE, "DDIMScheduler", n, "unguided", grid=grids[("leading", n)])
+        for n in leading
+        if grids[("leading", n)]
+    ]
+    rows += [
+        Row("digits", BASE, "DDIMScheduler", n, "distilled", "leading", n, grid=grids[("leading", n)]) for n in leading
+    ]
     if 8 in leading and first != 8:  # what halving buys: the first guide at 8 steps, not halved
         rows.append(Row("digits", BASE, "DDIMScheduler", 8, "distilled", "leading", first))
     # Other guides of the first stage (other sizes), at the step count they were trained for.
@@ -141,14 +167,14 @@ def main() -> None:
     ]
     for n in trailing:
         rows += [
-            Row("digits", BASE, "DDIMScheduler", n, "unguided", spacing="trailing"),
-            Row("digits", BASE, "DDIMScheduler", n, "distilled", "trailing", n, "trailing"),
+            Row("digits", BASE, "DDIMScheduler", n, "unguided", spacing="trailing", grid=grids[("trailing", n)]),
+            Row("digits", BASE, "DDIMScheduler", n, "distilled", "trailing", n, "trailing", grids[("trailing", n)]),
         ]
     rows.append(Row("thick", THICK, "DDIMScheduler", first, TEACHER))  # the teacher itself on the fine-tuned base
     for n in leading:
         rows += [
-            Row("thick", THICK, "DDIMScheduler", n, "unguided"),
-            Row("thick", THICK, "DDIMScheduler", n, "distilled", "leading", n),
+            Row("thick", THICK, "DDIMScheduler", n, "unguided", grid=grids[("leading", n)]),
+            Row("thick", THICK, "DDIMScheduler", n, "distilled", "leading", n, grid=grids[("leading", n)]),
         ]
 
     metrics = {"digits": reference_metrics(), "thick": reference_metrics(ThickDigitsDataModule())}
@@ -162,6 +188,7 @@ def main() -> None:
     for row in rows:
         guidance = guidance_of(row)
         scheduler = load_scheduler(row.base, row.scheduler, overrides={"timestep_spacing": row.spacing})
+        scheduler = sampler_on_grid(scheduler, row.grid)
         pipeline = GuidedDiffusionPipeline(unets[row.base], scheduler, guidance)
         pipeline.set_progress_bar_config(disable=True)
         for scale in [0.0] if guidance is None else args.scales:
@@ -182,6 +209,8 @@ def main() -> None:
         sampler_name = f"{row.scheduler.removesuffix('Scheduler')}-{row.steps}" + (
             f" ({row.spacing})" if row.spacing != "leading" else ""
         )
+        if row.grid:
+            sampler_name += f" (halving grid {', '.join(map(str, row.grid))})"
         guided = guidance_of(row) is not None
         chosen, marker = "0", ""
         if guided:

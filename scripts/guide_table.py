@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from plugguide.cli import main as lightning
 from plugguide.datamodules import DigitsDataModule, ThickDigitsDataModule
 from plugguide.metrics.reporting import estimate, markdown_table
-from plugguide.models import load_guide, load_scheduler, load_unet, predict_guided_noise
+from plugguide.models import load_guide, load_scheduler, load_unet, predict_guided_noise, sampler_on_grid
 from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline
 
 BASES = {
@@ -181,7 +181,7 @@ def main() -> None:
     labels, seeds = targets(args.samples_per_class)
     results_path = os.path.join(args.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
-    rows = []
+    rows, grids = [], {}
     for base in args.bases:
         path, datamodule_class = BASES[base]
         unet = load_unet(path).eval().requires_grad_(False)
@@ -193,15 +193,22 @@ def main() -> None:
         cfg_pipeline = GuidedDiffusionPipeline(unet, DDIMScheduler.from_config(scheduler_config))
         cfg_flops = step_flops(lambda: cfg_pipeline.predict_output(*probe, cfg_weight=4.0))
         for steps in args.steps:
+            chain_guides = {
+                method: load_guide(
+                    os.path.join(guides, method.removesuffix("Guide").lower(), f"steps-{steps}"), unet, "guides"
+                ).eval()
+                for method in args.methods
+                if method != "CFG"
+            }
+            # A halved guide samples on the timesteps it was halved on; CFG samples on the same ones.
+            grid = next((guide.timesteps for guide in chain_guides.values() if guide.timesteps), None)
+            grids[steps] = grid
             for method in args.methods:
                 if method == "CFG":
-                    pipeline, flops, params = cfg_pipeline, cfg_flops, 0.0
+                    sampler = sampler_on_grid(DDIMScheduler.from_config(scheduler_config), grid)
+                    pipeline, flops, params = GuidedDiffusionPipeline(unet, sampler), cfg_flops, 0.0
                 else:
-                    guide = load_guide(
-                        os.path.join(guides, method.removesuffix("Guide").lower(), f"steps-{steps}"),
-                        unet,
-                        "guides",
-                    ).eval()
+                    guide = chain_guides[method]
                     pipeline = GuideDistilledPipeline(unet, guide, DDIMScheduler.from_config(scheduler_config))
                     flops = step_flops(lambda: predict_guided_noise(unet, guide, probe[0], probe[1], 4.0, probe[2]))
                     params = 100.0 * sum(p.numel() for p in guide.parameters()) / unet_params
@@ -245,7 +252,12 @@ def main() -> None:
     text = "\n".join(
         [
             describe(len(labels), f"DDIM (eta = 0, {args.spacing} timesteps)")
-            + " The reference set of each base is its own test digits (thick strokes for the fine-tuned base).",
+            + " The reference set of each base is its own test digits (thick strokes for the fine-tuned base)."
+            + "".join(
+                f" At {steps} steps every method samples the halved guides' timesteps {', '.join(map(str, grid))}."
+                for steps, grid in grids.items()
+                if grid
+            ),
             "",
             markdown_table(
                 [
