@@ -126,13 +126,14 @@ def load_scheduler(
     return getattr(diffusers, name).from_config(config, **(overrides or {}))
 
 
-def load_vae(path: str, setting: str = "vae") -> nn.Module:
-    """The `AutoencoderKL` of a latent model: a pipeline directory / hub id with a `vae/` sub-folder, or a bare VAE."""
-    from diffusers import AutoencoderKL
+def load_vae(path: str, setting: str = "vae", tiny: bool = False) -> nn.Module:
+    """The `AutoencoderKL` of a latent model: a pipeline directory / hub id with a `vae/` sub-folder, or a bare VAE;
+    with `tiny`, an `AutoencoderTiny` (TAESD) instead."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
 
     check_model_path(path, setting)
     subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
     try:
-        return AutoencoderKL.from_pretrained(path, subfolder=subfolder)
+        return (AutoencoderTiny if tiny else AutoencoderKL).from_pretrained(path, subfolder=subfolder)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise OSError(f"`{setting}`={path!r} could not be loaded: {unloadable(path, 'VAE')} ({error}).") from error

@@ -64,6 +64,12 @@ class GuidedSampling(L.LightningModule):
             gradients stay in full precision); null: full precision.
         compile_unet (`bool`, defaults to `False`): compile the denoiser's forward with `torch.compile` (each new batch
             shape compiles once).
+        guidance_batch_size (`int`, *optional*): samples per decode + guide + backward pass of the guidance gradient
+            (the same gradient, in chunks); null: the whole batch.
+        guidance_vae (`str`, *optional*): an `AutoencoderTiny` (TAESD, e.g. madebyollin/taesd for SD 1.x) that decodes
+            for the guidance gradient only; `vae` still decodes the samples.
+        decoder_gradient_checkpointing (`bool`, defaults to `False`): recompute the decoder's activations in the
+            guidance's backward pass instead of keeping them.
     """
 
     def __init__(
@@ -82,6 +88,9 @@ class GuidedSampling(L.LightningModule):
         prompt: str | None = None,
         autocast_dtype: str | None = None,
         compile_unet: bool = False,
+        guidance_batch_size: int | None = None,
+        guidance_vae: str | None = None,
+        decoder_gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_inference_steps < 1:
@@ -109,6 +118,9 @@ class GuidedSampling(L.LightningModule):
                 vae=load_vae(vae) if vae else None,
                 cfg_guidance=cfg_guidance,
                 autocast_dtype=autocast_dtype,
+                guidance_batch_size=guidance_batch_size,
+                guidance_vae=load_vae(guidance_vae, "model.guidance_vae", tiny=True) if guidance_vae else None,
+                decoder_gradient_checkpointing=decoder_gradient_checkpointing,
                 **conditioning,
             )
         elif guidance is not None:

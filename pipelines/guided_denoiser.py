@@ -28,6 +28,7 @@ from plugguide.pipelines.finite import check_scale
 from plugguide.pipelines.guidance.base import Guidance
 from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
 from plugguide.pipelines.score_shift import (
+    check_decoder_options,
     clean_estimate,
     decode_latents,
     level_gradient,
@@ -48,7 +49,14 @@ CONDITIONAL_FIRST = (DiTPipeline,)
 
 @contextlib.contextmanager
 def guided(
-    pipe: DiffusionPipeline, guidance: Guidance, classifier_scale: float, targets: Sequence | torch.Tensor
+    pipe: DiffusionPipeline,
+    guidance: Guidance,
+    classifier_scale: float,
+    targets: Sequence | torch.Tensor,
+    *,
+    guidance_batch_size: int | None = None,
+    guidance_vae=None,
+    decoder_gradient_checkpointing: bool = False,
 ) -> Iterator[DiffusionPipeline]:
     """Guides every denoiser call of `pipe` in the `with` block; the denoiser is restored on exit, also on error.
 
@@ -95,11 +103,25 @@ def guided(
             are.
         targets (`Sequence | torch.Tensor`): one target per image of the pipeline's batch, in the pipeline's order
             (prompt by prompt, `num_images_per_prompt` images each): a class, or a dense guide's target map.
+        guidance_batch_size (`int`, *optional*): samples per decode + guide + backward pass of the guidance gradient;
+            the batch goes through in chunks of this size, with the same gradient (it is per sample). None: all at once.
+        guidance_vae (*optional*): a lighter decoder of the same latent space for the gradient only, e.g. diffusers'
+            `AutoencoderTiny` (madebyollin/taesd for SD 1.x, taesdxl for SDXL); `pipe.vae` still decodes the images.
+        decoder_gradient_checkpointing (`bool`, defaults to False): recompute the decoder's block activations in the
+            guidance's backward pass instead of keeping them, switched on for the guidance pass only.
 
     Yields:
         `pipe`, guided.
     """
-    wrapper = guided_denoiser(pipe, guidance, classifier_scale, targets)
+    wrapper = guided_denoiser(
+        pipe,
+        guidance,
+        classifier_scale,
+        targets,
+        guidance_batch_size=guidance_batch_size,
+        guidance_vae=guidance_vae,
+        decoder_gradient_checkpointing=decoder_gradient_checkpointing,
+    )
     scheduler = pipe.scheduler
     if wrapper.clip_first:
         pipe.scheduler = wrapper.family.scheduler
@@ -112,7 +134,14 @@ def guided(
 
 
 def guided_denoiser(
-    pipe, guidance: Guidance, classifier_scale: float, targets: Sequence | torch.Tensor
+    pipe,
+    guidance: Guidance,
+    classifier_scale: float,
+    targets: Sequence | torch.Tensor,
+    *,
+    guidance_batch_size: int | None = None,
+    guidance_vae=None,
+    decoder_gradient_checkpointing: bool = False,
 ) -> "GuidedDenoiser":
     """The guided forward of `pipe`'s denoiser (arguments as for `guided`), checked and built, not yet installed.
 
@@ -148,6 +177,12 @@ def guided_denoiser(
             f"`pipe` {type(pipe).__name__} decodes its latents with `{decoders[0]}`; guided decodes latents with "
             f"`pipe.vae` only."
         )
+    check_decoder_options(
+        getattr(pipe, "vae", None),
+        guidance_batch_size=guidance_batch_size,
+        guidance_vae=guidance_vae,
+        decoder_gradient_checkpointing=decoder_gradient_checkpointing,
+    )
     targets = torch.as_tensor(targets)
     clip_first = classifier_scale > 0 and not family.ancestral and family.clips_clean_image
     if clip_first:
@@ -162,6 +197,7 @@ def guided_denoiser(
                 "applies; inside a stock pipeline every step shifts the score. Leave it off here."
             )
         guidance = guidance_on(guidance, device, floating_dtype(denoiser) if guidance.predicts_shift else None)
+        guidance_vae = None if guidance_vae is None else guidance_on(guidance_vae, device)
     return GuidedDenoiser(
         pipe,
         denoiser,
@@ -171,6 +207,9 @@ def guided_denoiser(
         classifier_scale=classifier_scale,
         targets=targets.to(device),
         clip_first=clip_first,
+        guidance_batch_size=guidance_batch_size,
+        guidance_vae=guidance_vae,
+        decoder_gradient_checkpointing=decoder_gradient_checkpointing,
     )
 
 
@@ -226,6 +265,9 @@ class GuidedDenoiser:
         classifier_scale (`float`): s.
         targets (`torch.Tensor`): one per sample, on the pipeline's execution device.
         clip_first (`bool`): the scheduler clips x0_hat and steps as its unclipped copy: clip before the shift.
+        guidance_batch_size (`int`, *optional*): samples per guidance pass (`guided`).
+        guidance_vae (*optional*): the decoder of the guidance gradient in place of `pipe.vae` (`guided`).
+        decoder_gradient_checkpointing (`bool`, defaults to False): checkpoint that decoder in the guidance pass.
     """
 
     def __init__(
@@ -239,9 +281,14 @@ class GuidedDenoiser:
         classifier_scale: float,
         targets: torch.Tensor,
         clip_first: bool,
+        guidance_batch_size: int | None = None,
+        guidance_vae=None,
+        decoder_gradient_checkpointing: bool = False,
     ) -> None:
         self.pipe = pipe
-        self.vae = getattr(pipe, "vae", None)
+        self.vae = getattr(pipe, "vae", None) if guidance_vae is None else guidance_vae  # the gradient's decoder
+        self.guidance_batch_size = guidance_batch_size
+        self.decoder_gradient_checkpointing = decoder_gradient_checkpointing
         self.denoiser = denoiser
         self.forward = denoiser.forward
         self.replaces_own_forward = "forward" in vars(denoiser)  # an offload hook's or torch.compile's forward
@@ -395,6 +442,8 @@ class GuidedDenoiser:
                 x0_hat,
                 self.targets,
                 decode=None if self.vae is None else self.decoder(arguments),
+                batch_size=self.guidance_batch_size,
+                gradient_checkpointing=self.decoder_gradient_checkpointing,
             )
         return noise_shift(grad, level, self.guidance.step_scale(self.classifier_scale, level))
 
@@ -403,8 +452,8 @@ class GuidedDenoiser:
         return tensor if self.guidance_dtype is None else tensor.to(self.guidance_dtype)
 
     def decoder(self, arguments: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-        """latents -> pixels in the guidance's dtype, through `pipe.vae`; packed latents (Flux: (B, tokens, features))
-        are unpacked first with the pipeline's own helper, at the size its `img_ids` give."""
+        """latents -> pixels in the guidance's dtype, through the gradient's decoder; packed latents (Flux: (B, tokens,
+        features)) are unpacked first with the pipeline's own helper, at the size its `img_ids` give."""
         if arguments[self.input_name].dim() != 3:
             return lambda latents: self.guidance_input(decode_latents(self.vae, latents))
         if not hasattr(self.pipe, "_unpack_latents") or "img_ids" not in arguments:

@@ -20,6 +20,7 @@ from plugguide.pipelines.finite import check_cfg_scale, check_finite_samples, ch
 from plugguide.pipelines.guidance.base import Guidance
 from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
 from plugguide.pipelines.score_shift import (
+    check_decoder_options,
     clean_estimate,
     decode_latents,
     guidance_gradient,
@@ -166,7 +167,9 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
     Latent diffusion (Stable Diffusion, DiT-style): with a `vae` (diffusers `AutoencoderKL`) the UNet works on
     latents; the pixel-space classifier sees `vae.decode(x0_hat / scaling_factor)` (or the decoded x_t),
     clipped to [-1, 1], and its gradient flows back through the decoder to the latent (Ma et al., 2023,
-    section 5.3: the decoder is part of the classifier). Outputs are decoded images.
+    section 5.3: the decoder is part of the classifier). Outputs are decoded images. That backward pass holds the
+    decoder's activations for the whole batch; `guidance_batch_size`, `decoder_gradient_checkpointing` and a lighter
+    `guidance_vae` bound them (docs/stock_pipelines.md, "Memory").
 
     Args:
         unet: `UNet2DModel` (unconditional), class- or text-conditional `UNet2DConditionModel`, or a class-conditional
@@ -184,6 +187,14 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         text_encoder: the text encoder of a text-conditional model (CLIP, T5), to encode a call's `prompt`; None: the
             pipeline takes embeddings only.
         tokenizer: the text encoder's tokenizer.
+        guidance_batch_size (`int`, *optional*): samples per decode + guide + backward pass of the guidance gradient;
+            the batch goes through in chunks of this size, with the same gradient (it is per sample). None: the whole
+            batch at once.
+        guidance_vae (*optional*): a lighter decoder of the same latent space for the gradient only, e.g. diffusers'
+            `AutoencoderTiny` (madebyollin/taesd for SD 1.x, taesdxl for SDXL); `vae` still decodes the outputs.
+        decoder_gradient_checkpointing (`bool`, defaults to False): recompute the decoder's block activations in the
+            guidance's backward pass instead of keeping them (diffusers' `enable_gradient_checkpointing`, switched on
+            for the guidance pass only).
     """
 
     # The tensors a `callback_on_step_end` may read and replace, as diffusers pipelines name them.
@@ -202,8 +213,17 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         autocast_dtype: str | None = None,
         text_encoder=None,
         tokenizer=None,
+        guidance_batch_size: int | None = None,
+        guidance_vae=None,
+        decoder_gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        check_decoder_options(
+            vae,
+            guidance_batch_size=guidance_batch_size,
+            guidance_vae=guidance_vae,
+            decoder_gradient_checkpointing=decoder_gradient_checkpointing,
+        )
         self.autocast_dtype = parse_autocast_dtype(autocast_dtype)
         ModelFamily(scheduler)  # refuses, by name, a sampler or prediction type it cannot convert
         if not isinstance(unet, DENOISER_CLASSES):
@@ -227,7 +247,9 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
                 "predicts its shift, which it learned at its own scale: use cfg_guidance='shift'."
             )
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, guidance_vae=guidance_vae)
+        self.guidance_batch_size = guidance_batch_size
+        self.decoder_gradient_checkpointing = decoder_gradient_checkpointing
         self.guidance = guidance
         self.cfg_guidance = cfg_guidance
         if (prompt_embeds is not None or negative_prompt_embeds is not None) and not self.is_text_conditional:
@@ -337,7 +359,17 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         self, x: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
         """The guidance gradient w.r.t. x_t's space; through the VAE decoder for latent UNets (a vector-Jacobian product)."""
-        return guidance_gradient(self.guidance, self.vae, x, t, x0_hat, targets)
+        return guidance_gradient(self.guidance, self.guidance_decoder, x, t, x0_hat, targets, **self.gradient_options)
+
+    @property
+    def guidance_decoder(self):
+        """The decoder the guidance gradient goes through: `guidance_vae` where given, else `vae` (None: pixels)."""
+        return self.vae if self.guidance_vae is None else self.guidance_vae
+
+    @property
+    def gradient_options(self) -> dict:
+        """`guidance_gradient`'s memory settings, as this pipeline holds them."""
+        return dict(batch_size=self.guidance_batch_size, gradient_checkpointing=self.decoder_gradient_checkpointing)
 
     def denoising_step(self, run: SamplingRun, x: torch.Tensor, index: int, t: torch.Tensor) -> torch.Tensor:
         """One denoiser evaluation `index` of `run` at the scheduler's timestep `t`, and the scheduler step after it, guided.
@@ -389,7 +421,9 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             mean_variance = float(torch.as_tensor(variance).mean())
             run.max_variance = max(run.max_variance, mean_variance)
             level = replace(level, variance=mean_variance, max_variance=run.max_variance)
-        grad = level_gradient(self.guidance, self.vae, x, level, x0_hat, run.targets)
+        grad = level_gradient(
+            self.guidance, self.guidance_decoder, x, level, x0_hat, run.targets, **self.gradient_options
+        )
         if self.guidance.normalize_gradient:
             if not family.ancestral:
                 raise ValueError(
