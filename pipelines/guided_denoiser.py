@@ -196,7 +196,7 @@ def guided_denoiser(
                 "`normalize_gradient` rescales the ancestral DDPM step's mean shift, which `GuidedDiffusionPipeline` "
                 "applies; inside a stock pipeline every step shifts the score. Leave it off here."
             )
-        guidance = guidance_on(guidance, device, floating_dtype(denoiser) if guidance.predicts_shift else None)
+        guidance = guidance_on(guidance, device, compute_dtype(denoiser) if guidance.predicts_shift else None)
         guidance_vae = None if guidance_vae is None else guidance_on(guidance_vae, device)
     return GuidedDenoiser(
         pipe,
@@ -217,6 +217,12 @@ def floating_dtype(module: torch.nn.Module) -> torch.dtype | None:
     """The dtype of `module`'s first floating-point parameter or buffer; None for a module without one."""
     tensors = [*module.parameters(), *module.buffers()]
     return next((tensor.dtype for tensor in tensors if tensor.is_floating_point()), None)
+
+
+def compute_dtype(denoiser: torch.nn.Module) -> torch.dtype | None:
+    """The dtype `denoiser` computes in: a diffusers model's `dtype` (under layerwise casting the compute dtype, while
+    the weights are stored in float8), else its first floating-point tensor's."""
+    return getattr(denoiser, "dtype", None) or floating_dtype(denoiser)
 
 
 def guidance_on(guidance: Guidance, device: torch.device, dtype: torch.dtype | None = None) -> Guidance:

@@ -685,6 +685,18 @@ def test_half_precision_pipeline_leaves_the_guides_handed_in_as_they_were(tiny_c
         assert np.isfinite(samples).all() and abs(samples - unguided).max() > 1e-2
 
 
+def test_a_distilled_guide_runs_in_the_compute_dtype_of_a_layerwise_cast_denoiser():
+    """diffusers' layerwise casting stores the weights in float8 and computes in the model's `dtype` (float32 here):
+    the distilled guide runs in that compute dtype (float8 has no arithmetic on the CPU) and moves the samples."""
+    pipe, call = ddim_pipeline()
+    guidance = DistilledGuidance(random_shift_guide())
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    unguided = pipe(**call, generator=seeded(), output_type="np").images
+    with guided(pipe, guidance, classifier_scale=3.0, targets=[1, 4]):
+        samples = pipe(**call, generator=seeded(), output_type="np").images
+    assert np.isfinite(samples).all() and abs(samples - unguided).max() > 1e-2
+
+
 def overflowing_decoder(vae: AutoencoderKL) -> AutoencoderKL:
     """`vae` whose decoder's first activations exceed float16's range (65504) before its first group norm, as SDXL's
     own VAE does at 1024 px: float16 decodes to NaN, float32 normalises them away."""
