@@ -15,10 +15,23 @@ from typing import BinaryIO
 from huggingface_hub import PyTorchModelHubMixin
 from safetensors import SafetensorError
 
+# The card `save_pretrained` writes beside the weights. The hub mixin's default asks for code, paper and docs links
+# ("[More Information Needed]"); a saved model of this project says what the folder holds and where its recipe is.
+MODEL_CARD = """
+---
+{{ card_data }}
+---
 
-class HubModelMixin(PyTorchModelHubMixin):
+Saved by plugguide's `save_pretrained`: config.json names the architecture and its arguments, model.safetensors holds
+the weights; `from_pretrained` on this folder rebuilds the model. The run that wrote it keeps its full recipe in
+`config.yaml` of its run folder (`runs/<job>/version_N/`). Licence: Apache-2.0, as plugguide.
+"""
+
+
+class HubModelMixin(PyTorchModelHubMixin, model_card_template=MODEL_CARD, license="apache-2.0", tags=["plugguide"]):
     """`huggingface_hub.PyTorchModelHubMixin` (config.json + model.safetensors, loadable from a folder or the hub) that
-    loads without printing: the hub's own mixin prints "Loading weights from local directory" on every local load."""
+    loads without printing (the hub's own mixin prints "Loading weights from local directory" on every local load) and
+    writes a model card of its own (`MODEL_CARD`) instead of the mixin's placeholder links."""
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -11,7 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+ASSET_CARDS = sorted((ROOT / "assets").rglob("README.md"))
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md")), *ASSET_CARDS]
+ASSETS_PAGE = ROOT / "docs" / "results" / "assets.md"
 README_LIMIT_BYTES = 20_000
 # Folders that are not the product: build outputs, caches, runs, version control.
 SKIPPED_FOLDERS = {"runs", "build", "dist", "lightning_logs", "__pycache__", "node_modules"}
@@ -115,3 +117,54 @@ def test_product_names_no_outside_file_or_issue_number():
             if OUTSIDE_REFERENCES.search(line):
                 found.append(f"{file.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
     assert not found, "the product should speak of itself only:\n" + "\n".join(found)
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every table of a markdown text outside code blocks, as rows of stripped cells (header first, rule dropped)."""
+    tables, rows = [], []
+    for line in [*without_code_blocks(text).splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if not all(re.fullmatch(r":?-+:?", cell) for cell in cells):
+                rows.append(cells)
+        elif rows:
+            tables.append(rows)
+            rows = []
+    return tables
+
+
+def test_every_shipped_model_has_a_card_with_licence_and_recipe():
+    folders = sorted(path.parent for path in (ROOT / "assets").rglob("config.json") if path.parent.name != "unet")
+    folders = [folder for folder in folders if folder.name not in ("scheduler", "vae")]
+    missing = [str(folder.relative_to(ROOT)) for folder in folders if not (folder / "README.md").is_file()]
+    assert not missing, f"shipped models without a README.md card: {missing}"
+    for card in ASSET_CARDS:
+        text = card.read_text()
+        name = card.relative_to(ROOT)
+        assert "More Information Needed" not in text, f"{name}: a placeholder of the hub's default card"
+        assert re.search(r"^license: apache-2\.0$", text, re.MULTILINE), f"{name}: no licence in its metadata"
+        assert re.search(r"configs/pretrain/\w+\.yaml", text), f"{name}: names no configs/pretrain/ recipe"
+
+
+def test_asset_cards_quote_their_rows_of_the_assets_page_as_measured():
+    """A card's numbers are rows of docs/results/assets.md (written by scripts/measure_assets.py), cell for cell."""
+    measured = {
+        (tuple(table[0]), tuple(row)) for table in markdown_tables(ASSETS_PAGE.read_text()) for row in table[1:]
+    }
+    stale = [
+        f"{card.relative_to(ROOT)}: the row {' | '.join(row)} is not in docs/results/assets.md"
+        for card in ASSET_CARDS
+        for table in markdown_tables(card.read_text())
+        for row in table[1:]
+        if (tuple(table[0]), tuple(row)) not in measured
+    ]
+    assert not stale, "\n".join(stale)
+
+
+def test_a_saved_model_writes_a_card_without_placeholders(tmp_path):
+    from plugguide.models import TimmClassifier
+
+    model_kwargs = {"layers": [1, 1, 1, 1], "channels": [4, 4, 4, 4], "stem_width": 4}
+    TimmClassifier("resnet18", model_kwargs=model_kwargs).save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "More Information Needed" not in card and "license: apache-2.0" in card
