@@ -36,6 +36,7 @@ import inspect
 import math
 from dataclasses import dataclass
 
+import diffusers
 import torch
 from diffusers import DDPMScheduler, SchedulerMixin
 
@@ -76,19 +77,28 @@ class NoiseLevel(GuidanceStep):
 class ModelFamily:
     """How one diffusers sampler's state and its network's output convert to (eps, x0_hat, x_t, t) and back.
 
-    Built per sampling run (`set_timesteps` starts it). Refuses, by name, a scheduler class or a `prediction_type`
-    it does not handle, and scheduler settings that would make the conversion wrong.
+    Built per sampling run (`set_timesteps` starts it). Refuses, naming them, a scheduler that is no (subclass of a)
+    sampler it handles, a `prediction_type` it does not handle, and scheduler settings that would make the conversion
+    wrong.
 
     Args:
-        scheduler (`SchedulerMixin`): a diffusers scheduler of `SCHEDULER_FAMILIES`.
+        scheduler (`SchedulerMixin`): a diffusers scheduler of `SCHEDULER_FAMILIES`, or of a subclass of one.
         sets_timesteps (`bool`, defaults to True): True (default) where the family starts each run itself (`set_timesteps`, as
             `GuidedDiffusionPipeline` does); False where the caller's own pipeline sets the scheduler's timesteps (a stock
             pipeline under `guided`), which may pass dynamic shifting's `mu` (Flux), so `use_dynamic_shifting` is allowed.
     """
 
     def __init__(self, scheduler: SchedulerMixin, sets_timesteps: bool = True) -> None:
-        # The nearest stock sampler the scheduler's class is or derives from: subclasses step as their base does.
-        name = next((base.__name__ for base in type(scheduler).__mro__ if base.__name__ in SCHEDULER_FAMILIES), None)
+        # The nearest stock sampler the scheduler's class is or derives from (diffusers' class itself, not a namesake):
+        # subclasses step as their base does.
+        name = next(
+            (
+                base.__name__
+                for base in type(scheduler).__mro__
+                if base.__name__ in SCHEDULER_FAMILIES and getattr(diffusers, base.__name__, None) is base
+            ),
+            None,
+        )
         if name is None:
             raise ValueError(
                 f"`scheduler` {type(scheduler).__name__} is not handled by guided sampling; allowed: "

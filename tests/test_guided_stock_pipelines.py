@@ -932,14 +932,14 @@ def test_stock_ddim_pipeline_on_the_digits_draws_threes_as_guided_diffusion_pipe
     assert (predicted == 3).float().mean() >= 0.3  # unguided, about 1 in 10 is a three
 
 
-# -- scripts/guide_stock_pipeline.py: the SDXL / SD3 / Flux recipe's code paths ---------------------------------------
+# -- plugguide/guide_stock_pipeline.py: the SDXL / SD3 / Flux recipe's code paths ---------------------------------------
 
 
 def recipe_script():
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).parents[1] / "scripts" / "guide_stock_pipeline.py"
+    path = pathlib.Path(__file__).parents[1] / "plugguide" / "guide_stock_pipeline.py"
     spec = importlib.util.spec_from_file_location("guide_stock_pipeline", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -644,6 +644,14 @@ def test_a_subclass_of_a_stock_sampler_converts_as_the_sampler_it_extends(name):
         torch.testing.assert_close(derived.predicted_clean(output, x, level), stock.predicted_clean(output, x, level))
 
 
+def test_a_namesake_of_a_stock_sampler_is_refused():
+    """A class that only shares a stock sampler's name (here an LMS sampler called DDIMScheduler) is not converted as
+    that sampler: the family is read off diffusers' own classes."""
+    namesake = type("DDIMScheduler", (diffusers.LMSDiscreteScheduler,), {})
+    with pytest.raises(ValueError, match="`scheduler` DDIMScheduler is not handled by guided sampling"):
+        ModelFamily(namesake())
+
+
 # -- the sampling job runs every sampler, guided and unguided --------------------------------------------------------
 
 

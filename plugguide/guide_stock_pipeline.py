@@ -1,7 +1,7 @@
 """Guide a stock diffusers pipeline (SDXL, SD3, Flux, Stable Diffusion, ...) toward a class of an off-the-shelf
 classifier.
 
-    python scripts/guide_stock_pipeline.py --pipeline-id stabilityai/stable-diffusion-xl-base-1.0 \\
+    python -m plugguide.guide_stock_pipeline --pipeline-id stabilityai/stable-diffusion-xl-base-1.0 \\
         --classifier timm:resnet50.a1_in1k --class-id 207 --prompt "a photo of a dog" \\ [--method calibrated]
         [--classifier-scale 10] [--guidance-scale 5] [--steps 30] [--num-images 4] [--dtype float32]
 
