@@ -199,6 +199,8 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
 
     # The tensors a `callback_on_step_end` may read and replace, as diffusers pipelines name them.
     _callback_tensor_inputs = ["latents"]
+    # Components a pipeline may leave out: saved as null and loaded back as None.
+    _optional_components = ["vae", "guidance_vae", "text_encoder", "tokenizer"]
 
     def __init__(
         self,

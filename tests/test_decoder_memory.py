@@ -169,3 +169,13 @@ def test_sampling_job_passes_the_settings_to_its_pipeline(tiny_assets, tmp_path)
     pipeline = job.pipeline
     assert pipeline.guidance_batch_size == 2 and pipeline.decoder_gradient_checkpointing
     assert isinstance(pipeline.guidance_vae, AutoencoderTiny) and pipeline.guidance_decoder is pipeline.guidance_vae
+
+
+def test_pipeline_saves_and_loads_its_guidance_vae(tmp_path):
+    torch.manual_seed(0)
+    latent_pipeline(guidance_vae=AutoencoderTiny(**TINY_TAESD).eval()).save_pretrained(str(tmp_path / "latent"))
+    loaded = GuidedDiffusionPipeline.from_pretrained(str(tmp_path / "latent"))
+    assert isinstance(loaded.guidance_vae, AutoencoderTiny) and isinstance(loaded.vae, AutoencoderKL)
+    GuidedDiffusionPipeline(UNet2DModel(**TINY_UNET), tiny_scheduler()).save_pretrained(str(tmp_path / "pixels"))
+    loaded = GuidedDiffusionPipeline.from_pretrained(str(tmp_path / "pixels"))  # absent components load as None
+    assert loaded.vae is None and loaded.guidance_vae is None and loaded.text_encoder is None
