@@ -34,7 +34,6 @@ from plugguide.pipelines.score_shift import (
     level_gradient,
     noise_shift,
     predicted_shift,
-    upcast_decoder,
 )
 
 DENOISER_NAMES = ("unet", "transformer")
@@ -439,18 +438,17 @@ class GuidedDenoiser:
             )
         if self.vae is None:
             state, x0_hat = self.guidance_input(state), self.guidance_input(x0_hat)
-        with upcast_decoder(self.vae):
-            grad = level_gradient(
-                self.guidance,
-                self.vae,
-                state,
-                level,
-                x0_hat,
-                self.targets,
-                decode=None if self.vae is None else self.decoder(arguments),
-                batch_size=self.guidance_batch_size,
-                gradient_checkpointing=self.decoder_gradient_checkpointing,
-            )
+        grad = level_gradient(
+            self.guidance,
+            self.vae,
+            state,
+            level,
+            x0_hat,
+            self.targets,
+            decode=None if self.vae is None else self.decoder(arguments),
+            batch_size=self.guidance_batch_size,
+            gradient_checkpointing=self.decoder_gradient_checkpointing,
+        )
         return noise_shift(grad, level, self.guidance.step_scale(self.classifier_scale, level))
 
     def guidance_input(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -158,27 +158,28 @@ def guidance_gradient(
     """
     check_decoder_options(vae, guidance_batch_size=batch_size, decoder_gradient_checkpointing=gradient_checkpointing)
     if batch_size is not None and batch_size < x.shape[0]:
-        return torch.cat(
-            [
-                guidance_gradient(
-                    guidance,
-                    vae,
-                    x[start : start + batch_size],
-                    t,
-                    x0_hat[start : start + batch_size],
-                    targets[start : start + batch_size],
-                    decode=decode,
-                    gradient_checkpointing=gradient_checkpointing,
-                )
-                for start in range(0, x.shape[0], batch_size)
-            ]
-        )
+        with upcast_decoder(vae):  # once for all chunks
+            return torch.cat(
+                [
+                    guidance_gradient(
+                        guidance,
+                        vae,
+                        x[start : start + batch_size],
+                        t,
+                        x0_hat[start : start + batch_size],
+                        targets[start : start + batch_size],
+                        decode=decode,
+                        gradient_checkpointing=gradient_checkpointing,
+                    )
+                    for start in range(0, x.shape[0], batch_size)
+                ]
+            )
     timesteps = t.expand(x.shape[0])
     if vae is None:
         return guidance.gradient(x, timesteps, x0_hat, targets)
     decode = decode or (lambda latents: decode_latents(vae, latents))
     checkpointing = decoder_checkpointing(vae) if gradient_checkpointing else contextlib.nullcontext()
-    with torch.inference_mode(False), torch.enable_grad(), checkpointing:
+    with torch.inference_mode(False), torch.enable_grad(), checkpointing, upcast_decoder(vae):
         latent = (x if guidance.input == "x_t" else x0_hat).detach().clone().requires_grad_(True)
         pixels = decode(latent).clamp(-1, 1)
         pixel_grad = guidance.gradient(pixels, timesteps, pixels, targets)

@@ -179,3 +179,19 @@ def test_pipeline_saves_and_loads_its_guidance_vae(tmp_path):
     GuidedDiffusionPipeline(UNet2DModel(**TINY_UNET), tiny_scheduler()).save_pretrained(str(tmp_path / "pixels"))
     loaded = GuidedDiffusionPipeline.from_pretrained(str(tmp_path / "pixels"))  # absent components load as None
     assert loaded.vae is None and loaded.guidance_vae is None and loaded.text_encoder is None
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_a_float16_force_upcast_vae_decodes_the_gradient_in_float32_in_every_pipeline(latent_parts, batch_size):
+    """`guidance_gradient` (GuidedDiffusionPipeline and `guided` alike) runs SDXL-style VAEs in float32, chunked or not,
+    and hands them back in float16."""
+    vae, guidance, latents, targets = latent_parts
+    vae.register_to_config(force_upcast=True)
+    vae.to(torch.float16)
+    seen = []
+    vae.decoder.conv_in.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+    grad = guidance_gradient(
+        guidance, vae, latents.half(), torch.tensor(500), latents.half(), targets, batch_size=batch_size
+    )
+    assert seen and set(seen) == {torch.float32} and vae.dtype == torch.float16
+    assert grad.dtype == torch.float16 and bool(torch.isfinite(grad).all())
