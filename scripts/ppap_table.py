@@ -44,6 +44,10 @@ from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance
 ASSETS = "assets/digits"
 DIFFUSION_MODEL = f"{ASSETS}/ddpm-uncond"
 TEACHERS = {"resnet": f"{ASSETS}/classifier-resnet", "deit": f"{ASSETS}/classifier-deit"}
+# Every row's experts train this many steps each (`--steps-per-expert`); the main job's config trains 700.
+STEPS_PER_EXPERT = 1000
+# Full fine-tuning (the paper's noise-aware and multi-experts rows) takes the paper's learning rate, not LoRA's 1e-3.
+FULL_FINETUNE_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-4, "weight_decay": 0.05}}
 PPAP = dict(finetune="lora", supervision="teacher", num_images=4000, per_expert_head=True, expert_schedule="chain")
 ROWS = {
     "table": {
@@ -84,7 +88,7 @@ def train_row(directory: str, teacher: str, spec: dict, steps_per_expert: int) -
         k: spec[k] for k in ("per_expert_head", "expert_schedule", "conv_lora", "per_expert_biases") if k in spec
     }
     if spec["finetune"] == "full":
-        model["optimizer"] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-4, "weight_decay": 0.05}}
+        model["optimizer"] = FULL_FINETUNE_OPTIMIZER
     if spec["supervision"] == "labels":
         data = {"class_path": "plugguide.datamodules.DigitsDataModule", "init_args": {"batch_size": 128}}
     else:
@@ -117,7 +121,7 @@ def main() -> None:
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--steps", type=int, default=50, help="DDPM (ancestral) sampler steps")
     parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 10.0, 30.0, 100.0])
-    parser.add_argument("--steps-per-expert", type=int, default=1000)
+    parser.add_argument("--steps-per-expert", type=int, default=STEPS_PER_EXPERT)
     parser.add_argument(
         "--experts",
         nargs="+",
