@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
+import shlex
 from pathlib import Path
 
 import PIL.Image
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -15,6 +18,10 @@ ASSET_CARDS = sorted((ROOT / "assets").rglob("README.md"))
 PAGES = [README, *sorted((ROOT / "docs").rglob("*.md")), *ASSET_CARDS]
 ASSETS_PAGE = ROOT / "docs" / "results" / "assets.md"
 README_LIMIT_BYTES = 20_000
+# A prose line of docs/ longer than this is a wall of text in any editor or diff; tables and code blocks may run on.
+PROSE_LINE_LIMIT = 200
+# The README's sample grid: a few KB, committed under docs/.
+README_IMAGE_LIMIT_BYTES = 16_000
 # Folders that are not the product: build outputs, caches, runs, version control.
 SKIPPED_FOLDERS = {"runs", "build", "dist", "lightning_logs", "__pycache__", "node_modules"}
 FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.MULTILINE | re.DOTALL)
@@ -168,3 +175,77 @@ def test_a_saved_model_writes_a_card_without_placeholders(tmp_path):
     TimmClassifier("resnet18", model_kwargs=model_kwargs).save_pretrained(tmp_path)
     card = (tmp_path / "README.md").read_text()
     assert "More Information Needed" not in card and "license: apache-2.0" in card
+
+
+def readme_table_one_rows() -> dict[str, dict[str, str]]:
+    """The README's rows of the paper's Table 1: each row's name and its `--setting value` flags."""
+    text = README.read_text()
+    section = text[text.index("The rows of the paper's Table 1") :]
+    rows = {}
+    for name, command in markdown_tables(section)[0][1:]:
+        tokens = shlex.split(command.strip("`"))
+        rows[name] = dict(zip(tokens[::2], tokens[1::2]))
+    return rows
+
+
+def test_readme_table_one_flags_are_the_settings_the_table_script_trains(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    script = importlib.import_module("ppap_table")
+    config = yaml.safe_load((ROOT / "configs" / "ppap.yaml").read_text())
+    trained = {name: spec for name, spec in script.ROWS["table"].items() if spec is not None}
+    rows = readme_table_one_rows()
+    assert sorted(rows) == sorted(trained), "the README's Table 1 rows are not the script's trained rows"
+    for name, flags in rows.items():
+        spec = trained[name]
+        model = {**config["model"]["init_args"]}
+        model |= {key.removeprefix("--model."): value for key, value in flags.items() if key.startswith("--model.")}
+        for key in ("num_experts", "finetune", "supervision", "per_expert_head", "expert_schedule"):
+            expected = spec.get(key, config["model"]["init_args"][key])
+            assert str(model[key]).lower() == str(expected).lower(), f"README row {name!r}: {key} is not the script's"
+        steps = int(flags.get("--trainer.max_steps", config["trainer"]["max_steps"]))
+        assert steps == spec["num_experts"] * script.STEPS_PER_EXPERT, f"README row {name!r}: steps per expert"
+        if spec["finetune"] == "full":
+            lr = float(flags.get("--model.optimizer.init_args.lr", "nan"))
+            assert lr == script.FULL_FINETUNE_OPTIMIZER["init_args"]["lr"], f"README row {name!r}: learning rate"
+        labels = spec["supervision"] == "labels"
+        assert (flags.get("--data") == "plugguide.datamodules.DigitsDataModule") == labels, (
+            f"README row {name!r}: data"
+        )
+        if not labels:
+            assert config["data"]["init_args"]["num_images"] == spec["num_images"], f"README row {name!r}: images"
+
+
+def long_prose_lines(page: Path, limit: int = PROSE_LINE_LIMIT) -> list[str]:
+    """`page:line (N characters): start` for every line over `limit` outside tables and fenced code blocks."""
+    found, fence = [], None
+    for number, line in enumerate(page.read_text().splitlines(), 1):
+        opening = re.match(r"^\s*(```|~~~)", line)
+        if opening:
+            fence = None if fence == opening.group(1) else fence or opening.group(1)
+        elif not fence and not line.lstrip().startswith("|") and len(line) > limit:
+            name = page.relative_to(ROOT) if page.is_relative_to(ROOT) else page.name
+            found.append(f"{name}:{number} ({len(line)} characters): {line[:60]}...")
+    return found
+
+
+def test_no_prose_line_in_docs_runs_over_200_characters():
+    found = [entry for page in sorted((ROOT / "docs").rglob("*.md")) for entry in long_prose_lines(page)]
+    assert not found, f"prose lines over {PROSE_LINE_LIMIT} characters (wrap them):\n" + "\n".join(found)
+
+
+def test_long_prose_lines_are_found_outside_tables_and_code_only(tmp_path):
+    page = tmp_path / "probe.md"
+    page.write_text("x" * 201 + "\n| " + "y" * 300 + " |\n```\n" + "z" * 300 + "\n```\n- " + "w " * 101)
+    assert [entry.split(" (")[0] for entry in long_prose_lines(page)] == ["probe.md:1", "probe.md:6"]
+
+
+def test_readme_shows_its_sample_grid_near_the_top():
+    images = re.findall(r"!\[[^\]]*\]\(([^)\s]+\.png)\)", without_code_blocks(README.read_text())[:1000])
+    assert images, "README.md: no PNG image linked near the top"
+    path = ROOT / images[0]
+    assert path.is_file() and path.is_relative_to(ROOT / "docs"), (
+        f"README.md links {images[0]}, not a file under docs/"
+    )
+    assert path.stat().st_size <= README_IMAGE_LIMIT_BYTES, f"{images[0]} is {path.stat().st_size:,} bytes"
+    with PIL.Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) >= 64

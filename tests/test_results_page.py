@@ -54,3 +54,21 @@ def test_refuses_a_page_without_the_markers_naming_page_and_marker(tmp_path, mar
     with pytest.raises(ValueError, match=f"page.md.*--marker.*{marker}"):
         write_between_markers(str(page), marker, "x")
     assert page.read_text() == PAGE
+
+
+def test_a_long_caption_is_wrapped_and_its_table_and_code_kept_whole(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(PAGE)
+    caption = (
+        "Protocol: " + "500 samples per row, the same seeds for every row; " * 8 + "- 1 = as varied as real digits."
+    )
+    row = "| " + " | ".join(["0.974 [0.956, 0.985]"] * 12) + " |"
+    code = "```bash\npython scripts/x.py " + "--option value " * 20 + "\n```"
+    write_between_markers(str(page), "sweep", f"{caption}\n\n{row}\n\n{code}")
+    block = page.read_text().split("<!-- sweep -->\n")[1].split("\n<!-- /sweep -->")[0]
+    prose, kept = block.split("\n\n", 1)
+    assert kept == f"{row}\n\n{code}"
+    assert " ".join(prose.split("\n")) == caption and all(
+        len(line) <= results_page.LINE_WIDTH for line in prose.split("\n")
+    )
+    assert not any(line.startswith(("- ", "|")) for line in prose.split("\n")[1:]), "a continuation became a list item"
