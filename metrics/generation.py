@@ -189,6 +189,31 @@ def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[fl
 DISTANCES = {"fid": ReferenceStatistics.frechet_distance, "kid": ReferenceStatistics.kernel_distance}
 
 
+def resampling_draws(count: int, num_resamples: int, seed: int = 0) -> list[torch.Tensor]:
+    """`num_resamples` bootstrap draws of `count` indices in [0, count), with replacement, from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, count, (count,), generator=generator) for _ in range(num_resamples)]
+
+
+def distance_intervals(
+    reference: ReferenceStatistics, generated: torch.Tensor, draws: list[torch.Tensor]
+) -> dict[str, tuple[float, float]]:
+    """{"fid": ..., "kid": ...}: each distance's `interval_around` its estimate, the generated features resampled by
+    `draws` and the reference held fixed."""
+    intervals = {}
+    for name, distance in DISTANCES.items():
+        resampled = [distance(reference, generated[draw]) for draw in draws]
+        floor = 0.0 if name == "fid" else -math.inf  # FID is a squared distance; KID's unbiased estimate can be < 0
+        intervals[name] = interval_around(distance(reference, generated), resampled, floor)
+    return intervals
+
+
+def median_interval(values: torch.Tensor, draws: list[torch.Tensor]) -> tuple[float, float]:
+    """The median's `interval_around` its estimate, `values` resampled by `draws`."""
+    resampled = median(torch.stack([values[draw] for draw in draws])).numpy()
+    return interval_around(float(median(values)), resampled, 0.0)
+
+
 class GenerationMetrics(nn.Module):
     """Everything the project reports about a set of generated images, judged by models that never guided them.
 
@@ -352,7 +377,9 @@ class GenerationMetrics(nn.Module):
         raises FID by about as much as its own finite-sample bias, so the raw percentile interval sits above the
         estimate (on held-out real digits it can even exclude it). The interval kept is the estimate minus and plus
         the distances from the bootstrap median to its 2.5% and 97.5% points: how far the number moves with
-        other seeds at the same sample count, the noise that matters when rows of equal size are compared.
+        other seeds at the same sample count, the noise that matters when rows of equal size are compared; the
+        reference's own sampling variation, shared by every row, is not in it (docs/metrics.md gives its measured
+        coverage, `scripts/interval_coverage.py`).
         """
         real, generated = self.records()
         targets = generated["targets"]
@@ -362,19 +389,15 @@ class GenerationMetrics(nn.Module):
             intervals["guided_accuracy"] = wilson_interval(correct, len(targets))
         if len(real.get("labels", ())) < 2 or len(targets) < 2:
             return intervals
-        generator = torch.Generator().manual_seed(seed)
-        draws = [torch.randint(0, len(targets), (len(targets),), generator=generator) for _ in range(num_resamples)]
+        draws = resampling_draws(len(targets), num_resamples, seed)
         for space in self.space_names:
-            reference = ReferenceStatistics(real[space])
-            for name, distance in DISTANCES.items():
-                resampled = [distance(reference, generated[space][draw]) for draw in draws]
-                # FID is a squared distance; KID's unbiased estimate can be < 0
-                floor = 0.0 if name == "fid" else -math.inf
-                intervals[f"{name}_{space}"] = interval_around(distance(reference, generated[space]), resampled, floor)
+            for name, interval in distance_intervals(
+                ReferenceStatistics(real[space]), generated[space], draws
+            ).items():
+                intervals[f"{name}_{space}"] = interval
         if "nearest_training" in real:
-            distances, held_out = generated["nearest_training"], float(median(real["nearest_training"]))
-            resampled = median(torch.stack([distances[draw] for draw in draws])).numpy()
-            low, high = interval_around(float(median(distances)), resampled, 0.0)
+            held_out = float(median(real["nearest_training"]))
+            low, high = median_interval(generated["nearest_training"], draws)
             intervals["nearest_training_distance"] = (low, high)
             intervals["nearest_training_ratio"] = (low / held_out, high / held_out)
         return intervals

@@ -24,6 +24,7 @@ import torch
 from diffusers import DiffusionPipeline, DiTPipeline, FluxTransformer2DModel
 from diffusers.utils.torch_utils import unwrap_module
 
+from plugguide.models.grid_ddim import sampler_on_grid
 from plugguide.pipelines.finite import check_scale
 from plugguide.pipelines.guidance.base import Guidance
 from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
@@ -122,8 +123,7 @@ def guided(
         decoder_gradient_checkpointing=decoder_gradient_checkpointing,
     )
     scheduler = pipe.scheduler
-    if wrapper.clip_first:
-        pipe.scheduler = wrapper.family.scheduler
+    pipe.scheduler = wrapper.family.scheduler  # the pipeline's own, or its unclipped or grid copy
     wrapper.install()
     try:
         yield pipe
@@ -144,15 +144,19 @@ def guided_denoiser(
 ) -> "GuidedDenoiser":
     """The guided forward of `pipe`'s denoiser (arguments as for `guided`), checked and built, not yet installed.
 
-    A scheduler that clips x0_hat gets a family stepping as its unclipped copy (`clip_first`); `guided` puts that copy
-    in the pipeline while the forward is installed.
+    A scheduler that clips x0_hat gets a family stepping as its unclipped copy (`clip_first`), and a halved distilled
+    guide one stepping on its grid (`GridDDIMScheduler`); `guided` puts that copy in the pipeline while the forward is
+    installed.
     """
     check_scale("classifier_scale", classifier_scale)
     name = next((name for name in DENOISER_NAMES if isinstance(getattr(pipe, name, None), torch.nn.Module)), None)
     if name is None:
         raise ValueError(f"`pipe` {type(pipe).__name__} has no denoiser `unet` or `transformer` to guide.")
     denoiser = getattr(pipe, name)
-    family = ModelFamily(pipe.scheduler, sets_timesteps=False)  # refuses a sampler it cannot convert
+    # A halved distilled guide steps on the DDIM grid it was halved on (the pipeline's scheduler while installed).
+    grid = guidance.timesteps if classifier_scale > 0 else None
+    scheduler = sampler_on_grid(pipe.scheduler, grid, "pipe.scheduler")
+    family = ModelFamily(scheduler, sets_timesteps=False)  # refuses a sampler it cannot convert
     if guidance.shifts != "score":
         raise ValueError(
             f"{type(guidance).__name__} moves the sample before the denoiser sees it (shifts={guidance.shifts!r}); a "

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from plugguide.models import GridDDIMScheduler, TinyGuide, load_guide, load_shift_guide
 from plugguide.models.grid_ddim import halved_grid
 from plugguide.modules import GuidanceHalving, ProgressiveHalving
-from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline
+from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, guided
 from plugguide.pipelines.guidance import DistilledGuidance
 from plugguide.pipelines.model_family import ModelFamily
 from tests.conftest import tiny_scheduler, tiny_unet
@@ -145,3 +145,17 @@ def test_every_cfg_guide_halving_stage_queries_its_teacher_on_the_previous_stage
         pipeline(class_labels=[1, 2], num_inference_steps=teacher_steps // 2, guidance_scale=4.0, output_type="pt")
         assert sorted(sampled, reverse=True) == halved.timesteps
         sampler_grid = halved.timesteps
+
+
+def test_a_halved_guide_steps_on_its_grid_inside_a_stock_pipeline():
+    """`guided` puts a grid copy of the pipeline's DDIM scheduler in place for the block, and its own back after."""
+    guide = random_shift_guide()
+    guide.timesteps = [868, 744, 620, 496, 372, 248, 124, 0]
+    pipe = DDIMPipeline(tiny_unet().eval(), DDIMScheduler.from_config(tiny_scheduler().config))
+    pipe.set_progress_bar_config(disable=True)
+    own = pipe.scheduler
+    asked = record_timesteps(guide)
+    with guided(pipe, DistilledGuidance(guide), classifier_scale=4.0, targets=[1, 7]):
+        assert isinstance(pipe.scheduler, GridDDIMScheduler)
+        pipe(batch_size=2, num_inference_steps=8, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert sorted(asked, reverse=True) == guide.timesteps and pipe.scheduler is own
