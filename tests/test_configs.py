@@ -80,3 +80,22 @@ def test_hub_config_validates(config, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *with_base(config), "--print_config"])
     assert exit_info.value.code == 0
+
+
+EVALUATION_JOBS = ("GuidedSampling", "CalibrationEvaluation")  # predict / test jobs: nothing to resume
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: os.path.relpath(path, "configs"))
+def test_every_training_config_keeps_a_last_checkpoint_to_resume_from(config):
+    """`--ckpt_path last` resumes any training job: its trainer keeps a `ModelCheckpoint` with `save_last`."""
+    with open(config) as file:
+        settings = yaml.safe_load(file)
+    model = settings.get("model", {}).get("class_path", "")
+    if not model or model.endswith(EVALUATION_JOBS):
+        pytest.skip("a stage file (its base config holds the trainer) or an evaluation job")
+    checkpoints = [
+        callback.get("init_args", {})
+        for callback in settings.get("trainer", {}).get("callbacks", [])
+        if callback["class_path"].endswith("ModelCheckpoint")
+    ]
+    assert any(init_args.get("save_last") for init_args in checkpoints), config
