@@ -66,7 +66,8 @@ def test_a_run_writes_everything_under_its_version_folder_and_two_runs_get_two(t
     overrides = small_fit(tiny_assets, root)
     run("fit", "ppap.yaml", overrides, tmp_path)
     run("fit", "ppap.yaml", overrides, tmp_path)
-    assert sorted(os.listdir(root)) == ["version_0", "version_1"]
+    assert sorted(os.listdir(root)) == ["latest", "version_0", "version_1"]
+    assert os.readlink(root / "latest") == "version_1"  # the run that exported last, for the next job of a chain
     for version in ("version_0", "version_1"):
         folder = root / version
         assert (folder / "checkpoints" / "last.ckpt").is_file() and step_of(folder / "checkpoints" / "last.ckpt") == 6
@@ -95,7 +96,7 @@ def test_resume_after_a_crash_continues_in_the_same_version_and_a_plain_rerun_st
 
     caplog.clear()
     run("fit", "ppap.yaml", small_fit(tiny_assets, root), tmp_path, "--ckpt_path", "last")
-    assert sorted(os.listdir(root)) == ["version_0"], "the resumed run wrote a new version"
+    assert sorted(os.listdir(root)) == ["latest", "version_0"], "the resumed run wrote a new version"
     assert step_of(last) == 6 and not list(last.parent.glob("last-v*.ckpt"))
     assert (root / "version_0" / "experts" / "experts.json").is_file()
     assert f"Run folder {root / 'version_0'}: fit from {last}." in caplog.text
@@ -103,7 +104,7 @@ def test_resume_after_a_crash_continues_in_the_same_version_and_a_plain_rerun_st
     caplog.clear()
     run("fit", "ppap.yaml", small_fit(tiny_assets, root), tmp_path)
     assert (
-        sorted(os.listdir(root)) == ["version_0", "version_1"]
+        sorted(os.listdir(root)) == ["latest", "version_0", "version_1"]
         and step_of(root / "version_1" / "checkpoints" / "last.ckpt") == 6
     )
     assert f"Run folder {root / 'version_1'}: a new fit run, from step 0" in caplog.text
