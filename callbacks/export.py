@@ -27,16 +27,18 @@ class ExportPretrained(L.Callback):
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.path: str | None = None
+        self.run_folder: str | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.path = in_run_folder(trainer, self.directory)  # on every process (rank 0's folder is broadcast)
+        self.run_folder = None if os.path.isabs(self.directory) else trainer.log_dir
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.export(self.path)
         rank_zero_info(f"Exported {type(pl_module).__name__} to {self.path}")
-        if not os.path.isabs(self.directory) and trainer.log_dir:
-            link_latest(trainer.log_dir)
+        if self.run_folder:  # read in `setup`: `trainer.log_dir` is a collective under DDP, not for rank 0 alone
+            link_latest(self.run_folder)
 
 
 def link_latest(run_folder: str) -> None:

@@ -291,7 +291,10 @@ def run_worker(out: str, assets: dict) -> None:
     # Test and predict: the pytest process runs the same on one process and compares.
     import glob
 
-    (checkpoint,) = glob.glob(os.path.join(out, "expert_distillation", "**", "last.ckpt"), recursive=True)
+    pattern = os.path.join(
+        out, "expert_distillation", "**", "version_*", "checkpoints", "last.ckpt"
+    )  # not via latest/
+    (checkpoint,) = glob.glob(pattern, recursive=True)
     torch.save(
         evaluate(out, assets, checkpoint, devices=2) | {"checkpoint": checkpoint},
         os.path.join(out, f"evaluation-rank{rank}.pt"),
