@@ -50,7 +50,7 @@ from plugguide.metrics import (
     write_curves_csv,
 )
 from plugguide.metrics.calibration import reverse_process_calibration_curve
-from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, markdown_table
+from plugguide.metrics.reporting import best_scale, markdown_table
 from plugguide.models import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_trajectory
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance, NaiveClassifierGuidance
@@ -237,7 +237,6 @@ def main() -> None:
         [
             describe(len(labels), f"DDPM-{args.steps}")
             + f" Scales swept: {', '.join(f'{s:g}' for s in args.scales)}.",
-            f"Scale: {BEST_SCALE_RULE}.",
             "",
             markdown_table(
                 ["row", *(files["column"] for files in DEFINITIONS.values()), "reported scale", *QUALITY_HEADERS],

@@ -28,7 +28,7 @@ import os
 
 import torch
 import yaml
-from protocol import measure, reference_metrics, slug
+from protocol import describe, measure, reference_metrics, slug
 from results_page import add_page_arguments, write_between_markers
 from torchvision.utils import save_image
 
@@ -36,7 +36,7 @@ from plugguide.cli import main as lightning
 from plugguide.datamodules import TargetMapDataModule
 from plugguide.metrics import DenseMapMetrics
 from plugguide.metrics.figures import render_maps, sweep_figure
-from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, estimate, markdown_table
+from plugguide.metrics.reporting import best_scale, estimate, markdown_table
 from plugguide.models import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
 from plugguide.pipelines.guidance import (
@@ -252,11 +252,9 @@ def main() -> None:
             )
 
     lines = [
-        f"Sampler: DDPM-{args.steps} (ancestral, mean shift); sample i seeded with i and guided toward target map i, the same for every row; "
-        "maps read off each sample's pixels and compared with its target, 95% bootstrap intervals; class agreement by the independent "
-        "evaluator (Wilson interval); FID against the 359 held-out test digits in the autoencoder's and the evaluator's "
-        "features.",
-        f"Scale: {BEST_SCALE_RULE}, with the map score (mIoU; depth correlation) in place of guided accuracy.",
+        describe(args.samples, f"DDPM-{args.steps} (ancestral, mean shift)")
+        + " Sample i is guided toward target map i; maps are read off each sample's pixels and compared with its target"
+        " (95% bootstrap intervals); the best-scale rule takes the map score (mIoU; depth correlation) for accuracy.",
         "",
         *sections,
     ]

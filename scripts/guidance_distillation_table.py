@@ -33,7 +33,7 @@ from protocol import QUALITY_HEADERS, describe, measure, quality_cells, referenc
 from results_page import add_page_arguments, write_between_markers
 
 from plugguide.datamodules import ThickDigitsDataModule
-from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, markdown_table
+from plugguide.metrics.reporting import best_scale, markdown_table
 from plugguide.models import load_scheduler, load_unet, sampler_on_grid
 from plugguide.models.seeding import seeded_generators
 from plugguide.pipelines import GuidedDiffusionPipeline
@@ -238,7 +238,7 @@ def main() -> None:
     text = "\n".join(
         [
             describe(len(labels), "Unguided, PPAP-5 and distilled guidance"),
-            f"Best scale: {BEST_SCALE_RULE}. Scales swept: {', '.join(f'{s:g}' for s in args.scales)}.",
+            f"Scales swept: {', '.join(f'{s:g}' for s in args.scales)}.",
             "",
             markdown_table(
                 ["base", "sampler", "method", "classifier_scale", *QUALITY_HEADERS, "trainable params"],

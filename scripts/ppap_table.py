@@ -36,7 +36,7 @@ from results_page import add_page_arguments, write_between_markers
 
 from plugguide.cli import main as lightning
 from plugguide.metrics.figures import sweep_figure
-from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, estimate, markdown_table
+from plugguide.metrics.reporting import best_scale, estimate, markdown_table
 from plugguide.models import MultiExpertModel, load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.guidance import ExpertGuidance, NaiveClassifierGuidance, PredictedCleanImageGuidance
@@ -224,7 +224,6 @@ def main() -> None:
     lines = [
         describe(len(labels), f"DDPM-{args.steps} (ancestral, mean shift)")
         + f" Training: {args.steps_per_expert:,} steps per expert.",
-        f"Scale: {BEST_SCALE_RULE}.",
         "",
         markdown_table(
             ["teacher", "method", "trainable params (% of backbone)", "supervision", "best scale", *QUALITY_HEADERS],

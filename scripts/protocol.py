@@ -1,17 +1,9 @@
 """The measurement protocol every results table follows, so rows of different tables mean the same thing.
 
-- Reference set: the 359 held-out test digits of `DigitsDataModule`'s fixed split, upsampled to 16x16 exactly as
-  every model's training data (`split_images("test")`; the thick-stroke base uses its own, same split). No shipped
-  model trained on them or picked a checkpoint by them, so a model that copies its training digits gains nothing.
-- Samples: `--samples-per-class` per class (default 50: 500 per row), sample i seeded with i, so every row of a
-  table starts from the same noise.
-- Scores (`plugguide.metrics.GenerationMetrics`): guided accuracy by the independent evaluator (Wilson 95%
-  interval); FID and KID in three feature spaces (autoencoder latents, 8x8-pooled pixels, evaluator features)
-  with bootstrap 95% intervals; precision/recall (autoencoder) and within-class diversity (pixels); the memorisation
-  check `nearest_training_ratio` against the 1,258 training digits (median distance to the nearest training digit,
-  samples over held-out digits: 1 = as far as new real digits, near 0 = copies).
-- Best scale of a guided row: `plugguide.metrics.reporting.BEST_SCALE_RULE`.
-- A grid of the first samples of each class is saved beside every row's numbers, to look at.
+docs/metrics.md states it once ("Table protocol"): the 359 held-out test digits as the reference, sample i of a row
+seeded with i, the scores of `plugguide.metrics.GenerationMetrics` with their intervals, and the best-scale rule
+(`plugguide.metrics.reporting.BEST_SCALE_RULE`). Each table's caption (`describe`) links there and names only what the
+table sets itself.
 """
 
 from __future__ import annotations
@@ -127,15 +119,16 @@ def quality_cells(results: dict) -> list[str]:
     ]
 
 
+# The protocol's section in docs/metrics.md, linked from docs/results/ where every table is written.
+PROTOCOL_LINK = "[table protocol](../metrics.md#table-protocol)"
+
+
 def describe(num_samples: int, sampler: str) -> str:
-    return (
-        f"{sampler}, {num_samples} samples per row ({num_samples // 10} per class, seeds 0..{num_samples - 1}, the same for every row); "
-        "accuracy by the independent evaluator (assets/digits/evaluator) with a 95% Wilson interval; FID/KID against "
-        "the 359 held-out test digits at 16x16 (no model trained on them or picked a checkpoint by them) with 95% "
-        "bootstrap intervals, in the latents of assets/digits/autoencoder, in 8x8-pooled pixels and in the "
-        "evaluator's features; precision/recall (k = 5) in the autoencoder space; diversity = within-class spread of "
-        "the samples over that of real digits of the class, in pixels (1 = as varied as real digits); "
-        "nearest-training distance = median L2 pixel distance from each sample to its nearest training digit (the "
-        "1,258 of the train split) over the same median for the held-out digits, with a 95% bootstrap interval (1 = "
-        "as far from the training digits as new real digits; near 0 = copies of them)."
-    )
+    """A table's one-line caption: a link to the protocol, stated once in docs/metrics.md, and what this table sets
+    itself: its sampler (with its steps) and its samples per row.
+
+    Args:
+        num_samples (int): samples per row (`samples_per_class` times the number of classes).
+        sampler (str): the sampler and its steps as the table names them, e.g. "DDPM-50 (ancestral, mean shift)".
+    """
+    return f"{PROTOCOL_LINK}: {sampler}, {num_samples} samples per row."

@@ -39,7 +39,7 @@ from protocol import (
 )
 from results_page import add_page_arguments, write_between_markers
 
-from plugguide.metrics.reporting import BEST_SCALE_RULE, best_scale, markdown_table
+from plugguide.metrics.reporting import best_scale, markdown_table
 from plugguide.models import load_scheduler, load_unet
 from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.guidance import CalibratedEDMGuidance, CalibratedGuidance, ExpertGuidance
@@ -111,7 +111,7 @@ def write_table(results: dict, args, num_samples: int) -> str:
     text = "\n".join(
         [
             describe(num_samples, "Samplers as named in each row (steps in the name)"),
-            f"Scale: {BEST_SCALE_RULE}; a guided row is judged against the unguided row of its own sampler.",
+            "A guided row's best scale is judged against the unguided row of its own sampler.",
             "",
             markdown_table(["sampler", "model", "method", "best scale", *QUALITY_HEADERS, "ms per image"], rows),
             "",
