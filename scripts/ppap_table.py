@@ -164,6 +164,7 @@ def main() -> None:
     unguided = sweep("unguided", None, [0.0])["0.0"]
     table = [["-", "unguided", "-", "-", "-", *quality_cells(unguided)]]
     sweeps = {}
+    trained_here = False  # rows of `--experts` were trained elsewhere, with their own steps
     for family in args.families:
         teacher = TEACHERS[family]
         for group in args.rows:
@@ -179,6 +180,7 @@ def main() -> None:
                     params, supervision = "0 (0%)", "none"
                 else:
                     directory = os.path.join(args.out, family, slug(name))
+                    trained_here = True
                     experts = MultiExpertModel.from_pretrained(
                         train_row(directory, teacher, spec, args.steps_per_expert)
                     )
@@ -223,7 +225,7 @@ def main() -> None:
 
     lines = [
         describe(len(labels), f"DDPM-{args.steps} (ancestral, mean shift)")
-        + f" Training: {args.steps_per_expert:,} steps per expert.",
+        + (f" Training: {args.steps_per_expert:,} steps per expert." if trained_here else ""),
         "",
         markdown_table(
             ["teacher", "method", "trainable params (% of backbone)", "supervision", "best scale", *QUALITY_HEADERS],
