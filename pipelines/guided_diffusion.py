@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import contextlib
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -18,7 +19,9 @@ from plugguide.models.grid_ddim import sampler_on_grid
 from plugguide.models.text_encoder import encode_prompts, is_text_conditional
 from plugguide.pipelines.finite import check_cfg_scale, check_finite_samples, check_scale
 from plugguide.pipelines.guidance.base import Guidance
+from plugguide.pipelines.guidance.training_free import TFG
 from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
+from plugguide.pipelines.recurrence import renoise, repeatable_step
 from plugguide.pipelines.score_shift import (
     check_decoder_options,
     clean_estimate,
@@ -27,6 +30,12 @@ from plugguide.pipelines.score_shift import (
     level_gradient,
     noise_shift,
     predicted_shift,
+)
+from plugguide.pipelines.training_free_update import (
+    apply_update,
+    check_training_free,
+    signal_ratios,
+    training_free_update,
 )
 
 # Denoisers whose call this pipeline knows (SD3/Flux transformers take pooled projections and are not handled).
@@ -59,6 +68,7 @@ class SamplingRun:
         generator (`torch.Generator | list[torch.Generator] | None`): the generator(s) of the stochastic steps.
         clip_first (`bool`, defaults to False): the sampler clips x0_hat and steps as its unclipped copy.
         max_variance (`float`, defaults to 0.0): the largest ancestral Sigma_t so far (EluCD's sine term reads it).
+        signal_ratios (`list[float]`, defaults to []): abar_i / abar_{i+1} of each step, for `TFG`'s schedules.
     """
 
     family: ModelFamily
@@ -69,6 +79,7 @@ class SamplingRun:
     generator: torch.Generator | list[torch.Generator] | None
     clip_first: bool = False
     max_variance: float = 0.0
+    signal_ratios: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -383,6 +394,8 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         level = family.noise_level(index, t) if run.classifier_scale > 0 else None
         # At alpha = 0 (pure noise: flow's first step) p(y | x_t) = p(y), so the exact guidance term is zero.
         guided = level is not None and level.alpha > 0
+        if guided and isinstance(self.guidance, TFG):  # a step that may evaluate the denoiser several times
+            return self.training_free_step(run, x, index, t, level)
         if guided and self.guidance.shifts == "sample" and level.first_evaluation:
             x = self.displace_sample(run, x, level)
         model_input = family.model_input(x, t)
@@ -407,6 +420,59 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             output = torch.cat([output, predicted_variance], dim=1)
         x = family.step(output, t, x, run.generator)
         return x if mean_shift is None else x + mean_shift
+
+    def training_free_step(
+        self, run: SamplingRun, x: torch.Tensor, index: int, t: torch.Tensor, level: NoiseLevel
+    ) -> torch.Tensor:
+        """A guided step of `TFG`, run `recurrence` N times: between runs the result is re-noised to the step's level
+        (`renoise`, the run's generator) and the scheduler put back as it was (`repeatable_step`)."""
+        recurrence = self.guidance.recurrence
+        for repeat in range(recurrence):
+            last = repeat == recurrence - 1
+            with contextlib.nullcontext() if last else repeatable_step(run.family.scheduler):
+                x_prev = self.training_free_evaluation(run, x, t, level)
+            if not last:
+                x = renoise(run.family, x_prev, level, index, run.generator)
+        return x_prev
+
+    def training_free_evaluation(
+        self, run: SamplingRun, x: torch.Tensor, t: torch.Tensor, level: NoiseLevel
+    ) -> torch.Tensor:
+        """One evaluation of `TFG` and the scheduler step after it (`pipelines/training_free_update.py`).
+
+        Where the method differentiates through the denoiser, the denoiser runs once with autograd on, from the VP
+        sample x_t = x / scale, so x0_hat(x_t) carries its graph through the sampler's input scaling, the network, CFG,
+        the clipping of `clip_first` and the family's conversion; every sampler then steps on the shifted output as
+        it would on the network's (the ancestral DDPM step included: the score shift, not the mean shift).
+        """
+        family, through = run.family, self.guidance.through_denoiser
+        with torch.inference_mode(False), torch.set_grad_enabled(through):
+            x_t = (x / level.scale).detach().clone().requires_grad_(through)
+            state = x_t * level.scale
+            output, predicted_variance = self.predict_output(
+                family.model_input(state, t), t, run.labels, run.cfg_weight
+            )
+            x0_hat, output = clean_estimate(family, output, state, level, run.clip_first)
+        update = training_free_update(
+            self.guidance,
+            x_t,
+            x0_hat,
+            level,
+            run.targets,
+            run.classifier_scale,
+            run.signal_ratios,
+            run.generator,
+            vae=self.guidance_decoder,
+            gradient_checkpointing=self.decoder_gradient_checkpointing,
+        )
+        x, output = apply_update(family, output.detach(), x, level, update)
+        if (
+            predicted_variance is not None
+            and family.ancestral
+            and family.scheduler.config.variance_type in LEARNED_VARIANCE_TYPES
+        ):
+            output = torch.cat([output, predicted_variance.detach()], dim=1)
+        return family.step(output, t, x, run.generator)
 
     def guide_output(
         self, run: SamplingRun, evaluation: DenoiserEvaluation, t: torch.Tensor
@@ -594,10 +660,24 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         # A halved distilled guide samples on the DDIM grid it was halved on.
         family = ModelFamily(sampler_on_grid(self.scheduler, self.guidance.timesteps if guided else None))
         # Guided samplers that clip x0_hat step as their unclipped copy: `denoising_step` clips before the shift.
-        clip_first = guided and self.guidance.shifts == "score" and not family.ancestral and family.clips_clean_image
+        training_free = guided and isinstance(self.guidance, TFG)
+        # TFG shifts the score on the ancestral step too, so that step clips before the shift like the rest.
+        clip_first = (
+            guided
+            and self.guidance.shifts == "score"
+            and (training_free or not family.ancestral)
+            and family.clips_clean_image
+        )
         if clip_first:
             family = family.without_clipping()
         family.set_timesteps(num_inference_steps, device)
+        if training_free:
+            if self.cfg_guidance == "normalized":
+                raise ValueError(
+                    f"`cfg_guidance`='normalized' rescales a gradient to the CFG difference; {type(self.guidance).__name__} "
+                    "takes its own step: use cfg_guidance='shift'."
+                )
+            check_training_free(self.guidance, family, self.guidance_batch_size)
         shape = self.noise_shape(labels.shape[0])
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
@@ -607,6 +687,8 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             )
         x = latents.to(device, self.unet.dtype) * family.init_noise_sigma
         run = SamplingRun(family, labels, guidance_targets, classifier_scale, cfg_weight, generator, clip_first)
+        if training_free:
+            run.signal_ratios = signal_ratios(family)
         for index, t in enumerate(self.progress_bar(family.scheduler.timesteps)):
             x = self.denoising_step(run, x, index, t)
             check_finite_samples(x, t, family.scheduler.timesteps)

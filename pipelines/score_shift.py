@@ -125,6 +125,20 @@ def decoder_checkpointing(vae) -> Iterator[None]:
                 module._gradient_checkpointing_func = function
 
 
+@contextlib.contextmanager
+def guide_decoder(vae, decode=None, gradient_checkpointing: bool = False) -> Iterator:
+    """latents -> the guide's pixels, decoded and clipped to [-1, 1] as `guidance_gradient` reads them, for a block
+    that differentiates through the decoder (float32 for a `force_upcast` VAE, checkpointed where asked); None in pixel
+    space, where the guide reads x as it is."""
+    if vae is None:
+        yield None
+        return
+    decode = decode or (lambda latents: decode_latents(vae, latents))
+    checkpointing = decoder_checkpointing(vae) if gradient_checkpointing else contextlib.nullcontext()
+    with checkpointing, upcast_decoder(vae):
+        yield lambda latents: decode(latents).clamp(-1, 1)
+
+
 def guidance_gradient(
     guidance: Guidance,
     vae,
@@ -177,11 +191,13 @@ def guidance_gradient(
     timesteps = t.expand(x.shape[0])
     if vae is None:
         return guidance.gradient(x, timesteps, x0_hat, targets)
-    decode = decode or (lambda latents: decode_latents(vae, latents))
-    checkpointing = decoder_checkpointing(vae) if gradient_checkpointing else contextlib.nullcontext()
-    with torch.inference_mode(False), torch.enable_grad(), checkpointing, upcast_decoder(vae):
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        guide_decoder(vae, decode, gradient_checkpointing) as pixels_of,
+    ):
         latent = (x if guidance.input == "x_t" else x0_hat).detach().clone().requires_grad_(True)
-        pixels = decode(latent).clamp(-1, 1)
+        pixels = pixels_of(latent)
         pixel_grad = guidance.gradient(pixels, timesteps, pixels, targets)
         (grad,) = torch.autograd.grad(pixels, latent, pixel_grad)
     return grad

@@ -8,8 +8,16 @@ from plugguide.pipelines.guidance.distilled import DistilledGuidance
 from plugguide.pipelines.guidance.naive_classifier import NaiveClassifierGuidance
 from plugguide.pipelines.guidance.ppap_experts import ExpertGuidance
 from plugguide.pipelines.guidance.predicted_x0_classifier import PredictedCleanImageGuidance
+from plugguide.pipelines.guidance.training_free import TFG
+from plugguide.pipelines.guidance.training_free_presets import DPS, LGD, MPGD, UGD, FreeDoM
 
 __all__ = [
+    "DPS",
+    "FreeDoM",
+    "LGD",
+    "MPGD",
+    "TFG",
+    "UGD",
     "CalibratedEDMGuidance",
     "CalibratedGuidance",
     "replace_relu_with_softplus",
