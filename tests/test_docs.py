@@ -17,6 +17,9 @@ README = ROOT / "README.md"
 ASSET_CARDS = sorted((ROOT / "assets").rglob("README.md"))
 PAGES = [README, *sorted((ROOT / "docs").rglob("*.md")), *ASSET_CARDS]
 ASSETS_PAGE = ROOT / "docs" / "results" / "assets.md"
+RESULTS = ROOT / "docs" / "results"
+# Results pages say what a table shows; how a target fared, or what an older protocol measured, is not a result.
+BOOKKEEPING = re.compile(r"target met|target missed|former reference", re.IGNORECASE)
 README_LIMIT_BYTES = 20_000
 # A prose line of docs/ longer than this is a wall of text in any editor or diff; tables and code blocks may run on.
 PROSE_LINE_LIMIT = 200
@@ -237,6 +240,46 @@ def test_long_prose_lines_are_found_outside_tables_and_code_only(tmp_path):
     page = tmp_path / "probe.md"
     page.write_text("x" * 201 + "\n| " + "y" * 300 + " |\n```\n" + "z" * 300 + "\n```\n- " + "w " * 101)
     assert [entry.split(" (")[0] for entry in long_prose_lines(page)] == ["probe.md:1", "probe.md:6"]
+
+
+def unlisted_results_pages(folder: Path = RESULTS) -> list[str]:
+    """The pages of a results folder that its index, the folder's README.md, does not link."""
+    listed = {link.split("#")[0] for link in relative_links(folder / "README.md")}
+    return sorted(page.name for page in folder.glob("*.md") if page.name != "README.md" and page.name not in listed)
+
+
+def bookkeeping_lines(page: Path) -> list[str]:
+    """`page:line: text` for every line of `page` that keeps target bookkeeping or a former reference."""
+    lines = page.read_text().splitlines()
+    return [
+        f"{page.name}:{number}: {line.strip()[:80]}"
+        for number, line in enumerate(lines, 1)
+        if BOOKKEEPING.search(line)
+    ]
+
+
+def test_results_index_lists_every_results_page():
+    assert not unlisted_results_pages(), f"docs/results/README.md does not list: {unlisted_results_pages()}"
+
+
+def test_unlisted_results_pages_are_found(tmp_path):
+    (tmp_path / "README.md").write_text("| [a.md](a.md) | one |\n\n[b](b.md#section)\n\n```\n[c](c.md)\n```\n")
+    for name in ("a.md", "b.md", "c.md"):
+        (tmp_path / name).write_text("# page\n")
+    assert unlisted_results_pages(tmp_path) == ["c.md"]
+
+
+def test_no_results_page_keeps_target_bookkeeping_or_former_references():
+    found = [entry for page in sorted(RESULTS.glob("*.md")) for entry in bookkeeping_lines(page)]
+    assert not found, "results pages state results only:\n" + "\n".join(found)
+
+
+def test_bookkeeping_lines_are_found_in_any_case(tmp_path):
+    page = tmp_path / "probe.md"
+    page.write_text(
+        "FID 5.9.\nTarget met: 0.97.\nUnder the Former Reference it read 2.6.\nno target missed here either\n"
+    )
+    assert [entry.split(":")[1] for entry in bookkeeping_lines(page)] == ["2", "3", "4"]
 
 
 def test_readme_shows_its_sample_grid_near_the_top():
