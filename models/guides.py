@@ -1,9 +1,10 @@
 """Guide models for plug-and-play CFG distillation: small networks that steer a frozen UNet's decoder.
 
-A guide G maps (guidance number g, z_t, t, condition c) to one residual per skip connection of a frozen
+A guide G maps (CFG weight g - 1, z_t, t, condition c) to one residual per skip connection of a frozen
 diffusers `UNet2DConditionModel` and one for its mid block, passed as `down_block_additional_residuals`
-and `mid_block_additional_residual`. The UNet never changes, so a guide trained on one UNet plugs into
-fine-tuned copies of it (same architecture) without retraining.
+and `mid_block_additional_residual`. g is diffusers' `guidance_scale` (1 = no guidance); the guide reads g - 1,
+the weight of `eps(c) + (g - 1) (eps(c) - eps(null))`, so 0 means no guidance. The UNet never changes, so a guide
+trained on one UNet plugs into fine-tuned copies of it (same architecture) without retraining.
 """
 
 from __future__ import annotations
@@ -85,11 +86,11 @@ class Guide(nn.Module, HubModelMixin):
         unet: UNet2DConditionModel,
         sample: torch.Tensor,
         timestep: torch.Tensor,
-        guidance: torch.Tensor,
+        cfg_weight: torch.Tensor,
         class_labels: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """(down_block_additional_residuals, mid_block_additional_residual) for this batch; g is (B,)."""
+        """(down_block_additional_residuals, mid_block_additional_residual) for this batch; `cfg_weight` = g - 1, (B,)."""
         raise NotImplementedError
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
@@ -127,7 +128,7 @@ class TinyGuide(Guide):
     """Tiny guide of "Plug-and-Play Diffusion Distillation" (Hsiao et al., CVPR 2024), Sec. 3.2 / Fig. 3.
 
     No encoder: `y = Z_out(phi(gamma + Z_t(c_time) + Z_c(c_cond)))`, with `gamma` a vector filled with the
-    guidance number g, `c_time` the frozen UNet's timestep embedding, `c_cond` its class embedding (digits)
+    CFG weight g - 1, `c_time` the frozen UNet's timestep embedding, `c_cond` its class embedding (digits)
     or mean-pooled text hidden states (Stable Diffusion), `phi` a SiLU layer, and `Z_*` zero-initialised
     linear layers. `y` is split into one per-channel residual for each decoder skip connection and one for
     the mid block (broadcast over space), so a fresh guide is an exact no-op; its size and cost are measured in
@@ -153,9 +154,9 @@ class TinyGuide(Guide):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def residuals(self, unet, sample, timestep, guidance, class_labels=None, encoder_hidden_states=None):
+    def residuals(self, unet, sample, timestep, cfg_weight, class_labels=None, encoder_hidden_states=None):
         batch = sample.shape[0]
-        gamma = guidance.to(sample.dtype).reshape(-1, 1).expand(batch, self.time_in.out_features)
+        gamma = cfg_weight.to(sample.dtype).reshape(-1, 1).expand(batch, self.time_in.out_features)
         hidden = (
             gamma
             + self.time_in(time_embedding(unet, timestep, batch))
@@ -170,8 +171,8 @@ class FullGuide(Guide):
     """Full guide of "Plug-and-Play Diffusion Distillation" (Hsiao et al., CVPR 2024): a ControlNet (Zhang et al., 2023).
 
     `ControlNetModel.from_unet` copies the UNet's encoder and mid block; its conditioning image is the
-    guidance number g broadcast to (1, H, W); its zero convolutions give one residual per skip connection
-    and the mid block, so `eps'(z_t, c) = UNet(z_t, t, c; residuals = ControlNet(z_t, t, c, g))` and a
+    CFG weight g - 1 broadcast to (1, H, W); its zero convolutions give one residual per skip connection
+    and the mid block, so `eps'(z_t, c) = UNet(z_t, t, c; residuals = ControlNet(z_t, t, c, g - 1))` and a
     fresh guide is an exact no-op. It copies the UNet's encoder, so it is far larger than `TinyGuide` (measured in
     docs/results/guide_distillation.md).
 
@@ -193,9 +194,9 @@ class FullGuide(Guide):
             unet, conditioning_embedding_out_channels=conditioning_channels, conditioning_channels=1
         )
 
-    def residuals(self, unet, sample, timestep, guidance, class_labels=None, encoder_hidden_states=None):
+    def residuals(self, unet, sample, timestep, cfg_weight, class_labels=None, encoder_hidden_states=None):
         batch = sample.shape[0]
-        guidance_map = guidance.to(sample.dtype).reshape(-1, 1, 1, 1).expand(batch, 1, *sample.shape[-2:])
+        guidance_map = cfg_weight.to(sample.dtype).reshape(-1, 1, 1, 1).expand(batch, 1, *sample.shape[-2:])
         timestep = timestep.expand(batch) if timestep.ndim else timestep.reshape(1).expand(batch)
         down, mid = self.controlnet(
             sample,
@@ -236,19 +237,22 @@ def predict_guided_noise(
     guide: Guide | None,
     sample: torch.Tensor,
     timestep: torch.Tensor,
-    guidance: torch.Tensor | float,
+    cfg_weight: torch.Tensor | float | None,
     class_labels: torch.Tensor | None = None,
     encoder_hidden_states: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """eps'(z_t, c; G(g, z_t, t, c)): one pass of the frozen UNet with the guide's residuals in its decoder."""
+    """eps'(z_t, c; G(g - 1, z_t, t, c)): one pass of the frozen UNet with the guide's residuals in its decoder.
+
+    `cfg_weight` is g - 1 for diffusers' `guidance_scale` g, per example or one number (unused without a guide).
+    """
     batch = sample.shape[0]
     timestep = torch.as_tensor(timestep, device=sample.device)
     timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
     residuals = {}
     if guide is not None:
-        guidance = torch.as_tensor(guidance, device=sample.device, dtype=sample.dtype)
-        guidance = guidance.expand(batch) if guidance.ndim == 0 else guidance
-        down, mid = guide.residuals(unet, sample, timestep, guidance, class_labels, encoder_hidden_states)
+        cfg_weight = torch.as_tensor(cfg_weight, device=sample.device, dtype=sample.dtype)
+        cfg_weight = cfg_weight.expand(batch) if cfg_weight.ndim == 0 else cfg_weight
+        down, mid = guide.residuals(unet, sample, timestep, cfg_weight, class_labels, encoder_hidden_states)
         if len(down) != len(guide.signature["down_channels"]):
             raise ValueError(
                 f"`guide` gave {len(down)} skip residuals, but the UNet has {len(guide.signature['down_channels'])} skip connections."

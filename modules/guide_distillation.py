@@ -19,6 +19,9 @@ from plugguide.modules.guide_training_steps import GuideTrainingSteps
 from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline
 
+# Written into every checkpoint: its `guidance_range` is in diffusers' g. Checkpoints without it held g - 1.
+GUIDANCE_RANGE_UNIT_KEY = "guidance_range_unit"
+
 
 class FrozenUNetGuideTraining(GuideTrainingSteps, FrozenNetworksModule):
     """What guide distillation and progressive halving share: a frozen conditional UNet (+ VAE, text encoder), one trained guide.
@@ -33,8 +36,8 @@ class FrozenUNetGuideTraining(GuideTrainingSteps, FrozenNetworksModule):
             `unet/` and `scheduler/`.
         optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory, applied to the guide's
             parameters only.
-        guidance_range (`tuple[float, float]`, defaults to `(2.0, 9.0)`): (low, high) of the guidance number g, drawn
-            uniformly per example.
+        guidance_range (`tuple[float, float]`, defaults to `(3.0, 10.0)`): (low, high) of the classifier-free guidance
+            scale g, diffusers' `guidance_scale` (1 = no guidance), drawn uniformly per example; at least 1.
         num_inference_steps (`int`, defaults to 32): the sampling steps the trained guide is meant for; names its
             export `<kind>/steps-<n>`.
         vae (`str`, *optional*): sub-folder of `diffusion_model` holding an `AutoencoderKL` (latent models), or None.
@@ -48,7 +51,7 @@ class FrozenUNetGuideTraining(GuideTrainingSteps, FrozenNetworksModule):
         self,
         diffusion_model: str = "assets/digits/ddpm-cond",
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        guidance_range: tuple[float, float] = (2.0, 9.0),
+        guidance_range: tuple[float, float] = (3.0, 10.0),
         num_inference_steps: int = 32,
         vae: str | None = None,
         text_encoder: str | None = None,
@@ -56,9 +59,10 @@ class FrozenUNetGuideTraining(GuideTrainingSteps, FrozenNetworksModule):
     ) -> None:
         super().__init__()
         low, high = guidance_range
-        if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
+        if not (math.isfinite(low) and math.isfinite(high) and 1 <= low <= high):
             raise ValueError(
-                f"Expected `guidance_range` to be (low, high) with finite 0 <= low <= high, but got {guidance_range}."
+                "Expected `model.guidance_range` to be (low, high) of the guidance scale g (diffusers' `guidance_scale`, "
+                f"1 = no guidance) with finite 1 <= low <= high, but got {list(guidance_range)}."
             )
         if num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
@@ -91,6 +95,20 @@ class FrozenUNetGuideTraining(GuideTrainingSteps, FrozenNetworksModule):
             )
         self.guide: Guide | None = None
 
+    # -- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[GUIDANCE_RANGE_UNIT_KEY] = "guidance_scale"
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Reads a checkpoint's `guidance_range` as g: one saved without `GUIDANCE_RANGE_UNIT_KEY` held g - 1."""
+        super().on_load_checkpoint(checkpoint)
+        settings = checkpoint.get("hyper_parameters") or {}
+        if checkpoint.get(GUIDANCE_RANGE_UNIT_KEY) is None and settings.get("guidance_range") is not None:
+            saved = settings["guidance_range"]
+            settings["guidance_range"] = type(saved)(value + 1 for value in saved)
+        checkpoint[GUIDANCE_RANGE_UNIT_KEY] = "guidance_scale"
+
     # -- conditions -----------------------------------------------------------------------------
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         return encode_prompts(self.text_encoder, self.tokenizer, captions)
@@ -110,14 +128,18 @@ class FrozenUNetGuideTraining(GuideTrainingSteps, FrozenNetworksModule):
         return images, {"encoder_hidden_states": text}, {"encoder_hidden_states": empty}
 
     def sample_guidance(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Guidance scales g ~ U[guidance_range], one per example."""
         low, high = self.hparams.guidance_range
         return low + (high - low) * torch.rand(batch_size, generator=generator, device=self.device)
 
     def guided_noise(
-        self, guide: Guide, z_t: torch.Tensor, t: torch.Tensor, g: torch.Tensor, condition: dict
+        self, guide: Guide | None, z_t: torch.Tensor, t: torch.Tensor, g: torch.Tensor | None, condition: dict
     ) -> torch.Tensor:
+        """eps'(z_t, c) of the frozen UNet steered by `guide` at guidance scale g (the guide reads g - 1, as
+        `GuideDistilledPipeline` feeds it); `guide` None: the plain conditional UNet, g unused."""
+        cfg_weight = None if g is None else g - 1
         return predict_guided_noise(
-            self.unet, guide, z_t, t, g, condition.get("class_labels"), condition.get("encoder_hidden_states")
+            self.unet, guide, z_t, t, cfg_weight, condition.get("class_labels"), condition.get("encoder_hidden_states")
         )
 
     # -- sampling and export ----------------------------------------------------------------------
@@ -144,8 +166,9 @@ class GuideDistillation(FrozenUNetGuideTraining):
     """CFG distillation into a guide model, "Plug-and-Play Diffusion Distillation" (Hsiao et al., CVPR 2024), Eq. 4.
 
     The UNet stays frozen; only the guide G trains, on
-    `|| eps'(z_t, c; G(g, z_t, t, c)) - [(1 + g) eps(z_t, c) - g eps(z_t, null)] ||^2`
-    with g ~ U[guidance_range], t ~ U{0..T-1}, and `z_t = alpha_t x + sigma_t eps` from real training
+    `|| eps'(z_t, c; G(g - 1, z_t, t, c)) - [eps(z_t, null) + g (eps(z_t, c) - eps(z_t, null))] ||^2`
+    with the guidance scale g ~ U[guidance_range] (diffusers' `guidance_scale`, 1 = no guidance; the guide reads
+    g - 1, the paper's guidance weight), t ~ U{0..T-1}, and `z_t = alpha_t x + sigma_t eps` from real training
     images (latents for Stable Diffusion). One guide serves every g.
 
     Args:
@@ -154,7 +177,8 @@ class GuideDistillation(FrozenUNetGuideTraining):
         diffusion_model (`str`, defaults to `"assets/digits/ddpm-cond"`): diffusers pipeline directory or hub id of the
             frozen conditional UNet.
         optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory for the guide's parameters.
-        guidance_range (`tuple[float, float]`, defaults to `(2.0, 9.0)`): (low, high) of g; the paper uses (2, 9).
+        guidance_range (`tuple[float, float]`, defaults to `(3.0, 10.0)`): (low, high) of the guidance scale g (1 = no
+            guidance); the paper draws g - 1 from U[2, 9].
         num_inference_steps (`int`, defaults to 32): steps the distilled guide is exported for (the first halving
             teacher).
         vae (`str`, *optional*): latent models: sub-folder of the `AutoencoderKL`.
@@ -167,7 +191,7 @@ class GuideDistillation(FrozenUNetGuideTraining):
         guide: GuideFactory,
         diffusion_model: str = "assets/digits/ddpm-cond",
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        guidance_range: tuple[float, float] = (2.0, 9.0),
+        guidance_range: tuple[float, float] = (3.0, 10.0),
         num_inference_steps: int = 32,
         vae: str | None = None,
         text_encoder: str | None = None,
@@ -189,7 +213,6 @@ class GuideDistillation(FrozenUNetGuideTraining):
         with torch.no_grad():
             both = {k: torch.cat([condition[k], null[k]]) for k in condition}
             eps_c, eps_null = self.guided_noise(None, torch.cat([z_t, z_t]), torch.cat([t, t]), None, both).chunk(2)
-            shape = (-1,) + (1,) * (x0.ndim - 1)
-            target = (1 + g.view(shape)) * eps_c - g.view(shape) * eps_null
+            target = eps_null + g.view((-1,) + (1,) * (x0.ndim - 1)) * (eps_c - eps_null)
         prediction = self.guided_noise(self.guide, z_t, t, g, condition)
         return F.mse_loss(prediction, target)

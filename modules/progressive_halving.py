@@ -167,8 +167,9 @@ class ProgressiveHalving(StepHalving, FrozenUNetGuideTraining):
     takes two DDIM steps z_t -> z_t' -> z_s (t' the teacher's midpoint, t - T//N) and the student's
     x-prediction is regressed on
     `x_target = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t)`
-    (Salimans & Ho, 2022); at the last step the target is the teacher's x0_hat. g ~ U[guidance_range] per
-    example, so one guide keeps serving every g. Only the student guide trains; the exported student is
+    (Salimans & Ho, 2022); at the last step the target is the teacher's x0_hat. The guidance scale g ~
+    U[guidance_range] per example (diffusers' `guidance_scale`; teacher and student guides read g - 1, as in
+    `GuideDistillation`), so one guide keeps serving every g. Only the student guide trains; the exported student is
     the next stage's teacher.
 
     The student's timesteps are those of diffusers' `DDIMScheduler.set_timesteps(N/2)` on the UNet's
@@ -185,7 +186,8 @@ class ProgressiveHalving(StepHalving, FrozenUNetGuideTraining):
             frozen conditional UNet.
         optimizer (`OptimizerCallable`, defaults to `torch.optim.AdamW`): optimiser factory for the student guide's
             parameters.
-        guidance_range (`tuple[float, float]`, defaults to `(2.0, 9.0)`): (low, high) of g.
+        guidance_range (`tuple[float, float]`, defaults to `(3.0, 10.0)`): (low, high) of the guidance scale g (1 = no
+            guidance), as in `GuideDistillation`.
         loss_weighting (`str`, defaults to `"snr_truncation"`): "snr_truncation" (max of x- and eps-MSE, Salimans &
             Ho's truncated SNR weighting), "x" (x-MSE) or "eps" (eps-MSE, i.e. SNR-weighted x-MSE).
         scheduler_config (`dict`, *optional*): entries replacing the UNet's scheduler config for the student's DDIM
@@ -204,7 +206,7 @@ class ProgressiveHalving(StepHalving, FrozenUNetGuideTraining):
         teacher_steps: int = 32,
         diffusion_model: str = "assets/digits/ddpm-cond",
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        guidance_range: tuple[float, float] = (2.0, 9.0),
+        guidance_range: tuple[float, float] = (3.0, 10.0),
         loss_weighting: str = "snr_truncation",
         scheduler_config: dict | None = None,
         vae: str | None = None,
@@ -245,7 +247,7 @@ class ProgressiveHalving(StepHalving, FrozenUNetGuideTraining):
     def halving_loss(
         self, x0: torch.Tensor, condition: dict, index: torch.Tensor, g: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
-        """The student's loss at its step `index` (per example) from z_t = alpha_t x0 + sigma_t noise, guidance number g."""
+        """The student's loss at its step `index` (per example) from z_t = alpha_t x0 + sigma_t noise, guidance scale g."""
         step = self.halving_start(x0, noise, index)
         with torch.no_grad():
             teacher_eps = self.guided_noise(self.teacher, step.z_t, step.t, g, condition)

@@ -16,12 +16,13 @@ from plugguide.pipelines.model_family import ModelFamily
 
 
 class GuideDistilledPipeline(DiffusionPipeline):
-    """Samples `eps'(z_t, c; G(w, z_t, t, c))`, the guide-steered frozen UNet, with any eps-consuming diffusers scheduler.
+    """Samples `eps'(z_t, c; G(g - 1, z_t, t, c))`, the guide-steered frozen UNet, with any eps-consuming diffusers scheduler.
 
     "Plug-and-Play Diffusion Distillation" (Hsiao et al., CVPR 2024): the guide G is trained so that
-    `eps'(z_t, c; G) = (1 + w) eps(z_t, c) - w eps(z_t, null)`, so each step needs one UNet pass (plus the
+    `eps'(z_t, c; G) = eps(z_t, null) + g (eps(z_t, c) - eps(z_t, null))`, so each step needs one UNet pass (plus the
     guide) instead of the two of classifier-free guidance, and no doubled batch. The guidance is chosen
-    at call time as diffusers' `guidance_scale` g = 1 + w (the guide was trained for w in its `guidance_range`).
+    at call time as diffusers' `guidance_scale` g (the guide was trained for g in its job's `guidance_range`, and
+    reads g - 1).
 
     Class-conditional UNets take `class_labels`; text-conditional ones (Stable Diffusion) take `prompt`
     (with `tokenizer` and `text_encoder`) or `encoder_hidden_states`, and a `vae` decodes their latents.
@@ -106,8 +107,8 @@ class GuideDistilledPipeline(DiffusionPipeline):
             prompt (`str | Sequence[str] | None`, *optional*): text prompt(s) (text-conditional UNets).
             encoder_hidden_states (`torch.Tensor | None`, *optional*): precomputed text hidden states instead of `prompt`.
             num_inference_steps (`int`, defaults to 32): sampler steps (use the step count the guide was halved to).
-            guidance_scale (`float`, defaults to 9.0): the classifier-free guidance weight g the guide imitates, as in diffusers:
-                `eps(null) + g (eps(c) - eps(null))`; the guide reads the paper's w = g - 1.
+            guidance_scale (`float`, defaults to 9.0): the classifier-free guidance scale g the guide imitates, as in diffusers:
+                `eps(null) + g (eps(c) - eps(null))` (1 = no guidance); the guide reads g - 1.
             generator (`torch.Generator | list[torch.Generator] | None`, *optional*): torch generator(s) for the initial noise; the same seeds give the same noise as
                 `GuidedDiffusionPipeline`, so one-pass and CFG samples compare image by image.
             output_type (`str`, defaults to 'pil'): "pil", "np" (B, H, W, C) in [0, 1], or "pt" (B, C, H, W) in [0, 1].
@@ -116,7 +117,7 @@ class GuideDistilledPipeline(DiffusionPipeline):
         if num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be >= 1, but got {num_inference_steps}.")
         check_cfg_scale(guidance_scale)
-        cfg_weight = guidance_scale - 1  # the guidance number w the guide is conditioned on
+        cfg_weight = guidance_scale - 1  # g - 1, what the guide is conditioned on (`predict_guided_noise`)
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"Expected `output_type` to be 'pil', 'np' or 'pt', but got {output_type!r}.")
         device = self.unet.device

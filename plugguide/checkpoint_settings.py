@@ -102,6 +102,8 @@ def check_checkpoint_settings(path: str, model: L.LightningModule) -> None:
     wrote it: listing the settings of two different jobs side by side says nothing useful.
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    # The module's own hook reads what it saved in an earlier form (a setting's former unit) before the comparison.
+    model.on_load_checkpoint(checkpoint)
     writer, this_job = checkpoint.get(JOB_KEY), job_name(type(model))
     misfits = None
     if writer is not None and writer != this_job:

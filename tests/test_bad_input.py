@@ -572,8 +572,19 @@ BAD_SETTINGS = [
             guidance_range=(2.0, math.inf),
         ),
         ValueError,
-        "guidance_range",
+        "model.guidance_range",
         "inf",
+    ),
+    (
+        "guidance-range-below-one",
+        lambda a, t: GuideDistillation(
+            guide=lambda unet: TinyGuide(unet, hidden_dim=8),
+            diffusion_model=a["ddpm-cond"],
+            guidance_range=(0.5, 9.0),
+        ),
+        ValueError,
+        "model.guidance_range",
+        "0.5",
     ),
     (
         "nan-gradient-clip",

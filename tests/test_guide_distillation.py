@@ -571,3 +571,51 @@ def test_guide_distilled_pipeline_steps_the_vp_samplers_it_accepts(scheduler):
         output_type="pt",
     ).images
     assert images.shape == (2, 1, unet.config.sample_size, unet.config.sample_size) and torch.isfinite(images).all()
+
+
+def test_guide_distillation_draws_g_in_guidance_range_and_targets_diffusers_cfg(digits_model):
+    """`guidance_range` is in diffusers' g: the guide reads g - 1 and the target is eps(null) + g (eps(c) - eps(null))."""
+    module = GuideDistillation(
+        guide=lambda unet: TinyGuide(unet, hidden_dim=8), diffusion_model=digits_model, guidance_range=(3.0, 5.0)
+    )
+    drawn, read = [], []
+    sample_guidance, residuals = module.sample_guidance, module.guide.residuals
+    module.sample_guidance = lambda *args: drawn.append(sample_guidance(*args)) or drawn[-1]
+    module.guide.residuals = lambda unet, sample, t, cfg_weight, *args: (
+        read.append(cfg_weight) or residuals(unet, sample, t, cfg_weight, *args)
+    )
+    with torch.no_grad():
+        module._loss(digits_batch(16), torch.Generator().manual_seed(0))
+    assert 3.0 <= drawn[0].min() and drawn[0].max() <= 5.0
+    torch.testing.assert_close(read[0], drawn[0] - 1)
+
+    def loss_at(g: float) -> float:
+        module.hparams.guidance_range = (g, g)
+        # A fresh guide is a no-op, so the loss is |eps(c) - target|^2 = (g - 1)^2 |eps(c) - eps(null)|^2.
+        with torch.no_grad():
+            return module._loss(digits_batch(16), torch.Generator().manual_seed(0)).item()
+
+    assert loss_at(1.0) < 1e-12  # g = 1: no guidance, the target is eps(c) itself
+    assert loss_at(5.0) / loss_at(3.0) == pytest.approx(4.0, rel=1e-4)  # ((5 - 1) / (3 - 1))^2
+
+
+def test_a_checkpoint_saved_with_the_range_in_g_minus_one_is_read_as_g(digits_model, tmp_path, caplog):
+    """Checkpoints written before `guidance_range` took diffusers' g held g - 1 (no unit key): read back as g."""
+    from plugguide.checkpoint_settings import check_checkpoint_settings
+    from plugguide.modules.guide_distillation import GUIDANCE_RANGE_UNIT_KEY
+
+    module = GuideDistillation(guide=lambda unet: TinyGuide(unet, hidden_dim=8), diffusion_model=digits_model)
+    assert tuple(module.hparams.guidance_range) == (3.0, 10.0)
+    saved = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(saved)
+    assert saved[GUIDANCE_RANGE_UNIT_KEY] == "guidance_scale"
+    module.on_load_checkpoint(saved)
+    assert tuple(saved["hyper_parameters"]["guidance_range"]) == (3.0, 10.0)  # written in g: left as it is
+
+    legacy = {"state_dict": module.state_dict(), "hyper_parameters": {**module.hparams, "guidance_range": (2.0, 9.0)}}
+    torch.save(legacy, tmp_path / "legacy.ckpt")
+    module.on_load_checkpoint(legacy)
+    assert tuple(legacy["hyper_parameters"]["guidance_range"]) == (3.0, 10.0)
+    with caplog.at_level("INFO"):
+        check_checkpoint_settings(str(tmp_path / "legacy.ckpt"), module)
+    assert "guidance_range" not in caplog.text  # the same settings: nothing to report
