@@ -4,6 +4,8 @@ from plugguide.pipelines.gradient_guider import GradientGuidance
 from plugguide.pipelines.guide_distilled import GuideDistilledPipeline
 from plugguide.pipelines.guided_denoiser import guided
 from plugguide.pipelines.guided_diffusion import GuidedDiffusionPipeline, GuidedSamplesOutput
+from plugguide.pipelines.particle_population import ParticleSettings
+from plugguide.pipelines.particle_sampling import ParticleDiffusionPipeline, ParticleSamplesOutput
 from plugguide.pipelines.seeded_sampling import sample_batch, sample_trajectory
 
 __all__ = [
@@ -11,6 +13,9 @@ __all__ = [
     "GuideDistilledPipeline",
     "GuidedDiffusionPipeline",
     "GuidedSamplesOutput",
+    "ParticleDiffusionPipeline",
+    "ParticleSamplesOutput",
+    "ParticleSettings",
     "guided",
     "sample_batch",
     "sample_trajectory",

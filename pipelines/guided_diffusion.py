@@ -101,6 +101,26 @@ class DenoiserEvaluation:
     predicted_variance: torch.Tensor | None = None
 
 
+@dataclass
+class ProposedStep:
+    """A denoiser evaluation and the scheduler step it proposes, before the step is taken: a particle sampler weighs
+    and resamples particles between the two (`ParticleDiffusionPipeline`).
+
+    Args:
+        x (`Tensor`): the state the denoiser read.
+        denoiser_output (`Tensor`): the network's output after CFG, before guidance.
+        output (`Tensor`): the output the scheduler steps with (guided; a learned variance's channels appended).
+        mean_shift (`Tensor`, *optional*): the ancestral step's guided mean shift, added after the step; else None.
+        predicted_variance (`Tensor`, *optional*): the variance channels of a learned-variance UNet, else None.
+    """
+
+    x: torch.Tensor
+    denoiser_output: torch.Tensor
+    output: torch.Tensor
+    mean_shift: torch.Tensor | None = None
+    predicted_variance: torch.Tensor | None = None
+
+
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 
@@ -385,7 +405,16 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         return dict(batch_size=self.guidance_batch_size, gradient_checkpointing=self.decoder_gradient_checkpointing)
 
     def denoising_step(self, run: SamplingRun, x: torch.Tensor, index: int, t: torch.Tensor) -> torch.Tensor:
-        """One denoiser evaluation `index` of `run` at the scheduler's timestep `t`, and the scheduler step after it, guided.
+        """One denoiser evaluation `index` of `run` at the scheduler's timestep `t`, and the scheduler step after it, guided;
+        a `TFG` step (which may evaluate the denoiser several times) in `training_free_step`."""
+        if run.classifier_scale > 0 and isinstance(self.guidance, TFG):
+            level = run.family.noise_level(index, t)
+            if level.alpha > 0:  # pure noise (flow's first step) is not guided
+                return self.training_free_step(run, x, index, t, level)
+        return self.take_step(run, self.propose_step(run, x, index, t), t)
+
+    def propose_step(self, run: SamplingRun, x: torch.Tensor, index: int, t: torch.Tensor) -> ProposedStep:
+        """The denoiser evaluation `index` of `run` at the scheduler's timestep `t`, guided, and the step it proposes.
 
         With `run.clip_first` (the sampler clips x0_hat and runs as its unclipped copy) x0_hat is clipped here, before
         the guidance shift.
@@ -394,8 +423,6 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         level = family.noise_level(index, t) if run.classifier_scale > 0 else None
         # At alpha = 0 (pure noise: flow's first step) p(y | x_t) = p(y), so the exact guidance term is zero.
         guided = level is not None and level.alpha > 0
-        if guided and isinstance(self.guidance, TFG):  # a step that may evaluate the denoiser several times
-            return self.training_free_step(run, x, index, t, level)
         if guided and self.guidance.shifts == "sample" and level.first_evaluation:
             x = self.displace_sample(run, x, level)
         model_input = family.model_input(x, t)
@@ -407,7 +434,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             output = uncond + (1 + run.cfg_weight) * difference
         else:
             output, predicted_variance = self.predict_output(model_input, t, run.labels, run.cfg_weight)
-        mean_shift = None
+        mean_shift, denoiser_output = None, output
         if guided and self.guidance.shifts == "score":
             evaluation = DenoiserEvaluation(level, x, output, difference, predicted_variance)
             output, mean_shift = self.guide_output(run, evaluation, t)
@@ -418,8 +445,12 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
             and family.scheduler.config.variance_type in LEARNED_VARIANCE_TYPES
         ):
             output = torch.cat([output, predicted_variance], dim=1)
-        x = family.step(output, t, x, run.generator)
-        return x if mean_shift is None else x + mean_shift
+        return ProposedStep(x, denoiser_output, output, mean_shift, predicted_variance)
+
+    def take_step(self, run: SamplingRun, step: ProposedStep, t: torch.Tensor) -> torch.Tensor:
+        """The scheduler step at timestep `t` that `step` proposes, plus the ancestral step's mean shift."""
+        x = run.family.step(step.output, t, step.x, run.generator)
+        return x if step.mean_shift is None else x + step.mean_shift
 
     def training_free_step(
         self, run: SamplingRun, x: torch.Tensor, index: int, t: torch.Tensor, level: NoiseLevel
