@@ -35,8 +35,10 @@ def main() -> None:
     parser.add_argument("--model", default="assets/digits/ddpm-uncond")
     parser.add_argument("--experts", default="runs/ppap/version_0/experts", help="the main job's exported experts")
     parser.add_argument("--classifier", default="assets/digits/classifier-resnet")
-    parser.add_argument("--ppap-scale", type=float, default=4.0)
-    parser.add_argument("--calibrated-scale", type=float, default=10.0)
+    parser.add_argument("--ppap-scale", type=float, default=4.0, help="classifier scale s of the PPAP experts")
+    parser.add_argument(
+        "--calibrated-scale", type=float, default=10.0, help="classifier scale s of calibrated guidance"
+    )
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)

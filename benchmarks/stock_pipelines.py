@@ -1,6 +1,6 @@
 """Time per image of a stock diffusers pipeline under `guided` beside `GuidedDiffusionPipeline`, on the same work.
 
-    python benchmarks/stock_pipelines.py [--samples 100] [--repeats 3] [--scale 3]
+    python benchmarks/stock_pipelines.py [--samples 100] [--repeats 3] [--classifier-scale 3]
 
 The stock `DDIMPipeline` of `assets/digits/ddpm-uncond` inside `with guided(pipe, CalibratedGuidance(ResNet), ...)` and
 `GuidedDiffusionPipeline` with the same UNet, scheduler, guidance, scale, seeds and DDIM-25 steps, unguided and guided,
@@ -29,7 +29,12 @@ def main() -> None:
     parser.add_argument("--classifier", default="assets/digits/classifier-resnet")
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--scale", type=float, default=3.0, help="classifier_scale of the guided runs")
+    parser.add_argument(
+        "--classifier-scale",
+        type=float,
+        default=3.0,
+        help="classifier scale s (`classifier_scale`) of the guided runs",
+    )
     args = parser.parse_args()
     labels = torch.arange(args.samples) % 10
     guidance = CalibratedGuidance(args.classifier)
@@ -59,8 +64,8 @@ def main() -> None:
     runs = {
         ("unguided", "stock + guided"): lambda: run_stock(0.0),
         ("unguided", "GuidedDiffusionPipeline"): lambda: run_project(0.0),
-        ("guided", "stock + guided"): lambda: run_stock(args.scale),
-        ("guided", "GuidedDiffusionPipeline"): lambda: run_project(args.scale),
+        ("guided", "stock + guided"): lambda: run_stock(args.classifier_scale),
+        ("guided", "GuidedDiffusionPipeline"): lambda: run_project(args.classifier_scale),
     }
     seconds = {name: [] for name in runs}
     for repeat in range(args.repeats + 1):
@@ -70,7 +75,7 @@ def main() -> None:
             if repeat:  # round 0 warms up
                 seconds[name].append(time.perf_counter() - started)
     print(
-        f"DDIM-25, {args.samples} samples per run, classifier_scale {args.scale:g}, torch threads: "
+        f"DDIM-25, {args.samples} samples per run, classifier_scale {args.classifier_scale:g}, torch threads: "
         f"{torch.get_num_threads()}"
     )
     print(

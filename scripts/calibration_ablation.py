@@ -1,12 +1,12 @@
 """Ablation of calibrated off-the-shelf guidance (Ma et al., 2023) on the digits default, printed as markdown.
 
-    python scripts/calibration_ablation.py [--experts runs/ppap_table/resnet/PPAP-5/experts] [--scales 3 10 30]
-                                           [--samples-per-class 50] [--trajectory-samples 200] [--out runs/calibration_ablation]
+    python scripts/calibration_ablation.py [--experts runs/ppap_table/resnet/PPAP-5/experts] [--classifier-scales 3 10 30]
+                                           [--samples-per-class 50] [--trajectory-samples 200] [--output-dir runs/calibration_ablation]
 
 Rows: naive (classifier on x_t), plain classifier on x0_hat, Softplus beta in {8, 5, 3}, marginal discount 0.5,
 sine gamma 0.3, the full calibrated guide on x_t instead of x0_hat, and, with `--experts`, PPAP experts and
 calibrated experts (Softplus + temperatures on the experts). Every row is sampled with DDPM-`--steps` at each
-scale of `--scales` and scored under the protocol of `scripts/protocol.py`; its reported scale follows
+scale of `--classifier-scales` and scored under the protocol of `scripts/protocol.py`; its reported scale follows
 `BEST_SCALE_RULE`. Each row's guide is also measured for its integral ECE (mean ECE_t over t, on the guide's own
 input: x_t, or x0_hat from the guided model) in two ways:
 
@@ -17,7 +17,7 @@ input: x_t, or x0_hat from the guided model) in two ways:
 
 Both curve sets are written (curves.csv, curves_reverse.csv) and drawn (calibration_forward.png,
 calibration_reverse.png). The script ends with the Spearman rank correlation between each integral ECE and FID
-(autoencoder and evaluator features) across rows. Measured rows, scales and curves are kept in `--out` and a rerun
+(autoencoder and evaluator features) across rows. Measured rows, scales and curves are kept in `--output-dir` and a rerun
 resumes from them.
 """
 
@@ -118,7 +118,13 @@ def main() -> None:
     parser.add_argument("--experts-name", default="PPAP-5 experts", help="row label of the expert rows")
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 10.0, 30.0])
+    parser.add_argument(
+        "--classifier-scales",
+        type=float,
+        nargs="+",
+        default=[3.0, 10.0, 30.0],
+        help="classifier scales s swept (the pipeline's `classifier_scale`, the weight of the classifier's gradient)",
+    )
     parser.add_argument("--timesteps", type=int, default=20, help="timesteps of the forward-noised ECE curve")
     parser.add_argument(
         "--trajectory-samples",
@@ -126,7 +132,9 @@ def main() -> None:
         default=200,
         help="reverse-process samples of the reverse ECE curve (a multiple of 10)",
     )
-    parser.add_argument("--out", default="runs/calibration_ablation")
+    parser.add_argument(
+        "--output-dir", default="runs/calibration_ablation", help="run folder: results, curves, grids/, table.md"
+    )
     parser.add_argument("--only", default=None, help="run only the rows whose name contains this text (e.g. PPAP)")
     add_page_arguments(parser, "calibration-ablation")
     args = parser.parse_args()
@@ -134,7 +142,7 @@ def main() -> None:
         parser.error(
             f"Expected `--trajectory-samples` to be a positive multiple of 10 (as many of each class), but got {args.trajectory_samples}."
         )
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.output_dir, exist_ok=True)
 
     unet = load_unet(args.diffusion_model).eval().requires_grad_(False)
     scheduler = load_scheduler(args.diffusion_model, "DDPMScheduler")
@@ -154,9 +162,11 @@ def main() -> None:
     held_out = list(data.val_dataloader())
     timesteps = calibration_timesteps(args.timesteps, len(scheduler.alphas_cumprod))
     labels, seeds = targets(args.samples_per_class)
-    results_path = os.path.join(args.out, "results.json")
+    results_path = os.path.join(args.output_dir, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
-    curves_paths = {definition: os.path.join(args.out, files["curves"]) for definition, files in DEFINITIONS.items()}
+    curves_paths = {
+        definition: os.path.join(args.output_dir, files["curves"]) for definition, files in DEFINITIONS.items()
+    }
     curves = {
         definition: read_curves_csv(path) if os.path.isfile(path) else {} for definition, path in curves_paths.items()
     }
@@ -179,7 +189,7 @@ def main() -> None:
             pipeline_sampler(pipeline, num_inference_steps=args.steps, classifier_scale=scale),
             labels,
             seeds,
-            grid_path=os.path.join(args.out, "grids", f"{slug(name)}-s{scale:g}.png"),
+            grid_path=os.path.join(args.output_dir, "grids", f"{slug(name)}-s{scale:g}.png"),
         )
 
     def save() -> None:
@@ -202,7 +212,7 @@ def main() -> None:
         if name not in curves["reverse"]:
             curves["reverse"][name] = reverse_curve(make())
         sweep = results.setdefault(name, {})
-        for scale in [s for s in args.scales if str(s) not in sweep]:
+        for scale in [s for s in args.classifier_scales if str(s) not in sweep]:
             sweep[str(scale)] = sample(make(), scale, name)
             save()
             print(
@@ -230,13 +240,13 @@ def main() -> None:
         save_figure(
             {name: curves[definition][name] for name in shown},
             titles[definition],
-            os.path.join(args.out, files["figure"]),
+            os.path.join(args.output_dir, files["figure"]),
         )
 
     text = "\n".join(
         [
             describe(len(labels), f"DDPM-{args.steps}")
-            + f" Scales swept: {', '.join(f'{s:g}' for s in args.scales)}.",
+            + f" Scales swept: {', '.join(f'{s:g}' for s in args.classifier_scales)}.",
             "",
             markdown_table(
                 ["row", *(files["column"] for files in DEFINITIONS.values()), "reported scale", *QUALITY_HEADERS],
@@ -246,7 +256,7 @@ def main() -> None:
             *correlations(chosen, every),
         ]
     )
-    with open(os.path.join(args.out, "table.md"), "w") as file:
+    with open(os.path.join(args.output_dir, "table.md"), "w") as file:
         file.write(text + "\n")
     if args.page:
         write_between_markers(args.page, args.marker, text)

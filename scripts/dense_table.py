@@ -1,7 +1,7 @@
 """PPAP beyond classification on the digits default: segmentation and depth guides, and prints the table as markdown.
 
-    python scripts/dense_table.py [--tasks segmentation depth] [--samples 100] [--scales ...] [--steps 50]
-                                  [--max-steps 1500] [--out runs/dense_table]
+    python scripts/dense_table.py [--tasks segmentation depth] [--samples 100] [--classifier-scales ...] [--steps 50]
+                                  [--max-steps 1500] [--output-dir runs/dense_table]
 
 For each task (the segmenter `assets/digits/segmenter`, the depth stand-in `assets/digits/depth`), the target maps
 are the off-the-shelf model's maps of held-out real digits (the first `--samples` of the 180 validation digits: the
@@ -17,7 +17,7 @@ stroke IoU; depth MAE, RMSE and correlation); the evaluator's agreement with the
 segmentation map's majority stroke class; for depth, the real digit's label); FID/KID under the protocol of
 `scripts/protocol.py`. A row's scale is the best of the sweep by `BEST_SCALE_RULE` with the map score (mIoU, depth
 correlation) in place of guided accuracy. Raw results (`results.json`) and, per row and scale, a grid of
-target map | sample pairs go to `--out`.
+target map | sample pairs go to `--output-dir`.
 """
 
 from __future__ import annotations
@@ -111,13 +111,19 @@ def main() -> None:
         help="validation digits whose maps are the targets, and samples per row (<= 180)",
     )
     parser.add_argument("--steps", type=int, default=50, help="DDPM (ancestral) sampler steps")
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+    parser.add_argument(
+        "--classifier-scales",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+        help="classifier scales s swept (the pipeline's `classifier_scale`, the weight of the classifier's gradient)",
+    )
     parser.add_argument(
         "--normalized-scales",
         type=float,
         nargs="+",
         default=[1.0, 3.0, 10.0, 30.0],
-        help="scales of the PPAP-5 row with the authors' batch-normalised gradient (another unit than --scales)",
+        help="scales of the PPAP-5 row with the authors' batch-normalised gradient (another unit than --classifier-scales)",
     )
     parser.add_argument("--max-steps", type=int, default=1500, help="PPAP-5 training steps (the configs' own)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these methods (e.g. PPAP-5)")
@@ -127,7 +133,9 @@ def main() -> None:
         default=250,
         help="samples drawn together (only the batch-normalised row depends on it)",
     )
-    parser.add_argument("--out", default="runs/dense_table")
+    parser.add_argument(
+        "--output-dir", default="runs/dense_table", help="run folder: results.json, grids/, experts, table.md"
+    )
     add_page_arguments(parser, "dense-table")
     args = parser.parse_args()
     if not 1 <= args.samples <= 180:
@@ -135,7 +143,7 @@ def main() -> None:
 
     metrics = reference_metrics()
     unet = load_unet(DIFFUSION_MODEL)
-    results_path = os.path.join(args.out, "results.json")
+    results_path = os.path.join(args.output_dir, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
     sections = []
     for name in args.tasks:
@@ -172,7 +180,7 @@ def main() -> None:
                         classifier_scale=scale,
                     )
 
-                grid = os.path.join(args.out, "grids", f"{slug(key)}-s{scale:g}.png")
+                grid = os.path.join(args.output_dir, "grids", f"{slug(key)}-s{scale:g}.png")
                 done[str(scale)] = measure(
                     metrics,
                     draw,
@@ -181,7 +189,7 @@ def main() -> None:
                     batch_size=args.batch_size,
                     on_images=lambda images: score_and_show(images, grid),
                 )
-                os.makedirs(args.out, exist_ok=True)
+                os.makedirs(args.output_dir, exist_ok=True)
                 with open(results_path + ".tmp", "w") as file:
                     json.dump(results, file, indent=1)
                 os.replace(results_path + ".tmp", results_path)
@@ -208,7 +216,7 @@ def main() -> None:
         row_scales = {"PPAP-5, batch-normalised gradient (authors')": args.normalized_scales}
 
         def experts() -> str:
-            return train_experts(name, os.path.join(args.out, name, "ppap-5"), args.max_steps)
+            return train_experts(name, os.path.join(args.output_dir, name, "ppap-5"), args.max_steps)
 
         columns = [spec["score"], *spec["scores"][1:], "guided_accuracy", "fid_autoencoder", "fid_evaluator"]
 
@@ -221,7 +229,7 @@ def main() -> None:
             if args.only and method not in args.only:
                 continue
             key = f"{name}/{method}"
-            sweeps[key] = sweep(key, guidance(), row_scales.get(method, args.scales))
+            sweeps[key] = sweep(key, guidance(), row_scales.get(method, args.classifier_scales))
             scale, admissible = best_scale(sweeps[key], unguided, score=spec["score"])
             table.append([method, f"{float(scale):g}" + ("" if admissible else "*"), *cells(sweeps[key][scale])])
         sweep_table = markdown_table(
@@ -248,7 +256,7 @@ def main() -> None:
         ]
         if sweeps:
             sweep_figure(sweeps, unguided, None, score=spec["score"]).savefig(
-                os.path.join(args.out, f"sweep-{name}.png"), dpi=120
+                os.path.join(args.output_dir, f"sweep-{name}.png"), dpi=120
             )
 
     lines = [
@@ -259,12 +267,12 @@ def main() -> None:
         *sections,
     ]
     text = "\n".join(lines)
-    with open(os.path.join(args.out, "table.md"), "w") as file:
+    with open(os.path.join(args.output_dir, "table.md"), "w") as file:
         file.write(text + "\n")
     if args.page:
         write_between_markers(args.page, args.marker, text)
     print(text)
-    print(f"\nRaw results: {results_path}; grids: {args.out}/grids/")
+    print(f"\nRaw results: {results_path}; grids: {args.output_dir}/grids/")
 
 
 if __name__ == "__main__":

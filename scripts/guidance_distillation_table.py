@@ -5,7 +5,7 @@
                  16=runs/guidance-halving/32to16/version_0/guides/shift/steps-16 \
                  8=runs/guidance-halving/16to8/version_0/guides/shift/steps-8 \
                  4=runs/guidance-halving/8to4/version_0/guides/shift/steps-4 \
-        [--trailing-guides 16=... 8=... 4=...] [--samples-per-class 50] [--out runs/guidance_distillation_table] [--page docs/results/guidance_distillation.md]
+        [--trailing-guides 16=... 8=... 4=...] [--samples-per-class 50] [--output-dir runs/guidance_distillation_table] [--page docs/results/guidance_distillation.md]
 
 Rows, all with the same seeds and scored under the protocol of `scripts/protocol.py` (held-out reference,
 independent evaluator): on `assets/digits/ddpm-uncond`, unguided sampling at DDPM-50, DDIM-25 and at each guide's
@@ -15,9 +15,9 @@ of other sizes (`--other-guides`), and the guides halved on "trailing" timesteps
 that spacing beside unguided sampling with it); then, on the fine-tuned thick-stroke base
 (`assets/digits/ddpm-cond-thick`, sampled unconditionally through its null class, scored against its own held-out
 digits), the teacher at DDIM-32 and every guide of the first chain plugged in without retraining. Each guided row is
-swept over `--scales` and reported at the best scale by the rule of `plugguide.metrics.reporting`; the sweep is
+swept over `--classifier-scales` and reported at the best scale by the rule of `plugguide.metrics.reporting`; the sweep is
 printed below the table. Time per image is not a column: it is measured side by side, alone on the machine, by
-`benchmarks/distilled_guidance.py`. Finished rows are kept in `<out>/results.json`, so the script
+`benchmarks/distilled_guidance.py`. Finished rows are kept in `<output-dir>/results.json`, so the script
 resumes; `--page` rewrites the table between its markers.
 """
 
@@ -123,19 +123,27 @@ def main() -> None:
     parser.add_argument(
         "--other-guides", nargs="*", default=[], help="NAME=PATH of first-stage guides of other sizes, for comparison"
     )
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 4.0, 10.0])
+    parser.add_argument(
+        "--classifier-scales",
+        type=float,
+        nargs="+",
+        default=[1.0, 2.0, 4.0, 10.0],
+        help="classifier scales s swept (the pipeline's `classifier_scale`, the weight of the classifier's gradient)",
+    )
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--out", default="runs/guidance_distillation_table")
+    parser.add_argument(
+        "--output-dir", default="runs/guidance_distillation_table", help="run folder: results.json, grids/"
+    )
     add_page_arguments(parser, "guidance-distillation-table")
     args = parser.parse_args()
     chains = {"leading": parse_guides(args.guides), "trailing": parse_guides(args.trailing_guides)}
     first = max(chains["leading"])
     chains |= {name: {first: path} for name, path in (item.split("=", 1) for item in args.other_guides)}
     labels, seeds = targets(args.samples_per_class)
-    results_path = os.path.join(args.out, "results.json")
+    results_path = os.path.join(args.output_dir, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.output_dir, exist_ok=True)
     teacher = ExpertGuidance(args.experts)
     distilled = {(c, n): DistilledGuidance(path) for c, guides in chains.items() for n, path in guides.items()}
     parameters = {key: sum(p.numel() for p in g.guide.parameters()) for key, g in distilled.items()}
@@ -191,11 +199,11 @@ def main() -> None:
         scheduler = sampler_on_grid(scheduler, row.grid)
         pipeline = GuidedDiffusionPipeline(unets[row.base], scheduler, guidance)
         pipeline.set_progress_bar_config(disable=True)
-        for scale in [0.0] if guidance is None else args.scales:
+        for scale in [0.0] if guidance is None else args.classifier_scales:
             key = f"{row.key}/{scale:g}"
             if key in results:
                 continue
-            grid = os.path.join(args.out, "grids", f"{slug(key)}.png")
+            grid = os.path.join(args.output_dir, "grids", f"{slug(key)}.png")
             results[key] = measure(
                 metrics[row.section], sampler(pipeline, row.steps, scale), labels, seeds, args.batch_size, grid
             )
@@ -214,7 +222,7 @@ def main() -> None:
         guided = guidance_of(row) is not None
         chosen, marker = "0", ""
         if guided:
-            swept = {f"{scale:g}": results[f"{row.key}/{scale:g}"] for scale in args.scales}
+            swept = {f"{scale:g}": results[f"{row.key}/{scale:g}"] for scale in args.classifier_scales}
             chosen, met = best_scale(swept, results[row.unguided_key])
             marker = "" if met else "*"
             sweep.append(
@@ -238,7 +246,7 @@ def main() -> None:
     text = "\n".join(
         [
             describe(len(labels), "Unguided, PPAP-5 and distilled guidance"),
-            f"Scales swept: {', '.join(f'{s:g}' for s in args.scales)}.",
+            f"Scales swept: {', '.join(f'{s:g}' for s in args.classifier_scales)}.",
             "",
             markdown_table(
                 ["base", "sampler", "method", "classifier_scale", *QUALITY_HEADERS, "trainable params"],

@@ -1,6 +1,6 @@
 """Measures the shipped digits models and prints the asset tables of docs/results/assets.md (markdown).
 
-    python scripts/measure_assets.py [--samples-per-class 50] [--steps 50] [--out runs/assets] [--no-sampling]
+    python scripts/measure_assets.py [--samples-per-class 50] [--steps 50] [--output-dir runs/assets] [--no-sampling]
 
 Classifiers: accuracy on the fixed test split of `DigitsDataModule` (359 images). Dense models, on the same split
 against the maps derived from each digit (`DigitMapsDataModule`): the segmenter's pixel accuracy, mean IoU and the
@@ -9,7 +9,7 @@ Autoencoder: reconstruction error on that split. Diffusion models: unguided (or 
 of `scripts/protocol.py`, with DDIM and DDPM samplers. Two floor rows score real digits outside the reference set the
 same way (`floor_sets`): the held-out val digits, what a generator of new digits would score, and training digits, what
 copying the training set scores. The flow-matching model samples with its Euler sampler. Grids of every row go to
-`--out`.
+`--output-dir`.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ from plugguide.pipelines import GuidedDiffusionPipeline
 
 ASSETS = "assets/digits"
 CLASSIFIERS = ("classifier-resnet", "classifier-deit", "evaluator")
-# (model, sampler, CFG weight)
+# (model, sampler, classifier-free guidance scale g as diffusers' guidance_scale; 1 = off)
 DIFFUSION_ROWS = (
-    ("ddpm-uncond", "DDIMScheduler", 0.0),
-    ("ddpm-uncond", "DDPMScheduler", 0.0),
-    ("flow-uncond", "FlowMatchEulerDiscreteScheduler", 0.0),
-    ("ddpm-cond", "DDIMScheduler", 0.0),
-    ("ddpm-cond", "DDIMScheduler", 3.0),
+    ("ddpm-uncond", "DDIMScheduler", 1.0),
+    ("ddpm-uncond", "DDPMScheduler", 1.0),
+    ("flow-uncond", "FlowMatchEulerDiscreteScheduler", 1.0),
+    ("ddpm-cond", "DDIMScheduler", 1.0),
+    ("ddpm-cond", "DDIMScheduler", 4.0),
 )
 
 
@@ -139,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
-    parser.add_argument("--out", default="runs/assets")
+    parser.add_argument("--output-dir", default="runs/assets", help="run folder: results.json and a grid per row")
     parser.add_argument(
         "--no-sampling", action="store_true", help="no diffusion-model samples: the first table and the floor rows"
     )
@@ -164,23 +164,23 @@ def main() -> None:
             lambda batch_labels, batch_seeds: real_images[batch_seeds],
             real_labels,
             torch.arange(len(real_labels)),
-            grid_path=f"{args.out}/{name.split()[0]}.png",
+            grid_path=f"{args.output_dir}/{name.split()[0]}.png",
         )
         rows.append([name, "-", "-", "-", *quality_cells(results[name])])
-    for name, sampler, cfg in () if args.no_sampling else DIFFUSION_ROWS:
+    for name, sampler, guidance_scale in () if args.no_sampling else DIFFUSION_ROWS:
         path = os.path.join(ASSETS, name)
         pipeline = GuidedDiffusionPipeline(load_unet(path), load_scheduler(path, sampler))
         pipeline.set_progress_bar_config(disable=True)
         conditional = pipeline.is_class_conditional
         row_labels = sample_labels if conditional else torch.full_like(sample_labels, -1)
         steps = f"{sampler.removesuffix('Scheduler')}-{args.steps}"
-        label = f"{name}" + (f", CFG w={cfg:g}" if cfg else "")
+        label = f"{name}" + (f", CFG g={guidance_scale:g}" if guidance_scale != 1 else "")
         row = measure(
             metrics,
-            pipeline_sampler(pipeline, num_inference_steps=args.steps, guidance_scale=1 + cfg),
+            pipeline_sampler(pipeline, num_inference_steps=args.steps, guidance_scale=guidance_scale),
             row_labels,
             seeds,
-            grid_path=f"{args.out}/{label.replace(' ', '_').replace(',', '')}-{steps}.png",
+            grid_path=f"{args.output_dir}/{label.replace(' ', '_').replace(',', '')}-{steps}.png",
         )
         results[f"{label} {steps}"] = row
         params = sum(p.numel() for p in pipeline.unet.parameters())
@@ -195,8 +195,8 @@ def main() -> None:
     print(f"\n{sampling}")
     if args.page:
         write_between_markers(args.page, args.marker, f"{text}\n\n{sampling}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as file:
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "results.json"), "w") as file:
         json.dump(results, file, indent=1)
 
 

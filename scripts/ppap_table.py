@@ -1,14 +1,14 @@
 """Reproduces PPAP's Table 1 on the digits default, with the scale sweep, and prints it as markdown.
 
     python scripts/ppap_table.py [--families resnet deit] [--rows table options curves] [--steps-per-expert 1000]
-                                 [--samples-per-class 50] [--scales 3 10 30 100] [--out runs/ppap_table]
+                                 [--samples-per-class 50] [--classifier-scales 3 10 30 100] [--output-dir runs/ppap_table]
 
 Every trained row goes through `configs/ppap.yaml` with overrides (finished rows are reused, so the script
 resumes) and trains each of its N experts for `--steps-per-expert` steps, as the paper trains every expert to
-convergence. Every guided row is sampled at each scale of `--scales` with the same sampler, steps and seeds and
+convergence. Every guided row is sampled at each scale of `--classifier-scales` with the same sampler, steps and seeds and
 scored under the protocol of `scripts/protocol.py` (independent evaluator; FID/KID in three feature spaces with
 95% intervals); its reported scale follows `plugguide.metrics.reporting.BEST_SCALE_RULE`, never accuracy alone.
-Raw results (`results.json`), a grid per row and scale (`grids/`) and the sweep plot go to `--out`.
+Raw results (`results.json`), a grid per row and scale (`grids/`) and the sweep plot go to `--output-dir`.
 
 Row groups: `table` (the paper's Table 1; PPAP experts chained, as the authors and the main job train them),
 `options` (the authors' frozen head, conv LoRA and every-bias experts; round-robin experts; the paper's DDIM-25 data),
@@ -120,7 +120,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="run only these methods (e.g. PPAP-5)")
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--steps", type=int, default=50, help="DDPM (ancestral) sampler steps")
-    parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 10.0, 30.0, 100.0])
+    parser.add_argument(
+        "--classifier-scales",
+        type=float,
+        nargs="+",
+        default=[3.0, 10.0, 30.0, 100.0],
+        help="classifier scales s swept (the pipeline's `classifier_scale`, the weight of the classifier's gradient)",
+    )
     parser.add_argument("--steps-per-expert", type=int, default=STEPS_PER_EXPERT)
     parser.add_argument(
         "--experts",
@@ -129,14 +135,16 @@ def main() -> None:
         metavar="NAME=DIR",
         help="also score experts trained elsewhere, e.g. 'main job=runs/ppap/version_0/experts'",
     )
-    parser.add_argument("--out", default="runs/ppap_table")
+    parser.add_argument(
+        "--output-dir", default="runs/ppap_table", help="run folder: results.json, grids/, experts, sweep.png"
+    )
     add_page_arguments(parser, "ppap-table-per-expert")
     args = parser.parse_args()
 
     metrics = reference_metrics()
     unet = load_unet(DIFFUSION_MODEL)
     labels, seeds = targets(args.samples_per_class)
-    results_path = os.path.join(args.out, "results.json")
+    results_path = os.path.join(args.output_dir, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
 
     def sweep(key: str, guidance, scales: list[float]) -> dict:
@@ -150,9 +158,9 @@ def main() -> None:
                 pipeline_sampler(pipeline, num_inference_steps=args.steps, classifier_scale=scale),
                 labels,
                 seeds,
-                grid_path=os.path.join(args.out, "grids", f"{slug(key)}-s{scale:g}.png"),
+                grid_path=os.path.join(args.output_dir, "grids", f"{slug(key)}-s{scale:g}.png"),
             )
-            os.makedirs(args.out, exist_ok=True)
+            os.makedirs(args.output_dir, exist_ok=True)
             with open(results_path + ".tmp", "w") as file:
                 json.dump(results, file, indent=1)
             os.replace(results_path + ".tmp", results_path)
@@ -179,7 +187,7 @@ def main() -> None:
                     )
                     params, supervision = "0 (0%)", "none"
                 else:
-                    directory = os.path.join(args.out, family, slug(name))
+                    directory = os.path.join(args.output_dir, family, slug(name))
                     trained_here = True
                     experts = MultiExpertModel.from_pretrained(
                         train_row(directory, teacher, spec, args.steps_per_expert)
@@ -193,7 +201,7 @@ def main() -> None:
                         else f"data-free ({spec['num_images']:,} generated)"
                     )
                 key = f"{family}/{name}"
-                sweeps[key] = sweep(key, guidance, args.scales)
+                sweeps[key] = sweep(key, guidance, args.classifier_scales)
                 scale, admissible = best_scale(sweeps[key], unguided)
                 table.append(
                     [
@@ -209,7 +217,7 @@ def main() -> None:
     for name, directory in (entry.split("=", 1) for entry in args.experts):
         experts = MultiExpertModel.from_pretrained(directory)
         report = experts.parameter_report()
-        sweeps[name] = sweep(f"given/{name}", ExpertGuidance(experts), args.scales)
+        sweeps[name] = sweep(f"given/{name}", ExpertGuidance(experts), args.classifier_scales)
         scale, admissible = best_scale(sweeps[name], unguided)
         params = f"{report['trainable_total']:,} ({report['trainable_percent_of_backbone']:.0f}%)"
         table.append(
@@ -235,13 +243,13 @@ def main() -> None:
         "Sweep (guided accuracy / FID autoencoder at each scale):",
         "",
         markdown_table(
-            ["row", *(f"s={s:g}" for s in args.scales)],
+            ["row", *(f"s={s:g}" for s in args.classifier_scales)],
             [
                 [
                     key,
                     *(
                         f"{estimate(r[str(s)], 'guided_accuracy', 2).split(' ')[0]} / {r[str(s)]['fid_autoencoder']:.1f}"
-                        for s in args.scales
+                        for s in args.classifier_scales
                     ),
                 ]
                 for key, r in sweeps.items()
@@ -249,13 +257,13 @@ def main() -> None:
         ),
     ]
     text = "\n".join(lines)
-    with open(os.path.join(args.out, "table.md"), "w") as file:
+    with open(os.path.join(args.output_dir, "table.md"), "w") as file:
         file.write(text + "\n")
     if args.page:
         write_between_markers(args.page, args.marker, text)
-    sweep_figure(sweeps, unguided, args.scales).savefig(os.path.join(args.out, "sweep.png"), dpi=120)
+    sweep_figure(sweeps, unguided, args.classifier_scales).savefig(os.path.join(args.output_dir, "sweep.png"), dpi=120)
     print(text)
-    print(f"\nRaw results: {results_path}; grids: {args.out}/grids/; sweep plot: {args.out}/sweep.png")
+    print(f"\nRaw results: {results_path}; grids: {args.output_dir}/grids/; sweep plot: {args.output_dir}/sweep.png")
 
 
 if __name__ == "__main__":

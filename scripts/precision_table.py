@@ -1,7 +1,7 @@
 """Reduced precision and compilation of the UNet, measured for speed and for quality, printed as markdown.
 
     python scripts/precision_table.py [--experts runs/ppap/version_0/experts] [--settings fp32 bf16 compile compile+bf16]
-                                      [--samples-per-class 50] [--timing-samples 100] [--repeats 3] [--out runs/precision_table]
+                                      [--samples-per-class 50] [--timing-samples 100] [--repeats 3] [--output-dir runs/precision_table]
 
 Two workloads, both DDPM-50 on `assets/digits/ddpm-uncond`: unguided sampling (the UNet alone, as in synthesis) and
 the main job's guided sampling (PPAP-5 experts, `--experts`, scale 4). Each setting is what the sampling and
@@ -12,7 +12,7 @@ Speed: every repeat samples `--timing-samples` images with each setting in turn,
 compiles; the table gives the median time per image and its ratio to fp32 of the same workload, so the ratios are
 side by side in one run. Quality: each setting samples the protocol's seeds and is scored under `scripts/protocol.py`
 (independent evaluator, FID/KID in three spaces with 95% intervals); a setting is only as good as fp32 where its
-intervals overlap fp32's. Raw results go to `<out>/results.json`, the table to `<out>/table.md`.
+intervals overlap fp32's. Raw results go to `<output-dir>/results.json`, the table to `<output-dir>/table.md`.
 """
 
 from __future__ import annotations
@@ -78,7 +78,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", default="runs/ppap/version_0/experts", help="the main job's exported experts")
     parser.add_argument(
-        "--scale", type=float, default=4.0, help="guidance scale of the PPAP workload (the main job's)"
+        "--classifier-scale",
+        type=float,
+        default=4.0,
+        help="classifier scale s (`classifier_scale`) of the PPAP workload (the main job's)",
     )
     parser.add_argument(
         "--settings", nargs="+", default=["fp32", "bf16", "compile", "compile+bf16"], choices=list(SETTINGS)
@@ -86,14 +89,14 @@ def main() -> None:
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--timing-samples", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="runs/precision_table")
+    parser.add_argument("--output-dir", default="runs/precision_table", help="run folder: results and grids/")
     add_page_arguments(parser, "precision-table")
     args = parser.parse_args()
     if args.settings[0] != "fp32":
         parser.error("--settings must start with fp32, the reference of every ratio and interval")
     workloads = {
         "unguided": (None, 0.0),
-        "PPAP-5": (ExpertGuidance(MultiExpertModel.from_pretrained(args.experts)), args.scale),
+        "PPAP-5": (ExpertGuidance(MultiExpertModel.from_pretrained(args.experts)), args.classifier_scale),
     }
     metrics, (labels, seeds) = reference_metrics(), targets(args.samples_per_class)
     results, rows = {}, []
@@ -107,7 +110,7 @@ def main() -> None:
                 pipeline_sampler(pipeline, num_inference_steps=STEPS, classifier_scale=scale),
                 labels,
                 seeds,
-                grid_path=os.path.join(args.out, "grids", f"{workload}-{name}.png"),
+                grid_path=os.path.join(args.output_dir, "grids", f"{workload}-{name}.png"),
             )
             median = statistics.median(seconds[name])
             results[f"{workload} | {name}"] = quality | {"timing_seconds_per_image": seconds[name]}
@@ -122,16 +125,16 @@ def main() -> None:
             )
     text = "\n".join(
         [
-            describe(len(labels), f"DDPM-{STEPS}") + f" PPAP-5: `{args.experts}` at s = {args.scale:g}.",
+            describe(len(labels), f"DDPM-{STEPS}") + f" PPAP-5: `{args.experts}` at s = {args.classifier_scale:g}.",
             f"Speed: median of {args.repeats} interleaved repeats of {args.timing_samples} samples after a warm-up round "
             f"(which compiles); torch threads: {torch.get_num_threads()}.",
             "",
             markdown_table(["workload", "setting", "ms per image", "time vs fp32", *QUALITY_HEADERS], rows),
         ]
     )
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.output_dir, exist_ok=True)
     for name, content in (("results.json", json.dumps(results, indent=1)), ("table.md", text + "\n")):
-        path = os.path.join(args.out, name)
+        path = os.path.join(args.output_dir, name)
         with open(path + ".tmp", "w") as file:
             file.write(content)
         os.replace(path + ".tmp", path)

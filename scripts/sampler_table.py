@@ -1,7 +1,7 @@
 """The same guidance across model families and samplers, on the digits default, printed as markdown.
 
-    python scripts/sampler_table.py [--experts runs/ppap/version_0/experts] [--samples-per-class 50] [--out runs/sampler_table]
-                                    [--samplers DDPM-50 ...] [--methods unguided calibrated PPAP-5] [--scales 1 3 10 30]
+    python scripts/sampler_table.py [--experts runs/ppap/version_0/experts] [--samples-per-class 50] [--output-dir runs/sampler_table]
+                                    [--samplers DDPM-50 ...] [--methods unguided calibrated PPAP-5] [--classifier-scales 1 3 10 30]
 
 Rows: unguided, calibrated off-the-shelf guidance (`CalibratedGuidance` on the ResNet, the paper's defaults) and
 PPAP-5 experts (`--experts`, as `lightning fit -c configs/ppap.yaml` exports them), across DDPM-50, DDIM-25,
@@ -17,8 +17,8 @@ feature spaces with 95% intervals). Every guided row is swept over the scales an
 unguided row is always measured. ms per image is the wall time of sampling divided by the images, measured in this
 run (compare rows of one run on an idle machine).
 The PPAP experts were distilled on `ddpm-uncond`'s noise schedule; on the flow model they are routed by the flow
-model's own timestep t = s T. Finished entries are kept in `<out>/results.json`, so the script resumes; a grid of
-each entry goes to `<out>/grids/`.
+model's own timestep t = s T. Finished entries are kept in `<output-dir>/results.json`, so the script resumes; a grid of
+each entry goes to `<output-dir>/grids/`.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def guidance_for(method: str, experts: str):
 
 
 def write_table(results: dict, args, num_samples: int) -> str:
-    """Writes `<out>/table.md` and returns its text (after every entry, so a partial run keeps what it measured)."""
+    """Writes `<output-dir>/table.md` and returns its text (after every entry, so a partial run keeps what it measured)."""
     rows, sweeps = [], []
     for sampler in args.samplers:
         unguided = results.get(f"{sampler}/unguided", {}).get("0.0")
@@ -120,7 +120,7 @@ def write_table(results: dict, args, num_samples: int) -> str:
             markdown_table(["sampler", "method", "sweep"], sweeps),
         ]
     )
-    path = os.path.join(args.out, "table.md")
+    path = os.path.join(args.output_dir, "table.md")
     with open(path + ".tmp", "w") as file:
         file.write(text + "\n")
     os.replace(path + ".tmp", path)
@@ -136,7 +136,11 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS[:3]), choices=METHODS)
     parser.add_argument(
-        "--scales", type=float, nargs="+", default=[1.0, 3.0, 10.0, 30.0], help="sweep of the score-shift methods"
+        "--classifier-scales",
+        type=float,
+        nargs="+",
+        default=[1.0, 3.0, 10.0, 30.0],
+        help="classifier scales s (`classifier_scale`) swept by the score-shift methods",
     )
     parser.add_argument(
         "--edm-scales",
@@ -146,7 +150,9 @@ def main() -> None:
         help="sweep of calibrated-edm (a fraction of the sample's RMS per step)",
     )
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--out", default="runs/sampler_table")
+    parser.add_argument(
+        "--output-dir", default="runs/sampler_table", help="run folder: results.json, grids/, table.md"
+    )
     add_page_arguments(parser, "sampler-table")
     args = parser.parse_args()
     if "PPAP-5" in args.methods and not os.path.isfile(os.path.join(args.experts, "experts.json")):
@@ -157,21 +163,21 @@ def main() -> None:
         dict.fromkeys(["unguided", *args.methods])
     )  # every sampler's guided rows are judged against it
     labels, seeds = targets(args.samples_per_class)
-    results_path = os.path.join(args.out, "results.json")
+    results_path = os.path.join(args.output_dir, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
     if results.get("samples") not in (None, len(labels)):
         parser.error(
-            f"{results_path} holds {results['samples']} samples per entry; use another --out for {len(labels)}."
+            f"{results_path} holds {results['samples']} samples per entry; use another --output-dir for {len(labels)}."
         )
     stale = [
         key for key, sweep in results.items() if key != "samples" and any("intervals" not in r for r in sweep.values())
     ]
     if stale:
         parser.error(
-            f"{results_path} holds entries scored before scripts/protocol.py (e.g. {stale[0]!r}); use another --out."
+            f"{results_path} holds entries scored before scripts/protocol.py (e.g. {stale[0]!r}); use another --output-dir."
         )
     results["samples"] = len(labels)
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.output_dir, exist_ok=True)
 
     metrics = reference_metrics()
     for sampler in args.samplers:
@@ -179,7 +185,13 @@ def main() -> None:
         path = f"{ASSETS}/{model}"
         unet = load_unet(path)
         for method in args.methods:
-            scales = [0.0] if method == "unguided" else args.edm_scales if method == "calibrated-edm" else args.scales
+            scales = (
+                [0.0]
+                if method == "unguided"
+                else args.edm_scales
+                if method == "calibrated-edm"
+                else args.classifier_scales
+            )
             key = f"{sampler}/{method}"
             done = results.setdefault(key, {})
             missing = [s for s in scales if str(s) not in done]
@@ -196,7 +208,7 @@ def main() -> None:
                     labels,
                     seeds,
                     batch_size=args.batch_size,
-                    grid_path=os.path.join(args.out, "grids", f"{slug(key)}-s{scale:g}.png"),
+                    grid_path=os.path.join(args.output_dir, "grids", f"{slug(key)}-s{scale:g}.png"),
                 )
                 with open(f"{results_path}.tmp", "w") as file:
                     json.dump(results, file, indent=1)
@@ -212,7 +224,7 @@ def main() -> None:
     if args.page:
         write_between_markers(args.page, args.marker, text)
     print(text)
-    print(f"\nRaw results: {results_path}; grids: {args.out}/grids/")
+    print(f"\nRaw results: {results_path}; grids: {args.output_dir}/grids/")
 
 
 if __name__ == "__main__":

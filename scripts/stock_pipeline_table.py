@@ -1,7 +1,7 @@
 """Guidance through diffusers' own pipeline (`guided`) beside the project's pipeline, on the same work, as markdown.
 
-    python scripts/stock_pipeline_table.py [--experts runs/ppap/version_0/experts] [--samples-per-class 50] [--scale 3]
-                                           [--out runs/stock_pipeline_table] [--page docs/results/stock_pipelines.md]
+    python scripts/stock_pipeline_table.py [--experts runs/ppap/version_0/experts] [--samples-per-class 50] [--classifier-scale 3]
+                                           [--output-dir runs/stock_pipeline_table] [--page docs/results/stock_pipelines.md]
 
 Rows: unguided, calibrated off-the-shelf guidance (`CalibratedGuidance` on the shipped ResNet, the paper's defaults)
 and, with `--experts`, PPAP-5 experts, each sampled twice on `assets/digits/ddpm-uncond` with DDIM-25: by the stock
@@ -13,7 +13,7 @@ samples of a method. Euler-25 has no row: no stock diffusers pipeline samples an
 sigma-space sampler (`DDIMPipeline` converts any scheduler to DDIM and passes it `eta`; `DDPMPipeline` neither scales
 the initial noise by `init_noise_sigma` nor the input by `scale_model_input`); `guided` runs Euler inside the pipelines
 that do (Stable Diffusion, SDXL, IF; tests/test_guided_stock_pipelines.py). Finished rows are kept in
-`<out>/results.json`, so the script resumes; `--page` rewrites the table between its markers.
+`<output-dir>/results.json`, so the script resumes; `--page` rewrites the table between its markers.
 """
 
 from __future__ import annotations
@@ -76,13 +76,15 @@ def main() -> None:
     )
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument(
-        "--scale",
+        "--classifier-scale",
         type=float,
         default=3.0,
-        help="classifier_scale of every guided row (the sampler table's best DDIM-25 scale)",
+        help="classifier scale s (`classifier_scale`) of every guided row (the sampler table's best DDIM-25 scale)",
     )
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--out", default="runs/stock_pipeline_table")
+    parser.add_argument(
+        "--output-dir", default="runs/stock_pipeline_table", help="run folder: results.json, samples, grids/"
+    )
     add_page_arguments(parser, "stock-pipeline-table")
     args = parser.parse_args()
     if args.experts is not None and not os.path.isfile(os.path.join(args.experts, "experts.json")):
@@ -94,21 +96,21 @@ def main() -> None:
         {"PPAP-5": ExpertGuidance(args.experts)} if args.experts else {}
     )
     labels, seeds = targets(args.samples_per_class)
-    results_path = os.path.join(args.out, "results.json")
+    results_path = os.path.join(args.output_dir, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
-    if results.get("samples") not in (None, len(labels)) or results.get("scale") not in (None, args.scale):
+    if results.get("samples") not in (None, len(labels)) or results.get("scale") not in (None, args.classifier_scale):
         parser.error(
-            f"{results_path} holds {results['samples']} samples at scale {results['scale']}; use another --out."
+            f"{results_path} holds {results['samples']} samples at scale {results['scale']}; use another --output-dir."
         )
-    results |= {"samples": len(labels), "scale": args.scale}
-    os.makedirs(args.out, exist_ok=True)
+    results |= {"samples": len(labels), "scale": args.classifier_scale}
+    os.makedirs(args.output_dir, exist_ok=True)
 
     metrics = reference_metrics()
     stock = DDIMPipeline.from_pretrained(MODEL)
     stock.set_progress_bar_config(disable=True)
     samples = {}
     for method, guidance in methods.items():
-        scale = 0.0 if guidance is None else args.scale
+        scale = 0.0 if guidance is None else args.classifier_scale
         project = GuidedDiffusionPipeline(stock.unet, stock.scheduler, guidance)
         project.set_progress_bar_config(disable=True)
         samplers = {
@@ -117,7 +119,7 @@ def main() -> None:
         }
         for pipeline, sample in samplers.items():
             key = f"{method}/{pipeline}"
-            samples_path = os.path.join(args.out, f"{slug(key)}.pt")
+            samples_path = os.path.join(args.output_dir, f"{slug(key)}.pt")
             if key in results and os.path.isfile(samples_path):
                 samples[key] = torch.load(samples_path)
                 continue
@@ -126,7 +128,7 @@ def main() -> None:
                 samples[key] = images
                 return {}
 
-            grid = os.path.join(args.out, "grids", f"{slug(key)}.png")
+            grid = os.path.join(args.output_dir, "grids", f"{slug(key)}.png")
             results[key] = measure(
                 metrics, sample, labels, seeds, batch_size=args.batch_size, grid_path=grid, on_images=keep
             )
@@ -141,7 +143,7 @@ def main() -> None:
         difference = (samples[f"{method}/{PIPELINES[0]}"] - samples[f"{method}/{PIPELINES[1]}"]).abs().max().item()
         for pipeline in PIPELINES:
             row = results[f"{method}/{pipeline}"]
-            cell = "-" if method == "unguided" else f"{args.scale:g}"
+            cell = "-" if method == "unguided" else f"{args.classifier_scale:g}"
             rows.append(
                 [
                     "DDIM-25",
@@ -155,8 +157,8 @@ def main() -> None:
     text = "\n".join(
         [
             describe(len(labels), f"DDIM-25 on {MODEL}"),
-            f"Command: `python scripts/stock_pipeline_table.py --samples-per-class {args.samples_per_class} --scale "
-            f"{args.scale:g}"
+            f"Command: `python scripts/stock_pipeline_table.py --samples-per-class {args.samples_per_class} --classifier-scale "
+            f"{args.classifier_scale:g}"
             + (f" --experts {args.experts}" if args.experts else "")
             + (f" --page {args.page}`" if args.page else "`")
             + " (time per image: `python benchmarks/stock_pipelines.py` on an idle machine).",
