@@ -13,7 +13,7 @@ from plugguide.pipelines.finite import check_cfg_scale
 
 
 class GuideSampleGrid(PeriodicGrid):
-    """For several guidance numbers g, samples the module's guide pipeline and CFG from the same noise and logs both.
+    """For several guidance scales g, samples the module's guide pipeline and CFG from the same noise and logs both.
 
     The module provides `sampling_pipeline()` (a `GuideDistilledPipeline`) and `cfg_pipeline()` (a
     `GuidedDiffusionPipeline`); both draw their initial noise as `randn_tensor` from a generator seeded with

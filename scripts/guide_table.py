@@ -1,18 +1,18 @@
 """The guide-distillation table of docs/results/guide_distillation.md: CFG (2 passes) vs TinyGuide vs FullGuide (1 pass).
 
-    python scripts/guide_table.py [--samples-per-class 50] [--scales 2 4 6 8] [--steps 32 16 8 4] [--guides runs/guides]
-                                  [--spacing leading|trailing]
+    python scripts/guide_table.py [--samples-per-class 50] [--guidance-scales 3 5 7 9] [--steps 32 16 8 4]
+                                  [--guides runs/guides] [--spacing leading|trailing]
 
-For every base (the embedded digits model and its thick-stroke fine-tune), guidance number g and DDIM step
-count, samples the same seeds with (g is the paper's `(1 + g) eps(c) - g eps(null)`, diffusers' `guidance_scale` 1 + g)
-- CFG: `GuidedDiffusionPipeline(guidance_scale=1 + g)`, two UNet passes per step (one doubled batch);
-- TinyGuide / FullGuide: `GuideDistilledPipeline(guidance_scale=1 + g)` with the guide halved to that step count
+For every base (the embedded digits model and its thick-stroke fine-tune), guidance scale g (diffusers'
+`guidance_scale`: `eps(null) + g (eps(c) - eps(null))`, 1 = off) and DDIM step count, samples the same seeds with
+- CFG: `GuidedDiffusionPipeline(guidance_scale=g)`, two UNet passes per step (one doubled batch);
+- TinyGuide / FullGuide: `GuideDistilledPipeline(guidance_scale=g)` with the guide halved to that step count
   (`<guides>/<tiny|full>/steps-<n>`; the 32-step guide is the CFG-distilled one). Guides are always the ones
   trained on the original base: on the fine-tuned base they are plugged in without retraining.
 Missing guide chains are trained first, with the commands of docs/guide_distillation.md. Rows are scored under
 the protocol of `scripts/protocol.py` (the reference set is that base's own test digits), plus FLOPs per sampling step
 per image (`torch.utils.flop_counter`), guide parameters as % of the UNet, and sampling time per image (on a busy
-machine only the ratios mean something). Raw results go to `<out>/results.json`, grids to `<out>/grids/`.
+machine only the ratios mean something). Raw results go to `<output-dir>/results.json`, grids to `<output-dir>/grids/`.
 `--spacing trailing` halves and samples on diffusers' "trailing" timesteps (every step count starts at t = T - 1)
 instead of the default "leading" ones, with its own chains under `<guides>-trailing`.
 """
@@ -135,7 +135,7 @@ def gap_table(results: dict, args: argparse.Namespace) -> list[str]:
             f"{accuracy(base, g, fewest, method) - accuracy(base, g, most, 'CFG'):+.1f}",
         ]
         for base in args.bases
-        for g in args.scales
+        for g in args.guidance_scales
         for method in args.methods
         if method != "CFG"
     ]
@@ -160,7 +160,13 @@ def main() -> None:
     parser.add_argument(
         "--guides", default="runs/guides", help="root of the guide chains (<root>/<tiny|full>/steps-<n>)"
     )
-    parser.add_argument("--scales", nargs="+", type=float, default=[2.0, 4.0, 6.0, 8.0])
+    parser.add_argument(
+        "--guidance-scales",
+        nargs="+",
+        type=float,
+        default=[3.0, 5.0, 7.0, 9.0],
+        help="classifier-free guidance scales g, as diffusers' guidance_scale (1 = off)",
+    )
     parser.add_argument("--steps", nargs="+", type=int, default=[32, 16, 8, 4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument(
@@ -170,7 +176,7 @@ def main() -> None:
         help="DDIM timestep spacing of the halving stages and of sampling; trailing chains go to <guides>-trailing",
     )
     parser.add_argument("--samples-per-class", type=int, default=50)
-    parser.add_argument("--out", default="runs/guide_table")
+    parser.add_argument("--output-dir", default="runs/guide_table", help="run folder: results.json, grids/, table.md")
     add_page_arguments(parser, "guide-table")
     args = parser.parse_args()
     guides = args.guides if args.spacing == "leading" else f"{args.guides}-{args.spacing}"
@@ -179,7 +185,7 @@ def main() -> None:
             train_chain(guides, method.removesuffix("Guide").lower(), args.spacing, args.guides)
 
     labels, seeds = targets(args.samples_per_class)
-    results_path = os.path.join(args.out, "results.json")
+    results_path = os.path.join(args.output_dir, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
     rows, grids = [], {}
     for base in args.bases:
@@ -213,19 +219,19 @@ def main() -> None:
                     flops = step_flops(lambda: predict_guided_noise(unet, guide, probe[0], probe[1], 4.0, probe[2]))
                     params = 100.0 * sum(p.numel() for p in guide.parameters()) / unet_params
                 pipeline.set_progress_bar_config(disable=True)
-                for g in args.scales:
+                for g in args.guidance_scales:
                     key = f"{base} | g={g:g} | {steps} steps | {method}"
                     if key not in results:
                         results[key] = measure(
                             metrics,
-                            pipeline_sampler(pipeline, num_inference_steps=steps, guidance_scale=1 + g),
+                            pipeline_sampler(pipeline, num_inference_steps=steps, guidance_scale=g),
                             labels,
                             seeds,
                             grid_path=os.path.join(
-                                args.out, "grids", f"{base.split()[0]}-g{g:g}-{steps}-{method}.png"
+                                args.output_dir, "grids", f"{base.split()[0]}-g{g:g}-{steps}-{method}.png"
                             ),
                         )
-                        os.makedirs(args.out, exist_ok=True)
+                        os.makedirs(args.output_dir, exist_ok=True)
                         with open(results_path + ".tmp", "w") as file:
                             json.dump(results, file, indent=1)
                         os.replace(results_path + ".tmp", results_path)
@@ -279,7 +285,7 @@ def main() -> None:
             *gap_table(results, args),
         ]
     )
-    with open(os.path.join(args.out, "table.md"), "w") as file:
+    with open(os.path.join(args.output_dir, "table.md"), "w") as file:
         file.write(text + "\n")
     if args.page:
         write_between_markers(args.page, args.marker, text)
