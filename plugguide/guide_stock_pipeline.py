@@ -12,7 +12,7 @@ classifier sees the VAE decoder's image of x0_hat (or of x_t), in [-1, 1], resiz
 2023, section 5.3). Methods: `calibrated` (`CalibratedGuidance`: Softplus, joint/marginal temperatures; EluCD),
 `predicted-clean` (`PredictedCleanImageGuidance`, the plain classifier on x0_hat), `ppap` (`ExpertGuidance`, PPAP
 experts exported by `lightning fit`, `--experts DIR`; they must have been distilled for this model's images).
-`--guidance-scale` is the pipeline's own (CFG weight; Flux-dev's distilled guidance). Images are written to `--out` as
+`--guidance-scale` is the pipeline's own (CFG weight; Flux-dev's distilled guidance). Images are written to `--output-dir` as
 PNG.
 """
 
@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="runs/guided_stock_pipeline")
+    parser.add_argument(
+        "--output-dir", default="runs/guided_stock_pipeline", help="the folder the images are written to"
+    )
     args = parser.parse_args(argv)
     pipe = DiffusionPipeline.from_pretrained(args.pipeline_id, torch_dtype=DTYPES[args.dtype]).to(args.device)
     guidance = make_guidance(args.method, args.classifier, args.experts)
@@ -98,10 +100,10 @@ def main(argv: list[str] | None = None) -> list[str]:
         if value is not None
     }
     images = generate(pipe, guidance, args.class_id, args.num_images, args.classifier_scale, args.seed, **call)
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.output_dir, exist_ok=True)
     paths = []
     for index, image in enumerate(images):
-        path = os.path.join(args.out, f"class{args.class_id}-{index:03d}.png")
+        path = os.path.join(args.output_dir, f"class{args.class_id}-{index:03d}.png")
         image.save(path + ".tmp", format="PNG")
         os.replace(path + ".tmp", path)
         paths.append(path)

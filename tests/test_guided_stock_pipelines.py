@@ -998,7 +998,7 @@ def test_recipe_script_runs_a_saved_pipeline_with_its_tokenizer_end_to_end(sd_pa
         "2",
         "--num-images",
         "2",
-        "--out",
+        "--output-dir",
         str(tmp_path / "out"),
     ]
     paths = script.main(arguments)
