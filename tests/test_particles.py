@@ -3,12 +3,14 @@ FK steering on every model family, inside stock diffusers pipelines, and in the 
 
 from __future__ import annotations
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
 from torch.distributions import Normal
 
+from plugguide.pipelines.guidance import NaiveClassifierGuidance, PredictedCleanImageGuidance
 from plugguide.pipelines.guidance.base import Guidance
 from plugguide.pipelines.particle_population import ParticlePopulation, ParticleSettings
 from plugguide.pipelines.particle_potentials import FKPotential
@@ -21,6 +23,8 @@ from plugguide.pipelines.resampling import (
     resample_indices,
 )
 from plugguide.pipelines.twisted_weights import transition_log_ratio, twisted_log_weight
+from tests.conftest import tiny_scheduler, tiny_unet
+from tests.test_guided_stock_pipelines import seeded
 from tests.test_model_families import MEANS, MixtureDenoiser, mixture_posterior
 
 # -- the authors' few lines, restated (nothing is imported from their code) ------------------------------------------
@@ -267,3 +271,127 @@ def test_twisted_smc_at_scale_1_samples_the_class_conditional_model_where_guidan
     guided_mean, _, guided_in_class = statistics(guided)
     assert in_class - guided_in_class > 0.15  # measured 0.76 against 0.99
     assert (guided_mean - mean).abs().max() > 0.15  # measured 0.24 off
+
+
+# -- every model family, and what resampling means on each -----------------------------------------------------------
+
+STOCHASTIC = ("DDPMScheduler", "EulerAncestralDiscreteScheduler")
+FAMILY_SAMPLERS = [
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "HeunDiscreteScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+]
+
+
+def tiny_particle_pipeline(name: str, classifier, guidance: str = "x0_hat") -> ParticleDiffusionPipeline:
+    scheduler = (
+        diffusers.FlowMatchEulerDiscreteScheduler()
+        if name == "FlowMatchEulerDiscreteScheduler"
+        else getattr(diffusers, name).from_config(tiny_scheduler().config)
+    )
+    guide = PredictedCleanImageGuidance(classifier) if guidance == "x0_hat" else NaiveClassifierGuidance(classifier)
+    pipeline = ParticleDiffusionPipeline(tiny_unet(), scheduler, guide)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def states_after_each_step(pipeline, **kwargs) -> list[torch.Tensor]:
+    states = []
+
+    def keep(pipe, index, timestep, tensors):
+        states.append(tensors["latents"].clone())
+        return tensors
+
+    output = pipeline(callback_on_step_end=keep, output_type="pt", **kwargs)
+    return states, output
+
+
+@pytest.mark.parametrize("name", FAMILY_SAMPLERS)
+@pytest.mark.parametrize("potential", ["max", "diff"])
+def test_fk_steering_runs_on_every_family_and_a_copy_goes_on_as_its_ancestor(name, potential, tiny_classifier):
+    """FK potentials on each sampler. A population made of copies of one particle at step 2 (lambda so large that one
+    particle holds all the weight) goes on, on a deterministic sampler, exactly as that particle did in the run that did
+    not resample: the copies carry its state and its multistep history (DPM-Solver's model outputs, Heun's predictor).
+    On a stochastic sampler the copies draw their own noise and part."""
+    pipeline = tiny_particle_pipeline(name, tiny_classifier, guidance="x_t" if potential == "max" else "x0_hat")
+
+    def run(settings):
+        return states_after_each_step(
+            pipeline,
+            class_labels=[3, 5],
+            num_particles=4,
+            num_inference_steps=5,
+            generator=[seeded(0), seeded(1)],
+            particle_settings=settings,
+        )
+
+    free, _ = run(ParticleSettings(potential=potential, resample_interval=None))
+    steered, output = run(ParticleSettings(potential=potential, lmbda=1e6, resample_start=2, resample_end=2))
+    assert output.images.shape == (2, 1, 16, 16) and output.ess.shape == (1, 2) and output.resampled.all()
+    evaluations = len(pipeline.scheduler.timesteps)  # Heun: two per step but the last
+    assert output.costs == {"denoiser": 4 * evaluations, "guidance_gradient": 0, "guidance_forward": 8}
+    resampled = 2 * pipeline.scheduler.order  # the evaluation that resampled (Heun: two per step)
+    for index in range(resampled):  # before the resampling: the same run
+        torch.testing.assert_close(steered[index], free[index])
+    for group in range(2):
+        rows = slice(4 * group, 4 * group + 4)
+        copies = steered[resampled][rows]
+        if name in STOCHASTIC:  # the copies took the step with their own noise
+            assert not torch.allclose(copies[0], copies[1])
+            continue
+        # each copy's ancestor: the particle of the free run it continues (ties of the top weight split the copies)
+        ancestors = (free[resampled][rows][None] - copies[:, None]).flatten(2).norm(dim=2).argmin(1)
+        assert len(set(ancestors.tolist())) <= 2 and (ancestors != torch.arange(4)).any()
+        for index in range(resampled, resampled + 2):
+            torch.testing.assert_close(steered[index][rows], free[index][rows][ancestors], rtol=1e-5, atol=1e-5)
+
+
+def test_twisted_weights_are_refused_on_a_deterministic_sampler_and_without_a_scale(tiny_classifier):
+    pipeline = tiny_particle_pipeline("DDIMScheduler", tiny_classifier)
+    twisted = ParticleSettings(potential="twisted")
+    with pytest.raises(ValueError, match="DDIMScheduler has none"):
+        pipeline([3], particle_settings=twisted, classifier_scale=1.0, num_inference_steps=2)
+    pipeline = tiny_particle_pipeline("DDPMScheduler", tiny_classifier)
+    with pytest.raises(ValueError, match="`classifier_scale`, which must be > 0"):
+        pipeline([3], particle_settings=twisted, num_inference_steps=2)
+    with pytest.raises(ValueError, match="`potential` to be one of"):
+        ParticleSettings(potential="best")
+    with pytest.raises(ValueError, match="`num_particles` to be an integer >= 1"):
+        pipeline([3], num_particles=0)
+
+
+def test_a_samples_particles_follow_from_its_own_seed_whatever_the_batch(tiny_classifier):
+    """Per-sample generators: each sample's K particles draw their noise from generators seeded from its own, and
+    its resampling from it, so a sample is the same alone and in a batch, and a rerun is the same run."""
+    pipeline = tiny_particle_pipeline("DDPMScheduler", tiny_classifier)
+    settings = ParticleSettings(potential="rt", resampling="multinomial", lmbda=5.0)
+    common = dict(num_particles=3, num_inference_steps=4, particle_settings=settings, output_type="pt")
+    batch = pipeline([3, 5], generator=[seeded(0), seeded(1)], **common)
+    alone = pipeline([5], generator=[seeded(1)], **common)
+    again = pipeline([3, 5], generator=[seeded(0), seeded(1)], **common)
+    torch.testing.assert_close(batch.images[1:], alone.images)
+    torch.testing.assert_close(batch.log_weights[1:], alone.log_weights)
+    torch.testing.assert_close(batch.images, again.images, rtol=0, atol=0)
+    assert batch.ess.shape == (4, 2) and batch.resampled.all()
+
+
+def test_best_of_n_keeps_the_highest_reward_and_its_initial_noise(tiny_classifier):
+    """Best-of-N / random search: no resampling, the particle whose final sample the guide scores highest, and the
+    initial noise it came from, which sampled again alone gives the same sample (DDIM is deterministic)."""
+    pipeline = tiny_particle_pipeline("DDIMScheduler", tiny_classifier)
+    guide = pipeline.guidance
+    common = dict(num_inference_steps=3, output_type="pt")
+    noise = torch.randn(6, 1, 16, 16, generator=seeded(0))
+    best = pipeline([3], num_particles=6, particle_settings=ParticleSettings.random_search(), latents=noise, **common)
+    everyone = pipeline(
+        [3] * 6, num_particles=1, particle_settings=ParticleSettings.best_of_n(), latents=noise, **common
+    )
+    timesteps = torch.zeros(6, dtype=torch.long)
+    scores = guide.log_likelihood(everyone.images * 2 - 1, timesteps, torch.full((6,), 3))
+    torch.testing.assert_close(best.images[0], everyone.images[int(scores.argmax())])
+    torch.testing.assert_close(best.initial_noise[0], noise[int(scores.argmax())])
+    assert best.ess.shape == (0, 1) and best.costs == {"denoiser": 18, "guidance_gradient": 0, "guidance_forward": 6}
