@@ -27,6 +27,7 @@ from diffusers.utils.torch_utils import unwrap_module
 from plugguide.models.grid_ddim import sampler_on_grid
 from plugguide.pipelines.finite import check_scale
 from plugguide.pipelines.guidance.base import Guidance
+from plugguide.pipelines.guidance.training_free import TFG
 from plugguide.pipelines.model_family import ModelFamily, NoiseLevel
 from plugguide.pipelines.score_shift import (
     check_decoder_options,
@@ -36,6 +37,7 @@ from plugguide.pipelines.score_shift import (
     noise_shift,
     predicted_shift,
 )
+from plugguide.pipelines.training_free_update import check_training_free, signal_ratios, training_free_update
 
 DENOISER_NAMES = ("unet", "transformer")
 INPUT_NAMES = ("sample", "hidden_states")
@@ -57,6 +59,7 @@ def guided(
     guidance_batch_size: int | None = None,
     guidance_vae=None,
     decoder_gradient_checkpointing: bool = False,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> Iterator[DiffusionPipeline]:
     """Guides every denoiser call of `pipe` in the `with` block; the denoiser is restored on exit, also on error.
 
@@ -97,8 +100,12 @@ def guided(
             `hidden_states` and `timestep`, and a scheduler of `SCHEDULER_FAMILIES`; latent pipelines decode with
             `pipe.vae` (Flux's packed latents with its own `_unpack_latents`).
         guidance (`Guidance`): any score-shifting `Guidance` of the project (classifier on x_t or x0_hat, calibrated,
-            PPAP experts, dense guides, distilled guides); EluCD's EDM Algorithm 2 (`CalibratedEDMGuidance`) moves the
-            sample, not the output, and is refused.
+            PPAP experts, dense guides, distilled guides, and the training-free `TFG` presets whose step is a score
+            shift: DPS, LGD, and UGD without recurrence); EluCD's EDM Algorithm 2 (`CalibratedEDMGuidance`) moves the
+            sample, not the output, and is refused, as are TFG's recurrence and its ascent on x0_hat with the noise
+            kept (`TFG.moves_sample`): a wrapper can neither re-run a step nor move the state the scheduler steps
+            from. A `TFG` method that differentiates through the denoiser runs it once per call with autograd on,
+            through the conditional CFG half (the wrapper does not know the pipeline's CFG weight).
         classifier_scale (`float`): the guidance gradient scale s >= 0; 0 leaves the pipeline's outputs bitwise as they
             are.
         targets (`Sequence | torch.Tensor`): one target per image of the pipeline's batch, in the pipeline's order
@@ -109,6 +116,8 @@ def guided(
             `AutoencoderTiny` (madebyollin/taesd for SD 1.x, taesdxl for SDXL); `pipe.vae` still decodes the images.
         decoder_gradient_checkpointing (`bool`, defaults to False): recompute the decoder's block activations in the
             guidance's backward pass instead of keeping them, switched on for the guidance pass only.
+        generator (`torch.Generator | list[torch.Generator]`, *optional*): for the smoothing draws of a `TFG` method
+            with `sigma` > 0 (the pipeline's own generator does not reach the denoiser); None: torch's global one.
 
     Yields:
         `pipe`, guided.
@@ -121,6 +130,7 @@ def guided(
         guidance_batch_size=guidance_batch_size,
         guidance_vae=guidance_vae,
         decoder_gradient_checkpointing=decoder_gradient_checkpointing,
+        generator=generator,
     )
     scheduler = pipe.scheduler
     pipe.scheduler = wrapper.family.scheduler  # the pipeline's own, or its unclipped or grid copy
@@ -141,6 +151,7 @@ def guided_denoiser(
     guidance_batch_size: int | None = None,
     guidance_vae=None,
     decoder_gradient_checkpointing: bool = False,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> "GuidedDenoiser":
     """The guided forward of `pipe`'s denoiser (arguments as for `guided`), checked and built, not yet installed.
 
@@ -194,6 +205,9 @@ def guided_denoiser(
     if classifier_scale > 0:
         guidance.check_targets(targets)
         guidance.check_classifier_scale(classifier_scale)
+        if isinstance(guidance, TFG):
+            check_in_stock_pipeline(guidance)
+            check_training_free(guidance, family, guidance_batch_size)
         if guidance.normalize_gradient:
             raise ValueError(
                 "`normalize_gradient` rescales the ancestral DDPM step's mean shift, which `GuidedDiffusionPipeline` "
@@ -213,7 +227,24 @@ def guided_denoiser(
         guidance_batch_size=guidance_batch_size,
         guidance_vae=guidance_vae,
         decoder_gradient_checkpointing=decoder_gradient_checkpointing,
+        generator=generator,
     )
+
+
+def check_in_stock_pipeline(guidance: TFG) -> None:
+    """Fails, naming the setting and the alternative, on the `TFG` pieces that change the step rather than the score."""
+    if guidance.recurrence > 1:
+        raise ValueError(
+            f"`recurrence`={guidance.recurrence} re-runs each step from its re-noised result, which a stock pipeline's "
+            f"loop does not do and a denoiser wrapper cannot ask of it; sample with `GuidedDiffusionPipeline`, or set "
+            f"`recurrence`=1 here."
+        )
+    if guidance.moves_sample:
+        raise ValueError(
+            f"`x0_update`='keep_noise' with `mu`={guidance.mu} moves the state the scheduler steps from (x0_hat + "
+            f"Delta_0 with the noise kept), and a denoiser wrapper only returns an output; sample with "
+            f"`GuidedDiffusionPipeline`, or use `x0_update`='keep_sample' (UGD's form, a score shift) here."
+        )
 
 
 def floating_dtype(module: torch.nn.Module) -> torch.dtype | None:
@@ -277,6 +308,7 @@ class GuidedDenoiser:
         guidance_batch_size (`int`, *optional*): samples per guidance pass (`guided`).
         guidance_vae (*optional*): the decoder of the guidance gradient in place of `pipe.vae` (`guided`).
         decoder_gradient_checkpointing (`bool`, defaults to False): checkpoint that decoder in the guidance pass.
+        generator (*optional*): the generator(s) of a `TFG` method's smoothing draws (`guided`).
     """
 
     def __init__(
@@ -293,8 +325,11 @@ class GuidedDenoiser:
         guidance_batch_size: int | None = None,
         guidance_vae=None,
         decoder_gradient_checkpointing: bool = False,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> None:
         self.pipe = pipe
+        self.generator = generator
+        self._signal_ratios: tuple[torch.Tensor, list[float]] | None = None
         self.vae = getattr(pipe, "vae", None) if guidance_vae is None else guidance_vae  # the gradient's decoder
         self.guidance_batch_size = guidance_batch_size
         self.decoder_gradient_checkpointing = decoder_gradient_checkpointing
@@ -328,6 +363,8 @@ class GuidedDenoiser:
             del self.denoiser.forward
 
     def __call__(self, *args, **kwargs):
+        if self.classifier_scale > 0 and isinstance(self.guidance, TFG):
+            return self.training_free_call(*args, **kwargs)
         output = self.forward(*args, **kwargs)
         if self.classifier_scale == 0:
             return output
@@ -342,6 +379,68 @@ class GuidedDenoiser:
             return (guided, *output[1:])
         output.sample = guided
         return output
+
+    def training_free_call(self, *args, **kwargs):
+        """A call under `TFG` (`pipelines/training_free_update.py`): where the method differentiates through the
+        denoiser, the denoiser runs once with autograd on, from the VP sample x_t of the conditional half (both CFG
+        halves hold the same state), so x0_hat(x_t) of the conditional branch carries its graph; every half takes the
+        eps shift. A second call at the same state reuses the shift, as `shift` does."""
+        bound = self.signature.bind(*args, **kwargs)
+        index, timestep = self.evaluation(bound.arguments["timestep"])
+        level = self.family.noise_level(index, timestep)
+        model_input = bound.arguments[self.input_name]
+        if level.alpha <= 0:  # pure noise: not guided
+            return self.forward(*args, **kwargs)
+        branches = self.cfg_branches(model_input.shape[0])
+        x = self.sampler_state(model_input, timestep)
+        state = self.conditional_half_of(x, branches)
+        last = self._last
+        cached = last is not None and last.index == index and torch.equal(last.state, state)
+        through = self.guidance.through_denoiser and not cached
+        with torch.inference_mode(False), torch.set_grad_enabled(through):
+            x_t = (state / level.scale).detach().clone().requires_grad_(through)
+            if through:
+                x = (x_t * level.scale).repeat(branches, *[1] * (x_t.dim() - 1))
+                bound.arguments[self.input_name] = (x * self.input_scale(timestep, model_input)).to(model_input.dtype)
+            output = self.forward(*bound.args, **bound.kwargs)
+            prediction, variance = split_learned_variance(
+                output[0] if isinstance(output, tuple) else output.sample, x.shape[1]
+            )
+            x0_hat, prediction = clean_estimate(self.family, prediction, x, level, self.clip_first)
+            x0_hat = self.conditional_half_of(x0_hat, branches)  # a view inside the graph
+        if cached:
+            shift = last.shift
+        else:
+            update = training_free_update(
+                self.guidance,
+                x_t,
+                x0_hat,
+                level,
+                self.targets,
+                self.classifier_scale,
+                self.signal_ratios(),
+                self.generator,
+                vae=self.vae,
+                decode=self.decoder(bound.arguments) if self.vae is not None else self.guidance_input,
+                gradient_checkpointing=self.decoder_gradient_checkpointing,
+            )
+            shift = torch.zeros_like(state) if update.noise_shift is None else update.noise_shift.detach()
+            self._last = CachedShift(index, state, shift)
+        x = x.detach()
+        shift = shift.to(prediction.dtype).repeat(branches, *[1] * (shift.dim() - 1))
+        guided = self.family.shift_output(prediction.detach(), shift, x, level)
+        guided = guided if variance is None else torch.cat([guided, variance.detach()], dim=1)
+        if isinstance(output, tuple):
+            return (guided, *output[1:])
+        output.sample = guided
+        return output
+
+    def signal_ratios(self) -> list[float]:
+        """The `signal_ratios` of the run the pipeline's scheduler is set to, computed once per `set_timesteps`."""
+        timesteps = self.family.scheduler.timesteps
+        if self._signal_ratios is None or self._signal_ratios[0] is not timesteps:
+            self._signal_ratios = (timesteps, signal_ratios(self.family))
+        return self._signal_ratios[1]
 
     def evaluation(self, timestep) -> tuple[int, torch.Tensor]:
         """(evaluation index, the scheduler's timestep) of a call at the denoiser's `timestep`."""
@@ -402,9 +501,14 @@ class GuidedDenoiser:
     def sampler_state(self, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """The sampler's state x: the denoiser's input divided by the scheduler's `scale_model_input` factor (read off
         a scaled one)."""
-        one = torch.ones((), dtype=model_input.dtype, device=model_input.device)
-        input_scale = float(self.family.model_input(one, timestep))
+        input_scale = self.input_scale(timestep, model_input)
         return model_input if input_scale == 1 else model_input / input_scale
+
+    def input_scale(self, timestep: torch.Tensor, like: torch.Tensor) -> float:
+        """The scheduler's `scale_model_input` factor at `timestep` (1 for samplers that feed x as it is), computed in
+        the dtype and on the device of `like`."""
+        one = torch.ones((), dtype=like.dtype, device=like.device)
+        return float(self.family.model_input(one, timestep))
 
     def conditional_half_of(self, tensor: torch.Tensor, branches: int) -> torch.Tensor:
         """The conditional CFG half of a doubled batch (`CONDITIONAL_FIRST` says which half); all of it without CFG."""

@@ -128,10 +128,10 @@ def decoder_checkpointing(vae) -> Iterator[None]:
 @contextlib.contextmanager
 def guide_decoder(vae, decode=None, gradient_checkpointing: bool = False) -> Iterator:
     """latents -> the guide's pixels, decoded and clipped to [-1, 1] as `guidance_gradient` reads them, for a block
-    that differentiates through the decoder (float32 for a `force_upcast` VAE, checkpointed where asked); None in pixel
-    space, where the guide reads x as it is."""
+    that differentiates through the decoder (float32 for a `force_upcast` VAE, checkpointed where asked); in pixel
+    space (no `vae`) `decode` as given (None: the guide reads x as it is)."""
     if vae is None:
-        yield None
+        yield decode
         return
     decode = decode or (lambda latents: decode_latents(vae, latents))
     checkpointing = decoder_checkpointing(vae) if gradient_checkpointing else contextlib.nullcontext()
