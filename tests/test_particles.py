@@ -3,6 +3,8 @@ FK steering on every model family, inside stock diffusers pipelines, and in the 
 
 from __future__ import annotations
 
+import contextlib
+
 import diffusers
 import numpy as np
 import pytest
@@ -10,8 +12,10 @@ import torch
 from diffusers import DDPMScheduler
 from torch.distributions import Normal
 
+from plugguide.pipelines import guided
 from plugguide.pipelines.guidance import NaiveClassifierGuidance, PredictedCleanImageGuidance
 from plugguide.pipelines.guidance.base import Guidance
+from plugguide.pipelines.particle_callback import ParticleResampling
 from plugguide.pipelines.particle_population import ParticlePopulation, ParticleSettings
 from plugguide.pipelines.particle_potentials import FKPotential
 from plugguide.pipelines.particle_sampling import ParticleDiffusionPipeline
@@ -24,7 +28,7 @@ from plugguide.pipelines.resampling import (
 )
 from plugguide.pipelines.twisted_weights import transition_log_ratio, twisted_log_weight
 from tests.conftest import tiny_scheduler, tiny_unet
-from tests.test_guided_stock_pipelines import seeded
+from tests.test_guided_stock_pipelines import flux_pipeline, rgb_classifier, sd_path, sd_pipeline, seeded  # noqa: F401 (a fixture)
 from tests.test_model_families import MEANS, MixtureDenoiser, mixture_posterior
 
 # -- the authors' few lines, restated (nothing is imported from their code) ------------------------------------------
@@ -395,3 +399,70 @@ def test_best_of_n_keeps_the_highest_reward_and_its_initial_noise(tiny_classifie
     torch.testing.assert_close(best.images[0], everyone.images[int(scores.argmax())])
     torch.testing.assert_close(best.initial_noise[0], noise[int(scores.argmax())])
     assert best.ess.shape == (0, 1) and best.costs == {"denoiser": 18, "guidance_gradient": 0, "guidance_forward": 6}
+
+
+# -- inside stock diffusers pipelines -------------------------------------------------------------------------------
+
+
+def stock_pipeline(name: str, path: str):
+    pipe, call = sd_pipeline(path) if name == "sd" else flux_pipeline()
+    call = {key: value[:1] if key.endswith("embeds") else value for key, value in call.items()}
+    return pipe, call
+
+
+def resampled_run(pipe, call, settings, num_particles=4, guide=None, seed=0, gradient_scale=0.0):
+    """(the pipeline's images, the latents after each step's callback, the callback) of one run of K particles, the
+    pipeline guided by the same guide at `gradient_scale` > 0."""
+    guide = guide or PredictedCleanImageGuidance(rgb_classifier())
+    states = []
+    resampling = ParticleResampling(pipe, guide, [3], num_particles, settings, generator=seeded(1))
+    gradient = guided(pipe, guide, gradient_scale, [3] * num_particles) if gradient_scale else contextlib.nullcontext()
+    with gradient, resampling:
+
+        def record(pipeline, index, timestep, tensors):
+            tensors = resampling(pipeline, index, timestep, tensors)
+            states.append(tensors["latents"].clone())
+            return tensors
+
+        images = pipe(
+            num_images_per_prompt=num_particles,
+            generator=seeded(seed),
+            output_type="pt",
+            callback_on_step_end=record,
+            **call,
+        ).images
+    return images, states, resampling
+
+
+@pytest.mark.parametrize("name", ["sd", "flux"])
+def test_stock_pipeline_callback_resamples_the_latents_by_the_guides_potential(
+    name,
+    sd_path,  # noqa: F811 (the fixture imported above)
+):
+    """Tiny SD (UNet + VAE) and Flux (packed latents): lambda = 0 gives even weights, whose systematic resampling keeps
+    every particle, so the run is the stock pipeline's; a huge lambda makes the population copies of its best
+    particle at the step it resamples; the pick keeps one image."""
+    pipe, call = stock_pipeline(name, sd_path)
+    stock = pipe(num_images_per_prompt=4, generator=seeded(0), output_type="pt", **call).images
+    even, _, _ = resampled_run(pipe, call, ParticleSettings(potential="rt", lmbda=0.0))
+    torch.testing.assert_close(even, stock)
+    settings = ParticleSettings(potential="diff", lmbda=1e6, resample_start=1, resample_end=1)
+    images, states, resampling = resampled_run(pipe, call, settings)
+    assert len(set(map(tuple, states[1].flatten(1).tolist()))) <= 2  # all copies of the top one or two
+    assert resampling.population.trace.resampled[-1].all()
+    assert resampling.pick(images).shape == (1, *images.shape[1:])
+    assert len(resampling.pick(list(images))) == 1
+
+
+def test_stock_callback_runs_inside_guided_and_refuses_twisted_weights(
+    sd_path,  # noqa: F811 (the fixture imported above)
+):
+    pipe, call = stock_pipeline("sd", sd_path)
+    guide = PredictedCleanImageGuidance(rgb_classifier())
+    settings = ParticleSettings(potential="rt", lmbda=1e6, resample_start=1, resample_end=1)
+    images, states, resampling = resampled_run(pipe, call, settings, guide=guide, gradient_scale=2.0)
+    assert len(set(map(tuple, states[1].flatten(1).tolist()))) <= 2 and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="does not expose"):
+        ParticleResampling(pipe, guide, [3], 4, ParticleSettings(potential="twisted"))
+    with guided(pipe, guide, 1.0, [3] * 4), pytest.raises(ValueError, match="before entering `guided`"):
+        ParticleResampling(pipe, guide, [3], 4)
