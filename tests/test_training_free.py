@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
@@ -438,3 +439,40 @@ def test_step_changing_presets_are_refused_in_a_stock_pipeline_by_setting(name, 
         with guided(pipe, preset(name, CountingClassifier()), 1.0, targets=[1, 4]):
             pass
     assert "forward" not in vars(pipe.unet)  # nothing was installed
+
+
+def test_sd15_config_guides_a_tiny_text_to_image_model_through_its_vae(sd_path, tmp_path, monkeypatch):
+    """configs/hub/tfg_sd15.yaml's code path: a cross-attention UNet + VAE under the empty prompt, TFG's classifier on
+    the decoded x0_hat, loaded by path, sampled by the sampling job."""
+    from tests.conftest import hub_style_classifier
+    from tests.test_cli import run as run_job
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    classifier = hub_style_classifier("resnet18", 10, layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], stem_width=8)
+    classifier.save_pretrained(str(tmp_path / "classifier"))
+    overrides = {
+        "trainer": {
+            "enable_progress_bar": False,
+            "precision": "32-true",
+            "callbacks": [
+                {"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}
+            ],
+        },
+        "model": {
+            "init_args": {
+                "diffusion_model": sd_path,
+                "vae": sd_path,
+                "num_inference_steps": 2,
+                "guidance": {
+                    "class_path": "plugguide.pipelines.guidance.TFG",
+                    "init_args": {"classifier": str(tmp_path / "classifier")},
+                },
+                "evaluator_path": None,
+            }
+        },
+        "data": {"init_args": {"num_per_class": 1, "num_classes": 2, "batch_size": 2}},
+    }
+    run_job("predict", "hub/tfg_sd15.yaml", overrides, tmp_path)
+    images = np.load(tmp_path / "out/samples.npz")["images"]
+    assert images.shape == (2, 3, 16, 16) and np.isfinite(images).all()
