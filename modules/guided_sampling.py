@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from plugguide.callbacks.step_progress_bar import denoising_progress
@@ -18,7 +19,13 @@ from plugguide.models import (
     load_vae,
     prompt_conditioning,
 )
-from plugguide.pipelines import GuidedDiffusionPipeline, GuideDistilledPipeline, sample_batch
+from plugguide.pipelines import (
+    GuidedDiffusionPipeline,
+    GuideDistilledPipeline,
+    ParticleDiffusionPipeline,
+    ParticleSettings,
+    sample_batch,
+)
 from plugguide.pipelines.finite import check_cfg_scale, check_scale
 from plugguide.pipelines.guidance import ClassifierGuidance, Guidance
 
@@ -70,6 +77,18 @@ class GuidedSampling(L.LightningModule):
             for the guidance gradient only; `vae` still decodes the samples.
         decoder_gradient_checkpointing (`bool`, defaults to `False`): recompute the decoder's activations in the
             guidance's backward pass instead of keeping them.
+        particles (`int`, defaults to 1): K > 1 samples K particles per image and keeps one
+            (`ParticleDiffusionPipeline`), weighed by `guidance`'s log-likelihood: FK steering, TDS, best-of-N.
+        potential (`str`, defaults to `"diff"`): FK steering's "max", "add", "diff" or "rt", or "twisted" (TDS: the
+            guided DDPM step proposes, at `classifier_scale` s > 0; `scheduler` DDPMScheduler).
+        potential_lambda (`float`, defaults to 1.0): FK's lambda, the target p(x) exp(lambda log p(y | x)).
+        resampling (`str`, defaults to `"systematic"`): "systematic" or "multinomial".
+        ess_threshold (`float`, *optional*): resample only where the effective sample size is below this fraction
+            of K (FK's adaptive runs: 0.5); null: at every scheduled step.
+        resample_interval (`int`, *optional*, defaults to 1): resample every this many steps; null: never, keep the
+            best final sample (best-of-N, with `final_pick: best`).
+        final_pick (`str`, defaults to `"weight"`): the kept particle, drawn by its final weight ("weight") or the one
+            the guide scores highest ("best").
     """
 
     def __init__(
@@ -91,6 +110,13 @@ class GuidedSampling(L.LightningModule):
         guidance_batch_size: int | None = None,
         guidance_vae: str | None = None,
         decoder_gradient_checkpointing: bool = False,
+        particles: int = 1,
+        potential: str = "diff",
+        potential_lambda: float = 1.0,
+        resampling: str = "systematic",
+        ess_threshold: float | None = None,
+        resample_interval: int | None = 1,
+        final_pick: str = "weight",
     ) -> None:
         super().__init__()
         if num_inference_steps < 1:
@@ -104,6 +130,16 @@ class GuidedSampling(L.LightningModule):
             )
         if classifier_scale > 0:
             guidance.check_classifier_scale(classifier_scale, "model.classifier_scale")
+        if not isinstance(particles, int) or particles < 1:
+            raise ValueError(f"Expected `model.particles` to be an integer >= 1, but got {particles}.")
+        if particles > 1 and (guidance is None or guide_path is not None):
+            raise ValueError(
+                f"`model.particles`={particles} weighs particles by `model.guidance`'s log-likelihood; set "
+                "`model.guidance` (a classifier, PPAP experts) and leave `model.guide_path` unset."
+            )
+        self.particle_settings = ParticleSettings(
+            potential, potential_lambda, resampling, ess_threshold, resample_interval, final_pick=final_pick
+        )
         self.save_hyperparameters(ignore=["guidance"])
         unet = load_unet(diffusion_model, "model.diffusion_model")
         sampler = load_scheduler(
@@ -111,7 +147,8 @@ class GuidedSampling(L.LightningModule):
         )
         if guide_path is None:
             conditioning = prompt_conditioning(diffusion_model, unet, prompt)
-            self.pipeline = GuidedDiffusionPipeline(
+            pipeline_class = ParticleDiffusionPipeline if particles > 1 else GuidedDiffusionPipeline
+            self.pipeline = pipeline_class(
                 unet,
                 sampler,
                 guidance,
@@ -206,6 +243,12 @@ class GuidedSampling(L.LightningModule):
         scales = {"guidance_scale": self.hparams.guidance_scale}
         if self.hparams.guide_path is None:
             scales["classifier_scale"] = self.hparams.classifier_scale
+        if self.hparams.particles > 1:
+            scales |= dict(
+                num_particles=self.hparams.particles,
+                particle_settings=self.particle_settings,
+                particle_callback=self.log_particles,
+            )
         images = sample_batch(self.pipeline, batch, num_inference_steps=self.hparams.num_inference_steps, **scales)
         rows = {"images": images.cpu(), "labels": batch["label"].cpu(), "index": batch["index"].cpu()}
         if "target_map" in batch:
@@ -214,6 +257,18 @@ class GuidedSampling(L.LightningModule):
             targets = batch.get("target_class", batch["label"])
             self.scores.update(images, targets, batch["index"], target_maps=batch.get("target_map"))
         return rows
+
+    def log_particles(self, record: dict) -> None:
+        """A particle run's step to TensorBoard: the mean effective sample size of the batch's groups, the fraction
+        that resampled, and the normalised log-weights (the pipeline's bar shows the ESS too)."""
+        self._particle_steps = getattr(self, "_particle_steps", 0) + 1
+        if not isinstance(self.logger, TensorBoardLogger) or self.global_rank != 0:
+            return
+        log_weights = record["log_weights"] - record["log_weights"].logsumexp(-1, keepdim=True)
+        experiment, step = self.logger.experiment, self._particle_steps
+        experiment.add_scalar("particles/ess", float(record["ess"].mean()), step)
+        experiment.add_scalar("particles/resampled", float(record["resampled"].float().mean()), step)
+        experiment.add_histogram("particles/log_weights", log_weights.flatten(), step)
 
     def on_predict_epoch_end(self) -> None:
         if self.scores is not None:

@@ -466,3 +466,57 @@ def test_stock_callback_runs_inside_guided_and_refuses_twisted_weights(
         ParticleResampling(pipe, guide, [3], 4, ParticleSettings(potential="twisted"))
     with guided(pipe, guide, 1.0, [3] * 4), pytest.raises(ValueError, match="before entering `guided`"):
         ParticleResampling(pipe, guide, [3], 4)
+
+
+# -- the sampling job -----------------------------------------------------------------------------------------------
+
+
+def test_sampling_job_samples_with_particles_and_logs_their_ess(tiny_assets, tmp_path, monkeypatch):
+    """`lightning predict -c configs/sample.yaml --model.particles 3 --model.potential twisted ...`: one image per
+    requested sample, the ESS and weights in TensorBoard; the job's step gives the same samples from the same seeds."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from plugguide.modules import GuidedSampling
+    from plugguide.pipelines.guidance import NaiveClassifierGuidance
+    from tests.test_cli import run
+
+    monkeypatch.chdir(tmp_path)
+    job = {
+        "diffusion_model": tiny_assets["ddpm-uncond"],
+        "scheduler": "DDPMScheduler",
+        "num_inference_steps": 3,
+        "evaluator_path": None,
+        "classifier_scale": 1.0,
+        "particles": 3,
+        "potential": "twisted",
+        "ess_threshold": 0.5,
+    }
+    guidance = {
+        "class_path": "plugguide.pipelines.guidance.NaiveClassifierGuidance",
+        "init_args": {"classifier": tiny_assets["classifier-resnet"]},
+    }
+    writer = {"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}
+    overrides = {
+        "trainer": {"enable_progress_bar": False, "callbacks": [writer]},
+        "model": {"init_args": job | {"guidance": guidance}},
+        "data": {"init_args": {"num_per_class": 1, "num_classes": 4, "batch_size": 4}},
+    }
+    run("predict", "sample.yaml", overrides, tmp_path)
+    assert np.load(tmp_path / "out" / "samples.npz")["images"].shape == (4, 1, 16, 16)
+    events = EventAccumulator(str(next((tmp_path / "runs/sample").rglob("events.out.tfevents*")))).Reload()
+    assert len(events.Scalars("particles/ess")) == 3 and "particles/log_weights" in events.Tags()["histograms"]
+    assert all(1 <= event.value <= 3 for event in events.Scalars("particles/ess"))
+    module = GuidedSampling(**job, guidance=NaiveClassifierGuidance(tiny_assets["classifier-resnet"]))
+    batch = {"label": torch.tensor([3, 8]), "seed": torch.tensor([0, 1]), "index": torch.tensor([0, 1])}
+    first, second = (module.predict_step(batch, 0)["images"] for _ in range(2))
+    assert first.shape == (2, 1, 16, 16)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_sampling_job_refuses_particles_without_a_guide(tiny_assets):
+    from plugguide.modules import GuidedSampling
+
+    with pytest.raises(ValueError, match="`model.particles`=4 weighs particles by `model.guidance`"):
+        GuidedSampling(tiny_assets["ddpm-uncond"], particles=4, evaluator_path=None)
+    with pytest.raises(ValueError, match="`potential` to be one of"):
+        GuidedSampling(tiny_assets["ddpm-uncond"], potential="best", evaluator_path=None)
