@@ -423,6 +423,12 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
         level = family.noise_level(index, t) if run.classifier_scale > 0 else None
         # At alpha = 0 (pure noise: flow's first step) p(y | x_t) = p(y), so the exact guidance term is zero.
         guided = level is not None and level.alpha > 0
+        if guided and isinstance(self.guidance, TFG):
+            raise ValueError(
+                f"{type(self.guidance).__name__} takes its own step (`denoising_step`), which may evaluate the denoiser "
+                "several times and move the sample; it proposes no single step to weigh. Sample it with "
+                "GuidedDiffusionPipeline."
+            )
         if guided and self.guidance.shifts == "sample" and level.first_evaluation:
             x = self.displace_sample(run, x, level)
         model_input = family.model_input(x, t)

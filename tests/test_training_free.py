@@ -476,3 +476,15 @@ def test_sd15_config_guides_a_tiny_text_to_image_model_through_its_vae(sd_path, 
     run_job("predict", "hub/tfg_sd15.yaml", overrides, tmp_path)
     images = np.load(tmp_path / "out/samples.npz")["images"]
     assert images.shape == (2, 3, 16, 16) and np.isfinite(images).all()
+
+
+def test_a_particle_sampler_refuses_a_training_free_step_by_name():
+    """A particle sampler weighs the one step `propose_step` proposes; a TFG step is several, so it is refused."""
+    unet, scheduler = CountingUNet(), DDIMScheduler.from_config(tiny_scheduler().config)
+    pipeline = GuidedDiffusionPipeline(unet, scheduler, preset("DPS", CountingClassifier()))
+    family = ModelFamily(scheduler)
+    family.set_timesteps(2)
+    targets = torch.tensor([1, 4])
+    sampling = SamplingRun(family, targets, targets, 1.0, 0.0, None)
+    with pytest.raises(ValueError, match="DPS takes its own step .* GuidedDiffusionPipeline"):
+        pipeline.propose_step(sampling, torch.randn(2, 1, 16, 16), 0, scheduler.timesteps[0])

@@ -99,7 +99,7 @@ class MPGD(TFG):
 
 
 class UGD(TFG):
-    """Bansal et al., 2023, "Universal Guidance for Diffusion Models" (CVPR workshops), Algorithm 1.
+    """Bansal et al., 2024, "Universal Guidance for Diffusion Models" (ICLR), Algorithm 1.
 
     The forward term, eps' = eps - s rho sigma d/dx_t log p(y | x0_hat(x_t)); the backward term, `iterations` ascent
     steps on x0_hat with x_t kept (eps re-derived, "keep_sample"); and each step repeated `recurrence` times. TFG's
