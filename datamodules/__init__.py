@@ -4,6 +4,7 @@ from plugguide.datamodules.captions import CaptionedImageDataModule
 from plugguide.datamodules.class_labels import ClassLabelDataModule
 from plugguide.datamodules.digit_maps import DigitMapsDataModule
 from plugguide.datamodules.digits import DigitsDataModule
+from plugguide.datamodules.embedding_targets import EmbeddingTargetDataModule, reference_images
 from plugguide.datamodules.image_folder import ImageDataModule
 from plugguide.datamodules.resumable_loader import ResumableDataLoader, ResumableSampler
 from plugguide.datamodules.synthesized import SynthesizedImageDataModule
@@ -13,6 +14,7 @@ from plugguide.datamodules.transformed_digits import ThickDigitsDataModule
 __all__ = [
     "CaptionedImageDataModule",
     "DigitMapsDataModule",
+    "EmbeddingTargetDataModule",
     "TargetMapDataModule",
     "ThickDigitsDataModule",
     "ResumableDataLoader",
@@ -21,4 +23,5 @@ __all__ = [
     "ClassLabelDataModule",
     "DigitsDataModule",
     "ImageDataModule",
+    "reference_images",
 ]

@@ -5,6 +5,7 @@ from plugguide.modules.calibration_evaluation import CalibrationEvaluation
 from plugguide.modules.classifier_pretraining import ClassifierPretraining
 from plugguide.modules.dense_pretraining import DensePretraining
 from plugguide.modules.diffusion_pretraining import DiffusionPretraining
+from plugguide.modules.embedder_pretraining import EmbedderPretraining
 from plugguide.modules.expert_distillation import ExpertDistillation
 from plugguide.modules.guidance_distillation import GuidanceDistillation
 from plugguide.modules.guidance_halving import GuidanceHalving
@@ -18,6 +19,7 @@ __all__ = [
     "ClassifierPretraining",
     "DensePretraining",
     "DiffusionPretraining",
+    "EmbedderPretraining",
     "ExpertDistillation",
     "GuideDistillation",
     "GuidanceDistillation",

@@ -12,15 +12,20 @@ from plugguide.models.seeding import seeded_generators
 TRAJECTORY_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 
 
+# Batch keys of per-sample guidance targets that are not classes: a dense guide's maps, an embedder's target embeddings.
+TARGET_KEYS = ("target_map", "target_embedding")
+
+
 def sample_batch(pipeline: DiffusionPipeline, batch: dict, **call_kwargs) -> torch.Tensor:
-    """Samples one image per (label, seed) of `batch` with `pipeline`, in [-1, 1]; toward `batch["target_map"]`, where it
-    has one, for dense guides.
+    """Samples one image per (label, seed) of `batch` with `pipeline`, in [-1, 1]; toward `batch["target_map"]` (dense
+    guides) or `batch["target_embedding"]` (embedding guides), where it has one.
 
     Each sample gets its own `torch.Generator` seeded with its seed, so its initial and step noise are the same
     in a batch of 1 and of 500, on one device and on eight.
     """
     generators = seeded_generators(batch["seed"], pipeline.unet.device)
-    targets = {"targets": batch["target_map"]} if "target_map" in batch else {}
+    key = next((key for key in TARGET_KEYS if key in batch), None)
+    targets = {} if key is None else {"targets": batch[key]}
     output = pipeline(class_labels=batch["label"], generator=generators, output_type="pt", **targets, **call_kwargs)
     return output.images * 2 - 1
 
