@@ -204,6 +204,31 @@ def test_x0_hat_guidance_moves_samples_toward_the_reference_embedding(clip):
     assert 1 - mean_cosine(3.0) < 0.7 * (1 - mean_cosine(0.0))
 
 
+@pytest.mark.parametrize("preset", ["DPS", "LGD", "FreeDoM", "MPGD", "UGD", "TFG"])
+def test_every_training_free_preset_guides_with_clip(clip, preset):
+    """The presets take a guide and a task as `ClassifierGuidance` does: CLIP and its task go in unchanged."""
+    from plugguide.pipelines import guidance as methods
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**TINY_UNET | dict(sample_size=32, in_channels=3, out_channels=3))
+    method = getattr(methods, preset)(clip)
+    assert isinstance(method.task, EmbeddingSimilarityTask)
+    pipe = GuidedDiffusionPipeline(unet, DDIMScheduler(), method)
+    pipe.set_progress_bar_config(disable=True)
+    targets = clip.text_embeddings("a red fish").repeat(2, 1)
+    images = {
+        scale: pipe(
+            targets=targets,
+            num_inference_steps=3,
+            classifier_scale=scale,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
+        for scale in (0.0, 3.0)
+    }
+    assert torch.isfinite(images[3.0]).all() and (images[3.0] - images[0.0]).abs().max() > 1e-4
+
+
 @pytest.fixture(scope="module")
 def sd_path(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tiny-sd"))
