@@ -56,7 +56,6 @@ class ParticleRun:
     population: ParticlePopulation
     settings: ParticleSettings
     num_particles: int
-    initial_noise: torch.Tensor
     on_step: Callable[[dict], None] | None
     costs: dict
 
@@ -165,7 +164,7 @@ class ParticleDiffusionPipeline(GuidedDiffusionPipeline):
             )
         population = ParticlePopulation(settings, groups, k, group_generator, device, float(classifier_scale))
         costs = {"denoiser": 0, "guidance_gradient": 0, "guidance_forward": 0}
-        self._particle_run = ParticleRun(population, settings, k, latents, particle_callback, costs)
+        self._particle_run = ParticleRun(population, settings, k, particle_callback, costs)
         try:
             output = super().__call__(
                 labels.repeat_interleave(k),
@@ -232,14 +231,23 @@ class ParticleDiffusionPipeline(GuidedDiffusionPipeline):
         return guidance_log_likelihood(self.guidance, self.guidance_decoder, x, level, x0_hat, targets)
 
     def transition_ratio(self, run: SamplingRun, step, x_next, level, t) -> torch.Tensor:
-        """TDS's log p(x' | x) - log q(x' | x, y) of the DDPM step just taken (0 where it drew no noise, t = 0)."""
-        family = run.family
-        if int(t) == 0 or step.mean_shift is None:
+        """TDS's log p(x' | x) - log q(x' | x, y) of the DDPM step just taken (0 where it drew no noise, t = 0).
+
+        Both means are the scheduler's, `step_mean` of its clipped x0_hat: the unguided one of the denoiser's output,
+        the proposal's of the output it stepped with plus the mean shift, so a guide that shifts the output (a
+        distilled guide, `cfg_guidance`="normalized") is corrected as one that shifts the mean."""
+        family, channels = run.family, step.x.shape[1]
+        if int(t) == 0:
             return torch.zeros(x_next.shape[0], device=x_next.device)
-        x0_hat = family.clip(family.predicted_clean(step.denoiser_output, step.x, level))
-        mean = step_mean(family.scheduler, int(t), x0_hat, step.x)
+
+        def mean_of(output: torch.Tensor) -> torch.Tensor:
+            x0_hat = family.clip(family.predicted_clean(output[:, :channels], step.x, level))
+            return step_mean(family.scheduler, int(t), x0_hat, step.x)
+
+        unguided = mean_of(step.denoiser_output)
+        proposal = mean_of(step.output) + (0 if step.mean_shift is None else step.mean_shift)
         variance = step_variance(family.scheduler, int(t), step.predicted_variance)
-        return transition_log_ratio(x_next, mean, step.mean_shift, variance)
+        return transition_log_ratio(x_next, unguided, proposal - unguided, variance)
 
     def report(self, particles: ParticleRun, step: int) -> None:
         """The step's ESS to the progress bar (mean over samples, of K) and to `particle_callback`."""
