@@ -28,7 +28,14 @@ from plugguide.pipelines.resampling import (
 )
 from plugguide.pipelines.twisted_weights import transition_log_ratio, twisted_log_weight
 from tests.conftest import tiny_scheduler, tiny_unet
-from tests.test_guided_stock_pipelines import flux_pipeline, rgb_classifier, sd_path, sd_pipeline, seeded  # noqa: F401 (a fixture)
+from tests.test_guided_stock_pipelines import (  # noqa: F401 (sd_path: a fixture)
+    flux_pipeline,
+    rgb_classifier,
+    sd_path,
+    sd_pipeline,
+    sdxl_pipeline,
+    seeded,
+)
 from tests.test_model_families import MEANS, MixtureDenoiser, mixture_posterior
 
 # -- the authors' few lines, restated (nothing is imported from their code) ------------------------------------------
@@ -406,7 +413,8 @@ def test_best_of_n_keeps_the_highest_reward_and_its_initial_noise(tiny_classifie
 
 
 def stock_pipeline(name: str, path: str):
-    pipe, call = sd_pipeline(path) if name == "sd" else flux_pipeline()
+    builders = {"sd": lambda: sd_pipeline(path), "sdxl": sdxl_pipeline, "flux": flux_pipeline}
+    pipe, call = builders[name]()
     call = {key: value[:1] if key.endswith("embeds") else value for key, value in call.items()}
     return pipe, call
 
@@ -435,12 +443,12 @@ def resampled_run(pipe, call, settings, num_particles=4, guide=None, seed=0, gra
     return images, states, resampling
 
 
-@pytest.mark.parametrize("name", ["sd", "flux"])
+@pytest.mark.parametrize("name", ["sd", "sdxl", "flux"])
 def test_stock_pipeline_callback_resamples_the_latents_by_the_guides_potential(
     name,
     sd_path,  # noqa: F811 (the fixture imported above)
 ):
-    """Tiny SD (UNet + VAE) and Flux (packed latents): lambda = 0 gives even weights, whose systematic resampling keeps
+    """Tiny SD and SDXL (UNet + VAE) and Flux (a transformer on packed latents): lambda = 0 gives even weights, whose systematic resampling keeps
     every particle, so the run is the stock pipeline's; a huge lambda makes the population copies of its best
     particle at the step it resamples; the pick keeps one image."""
     pipe, call = stock_pipeline(name, sd_path)
