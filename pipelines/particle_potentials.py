@@ -14,7 +14,8 @@ p(x_0) exp(lambda r(x_0)). Its four potentials, with lambda (`FKD.resample` in t
     diff   G_t = exp(lambda (r_t - r_(t+1)))           the reward's increase since the last potential
     rt     G_t = exp(lambda r_t)                       the current reward
 
-and at the final step G_0 = exp(lambda r_0) / prod_t G_t for max, add and rt (diff's product telescopes to it already).
+and at the final step G_0 = exp(lambda r_0) / prod_t G_t for max, add and rt (diff's product telescopes to it already),
+the paper's target; the authors' code divides exp(lambda max_t r_t) and exp(lambda sum_t r_t) there for max and add.
 The authors start the history at `reward_min_value` = 0; here `max` starts from the first reward instead, since a
 log-likelihood is <= 0 and max(r, 0) = 0 would make every max potential 1; diff and add start from 0 as theirs do.
 """
