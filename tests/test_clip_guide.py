@@ -136,6 +136,27 @@ def test_a_vision_tower_alone_embeds_images_and_refuses_text(tmp_path):
         embedder.text_embeddings("a dog")
 
 
+def test_a_hub_id_is_asked_for_its_config_but_a_mistyped_local_path_is_not(clip_path, monkeypatch):
+    """`owner/name` whose owner is no local folder is looked up (a CLIP config loads CLIP); a typo under assets/ keeps the
+    local loader's error, without a network round trip."""
+    import transformers
+
+    from plugguide.models.off_the_shelf import is_clip_hub_id
+
+    asked = []
+
+    def config_of(name, *args, **kwargs):
+        asked.append(name)
+        return CLIPConfig.from_pretrained(clip_path)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", config_of)
+    monkeypatch.chdir(ROOT)
+    assert is_clip_hub_id("openai/clip-vit-base-patch32") and asked == ["openai/clip-vit-base-patch32"]
+    with pytest.raises(FileNotFoundError, match="`classifier`='assets/classifier-typo'"):
+        load_off_the_shelf("assets/classifier-typo", "classifier")
+    assert asked == ["openai/clip-vit-base-patch32"]
+
+
 # -- the task -------------------------------------------------------------------------------------------------------
 
 
