@@ -27,7 +27,7 @@ from plugguide.pipelines.resampling import (
     resample_indices,
 )
 from plugguide.pipelines.twisted_weights import transition_log_ratio, twisted_log_weight
-from tests.conftest import tiny_scheduler, tiny_unet
+from tests.conftest import learned_variance_model, tiny_scheduler, tiny_unet
 from tests.test_guided_stock_pipelines import (  # noqa: F401 (sd_path: a fixture)
     flux_pipeline,
     rgb_classifier,
@@ -529,3 +529,37 @@ def test_sampling_job_refuses_particles_without_a_guide(tiny_assets):
         GuidedSampling(tiny_assets["ddpm-uncond"], particles=4, evaluator_path=None)
     with pytest.raises(ValueError, match="`potential` to be one of"):
         GuidedSampling(tiny_assets["ddpm-uncond"], potential="best", evaluator_path=None)
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_twisted_transition_ratio_reads_the_schedulers_own_step(learned, tiny_classifier):
+    """The two Gaussians of TDS's correction are diffusers' own DDPM step, unguided and guided: their means are the
+    step's output less its noise (replayed from the same seed), with x0_hat clipped as `clip_sample` does, and the
+    variance is the step's (a learned-range UNet's per-pixel one)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from plugguide.pipelines.guided_diffusion import SamplingRun
+    from plugguide.pipelines.model_family import ModelFamily
+
+    unet, scheduler = learned_variance_model() if learned else (tiny_unet(), tiny_scheduler())
+    pipeline = ParticleDiffusionPipeline(unet, scheduler, NaiveClassifierGuidance(tiny_classifier))
+    family = ModelFamily(scheduler)
+    family.set_timesteps(5)
+    index, t = 2, scheduler.timesteps[2]
+    labels = torch.tensor([3, 5, 7, 1])
+    x = torch.randn(4, 1, 16, 16, generator=seeded(3))
+    run = SamplingRun(family, labels, labels, 3.0, 0.0, seeded(4))
+    step = pipeline.propose_step(run, x, index, t)
+    x_next = pipeline.take_step(run, step, t)
+    noise = randn_tensor(x.shape, generator=seeded(4))
+    variance = scheduler._get_variance(int(t), step.predicted_variance)
+    std = (0.5 * variance).exp() if learned else variance.sqrt()
+    unguided_output = (
+        step.denoiser_output if not learned else torch.cat([step.denoiser_output, step.predicted_variance], 1)
+    )
+    unguided = scheduler.step(unguided_output, t, x, generator=seeded(4)).prev_sample - std * noise
+    proposal = x_next - std * noise
+    expected = (Normal(unguided, std).log_prob(x_next) - Normal(proposal, std).log_prob(x_next)).sum((1, 2, 3))
+    level = family.noise_level(index, t)
+    torch.testing.assert_close(pipeline.transition_ratio(run, step, x_next, level, t), expected, rtol=1e-3, atol=1e-3)
+    assert step.mean_shift is not None and expected.abs().max() > 0.01
