@@ -80,7 +80,8 @@ class ParticleDiffusionPipeline(GuidedDiffusionPipeline):
 
     Heun's corrector evaluations never resample (the predictor's state is carried inside the scheduler). The final
     state is read as the clean sample (its reward at the train timestep 0). Images are decoded for the picked
-    particles only.
+    particles only; a `callback_on_step_end` sees all B * K states after each step but the last, and the B picked
+    ones after it.
     """
 
     def progress_bar(self, iterable=None, total=None):
