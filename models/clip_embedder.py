@@ -20,8 +20,8 @@ class CLIPImageEmbedder(nn.Module):
     guiding toward a prompt or a reference image (TFG's style guidance, Ye et al., 2024; EluCD's text-guided samples,
     Ma et al., 2023) differentiates that cosine with respect to the predicted clean image. The image processor's steps
     are done here on tensors, so the gradient reaches the image: `(x + 1) / 2` (the processor's rescale to [0, 1]),
-    bicubic resize of the shortest edge to `size` (antialiased, as the processor's resize), centre crop to
-    `crop_size`, then `(x - mean) / std`. Mean, std and sizes come from the checkpoint's preprocessor config; one
+    bicubic resize of the shortest edge to `size["shortest_edge"]` (or to a fixed height and width; antialiased, as the
+    processor's resize), centre crop to `crop_size` where the processor crops, then `(x - mean) / std`. Mean, std and sizes come from the checkpoint's preprocessor config; one
     without it takes `CLIPImageProcessor`'s defaults at the vision config's `image_size`.
 
     The module says what it is to the rest of the project: `predicts = "embedding"` (its task is
@@ -61,8 +61,11 @@ class CLIPImageEmbedder(nn.Module):
             )
         self.processor = processor
         self.tokenizer = tokenizer
-        self.size = processor.size["shortest_edge"]
-        self.crop_size = (processor.crop_size["height"], processor.crop_size["width"])
+        # The processor resizes the shortest edge (CLIP's own) or to a fixed height and width, then crops if told to.
+        self.shortest_edge = processor.size["shortest_edge"]
+        self.resize_to = None if self.shortest_edge else (processor.size["height"], processor.size["width"])
+        crop = processor.crop_size if processor.do_center_crop else None
+        self.crop_size = None if crop is None else (crop["height"], crop["width"])
         self.register_buffer("image_mean", torch.tensor(processor.image_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(processor.image_std).view(1, -1, 1, 1), persistent=False)
         self.embedding_dim = model.config.projection_dim
@@ -72,14 +75,17 @@ class CLIPImageEmbedder(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """`CLIPImageProcessor`'s steps on (B, 3, H, W) images in [-1, 1], differentiable: resize, crop, normalise."""
         height, width = images.shape[-2:]
-        short, long = min(height, width), max(height, width)
-        resized_long = int(self.size * long / short)  # the processor's rounding of the long side
-        size = (self.size, resized_long) if height <= width else (resized_long, self.size)
+        size = self.resize_to
+        if size is None:
+            short, long = min(height, width), max(height, width)
+            resized_long = int(self.shortest_edge * long / short)  # the processor's rounding of the long side
+            size = (self.shortest_edge, resized_long) if height <= width else (resized_long, self.shortest_edge)
         pixels = (images + 1) / 2
         if size != (height, width):
             pixels = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
-        top, left = ((side - crop) // 2 for side, crop in zip(size, self.crop_size))
-        pixels = pixels[..., top : top + self.crop_size[0], left : left + self.crop_size[1]]
+        if self.crop_size is not None:
+            top, left = ((side - crop) // 2 for side, crop in zip(size, self.crop_size))
+            pixels = pixels[..., top : top + self.crop_size[0], left : left + self.crop_size[1]]
         return (pixels - self.image_mean) / self.image_std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -111,15 +111,26 @@ def test_embeddings_are_unit_vectors_and_the_gradient_reaches_the_image(clip):
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("height, width", [(96, 96), (80, 128)], ids=["square", "wide-cropped"])
-def test_preprocessing_is_the_image_processors(clip, clip_path, height, width):
-    """Resize (shortest edge, antialiased bicubic), centre crop and normalisation as `CLIPImageProcessor` does them, on
-    pixel noise (where a resize without antialiasing, or another crop, is far off), to a grey level."""
+@pytest.mark.parametrize(
+    "height, width, fixed_size",
+    [(96, 96, False), (80, 128, False), (80, 128, True)],
+    ids=["square", "wide-cropped", "fixed-size-uncropped"],
+)
+def test_preprocessing_is_the_image_processors(clip, clip_path, height, width, fixed_size):
+    """Resize (shortest edge, or to a fixed size; antialiased bicubic), centre crop where the processor crops, and
+    normalisation as `CLIPImageProcessor` does them, on pixel noise (where a resize without antialiasing, or another
+    crop, is far off), to a grey level."""
+    processor = CLIPImageProcessor.from_pretrained(clip_path)
+    if fixed_size:  # a checkpoint whose processor resizes to 32 x 48 and does not crop
+        processor = CLIPImageProcessor(
+            **processor.to_dict() | dict(size={"height": 32, "width": 48}, do_center_crop=False)
+        )
+        clip = CLIPImageEmbedder(clip.model, processor)
     image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    expected = CLIPImageProcessor.from_pretrained(clip_path)(images=image, return_tensors="pt").pixel_values
+    expected = processor(images=image, return_tensors="pt").pixel_values
     tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
     got = clip.preprocess(tensor)
-    assert got.shape == expected.shape == (1, 3, 32, 32)
+    assert got.shape == expected.shape == (1, 3, 32, 48 if fixed_size else 32)
     # One grey level is 1/255 of the range; divided by the smallest std, 0.2, about 0.02 of a normalised value.
     assert (got - expected).abs().mean() < 0.01 and (got - expected).abs().max() < 0.03
 
