@@ -187,7 +187,7 @@ class GuidedDiffusionPipeline(DiffusionPipeline):
 
     Class-conditional UNets (`UNet2DConditionModel` with `num_class_embeds` = classes + 1, the last index
     being the null class) use classifier-free guidance `eps = eps(null) + g (eps(c) - eps(null))` when
-    `guidance_scale` g > 1, as in diffusers (g = 1 + w of the `(1 + w) eps(c) - w eps(null)` form). Text-conditional
+    `guidance_scale` g > 1, as in diffusers (1 = off). Text-conditional
     UNets (cross-attention, Stable Diffusion, DeepFloyd-IF) sample under a `prompt` (encoded by the pipeline's
     `text_encoder`) or its `prompt_embeds`: the empty prompt runs them unconditionally, as PPAP guides GLIDE; with
     `negative_prompt_embeds` (the empty prompt's) and g > 1, CFG on a prompt. With `cfg_guidance="normalized"`
