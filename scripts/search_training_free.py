@@ -1,7 +1,7 @@
 """Searches each row of the training-free page for its setting, as TFG's `searching.py` does, on a validation signal.
 
     python scripts/search_training_free.py [--samplers DDPM-50 DDIM-25] [--rows TFG DPS ...] [--tasks label segmentation]
-                                           [--samples-per-class 10] [--budget 5] [--joint-budget 8]
+                                           [--samples-per-class 10] [--budget 4] [--joint-budget 6]
                                            [--settings docs/results/training_free_settings.json]
 
 TFG's scheme (Ye et al., 2024, `searching.py`): every searched parameter starts small (`SearchAxis.init`); a round
@@ -167,10 +167,10 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=None, help="search only these rows (default: every searched row)")
     parser.add_argument("--samples-per-class", type=int, default=10, help="search samples per class (dense: x10 maps)")
     parser.add_argument(
-        "--budget", type=int, default=6, help="most settings evaluated per row searching one parameter"
+        "--budget", type=int, default=4, help="most settings evaluated per row searching one parameter"
     )
     parser.add_argument(
-        "--joint-budget", type=int, default=8, help="most settings evaluated per row searching several (TFG)"
+        "--joint-budget", type=int, default=6, help="most settings evaluated per row searching several (TFG)"
     )
     parser.add_argument("--beam-width", type=int, default=2)
     parser.add_argument("--settings", default="docs/results/training_free_settings.json")
