@@ -9,8 +9,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
 from plugguide.models.classifier import TimmClassifier
-from plugguide.models.saving import save_atomically
 from plugguide.models.seeding import step_generator
+from plugguide.modules.pretraining_steps import PretrainingSteps
 
 
 def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -25,7 +25,7 @@ def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Gene
     return F.grid_sample(images + 1.0, grid, mode="nearest", padding_mode="zeros", align_corners=False) - 1.0
 
 
-class ClassifierPretraining(L.LightningModule):
+class ClassifierPretraining(PretrainingSteps, L.LightningModule):
     """Cross-entropy training of a `TimmClassifier` on labelled images.
 
     With no augmentation this makes the "off-the-shelf" classifiers the guidance methods start from
@@ -42,6 +42,8 @@ class ClassifierPretraining(L.LightningModule):
         seed (`int`, defaults to 0): seed of the augmentation (with the step and the rank), so that a resumed run
             augments as an uninterrupted one would.
     """
+
+    trained_network = "classifier"
 
     def __init__(
         self,
@@ -95,19 +97,3 @@ class ClassifierPretraining(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=stage == "train", sync_dist=stage != "train")
         self.log(f"{stage}/acc", accuracy, prog_bar=True, on_step=False, on_epoch=True)
         return loss
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self):
-        return self.optimizer(self.classifier.parameters())
-
-    def export(self, directory: str) -> None:
-        """Writes the classifier with `save_pretrained`, atomically."""
-        save_atomically(directory, self.classifier.save_pretrained)

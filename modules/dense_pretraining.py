@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import lightning as L
@@ -10,11 +9,11 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from plugguide.models.dense_model import DenseModel
-from plugguide.models.saving import save_atomically
+from plugguide.modules.pretraining_steps import PretrainingSteps
 from plugguide.pipelines.tasks import Task, default_task
 
 
-class DensePretraining(L.LightningModule):
+class DensePretraining(PretrainingSteps, L.LightningModule):
     """Supervised training of a `DenseModel` on clean images and their maps: the "off-the-shelf" dense guides.
 
     Clean images only, as any off-the-shelf model is trained: whatever these models learn about noise, PPAP's
@@ -29,6 +28,8 @@ class DensePretraining(L.LightningModule):
             "float16" to halve the asset (loading casts them back to float32; `scripts/measure_assets.py` measures the
             stored model).
     """
+
+    trained_network = "model"
 
     def __init__(
         self,
@@ -65,20 +66,3 @@ class DensePretraining(L.LightningModule):
             sync_dist=True,
         )
         return loss
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self):
-        return self.optimizer(self.model.parameters())
-
-    def export(self, directory: str) -> None:
-        """Writes the model with `save_pretrained` in `export_dtype`, atomically."""
-        model = copy.deepcopy(self.model).to(getattr(torch, self.hparams.export_dtype))
-        save_atomically(directory, model.save_pretrained)

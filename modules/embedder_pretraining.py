@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import lightning as L
@@ -11,8 +10,8 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 
 from plugguide.models.image_embedder import ImageEmbedder
-from plugguide.models.saving import save_atomically
 from plugguide.models.seeding import step_generator
+from plugguide.modules.pretraining_steps import PretrainingSteps
 
 
 def random_affine(
@@ -57,7 +56,7 @@ def nearest_neighbour_accuracy(embeddings: torch.Tensor, labels: torch.Tensor) -
     return (labels[similarity.argmax(1)] == labels).float().mean()
 
 
-class EmbedderPretraining(L.LightningModule):
+class EmbedderPretraining(PretrainingSteps, L.LightningModule):
     """Contrastive training of an `ImageEmbedder` on unlabelled images (SimCLR, Chen et al., 2020).
 
     Each batch is augmented twice (random rotation, scale and shift, then Gaussian noise); the loss pulls the two views
@@ -79,6 +78,8 @@ class EmbedderPretraining(L.LightningModule):
         export_dtype (`str`, defaults to `"float32"`): "float32", or "float16" to halve the exported weights (loading
             casts them back to float32).
     """
+
+    trained_network = "embedder"
 
     def __init__(
         self,
@@ -124,20 +125,3 @@ class EmbedderPretraining(L.LightningModule):
             accuracy = nearest_neighbour_accuracy(self.embedder(images), batch["label"])
             self.log(f"{stage}/nn_acc", accuracy, prog_bar=True, sync_dist=True)
         return loss
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self):
-        return self.optimizer(self.embedder.parameters())
-
-    def export(self, directory: str) -> None:
-        """Writes the embedder with `save_pretrained` in `export_dtype`, atomically."""
-        embedder = copy.deepcopy(self.embedder).to(getattr(torch, self.hparams.export_dtype))
-        save_atomically(directory, embedder.save_pretrained)
