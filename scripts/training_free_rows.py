@@ -118,16 +118,30 @@ TFG_AXES = {
 TFG_FIXED = dict(iterations=4, rho_schedule="increase", mu_schedule="increase", sigma_schedule="decrease")
 
 
-def preset_rows(classifier: str, task=None) -> dict[str, Row]:
+# A map's log-likelihood sums over its pixels (256 on the digits), so its gradient is about that many times a
+# classifier's and the useful strengths are far lower (docs/results/dense.md sweeps 0.01-3): a dense search starts
+# 200 times lower. DPS divides by the loss, which takes the sum out, and keeps the classifier's range.
+DENSE_STRENGTH = {"classifier_scale": SearchAxis(0.0025, 2.0, 16.0)}
+DENSE_TFG_AXES = {
+    "rho": SearchAxis(0.0025, 2.0, 16.0),
+    "mu": SearchAxis(0.0005, 2.0, 16.0),
+    "sigma": SearchAxis(0.001, 10.0, 1.0),
+}
+
+
+def preset_rows(classifier: str, task=None, dense: bool = False) -> dict[str, Row]:
     """The six presets of TFG's design space, each at its paper's pieces; every one but TFG searched by its strength."""
+    strength = DENSE_STRENGTH if dense else STRENGTH
     return {
         "DPS": Row(lambda **kw: DPS(classifier, task=task, **kw), STRENGTH),
-        "LGD": Row(lambda **kw: LGD(classifier, task=task, **kw), STRENGTH),
-        "FreeDoM": Row(lambda **kw: FreeDoM(classifier, task=task, **kw), STRENGTH),
-        "MPGD": Row(lambda **kw: MPGD(classifier, task=task, **kw), STRENGTH),
-        "UGD": Row(lambda **kw: UGD(classifier, task=task, **kw), STRENGTH),
+        "LGD": Row(lambda **kw: LGD(classifier, task=task, **kw), strength),
+        "FreeDoM": Row(lambda **kw: FreeDoM(classifier, task=task, **kw), strength),
+        "MPGD": Row(lambda **kw: MPGD(classifier, task=task, **kw), strength),
+        "UGD": Row(lambda **kw: UGD(classifier, task=task, **kw), strength),
         "TFG": Row(
-            lambda **kw: TFG(classifier, task=task, **TFG_FIXED, **kw), TFG_AXES, fixed={"classifier_scale": 1.0}
+            lambda **kw: TFG(classifier, task=task, **TFG_FIXED, **kw),
+            DENSE_TFG_AXES if dense else TFG_AXES,
+            fixed={"classifier_scale": 1.0},
         ),
     }
 
@@ -166,7 +180,7 @@ ROWS: dict[str, dict[str, Row]] = {
     },
     "segmentation": {
         "unguided": Row(lambda: None, cost=gradient_cost),
-        **preset_rows(f"{ASSETS}/segmenter", SegmentationTask(0.25)),
+        **preset_rows(f"{ASSETS}/segmenter", SegmentationTask(0.25), dense=True),
     },
 }
 # What each task guides toward and reads off its samples.

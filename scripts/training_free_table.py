@@ -125,7 +125,13 @@ def main() -> None:
             (labels, seeds), target_maps, on_images = targets(args.samples_per_class), None, None
             headers = QUALITY_HEADERS
         table, traces = [], []
-        for sampler in [s for s in args.samplers if s in TASKS[task]["samplers"]]:
+        # A sampler the search has not run for this task is left out, not listed row by row as unmeasured.
+        samplers = [
+            s
+            for s in args.samplers
+            if s in TASKS[task]["samplers"] and any(k.startswith(f"{task}/{s}/") for k in chosen)
+        ]
+        for sampler in samplers:
             model, *_ = SAMPLERS[sampler]
             unet = load_unet(f"assets/digits/{model}")
             for name, row in ROWS[task].items():
@@ -169,7 +175,7 @@ def main() -> None:
                     ]
                 )
         caption = (
-            describe(len(labels), " and ".join(s for s in args.samplers if s in TASKS[task]["samplers"]))
+            describe(len(labels), " and ".join(samplers))
             if not dense
             else f"DDPM-50, {len(labels)} samples, sample i seeded with i and guided toward the segmenter's map of "
             f"validation digit i (the dense table's protocol); maps read off each sample's pixels (strokes labelled "
