@@ -29,7 +29,7 @@ import torch
 
 from plugguide.pipelines.guidance.base import Guidance
 from plugguide.pipelines.model_family import NoiseLevel
-from plugguide.pipelines.score_shift import decode_latents, guided_clean_estimate, upcast_decoder
+from plugguide.pipelines.score_shift import guide_decoder, guided_clean_estimate
 
 FKPotentialKind = Literal["max", "add", "diff", "rt"]
 FK_POTENTIALS = ("max", "add", "diff", "rt")
@@ -65,12 +65,12 @@ def guidance_log_likelihood(
 ) -> torch.Tensor:
     """log p(y | .) per sample (B,) at one evaluation: on x_t = x / scale or on x0_hat (`guided_clean_estimate`), as
     `guidance.input` says, at the level's train timestep; latents are decoded (by `decode`, or `vae`) and clipped to
-    [-1, 1] first, as for the gradient. A forward pass of the guide only: no gradient is taken."""
+    [-1, 1] first by the gradient's own `guide_decoder`. A forward pass of the guide only: no gradient is taken."""
     inputs = x / level.scale if guidance.input == "x_t" else guided_clean_estimate(vae, x0_hat)
     timesteps = torch.full((x.shape[0],), level.timestep, device=x.device, dtype=torch.long)
     if vae is not None:
-        with upcast_decoder(vae):
-            inputs = (decode or (lambda latents: decode_latents(vae, latents)))(inputs).clamp(-1, 1)
+        with guide_decoder(vae, decode) as pixels_of:
+            inputs = pixels_of(inputs)
     parameter = next(guidance.parameters(), None)
     if parameter is not None and parameter.is_floating_point():
         inputs = inputs.to(parameter.dtype)
