@@ -25,6 +25,21 @@ def run(command: str, configs: str | list[str], overrides: dict, tmp_path, *extr
     main([command, *layers, "-c", str(override_file), *extra])
 
 
+def sampling_overrides(
+    tmp_path, model: dict, data: dict, *, data_class: str | None = None, precision: str | None = None, **writer_args
+) -> dict:
+    """Overrides of a sampling job (`predict`) run in `tmp_path`: no progress bar, `SampleWriter` writing to
+    tmp_path/out (with `writer_args`), `model` and `data` as the model's and the data's init_args, the data module's
+    `data_class` and the trainer's `precision` where given."""
+    writer = {"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}
+    writer["init_args"] |= writer_args
+    trainer = {"enable_progress_bar": False, "callbacks": [writer]}
+    if precision is not None:
+        trainer["precision"] = precision
+    data_section = {"init_args": data} if data_class is None else {"class_path": data_class, "init_args": data}
+    return {"trainer": trainer, "model": {"init_args": model}, "data": data_section}
+
+
 def refused(capsys, command: str, configs: str | list[str], overrides: dict, tmp_path, *extra: str) -> str:
     """Runs a command the project must refuse; returns what it printed: the project's message, plainly, exit status 1."""
     capsys.readouterr()
@@ -88,26 +103,13 @@ def test_ppap_fit_then_test(tiny_assets, tmp_path, monkeypatch, capsys):
 
 def test_sample_job_writes_npz_and_grid(tiny_assets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    overrides = {
-        "trainer": {
-            "enable_progress_bar": False,
-            "callbacks": [
-                {
-                    "class_path": "plugguide.callbacks.SampleWriter",
-                    "init_args": {"output_dir": str(tmp_path / "out"), "nrow": 2},
-                }
-            ],
-        },
-        "model": {
-            "init_args": {
-                "diffusion_model": tiny_assets["ddpm-cond"],
-                "num_inference_steps": 2,
-                "guidance_scale": 4.0,
-                "evaluator_path": tiny_assets["evaluator"],
-            }
-        },
-        "data": {"init_args": {"num_per_class": 2, "batch_size": 7}},
+    model = {
+        "diffusion_model": tiny_assets["ddpm-cond"],
+        "num_inference_steps": 2,
+        "guidance_scale": 4.0,
+        "evaluator_path": tiny_assets["evaluator"],
     }
+    overrides = sampling_overrides(tmp_path, model, {"num_per_class": 2, "batch_size": 7}, nrow=2)
     run("predict", "sample.yaml", overrides, tmp_path)
     samples = np.load(tmp_path / "out/samples.npz")
     assert samples["images"].shape == (20, 1, 16, 16) and samples["images"].dtype == np.float32
@@ -129,24 +131,14 @@ def test_sample_job_with_a_distilled_guide(tiny_assets, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     TinyGuide(load_unet(tiny_assets["ddpm-cond"]), hidden_dim=8).save_pretrained(str(tmp_path / "guide"))
-    overrides = {
-        "trainer": {
-            "enable_progress_bar": False,
-            "callbacks": [
-                {"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}
-            ],
-        },
-        "model": {
-            "init_args": {
-                "diffusion_model": tiny_assets["ddpm-cond"],
-                "guide_path": str(tmp_path / "guide"),
-                "num_inference_steps": 2,
-                "guidance_scale": 5.0,
-                "evaluator_path": tiny_assets["evaluator"],
-            }
-        },
-        "data": {"init_args": {"num_per_class": 1, "batch_size": 10}},
+    model = {
+        "diffusion_model": tiny_assets["ddpm-cond"],
+        "guide_path": str(tmp_path / "guide"),
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "evaluator_path": tiny_assets["evaluator"],
     }
+    overrides = sampling_overrides(tmp_path, model, {"num_per_class": 1, "batch_size": 10})
     run("predict", "sample.yaml", overrides, tmp_path)
     assert np.load(tmp_path / "out/samples.npz")["images"].shape == (10, 1, 16, 16)
 

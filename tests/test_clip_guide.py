@@ -26,7 +26,7 @@ from plugguide.pipelines import GuidedDiffusionPipeline, guided
 from plugguide.pipelines.guidance import PredictedCleanImageGuidance
 from plugguide.pipelines.tasks import EmbeddingSimilarityTask, default_task
 from tests.conftest import TINY_UNET
-from tests.test_cli import run
+from tests.test_cli import run, sampling_overrides
 from tests.test_guide_distillation import write_tiny_text_to_image_pipeline
 from tests.test_pretraining import fit_steps
 
@@ -305,27 +305,17 @@ def test_guided_stable_diffusion_runs_with_clip_toward_a_prompt(clip, sd_path):
 def test_clip_sd15_config_runs_on_tiny_models_of_the_same_classes(clip_path, sd_path, tmp_path, monkeypatch):
     """configs/hub/clip_sd15.yaml: SD's UNet, VAE and prompt, CLIP on the decoded x0_hat, the prompt's targets."""
     monkeypatch.chdir(tmp_path)
-    overrides = {
-        "trainer": {
-            "enable_progress_bar": False,
-            "precision": "32-true",
-            "callbacks": [
-                {"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}
-            ],
+    model = {
+        "diffusion_model": sd_path,
+        "vae": sd_path,
+        "num_inference_steps": 2,
+        "guidance": {
+            "class_path": "plugguide.pipelines.guidance.PredictedCleanImageGuidance",
+            "init_args": {"classifier": clip_path},
         },
-        "model": {
-            "init_args": {
-                "diffusion_model": sd_path,
-                "vae": sd_path,
-                "num_inference_steps": 2,
-                "guidance": {
-                    "class_path": "plugguide.pipelines.guidance.PredictedCleanImageGuidance",
-                    "init_args": {"classifier": clip_path},
-                },
-            }
-        },
-        "data": {"init_args": {"model_path": clip_path, "num_per_target": 3, "batch_size": 2}},
     }
+    data = {"model_path": clip_path, "num_per_target": 3, "batch_size": 2}
+    overrides = sampling_overrides(tmp_path, model, data, precision="32-true")
     run("predict", "hub/clip_sd15.yaml", overrides, tmp_path)
     assert np.load(tmp_path / "out/samples.npz")["images"].shape == (3, 3, 16, 16)  # decoded to pixels
 
@@ -379,30 +369,18 @@ def test_the_digits_sampling_job_guides_toward_reference_embeddings(tiny_assets,
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     ImageEmbedder(channels=[8, 16], embedding_dim=8).save_pretrained(str(tmp_path / "embedder"))
-    overrides = {
-        "trainer": {
-            "enable_progress_bar": False,
-            "callbacks": [
-                {"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}
-            ],
+    model = {
+        "diffusion_model": tiny_assets["ddpm-uncond"],
+        "num_inference_steps": 2,
+        "classifier_scale": 1.0,
+        "guidance": {
+            "class_path": "plugguide.pipelines.guidance.PredictedCleanImageGuidance",
+            "init_args": {"classifier": str(tmp_path / "embedder")},
         },
-        "model": {
-            "init_args": {
-                "diffusion_model": tiny_assets["ddpm-uncond"],
-                "num_inference_steps": 2,
-                "classifier_scale": 1.0,
-                "guidance": {
-                    "class_path": "plugguide.pipelines.guidance.PredictedCleanImageGuidance",
-                    "init_args": {"classifier": str(tmp_path / "embedder")},
-                },
-                "evaluator_path": tiny_assets["evaluator"],
-            }
-        },
-        "data": {
-            "class_path": "plugguide.datamodules.EmbeddingTargetDataModule",
-            "init_args": {"model_path": str(tmp_path / "embedder"), "num_per_target": 1, "batch_size": 10},
-        },
+        "evaluator_path": tiny_assets["evaluator"],
     }
+    data = {"model_path": str(tmp_path / "embedder"), "num_per_target": 1, "batch_size": 10}
+    overrides = sampling_overrides(tmp_path, model, data, data_class="plugguide.datamodules.EmbeddingTargetDataModule")
     run("predict", "sample.yaml", overrides, tmp_path)
     assert np.load(tmp_path / "out/samples.npz")["images"].shape == (10, 1, 16, 16)
 

@@ -16,7 +16,7 @@ from plugguide.pipelines import GuidedDiffusionPipeline
 from plugguide.pipelines.guidance import CalibratedGuidance, ExpertGuidance, NaiveClassifierGuidance
 from plugguide.pipelines.tasks import ClassificationTask, DenseRegressionTask, SegmentationTask, default_task
 from tests.conftest import TINY_DEPTH, TINY_SEGMENTER, tiny_imagenet_overrides, tiny_scheduler, tiny_unet
-from tests.test_cli import run
+from tests.test_cli import run, sampling_overrides
 from tests.test_ppap import perturb
 
 
@@ -293,33 +293,18 @@ def test_the_sampling_job_guides_toward_target_maps_and_they_round_trip_through_
     model, tiny_assets, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    overrides = {
-        "trainer": {
-            "enable_progress_bar": False,
-            "callbacks": [
-                {
-                    "class_path": "plugguide.callbacks.SampleWriter",
-                    "init_args": {"output_dir": str(tmp_path / "out"), "nrow": 3},
-                }
-            ],
-        },
-        "model": {
-            "init_args": {
-                "diffusion_model": tiny_assets["ddpm-uncond"],
-                "num_inference_steps": 2,
-                "classifier_scale": 5.0,
-                "evaluator_path": tiny_assets["evaluator"],
-                "guidance": {
-                    "class_path": "plugguide.pipelines.guidance.NaiveClassifierGuidance",
-                    "init_args": {"classifier": tiny_assets[model]},
-                },
-            }
-        },
-        "data": {
-            "class_path": "plugguide.datamodules.TargetMapDataModule",
-            "init_args": {"model_path": tiny_assets[model], "num_samples": 5, "batch_size": 3},
+    job = {
+        "diffusion_model": tiny_assets["ddpm-uncond"],
+        "num_inference_steps": 2,
+        "classifier_scale": 5.0,
+        "evaluator_path": tiny_assets["evaluator"],
+        "guidance": {
+            "class_path": "plugguide.pipelines.guidance.NaiveClassifierGuidance",
+            "init_args": {"classifier": tiny_assets[model]},
         },
     }
+    data = {"model_path": tiny_assets[model], "num_samples": 5, "batch_size": 3}
+    overrides = sampling_overrides(tmp_path, job, data, data_class="plugguide.datamodules.TargetMapDataModule", nrow=3)
     run("predict", "sample.yaml", overrides, tmp_path)
     written = np.load(tmp_path / "out/samples.npz")
     data = TargetMapDataModule(model_path=tiny_assets[model], num_samples=5)

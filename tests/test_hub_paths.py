@@ -19,7 +19,7 @@ from tests.conftest import (
     tiny_conditional_unet,
     tiny_imagenet_overrides,
 )
-from tests.test_cli import run
+from tests.test_cli import run, sampling_overrides
 
 
 @pytest.fixture(scope="module")
@@ -109,30 +109,20 @@ def test_latent_sampling_job_decodes_through_a_vae(tmp_path, monkeypatch, tiny_a
     unet = tiny_conditional_unet(sample_size=8, in_channels=2, out_channels=2)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(tmp_path / "latent"))
     vae.save_pretrained(str(tmp_path / "latent" / "vae"))
-    overrides = {
-        "trainer": {
-            "enable_progress_bar": False,
-            "precision": "32-true",
-            "callbacks": [
-                {"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}
-            ],
+    model = {
+        "diffusion_model": str(tmp_path / "latent"),
+        "vae": str(tmp_path / "latent"),
+        "num_inference_steps": 2,
+        "guidance_scale": 2.5,
+        "classifier_scale": 1.0,
+        "guidance": {
+            "class_path": "plugguide.pipelines.guidance.CalibratedGuidance",
+            "init_args": {"classifier": tiny_assets["classifier-resnet"]},
         },
-        "model": {
-            "init_args": {
-                "diffusion_model": str(tmp_path / "latent"),
-                "vae": str(tmp_path / "latent"),
-                "num_inference_steps": 2,
-                "guidance_scale": 2.5,
-                "classifier_scale": 1.0,
-                "guidance": {
-                    "class_path": "plugguide.pipelines.guidance.CalibratedGuidance",
-                    "init_args": {"classifier": tiny_assets["classifier-resnet"]},
-                },
-                "evaluator_path": tiny_assets["evaluator"],
-            }
-        },
-        "data": {"init_args": {"num_per_class": 1, "num_classes": 10, "batch_size": 10}},
+        "evaluator_path": tiny_assets["evaluator"],
     }
+    data = {"num_per_class": 1, "num_classes": 10, "batch_size": 10}
+    overrides = sampling_overrides(tmp_path, model, data, precision="32-true")
     run("predict", ["sample.yaml", "hub/calibrated_latent.yaml"], overrides, tmp_path)
     assert np.load(tmp_path / "out/samples.npz")["images"].shape == (10, 1, 16, 16)  # decoded to pixels
 

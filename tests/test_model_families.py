@@ -308,13 +308,29 @@ MEANS = torch.tensor([[-0.8, 0.4], [0.7, -0.5]])
 SPREAD = 0.3  # std of each component
 
 
-def mixture_posterior(x_t: torch.Tensor, alpha: float, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(k | x_t), E[x0 | x_t, k]) of x0 ~ 1/2 N(mu_0, s^2) + 1/2 N(mu_1, s^2), x_t = alpha x0 + sigma eps; points are (B, 2, 1, 1)."""
-    points = x_t.flatten(1)
+# A UNet2DModel of the mixture's shape whose forward the exact denoisers replace (its weights are never used).
+MIXTURE_UNET = dict(
+    sample_size=1,
+    in_channels=2,
+    out_channels=2,
+    block_out_channels=(4,),
+    down_block_types=("DownBlock2D",),
+    up_block_types=("UpBlock2D",),
+    layers_per_block=1,
+    norm_num_groups=2,
+)
+
+
+def mixture_posterior(
+    x_t: torch.Tensor, alpha: float | torch.Tensor, sigma: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(k | x_t), E[x0 | x_t, k]) of x0 ~ 1/2 N(mu_0, s^2) + 1/2 N(mu_1, s^2), x_t = alpha x0 + sigma eps; points
+    are (B, 2, 1, 1), alpha and sigma numbers or (B, 1, 1) per point."""
+    points = x_t.flatten(1)[:, None]  # (B, 1, 2)
     variance = alpha**2 * SPREAD**2 + sigma**2
-    log_density = -((points[:, None] - alpha * MEANS) ** 2).sum(-1) / (2 * variance)
-    clean = MEANS + (alpha * SPREAD**2 / variance) * (points[:, None] - alpha * MEANS)  # (B, K, 2)
-    return log_density.log_softmax(-1), clean
+    log_density = -((points - alpha * MEANS) ** 2).sum(-1, keepdim=True) / (2 * variance)  # (B, K, 1)
+    clean = MEANS + (alpha * SPREAD**2 / variance) * (points - alpha * MEANS)  # (B, K, 2)
+    return log_density[..., 0].log_softmax(-1), clean
 
 
 class MixtureDenoiser(UNet2DModel):
@@ -324,16 +340,7 @@ class MixtureDenoiser(UNet2DModel):
     """
 
     def __init__(self):
-        super().__init__(
-            sample_size=1,
-            in_channels=2,
-            out_channels=2,
-            block_out_channels=(4,),
-            down_block_types=("DownBlock2D",),
-            up_block_types=("UpBlock2D",),
-            layers_per_block=1,
-            norm_num_groups=2,
-        )
+        super().__init__(**MIXTURE_UNET)
         self.level, self.target, self.output = None, None, None
 
     def forward(self, model_input, timestep, return_dict=True):
@@ -713,7 +720,7 @@ def test_lightning_predict_samples_each_family_guided(
 ):
     """`lightning predict -c configs/sample.yaml --model.scheduler <name> [--model.scheduler_config ...] --model.guidance ...`."""
     from plugguide.models.diffusion_model import training_family
-    from tests.test_cli import run
+    from tests.test_cli import run, sampling_overrides
 
     monkeypatch.chdir(tmp_path)
     guidance = {
@@ -726,19 +733,8 @@ def test_lightning_predict_samples_each_family_guided(
         "scheduler_config": overrides,
         "num_inference_steps": 3,
     }
-    overrides_yaml = {
-        "trainer": {
-            "enable_progress_bar": False,
-            "callbacks": [
-                {"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}
-            ],
-        },
-        "model": {
-            "init_args": job
-            | {"guidance": guidance, "classifier_scale": 2.0, "evaluator_path": tiny_assets["evaluator"]}
-        },
-        "data": {"init_args": {"num_per_class": 1, "num_classes": 2, "batch_size": 2}},
-    }
+    model = job | {"guidance": guidance, "classifier_scale": 2.0, "evaluator_path": tiny_assets["evaluator"]}
+    overrides_yaml = sampling_overrides(tmp_path, model, {"num_per_class": 1, "num_classes": 2, "batch_size": 2})
     run("predict", "sample.yaml", overrides_yaml, tmp_path)
     images = np.load(tmp_path / "out" / "samples.npz")["images"]
     assert images.shape == (2, 1, 16, 16) and np.isfinite(images).all()

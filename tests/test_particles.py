@@ -487,7 +487,7 @@ def test_sampling_job_samples_with_particles_and_logs_their_ess(tiny_assets, tmp
 
     from plugguide.modules import GuidedSampling
     from plugguide.pipelines.guidance import NaiveClassifierGuidance
-    from tests.test_cli import run
+    from tests.test_cli import run, sampling_overrides
 
     monkeypatch.chdir(tmp_path)
     job = {
@@ -504,12 +504,8 @@ def test_sampling_job_samples_with_particles_and_logs_their_ess(tiny_assets, tmp
         "class_path": "plugguide.pipelines.guidance.NaiveClassifierGuidance",
         "init_args": {"classifier": tiny_assets["classifier-resnet"]},
     }
-    writer = {"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}
-    overrides = {
-        "trainer": {"enable_progress_bar": False, "callbacks": [writer]},
-        "model": {"init_args": job | {"guidance": guidance}},
-        "data": {"init_args": {"num_per_class": 1, "num_classes": 4, "batch_size": 4}},
-    }
+    data = {"num_per_class": 1, "num_classes": 4, "batch_size": 4}
+    overrides = sampling_overrides(tmp_path, job | {"guidance": guidance}, data)
     run("predict", "sample.yaml", overrides, tmp_path)
     assert np.load(tmp_path / "out" / "samples.npz")["images"].shape == (4, 1, 16, 16)
     events = EventAccumulator(str(next((tmp_path / "runs/sample").rglob("events.out.tfevents*")))).Reload()

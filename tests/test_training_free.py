@@ -22,7 +22,7 @@ from plugguide.pipelines.training_free_update import signal_ratios
 from tests.conftest import TINY_UNET, tiny_scheduler
 from tests.test_guide_distillation import write_tiny_text_to_image_pipeline
 from tests.test_guided_stock_pipelines import ddim_pipeline, quiet, rgb_classifier, sd3_pipeline, sd_pipeline
-from tests.test_model_families import MEANS, SPREAD
+from tests.test_model_families import MEANS, MIXTURE_UNET, SPREAD, mixture_posterior
 
 # -- the exact mixture: rho through the denoiser at s = 1 ------------------------------------------------------------
 
@@ -32,27 +32,15 @@ class TimestepMixtureDenoiser(UNet2DModel):
     differentiable in its input (the rho term's gradient runs through it)."""
 
     def __init__(self, alphas_cumprod: torch.Tensor):
-        super().__init__(
-            sample_size=1,
-            in_channels=2,
-            out_channels=2,
-            block_out_channels=(4,),
-            down_block_types=("DownBlock2D",),
-            up_block_types=("UpBlock2D",),
-            layers_per_block=1,
-            norm_num_groups=2,
-        )
+        super().__init__(**MIXTURE_UNET)
         self.register_buffer("abar", alphas_cumprod.clone(), persistent=False)
 
     def forward(self, sample, timestep, return_dict=True):
         abar = self.abar[torch.as_tensor(timestep).long().expand(sample.shape[0])].view(-1, 1, 1)
         alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-        x = sample.flatten(1)[:, None]  # (B, 1, 2)
-        variance = alpha**2 * SPREAD**2 + sigma**2
-        log_density = -((x - alpha * MEANS) ** 2).sum(-1, keepdim=True) / (2 * variance)  # (B, K, 1)
-        clean = MEANS + (alpha * SPREAD**2 / variance) * (x - alpha * MEANS)  # E[x0 | x_t, k]
-        x0 = (log_density.softmax(1) * clean).sum(1)
-        eps = (x[:, 0] - alpha[:, 0] * x0) / sigma[:, 0]
+        log_posterior, clean = mixture_posterior(sample, alpha, sigma)
+        x0 = (log_posterior.exp()[..., None] * clean).sum(1)
+        eps = (sample.flatten(1) - alpha[:, 0] * x0) / sigma[:, 0]
         return diffusers.models.unets.unet_2d.UNet2DOutput(sample=eps.view_as(sample))
 
 
@@ -446,33 +434,24 @@ def test_sd15_config_guides_a_tiny_text_to_image_model_through_its_vae(sd_path, 
     the decoded x0_hat, loaded by path, sampled by the sampling job."""
     from tests.conftest import hub_style_classifier
     from tests.test_cli import run as run_job
+    from tests.test_cli import sampling_overrides
 
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     classifier = hub_style_classifier("resnet18", 10, layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], stem_width=8)
     classifier.save_pretrained(str(tmp_path / "classifier"))
-    overrides = {
-        "trainer": {
-            "enable_progress_bar": False,
-            "precision": "32-true",
-            "callbacks": [
-                {"class_path": "plugguide.callbacks.SampleWriter", "init_args": {"output_dir": str(tmp_path / "out")}}
-            ],
+    model = {
+        "diffusion_model": sd_path,
+        "vae": sd_path,
+        "num_inference_steps": 2,
+        "guidance": {
+            "class_path": "plugguide.pipelines.guidance.TFG",
+            "init_args": {"classifier": str(tmp_path / "classifier")},
         },
-        "model": {
-            "init_args": {
-                "diffusion_model": sd_path,
-                "vae": sd_path,
-                "num_inference_steps": 2,
-                "guidance": {
-                    "class_path": "plugguide.pipelines.guidance.TFG",
-                    "init_args": {"classifier": str(tmp_path / "classifier")},
-                },
-                "evaluator_path": None,
-            }
-        },
-        "data": {"init_args": {"num_per_class": 1, "num_classes": 2, "batch_size": 2}},
+        "evaluator_path": None,
     }
+    data = {"num_per_class": 1, "num_classes": 2, "batch_size": 2}
+    overrides = sampling_overrides(tmp_path, model, data, precision="32-true")
     run_job("predict", "hub/tfg_sd15.yaml", overrides, tmp_path)
     images = np.load(tmp_path / "out/samples.npz")["images"]
     assert images.shape == (2, 3, 16, 16) and np.isfinite(images).all()
