@@ -16,6 +16,7 @@ import torch
 from protocol import pipeline_sampler
 from sampler_table import SAMPLERS
 
+from plugguide.datamodules import EmbeddingTargetDataModule
 from plugguide.metrics import DenseMapMetrics
 from plugguide.models import load_scheduler
 from plugguide.pipelines import GuidedDiffusionPipeline, sample_batch
@@ -36,6 +37,7 @@ from plugguide.pipelines.training_free_cost import TrainingFreeCost, training_fr
 
 ASSETS = "assets/digits"
 RESNET = f"{ASSETS}/classifier-resnet"
+EMBEDDER = f"{ASSETS}/embedder"
 # The main job's experts and the 32-step guide distilled from them (docs/results/guidance_distillation.md).
 EXPERTS = "runs/ppap/version_0/experts"
 DISTILLED = "runs/guidance-distillation/version_0/guides/shift/steps-32"
@@ -79,6 +81,8 @@ class Row:
         fixed (`dict`): settings held fixed (e.g. `classifier_scale` 1 where the row's own strengths are searched).
         cost (`Callable[[Guidance | None, int], TrainingFreeCost]`): calls per sample of a run of N steps.
         available (`Callable[[], str | None]`): None where the row can run, else why not (a missing run folder).
+        embeddings (`Callable[[], torch.Tensor] | None`): for an embedding guide, the (classes, D) target embedding of
+            each class; sample i is guided toward the row of its label.
     """
 
     build: Callable[..., Guidance | None]
@@ -86,6 +90,7 @@ class Row:
     fixed: dict = field(default_factory=dict)
     cost: Callable[[Guidance | None, int], TrainingFreeCost] = training_free_cost
     available: Callable[[], str | None] = lambda: None
+    embeddings: Callable[[], torch.Tensor] | None = None
 
 
 def gradient_cost(guidance: Guidance | None, steps: int) -> TrainingFreeCost:
@@ -146,13 +151,26 @@ def preset_rows(classifier: str, task=None, dense: bool = False) -> dict[str, Ro
     }
 
 
-def embedding_guide_row() -> Row | None:
-    """Hook for the digits image-embedding guide (CLIP's part toward a reference digit), once it ships: None until
-    then, and the page says the row is not measured."""
-    return None
+def reference_embeddings() -> torch.Tensor:
+    """(10, D): the digits embedder's embedding of the first validation digit of each class, in class order
+    (`EmbeddingTargetDataModule`'s references)."""
+    references = EmbeddingTargetDataModule(model_path=EMBEDDER, num_per_target=1)
+    references.setup("predict")
+    rows = references.dataset.rows
+    return rows["target_embedding"][rows["target_class"].argsort()]
 
 
-# Where the classifier-guidance rows start: their pages' best scales lie between 2 and 10.
+def embedding_guide_row() -> Row:
+    """The digits image embedder (CLIP's part) guiding FreeDoM, the best label preset, toward a reference digit of
+    the target class; the evaluator scores the class, as for every label row."""
+    return Row(
+        lambda **kw: FreeDoM(EMBEDDER, **kw),
+        STRENGTH,
+        available=missing(EMBEDDER, "lightning fit -c configs/pretrain/embedder.yaml"),
+        embeddings=reference_embeddings,
+    )
+
+
 SCALE = {"classifier_scale": SearchAxis(1.0, 2.0, 16.0)}
 ROWS: dict[str, dict[str, Row]] = {
     "label": {
@@ -177,6 +195,7 @@ ROWS: dict[str, dict[str, Row]] = {
             available=missing(DISTILLED, "lightning fit -c configs/guidance_distillation.yaml"),
         ),
         **preset_rows(RESNET),
+        "FreeDoM, image embedder toward a reference digit": embedding_guide_row(),
     },
     "segmentation": {
         "unguided": Row(lambda: None, cost=gradient_cost),
@@ -214,6 +233,14 @@ def guided_sampler(
     """`sample(labels, seeds)` of the row at `settings` for `protocol.measure`; toward `maps[seed - first_seed]` for a
     dense task."""
     pipeline, call = build_pipeline(row, settings, unet, sampler)
+    if row.embeddings is not None:
+        embeddings = row.embeddings()
+
+        def toward_embeddings(labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+            batch = {"label": torch.full_like(labels, -1), "seed": seeds, "target_embedding": embeddings[labels]}
+            return sample_batch(pipeline, batch, **call)
+
+        return toward_embeddings
     if maps is None:
         return pipeline_sampler(pipeline, **call)
 

@@ -28,7 +28,7 @@ import torch
 from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
 from results_page import add_page_arguments, write_between_markers
 from sampler_table import SAMPLERS
-from training_free_rows import ROWS, TASKS, embedding_guide_row, guided_sampler, map_scores, row_cost
+from training_free_rows import ROWS, TASKS, guided_sampler, map_scores, row_cost
 
 from plugguide.datamodules import TargetMapDataModule
 from plugguide.metrics.reporting import estimate, markdown_table
@@ -163,17 +163,6 @@ def main() -> None:
                 )
                 if search:
                     traces.append([sampler, name, trace_text(search, TASKS[task]["score"])])
-            if not dense and embedding_guide_row() is None:
-                table.append(
-                    [
-                        sampler,
-                        "image embedding toward a reference digit",
-                        "-",
-                        "not measured: the digits "
-                        "image-embedding guide has not shipped (`training_free_rows.embedding_guide_row`)",
-                        *[""] * (len(headers) + 2),
-                    ]
-                )
         caption = (
             describe(len(labels), " and ".join(samplers))
             if not dense
