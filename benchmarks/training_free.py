@@ -2,11 +2,11 @@
 
     python benchmarks/training_free.py [--samples 100] [--repeats 3] [--samplers DDPM-50 DDIM-25] [--tasks label segmentation]
                                        [--settings docs/results/training_free_settings.json]
-                                       [--out docs/results/training_free_timings.json]
+                                       [--output docs/results/training_free_timings.json]
 
 Run it alone on an idle machine: each row samples `--samples` images (the table's first seeds and targets) in one
 batch, after a warm-up run of a few images, `--repeats` times; the median wall time over the images is kept, per
-`<task>/<sampler>/<row>`, in `--out` (written after every row), with the torch thread count and the machine's CPU. The
+`<task>/<sampler>/<row>`, in `--output` (written after every row), with the torch thread count and the machine's CPU. The
 rows are built exactly as `scripts/training_free_table.py` builds them (`scripts/training_free_rows.py`).
 """
 
@@ -40,7 +40,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4, help="images of the untimed first run of each row")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--settings", default="docs/results/training_free_settings.json")
-    parser.add_argument("--out", default="docs/results/training_free_timings.json")
+    parser.add_argument(
+        "--output", default="docs/results/training_free_timings.json", help="where to write {row: ms / image}"
+    )
     args = parser.parse_args()
     if args.samples < 10 or args.samples % 10:
         parser.error(
@@ -77,9 +79,9 @@ def main() -> None:
                     seconds.append((time.perf_counter() - started) / len(labels))
                 timings[key] = statistics.median(seconds)
                 print(f"{key}: {1000 * timings[key]:.1f} ms per image", flush=True)
-                with open(args.out + ".tmp", "w") as file:
+                with open(args.output + ".tmp", "w") as file:
                     json.dump(timings, file, indent=1)
-                os.replace(args.out + ".tmp", args.out)
+                os.replace(args.output + ".tmp", args.output)
 
 
 if __name__ == "__main__":

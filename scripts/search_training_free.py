@@ -174,10 +174,14 @@ def main() -> None:
     )
     parser.add_argument("--beam-width", type=int, default=2)
     parser.add_argument("--settings", default="docs/results/training_free_settings.json")
-    parser.add_argument("--out", default="runs/search_training_free")
+    parser.add_argument(
+        "--output-dir",
+        default="runs/search_training_free",
+        help="run folder: evaluations.json (each evaluated setting, so a rerun resumes)",
+    )
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    cache_path = os.path.join(args.out, "evaluations.json")
+    os.makedirs(args.output_dir, exist_ok=True)
+    cache_path = os.path.join(args.output_dir, "evaluations.json")
     cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
     chosen = json.load(open(args.settings)) if os.path.isfile(args.settings) else {}
 

@@ -2,7 +2,7 @@
 
     python scripts/search_training_free.py                      # the searched settings, docs/results/training_free_settings.json
     python scripts/training_free_table.py [--samplers DDPM-50 DDIM-25] [--tasks label segmentation]
-                                          [--samples-per-class 50] [--dense-samples 100] [--out runs/training_free_table]
+                                          [--samples-per-class 50] [--dense-samples 100] [--output-dir runs/training_free_table]
 
 Label guidance on the digits (the ResNet guides every training-free row; PPAP-5 is the main job's experts, the distilled
 guide the 32-step `ShiftGuide` distilled from them), every row at the setting `scripts/search_training_free.py`
@@ -84,15 +84,17 @@ def main() -> None:
     parser.add_argument("--dense-samples", type=int, default=100, help="segmentation targets (<= 180 val digits)")
     parser.add_argument("--settings", default="docs/results/training_free_settings.json")
     parser.add_argument("--timings", default="docs/results/training_free_timings.json")
-    parser.add_argument("--out", default="runs/training_free_table")
+    parser.add_argument(
+        "--output-dir", default="runs/training_free_table", help="run folder: results.json, grids/, table.md"
+    )
     add_page_arguments(parser, "training-free-table")
     args = parser.parse_args()
     if not os.path.isfile(args.settings):
         parser.error(f"`--settings` {args.settings!r} does not exist; run scripts/search_training_free.py first.")
     chosen = json.load(open(args.settings))
     timings = json.load(open(args.timings)) if os.path.isfile(args.timings) else {}
-    os.makedirs(args.out, exist_ok=True)
-    results_path = os.path.join(args.out, "results.json")
+    os.makedirs(args.output_dir, exist_ok=True)
+    results_path = os.path.join(args.output_dir, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
     metrics = reference_metrics()
 
@@ -100,7 +102,7 @@ def main() -> None:
         entry = f"{key}/{json.dumps(settings, sort_keys=True)}/{len(labels)}"
         if entry not in results:
             try:
-                grid = os.path.join(args.out, "grids", f"{slug(key)}.png")
+                grid = os.path.join(args.output_dir, "grids", f"{slug(key)}.png")
                 results[entry] = measure(metrics, sample(), labels, seeds, grid_path=grid, on_images=on_images)
             except (FloatingPointError, RuntimeError, ValueError) as error:  # a failed row keeps its place
                 results[entry] = {"error": f"{type(error).__name__}: {error}"}
@@ -186,7 +188,7 @@ def main() -> None:
             "",
         ]
     text = "\n".join(sections)
-    with open(os.path.join(args.out, "table.md"), "w") as file:
+    with open(os.path.join(args.output_dir, "table.md"), "w") as file:
         file.write(text + "\n")
     if args.page:
         write_between_markers(args.page, args.marker, text)
