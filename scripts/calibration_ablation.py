@@ -38,7 +38,7 @@ from protocol import (
     slug,
     targets,
 )
-from results_page import add_page_arguments, write_between_markers
+from results_page import add_page_arguments, publish_table
 from scipy.stats import spearmanr
 
 from plugguide.datamodules import DigitsDataModule
@@ -256,10 +256,7 @@ def main() -> None:
             *correlations(chosen, every),
         ]
     )
-    with open(os.path.join(args.output_dir, "table.md"), "w") as file:
-        file.write(text + "\n")
-    if args.page:
-        write_between_markers(args.page, args.marker, text)
+    publish_table(text, args.output_dir, args.page, args.marker)
     print(text)
 
 

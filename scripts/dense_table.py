@@ -29,7 +29,7 @@ import os
 import torch
 import yaml
 from protocol import describe, measure, reference_metrics, slug
-from results_page import add_page_arguments, write_between_markers
+from results_page import add_page_arguments, publish_table
 from torchvision.utils import save_image
 
 from plugguide.cli import main as lightning
@@ -267,10 +267,7 @@ def main() -> None:
         *sections,
     ]
     text = "\n".join(lines)
-    with open(os.path.join(args.output_dir, "table.md"), "w") as file:
-        file.write(text + "\n")
-    if args.page:
-        write_between_markers(args.page, args.marker, text)
+    publish_table(text, args.output_dir, args.page, args.marker)
     print(text)
     print(f"\nRaw results: {results_path}; grids: {args.output_dir}/grids/")
 

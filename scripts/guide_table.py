@@ -27,7 +27,7 @@ import shutil
 import torch
 from diffusers import DDIMScheduler
 from protocol import describe, measure, pipeline_sampler, reference_metrics, targets
-from results_page import add_page_arguments, write_between_markers
+from results_page import add_page_arguments, publish_table
 from torch.utils.flop_counter import FlopCounterMode
 
 from plugguide.cli import main as lightning
@@ -285,10 +285,7 @@ def main() -> None:
             *gap_table(results, args),
         ]
     )
-    with open(os.path.join(args.output_dir, "table.md"), "w") as file:
-        file.write(text + "\n")
-    if args.page:
-        write_between_markers(args.page, args.marker, text)
+    publish_table(text, args.output_dir, args.page, args.marker)
     print(text)
 
 

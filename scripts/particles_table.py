@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
-from results_page import add_page_arguments, write_between_markers
+from results_page import add_page_arguments, publish_table
 
 from plugguide.datamodules import DigitsDataModule
 from plugguide.metrics import calibration_curve, calibration_timesteps
@@ -322,10 +322,7 @@ def main() -> None:
             markdown_table(["guide", *(f"t = {t}" for t in curves[0]["timestep"])], ece_table),
         ]
     )
-    with open(os.path.join(args.output_dir, "table.md"), "w") as file:
-        file.write(text + "\n")
-    if args.page:
-        write_between_markers(args.page, args.marker, text)
+    publish_table(text, args.output_dir, args.page, args.marker)
     if args.figure:
         frontier = {}
         for method, value, key in rows:

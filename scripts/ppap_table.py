@@ -32,7 +32,7 @@ from protocol import (
     slug,
     targets,
 )
-from results_page import add_page_arguments, write_between_markers
+from results_page import add_page_arguments, publish_table
 
 from plugguide.cli import main as lightning
 from plugguide.metrics.figures import sweep_figure
@@ -257,10 +257,7 @@ def main() -> None:
         ),
     ]
     text = "\n".join(lines)
-    with open(os.path.join(args.output_dir, "table.md"), "w") as file:
-        file.write(text + "\n")
-    if args.page:
-        write_between_markers(args.page, args.marker, text)
+    publish_table(text, args.output_dir, args.page, args.marker)
     sweep_figure(sweeps, unguided, args.classifier_scales).savefig(os.path.join(args.output_dir, "sweep.png"), dpi=120)
     print(text)
     print(f"\nRaw results: {results_path}; grids: {args.output_dir}/grids/; sweep plot: {args.output_dir}/sweep.png")

@@ -72,3 +72,14 @@ def write_between_markers(page: str, marker: str, text: str) -> None:
     with open(temporary, "w") as file:
         file.write(updated)
     os.replace(temporary, page)
+
+
+def publish_table(text: str, output_dir: str, page: str | None, marker: str) -> None:
+    """Writes a table script's `text` to `<output_dir>/table.md` (a temporary name, then renamed) and, when `page` is
+    given (`--page`), between the `marker` lines of that results page (`write_between_markers`)."""
+    path = os.path.join(output_dir, "table.md")
+    with open(f"{path}.tmp", "w") as file:
+        file.write(text + "\n")
+    os.replace(f"{path}.tmp", path)
+    if page:
+        write_between_markers(page, marker, text)

@@ -26,7 +26,7 @@ import os
 
 import torch
 from protocol import QUALITY_HEADERS, describe, measure, quality_cells, reference_metrics, slug, targets
-from results_page import add_page_arguments, write_between_markers
+from results_page import add_page_arguments, publish_table
 from sampler_table import SAMPLERS
 from training_free_rows import ROWS, TASKS, guided_sampler, map_scores, row_cost
 
@@ -188,10 +188,7 @@ def main() -> None:
             "",
         ]
     text = "\n".join(sections)
-    with open(os.path.join(args.output_dir, "table.md"), "w") as file:
-        file.write(text + "\n")
-    if args.page:
-        write_between_markers(args.page, args.marker, text)
+    publish_table(text, args.output_dir, args.page, args.marker)
     print(text)
 
 
