@@ -23,20 +23,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the table's rows
-from particles_table import CLASSIFIER, METHODS, MODEL, build, guides, row_sampler  # noqa: E402
+from particles_table import METHODS, MODEL, add_guide_arguments, build, guides, row_sampler  # noqa: E402
 
 from plugguide.models import load_unet  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experts", default="runs/ppap/latest/experts", help="the main job's exported PPAP-5 experts")
-    parser.add_argument("--classifier", default=CLASSIFIER, help="the off-the-shelf classifier of calibrated guidance")
-    parser.add_argument(
-        "--guide",
-        default="runs/guidance-halving/16to8/latest/guides/shift/steps-8",
-        help="the distilled ShiftGuide halved to 8 steps",
-    )
+    add_guide_arguments(parser)
     parser.add_argument("--only", nargs="+", default=None, help="time only these methods (the table's names)")
     parser.add_argument("--particles", type=int, nargs="+", default=None, help="time only these K of particle rows")
     parser.add_argument("--samples", type=int, default=50, help="images per timed run (each of K particles)")

@@ -152,8 +152,8 @@ def value_cells(method: Method, value) -> tuple[str, str]:
     return "1", "-" if method.kind == "unguided" else f"{float(value):g}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_guide_arguments(parser: argparse.ArgumentParser) -> None:
+    """The guides every row is built from (`--experts`, `--classifier`, `--guide`), shared with the benchmark."""
     parser.add_argument("--experts", default="runs/ppap/latest/experts", help="the main job's exported PPAP-5 experts")
     parser.add_argument("--classifier", default=CLASSIFIER, help="the off-the-shelf classifier of calibrated guidance")
     parser.add_argument(
@@ -161,6 +161,11 @@ def main() -> None:
         default="runs/guidance-halving/16to8/latest/guides/shift/steps-8",
         help="the distilled ShiftGuide halved to 8 steps (docs/results/guidance_distillation.md)",
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_guide_arguments(parser)
     parser.add_argument(
         "--only", nargs="+", default=None, help="run only these methods (names of the table's method column)"
     )
